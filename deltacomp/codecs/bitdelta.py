@@ -1,0 +1,90 @@
+"""BitDelta: sign(delta) packed 8 per byte, times an L2-optimal scale (mean |delta|).
+
+Reference: Liu et al., "BitDelta: Your Fine-Tune May Only Be Worth One Bit" (2024).
+Options beyond the paper: per-row scales (``scale=row``) and ``masks=k`` residual sign masks, each
+coding what the previous masks left, with its own scale (k bits per parameter).
+
+Fields: ``signs`` (SIGNS layout, see ops.py), ``scale`` (fp32, () or (N,)); mask i >= 1 adds
+``signs_i`` and ``scale_i``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import ops
+from ..errors import SettingsError
+from .base import Codec, CodecName, Encoded, Setting, register
+
+
+def _field(base: str, i: int) -> str:
+    return base if i == 0 else f"{base}_{i}"
+
+
+@register
+class BitDeltaCodec(Codec):
+    name = CodecName.BITDELTA.value
+    description = "1-bit sign of the delta times a scale (BitDelta)"
+    reference = "https://arxiv.org/abs/2402.10193"
+    fields = (r"signs(_\d+)?", r"scale(_\d+)?")
+    settings = (
+        Setting("scale", str, "tensor", "one scale per tensor, or one per output row", choices=("tensor", "row")),
+        Setting("masks", int, 1, "residual sign masks (bits per parameter)", check=lambda v: 1 <= v <= 16,
+                check_msg="must be between 1 and 16"),
+    )
+
+    def settings_for_budget(self, shape, nbytes, given):
+        s = self.resolve_settings(given)
+        rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        per_mask = rows * ((k + 7) // 8) + 4 * (rows if s["scale"] == "row" else 1)
+        masks = nbytes // per_mask
+        if masks < 1:
+            raise SettingsError(
+                f"bitdelta: a budget of {nbytes} bytes is below one sign mask ({per_mask} bytes) for shape "
+                f"{tuple(shape)}; use a lower --ratio or another method")
+        return {**s, "masks": int(min(masks, 16))}
+
+    def encode(self, delta: Tensor, **settings: Any) -> Encoded:
+        self._check_input(delta)
+        s = self.resolve_settings(settings)
+        mat = delta.reshape(1, -1) if delta.dim() == 1 else delta
+        residual = mat
+        tensors: dict[str, Tensor] = {}
+        for i in range(s["masks"]):
+            if s["scale"] == "row":
+                scale = residual.abs().mean(dim=1)
+            else:
+                scale = residual.abs().mean()
+            packed = ops.pack_signs(residual.contiguous())
+            tensors[_field("signs", i)] = packed
+            tensors[_field("scale", i)] = scale.to(torch.float32).contiguous()
+            if i + 1 < s["masks"]:
+                signs = ops.unpack_signs(packed, mat.shape[1])
+                residual = residual - signs * (scale[:, None] if scale.dim() else scale)
+        return Encoded(self.name, tuple(delta.shape), tensors, dict(s))
+
+    def _masks(self, enc: Encoded) -> int:
+        return int(enc.params.get("masks", 1))
+
+    def decode(self, enc: Encoded) -> Tensor:
+        k = enc.shape[-1]
+        out = None
+        for i in range(self._masks(enc)):
+            signs = ops.unpack_signs(enc.tensors[_field("signs", i)], k)
+            scale = enc.tensors[_field("scale", i)]
+            term = signs * (scale[:, None] if scale.dim() else scale)
+            out = term if out is None else out + term
+        return out.reshape(enc.shape)
+
+    def matmul(self, x: Tensor, enc: Encoded) -> Tensor:
+        if len(enc.shape) != 2:
+            return super().matmul(x, enc)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y = None
+        for i in range(self._masks(enc)):
+            term = ops.sign_matmul(x2, enc.tensors[_field("signs", i)], enc.tensors[_field("scale", i)], enc.shape[1])
+            y = term if y is None else y + term
+        return y.reshape(*lead, enc.shape[0])

@@ -1,0 +1,31 @@
+"""Typed errors. Every user mistake raises a DeltacompError subclass whose message is one line that
+names the file or tensor, says what is wrong (expected vs actual) and, where there is one, the fix.
+The CLI prints ``error: <message>`` and exits non-zero for these; anything else is a bug."""
+
+
+class DeltacompError(Exception):
+    """Base of all errors caused by input rather than by a bug."""
+
+
+class SettingsError(DeltacompError, ValueError):
+    """A method spec, codec setting or rule is malformed or unknown."""
+
+
+class CheckpointError(DeltacompError):
+    """A model folder/file cannot be read, is pickled, or base and fine-tune do not pair up."""
+
+
+class DeltaFormatError(DeltacompError):
+    """A delta file is truncated, corrupted, of an unknown format version, or out of bounds."""
+
+
+class ChecksumError(DeltaFormatError):
+    """The encoded bytes of a tensor do not match the checksum recorded when it was written."""
+
+
+class BaseMismatchError(DeltacompError):
+    """The base model given is not the one the delta was made against."""
+
+
+class OutputExistsError(DeltacompError):
+    """The output path exists and overwriting was not asked for."""
