@@ -328,24 +328,24 @@ PAIRS: dict[str, PairSpec] = {
         "shakespeare",
         "SmolLM2-135M-Instruct, full fine-tune (attention/MLP linears and norms; embeddings frozen) on "
         "Shakespeare's plays, held-out plays never seen in training",
-        Recipe(corpus="shakespeare", steps=30, lr=1e-4, batch=4, seq_len=128, warmup=3)),
+        Recipe(corpus="shakespeare", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2)),
     "shakespeare-lora": PairSpec(
         "shakespeare-lora",
         "SmolLM2-135M-Instruct plus a merged rank-16 LoRA (all attention/MLP linears) trained on the same "
         "Shakespeare plays: the delta is low-rank before bf16 rounding",
-        Recipe(corpus="shakespeare", steps=30, lr=1e-3, batch=4, seq_len=128, warmup=3, lora_rank=16,
+        Recipe(corpus="shakespeare", steps=16, lr=1e-3, batch=4, seq_len=128, warmup=2, lora_rank=16,
                lora_alpha=32.0)),
     "python-stdlib": PairSpec(
         "python-stdlib",
         "SmolLM2-135M-Instruct, full fine-tune (embeddings frozen) on Python standard-library source, "
         "held-out modules never seen in training (a different domain from the Shakespeare pairs)",
-        Recipe(corpus="python-stdlib", steps=30, lr=1e-4, batch=4, seq_len=128, warmup=3)),
+        Recipe(corpus="python-stdlib", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2)),
     "shakespeare-tokens": PairSpec(
         "shakespeare-tokens",
         "SmolLM2-135M-Instruct with 3 added special tokens (vocabulary 49152 -> 49155; act, scene and speaker "
         "markers) and a full fine-tune on marked Shakespeare: the new embedding rows and the blocks train, the "
         "old embedding rows stay exactly as they were",
-        Recipe(corpus="shakespeare-marked", steps=30, lr=1e-4, batch=4, seq_len=128, warmup=3,
+        Recipe(corpus="shakespeare-marked", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2,
                frozen="$^", added_tokens=tuple(MARKERS))),
 }
 
@@ -361,9 +361,12 @@ def ensure_pair(name: str = "shakespeare", progress: bool = True) -> Pair:
         from .zoo_train import finetune
 
         t0 = time.perf_counter()
+        held = corpus_works(spec.recipe.corpus, "heldout", progress)
+        about = {"pair": name, "description": spec.description, "corpus": CORPORA[spec.recipe.corpus],
+                 "corpus_version": corpus_version(spec.recipe.corpus), "heldout_works": list(held)}
         with _atomic_dir(final) as tmp:
             finetune(base, tmp, spec.recipe, corpus_works(spec.recipe.corpus, "train", progress),
-                     corpus_text(spec.recipe.corpus, "heldout"), progress=progress)
+                     "\n".join(held.values()), progress=progress, about=about)
         _say(progress, f"zoo: pair {name!r} ready in {time.perf_counter() - t0:.0f} s: {final}")
     recipe = json.loads((final / "recipe.json").read_text())
     return Pair(name, base, final, corpus_text(spec.recipe.corpus, "heldout"), recipe)
@@ -372,3 +375,32 @@ def ensure_pair(name: str = "shakespeare", progress: bool = True) -> Pair:
 def _say(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltacomp.zoo [PAIR ...]``: build (or find) pairs and print where they are; ``--list`` lists."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m deltacomp.zoo", description=main.__doc__)
+    ap.add_argument("pairs", nargs="*", default=["shakespeare"], help=f"any of: {', '.join(PAIRS)}")
+    ap.add_argument("--list", action="store_true", help="list the pairs and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for spec in PAIRS.values():
+            print(f"{spec.name}: {spec.description}")
+        return 0
+    try:
+        for name in args.pairs:
+            pair = ensure_pair(name)
+            r = pair.recipe
+            print(f"{name}: base {pair.base}\n  fine-tune {pair.finetuned}\n  held-out loss base "
+                  f"{r['heldout_loss_base']:.4f} -> fine-tune {r['heldout_loss_finetuned']:.4f} nats/token "
+                  f"(built in {r['build_seconds']} s, {r['seconds_per_step']} s/step)")
+    except DeltacompError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -88,7 +88,7 @@ def _prepare(model, tok, recipe):
 
 
 def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout_text: str,
-             progress: bool = True) -> dict[str, Any]:
+             progress: bool = True, about: dict[str, Any] | None = None) -> dict[str, Any]:
     """Fine-tune ``base`` on ``train_works`` following ``recipe``; write a bf16 HF folder + recipe.json to ``out``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -147,7 +147,7 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
                     shutil.copy2(f, out / f.name)
 
         import transformers
-        info = {"recipe": asdict(recipe), "base": Path(base).name,
+        info = {**(about or {}), "recipe": asdict(recipe), "base": Path(base).name,
                 "train_works": list(train_works), "train_tokens": len(train), "heldout_tokens": len(held),
                 "trainable_params": sum(p.numel() for p in trainable),
                 "train_loss": curve, "heldout_loss_base": round(base_loss, 5),
