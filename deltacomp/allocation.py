@@ -7,7 +7,7 @@ last group are dropped. Its exact byte size (``alloc_nbytes``) is what svd-mixed
     per ``group_size`` run of each row, plus 4 bytes (fp32 sigma) per kept vector.
 
 ``default_allocation`` follows Delta-CoMe (8 / 3 / 2 bits, counts scaled with min(N, K) / 4096).
-``optimal_allocation`` solves, exactly, with an integer program (scipy.optimize.milp / HiGHS):
+``optimal_allocation`` solves, exactly (enumeration, see its docstring):
     minimize  sum_i sigma_i^2 * e_i(b_i)     s.t. bytes(allocation) <= budget, b_i non-increasing in i,
 where e_i(b) is the measured relative squared error of the rank-1 term u_i v_i^T when u_i and v_i are
 both RTN-quantized at b bits (e_i(0) = 1: a dropped vector loses all its energy).
@@ -141,62 +141,77 @@ def model_error(sigma: Tensor, errors: Tensor, levels: tuple[int, ...], alloc: A
     return total
 
 
+def _range_min(values: np.ndarray):
+    """Sparse table over ``values``: query(lo, hi) -> (min, argmin) over values[lo..hi], vectorized."""
+    tables, args = [values], [np.arange(values.size)]
+    span = 1
+    while 2 * span <= values.size:
+        prev, parg = tables[-1], args[-1]
+        left, right = prev[:-span], prev[span:]
+        take_right = right < left
+        tables.append(np.where(take_right, right, left))
+        args.append(np.where(take_right, parg[span:], parg[:-span]))
+        span *= 2
+
+    def query(lo: np.ndarray, hi: np.ndarray):
+        k = np.floor(np.log2(hi - lo + 1)).astype(np.int64)
+        out_v = np.empty(lo.shape)
+        out_a = np.empty(lo.shape, dtype=np.int64)
+        for j in np.unique(k):
+            sel = k == j
+            a, b = lo[sel], hi[sel] - (1 << int(j)) + 1
+            va, vb = tables[j][a], tables[j][b]
+            use_b = vb < va
+            out_v[sel] = np.where(use_b, vb, va)
+            out_a[sel] = np.where(use_b, args[j][b], args[j][a])
+        return out_v, out_a
+
+    return query
+
+
 def optimal_allocation(sigma: Tensor, errors: Tensor, shape: tuple[int, int], budget: int, group_size: int,
-                       levels: tuple[int, ...] = OPTIMAL_LEVELS, time_limit: float = 60.0) -> Allocation:
+                       levels: tuple[int, ...] = OPTIMAL_LEVELS) -> Allocation:
     """Exact minimizer of the error model under the byte budget, bits non-increasing with i.
 
-    Variables: y[i, l] = 1 iff vector i gets at least levels[l] bits (levels descending), so
-    y[i, l-1] <= y[i, l] and y[i+1, l] <= y[i, l]; integer pv_l, pu_l >= c_l*K*b_l/8, c_l*N*b_l/8 make
-    the KBITS ceil exact, with c_l = sum_i y[i, l] - y[i, l-1] the vectors at exactly levels[l]."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
-    from scipy.sparse import coo_matrix
-
-    n, k = shape
-    r, nl = errors.shape[0], len(levels)
-    if list(levels) != sorted(levels, reverse=True) or nl != errors.shape[1]:
-        raise ValueError("optimal_allocation: levels must be strictly decreasing and match errors' columns")
+    With a_l = number of vectors given at least levels[l] bits (a_1 <= ... <= a_L), the error is
+    E0 + sum_l H_l(a_l), H_l(a) = sum_{i<a} sigma_i^2 (e_i(l) - e_i(l+1)), e_i(L+1) = 1, and the bytes are
+    sum_l f_l(a_l - a_{l-1}) with f_l(c) the exact size of c vectors at levels[l] (ceil of KBITS included).
+    All counts of the top L-1 levels within the budget are enumerated (the loop over the first count,
+    the next two as a grid); for each, the best a_L under the remaining bytes is a range minimum of H_L
+    (sparse table). Cost ~ (number of affordable (c_1, c_2, c_3)): about 1e7 for 4096 x 4096 at 1/16."""
+    if len(levels) != 4 or list(levels) != sorted(levels, reverse=True) or errors.shape[1] != 4:
+        raise ValueError("optimal_allocation: needs 4 strictly decreasing levels matching errors' columns")
+    r = errors.shape[0]
     if r == 0 or budget <= 0:
         return []
-    s2 = (sigma.double() ** 2).numpy()
-    e = np.concatenate([errors.numpy(), np.ones((r, 1))], axis=1)
-    # error = sum s2 - sum_{i,l} y[i,l] * s2_i * (e_i(l+1) - e_i(l)), with e_i(nl) = 1 (dropped)
-    cost = (s2[:, None] * (e[:, :nl] - e[:, 1:])).reshape(-1) / (s2.sum() or 1.0)
-    ny, nv = r * nl, r * nl + 2 * nl
-    idx = np.arange(ny).reshape(r, nl)                         # column of y[i, l]
-    # "<= 0" rows: y[i, l-1] - y[i, l] (more bits implies fewer) and y[i+1, l] - y[i, l] (prefixes)
-    pairs = [(idx[:, :-1].ravel(), idx[:, 1:].ravel()), (idx[1:, :].ravel(), idx[:-1, :].ravel())]
-    pos = np.concatenate([p for p, _ in pairs])
-    neg = np.concatenate([q for _, q in pairs])
-    m = pos.size
-    order = coo_matrix((np.concatenate([np.ones(m), -np.ones(m)]),
-                        (np.concatenate([np.arange(m)] * 2), np.concatenate([pos, neg]))), shape=(m, nv))
-    count_row = np.zeros((nl, nv))                             # c_l = n_l - n_{l-1}, a linear form
-    for l in range(nl):
-        count_row[l, idx[:, l]] += 1
-        if l:
-            count_row[l, idx[:, l - 1]] -= 1
-    gk, gn = -(-k // group_size), -(-n // group_size)
-    pack = np.zeros((2 * nl, nv))                              # 8*p - dim*b*c_l >= 0
-    budget_row = np.zeros(nv)
-    for l, b in enumerate(levels):
-        for off, dim in ((0, k), (1, n)):
-            pack[2 * l + off] = -dim * b * count_row[l]
-            pack[2 * l + off, ny + 2 * l + off] = 8
-            budget_row[ny + 2 * l + off] = 1
-        budget_row += (4 * (gk + gn) + 4) * count_row[l]       # fp16 scale+zero per group, fp32 sigma
-    cons = [LinearConstraint(order.tocsr(), -np.inf, 0), LinearConstraint(pack, 0, np.inf),
-            LinearConstraint(budget_row[None, :], -np.inf, budget)]
-    c_obj = np.concatenate([cost, np.zeros(2 * nl)])
-    upper = np.concatenate([np.ones(ny), np.full(2 * nl, np.inf)])
-    res = milp(c_obj, constraints=cons, integrality=np.ones(nv), bounds=Bounds(np.zeros(nv), upper),
-               options={"time_limit": time_limit, "mip_rel_gap": 1e-9})
-    if res.x is None:
-        raise RuntimeError(f"optimal_allocation: the integer program found no solution ({res.message})")
-    yv = np.round(res.x[:ny]).reshape(r, nl)
-    counts = yv.sum(0).astype(int)                   # n_l: vectors with >= levels[l] bits
-    alloc = [(b, int(counts[l] - (counts[l - 1] if l else 0))) for l, b in enumerate(levels)]
-    alloc = [(b, c) for b, c in alloc if c > 0]
-    while alloc and alloc_nbytes(shape, alloc, group_size) > budget:  # guard against solver tolerance
-        b, c = alloc[-1]
-        alloc = alloc[:-1] + ([(b, c - 1)] if c > 1 else [])
-    return alloc
+    s2 = (sigma.double() ** 2).numpy()[:r]
+    e = np.concatenate([errors.double().numpy(), np.ones((r, 1))], axis=1)
+    h = np.zeros((4, r + 1))
+    h[:, 1:] = np.cumsum(s2[:, None] * (e[:, :4] - e[:, 1:]), axis=0).T
+    cnt = np.arange(r + 1)
+    f = np.stack([np.array([alloc_nbytes(shape, [(b, int(c))], group_size) for c in cnt]) for b in levels])
+    last_min = _range_min(h[3])
+    best_val, best = 0.0, (0, 0, 0, 0)                  # all dropped: H terms are 0
+    for c1 in range(r + 1):
+        r1 = budget - f[0, c1]
+        if r1 < 0:
+            break
+        c2 = cnt[: r + 1 - c1][f[1, : r + 1 - c1] <= r1]
+        c3 = cnt[: r + 1 - c1][f[2, : r + 1 - c1] <= r1]
+        rem = r1 - f[1, c2][:, None] - f[2, c3][None, :]
+        a3 = c1 + c2[:, None] + c3[None, :]
+        ok = (rem >= 0) & (a3 <= r)
+        i2, i3 = np.nonzero(ok)
+        if i2.size == 0:
+            continue
+        a2, a3v, remv = c1 + c2[i2], a3[i2, i3], rem[i2, i3]
+        c4max = np.searchsorted(f[3], remv, side="right") - 1
+        hi = np.minimum(a3v + c4max, r)
+        v4, a4 = last_min(a3v, hi)
+        total = h[0, c1] + h[1, a2] + h[2, a3v] + v4
+        j = int(np.argmin(total))
+        if total[j] < best_val:
+            best_val, best = float(total[j]), (c1, int(a2[j]), int(a3v[j]), int(a4[j]))
+    bounds = (0, *best)
+    alloc = [(b, bounds[l + 1] - bounds[l]) for l, b in enumerate(levels)]
+    return [(b, c) for b, c in alloc if c > 0]
