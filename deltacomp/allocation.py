@@ -125,13 +125,14 @@ def vector_errors(u: Tensor, vh: Tensor, levels: tuple[int, ...], group_size: in
         uq = dequantize(*quantize(u.T, b, group_size), group_size).double()
         vq = dequantize(*quantize(vh, b, group_size), group_size).double()
         num = un * vn + (uq * uq).sum(1) * (vq * vq).sum(1) - 2 * (ut * uq).sum(1) * (v * vq).sum(1)
-        out[:, j] = (num / (un * vn).clamp_min(1e-300)).clamp_min(0)
+        out[:, j] = (num / (un * vn).clamp_min(1e-300)).clamp_min(0).cpu()
     return out
 
 
 def model_error(sigma: Tensor, errors: Tensor, levels: tuple[int, ...], alloc: Allocation) -> float:
     """sum_i sigma_i^2 e_i(b_i) for an allocation (dropped vectors count sigma_i^2)."""
-    s2 = sigma.double() ** 2
+    s2 = sigma.detach().double().cpu() ** 2
+    errors = errors.cpu()
     total, i = float(s2.sum()), 0
     for b, c in alloc:
         j = levels.index(b)
@@ -184,8 +185,8 @@ def optimal_allocation(sigma: Tensor, errors: Tensor, shape: tuple[int, int], bu
     r = errors.shape[0]
     if r == 0 or budget <= 0:
         return []
-    s2 = (sigma.double() ** 2).numpy()[:r]
-    e = np.concatenate([errors.double().numpy(), np.ones((r, 1))], axis=1)
+    s2 = (sigma.detach().double().cpu() ** 2).numpy()[:r]
+    e = np.concatenate([errors.detach().double().cpu().numpy(), np.ones((r, 1))], axis=1)
     h = np.zeros((4, r + 1))
     h[:, 1:] = np.cumsum(s2[:, None] * (e[:, :4] - e[:, 1:]), axis=0).T
     cnt = np.arange(r + 1)

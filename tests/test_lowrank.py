@@ -12,8 +12,9 @@ def _lowrank_plus_noise(n, k, r, seed, noise=0.01):
 
 
 @pytest.mark.parametrize("method", ["exact", "randomized"])
-def test_truncated_svd_matches_exact_float64(method):
-    d = _lowrank_plus_noise(60, 45, 4, 0)
+@pytest.mark.parametrize("shape", [(60, 45), (45, 60)])
+def test_truncated_svd_matches_exact_float64(method, shape):
+    d = _lowrank_plus_noise(*shape, 4, 0)
     u, s, vh = truncated_svd(d, 4, method, niter=4)
     ref_s = torch.linalg.svdvals(d.double())[:4]
     assert torch.allclose(s.double(), ref_s, rtol=1e-4)

@@ -158,7 +158,7 @@ class SvdMixedCodec(Codec):
             i += c
 
     def decode(self, enc: Encoded) -> Tensor:
-        out = torch.zeros(enc.shape, dtype=torch.float32)
+        out = torch.zeros(enc.shape, dtype=torch.float32, device=enc.tensors["s"].device)
         for ut, sv, v in self._groups(enc):
             out += (ut.T * sv) @ v
         return out
@@ -176,7 +176,9 @@ def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:
     unit columns U and their norms s, so U is quantized on the same footing as the SVD's."""
     gram = (v_hat @ v_hat.T).double()
     rhs = (v_hat @ delta.T).double()  # (r, N)
-    m = torch.linalg.lstsq(gram, rhs, driver="gelsd").solution.T.float()  # (N, r)
+    # gelsd (SVD-based, rank-revealing) on CPU; CUDA only has gels, fine for this well-conditioned Gram
+    driver = "gelsd" if gram.device.type == "cpu" else None
+    m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()  # (N, r)
     norms = torch.linalg.vector_norm(m, dim=0)
     u = m / torch.where(norms > 0, norms, torch.ones_like(norms))
     return u.contiguous(), norms.contiguous()
