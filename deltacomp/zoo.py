@@ -80,6 +80,9 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished entry should read like any other folder
     try:
         yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o644)  # some writers leave 0600; a cache entry is read like any model folder
         try:
             os.rename(tmp, final)
         except OSError:
