@@ -319,6 +319,7 @@ class PairSpec:
 
 @dataclass
 class Pair:
+    """``heldout``: held-out text both models read with the same tokens (never seen in training)."""
     name: str
     base: Path
     finetuned: Path
@@ -367,12 +368,20 @@ def ensure_pair(name: str = "shakespeare", progress: bool = True) -> Pair:
         held = corpus_works(spec.recipe.corpus, "heldout", progress)
         about = {"pair": name, "description": spec.description, "corpus": CORPORA[spec.recipe.corpus],
                  "corpus_version": corpus_version(spec.recipe.corpus), "heldout_works": list(held)}
+        own = None if _eval_corpus(spec) == spec.recipe.corpus else "\n".join(held.values())
         with _atomic_dir(final) as tmp:
             finetune(base, tmp, spec.recipe, corpus_works(spec.recipe.corpus, "train", progress),
-                     "\n".join(held.values()), progress=progress, about=about)
+                     corpus_text(_eval_corpus(spec), "heldout"), progress=progress, about=about,
+                     heldout_own_text=own)
         _say(progress, f"zoo: pair {name!r} ready in {time.perf_counter() - t0:.0f} s: {final}")
     recipe = json.loads((final / "recipe.json").read_text())
-    return Pair(name, base, final, corpus_text(spec.recipe.corpus, "heldout"), recipe)
+    return Pair(name, base, final, corpus_text(_eval_corpus(spec), "heldout"), recipe)
+
+
+def _eval_corpus(spec: PairSpec) -> str:
+    """The corpus whose held-out text base and fine-tune are compared on: the training corpus, except that
+    marked text (added tokens) is compared unmarked, so that both models read the very same tokens."""
+    return "shakespeare" if spec.recipe.corpus == "shakespeare-marked" else spec.recipe.corpus
 
 
 def _say(enabled: bool, msg: str) -> None:

@@ -88,8 +88,14 @@ def _prepare(model, tok, recipe):
 
 
 def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout_text: str,
-             progress: bool = True, about: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Fine-tune ``base`` on ``train_works`` following ``recipe``; write a bf16 HF folder + recipe.json to ``out``."""
+             progress: bool = True, about: dict[str, Any] | None = None,
+             heldout_own_text: str | None = None) -> dict[str, Any]:
+    """Fine-tune ``base`` on ``train_works`` following ``recipe``; write a bf16 HF folder + recipe.json to ``out``.
+
+    ``heldout_text`` is read the same way by base and fine-tune (no added tokens in it), so the two held-out
+    losses compare; ``heldout_own_text``, when the training text has a format of its own (added tokens), is the
+    held-out works in that format, scored on the fine-tune only.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t_start = time.perf_counter()
@@ -100,12 +106,10 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
         tok = AutoTokenizer.from_pretrained(str(base))
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
         if recipe.added_tokens:
-            # The base has no rows for the new tokens: measure it on the text as the base tokenizer reads it.
-            base_held = _token_stream(tok, {"heldout": heldout_text})
             tok.add_special_tokens({"additional_special_tokens": list(recipe.added_tokens)})
         train = _token_stream(tok, train_works)
         held = _token_stream(tok, {"heldout": heldout_text})
-        base_loss = heldout_loss(model, base_held if recipe.added_tokens else held, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
+        base_loss = heldout_loss(model, held, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
                                  "held-out loss (base)")
 
         model, trainable = _prepare(model, tok, recipe)
@@ -138,6 +142,12 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
         _round_to_bf16_(model)
         ft_loss = heldout_loss(model, held, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
                                "held-out loss (fine-tune)")
+        own = {}
+        if heldout_own_text is not None:
+            own_stream = _token_stream(tok, {"heldout": heldout_own_text})
+            own["heldout_loss_finetuned_own_format"] = round(heldout_loss(
+                model, own_stream, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
+                "held-out loss (fine-tune, own format)"), 5)
         model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
         if recipe.added_tokens:
             tok.save_pretrained(str(out))
@@ -151,7 +161,7 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
                 "train_works": list(train_works), "train_tokens": len(train), "heldout_tokens": len(held),
                 "trainable_params": sum(p.numel() for p in trainable),
                 "train_loss": curve, "heldout_loss_base": round(base_loss, 5),
-                "heldout_loss_finetuned": round(ft_loss, 5),
+                "heldout_loss_finetuned": round(ft_loss, 5), **own,
                 "heldout_eval_tokens": recipe.eval_windows * recipe.eval_seq_len,
                 "seconds_per_step": round(train_s / recipe.steps, 2),
                 "build_seconds": round(time.perf_counter() - t_start, 1),

@@ -198,7 +198,8 @@ def _finetune(tmp_path, name, **kw):
                            "warmup": 1, "eval_windows": 2, "eval_seq_len": 24, **kw})
     out = tmp_path / name
     out.mkdir()
-    finetune(base, out, recipe, TRAIN, HELD, progress=False)
+    own = zoo.mark_text(HELD) if recipe.added_tokens else None
+    finetune(base, out, recipe, TRAIN, HELD, progress=False, heldout_own_text=own)
     return base, out
 
 
@@ -243,6 +244,8 @@ def test_lora_finetune_is_merged_and_low_rank(tmp_path):
 
 
 def test_added_tokens_grow_vocab_and_keep_old_rows(tmp_path):
+    import json
+
     import torch
     from transformers import AutoTokenizer
 
@@ -254,6 +257,8 @@ def test_added_tokens_grow_vocab_and_keep_old_rows(tmp_path):
     assert torch.equal(ef[:eb.shape[0]], eb)                                 # old rows bit-identical
     tok = AutoTokenizer.from_pretrained(str(ft))
     assert [tok.convert_tokens_to_ids(m) for m in markers] == list(range(eb.shape[0], eb.shape[0] + 3))
+    info = json.loads((ft / "recipe.json").read_text())
+    assert info["heldout_loss_finetuned_own_format"] > 0 and info["heldout_loss_base"] > 0
     with pytest.raises(DeltacompError, match="weight_decay=0"):
         _finetune(tmp_path, "tok2", added_tokens=markers, weight_decay=0.1)
 
