@@ -73,9 +73,13 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     On an exception the temporary folder is removed and ``final`` is untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob(f".tmp-{final.name}-*"):
-        if not _pid_alive(stale.name[len(f".tmp-{final.name}-"):].split("-")[0]):
-            shutil.rmtree(stale, ignore_errors=True)   # left by a killed build
+    # Temporary folders are named .tmp-<entry>-<pid>-<random, no hyphen>; one whose process is gone was left by a
+    # killed build. The exact pattern matters: entry names share prefixes (the base's is a prefix of the pairs').
+    pattern = re.compile(rf"\.tmp-{re.escape(final.name)}-(\d+)-[^-]+")
+    for stale in final.parent.iterdir():
+        m = pattern.fullmatch(stale.name)
+        if m and not _pid_alive(m.group(1)):
+            shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished entry should read like any other folder
     try:
@@ -94,8 +98,6 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
 
 
 def _pid_alive(pid: str) -> bool:
-    if not pid.isdigit():
-        return False
     try:
         os.kill(int(pid), 0)
     except ProcessLookupError:

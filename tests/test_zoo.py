@@ -134,6 +134,17 @@ def test_atomic_dir_never_leaves_a_partial_entry(tmp_path):
     assert (final / "done.bin").read_bytes() == b"y" and os.listdir(tmp_path) == ["entry"]
 
 
+def test_atomic_dir_removes_only_its_own_stale_folders(tmp_path):
+    dead = tmp_path / ".tmp-entry-999999999-abc123"          # no such pid
+    alive = tmp_path / f".tmp-entry-{os.getpid()}-def456"
+    other = tmp_path / ".tmp-entry-pair-999999999-abc123"     # another entry whose name extends ours
+    for d in (dead, alive, other):
+        d.mkdir()
+    with zoo._atomic_dir(tmp_path / "entry"):
+        pass
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
 def test_recipe_key_changes_with_recipe():
     r = zoo.PAIRS["shakespeare"].recipe
     assert r.key() == zoo.Recipe(**{**r.__dict__}).key()
