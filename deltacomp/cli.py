@@ -93,6 +93,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import lora
+    from .errors import SettingsError
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    if args.delta:
+        if args.models:
+            raise SettingsError("give either BASE FINETUNED or --delta FILE, not both")
+        rep = lora.export_lora_from_delta(args.delta, args.output, dtype=dtype, overwrite=args.overwrite)
+    elif len(args.models) == 2:
+        rep = lora.export_lora(*args.models, args.output, rank=args.rank, dtype=dtype, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    else:
+        raise SettingsError(f"export-lora needs BASE FINETUNED (got {len(args.models)} paths) or --delta FILE")
+    ranks = sorted(set(rep["ranks"].values()))
+    print(f"wrote {rep['path']}: {rep['modules']} LoRA modules, rank {'/'.join(map(str, ranks))}")
+    if rep["not_carried"]:
+        shown = ", ".join(rep["not_carried"][:8]) + (" ..." if len(rep["not_carried"]) > 8 else "")
+        print(f"not carried by LoRA ({len(rep['not_carried'])} changed tensors; ship them another way): {shown}")
+    return 0
+
+
 def _add_common_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", default="bitdelta",
                    help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
@@ -136,6 +160,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GiB"))
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("export-lora", help="write a PEFT LoRA adapter: truncated SVD of the delta, or the factors "
+                       "of a lowrank/svd-mixed delta file")
+    p.add_argument("models", nargs="*", metavar="BASE FINETUNED", help="base and fine-tuned model")
+    p.add_argument("--delta", help="export the factors of this lowrank/svd-mixed delta file instead")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (with BASE FINETUNED; default 64)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_export_lora)
 
     p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
     p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")
