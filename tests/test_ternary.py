@@ -1,0 +1,195 @@
+"""Ternary (ComPEFT) codec: exact top-k support, scales, global threshold, storages, errors."""
+import numpy as np
+import pytest
+import torch
+
+from deltacomp.codecs import get_codec
+from deltacomp.codecs.ternary import TernaryCodec, topk_positions
+from deltacomp.errors import SettingsError
+from deltacomp.quant import positions as P
+
+SHAPES = [(13, 33), (1, 7), (37,), (1,), (64, 40)]
+
+
+def _delta(shape, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(torch.float32)
+
+
+def _k(density, numel):
+    return min(numel, max(1, int(np.floor(density * numel + 0.5))))
+
+
+def _reference(d, density, alpha=None, per_row=False):
+    """float64 reference: top-k by torch.topk, value sign * scale."""
+    flat = d.reshape(-1).double()
+    idx = torch.topk(flat.abs(), _k(density, flat.numel())).indices.sort().values
+    mat = d.reshape(1, -1) if d.dim() == 1 else d
+    rows, cols = mat.shape
+    out = torch.zeros_like(flat)
+    if alpha is not None:
+        std = mat.double().std(dim=1, correction=0) if per_row else mat.double().std(correction=0)
+        scale = alpha * std
+    elif per_row:
+        scale = torch.zeros(rows, dtype=torch.float64)
+        for r in range(rows):
+            sel = idx[idx // cols == r]
+            scale[r] = flat[sel].abs().mean() if sel.numel() else 0.0
+    else:
+        scale = flat[idx].abs().mean()
+    out[idx] = torch.sign(flat[idx]) * (scale[idx // cols] if per_row else scale)
+    return idx, out.reshape(d.shape)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("density", [0.05, 0.3, 1.0])
+def test_top_k_and_mean_scale(shape, density):
+    d = _delta(shape)
+    before = d.clone()
+    enc = get_codec("ternary").encode(d, density=density)
+    assert torch.equal(d, before)  # input untouched
+    idx, ref = _reference(d, density)
+    out = get_codec("ternary").decode(enc)
+    assert out.dtype == torch.float32 and out.shape == d.shape
+    assert torch.equal(torch.nonzero(out.reshape(-1)).squeeze(1), idx)  # exactly the top-k
+    assert enc.params["kept"] == idx.numel()
+    torch.testing.assert_close(out.double(), ref, rtol=1e-6, atol=0)
+    assert enc.nbytes == sum(t.numel() * t.element_size() for t in enc.tensors.values())
+    assert set(enc.tensors) == {"scale", "signs", *P.STORAGE_FIELDS[enc.params["storage"]]}
+    assert all(TernaryCodec.field_allowed(f) for f in enc.tensors)
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+@pytest.mark.parametrize("scale", ["std", "std:0.5", "std:2"])
+def test_std_scale(scale, per_row):
+    d = _delta((12, 20), seed=1)
+    alpha = float(scale.split(":")[1]) if ":" in scale else 1.0
+    enc = get_codec("ternary").encode(d, density=0.2, scale=scale, per_row=per_row)
+    want = alpha * (d.double().std(dim=1, correction=0) if per_row else d.double().std(correction=0))
+    torch.testing.assert_close(enc.tensors["scale"].double(), want, rtol=1e-6, atol=0)
+    _, ref = _reference(d, 0.2, alpha=alpha, per_row=per_row)
+    torch.testing.assert_close(get_codec("ternary").decode(enc).double(), ref, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(9, 31), (40,)])
+def test_per_row_mean(shape):
+    d = _delta(shape, seed=2)
+    if len(shape) == 2:
+        d[3] *= 1e-3  # a row that keeps nothing: its scale is 0
+    enc = get_codec("ternary").encode(d, density=0.15, per_row=True)
+    rows = shape[0] if len(shape) == 2 else 1
+    assert enc.tensors["scale"].shape == (rows,)
+    if len(shape) == 2:
+        assert enc.tensors["scale"][3] == 0
+    _, ref = _reference(d, 0.15, per_row=True)
+    torch.testing.assert_close(get_codec("ternary").decode(enc).double(), ref, rtol=1e-6, atol=0)
+
+
+def test_ties_keep_exactly_k_lowest_index_first():
+    d = torch.tensor([0.5, -1.0, 1.0, 0.25, -1.0, 1.0, 0.0, 1.0])
+    pos = topk_positions(d, 3)
+    assert pos.tolist() == [1, 2, 4]
+    enc = get_codec("ternary").encode(d, density=3 / 8)
+    out = get_codec("ternary").decode(enc)
+    assert out.tolist() == [0.0, -1.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0]
+
+
+def test_zeros_are_never_kept():
+    d = torch.zeros(5, 9)
+    enc = get_codec("ternary").encode(d, density=0.5)
+    assert enc.params["kept"] == 0
+    assert torch.equal(get_codec("ternary").decode(enc), d)
+    d = torch.tensor([[0.0, 2.0, 0.0, -3.0]])
+    enc = get_codec("ternary").encode(d, density=1.0)
+    assert enc.params["kept"] == 2
+    assert get_codec("ternary").decode(enc).tolist() == [[0.0, 2.5, 0.0, -2.5]]
+
+
+@pytest.mark.parametrize("storage", P.STORAGES)
+def test_every_storage_decodes_the_same(storage):
+    d = _delta((50, 70), seed=3)
+    auto = get_codec("ternary").encode(d, density=0.08)
+    enc = get_codec("ternary").encode(d, density=0.08, storage=storage)
+    assert enc.params["storage"] == storage
+    assert torch.equal(get_codec("ternary").decode(enc), get_codec("ternary").decode(auto))
+    assert auto.nbytes <= enc.nbytes
+
+
+def test_global_threshold_matches_concatenation():
+    ts = [_delta(s, seed=i) * (i + 1) for i, s in enumerate([(7, 5), (33,), (4, 16), (1,)])]
+    flat = torch.cat([t.reshape(-1) for t in ts]).abs()
+    for density in (0.01, 0.1, 0.37, 1.0):
+        k = _k(density, flat.numel())
+        want = float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+        assert TernaryCodec.global_threshold(ts, density) == want
+        assert TernaryCodec.global_threshold(lambda: iter(ts), density) == want
+        encs = [get_codec("ternary").encode(t, scope="global", threshold=want) for t in ts]
+        assert sum(e.params["kept"] for e in encs) == k  # no ties in continuous data
+        for t, e in zip(ts, encs):
+            kept = get_codec("ternary").decode(e) != 0
+            assert torch.equal(kept, t.abs() >= want)
+
+
+def test_global_threshold_with_ties_and_zeros():
+    ts = [torch.tensor([0.0, 1.0, -2.0, 2.0]), torch.tensor([[2.0, 0.0], [1.0, 3.0]])]
+    flat = torch.cat([t.reshape(-1) for t in ts]).abs()
+    for density in (0.125, 0.25, 0.5, 0.75, 1.0):
+        k = _k(density, flat.numel())
+        assert TernaryCodec.global_threshold(ts, density) == float(torch.kthvalue(flat, flat.numel() - k + 1).values)
+    enc = get_codec("ternary").encode(ts[0], scope="global", threshold=0.0)
+    assert enc.params["kept"] == 3  # threshold 0 keeps every nonzero, never a zero
+
+
+def test_global_scope_needs_a_threshold_and_a_reiterable():
+    with pytest.raises(SettingsError, match="scope=global needs threshold="):
+        get_codec("ternary").encode(_delta((4, 4)), scope="global")
+    with pytest.raises(TypeError, match="reads the deltas twice"):
+        TernaryCodec.global_threshold((t for t in [_delta((3,))]), 0.1)
+    with pytest.raises(ValueError, match="no tensors"):
+        TernaryCodec.global_threshold([], 0.1)
+
+
+def test_threshold_between_float32_values_is_exact():
+    d = torch.tensor([1.0, 1.0 + 2 ** -23, 0.5])
+    enc = get_codec("ternary").encode(d, threshold=1.0 + 2 ** -30)  # not a float32: rounds up, not down
+    assert (get_codec("ternary").decode(enc) != 0).tolist() == [False, True, False]
+
+
+def test_settings_from_strings():
+    d = _delta((6, 8))
+    enc = get_codec("ternary").encode(d, density="0.25", per_row="true", storage="golomb")
+    assert enc.params["density"] == 0.25 and enc.params["per_row"] is True and enc.params["storage"] == "golomb"
+
+
+@pytest.mark.parametrize("given,match", [
+    ({"density": 0}, r"density=0 must be in \(0, 1\]"),
+    ({"density": 1.5}, r"density=1.5 must be in \(0, 1\]"),
+    ({"storage": "lz4"}, "storage='lz4' must be one of auto, golomb, rans, bitmap, zstd"),
+    ({"scale": "median"}, "scale='median' must be mean, std or std:ALPHA"),
+    ({"scale": "std:-1"}, "scale='std:-1' must be mean, std or std:ALPHA"),
+    ({"scope": "layer"}, "scope='layer' must be one of tensor, global"),
+    ({"threshold": -1.0}, "threshold=-1.0 must be a finite number >= 0"),
+    ({"bits": 2}, "unknown setting"),
+])
+def test_bad_settings(given, match):
+    with pytest.raises(SettingsError, match=match):
+        get_codec("ternary").encode(_delta((4, 4)), **given)
+
+
+def test_non_finite_delta_raises():
+    d = _delta((4, 4))
+    d[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        get_codec("ternary").encode(d)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        get_codec("ternary").encode(d, threshold=0.5)
+
+
+def test_stats_report_bound():
+    d = torch.distributions.Laplace(0.0, 1.0).sample((64, 300))
+    enc = get_codec("ternary").encode(d, density=0.1)
+    st = get_codec("ternary").stats(enc)
+    assert st["kept"] == enc.params["kept"] and st["storage"] == enc.params["storage"]
+    assert st["bits_per_param"] == pytest.approx(8 * enc.nbytes / d.numel())
+    assert st["bound_bits_per_param"] == pytest.approx(P.bound_bits(st["kept"], d.numel()) / d.numel())
+    assert 0 <= st["over_bound"] < 0.1
