@@ -37,7 +37,7 @@ def _sample(dist, shape, seed):
     x = torch.randn(shape, generator=g)
     if dist == "laplace":  # inverse CDF of a uniform: Laplace(0, 1)
         u = torch.rand(shape, generator=g) - 0.5
-        x = -torch.sign(u) * torch.log1p(-2 * u.abs())
+        x = -torch.sign(u) * torch.log1p(-2 * u.abs().clamp(max=0.5 - 2 ** -24))  # u=-0.5 -> -inf
     return (x * 1e-3).contiguous()
 
 

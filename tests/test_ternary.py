@@ -193,3 +193,41 @@ def test_stats_report_bound():
     assert st["bits_per_param"] == pytest.approx(8 * enc.nbytes / d.numel())
     assert st["bound_bits_per_param"] == pytest.approx(P.bound_bits(st["kept"], d.numel()) / d.numel())
     assert 0 <= st["over_bound"] < 0.1
+
+
+@pytest.mark.parametrize("shape", [(64, 300), (20_000,)])
+def test_budget_density_fits_and_uses_the_budget(shape):
+    g = torch.Generator().manual_seed(5)
+    smooth = torch.randn(shape, generator=g)
+    clustered = smooth.clone()
+    clustered.reshape(-1)[: clustered.numel() // 4] *= 50  # the large entries all sit in one block
+    codec = get_codec("ternary")
+    numel = smooth.numel()
+    for d in (smooth, clustered):  # clustered supports code below the bound: only the fit is checked
+        for bpp in (0.05, 0.3, 0.6, 1.2):
+            nbytes = int(bpp * numel / 8) + 4
+            s = codec.settings_for_budget(shape, nbytes, {})
+            enc = codec.encode(d, **s)
+            assert enc.nbytes <= nbytes
+            if d is smooth and s["density"] < 1 and nbytes >= 500:  # small budgets are dominated by the fixed slack
+                assert enc.nbytes >= 0.9 * nbytes
+            assert codec.encode(d, **{**s, "storage": "rans"}).nbytes <= nbytes
+
+
+def test_budget_errors():
+    codec = get_codec("ternary")
+    with pytest.raises(SettingsError, match="below one kept entry"):
+        codec.settings_for_budget((10, 10), 4, {})
+    with pytest.raises(SettingsError, match="scope=global"):
+        codec.settings_for_budget((10, 10), 100, {"scope": "global"})
+    with pytest.raises(SettingsError, match="storage=auto or rans"):
+        codec.settings_for_budget((10, 10), 100, {"storage": "golomb"})
+
+
+@pytest.mark.parametrize("p", [1e-4, 0.003, 0.05, 0.3, 0.66, 0.9, 1.0])
+def test_rans_bound_holds(p):
+    numel = 50_000
+    rng = np.random.default_rng(0)
+    for pos in (np.flatnonzero(rng.random(numel) < p), np.arange(max(1, int(p * numel)))):
+        tensors, _ = P.encode_support(pos, numel, None, storage="rans")
+        assert tensors["rans"].numel() <= P.rans_nbytes_bound(pos.size, numel)

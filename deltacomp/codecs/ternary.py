@@ -160,6 +160,36 @@ class TernaryCodec(Codec):
                 check=lambda v: math.isfinite(v) and v >= 0, check_msg="must be a finite number >= 0"),
     )
 
+    # -- byte budget (--ratio) -----------------------------------------------------------------------
+    def settings_for_budget(self, shape, nbytes, given):
+        """The largest density whose encoding is guaranteed to fit ``nbytes``: rANS positions cost at
+        most ``rans_nbytes_bound`` for any support, plus one sign bit per kept entry and the scales
+        (auto storage never exceeds the rANS size)."""
+        s = self.resolve_settings(given)
+        if s["scope"] == "global" or s["threshold"] is not None:
+            raise SettingsError("ternary: --ratio sets a density per tensor; it cannot be combined with "
+                                "scope=global or threshold=")
+        if s["storage"] not in ("auto", "rans") or "rans" not in P.available_storages():
+            raise SettingsError(f"ternary: --ratio needs storage=auto or rans (with constriction installed), "
+                                f"got storage={s['storage']}")
+        numel = math.prod(shape)
+        rows = shape[0] if len(shape) == 2 else 1
+        fixed = 4 * (rows if s["per_row"] else 1)
+
+        def cost(k: int) -> int:
+            return P.rans_nbytes_bound(k, numel) + (k + 7) // 8 + fixed
+
+        if cost(1) > nbytes:
+            raise SettingsError(f"ternary: a budget of {nbytes} bytes is below one kept entry ({cost(1)} bytes) "
+                                f"for shape {tuple(shape)}; use a lower --ratio or another method")
+        if cost(numel) <= nbytes:  # cost rises up to p = 2/3, then falls to the 1 bit/param of p = 1
+            return {**s, "density": 1.0}
+        lo, hi = 1, max(1, (2 * numel) // 3)  # cost is increasing on [1, 2 numel / 3]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if cost(mid) <= nbytes else (lo, mid - 1)
+        return {**s, "density": lo / numel}
+
     # -- global pre-pass -----------------------------------------------------------------------------
     @classmethod
     def global_threshold(cls, deltas: Iterable[Tensor] | Callable[[], Iterable[Tensor]], density: float) -> float:

@@ -20,6 +20,9 @@ the same order as the SIGNS layout in ops.py; padding bits are 0):
           geometric law is memoryless, so the escape split costs nothing: the code length of a gap is
           -log2(p (1-p)^gap), i.e. the entropy bound H(p)/p per kept entry on i.i.d. positions.
           M = clamp(ceil(ln 16 / p), 1, 16384); params ``rans_symbols`` = number of coded symbols.
+          Whatever the arrangement, the gaps sum to at most numel - k, so the ideal code length is at
+          most -k log2 p - (numel - k) log2(1 - p) = numel H(p): ``rans_nbytes_bound`` adds the 24-bit
+          probability rounding and the coder's final state to that, and lets a byte budget pick k.
   bitmap  ``mask`` uint8: ceil(numel / 8) bytes, bit n set when flat index n is kept (1 bit/param).
   zstd    ``zmask``: the ``mask`` bytes compressed by zstd (level 3).
   signs   ``signs`` uint8, ceil(kept / 8) bytes, bit i = 1 when the i-th kept entry (in position
@@ -294,6 +297,14 @@ def bound_bits(kept: int, numel: int, value_bits: float = 1.0) -> float:
     """Entropy bound in bits for a support of ``kept`` of ``numel`` plus ``value_bits`` per kept entry:
     numel * H(kept / numel) + kept * value_bits (1 for a sign, 16 for an fp16 value)."""
     return numel * entropy_bits(kept / numel) + kept * value_bits if numel else 0.0
+
+
+def rans_nbytes_bound(kept: int, numel: int) -> int:
+    """An upper bound on the ``rans`` field's bytes for any support of ``kept`` of ``numel``: the
+    numel H(p) ideal code length plus 1% for probability rounding and 3 words of coder state."""
+    if kept == 0:
+        return 0
+    return 4 * (math.ceil(numel * entropy_bits(kept / numel) * 1.01 / 32) + 3)
 
 
 def storage_stats(nbytes: int, kept: int, numel: int, value_bits: float = 1.0) -> dict[str, Any]:
