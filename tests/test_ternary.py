@@ -231,3 +231,17 @@ def test_rans_bound_holds(p):
     for pos in (np.flatnonzero(rng.random(numel) < p), np.arange(max(1, int(p * numel)))):
         tensors, _ = P.encode_support(pos, numel, None, storage="rans")
         assert tensors["rans"].numel() <= P.rans_nbytes_bound(pos.size, numel)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_topk_matches_brute_force_with_ties_and_zeros(seed, monkeypatch):
+    import deltacomp.codecs.ternary as T
+
+    monkeypatch.setattr(T, "_CHUNK", 64)  # many chunks: positions must be offset and merged right
+    g = torch.Generator().manual_seed(seed)
+    d = torch.randint(-3, 4, (23, 19), generator=g).float() * 0.5
+    d[0, :5] = torch.tensor([1e-40, -1e-40, 1e-38, 0.0, 7.0])  # denormals land in the lowest bucket
+    flat = d.reshape(-1).tolist()
+    order = sorted((i for i in range(len(flat)) if flat[i] != 0), key=lambda i: (-abs(flat[i]), i))
+    for k in (1, 7, 50, 200, 300, len(flat)):
+        assert topk_positions(d, k).tolist() == sorted(order[:k])
