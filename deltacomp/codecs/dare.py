@@ -15,6 +15,7 @@ with ``storage`` set to the storage used, plus ``kept`` and the storage's decode
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -26,6 +27,7 @@ from ..quant import positions as P
 from .base import Codec, CodecName, Encoded, Setting, register
 
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+_CHUNK = 1 << 18
 
 
 def mask_seed(seed: int, shape: tuple[int, ...]) -> int:
@@ -34,11 +36,19 @@ def mask_seed(seed: int, shape: tuple[int, ...]) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
-def drop_mask(shape: tuple[int, ...], p: float, seed: int) -> Tensor:
-    """Bool keep-mask (flat, numel entries): each entry kept with probability 1 - p."""
+def _keep_chunks(shape: tuple[int, ...], p: float, seed: int):
+    """(start, bool keep-mask) per chunk of _CHUNK entries: each entry kept with probability 1 - p. The
+    uniforms are drawn chunk by chunk from one generator, so no numel-sized float buffer is made."""
     numel = int(np.prod(shape, dtype=np.int64))
     gen = torch.Generator(device="cpu").manual_seed(mask_seed(seed, shape))
-    return torch.rand(numel, generator=gen, dtype=torch.float32) >= p
+    for start in range(0, numel, _CHUNK):
+        yield start, torch.rand(min(_CHUNK, numel - start), generator=gen, dtype=torch.float32) >= p
+
+
+def drop_mask(shape: tuple[int, ...], p: float, seed: int) -> Tensor:
+    """Bool keep-mask (flat, numel entries) that encode draws for this shape, p and seed."""
+    parts = [keep for _, keep in _keep_chunks(shape, p, seed)]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.bool)
 
 
 @register
@@ -57,10 +67,14 @@ class DareCodec(Codec):
         self._check_input(delta)
         s = self.resolve_settings(settings)
         flat = delta.detach().reshape(-1)
-        if not bool(torch.isfinite(flat).all()):
-            raise ValueError("dare: delta holds NaN or Inf")
-        keep = drop_mask(tuple(delta.shape), s["p"], s["seed"]) & (flat != 0)
-        pos = torch.from_numpy(np.flatnonzero(keep.numpy()))
+        parts = []
+        for start, keep in _keep_chunks(tuple(delta.shape), s["p"], s["seed"]):
+            chunk = flat[start:start + keep.numel()]
+            lo, hi = torch.aminmax(chunk)  # NaN propagates into both
+            if not (math.isfinite(lo) and math.isfinite(hi)):
+                raise ValueError("dare: delta holds NaN or Inf")
+            parts.append(np.flatnonzero((keep & (chunk != 0)).numpy()) + start)
+        pos = torch.from_numpy(np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
         values = flat[pos].to(torch.float64) / (1.0 - s["p"])
         if values.numel() and float(values.abs().max()) > _FP16_MAX:
             raise ValueError(f"dare: a rescaled value {float(values.abs().max()):.4g} overflows fp16 "

@@ -88,12 +88,39 @@ def _from_gaps(gaps: np.ndarray) -> np.ndarray:
 
 # -- golomb-rice -----------------------------------------------------------------------------------
 def _rice_param(gaps: np.ndarray) -> int:
-    """The Rice parameter r minimising n (1 + r) + sum(gap >> r), searched exactly."""
+    """The Rice parameter r minimising n (1 + r) + sum(gap >> r). The cost is convex in r (its step
+    cost(r+1) - cost(r) = n - sum(ceil((gap >> r) / 2)) never decreases), so walk downhill from the
+    geometric-law guess r ~ log2(mean gap * ln 2)."""
     if gaps.size == 0:
         return 0
-    top = int(gaps.max()).bit_length()
-    costs = [gaps.size * (1 + r) + int((gaps >> r).sum()) for r in range(top + 1)]
-    return int(np.argmin(costs))
+    costs: dict[int, int] = {}
+
+    def cost(r: int) -> int:
+        if r not in costs:
+            costs[r] = gaps.size * (1 + r) + int((gaps >> r).sum())
+        return costs[r]
+
+    r = max(0, int(math.log2(max(float(gaps.mean()) * math.log(2), 1.0))))
+    while cost(r + 1) < cost(r):
+        r += 1
+    while r > 0 and cost(r - 1) <= cost(r):
+        r -= 1
+    return r
+
+
+def _fields_to_bits(values: np.ndarray, r: int) -> np.ndarray:
+    """(n,) nonnegative ints < 2^r -> (n * r,) bits, LSB first per value."""
+    width = next(w for w in (1, 2, 4, 8) if 8 * w >= r)
+    as_bytes = values.astype(f"<u{width}").view(np.uint8).reshape(-1, width)
+    return np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :r].reshape(-1)
+
+
+def _bits_to_fields(bits: np.ndarray, n: int, r: int) -> np.ndarray:
+    """Inverse of _fields_to_bits: (n * r,) bits -> (n,) int64."""
+    width = next(w for w in (1, 2, 4, 8) if 8 * w >= r)
+    padded = np.zeros((n, 8 * width), dtype=np.uint8)
+    padded[:, :r] = bits.reshape(n, r)
+    return np.packbits(padded, axis=1, bitorder="little").view(f"<u{width}").reshape(-1).astype(np.int64)
 
 
 def _golomb_encode(pos: np.ndarray) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -102,23 +129,21 @@ def _golomb_encode(pos: np.ndarray) -> tuple[dict[str, Tensor], dict[str, Any]]:
     q = gaps >> r
     unary = np.ones(int(q.sum()) + gaps.size, dtype=bool)
     unary[np.cumsum(q + 1) - 1] = False  # the terminating zero of each unary code
-    fields = ((gaps[:, None] >> np.arange(r, dtype=np.int64)) & 1).astype(bool).reshape(-1)
+    fields = _fields_to_bits(gaps & ((1 << r) - 1), r) if r else np.zeros(0, dtype=bool)
     return {"rice_q": pack_bits(unary), "rice_r": pack_bits(fields)}, {"rice": r}
 
 
 def _golomb_decode(tensors: dict[str, Tensor], params: dict[str, Any], k: int) -> np.ndarray:
-    r = int(params.get("rice", -1))
-    if not 0 <= r <= 62:
-        raise DeltaFormatError(f"golomb storage: Rice parameter {params.get('rice')!r} is not in [0, 62]")
+    r = params.get("rice")
+    if not isinstance(r, int) or not 0 <= r <= 62:
+        raise DeltaFormatError(f"golomb storage: Rice parameter {r!r} is not an integer in [0, 62]")
     qbytes = _bytes(tensors["rice_q"], "rice_q")
     ends = np.flatnonzero(np.unpackbits(qbytes, bitorder="little") == 0)[:k]
     if ends.size < k:
         raise DeltaFormatError(f"golomb storage: unary stream ends after {ends.size} of {k} gaps")
-    q = np.diff(ends, prepend=-1) - 1
-    gaps = q << r
+    gaps = (np.diff(ends, prepend=-1) - 1) << r
     if r:
-        bits = unpack_bits(tensors["rice_r"], k * r).reshape(k, r).astype(np.int64)
-        gaps |= bits @ (np.int64(1) << np.arange(r, dtype=np.int64))
+        gaps |= _bits_to_fields(unpack_bits(tensors["rice_r"], k * r).astype(np.uint8), k, r)
     return _from_gaps(gaps)
 
 
