@@ -245,3 +245,41 @@ def test_topk_matches_brute_force_with_ties_and_zeros(seed, monkeypatch):
     order = sorted((i for i in range(len(flat)) if flat[i] != 0), key=lambda i: (-abs(flat[i]), i))
     for k in (1, 7, 50, 200, 300, len(flat)):
         assert topk_positions(d, k).tolist() == sorted(order[:k])
+
+
+@pytest.mark.parametrize("method", ["ternary:density=0.1", "ternary:density=0.05:scale=std:0.5:per_row=true",
+                                    "ternary:storage=zstd", "dare:p=0.5:storage=golomb"])
+def test_through_the_delta_file(tmp_path, method):
+    """compress -> file -> decode gives exactly the codec's own decode (fields and params survive)."""
+    import deltacomp
+    from conftest import finetune_of, llama_tensors, write_folder
+    from deltacomp.plan import parse_method
+
+    b = llama_tensors(0)
+    f = finetune_of(b, 1)
+    out = tmp_path / "x.delta.safetensors"
+    deltacomp.compress(write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", f), out,
+                       method=method, progress=False)
+    name, settings = parse_method(method)
+    df = deltacomp.load_delta(out)
+    df.verify()
+    checked = 0
+    for n, info in df.params.items():
+        if info.codec == name:
+            delta = (f[n].float() - b[n].float()).reshape(info.shape)
+            want = get_codec(name).decode(get_codec(name).encode(delta, **settings))
+            assert torch.equal(df.decode(n).reshape(want.shape), want), n
+            checked += 1
+    assert checked > 0
+
+
+def test_ratio_through_compress(tmp_path):
+    import deltacomp
+    from conftest import finetune_of, llama_tensors, write_folder
+
+    b = llama_tensors(0)
+    f = finetune_of(b, 1)
+    base, ft = write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", f)
+    s = deltacomp.compress(base, ft, tmp_path / "r.delta.safetensors", method="ternary", ratio=32, progress=False)
+    t = s["by_codec"]["ternary"]
+    assert 0.4 < t["bits_per_param"] <= 16 / 32
