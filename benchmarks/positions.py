@@ -57,18 +57,18 @@ def run(shapes, densities, dists, repeats):
                     t_dec, out = _timed(lambda: ternary.decode(enc), repeats)
                     t_pos, _ = _timed(lambda: P.decode_support(enc.tensors, enc.params, d.numel()), repeats)
                     st = ternary.stats(enc)
-                    rows.append({"codec": "ternary", "shape": list(shape), "dist": dist, "density": density,
+                    rows.append({"codec": "ternary", "shape": list(shape), "dist": dist, "density_asked": density,
                                  "storage_asked": storage, **st, "encode_s": t_enc[0], "encode_cpu_s": t_enc[1],
                                  "select_s": t_select[0], "select_cpu_s": t_select[1],
                                  "decode_s": t_dec[0], "decode_cpu_s": t_dec[1],
                                  "decode_positions_s": t_pos[0], "decode_positions_cpu_s": t_pos[1]})
                 t_enc, enc = _timed(lambda: dare.encode(d, p=1 - density), repeats)
                 t_dec, _ = _timed(lambda: dare.decode(enc), repeats)
-                rows.append({"codec": "dare", "shape": list(shape), "dist": dist, "density": density,
+                rows.append({"codec": "dare", "shape": list(shape), "dist": dist, "density_asked": density,
                              "storage_asked": "auto", **dare.stats(enc), "encode_s": t_enc[0],
                              "encode_cpu_s": t_enc[1], "decode_s": t_dec[0], "decode_cpu_s": t_dec[1]})
                 for r in rows[-len(P.available_storages()) - 2:]:
-                    print(f"{r['codec']:8s} {'x'.join(map(str, shape)):>11s} {dist:8s} p={density:<5} "
+                    print(f"{r['codec']:8s} {'x'.join(map(str, shape)):>11s} {dist:8s} p={r['density_asked']:<5} "
                           f"{r['storage_asked']:>6s}->{r['storage']:7s} {r['bits_per_param']:.4f} bit/param "
                           f"(bound {r['bound_bits_per_param']:.4f}, +{100 * r['over_bound']:.2f}%)  "
                           f"enc {r['encode_s']:.3f}s (cpu {r['encode_cpu_s']:.3f}) dec {r['decode_s']:.3f}s (cpu {r['decode_cpu_s']:.3f})", file=sys.stderr)
