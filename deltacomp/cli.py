@@ -53,6 +53,12 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
     if ct["ratio"]:
         lines.append(f"compressed tensors: {human_bytes(ct['finetuned_bytes'])} -> {human_bytes(ct['nbytes'])}"
                      f"   ratio {ct['ratio']:.2f}x   {ct['bits_per_param']:.3f} bits/param")
+    for codec, c in s["by_codec"].items():
+        if "bound_bits_per_param" in c:
+            bnz = f"{c['bits_per_nonzero']:.2f} bits/nonzero, " if c.get("bits_per_nonzero") else ""
+            lines.append(f"{codec}: {c['kept']:,} kept ({c['kept'] / max(c['params'], 1):.2%}), {bnz}"
+                         f"{c['bits_per_param']:.4f} bits/param vs entropy bound {c['bound_bits_per_param']:.4f} "
+                         f"(H(p) + p; stored includes scales)")
     if per_tensor:
         trows = [[t["name"], t["codec"], "x".join(map(str, t["shape"])) or "()", t["dtype"], human_bytes(t["nbytes"]),
                   f"{t['bits_per_param']:.3f}", ",".join(f"{k}={v}" for k, v in t["settings"].items())]

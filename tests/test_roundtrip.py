@@ -173,3 +173,22 @@ def test_apply_delta_matches_reconstruct(tmp_path, pair):
     rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False))
     for n, p in m.named_parameters():
         assert torch.equal(p, rec[n]), n
+
+
+def test_ternary_global_scope_one_threshold(tmp_path, pair):
+    """ComPEFT's global scope: one threshold over every compressed tensor, found by a streamed pre-pass."""
+    base, ft, b, f = pair
+    out = tmp_path / "g.delta.safetensors"
+    deltacomp.compress(base, ft, out, method="ternary:scope=global:density=0.1", progress=False)
+    df = deltacomp.load_delta(out)
+    tern = [n for n, i in df.params.items() if i.codec == "ternary"]
+    assert len(tern) == 14
+    thresholds = {df.params[n].settings["threshold"] for n in tern}
+    assert len(thresholds) == 1
+    t = thresholds.pop()
+    deltas = torch.cat([(f[n].float() - b[n].float()).reshape(-1) for n in tern])
+    assert t == pytest.approx(torch.topk(deltas.abs(), int(round(0.1 * deltas.numel()))).values[-1].item())
+    kept = sum(int(df.params[n].settings["kept"]) for n in tern)
+    assert kept == int((deltas.abs() >= t).sum())
+    rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False))
+    assert set(rec) == set(f)

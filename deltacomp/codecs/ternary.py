@@ -242,6 +242,12 @@ class TernaryCodec(Codec):
         source = lambda: (_raw_bits(d) for d in make())  # noqa: E731
         return _bits_to_float(_kth_largest_bits(source, lambda n: _count_k(density, n)))
 
+    def needs_global(self, settings: dict[str, Any]) -> bool:
+        return settings.get("scope") == "global" and settings.get("threshold") is None
+
+    def global_settings(self, deltas, settings: dict[str, Any]) -> dict[str, Any]:
+        return {"threshold": self.global_threshold(deltas, settings["density"])}
+
     # -- the contract --------------------------------------------------------------------------------
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
