@@ -192,3 +192,19 @@ def test_ternary_global_scope_one_threshold(tmp_path, pair):
     assert kept == int((deltas.abs() >= t).sum())
     rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False))
     assert set(rec) == set(f)
+
+
+def test_embedded_files_round_trip(tmp_path, pair):
+    """Config and tokenizer files ride in the metadata (large ones compressed) and come back byte-exact."""
+    base, ft, _, _ = pair
+    big = ("{" + ",".join(f'"tok{i}": {i}' for i in range(20000)) + "}").encode()
+    (ft / "tokenizer.json").write_bytes(big)
+    (ft / "tokenizer.model").write_bytes(bytes(range(256)) * 3)  # binary
+    out = tmp_path / "d.delta.safetensors"
+    deltacomp.compress(base, ft, out, progress=False)
+    meta = deltacomp.load_delta(out).metadata["files"]
+    assert isinstance(meta["config.json"], str) and "zlib_base64" in meta["tokenizer.json"]
+    assert out.stat().st_size < len(big) / 2
+    rec = deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False)
+    for name in ("tokenizer.json", "tokenizer.model", "config.json", "generation_config.json"):
+        assert (rec / name).read_bytes() == (ft / name).read_bytes(), name
