@@ -1,0 +1,266 @@
+"""Lazy reading of model checkpoints and streaming, sharded writing of Hugging Face model folders.
+
+A checkpoint is a Hugging Face model folder (config.json + model.safetensors, or sharded
+model-0000i-of-0000N.safetensors + model.safetensors.index.json) or one .safetensors file. Tensors are
+read one at a time through safetensors' memory map; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .errors import CheckpointError, OutputExistsError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+# Files other than weights that make a folder a usable model: carried into the delta file and back out.
+EXTRA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_CONVERT_HINT = (
+    "convert it to safetensors first, e.g. `python -c \"from transformers import AutoModelForCausalLM as M; "
+    "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"` (that loads the pickle: "
+    "only do it for a checkpoint you trust)"
+)
+
+
+class Checkpoint:
+    """Read-only, lazy view of one checkpoint. Use as a context manager or call ``close()``."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._stack = ExitStack()
+        self._handles: dict[Path, object] = {}
+        self._where: dict[str, Path] = {}
+        self.folder: Path | None = None
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or folder")
+        if self.path.is_dir():
+            self.folder = self.path
+            self._index_folder()
+        else:
+            self._check_file(self.path)
+            self._add_file(self.path)
+
+    # -- discovery ----------------------------------------------------------------------------------
+    def _check_file(self, file: Path) -> None:
+        if file.suffix in PICKLE_SUFFIXES:
+            raise CheckpointError(f"{file}: pickled checkpoints are refused (they can run code); {_CONVERT_HINT}")
+        if file.suffix != ".safetensors":
+            raise CheckpointError(f"{file}: not a .safetensors file; give a model folder or a .safetensors file")
+
+    def _add_file(self, file: Path, names: list[str] | None = None) -> None:
+        try:
+            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+        except Exception as exc:  # safetensors raises its own types for corrupt headers
+            raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
+        self._handles[file] = handle
+        for name in names if names is not None else handle.keys():
+            self._where[name] = file
+
+    def _index_folder(self) -> None:
+        folder = self.path
+        index = folder / INDEX_NAME
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+            by_file: dict[str, list[str]] = {}
+            for name, fname in weight_map.items():
+                by_file.setdefault(fname, []).append(name)
+            for fname, names in by_file.items():
+                shard = folder / fname
+                if not shard.is_file():
+                    raise CheckpointError(f"{index}: names shard {fname}, which is missing from {folder}")
+                self._check_file(shard)
+                self._add_file(shard, names)
+            return
+        if (folder / SINGLE_NAME).is_file():
+            self._add_file(folder / SINGLE_NAME)
+            return
+        tensors = sorted(folder.glob("*.safetensors"))
+        if len(tensors) == 1:
+            self._add_file(tensors[0])
+            return
+        pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+        if pickles:
+            raise CheckpointError(
+                f"{folder}: holds only pickled weights ({', '.join(sorted(pickles)[:3])}), which are refused; "
+                + _CONVERT_HINT)
+        raise CheckpointError(f"{folder}: no {SINGLE_NAME}, {INDEX_NAME} or single .safetensors file found")
+
+    # -- access -------------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return self._handles[self._where[name]].get_slice(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+
+    def get(self, name: str) -> Tensor:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
+        return self._handles[self._where[name]].get_tensor(name)
+
+    def nbytes(self) -> int:
+        """Bytes of all weight files on disk (what a user sees as the checkpoint's size)."""
+        return sum(f.stat().st_size for f in self._handles)
+
+    @property
+    def config(self) -> dict | None:
+        if self.folder is None or not (self.folder / "config.json").is_file():
+            return None
+        try:
+            return json.loads((self.folder / "config.json").read_text())
+        except ValueError as exc:
+            raise CheckpointError(f"{self.folder / 'config.json'}: invalid JSON ({exc})") from None
+
+    def extra_files(self) -> dict[str, bytes]:
+        """The non-weight files a model folder needs (config, generation config, tokenizer)."""
+        if self.folder is None:
+            return {}
+        return {n: (self.folder / n).read_bytes() for n in EXTRA_FILES if (self.folder / n).is_file()}
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    return Checkpoint(path)
+
+
+# -- writing ----------------------------------------------------------------------------------------
+def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
+    """Check ``out`` may be written and make a sibling temporary folder to build it in.
+
+    Returns (final path, temp path). Call ``commit_output_dir`` when done; on failure remove the temp."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out}: exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise OutputExistsError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    return out, tmp
+
+
+def commit_output_dir(tmp: Path, out: Path) -> None:
+    """Replace ``out`` by ``tmp`` with renames only, so a crash never leaves a half-written ``out``."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+class ShardedWriter:
+    """Write tensors into ``folder`` as HF safetensors shards, holding at most one shard in memory.
+
+    Shards are named model-0000i-of-0000N.safetensors with an index json when there is more than one,
+    model.safetensors otherwise (mergekit's scheme)."""
+
+    def __init__(self, folder: str | os.PathLike, max_shard_bytes: int = 5 * 1024**3,
+                 metadata: dict[str, str] | None = None):
+        self.folder = Path(folder)
+        self.max_shard_bytes = max_shard_bytes
+        self.metadata = dict(metadata or {"format": "pt"})
+        self._current: dict[str, Tensor] = {}
+        self._current_bytes = 0
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self._current and self._current_bytes + size > self.max_shard_bytes:
+            self._flush()
+        # contiguous clone: safetensors refuses tensors that share storage (e.g. tied weights)
+        self._current[name] = tensor.detach().contiguous().clone()
+        self._current_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        if not self._current:
+            return
+        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
+        save_file(self._current, str(path), metadata=self.metadata)
+        self._shards.append((path, list(self._current)))
+        self._current, self._current_bytes = {}, 0
+
+    def close(self) -> list[Path]:
+        self._flush()
+        n = len(self._shards)
+        if n == 0:
+            save_file({}, str(self.folder / SINGLE_NAME), metadata=self.metadata)
+            return [self.folder / SINGLE_NAME]
+        if n == 1:
+            final = self.folder / SINGLE_NAME
+            self._shards[0][0].rename(final)
+            return [final]
+        weight_map, finals = {}, []
+        for i, (path, names) in enumerate(self._shards):
+            final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            path.rename(final)
+            finals.append(final)
+            weight_map.update({nm: final.name for nm in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+        (self.folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
+        return finals
+
+    def __enter__(self) -> "ShardedWriter":
+        return self
+
+    def __exit__(self, exc_type, *rest) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Tensor]]:
+    for name in ckpt.names():
+        yield name, ckpt.get(name)

@@ -1,0 +1,171 @@
+"""The ``deltacomp`` command: argument parsing and printing only; the work is done by the API."""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from typing import Any, Callable
+
+from . import __version__, api
+from .delta_file import FORMAT
+from .errors import DeltacompError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """``5GB`` -> 5e9, ``512MiB`` -> 512 * 2**20, ``1000`` -> 1000 bytes."""
+    m = _SIZE.match(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 5GB, 500MB, 2GiB)")
+    unit = (m.group(2) or "b").lower()
+    base = 1024 if "i" in unit else 1000
+    power = {"b": 0, "k": 1, "m": 2, "g": 3, "t": 4}[unit[0]]
+    return int(float(m.group(1)) * base**power)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} TB"
+
+
+def format_table(headers: list[str], rows: list[list[Any]]) -> str:
+    """A GitHub-markdown table (readable in a terminal too)."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in cells[1:]])
+
+
+def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
+    lines = [f"{s['path']}  ({s['format']}, written by deltacomp {s['deltacomp_version']})"]
+    rows = []
+    for codec, c in sorted(s["by_codec"].items(), key=lambda kv: -kv[1]["nbytes"]):
+        rows.append([codec, c["tensors"], f"{c['params']:,}", human_bytes(c["nbytes"]), f"{c['bits_per_param']:.3f}"])
+    lines.append(format_table(["codec", "tensors", "params", "stored", "bits/param"], rows))
+    ct = s["compressed_tensors"]
+    lines.append(f"fine-tune weights: {human_bytes(s['finetuned_bytes'])}   delta file: {human_bytes(s['file_bytes'])}"
+                 f"   ratio: {s['ratio']:.2f}x")
+    if ct["ratio"]:
+        lines.append(f"compressed tensors: {human_bytes(ct['finetuned_bytes'])} -> {human_bytes(ct['nbytes'])}"
+                     f"   ratio {ct['ratio']:.2f}x   {ct['bits_per_param']:.3f} bits/param")
+    if per_tensor:
+        trows = [[t["name"], t["codec"], "x".join(map(str, t["shape"])) or "()", t["dtype"], human_bytes(t["nbytes"]),
+                  f"{t['bits_per_param']:.3f}", ",".join(f"{k}={v}" for k, v in t["settings"].items())]
+                 for t in s["tensors"]]
+        lines.append(format_table(["tensor", "codec", "shape", "dtype", "stored", "bits/param", "settings"], trows))
+    return "\n".join(lines)
+
+
+# -- commands ---------------------------------------------------------------------------------------
+def cmd_compress(args: argparse.Namespace) -> int:
+    s = api.compress(args.base, args.finetuned, args.output, method=args.method, ratio=args.ratio, rules=args.rule,
+                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=not args.quiet)
+    print(json.dumps(s, indent=2) if args.json else summary_text(s))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with api.load_delta(args.delta) as df:
+        if not args.no_verify:
+            df.verify()
+        s = api.summarize(df)
+    print(json.dumps(s, indent=2) if args.json else summary_text(s, per_tensor=args.tensors))
+    return 0
+
+
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    out = api.reconstruct(args.base, args.delta, args.output, overwrite=args.overwrite, force=args.force,
+                          max_shard_bytes=args.max_shard_size, progress=not args.quiet)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(out_dir=args.out, method=args.method, ratio=args.ratio, overwrite=args.overwrite,
+             progress=not args.quiet, print_fn=print)
+    return 0
+
+
+def _add_common_compress(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--method", "-m", default="bitdelta",
+                   help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
+                        "(e.g. bitdelta:masks=2, ternary:density=0.05)")
+    p.add_argument("--ratio", type=float, default=None,
+                   help="target 1/RATIO of the fine-tune's bytes on the compressed tensors; the method picks settings")
+    p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD[:k=v...]",
+                   help="per-tensor rule, first match wins (repeatable), e.g. 'mlp\\.=bitdelta:masks=2', 'embed_tokens=raw'")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
+                                     f"over its base (file format {FORMAT}).")
+    parser.add_argument("--version", action="version", version=f"deltacomp {__version__} ({FORMAT})")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("compress", help="compress FINETUNED as a delta over BASE")
+    p.add_argument("base", help="base model: HF folder or .safetensors file")
+    p.add_argument("finetuned", help="fine-tuned model: HF folder or .safetensors file")
+    p.add_argument("-o", "--output", required=True, help="delta file to write, e.g. ft.delta.safetensors")
+    _add_common_compress(p)
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("inspect", help="show what a delta file holds (sizes per codec and tensor)")
+    p.add_argument("delta")
+    p.add_argument("--tensors", action="store_true", help="one row per tensor")
+    p.add_argument("--json", action="store_true", help="print everything as JSON")
+    p.add_argument("--no-verify", action="store_true", help="skip checking the checksums")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("reconstruct", help="write the fine-tune (base + delta) as a Hugging Face model folder")
+    p.add_argument("base")
+    p.add_argument("delta")
+    p.add_argument("-o", "--output", required=True, help="folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing folder")
+    p.add_argument("--force", action="store_true", help="apply even if the base's fingerprint differs (warns)")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GiB"))
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_reconstruct)
+
+    p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
+    p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")
+    p.add_argument("--method", "-m", default="bitdelta")
+    p.add_argument("--ratio", type=float, default=None)
+    p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    for extra in _EXTRA_COMMANDS:
+        extra(sub)
+    return parser
+
+
+# Subcommands that live in their own modules register here (eval, sweep, export-lora, generate).
+_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DeltacompError as exc:
+        print(f"deltacomp {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deltacomp {args.command}: interrupted; nothing was written at the output path", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

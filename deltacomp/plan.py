@@ -1,0 +1,126 @@
+"""Which tensor gets which codec and settings.
+
+A method spec is ``NAME[:key=value[:key=value...]]`` (``,`` also separates settings). A value may itself
+contain ``:`` — ``svd-mixed:groups=8:2+3:32+2:rest`` — a piece without ``=`` continues the previous value.
+A rule is ``REGEX=SPEC``: the first rule whose regex matches a tensor name (``re.search``) decides it. User
+rules come first, then the defaults below; a 2-D tensor no rule matches gets the main method, a 1-D one
+is stored raw. An unchanged tensor (delta exactly zero) costs nothing unless a user rule names it.
+
+``ratio=R`` asks for 1/R of the fine-tune's bytes on the compressed tensors: each compressed tensor gets
+a budget of ``numel * itemsize / R`` bytes and its codec picks settings to fit (real sizes, never estimates).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .codecs import CodecName, get_codec
+from .errors import SettingsError
+
+PASS_THROUGH = (CodecName.RAW.value, CodecName.ZERO.value)
+
+# Embeddings, output heads, norms and biases stay exact by default (BitDelta's choice: they are small,
+# or in the case of embeddings, sensitive); the attention and MLP projections are compressed.
+DEFAULT_RULES: tuple[tuple[str, str], ...] = (
+    (r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out)(\.|$)", "raw"),
+    (r"(norm|ln_\d|ln_f)(\.|$)", "raw"),
+    (r"\.bias$", "raw"),
+)
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, str]]:
+    """``"ternary:density=0.05"`` -> ``("ternary", {"density": "0.05"})``; the codec must exist."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise SettingsError(f"empty method spec {spec!r}; expected NAME[:key=value...]")
+    head, *rest = re.split(r"[:,]", spec.strip())
+    name = get_codec(head).name  # raises with the list of choices
+    settings: dict[str, str] = {}
+    last = None
+    for piece in rest:
+        if "=" in piece:
+            key, value = piece.split("=", 1)
+            key = key.strip().replace("-", "_")
+            if not key:
+                raise SettingsError(f"method spec {spec!r}: empty setting name before '='")
+            settings[key] = value.strip()
+            last = key
+        elif last is not None:
+            settings[last] += ":" + piece.strip()
+        else:
+            raise SettingsError(f"method spec {spec!r}: {piece!r} is not key=value")
+    get_codec(name).resolve_settings(settings)  # validate early, with the codec's own messages
+    return name, settings
+
+
+@dataclass(frozen=True)
+class Rule:
+    pattern: str
+    method: str
+    settings: dict[str, str] = field(default_factory=dict)
+    user: bool = True
+
+    def matches(self, name: str) -> bool:
+        return re.search(self.pattern, name) is not None
+
+
+def parse_rule(text: str) -> Rule:
+    """``'mlp\\.=ternary:density=0.1'`` -> Rule. The regex may not contain '='."""
+    if "=" not in text:
+        raise SettingsError(f"rule {text!r}: expected REGEX=METHOD[:key=value...]")
+    pattern, spec = text.split("=", 1)
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        raise SettingsError(f"rule {text!r}: bad regex {pattern!r} ({exc})") from None
+    method, settings = parse_method(spec)
+    return Rule(pattern, method, settings)
+
+
+@dataclass
+class Assignment:
+    codec: str
+    settings: dict[str, Any]
+    rule: str  # which rule decided (for inspect/debugging)
+
+
+class Plan:
+    def __init__(self, method: str = "bitdelta", rules: list[str | Rule] | tuple = (), ratio: float | None = None):
+        self.method, self.method_settings = parse_method(method)
+        if ratio is not None and not ratio > 1:
+            raise SettingsError(f"--ratio must be > 1 (a compression factor), got {ratio}")
+        self.ratio = ratio
+        self.rules = [r if isinstance(r, Rule) else parse_rule(r) for r in rules]
+        self.defaults = [Rule(p, *parse_method(m), user=False) for p, m in DEFAULT_RULES]
+
+    def describe(self) -> dict[str, Any]:
+        return {"method": self.method, "settings": self.method_settings, "ratio": self.ratio,
+                "rules": [f"{r.pattern}={r.method}" + "".join(f":{k}={v}" for k, v in r.settings.items())
+                          for r in self.rules]}
+
+    def assign(self, name: str, shape: tuple[int, ...], itemsize: int, is_zero: bool) -> Assignment:
+        rule = next((r for r in self.rules if r.matches(name)), None)
+        if rule is None and is_zero:
+            return Assignment(CodecName.ZERO.value, {}, "unchanged")
+        if rule is None:
+            rule = next((r for r in self.defaults if r.matches(name)), None)
+        if rule is None:
+            if len(shape) == 2:
+                rule = Rule("", self.method, self.method_settings, user=False)
+            else:
+                rule = Rule("", CodecName.RAW.value, {}, user=False)
+        codec = get_codec(rule.method)
+        if rule.method == CodecName.ZERO.value and not is_zero:
+            raise SettingsError(f"rule {rule.pattern!r}=zero matches {name}, whose delta is not zero")
+        if self.ratio is not None and rule.method not in PASS_THROUGH:
+            numel = 1
+            for s in shape:
+                numel *= s
+            budget = int(numel * itemsize / self.ratio)
+            try:
+                settings = codec.settings_for_budget(tuple(shape), budget, dict(rule.settings))
+            except SettingsError as exc:
+                raise SettingsError(f"{name}: {exc}") from None
+        else:
+            settings = codec.resolve_settings(rule.settings)
+        return Assignment(codec.name, settings, rule.pattern or "default")

@@ -1,0 +1,77 @@
+"""Tiny random Llama-style checkpoints built in the tests (no hub, no downloads)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTER, VOCAB, LAYERS = 64, 96, 128, 2
+
+
+def llama_tensors(seed: int, vocab: int = VOCAB, tied: bool = True, dtype=torch.bfloat16) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: (torch.randn(*s, generator=g) * 0.05).to(dtype)  # noqa: E731
+    t = {"model.embed_tokens.weight": r(vocab, HIDDEN), "model.norm.weight": torch.ones(HIDDEN, dtype=dtype)}
+    for i in range(LAYERS):
+        p = f"model.layers.{i}."
+        for n, shape in [("self_attn.q_proj", (HIDDEN, HIDDEN)), ("self_attn.k_proj", (HIDDEN // 2, HIDDEN)),
+                         ("self_attn.v_proj", (HIDDEN // 2, HIDDEN)), ("self_attn.o_proj", (HIDDEN, HIDDEN)),
+                         ("mlp.gate_proj", (INTER, HIDDEN)), ("mlp.up_proj", (INTER, HIDDEN)),
+                         ("mlp.down_proj", (HIDDEN, INTER))]:
+            t[p + n + ".weight"] = r(*shape)
+        t[p + "input_layernorm.weight"] = torch.ones(HIDDEN, dtype=dtype)
+        t[p + "post_attention_layernorm.weight"] = torch.ones(HIDDEN, dtype=dtype)
+    if not tied:
+        t["lm_head.weight"] = r(vocab, HIDDEN)
+    return t
+
+
+def finetune_of(base: dict[str, torch.Tensor], seed: int, scale: float = 0.01,
+                touch=lambda name: "layers" in name) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for n, v in base.items():
+        if touch(n):
+            out[n] = (v.float() + torch.randn(v.shape, generator=g) * scale).to(v.dtype)
+        else:
+            out[n] = v.clone()
+    return out
+
+
+def llama_config(vocab: int = VOCAB, tied: bool = True) -> dict:
+    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": HIDDEN,
+            "intermediate_size": INTER, "num_hidden_layers": LAYERS, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "vocab_size": vocab, "max_position_embeddings": 128,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": tied, "torch_dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu"}
+
+
+def write_folder(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None,
+                 shards: int = 1) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    names = list(tensors)
+    if shards == 1:
+        save_file(tensors, str(folder / "model.safetensors"))
+    else:
+        weight_map = {}
+        per = -(-len(names) // shards)
+        for i in range(shards):
+            part = names[i * per:(i + 1) * per]
+            fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            save_file({n: tensors[n] for n in part}, str(folder / fname))
+            weight_map.update({n: fname for n in part})
+        (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (folder / "config.json").write_text(json.dumps(config or llama_config()))
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return folder
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """(base folder, fine-tune folder, base tensors, fine-tune tensors)."""
+    b = llama_tensors(0)
+    f = finetune_of(b, 1)
+    return write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", f), b, f
