@@ -132,15 +132,6 @@ def model_bytes(path: str | os.PathLike) -> int:
     return sum(f.stat().st_size for f in _weight_files(Path(path)))
 
 
-def delta_bytes(path: str | os.PathLike) -> int:
-    """Bytes of a delta on disk: the file, or for a sharded delta its index json plus every shard."""
-    path = Path(path)
-    if path.suffix == ".json":
-        shards = set(json.loads(path.read_text())["weight_map"].values())
-        return path.stat().st_size + sum((path.parent / s).stat().st_size for s in shards)
-    return path.stat().st_size
-
-
 # --------------------------------------------------------------------------------------- scoring
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delta=None, device="cpu"):
     """A causal LM from a HF folder, with ``delta`` added into its weights when given (in place, on CPU,
@@ -151,7 +142,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delt
     if delta is not None:
         import deltacomp
 
-        deltacomp.apply_delta_(model, delta, base=path)
+        deltacomp.apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
     return model.to(device).eval()
 
 
@@ -271,42 +262,62 @@ def gain_recovered(l_base: float, l_ft: float, l_recon: float) -> float | None:
     """(L_base - L_recon) / (L_base - L_ft); None when the fine-tune does not change the loss."""
     if abs(l_base - l_ft) <= SAME_LOSS_TOL:
         return None
-    return (l_base - l_recon) / (l_base - l_ft)
+    return (l_base - l_recon) / (l_base - l_ft) + 0.0  # + 0.0 turns -0.0 into 0.0
 
 
 # ------------------------------------------------------------------------------ weight-space error
 def weight_stats(base, finetuned, delta) -> dict[str, Any]:
-    """Relative Frobenius error per tensor and over all, streamed one tensor at a time, with the
-    reconstruction built as base (float32) + decoded delta, as ``apply_delta_`` does in a float32 model.
+    """Relative Frobenius error ||ft - recon|| / ||ft - base|| per tensor and over all, streamed one
+    tensor at a time. The reconstruction is ``iter_reconstructed``'s (in the fine-tune's dtype), the one
+    ``apply_delta_`` and ``reconstruct`` produce. Tensors absent from the base (or rows the fine-tune
+    added) count against a base of zeros; tied copies are counted once. A per-tensor error is None where
+    the fine-tune equals the base but the reconstruction does not (0 / 0 is reported as 0).
 
-    Also the bytes of the compressed tensors only (codecs other than raw and zero: the ones a method
-    chose) in the fine-tune and in the delta, and how many tensors each codec got."""
+    Also the delta's own size summary: bytes and ratio over the compressed tensors only (codecs other than
+    raw/zero/tied, as ``deltacomp.summarize`` counts them) and bytes per codec."""
     import deltacomp
     from .checkpoint import open_checkpoint
 
-    b, f, d = open_checkpoint(base), open_checkpoint(finetuned), deltacomp.load_delta(delta)
     per_tensor: dict[str, float | None] = {}
     err2 = ref2 = 0.0
-    ft_c = delta_c = 0
-    codecs: dict[str, int] = {}
-    for name in f.names():
-        ft = f.get(name).float()
-        recon = b.get(name).float()
-        info = d.params.get(name)
-        if info is not None:
-            recon += d.decode(name)
-            codecs[info.codec] = codecs.get(info.codec, 0) + 1
-            if info.codec not in ("raw", "zero"):
-                ft_c += ft.numel() * f.dtype(name).itemsize
-                delta_c += info.nbytes
-        e = float(torch.linalg.vector_norm(ft - recon, dtype=torch.float64)) ** 2
-        r = float(torch.linalg.vector_norm(ft - b.get(name).float(), dtype=torch.float64)) ** 2
-        err2, ref2 = err2 + e, ref2 + r
-        per_tensor[name] = math.sqrt(e / r) if r > 0 else (0.0 if e == 0 else None)
-    return {"weight_rel_error": math.sqrt(err2 / ref2) if ref2 > 0 else None,
-            "weight_rel_error_per_tensor": per_tensor, "codecs": codecs,
-            "compressed_ft_bytes": ft_c, "compressed_delta_bytes": delta_c,
-            "compressed_ratio": ft_c / delta_c if delta_c else None}
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f, deltacomp.load_delta(delta) as d:
+        for name, recon in deltacomp.iter_reconstructed(b, d):
+            if d.params[name].tied_to is not None:
+                continue
+            ft = f.get(name).to(torch.float32)
+            ref = torch.zeros_like(ft)
+            if name in b:
+                bt = b.get(name).to(torch.float32)
+                if ft.dim() == 0 or bt.shape == ft.shape:
+                    ref = bt.reshape(ft.shape)
+                else:
+                    ref[: bt.shape[0]] = bt  # the fine-tune added rows (tokens): compare the rows both have
+            e = float(torch.linalg.vector_norm(ft - recon.to(torch.float32), dtype=torch.float64)) ** 2
+            r = float(torch.linalg.vector_norm(ft - ref, dtype=torch.float64)) ** 2
+            err2, ref2 = err2 + e, ref2 + r
+            per_tensor[name] = math.sqrt(e / r) if r > 0 else (0.0 if e == 0 else None)
+        summ = deltacomp.summarize(d)
+    ct = summ["compressed_tensors"]
+    return {"weight_rel_error": math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else None),
+            "weight_rel_error_per_tensor": per_tensor,
+            "compressed_ratio": ct["ratio"], "compressed_bytes": ct["nbytes"],
+            "compressed_ft_bytes": ct["finetuned_bytes"], "bits_per_param": ct["bits_per_param"],
+            "by_codec": {k: {"tensors": v["tensors"], "nbytes": v["nbytes"]} for k, v in summ["by_codec"].items()},
+            "source": summ["source"]}
+
+
+def check_base(base, delta) -> None:
+    """Raises BaseMismatchError when ``base`` is not the model ``delta`` was made against (cheap next to
+    an eval: hashes each base tensor the delta applies to, as apply/reconstruct do)."""
+    import deltacomp
+    from . import api
+    from .checkpoint import open_checkpoint
+
+    with open_checkpoint(base) as b, deltacomp.load_delta(delta) as d:
+        api._check_base_names(d, b)
+        checker = api._BaseChecker(d, force=False)
+        for name in d.base_tensors:
+            checker.check(name, b.get(name), str(b.path))
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -329,10 +340,8 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
     if max_tokens is not None and max_tokens < 2:
         raise SettingsError(f"max_tokens must be >= 2, got {max_tokens}")
     deltas = [Path(p) for p in deltas]
-    for p in deltas:  # fail on a missing or corrupt delta before minutes of model runs
-        if not p.exists():
-            raise CheckpointError(f"{p}: delta file not found")
-        deltacomp.load_delta(p)
+    for p in deltas:  # fail on a missing, corrupt or wrong-base delta before minutes of model runs
+        check_base(base, p)
     ids = tokenize(finetuned, text)[:max_tokens]
     windows = plan_windows(len(ids), ctx, stride)
     key = dict(ft=fingerprint(finetuned), tokens=hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
@@ -365,7 +374,8 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
             model = load_model(base, dtype, delta=p, device=device)
             s = score_against(model, ids, windows, ref, batch_size, device, progress, p.name)
             _free(model)
-            nbytes = delta_bytes(p)
+            with deltacomp.load_delta(p) as d:
+                nbytes = d.nbytes  # on disk: every shard, headers and metadata included
             row = {"path": str(p), "bytes": nbytes, "ratio": ft_bytes / nbytes, **s,
                    "gain_recovered": gain_recovered(base_summary["nll"], ft_summary["nll"], s["nll"])}
             if weight_metrics:

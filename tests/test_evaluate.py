@@ -182,3 +182,48 @@ def test_max_tokens_and_bad_settings(pair):
     assert r["text"]["tokens"] == 30
     with pytest.raises(SettingsError, match="batch_size"):
         ev.evaluate(*pair, [], _ids(10).tolist(), batch_size=0, progress=False)
+
+
+# --------------------------------------------------------------------------- end to end with deltas
+@pytest.fixture(scope="module")
+def deltas(pair, tmp_path_factory):
+    import deltacomp
+
+    root = tmp_path_factory.mktemp("deltas")
+    out = {}
+    for label, ft, method in [("raw", pair[1], "raw"), ("bitdelta", pair[1], "bitdelta"),
+                              ("base", pair[0], "bitdelta")]:  # base -> base: an all-zero delta
+        out[label] = root / f"{label}.delta.safetensors"
+        deltacomp.compress(pair[0], ft, out[label], method=method, progress=False)
+    return out
+
+
+def test_evaluate_deltas_known_answers(pair, deltas):
+    text = _ids(60).tolist()
+    r = ev.evaluate(*pair, [deltas["raw"], deltas["bitdelta"], deltas["base"]], text, ctx=16, batch_size=2,
+                    progress=False)
+    raw, bit, base = r["deltas"]
+    # lossless (fp32 a + (b - a) may differ from b in the last bit): the fine-tune back
+    assert raw["kl"] < 1e-6 and raw["top1"] == 1.0 and raw["weight_rel_error"] < 1e-6
+    assert raw["gain_recovered"] == pytest.approx(1.0, abs=1e-4)
+    # the zero delta rebuilds the base: its scores are the base's, bit for bit
+    assert base["gain_recovered"] == 0.0 and base["kl"] == r["base"]["kl"] and base["nll"] == r["base"]["nll"]
+    assert base["weight_rel_error"] == 1.0
+    assert set(base["by_codec"]) <= {"zero", "raw"}
+    # a lossy delta sits in between
+    assert 0 < bit["weight_rel_error"] < 1 and 0 < bit["kl"] < r["base"]["kl"]
+    assert bit["bytes"] < raw["bytes"] and bit["ratio"] == pytest.approx(ev.model_bytes(pair[1]) / bit["bytes"])
+    assert bit["compressed_ratio"] > 1 and bit["by_codec"]["bitdelta"]["tensors"] == 14
+    assert len(bit["weight_rel_error_per_tensor"]) == len(raw["weight_rel_error_per_tensor"]) > 14
+    md = ev.format_table(r)
+    assert "bitdelta.delta.safetensors" in md and md.count("\n|") == 6
+
+
+def test_evaluate_refuses_delta_for_another_base(tmp_path, pair, deltas):
+    from deltacomp.errors import BaseMismatchError
+
+    other = _tiny_llama(7)
+    other.save_pretrained(tmp_path / "other")
+    _tokenizer().save_pretrained(tmp_path / "other")
+    with pytest.raises(BaseMismatchError, match="differs from the base .* was made against"):
+        ev.evaluate(tmp_path / "other", pair[1], [deltas["bitdelta"]], _ids(20).tolist(), progress=False)
