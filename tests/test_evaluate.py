@@ -227,3 +227,46 @@ def test_evaluate_refuses_delta_for_another_base(tmp_path, pair, deltas):
     _tokenizer().save_pretrained(tmp_path / "other")
     with pytest.raises(BaseMismatchError, match="differs from the base .* was made against"):
         ev.evaluate(tmp_path / "other", pair[1], [deltas["bitdelta"]], _ids(20).tolist(), progress=False)
+
+
+# ------------------------------------------------------------------------------------ sweep + CLI
+def test_sweep_writes_results_and_skips_unreachable_ratio(tmp_path, pair):
+    from deltacomp.sweep import sweep
+
+    text = " ".join(f"w{(i * 13) % 90}" for i in range(80))
+    r = sweep(*pair, ["bitdelta", "raw"], [8, 64], tmp_path / "sw", text, ctx=16, progress=False)
+    done = {(d["method"], d["ratio_asked"]) for d in r["deltas"]}
+    skipped = {(s["method"], s["ratio"]) for s in r["skipped"]}
+    assert done | skipped == {("bitdelta", 8), ("bitdelta", 64), ("raw", 8), ("raw", 64)}
+    assert ("bitdelta", 64) in skipped  # 1 bit + scales per fp32 weight cannot reach 1/64
+    assert all(s["reason"] for s in r["skipped"])
+    saved = json.loads((tmp_path / "sw" / "results.json").read_text())
+    assert len(saved["deltas"]) == len(r["deltas"]) and saved["skipped"] == r["skipped"]
+    md = (tmp_path / "sw" / "results.md").read_text()
+    assert "bitdelta @8x" in md and "Skipped:" in md
+    png = (tmp_path / "sw" / "rate_distortion.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_cli_eval_and_sweep(tmp_path, pair, deltas, capsys):
+    import argparse
+
+    from deltacomp.cli_eval import add_eval_parser
+
+    parser = argparse.ArgumentParser(prog="deltacomp")
+    add_eval_parser(parser.add_subparsers(dest="command", required=True))
+    (tmp_path / "t.txt").write_text(" ".join(f"w{i % 70}" for i in range(50)))
+    args = parser.parse_args(["eval", str(pair[0]), str(pair[1]), str(deltas["bitdelta"]), "--text",
+                              str(tmp_path / "t.txt"), "--ctx", "16", "--json", str(tmp_path / "e.json"), "-q"])
+    assert args.func(args) == 0
+    assert "bitdelta.delta.safetensors" in capsys.readouterr().out
+    assert json.loads((tmp_path / "e.json").read_text())["text"]["tokens"] == 50
+    args = parser.parse_args(["sweep", str(pair[0]), str(pair[1]), "--methods", "bitdelta", "--ratios", "8",
+                              "-o", str(tmp_path / "sw"), "--text", str(tmp_path / "t.txt"), "--ctx", "16", "-q"])
+    assert args.ratios == [8.0] and args.func(args) == 0
+    assert (tmp_path / "sw" / "rate_distortion.png").is_file()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["sweep", "a", "b", "--methods", "bitdelta", "--ratios", "8,x", "-o", "o"])
+    args = parser.parse_args(["eval", "a", "b", "d", "--text", str(tmp_path / "missing.txt")])
+    with pytest.raises(SettingsError, match="missing.txt: no such file"):
+        args.func(args)
