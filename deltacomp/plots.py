@@ -13,6 +13,7 @@ def plot_rate_distortion(result: dict[str, Any], path: str | os.PathLike) -> Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import EngFormatter
 
     fig, (ax_g, ax_k) = plt.subplots(1, 2, figsize=(12, 4.8), constrained_layout=True)
     by_method: dict[str, list[dict[str, Any]]] = {}
@@ -35,8 +36,14 @@ def plot_rate_distortion(result: dict[str, Any], path: str | os.PathLike) -> Non
     ft, base = result["finetuned"], result["base"]
     for ax in (ax_g, ax_k):
         ax.set_xscale("log")
-        ax.axvline(ft["bytes"], color="k", ls=":", lw=1, label=f"fine-tune size ({ft['bytes'] / 1e6:.0f} MB)")
-        ax.set_xlabel("delta file bytes (log)")
+        fmt = EngFormatter(unit="B", places=0)
+        ax.axvline(ft["bytes"], color="k", ls=":", lw=1, label=f"fine-tune size ({fmt(ft['bytes'])})")
+        ax.xaxis.set_major_formatter(fmt)
+        lo, hi = ax.get_xlim()
+        if hi / lo < 10:  # under a decade there is at most one major tick: label the minor ones too
+            ax.xaxis.set_minor_formatter(EngFormatter(unit="B", places=0))
+            ax.tick_params(axis="x", which="minor", labelsize=7)
+        ax.set_xlabel("delta file size (log scale)")
         ax.grid(True, which="both", alpha=0.3)
     if base.get("gain_recovered") is not None:
         ax_g.axhline(1.0, color="tab:green", ls="--", lw=1, label="fine-tune (1)")
