@@ -12,12 +12,13 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 def _read_text(path: str | None) -> str:
     if path is None:
-        try:
-            from .zoo import heldout_text
-        except ImportError:
+        try:  # the bundled pair's held-out text (the same one `deltacomp demo` scores)
+            from . import zoo
+
+            return zoo.ensure_pair("shakespeare").heldout
+        except (ImportError, AttributeError):
             raise SettingsError("no --text FILE given and no bundled held-out text (deltacomp.zoo) "
                                 "is available; pass --text held_out.txt") from None
-        return heldout_text()
     p = Path(path)
     if not p.is_file():
         raise SettingsError(f"--text {path}: no such file")
