@@ -25,7 +25,9 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
     them. A (method, ratio) the method cannot reach (a ``DeltacompError`` from compress, e.g. a budget
     below the codec's smallest setting) is recorded under ``skipped`` with the reason, not raised.
     Returns the ``evaluate`` result with ``method``/``ratio_asked``/``label``/``compress_seconds`` on each
-    delta entry (``ratio`` there is the one reached: fine-tune bytes / delta file bytes) and ``skipped``; the fine-tune's log-probs are cached in ``cache_dir`` (default out_dir/cache)."""
+    delta entry (``ratio`` there is the one reached: fine-tune bytes / delta file bytes) and ``skipped``.
+    The fine-tune's log-probs (4 bytes x vocab per token) are kept in ``cache_dir`` for later runs when one
+    is given, else in a temporary folder removed at the end."""
     import deltacomp
 
     if not methods or not ratios:
@@ -47,7 +49,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
                            "compress_seconds": time.perf_counter() - t0, "path": str(path)})
     result = evaluate(base, finetuned, [p["path"] for p in points], text, ctx=ctx, batch_size=batch_size,
                       device=device, max_tokens=max_tokens, stride=stride,
-                      cache_dir=cache_dir if cache_dir is not None else out / "cache", progress=progress,
+                      cache_dir=cache_dir, progress=progress,
                       **eval_kwargs)
     for p, row in zip(points, result["deltas"]):
         row.update({k: v for k, v in p.items() if k != "path"})

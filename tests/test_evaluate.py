@@ -83,36 +83,44 @@ def test_windows_reject_bad_settings():
 
 
 # ----------------------------------------------------------------------------- scoring vs float64
-def _direct(model_p, model_q, ids, ctx):
-    """Per-target NLL of q and KL(p || q) in float64 over non-overlapping windows (stride == ctx)."""
+def _direct(model_p, model_q, ids, ctx, stride=None):
+    """Per-target NLL of q and KL(p || q) in float64, each target t predicted from the tokens
+    max(0, window start) .. t-1, one window at a time and unbatched (written out independently)."""
     nll, kl = [], []
-    for w in ev.plan_windows(len(ids), ctx):
-        x = ids[None, w.start:w.end]
+    stride = stride or ctx
+    done, start = 0, 0
+    while done < len(ids) - 1:
+        end = min(start + ctx, len(ids) - 1)
+        x = ids[None, start:end]
         with torch.no_grad():
-            lp = torch.log_softmax(model_p(input_ids=x).logits[0].double(), -1)[w.logit_rows]
-            lq = torch.log_softmax(model_q(input_ids=x).logits[0].double(), -1)[w.logit_rows]
-        tgt = ids[w.first:w.end + 1]
+            lp = torch.log_softmax(model_p(input_ids=x).logits[0].double(), -1)
+            lq = torch.log_softmax(model_q(input_ids=x).logits[0].double(), -1)
+        keep = slice(done - start, None) if done > start else slice(None)
+        lp, lq = lp[keep], lq[keep]
+        tgt = ids[max(done, start) + 1:end + 1]
+        done, start = end, start + stride
         nll.append(-lq.gather(1, tgt[:, None])[:, 0])
         kl.append((lp.exp() * (lp - lq)).sum(-1))
     return torch.cat(nll), torch.cat(kl)
 
 
-def test_score_matches_direct_float64(tmp_path, pair):
+@pytest.mark.parametrize("stride", [None, 3])
+def test_score_matches_direct_float64(tmp_path, pair, stride):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(pair[0], dtype=torch.float64).eval()
     ft = AutoModelForCausalLM.from_pretrained(pair[1], dtype=torch.float64).eval()
     ids, ctx = _ids(45), 8
-    windows = ev.plan_windows(len(ids), ctx)
+    windows = ev.plan_windows(len(ids), ctx, stride)
     ref = ev.build_reference(ft, ids, windows, tmp_path / "ref", batch_size=3, progress=False)
     assert ref.logprobs.dtype == np.float64 and ref.logprobs.shape == (44, VOCAB)
     s = ev.score_against(base, ids, windows, ref, batch_size=3, progress=False)
-    nll, kl = _direct(ft, base, ids, ctx)
+    nll, kl = _direct(ft, base, ids, ctx, stride)
     assert s["nll"] == pytest.approx(float(nll.mean()), rel=1e-10)
     assert s["ppl"] == pytest.approx(math.exp(float(nll.mean())), rel=1e-10)
     assert s["kl"] == pytest.approx(float(kl.mean()), rel=1e-8)
     assert s["kl"] > 1e-4  # the fine-tune really differs, so the check above is not 0 == 0
-    ft_nll, _ = _direct(ft, ft, ids, ctx)
+    ft_nll, _ = _direct(ft, ft, ids, ctx, stride)
     assert ref.summary["nll"] == pytest.approx(float(ft_nll.mean()), rel=1e-10)
     assert 0.0 <= s["top1"] <= 1.0
 
