@@ -320,6 +320,13 @@ def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | DeltaFile, *
         if name not in state:
             raise CheckpointError(f"{name}: in the delta {df.path} but not a parameter of the model")
         p = state[name]
+        if (info.base_rows is not None and tuple(p.shape) == info.encoded_shape
+                and hasattr(model, "resize_token_embeddings")):
+            # the fine-tune added tokens: grow the model's vocabulary first (tied heads follow)
+            model.resize_token_embeddings(info.shape[0])
+            state = dict(model.named_parameters(remove_duplicate=False))
+            state.update(dict(model.named_buffers(remove_duplicate=False)))
+            p = state[name]
         if tuple(p.shape) != tuple(info.shape):
             raise CheckpointError(f"{name}: model has shape {list(p.shape)}, the fine-tune {list(info.shape)}"
                                   + (" (added tokens: call model.resize_token_embeddings first)" if info.base_rows else ""))

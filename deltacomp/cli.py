@@ -5,7 +5,7 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__, api
 from .delta_file import FORMAT
@@ -186,13 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    from .cli_eval import add_eval_parser  # eval and sweep
+
+    add_eval_parser(sub)
     return parser
-
-
-# Subcommands that live in their own modules register here (eval, sweep, export-lora, generate).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: list[str] | None = None) -> int:
