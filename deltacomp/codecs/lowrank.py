@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SettingsError
+from ..linalg import single_threaded
 from .base import Codec, CodecName, Encoded, Setting, register
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,7 +33,9 @@ def _svd_gram(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         u, s, vh = _svd_gram(mat.T)
         return vh.T, s, u.T
     m64 = mat.double()
-    w, u = torch.linalg.eigh(m64 @ m64.T)
+    gram = m64 @ m64.T
+    with single_threaded():
+        w, u = torch.linalg.eigh(gram)
     w, u = w.flip(0), u.flip(1)                                  # descending
     s = w.clamp_min(0).sqrt()
     vh = u.T @ m64
@@ -46,9 +49,10 @@ def _svd_randomized(mat: Tensor, q: int, niter: int) -> tuple[Tensor, Tensor, Te
     then the exact SVD of the small q x K projection."""
     g = torch.Generator(device=mat.device).manual_seed(0)  # deterministic encodes
     omega = torch.randn(mat.shape[1], q, generator=g, device=mat.device, dtype=mat.dtype)
-    basis = torch.linalg.qr(mat @ omega).Q
-    for _ in range(niter):
-        basis = torch.linalg.qr(mat @ torch.linalg.qr(mat.T @ basis).Q).Q
+    with single_threaded():
+        basis = torch.linalg.qr(mat @ omega).Q
+        for _ in range(niter):
+            basis = torch.linalg.qr(mat @ torch.linalg.qr(mat.T @ basis).Q).Q
     ub, s, vh = _svd_gram(basis.T @ mat)
     return basis @ ub, s, vh
 

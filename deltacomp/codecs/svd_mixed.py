@@ -25,6 +25,7 @@ from torch import Tensor
 
 from .. import allocation as al
 from ..errors import SettingsError
+from ..linalg import single_threaded
 from ..quant.bitpack import pack_bits, unpack_bits
 from ..quant.rtn import dequantize, quantize
 from .base import Codec, CodecName, Encoded, Setting, register
@@ -178,7 +179,8 @@ def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:
     rhs = (v_hat @ delta.T).double()  # (r, N)
     # gelsd (SVD-based, rank-revealing) on CPU; CUDA only has gels, fine for this well-conditioned Gram
     driver = "gelsd" if gram.device.type == "cpu" else None
-    m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()  # (N, r)
+    with single_threaded():
+        m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()  # (N, r)
     norms = torch.linalg.vector_norm(m, dim=0)
     u = m / torch.where(norms > 0, norms, torch.ones_like(norms))
     return u.contiguous(), norms.contiguous()
