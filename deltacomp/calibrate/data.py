@@ -130,20 +130,25 @@ def load_calibration(spec: str | os.PathLike, model_dir: str | os.PathLike, n_sa
         return from_file(p, model_dir, n_samples, seq_len, seed)
     text = _zoo_training_text(str(spec))
     if text is None:
-        raise SettingsError(f"calibration: {spec}: neither a text file nor a bundled corpus name")
+        raise SettingsError(f"calibration: {spec}: neither a text file nor a bundled corpus name "
+                            f"({', '.join(_zoo_corpora()) or 'none bundled'})")
     return from_text(text, model_dir, n_samples, seq_len, seed, name=f"corpus:{spec}")
 
 
-def _zoo_training_text(name: str) -> str | None:
-    """The training split of a bundled corpus (deltacomp.zoo), never its held-out text."""
+def _zoo_corpora() -> list[str]:
     try:
-        from .. import zoo  # type: ignore[attr-defined]
+        from .. import zoo
     except ImportError:
-        return None
-    getter = getattr(zoo, "training_text", None)
-    if getter is None:
-        return None
+        return []
+    return sorted(getattr(zoo, "CORPORA", {}))
+
+
+def _zoo_training_text(name: str) -> str | None:
+    """The training split of a bundled corpus (deltacomp.zoo), never its held-out text; None if unknown."""
     try:
-        return getter(name)
-    except (KeyError, ValueError):
+        from .. import zoo
+    except ImportError:  # zoo not present in this build
         return None
+    if name not in getattr(zoo, "CORPORA", {}):
+        return None
+    return zoo.corpus_text(name, "train")
