@@ -1,13 +1,69 @@
-from setuptools import find_packages, setup
+"""Build of the optional C++/CUDA extension ``deltacomp._C`` (package metadata lives in pyproject.toml).
 
-setup(
-    name="deltacomp",
-    version="0.1.0",
-    description="Compress a fine-tuned LLM as a small delta over its base",
-    packages=find_packages(include=["deltacomp", "deltacomp.*"]),
-    python_requires=">=3.10",
-    # torch is deliberately not listed: scripts/install.sh pins it (an unpinned torch pulls a CUDA build).
-    install_requires=["safetensors>=0.4", "numpy", "scipy", "tqdm", "transformers>=4.45", "gguf>=0.10", "peft"],
-    extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["deltacomp = deltacomp.cli:main"]},
-)
+    pip install --no-build-isolation -e .       # builds against the torch already installed
+
+- CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp) always, with -O3 and OpenMP.
+- CUDA kernels (csrc/cuda/*.cu) only when the installed torch is a CUDA build and CUDA_HOME exists;
+  architectures from TORCH_CUDA_ARCH_LIST, default sm_90.
+- DELTACOMP_NO_EXT=1 skips the extension. A failed compile is reported and the install goes on
+  without it (deltacomp then uses its pure-torch ops and says so once); DELTACOMP_REQUIRE_EXT=1 makes
+  a failed compile fatal instead.
+"""
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _rel(pattern):
+    # setuptools wants source paths relative to setup.py
+    return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
+
+
+def _extensions():
+    if os.environ.get("DELTACOMP_NO_EXT") == "1":
+        print("deltacomp: DELTACOMP_NO_EXT=1, not building the C++ extension", file=sys.stderr)
+        return [], {}
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError as exc:  # no torch: nothing to build against
+        print(f"deltacomp: torch not importable ({exc}); not building the C++ extension. Install torch "
+              "first, then `pip install --no-build-isolation -e .`", file=sys.stderr)
+        return [], {}
+
+    sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
+    cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
+    cuda_sources = _rel("csrc/cuda/*.cu")
+    use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
+    if use_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # honoured by torch's build helper
+        ext = CUDAExtension(
+            "deltacomp._C", sources + cuda_sources,
+            extra_compile_args={"cxx": cxx + ["-DDELTACOMP_WITH_CUDA"],
+                                "nvcc": ["-O3", "-DDELTACOMP_WITH_CUDA", "--use_fast_math"]},
+            extra_link_args=["-lgomp"])
+    else:
+        ext = CppExtension("deltacomp._C", sources, extra_compile_args={"cxx": cxx},
+                           extra_link_args=["-lgomp"])
+
+    class OptionalBuildExtension(BuildExtension):
+        """Reports a failed compile and goes on, so the package still installs (pure-torch ops)."""
+
+        def build_extension(self, extension):
+            try:
+                super().build_extension(extension)
+            except Exception as exc:  # noqa: BLE001 - any compiler/linker failure
+                if os.environ.get("DELTACOMP_REQUIRE_EXT") == "1":
+                    raise
+                print(f"\n*** deltacomp: building {extension.name} failed ({exc}); installing without it. "
+                      "Set DELTACOMP_REQUIRE_EXT=1 to make this an error.\n", file=sys.stderr)
+
+    return [ext], {"build_ext": OptionalBuildExtension.with_options(use_ninja=True)}
+
+
+ext_modules, cmdclass = _extensions()
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

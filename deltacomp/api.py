@@ -91,7 +91,6 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
             pairs = pair_checkpoints(bck, fck)
             base_hashes: dict[str, str] = {}
-            user_rules = {r.method: r.settings for r in plan.rules}
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
                 ft = fck.get(p.name)
                 info = ParamInfo(p.name, None, tuple(ft.shape), dtype_name(ft.dtype))
@@ -114,7 +113,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
                     delta = delta.reshape(1)
                 is_zero = not bool(torch.count_nonzero(delta))
                 a = plan.assign(p.name, tuple(delta.shape), ft.element_size(), is_zero)
-                a.settings = _raw_exact(a.codec, a.settings, user_rules.get(a.codec, {}), delta, b.reshape(delta.shape),
+                a.settings = _raw_exact(a.codec, a.settings, a.given, delta, b.reshape(delta.shape),
                                         shared.reshape(delta.shape))
                 enc = get_codec(a.codec).encode(delta, **a.settings)
                 if ft.dim() == 0:  # scalars are stored as shape (1,) and restored
@@ -147,7 +146,7 @@ def summarize(df: DeltaFile) -> dict[str, Any]:
         numel = 1
         for s in info.shape:
             numel *= s
-        itemsize = DTYPES[info.dtype].itemsize if hasattr(DTYPES[info.dtype], "itemsize") else 2
+        itemsize = DTYPES[info.dtype].itemsize
         ft_bytes = 0 if info.tied_to else numel * itemsize
         ft_bytes_total += ft_bytes
         codec = info.codec or f"tied:{info.tied_to}"

@@ -82,6 +82,7 @@ class Assignment:
     codec: str
     settings: dict[str, Any]
     rule: str  # which rule decided (for inspect/debugging)
+    given: dict[str, str] = field(default_factory=dict)  # the settings the user wrote (before defaults)
 
 
 class Plan:
@@ -123,4 +124,4 @@ class Plan:
                 raise SettingsError(f"{name}: {exc}") from None
         else:
             settings = codec.resolve_settings(rule.settings)
-        return Assignment(codec.name, settings, rule.pattern or "default")
+        return Assignment(codec.name, settings, rule.pattern or "default", dict(rule.settings))

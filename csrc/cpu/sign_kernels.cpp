@@ -1,0 +1,230 @@
+// CPU kernels for the SIGNS layout (see sign_kernels.h). Raw pointers only, no torch.
+//
+// sign_matmul work split: output rows N are cut into tiles of R rows, tiles are spread over OpenMP
+// threads; inside a tile, x rows go in blocks of MB, and R x MB accumulators stay in registers:
+//
+//            k ->  16 weights = 2 sign bytes = one __mmask16 per (row, chunk)
+//   x block [MB x K] ---------------------------------------------+
+//   tile    [R  x K/8 bytes]   acc[r][mm] += x[mm][chunk] where bit |  (one masked add)
+//                                                                  v
+//   y[m0+mm][n0+r] = scale * (2 * sum(acc[r][mm]) - sum(x[m0+mm]))
+#include "sign_kernels.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DELTACOMP_X86_GCC 1
+#include <immintrin.h>
+#endif
+
+namespace deltacomp {
+namespace cpu {
+namespace {
+
+// Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more.
+constexpr int64_t kParallelMinWork = 1 << 16;
+
+inline int64_t bytes_per_row(int64_t k) { return (k + 7) / 8; }
+
+// Sum of each x row in double, so the final 2 * pos - total does not add the error of a float sum.
+void row_totals(const float* x, int64_t m, int64_t k, double* totals) {
+  for (int64_t i = 0; i < m; ++i) {
+    double s = 0.0;
+    const float* xr = x + i * k;
+    for (int64_t t = 0; t < k; ++t) s += xr[t];
+    totals[i] = s;
+  }
+}
+
+inline float finish(float pos, double total, float scale) {
+  return scale * static_cast<float>(2.0 * static_cast<double>(pos) - total);
+}
+
+// kByteBits.v[b][i] = bit i of b as 1.0f / 0.0f (8 KiB, stays in L1).
+struct ByteBits {
+  alignas(32) float v[256][8];
+  constexpr ByteBits() : v() {
+    for (int b = 0; b < 256; ++b)
+      for (int i = 0; i < 8; ++i) v[b][i] = static_cast<float>((b >> i) & 1);
+  }
+};
+constexpr ByteBits kByteBits{};
+
+// ---- portable path: compiled for AVX2 and baseline x86-64 (GCC picks at load time) ---------------
+#if DELTACOMP_X86_GCC
+__attribute__((target_clones("avx2", "default")))
+#endif
+float pos_sum_generic(const float* xr, const uint8_t* pr, int64_t k) {
+  // 8 lanes, one per bit of a byte. Branch-free (random sign bits would defeat the branch
+  // predictor): the byte picks 8 weights 1.0 / 0.0 from kByteBits, so the fixed-length inner loop
+  // vectorizes to one load and one fused multiply-add per 8 weights.
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const int64_t full = k / 8;
+  for (int64_t j = 0; j < full; ++j) {
+    const float* bits = kByteBits.v[pr[j]];
+    const float* xj = xr + 8 * j;
+    for (int i = 0; i < 8; ++i) acc[i] += xj[i] * bits[i];
+  }
+  float s = 0.f;
+  for (int i = 0; i < 8; ++i) s += acc[i];
+  for (int64_t t = 8 * full; t < k; ++t) {
+    if ((pr[full] >> (t - 8 * full)) & 1u) s += xr[t];
+  }
+  return s;
+}
+
+void sign_matmul_generic(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
+                         const float* scale, bool per_row, float* y, const double* totals) {
+  const int64_t nb = bytes_per_row(k);
+#pragma omp parallel for schedule(static) if (m * n * k >= kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    const float s = scale[per_row ? r : 0];
+    for (int64_t i = 0; i < m; ++i) {
+      y[i * n + r] = finish(pos_sum_generic(x + i * k, packed + r * nb, k), totals[i], s);
+    }
+  }
+}
+
+// ---- AVX-512 path ---------------------------------------------------------------------------------
+#if DELTACOMP_X86_GCC
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#pragma GCC diagnostic push
+// GCC 12 false positive: _mm512_reduce_add_ps starts from _mm256_undefined_pd() on purpose.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// pos[r * MB + mm] = sum of x[mm][t] over the t where bit t of packed row r is 1.
+// x: MB rows of k floats (row stride k); packed: R rows of nb bytes (row stride nb).
+template <int R, int MB>
+void tile_avx512(const float* x, int64_t k, const uint8_t* packed, int64_t nb, float* pos) {
+  __m512 acc[R][MB];
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < MB; ++mm) acc[r][mm] = _mm512_setzero_ps();
+  const int64_t full = k / 16;  // whole 16-weight chunks: 2 sign bytes each, always inside the row
+  for (int64_t c = 0; c < full; ++c) {
+    __m512 xv[MB];
+    for (int mm = 0; mm < MB; ++mm) xv[mm] = _mm512_loadu_ps(x + mm * k + 16 * c);
+    for (int r = 0; r < R; ++r) {
+      // kmovw straight from memory (a load, not a GPR->mask move competing with the adds for port 5);
+      // x86 is little-endian, so bit t of the 16 is element 16c + t. Unaligned is fine for kmovw.
+      const __mmask16 msk = _load_mask16(reinterpret_cast<__mmask16*>(const_cast<uint8_t*>(packed + r * nb + 2 * c)));
+      for (int mm = 0; mm < MB; ++mm) acc[r][mm] = _mm512_mask_add_ps(acc[r][mm], msk, acc[r][mm], xv[mm]);
+    }
+  }
+  const int rem = static_cast<int>(k - 16 * full);
+  if (rem) {  // last 1..15 weights: masked loads never read past the row; pad bits are ignored
+    const __mmask16 valid = static_cast<__mmask16>((1u << rem) - 1u);
+    __m512 xv[MB];
+    for (int mm = 0; mm < MB; ++mm) xv[mm] = _mm512_maskz_loadu_ps(valid, x + mm * k + 16 * full);
+    for (int r = 0; r < R; ++r) {
+      const uint8_t* p = packed + r * nb + 2 * full;
+      unsigned bits = p[0];
+      if (rem > 8) bits |= static_cast<unsigned>(p[1]) << 8;
+      const __mmask16 msk = static_cast<__mmask16>(bits) & valid;
+      for (int mm = 0; mm < MB; ++mm) acc[r][mm] = _mm512_mask_add_ps(acc[r][mm], msk, acc[r][mm], xv[mm]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int mm = 0; mm < MB; ++mm) pos[r * MB + mm] = _mm512_reduce_add_ps(acc[r][mm]);
+}
+
+template <int R>
+void tile_avx512_mb(int mb, const float* x, int64_t k, const uint8_t* packed, int64_t nb, float* pos) {
+  switch (mb) {
+    case 1: tile_avx512<R, 1>(x, k, packed, nb, pos); break;
+    case 2: tile_avx512<R, 2>(x, k, packed, nb, pos); break;
+    case 3: tile_avx512<R, 3>(x, k, packed, nb, pos); break;
+    default: tile_avx512<R, 4>(x, k, packed, nb, pos); break;
+  }
+}
+
+void sign_matmul_avx512(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
+                        const float* scale, bool per_row, float* y, const double* totals) {
+  const int64_t nb = bytes_per_row(k);
+  constexpr int kMaxMB = 4;
+  // One x row: 8 rows per tile give 8 independent add chains (hides the add latency); more x rows
+  // already give MB chains per row, so 4 rows x 4 x rows = 16 accumulators.
+  const int R = (m == 1) ? 8 : 4;
+  const int64_t tiles = (n + R - 1) / R;
+#pragma omp parallel for schedule(static) if (m * n * k >= kParallelMinWork)
+  for (int64_t t = 0; t < tiles; ++t) {
+    const int64_t n0 = t * R;
+    const int rows = static_cast<int>(std::min<int64_t>(R, n - n0));
+    float pos[8 * kMaxMB];
+    for (int64_t m0 = 0; m0 < m; m0 += kMaxMB) {
+      const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, m - m0));
+      const float* xb = x + m0 * k;
+      const uint8_t* pb = packed + n0 * nb;
+      if (rows == 8) {
+        tile_avx512<8, 1>(xb, k, pb, nb, pos);
+      } else if (rows == 4) {
+        tile_avx512_mb<4>(mb, xb, k, pb, nb, pos);
+      } else {  // ragged last tile: one row at a time
+        for (int r = 0; r < rows; ++r) tile_avx512_mb<1>(mb, xb, k, pb + r * nb, nb, pos + r * mb);
+      }
+      for (int r = 0; r < rows; ++r) {
+        const float s = scale[per_row ? n0 + r : 0];
+        for (int mm = 0; mm < mb; ++mm) y[(m0 + mm) * n + n0 + r] = finish(pos[r * mb + mm], totals[m0 + mm], s);
+      }
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+bool use_avx512() {
+  static const bool has = __builtin_cpu_supports("avx512f");
+  const char* force = std::getenv("DELTACOMP_CPU_ISA");  // read per call so tests can switch paths
+  return has && !(force && std::strcmp(force, "generic") == 0);
+}
+#else
+bool use_avx512() { return false; }
+#endif
+
+}  // namespace
+
+void pack_signs_f32(const float* x, int64_t n, int64_t k, uint8_t* out) {
+  const int64_t nb = bytes_per_row(k);
+#pragma omp parallel for schedule(static) if (n * k >= kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    const float* xr = x + r * k;
+    uint8_t* o = out + r * nb;
+    for (int64_t j = 0; j < nb; ++j) {
+      const int64_t base = 8 * j;
+      const int cnt = static_cast<int>(std::min<int64_t>(8, k - base));
+      unsigned b = 0;
+      // `>= 0` (not the sign bit): -0.0 packs as +1 and NaN as -1, exactly like the reference
+      for (int i = 0; i < cnt; ++i) b |= static_cast<unsigned>(xr[base + i] >= 0.f) << i;
+      o[j] = static_cast<uint8_t>(b);
+    }
+  }
+}
+
+void unpack_signs_f32(const uint8_t* packed, int64_t n, int64_t k, float* out) {
+  const int64_t nb = bytes_per_row(k);
+#pragma omp parallel for schedule(static) if (n * k >= kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* p = packed + r * nb;
+    float* o = out + r * k;
+    for (int64_t t = 0; t < k; ++t) o[t] = ((p[t >> 3] >> (t & 7)) & 1u) ? 1.f : -1.f;
+  }
+}
+
+void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
+                     const float* scale, bool per_row, float* y) {
+  if (m == 0 || n == 0) return;
+  std::vector<double> totals(static_cast<size_t>(m));
+  row_totals(x, m, k, totals.data());
+  if (use_avx512()) {
+    sign_matmul_avx512(x, m, k, packed, n, scale, per_row, y, totals.data());
+  } else {
+    sign_matmul_generic(x, m, k, packed, n, scale, per_row, y, totals.data());
+  }
+}
+
+}  // namespace cpu
+}  // namespace deltacomp

@@ -1,0 +1,28 @@
+// Raw-pointer CPU kernels for the SIGNS layout (no torch here; csrc/cpu/sign_ops.cpp wraps them).
+//
+// SIGNS: row r of a (N, K) matrix is nb = ceil(K/8) bytes; bit i (LSB = 0) of byte j is element
+// 8*j + i; 1 means value >= 0 (+1), 0 means value < 0 or NaN (-1); pad bits past K are written 0 and
+// ignored on read. All arrays are dense row-major.
+#pragma once
+#include <cstdint>
+
+namespace deltacomp {
+namespace cpu {
+
+// x (n, k) float32 -> out (n, ceil(k/8)) uint8
+void pack_signs_f32(const float* x, int64_t n, int64_t k, uint8_t* out);
+
+// packed (n, ceil(k/8)) uint8 -> out (n, k) float32 of +1/-1
+void unpack_signs_f32(const uint8_t* packed, int64_t n, int64_t k, float* out);
+
+// y (m, n) = x (m, k) @ (scale * sign)^T, fp32 accumulation; scale has n entries when per_row, else 1.
+// The dense sign matrix is never built: for each 16 weights one masked add per x row accumulates the
+// x values whose sign is +1 ("pos"), and y = scale * (2 * pos - sum(x)).
+// Code path: AVX-512 when the CPU has it, else a portable loop (AVX2 / baseline clones); the
+// environment variable DELTACOMP_CPU_ISA=generic forces the portable one (tests, benchmarks).
+void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
+                     const float* scale, bool per_row, float* y);
+
+
+}  // namespace cpu
+}  // namespace deltacomp

@@ -1,0 +1,184 @@
+"""svd-mixed: SVD of the delta, singular vectors quantized with more bits for larger singular values.
+
+Reference: Ping et al., "Delta-CoMe: Training-Free Delta-Compression with Mixed-Precision" (2024). Their
+quantizer is GPTQ with calibration data; this codec is data-free: asymmetric RTN (quant/rtn.py), V
+quantized first, then U re-fitted by least squares against the quantized V (``refit``), which plays the
+part of their second, V-aware GPTQ pass. Bit allocation: quant counts scaled from Delta-CoMe, or the
+exact optimum of an error model (allocation.py).
+
+Fields, for each bit width b used (groups have distinct widths, descending):
+    v_q{b}      uint8 KBITS stream of the group's V rows, (c_b, K) codes row-major   (quant/bitpack.py)
+    v_scale{b}  fp16 (c_b, ceil(K / group_size)),  v_zero{b} likewise               (quant/rtn.py)
+    u_q{b}      KBITS stream of the group's U columns stored as rows of U^T, (c_b, N) codes row-major
+    u_scale{b}, u_zero{b}  fp16 (c_b, ceil(N / group_size))
+    s           fp32 (r,): singular values of all kept vectors, groups in order
+delta ~= sum_b U_b diag(s_b) V_b with U_b = dequant(u_*{b})^T (N, c_b), V_b = dequant(v_*{b}) (c_b, K).
+params["alloc"] ("8:2+3:32+2:968") records the groups. Size = allocation.alloc_nbytes, exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .. import allocation as al
+from ..errors import SettingsError
+from ..quant.bitpack import pack_bits, unpack_bits
+from ..quant.rtn import dequantize, quantize
+from .base import Codec, CodecName, Encoded, Setting, register
+from .lowrank import refuse_1d, truncated_svd
+
+
+def _check_groups(text: str) -> bool:
+    al.parse_groups(text)  # raises SettingsError with the reason
+    return True
+
+
+@register
+class SvdMixedCodec(Codec):
+    name = CodecName.SVD_MIXED.value
+    description = "SVD factors quantized at 8/3/2 bits by singular value (Delta-CoMe, data-free RTN)"
+    reference = "https://arxiv.org/abs/2406.08903"
+    fields = (r"[uv]_q[1-8]", r"[uv]_scale[1-8]", r"[uv]_zero[1-8]", "s")
+    settings = (
+        Setting("groups", str, None, "bits:count groups by descending singular value, e.g. 8:2+3:32+2:rest "
+                "('rest' fills the budget); default: Delta-CoMe's 8/3/2 scaled with the shape",
+                check=_check_groups),
+        Setting("ratio", float, 16.0, "target compression vs fp16 (bytes = N*K*2/ratio)",
+                check=lambda v: v >= 1, check_msg="must be >= 1"),
+        Setting("bits", float, None, "average bits per parameter (instead of ratio)",
+                check=lambda v: 0 < v <= 16, check_msg="must be in (0, 16]"),
+        Setting("nbytes", int, None, "byte budget (set by --ratio planning; overrides ratio and bits)",
+                check=lambda v: v >= 0, check_msg="must be >= 0"),
+        Setting("group_size", int, 128, "quantization group size along each singular vector",
+                check=lambda v: v >= 1, check_msg="must be >= 1"),
+        Setting("allocation", str, "default", "how many vectors get which width",
+                choices=("default", "optimal")),
+        Setting("refit", bool, True, "re-fit U by least squares for the quantized V (kept only if it helps)"),
+        Setting("svd", str, "auto", "SVD algorithm", choices=("auto", "exact", "randomized")),
+    )
+
+    # -- sizing ---------------------------------------------------------------------------------------
+    @staticmethod
+    def budget(shape: tuple[int, int], s: dict[str, Any]) -> int:
+        n, k = shape
+        if s["nbytes"] is not None:
+            return s["nbytes"]
+        if s["bits"] is not None:
+            return math.floor(n * k * s["bits"] / 8)
+        return math.floor(n * k * 2 / s["ratio"])
+
+    def allocation_for(self, shape: tuple[int, int], s: dict[str, Any]) -> al.Allocation:
+        """The data-independent allocation (groups or default) for ``shape`` under settings ``s``."""
+        budget = self.budget(shape, s)
+        if s["groups"] is not None:
+            return al.resolve_groups(shape, al.parse_groups(s["groups"]), budget, s["group_size"])
+        return al.default_allocation(shape, budget, s["group_size"])
+
+    def settings_for_budget(self, shape, nbytes, given):
+        refuse_1d(self.name, shape)
+        s = self.resolve_settings({**given, "nbytes": nbytes})
+        shape = tuple(shape)
+        if s["allocation"] == "default":
+            alloc = self.allocation_for(shape, s)
+            size = al.alloc_nbytes(shape, alloc, s["group_size"])
+            if size > nbytes:
+                raise SettingsError(f"{self.name}: groups={s['groups']} need {size} bytes for shape {shape}, "
+                                    f"over the budget of {nbytes}; end groups with ':rest' or lower --ratio")
+            if not alloc and nbytes:
+                raise SettingsError(f"{self.name}: a budget of {nbytes} bytes holds no singular vector for "
+                                    f"shape {shape}; use a lower --ratio or another method")
+        return s
+
+    # -- encode ---------------------------------------------------------------------------------------
+    def encode(self, delta: Tensor, **settings: Any) -> Encoded:
+        self._check_input(delta)
+        s = self.resolve_settings(settings)
+        shape = tuple(delta.shape)
+        refuse_1d(self.name, shape)
+        gs = s["group_size"]
+        if not torch.count_nonzero(delta):
+            alloc: al.Allocation = []
+            u, sv, vh = truncated_svd(delta, 0)
+        elif s["allocation"] == "optimal":
+            budget = self.budget(shape, s)
+            low = al.OPTIMAL_LEVELS[-1]
+            r_cap = al.fill_rest(shape, [], low, budget, gs)  # no more vectors fit even at the lowest width
+            u, sv, vh = truncated_svd(delta, r_cap, s["svd"])
+            errors = al.vector_errors(u, vh, al.OPTIMAL_LEVELS, gs)
+            alloc = al.optimal_allocation(sv, errors, shape, budget, gs)
+        else:
+            alloc = self.allocation_for(shape, s)
+            u, sv, vh = truncated_svd(delta, sum(c for _, c in alloc), s["svd"])
+        r = sum(c for _, c in alloc)
+        u, sv, vh = u[:, :r], sv[:r], vh[:r]
+        vq = self._quantize_rows(vh, alloc, gs)
+        v_hat = torch.cat([dequantize(*q, gs) for q in vq]) if alloc else vh
+        candidates = [(u, sv)]
+        if s["refit"] and r:
+            candidates.append(_refit(delta, v_hat))
+        best = None
+        for cu, cs in candidates:
+            uq = self._quantize_rows(cu.T, alloc, gs)
+            u_hat = torch.cat([dequantize(*q, gs) for q in uq]).T if alloc else cu
+            err = float(torch.linalg.matrix_norm(delta - (u_hat * cs) @ v_hat)) if r else 0.0
+            if best is None or err < best[0]:
+                best = (err, uq, cs)
+        _, uq, sv = best
+        tensors: dict[str, Tensor] = {}
+        for (b, _), (uc, us, uz), (vc, vs, vz) in zip(alloc, uq, vq):
+            tensors[f"u_q{b}"], tensors[f"u_scale{b}"], tensors[f"u_zero{b}"] = pack_bits(uc, b), us, uz
+            tensors[f"v_q{b}"], tensors[f"v_scale{b}"], tensors[f"v_zero{b}"] = pack_bits(vc, b), vs, vz
+        tensors["s"] = sv.to(torch.float32).contiguous()
+        params = {**s, "alloc": al.format_alloc(alloc)}
+        return Encoded(self.name, shape, tensors, params)
+
+    @staticmethod
+    def _quantize_rows(rows: Tensor, alloc: al.Allocation, gs: int) -> list[tuple[Tensor, Tensor, Tensor]]:
+        out, i = [], 0
+        for b, c in alloc:
+            out.append(quantize(rows[i:i + c].contiguous(), b, gs))
+            i += c
+        return out
+
+    # -- decode / matmul ------------------------------------------------------------------------------
+    def _groups(self, enc: Encoded):
+        """Yield (U_b^T (c, N), s_b (c,), V_b (c, K)) float32, one group at a time."""
+        n, k = enc.shape
+        gs = int(enc.params["group_size"])
+        t = enc.tensors
+        i = 0
+        alloc = al.parse_groups(enc.params["alloc"]) if enc.params.get("alloc") else []
+        for b, c in alloc:
+            ut = dequantize(unpack_bits(t[f"u_q{b}"], b, c * n).reshape(c, n), t[f"u_scale{b}"], t[f"u_zero{b}"], gs)
+            v = dequantize(unpack_bits(t[f"v_q{b}"], b, c * k).reshape(c, k), t[f"v_scale{b}"], t[f"v_zero{b}"], gs)
+            yield ut, t["s"][i:i + c], v
+            i += c
+
+    def decode(self, enc: Encoded) -> Tensor:
+        out = torch.zeros(enc.shape, dtype=torch.float32, device=enc.tensors["s"].device)
+        for ut, sv, v in self._groups(enc):
+            out += (ut.T * sv) @ v
+        return out
+
+    def matmul(self, x: Tensor, enc: Encoded) -> Tensor:
+        dt = x.dtype if x.is_floating_point() else torch.float32
+        y = x.new_zeros(*x.shape[:-1], enc.shape[0], dtype=dt)
+        for ut, sv, v in self._groups(enc):
+            y += ((x.to(dt) @ v.to(dt).T) * sv.to(dt)) @ ut.to(dt)
+        return y
+
+
+def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:
+    """Least-squares M = argmin ||delta - M v_hat||_F (M = delta v_hat^T (v_hat v_hat^T)^-1), split into
+    unit columns U and their norms s, so U is quantized on the same footing as the SVD's."""
+    gram = (v_hat @ v_hat.T).double()
+    rhs = (v_hat @ delta.T).double()  # (r, N)
+    # gelsd (SVD-based, rank-revealing) on CPU; CUDA only has gels, fine for this well-conditioned Gram
+    driver = "gelsd" if gram.device.type == "cpu" else None
+    m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()  # (N, r)
+    norms = torch.linalg.vector_norm(m, dim=0)
+    u = m / torch.where(norms > 0, norms, torch.ones_like(norms))
+    return u.contiguous(), norms.contiguous()
