@@ -298,3 +298,36 @@ def test_gptq_zero_delta_and_dead_inputs():
     assert torch.equal(codec.decode(zero), torch.zeros(80, 96))
     with pytest.raises(ValueError, match="Hessian has shape"):
         encode_gptq(delta, h[:5, :5], groups="3:4")
+
+
+def test_gptq_requantize_model_keeps_format_and_lowers_error(tmp_path, llama_pair):
+    from deltacomp.calibrate.gptq import gptq_requantize
+
+    rtn = tmp_path / "rtn.delta.safetensors"
+    out = tmp_path / "gptq.delta.safetensors"
+    deltacomp.compress(llama_pair / "base", llama_pair / "ft", rtn, method="svd-mixed:groups=4:3+2:6:group_size=16",
+                       progress=False)
+    calib = from_ids(torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(3)), 24, 32)
+    rep = gptq_requantize(llama_pair / "base", llama_pair / "ft", rtn, out, calib, act_order=True, progress=False)
+    assert rep["tensors"] == 14 and rep["output_error_gptq"] < rep["output_error_rtn"]
+    old, new = deltacomp.load_delta(rtn), deltacomp.load_delta(out)
+    new.verify()
+    assert new.nbytes - old.nbytes < 2048  # same tensors; only the metadata grows
+    for name, info in old.params.items():
+        ni = new.params[name]
+        assert (ni.codec, ni.shape, ni.fields, ni.nbytes) == (info.codec, info.shape, info.fields, info.nbytes)
+        if info.codec != "svd-mixed":
+            assert ni.checksum == info.checksum
+        else:
+            assert ni.settings["alloc"] == info.settings["alloc"]
+    assert new.source["calibration"]["method"] == "gptq"
+    # the reconstructed model is closer to the fine-tune on the calibration data than the RTN one
+    ft = transformers.AutoModelForCausalLM.from_pretrained(llama_pair / "ft", dtype=torch.float32)
+    with torch.no_grad():
+        teacher = ft(input_ids=calib.ids).logits
+        kl = {}
+        for tag, path in (("rtn", rtn), ("gptq", out)):
+            m = transformers.AutoModelForCausalLM.from_pretrained(llama_pair / "base", dtype=torch.float32)
+            deltacomp.apply_delta_(m, path)
+            kl[tag] = float(_loss(m(input_ids=calib.ids).logits, teacher, "kl"))
+    assert kl["gptq"] < kl["rtn"]

@@ -301,6 +301,24 @@ def write_rescaled(df: DeltaFile, out: str | os.PathLike, scales: dict[str, list
                    calibration: dict[str, Any], overwrite: bool = False,
                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Copy ``df`` to ``out`` with new bitdelta scale tensors (signs and everything else byte-identical)."""
+    replaced: dict[str, Encoded] = {}
+    for name, new in scales.items():
+        enc = df.encoded(name)
+        tensors = dict(enc.tensors)
+        for i, s in enumerate(new):
+            key = "scale" if i == 0 else f"scale_{i}"
+            old = tensors[key]
+            if tuple(old.shape) != tuple(s.shape):
+                raise ValueError(f"{name}.{key}: distilled scale has shape {tuple(s.shape)}, file has {tuple(old.shape)}")
+            tensors[key] = s.to(old.dtype).contiguous()
+        replaced[name] = Encoded(enc.codec, enc.shape, tensors, enc.params)
+    rewrite_delta(df, out, replaced, calibration, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+
+
+def rewrite_delta(df: DeltaFile, out: str | os.PathLike, replaced: dict[str, Encoded], calibration: dict[str, Any],
+                  overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
+    """Copy ``df`` to ``out``, with the encodings in ``replaced`` (same codec) instead of the stored ones,
+    checksums recomputed and ``source.calibration`` recorded; every other tensor is copied byte for byte."""
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         for name, info in df.params.items():
@@ -310,13 +328,14 @@ def write_rescaled(df: DeltaFile, out: str | os.PathLike, scales: dict[str, list
                 continue
             tensors = df.raw_tensors(name)
             new_rows = tensors.pop(NEW_ROWS, None)
-            for i, s in enumerate(scales.get(name, [])):
-                key = "scale" if i == 0 else f"scale_{i}"
-                old = tensors[key]
-                if tuple(old.shape) != tuple(s.shape):
-                    raise ValueError(f"{name}.{key}: distilled scale has shape {tuple(s.shape)}, file has {tuple(old.shape)}")
-                tensors[key] = s.to(old.dtype).contiguous()
-            writer.add(new_info, Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings)), new_rows=new_rows)
+            enc = Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings))
+            if name in replaced:
+                enc = replaced[name]
+                if enc.codec != info.codec or tuple(enc.shape) != tuple(info.encoded_shape):
+                    raise ValueError(f"{name}: replacement is {enc.codec} {tuple(enc.shape)}, the file holds "
+                                     f"{info.codec} {tuple(info.encoded_shape)}")
+                new_info.settings = dict(enc.params)
+            writer.add(new_info, enc, new_rows=new_rows)
         meta = {k: v for k, v in df.metadata.items() if k not in ("format", "deltacomp_version", "params")}
         meta["source"] = {**dict(meta.get("source", {})), "calibration": calibration}
         writer.finish(meta)
