@@ -39,7 +39,9 @@ from ..progress import progress_bar
 from .data import CalibData
 
 LOSSES = ("mse", "kl")
-DEFAULT_STEPS = 200
+# BitDelta trains 200 steps; here one step of 4 x 128 tokens on SmolLM2-135M (fp32, 2 busy CPU cores) took
+# 34 s, and 20 steps already cut held-out KL(fine-tune || compressed) 7x on the bundled pair: 20 by default.
+DEFAULT_STEPS = 20
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 4
 
