@@ -1,6 +1,7 @@
 """The public Python API: compress, reconstruct, load, apply. The CLI is a thin layer over this."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import warnings
@@ -80,6 +81,40 @@ def _raw_exact(codec_name: str, settings: dict, given: dict, delta: Tensor, base
     return {**settings, "dtype": "float32"}
 
 
+def _delta(ft: Tensor, b: Tensor, p: Pairing) -> tuple[Tensor, Tensor]:
+    """(the fine-tune's rows shared with the base, their float32 delta; scalars as shape (1,))."""
+    shared = ft[: p.base_rows] if p.base_rows is not None else ft
+    delta = shared.to(torch.float32) - b.to(torch.float32)
+    return shared, (delta.reshape(1) if delta.dim() == 0 else delta)
+
+
+def _group_key(a) -> str:
+    return a.codec + json.dumps(a.settings, sort_keys=True, default=str)
+
+
+def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan: Plan,
+                    progress: bool) -> dict[str, dict]:
+    """Statistics some codecs need over all their tensors (ComPEFT's global threshold), streamed."""
+    groups: dict[str, tuple[Any, dict, list[Pairing]]] = {}
+    for p in pairs:
+        if p.kind != "delta":
+            continue
+        shape = tuple(bck.shape(p.name)) or (1,)
+        a = plan.assign(p.name, shape, fck.dtype(p.name).itemsize, is_zero=False)
+        codec = get_codec(a.codec)
+        if codec.needs_global(a.settings):
+            groups.setdefault(_group_key(a), (codec, a.settings, []))[2].append(p)
+    out = {}
+    for key, (codec, settings, members) in groups.items():
+        def deltas(members=members):
+            for p in progress_bar(members, desc=f"{codec.name} pre-pass", unit="tensor", enable=progress):
+                d = _delta(fck.get(p.name), bck.get(p.name), p)[1]
+                if torch.count_nonzero(d):  # unchanged tensors are stored as zero, outside the group
+                    yield d
+        out[key] = codec.global_settings(deltas, settings)
+    return out
+
+
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
              method: str = "bitdelta", ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -91,6 +126,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
             pairs = pair_checkpoints(bck, fck)
             base_hashes: dict[str, str] = {}
+            shared_settings = _global_prepass(bck, fck, pairs, plan, progress)
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
                 ft = fck.get(p.name)
                 info = ParamInfo(p.name, None, tuple(ft.shape), dtype_name(ft.dtype))
@@ -106,13 +142,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
                     continue
                 b = bck.get(p.name)
                 base_hashes[p.name] = base_digest(b)
-                rows = p.base_rows if p.base_rows is not None else ft.shape[0] if ft.dim() else None
-                shared = ft[:rows] if p.base_rows is not None else ft
-                delta = shared.to(torch.float32) - b.to(torch.float32)
-                if delta.dim() == 0:
-                    delta = delta.reshape(1)
+                shared, delta = _delta(ft, b, p)
                 is_zero = not bool(torch.count_nonzero(delta))
                 a = plan.assign(p.name, tuple(delta.shape), ft.element_size(), is_zero)
+                a.settings = {**a.settings, **shared_settings.get(_group_key(a), {})}
                 a.settings = _raw_exact(a.codec, a.settings, a.given, delta, b.reshape(delta.shape),
                                         shared.reshape(delta.shape))
                 enc = get_codec(a.codec).encode(delta, **a.settings)
@@ -138,8 +171,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
 
 # -- reading back -----------------------------------------------------------------------------------
-def summarize(df: DeltaFile) -> dict[str, Any]:
-    """Sizes per tensor and per codec, as counted from the file."""
+def summarize(df: DeltaFile, stats: bool = True) -> dict[str, Any]:
+    """Sizes per tensor and per codec, as counted from the file (``stats``: codec-specific figures such
+    as ternary's bits per nonzero vs the entropy bound, which reads the tensors)."""
     tensors, by_codec = [], {}
     ft_bytes_total = 0
     for name, info in df.params.items():
@@ -159,8 +193,16 @@ def summarize(df: DeltaFile) -> dict[str, Any]:
         c["params"] += 0 if info.tied_to else numel
         c["nbytes"] += info.nbytes
         c["finetuned_bytes"] += ft_bytes
+        if stats and info.codec and hasattr(get_codec(info.codec), "stats"):
+            st = get_codec(info.codec).stats(df.encoded(name))
+            row["stats"] = st
+            c["kept"] = c.get("kept", 0) + int(st.get("kept", 0))
+            c["bound_bits"] = c.get("bound_bits", 0.0) + st["bound_bits_per_param"] * numel
     for c in by_codec.values():
         c["bits_per_param"] = 8 * c["nbytes"] / c["params"] if c["params"] else 0.0
+        if "bound_bits" in c:  # entropy bound of positions + one sign bit per kept entry
+            c["bound_bits_per_param"] = c.pop("bound_bits") / c["params"] if c["params"] else 0.0
+            c["bits_per_nonzero"] = 8 * c["nbytes"] / c["kept"] if c["kept"] else None
     compressed = [c for k, c in by_codec.items() if k not in ("raw", "zero", "tied")]
     comp_nbytes = sum(c["nbytes"] for c in compressed)
     comp_ft = sum(c["finetuned_bytes"] for c in compressed)
@@ -278,6 +320,13 @@ def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | DeltaFile, *
         if name not in state:
             raise CheckpointError(f"{name}: in the delta {df.path} but not a parameter of the model")
         p = state[name]
+        if (info.base_rows is not None and tuple(p.shape) == info.encoded_shape
+                and hasattr(model, "resize_token_embeddings")):
+            # the fine-tune added tokens: grow the model's vocabulary first (tied heads follow)
+            model.resize_token_embeddings(info.shape[0])
+            state = dict(model.named_parameters(remove_duplicate=False))
+            state.update(dict(model.named_buffers(remove_duplicate=False)))
+            p = state[name]
         if tuple(p.shape) != tuple(info.shape):
             raise CheckpointError(f"{name}: model has shape {list(p.shape)}, the fine-tune {list(info.shape)}"
                                   + (" (added tokens: call model.resize_token_embeddings first)" if info.base_rows else ""))

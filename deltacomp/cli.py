@@ -5,7 +5,7 @@ import argparse
 import json
 import re
 import sys
-from typing import Any, Callable
+from typing import Any
 
 from . import __version__, api
 from .delta_file import FORMAT
@@ -53,6 +53,12 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
     if ct["ratio"]:
         lines.append(f"compressed tensors: {human_bytes(ct['finetuned_bytes'])} -> {human_bytes(ct['nbytes'])}"
                      f"   ratio {ct['ratio']:.2f}x   {ct['bits_per_param']:.3f} bits/param")
+    for codec, c in s["by_codec"].items():
+        if "bound_bits_per_param" in c:
+            bnz = f"{c['bits_per_nonzero']:.2f} bits/nonzero, " if c.get("bits_per_nonzero") else ""
+            lines.append(f"{codec}: {c['kept']:,} kept ({c['kept'] / max(c['params'], 1):.2%}), {bnz}"
+                         f"{c['bits_per_param']:.4f} bits/param vs entropy bound {c['bound_bits_per_param']:.4f} "
+                         f"(H(p) + p; stored includes scales)")
     if per_tensor:
         trows = [[t["name"], t["codec"], "x".join(map(str, t["shape"])) or "()", t["dtype"], human_bytes(t["nbytes"]),
                   f"{t['bits_per_param']:.3f}", ",".join(f"{k}={v}" for k, v in t["settings"].items())]
@@ -90,6 +96,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_demo(out_dir=args.out, method=args.method, ratio=args.ratio, overwrite=args.overwrite,
              progress=not args.quiet, print_fn=print)
+    return 0
+
+
+def cmd_export_lora(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import lora
+    from .errors import SettingsError
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    if args.delta:
+        if args.models:
+            raise SettingsError("give either BASE FINETUNED or --delta FILE, not both")
+        rep = lora.export_lora_from_delta(args.delta, args.output, dtype=dtype, overwrite=args.overwrite)
+    elif len(args.models) == 2:
+        rep = lora.export_lora(*args.models, args.output, rank=args.rank, dtype=dtype, overwrite=args.overwrite,
+                               progress=not args.quiet)
+    else:
+        raise SettingsError(f"export-lora needs BASE FINETUNED (got {len(args.models)} paths) or --delta FILE")
+    ranks = sorted(set(rep["ranks"].values()))
+    print(f"wrote {rep['path']}: {rep['modules']} LoRA modules, rank {'/'.join(map(str, ranks))}")
+    if rep["not_carried"]:
+        shown = ", ".join(rep["not_carried"][:8]) + (" ..." if len(rep["not_carried"]) > 8 else "")
+        print(f"not carried by LoRA ({len(rep['not_carried'])} changed tensors; ship them another way): {shown}")
     return 0
 
 
@@ -137,6 +167,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
 
+    p = sub.add_parser("export-lora", help="write a PEFT LoRA adapter: truncated SVD of the delta, or the factors "
+                       "of a lowrank/svd-mixed delta file")
+    p.add_argument("models", nargs="*", metavar="BASE FINETUNED", help="base and fine-tuned model")
+    p.add_argument("--delta", help="export the factors of this lowrank/svd-mixed delta file instead")
+    p.add_argument("-o", "--output", required=True, help="adapter folder to write")
+    p.add_argument("--rank", type=int, default=64, help="LoRA rank (with BASE FINETUNED; default 64)")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", "-q", action="store_true")
+    p.set_defaults(func=cmd_export_lora)
+
     p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
     p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")
     p.add_argument("--method", "-m", default="bitdelta")
@@ -145,13 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    for extra in _EXTRA_COMMANDS:
-        extra(sub)
+    from .cli_eval import add_eval_parser  # eval and sweep
+
+    add_eval_parser(sub)
     return parser
-
-
-# Subcommands that live in their own modules register here (eval, sweep, export-lora, generate).
-_EXTRA_COMMANDS: list[Callable[[Any], None]] = []
 
 
 def main(argv: list[str] | None = None) -> int:

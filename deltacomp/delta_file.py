@@ -9,7 +9,7 @@ Layout
        "params": {name: {"codec", "settings", "shape", "dtype", "fields", "nbytes", "checksum",
                          optional "base_rows" (added rows), "tied_to" (stored once), "has_base"}},
        "base": {"fingerprint": sha256 over all, "tensors": {name: sha256 of the base tensor's bytes}},
-       "files": {"config.json": text, ...},      # fine-tune's config/tokenizer files
+       "files": {"config.json": text | {"zlib_base64": ...}},  # fine-tune's config/tokenizer files
        "source": {"method", "ratio", "rules"}}   # how it was made
 
   Above ``max_shard_bytes`` the file is split HF-style: ``NAME-0000i-of-0000N.delta.safetensors`` and
@@ -390,18 +390,29 @@ class DeltaFile:
 
 
 def _file_bytes(v: Any) -> bytes:
+    """Inverse of file_to_json."""
+    import base64
+    import zlib
+
+    if isinstance(v, dict) and "zlib_base64" in v:
+        return zlib.decompress(base64.b64decode(v["zlib_base64"]))
     if isinstance(v, dict) and "base64" in v:
-        import base64
         return base64.b64decode(v["base64"])
     return str(v).encode("utf-8")
 
 
-def file_to_json(data: bytes) -> Any:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
-        return {"base64": base64.b64encode(data).decode("ascii")}
+def file_to_json(data: bytes, inline_limit: int = 4096) -> Any:
+    """Small text files stay readable in the metadata; larger or binary ones (a tokenizer.json is MBs, and
+    JSON escaping would inflate it) are stored zlib-compressed, base64-encoded."""
+    import base64
+    import zlib
+
+    if len(data) <= inline_limit:
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            return {"base64": base64.b64encode(data).decode("ascii")}
+    return {"zlib_base64": base64.b64encode(zlib.compress(data, 9)).decode("ascii")}
 
 
 def load_delta(path: str | os.PathLike) -> DeltaFile:

@@ -85,7 +85,7 @@ def run_demo(out_dir: str | Path = "demo-out", method: str = "bitdelta", ratio: 
     for codec, c in sorted(summary["by_codec"].items(), key=lambda kv: -kv[1]["nbytes"]):
         rows.append([f"  {codec}: {c['tensors']} tensors", f"{human_bytes(c['nbytes'])} "
                      f"({c['bits_per_param']:.3f} bits/param)"])
-    rows += [["max |reconstructed - (base + decoded)|", f"{check['max_abs_diff']:.3g} over {check['tensors']} tensors"],
+    rows += [["max abs(reconstructed - (base + decoded))", f"{check['max_abs_diff']:.3g} over {check['tensors']} tensors"],
              ["compress / reconstruct time", f"{t_compress:.1f} s / {t_reconstruct:.1f} s"],
              ["reconstructed model, greedy continuation", repr("To be, or not to be," + sample)[:120]]]
     result: dict[str, Any] = {"summary": summary, "check": check, "sample": sample}

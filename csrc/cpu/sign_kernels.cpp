@@ -79,7 +79,7 @@ float pos_sum_generic(const float* xr, const uint8_t* pr, int64_t k) {
 void sign_matmul_generic(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                          const float* scale, bool per_row, float* y, const double* totals) {
   const int64_t nb = bytes_per_row(k);
-#pragma omp parallel for schedule(static) if (m * n * k >= kParallelMinWork)
+#pragma omp parallel for schedule(dynamic, 32) if (m * n * k >= kParallelMinWork)
   for (int64_t r = 0; r < n; ++r) {
     const float s = scale[per_row ? r : 0];
     for (int64_t i = 0; i < m; ++i) {
@@ -149,7 +149,9 @@ void sign_matmul_avx512(const float* x, int64_t m, int64_t k, const uint8_t* pac
   // already give MB chains per row, so 4 rows x 4 x rows = 16 accumulators.
   const int R = (m == 1) ? 8 : 4;
   const int64_t tiles = (n + R - 1) / R;
-#pragma omp parallel for schedule(static) if (m * n * k >= kParallelMinWork)
+  // dynamic: when a thread is descheduled (a busy or shared machine), the others take its tiles
+  // instead of waiting for its static share; 4 tiles per grab keep the bookkeeping negligible.
+#pragma omp parallel for schedule(dynamic, 4) if (m * n * k >= kParallelMinWork)
   for (int64_t t = 0; t < tiles; ++t) {
     const int64_t n0 = t * R;
     const int rows = static_cast<int>(std::min<int64_t>(R, n - n0));

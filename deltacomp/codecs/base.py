@@ -120,6 +120,16 @@ class Codec:
         ``given`` are settings the user fixed; a codec that cannot be steered by size raises."""
         raise SettingsError(f"{self.name}: this codec cannot target a size; give its settings instead of --ratio")
 
+    def needs_global(self, settings: dict[str, Any]) -> bool:
+        """True when encoding with these settings needs a statistic over all tensors given this codec
+        (e.g. ComPEFT's one global threshold); the caller then runs ``global_settings`` first."""
+        return False
+
+    def global_settings(self, deltas: Callable[[], Any], settings: dict[str, Any]) -> dict[str, Any]:
+        """Settings to add for every tensor of the group; ``deltas()`` yields the group's float32 deltas
+        afresh on each call (streamed, one tensor at a time)."""
+        return {}
+
     # -- the contract -------------------------------------------------------------------------------
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         raise NotImplementedError

@@ -36,6 +36,8 @@ class BitDeltaCodec(Codec):
     )
 
     def settings_for_budget(self, shape, nbytes, given):
+        if "masks" in given:
+            raise SettingsError("bitdelta: masks= and --ratio both fix the size; give one of them")
         s = self.resolve_settings(given)
         rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
         per_mask = rows * ((k + 7) // 8) + 4 * (rows if s["scale"] == "row" else 1)

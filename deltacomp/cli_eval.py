@@ -1,0 +1,106 @@
+"""The ``eval`` and ``sweep`` subcommands (parsing and printing only; the work is in evaluate/sweep).
+cli.py registers them with ``_EXTRA_COMMANDS.append(add_eval_parser)``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from .errors import SettingsError
+
+_DTYPES = ("float32", "bfloat16", "float16", "float64")
+
+
+def _read_text(path: str | None) -> str:
+    if path is None:
+        try:  # the bundled pair's held-out text (the same one `deltacomp demo` scores)
+            from . import zoo
+
+            return zoo.ensure_pair("shakespeare").heldout
+        except (ImportError, AttributeError):
+            raise SettingsError("no --text FILE given and no bundled held-out text (deltacomp.zoo) "
+                                "is available; pass --text held_out.txt") from None
+    p = Path(path)
+    if not p.is_file():
+        raise SettingsError(f"--text {path}: no such file")
+    return p.read_text(encoding="utf-8")
+
+
+def _csv(kind):
+    def parse(text: str):
+        try:
+            items = [kind(x.strip()) for x in text.split(",") if x.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from None
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return items
+    return parse
+
+
+def _add_eval_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--text", metavar="FILE", help="held-out text to score (UTF-8; default: the bundled one)")
+    p.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--stride", type=int, default=None,
+                   help="window step, 1..ctx (default ctx: non-overlapping); smaller gives every token more context")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype the models run in (default float32)")
+    p.add_argument("--cache-dir", default=None,
+                   help="keep the fine-tune's log-probs here for later runs (4 bytes x vocab per token)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def add_eval_parser(sub) -> None:
+    """Adds ``eval`` and ``sweep`` to the subparsers of the deltacomp command."""
+    p = sub.add_parser("eval", help="score deltas against the fine-tune: size, ppl, KL, top-1, gain recovered")
+    p.add_argument("base", help="base model folder (Hugging Face)")
+    p.add_argument("finetuned", help="fine-tuned model folder (Hugging Face)")
+    p.add_argument("deltas", nargs="+", metavar="DELTA", help="delta file(s) made against BASE")
+    _add_eval_options(p)
+    p.add_argument("--json", metavar="OUT", default=None, help="also write the full results (per tensor) as JSON")
+    p.add_argument("--no-weight-metrics", action="store_true", help="skip the weight-space error pass")
+    p.set_defaults(func=run_eval)
+
+    p = sub.add_parser("sweep", help="compress with several methods x ratios, evaluate, plot rate vs distortion")
+    p.add_argument("base", help="base model folder (Hugging Face)")
+    p.add_argument("finetuned", help="fine-tuned model folder (Hugging Face)")
+    p.add_argument("--methods", type=_csv(str), required=True,
+                   help="comma-separated method specs, e.g. bitdelta,svd-mixed,ternary:density=0.05")
+    p.add_argument("--ratios", type=_csv(float), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
+    p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
+                                                          "rate_distortion.png")
+    _add_eval_options(p)
+    p.set_defaults(func=run_sweep)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate, format_table, write_json
+
+    result = evaluate(args.base, args.finetuned, args.deltas, _read_text(args.text), ctx=args.ctx,
+                      batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
+                      stride=args.stride, dtype=_torch_dtype(args.dtype), cache_dir=args.cache_dir,
+                      weight_metrics=not args.no_weight_metrics, progress=not args.quiet)
+    print(format_table(result), end="")
+    if args.json:
+        write_json(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    from .sweep import format_sweep, sweep
+
+    result = sweep(args.base, args.finetuned, args.methods, args.ratios, args.output, _read_text(args.text),
+                   ctx=args.ctx, batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
+                   stride=args.stride, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype),
+                   progress=not args.quiet)
+    print(format_sweep(result), end="")
+    print(f"wrote {Path(args.output) / 'results.json'}, results.md, rate_distortion.png")
+    return 0
