@@ -331,3 +331,30 @@ def test_gptq_requantize_model_keeps_format_and_lowers_error(tmp_path, llama_pai
             deltacomp.apply_delta_(m, path)
             kl[tag] = float(_loss(m(input_ids=calib.ids).logits, teacher, "kl"))
     assert kl["gptq"] < kl["rtn"]
+
+
+def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
+    """`compress --calib` distills bitdelta scales and runs GPTQ on svd-mixed tensors; stages leave nothing."""
+    import deltacomp
+    from deltacomp.cli import main
+
+    base, ft = llama_pair / "base", llama_pair / "ft"
+    text = tmp_path / "calib.txt"
+    text.write_text(_text(3000, seed=5))
+    out = tmp_path / "c.delta.safetensors"
+    s = deltacomp.compress(base, ft, out, method="bitdelta", rules=["mlp\\.=svd-mixed:ratio=4"], calib=text,
+                           calib_samples=4, calib_len=16, calib_steps=3, progress=False)
+    assert set(s["calibration"]) == {"distill", "gptq"}
+    assert s["calibration"]["distill"]["loss_after"] < s["calibration"]["distill"]["loss_before"]
+    src = deltacomp.load_delta(out).source
+    assert "calibration" in src
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.delta.safetensors", "calib.txt"]
+    # a bad calibration text fails before any work and leaves nothing
+    (tmp_path / "short.txt").write_text("too short")
+    assert main(["compress", str(base), str(ft), "-o", str(tmp_path / "x.delta.safetensors"),
+                 "--calib", str(tmp_path / "short.txt"), "-q"]) == 2
+    assert not (tmp_path / "x.delta.safetensors").exists()
+    with pytest.raises(deltacomp.SettingsError, match="no tensor uses a codec that calibrates"):
+        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="ternary", calib=text,
+                           calib_samples=4, calib_len=16, progress=False)
+    assert not list(tmp_path.glob(".t.delta*"))
