@@ -358,3 +358,22 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
         deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="ternary", calib=text,
                            calib_samples=4, calib_len=16, progress=False)
     assert not list(tmp_path.glob(".t.delta*"))
+
+
+def test_sweep_with_calibrated_variants(tmp_path, llama_pair):
+    from deltacomp.sweep import sweep
+
+    text = tmp_path / "calib.txt"
+    text.write_text(_text(3000, seed=5))
+    res = sweep(llama_pair / "base", llama_pair / "ft", ["bitdelta", "ternary"], [8], tmp_path / "sw",
+                _text(600, seed=9), ctx=32, progress=False, plot=False,
+                calib={"calib": str(text), "calib_samples": 4, "calib_len": 16, "calib_steps": 5})
+    methods = [r["method"] for r in res["deltas"]]
+    assert methods == ["bitdelta", "bitdelta+calib", "ternary"]
+    assert [s["method"] for s in res["skipped"]] == ["ternary+calib"]
+    import deltacomp
+
+    rows = {r["method"]: r for r in res["deltas"]}
+    stored = {m: deltacomp.summarize(deltacomp.load_delta(rows[m]["path"]))["compressed_tensors"]["nbytes"]
+              for m in ("bitdelta", "bitdelta+calib")}
+    assert stored["bitdelta+calib"] == stored["bitdelta"]  # same signs, new scales: same tensor bytes
