@@ -78,3 +78,12 @@ def test_cli_errors_are_one_line(tmp_path, pair, capsys, argv, msg):
 def test_ratio_and_explicit_size_setting_conflict():
     with pytest.raises(SettingsError, match="masks= and --ratio both fix the size"):
         Plan("bitdelta:masks=2", ratio=4).assign("x.q_proj.weight", (64, 64), 2, False)
+
+
+def test_bitdelta_ratio_16_is_one_mask_within_half_a_percent(tmp_path, pair):
+    import deltacomp
+
+    base, ft, _, _ = pair
+    assert Plan("bitdelta", ratio=16).assign("x.q_proj.weight", (576, 576), 2, False).settings["masks"] == 1
+    s = deltacomp.compress(base, ft, tmp_path / "d.delta.safetensors", ratio=16, progress=False)
+    assert 16 / 1.005 <= s["compressed_tensors"]["ratio"] < 16

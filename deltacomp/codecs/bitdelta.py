@@ -19,6 +19,9 @@ from ..errors import SettingsError
 from .base import Codec, CodecName, Encoded, Setting, register
 
 
+_BUDGET_SLACK = 0.005
+
+
 def _field(base: str, i: int) -> str:
     return base if i == 0 else f"{base}_{i}"
 
@@ -41,7 +44,9 @@ class BitDeltaCodec(Codec):
         s = self.resolve_settings(given)
         rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
         per_mask = rows * ((k + 7) // 8) + 4 * (rows if s["scale"] == "row" else 1)
-        masks = nbytes // per_mask
+        # Sizes come in whole masks; allow the scales' few bytes over the budget (at most 0.5%), so that
+        # --ratio 16 on 16-bit weights gives one mask (15.99x) rather than nothing.
+        masks = int(nbytes * (1 + _BUDGET_SLACK)) // per_mask
         if masks < 1:
             raise SettingsError(
                 f"bitdelta: a budget of {nbytes} bytes is below one sign mask ({per_mask} bytes) for shape "
