@@ -44,9 +44,10 @@ class BitDeltaCodec(Codec):
         s = self.resolve_settings(given)
         rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
         per_mask = rows * ((k + 7) // 8) + 4 * (rows if s["scale"] == "row" else 1)
-        # Sizes come in whole masks; allow the scales' few bytes over the budget (at most 0.5%), so that
-        # --ratio 16 on 16-bit weights gives one mask (15.99x) rather than nothing.
-        masks = int(nbytes * (1 + _BUDGET_SLACK)) // per_mask
+        # Sizes come in whole masks; allow a per-tensor scale's bytes (or 0.5%) over the budget per mask,
+        # so that --ratio 16 on 16-bit weights gives one mask (15.99x) rather than nothing.
+        masks = max((m for m in range(1, 17) if m * per_mask <= nbytes + max(_BUDGET_SLACK * nbytes, 4 * m)),
+                    default=0)
         if masks < 1:
             raise SettingsError(
                 f"bitdelta: a budget of {nbytes} bytes is below one sign mask ({per_mask} bytes) for shape "
