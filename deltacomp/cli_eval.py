@@ -1,5 +1,5 @@
 """The ``eval`` and ``sweep`` subcommands (parsing and printing only; the work is in evaluate/sweep).
-cli.py registers them with ``_EXTRA_COMMANDS.append(add_eval_parser)``."""
+cli.py registers them with ``add_eval_parser(subparsers)``."""
 from __future__ import annotations
 
 import argparse
@@ -63,8 +63,10 @@ def add_eval_parser(sub) -> None:
     p.set_defaults(func=run_eval)
 
     p = sub.add_parser("sweep", help="compress with several methods x ratios, evaluate, plot rate vs distortion")
-    p.add_argument("base", help="base model folder (Hugging Face)")
-    p.add_argument("finetuned", help="fine-tuned model folder (Hugging Face)")
+    p.add_argument("base", nargs="?", help="base model folder (Hugging Face); or give --pair")
+    p.add_argument("finetuned", nargs="?", help="fine-tuned model folder (Hugging Face); or give --pair")
+    p.add_argument("--pair", metavar="NAME", help="a bundled pair instead of BASE FINETUNED (e.g. shakespeare); "
+                   "built once and cached; its held-out text is the default --text")
     p.add_argument("--methods", type=_csv(str), required=True,
                    help="comma-separated method specs, e.g. bitdelta,svd-mixed,ternary:density=0.05")
     p.add_argument("--ratios", type=_csv(float), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
@@ -102,7 +104,18 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_sweep(args: argparse.Namespace) -> int:
     from .sweep import format_sweep, sweep
 
-    result = sweep(args.base, args.finetuned, args.methods, args.ratios, args.output, _read_text(args.text),
+    base, finetuned, text = args.base, args.finetuned, None
+    if args.pair:
+        if base or finetuned:
+            raise SettingsError("give either BASE FINETUNED or --pair NAME, not both")
+        from . import zoo
+
+        pair = zoo.ensure_pair(args.pair, progress=not args.quiet)
+        base, finetuned, text = pair.base, pair.finetuned, pair.heldout
+    elif not (base and finetuned):
+        raise SettingsError("sweep needs BASE FINETUNED or --pair NAME")
+    text = _read_text(args.text) if args.text or text is None else text
+    result = sweep(base, finetuned, args.methods, args.ratios, args.output, text,
                    ctx=args.ctx, batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
                    stride=args.stride, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype),
                    calib=None if args.calib is None else {
