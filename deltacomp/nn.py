@@ -10,8 +10,7 @@ their base layer's output, and functions that patch a model loaded from the base
 Linear weights whose delta is compressed (bitdelta, ternary, svd-mixed, lowrank, dare) are served from
 the packed form: ``DeltaLinear`` computes ``base(x) + codec term`` (the base module runs itself, so a
 quantized base such as a bitsandbytes Linear8bitLt/Linear4bit works too), or for BitDelta over a plain
-fp32/bf16 ``nn.Linear`` one fused pass over the base weight and the signs when that is faster (decode
-sizes, see ``FUSED_MAX_ROWS``). Everything else in the file (raw embeddings and norms, biases, added
+fp32/bf16 ``nn.Linear`` one fused pass over the base weight and the signs (``sign_matmul_fused``). Everything else in the file (raw embeddings and norms, biases, added
 tokens) is applied in place by ``deltacomp.api.apply_delta_`` and restored by ``unpatch_model``.
 
 Multi-tenant: one base, several deltas. ``MultiDeltaLinear`` sends every batch row to its delta: all
@@ -35,11 +34,6 @@ from .codecs import CodecName, Encoded, get_codec
 from .delta_file import DeltaFile, load_delta
 from .errors import DeltacompError
 from .quant import positions as P
-
-# BitDelta over a plain nn.Linear: the fused kernel (one pass over W_base and the signs) is used up to
-# this many rows of x; above it the base GEMM (MKL/oneDNN) plus sign_matmul is faster. Measured with
-# benchmarks/kernels.py on the 2-core AVX-512 dev machine (1 thread): see the lead's report.
-FUSED_MAX_ROWS = 1
 
 _PACKED = (CodecName.BITDELTA.value, CodecName.TERNARY.value, CodecName.SVD_MIXED.value,
            CodecName.LOWRANK.value, CodecName.DARE.value)
@@ -108,18 +102,20 @@ class DeltaLinear(nn.Module):
         self.base = base
         self.delta = DeltaTerm(encoded)
         self.in_features, self.out_features = k, n
-        # fused: None = automatic (plain fp32/bf16 nn.Linear + one-mask BitDelta, small batches)
+        # fused: None = whenever possible (a plain fp32/bf16 nn.Linear and one-mask BitDelta). Measured
+        # with benchmarks/kernels.py (CPU, 1 thread, 4096x4096 and 4096x11008, M = 1..128, fp32 and bf16
+        # W): the fused kernel beat base GEMM + sign_matmul at every M (1.0x-3.4x), and beat building
+        # W + scale * sign densely then one GEMM by 1.8x-23x, so there is no batch-size cutoff.
         can_fuse = (type(base) is nn.Linear and base.weight.dtype in (torch.float32, torch.bfloat16)
                     and encoded.codec == CodecName.BITDELTA.value and int(encoded.params.get("masks", 1)) == 1)
         if fused and not can_fuse:
             raise ValueError("DeltaLinear: fused=True needs a plain fp32/bf16 nn.Linear and a one-mask bitdelta delta")
         self.fused = can_fuse if fused is None else bool(fused)
-        self.fused_max_rows = FUSED_MAX_ROWS if fused is None else None
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.fused and (self.fused_max_rows is None or x2.shape[0] <= self.fused_max_rows):
+        if self.fused:
             d = self.delta
             y = ops.sign_matmul_fused(x2, self.base.weight, d.tensor("signs"), d.tensor("scale"), self.in_features)
             if self.base.bias is not None:
@@ -225,16 +221,22 @@ class MultiDeltaModule(nn.Module):
         self.module = module
         self.num_deltas = len(per_delta)
         self.delta_index: Tensor | None = None
-        self.per_delta = [None if d is None else {k: v.detach() for k, v in d.items()} for d in per_delta]
+        # buffers (so .to() moves them), named d<t>_<n>; _names[t] maps them back to the module's names
+        self._names: list[dict[str, str]] = []
+        for t, d in enumerate(per_delta):
+            names = {}
+            for j, (name, v) in enumerate((d or {}).items()):
+                self.register_buffer(f"d{t}_{j}", v.detach(), persistent=False)
+                names[name] = f"d{t}_{j}"
+            self._names.append(names)
 
     def forward(self, x: Tensor, *args, **kwargs):
         idx = _batch_index(self, x)
         y = self.module(x, *args, **kwargs)
-        for t, params in enumerate(self.per_delta):
-            if params is None:
-                continue
-            rows = (idx == t).nonzero().reshape(-1)
-            if rows.numel():
+        for t, names in enumerate(self._names):
+            rows = (idx == t).nonzero().reshape(-1) if names else None
+            if rows is not None and rows.numel():
+                params = {name: getattr(self, buf) for name, buf in names.items()}
                 yt = torch.func.functional_call(self.module, params, (x.index_select(0, rows), *args), kwargs)
                 y = y.index_copy(0, rows, yt.to(y.dtype))
         return y

@@ -83,7 +83,7 @@ def test_patched_logits_equal_reconstructed(pair, key):
     assert len(wrapped) == 14  # 7 projections x 2 layers; embeddings and norms applied in place
     want = _logits(_load(pair[f"rec_{key}"]), IDS)
     torch.testing.assert_close(_logits(model, IDS), want, rtol=1e-4, atol=1e-4)
-    for row in range(2):  # one row at a time: the fused path (M = 1 <= FUSED_MAX_ROWS) for bitdelta
+    for row in range(2):  # one row, one token: the decode shape
         torch.testing.assert_close(_logits(model, IDS[row:row + 1, :1]), want[row:row + 1, :1], rtol=1e-4, atol=1e-4)
 
 
