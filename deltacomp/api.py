@@ -17,7 +17,7 @@ from .checkpoint import (Checkpoint, ShardedWriter, commit_output_dir, open_chec
 from .codecs import CodecName, Encoded, get_codec
 from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DTYPES, DeltaFile, DeltaWriter, ParamInfo, base_digest,
                          dtype_name, file_to_json, fingerprint_all, load_delta)
-from .errors import BaseMismatchError, CheckpointError
+from .errors import BaseMismatchError, CheckpointError, OutputExistsError, SettingsError
 from .plan import Plan
 from .progress import progress_bar
 
@@ -118,8 +118,75 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
              method: str = "bitdelta", ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+             calib: str | os.PathLike | None = None, calib_samples: int = 32, calib_len: int = 128,
+             calib_steps: int = 20, calib_lr: float = 1e-4, calib_loss: str = "mse", gptq_act_order: bool = False,
              progress: bool = True) -> dict[str, Any]:
-    """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file."""
+    """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
+
+    ``calib`` (a text file, or a bundled corpus name: its training split) turns on the codecs' use of
+    data: BitDelta scale distillation for bitdelta tensors, GPTQ for svd-mixed ones. The data-free file is
+    made under a temporary name first, so a failure never leaves a file at ``out``."""
+    if calib is None:
+        return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
+                         max_shard_bytes=max_shard_bytes, progress=progress)
+    from .calibrate import distill_scales, gptq_requantize, load_calibration
+
+    out = Path(out)
+    for p in (out, out.with_name(out.name + ".index.json")):
+        if p.exists() and not overwrite:
+            raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
+    data = load_calibration(calib, finetuned, calib_samples, calib_len)  # fail fast on bad data
+    stages: list[Path] = []
+
+    def stage() -> Path:
+        stages.append(out.with_name(f".{out.name}.stage{len(stages)}-{os.getpid()}.delta.safetensors"))
+        return stages[-1]
+
+    try:
+        first = _compress(base, finetuned, stage(), method=method, ratio=ratio, rules=rules, overwrite=True,
+                          max_shard_bytes=max_shard_bytes, progress=progress)
+        steps = []
+        if "bitdelta" in first["by_codec"]:
+            steps.append(("distill", lambda src, dst: distill_scales(
+                base, finetuned, src, dst, data, steps=calib_steps, lr=calib_lr, loss=calib_loss, overwrite=True,
+                progress=progress)))
+        if "svd-mixed" in first["by_codec"]:
+            steps.append(("gptq", lambda src, dst: gptq_requantize(
+                base, finetuned, src, dst, data, act_order=gptq_act_order, overwrite=True, progress=progress)))
+        if not steps:
+            raise SettingsError(f"--calib: no tensor uses a codec that calibrates (bitdelta, svd-mixed); "
+                                f"this file has {', '.join(sorted(first['by_codec']))}")
+        reports, src = {}, stages[0]
+        for i, (name, run) in enumerate(steps):
+            dst = out if i == len(steps) - 1 else stage()
+            reports[name] = run(src, dst)
+            src = dst
+    finally:
+        for p in stages:
+            _remove_delta(p)
+    with load_delta(out) as df:
+        return {**summarize(df), "calibration": reports}
+
+
+def _remove_delta(path: Path) -> None:
+    """Remove a delta file (all shards and the index too, if it was sharded)."""
+    from .delta_file import index_path
+
+    idx = index_path(path)
+    if idx.is_file():
+        import json as _json
+        try:
+            for shard in set(_json.loads(idx.read_text())["weight_map"].values()):
+                (path.parent / shard).unlink(missing_ok=True)
+        except (ValueError, KeyError):
+            pass
+        idx.unlink(missing_ok=True)
+    path.unlink(missing_ok=True)
+
+
+def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
+              method: str, ratio: float | None, rules, overwrite: bool, max_shard_bytes: int,
+              progress: bool) -> dict[str, Any]:
     plan = Plan(method, list(rules), ratio)
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:

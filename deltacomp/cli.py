@@ -70,8 +70,15 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_compress(args: argparse.Namespace) -> int:
     s = api.compress(args.base, args.finetuned, args.output, method=args.method, ratio=args.ratio, rules=args.rule,
-                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, progress=not args.quiet)
+                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, calib=args.calib,
+                     calib_samples=args.calib_samples, calib_len=args.calib_len, calib_steps=args.calib_steps,
+                     calib_lr=args.calib_lr, calib_loss=args.calib_loss, gptq_act_order=args.gptq_act_order,
+                     progress=not args.quiet)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
+    for name, rep in s.get("calibration", {}).items():
+        before, after = rep.get("loss_before"), rep.get("loss_after")
+        extra = f": loss {before:.4g} -> {after:.4g}" if before is not None and after is not None else ""
+        print(f"calibration ({name}){extra}")
     return 0
 
 
@@ -144,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned", help="fine-tuned model: HF folder or .safetensors file")
     p.add_argument("-o", "--output", required=True, help="delta file to write, e.g. ft.delta.safetensors")
     _add_common_compress(p)
+    p.add_argument("--calib", metavar="FILE|CORPUS", default=None,
+                   help="calibration text (a file, or a bundled corpus name such as 'shakespeare': its training "
+                        "split): distills bitdelta scales, runs GPTQ for svd-mixed")
+    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
+    p.add_argument("--calib-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
+    p.add_argument("--calib-steps", type=int, default=20, help="scale-distillation steps (default 20)")
+    p.add_argument("--calib-lr", type=float, default=1e-4, help="scale-distillation learning rate (default 1e-4)")
+    p.add_argument("--calib-loss", choices=("mse", "kl"), default="mse", help="distillation loss on the logits")
+    p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")

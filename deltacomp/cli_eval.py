@@ -71,6 +71,11 @@ def add_eval_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
                                                           "rate_distortion.png")
     _add_eval_options(p)
+    p.add_argument("--calib", metavar="FILE|CORPUS", default=None,
+                   help="also run every point calibrated on this text (lines labelled METHOD+calib)")
+    p.add_argument("--calib-samples", type=int, default=32)
+    p.add_argument("--calib-len", type=int, default=128)
+    p.add_argument("--calib-steps", type=int, default=20)
     p.set_defaults(func=run_sweep)
 
 
@@ -100,6 +105,9 @@ def run_sweep(args: argparse.Namespace) -> int:
     result = sweep(args.base, args.finetuned, args.methods, args.ratios, args.output, _read_text(args.text),
                    ctx=args.ctx, batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
                    stride=args.stride, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype),
+                   calib=None if args.calib is None else {
+                       "calib": args.calib, "calib_samples": args.calib_samples, "calib_len": args.calib_len,
+                       "calib_steps": args.calib_steps},
                    progress=not args.quiet)
     print(format_sweep(result), end="")
     print(f"wrote {Path(args.output) / 'results.json'}, results.md, rate_distortion.png")

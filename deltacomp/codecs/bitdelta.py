@@ -19,6 +19,9 @@ from ..errors import SettingsError
 from .base import Codec, CodecName, Encoded, Setting, register
 
 
+_BUDGET_SLACK = 0.005
+
+
 def _field(base: str, i: int) -> str:
     return base if i == 0 else f"{base}_{i}"
 
@@ -41,7 +44,10 @@ class BitDeltaCodec(Codec):
         s = self.resolve_settings(given)
         rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
         per_mask = rows * ((k + 7) // 8) + 4 * (rows if s["scale"] == "row" else 1)
-        masks = nbytes // per_mask
+        # Sizes come in whole masks; allow a per-tensor scale's bytes (or 0.5%) over the budget per mask,
+        # so that --ratio 16 on 16-bit weights gives one mask (15.99x) rather than nothing.
+        masks = max((m for m in range(1, 17) if m * per_mask <= nbytes + max(_BUDGET_SLACK * nbytes, 4 * m)),
+                    default=0)
         if masks < 1:
             raise SettingsError(
                 f"bitdelta: a budget of {nbytes} bytes is below one sign mask ({per_mask} bytes) for shape "
