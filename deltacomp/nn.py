@@ -182,7 +182,9 @@ class MultiDeltaLinear(nn.Module):
         # every other codec: its own term, run on the rows of its delta (segments)
         self.others = nn.ModuleDict({str(t): DeltaTerm(e) for t, e in enumerate(encoded)
                                      if e is not None and bit[t] is None})
-        self.bias_deltas = {t: b for t, b in enumerate(bias_deltas) if b is not None}
+        self.bias_deltas = [t for t, b in enumerate(bias_deltas) if b is not None]
+        for t in self.bias_deltas:
+            self.register_buffer(f"bias_delta{t}", bias_deltas[t].reshape(n).contiguous(), persistent=False)
         self.in_features, self.out_features = k, n
 
     def forward(self, x: Tensor) -> Tensor:
@@ -204,10 +206,11 @@ class MultiDeltaLinear(nn.Module):
             rows = (idx == int(t)).nonzero().reshape(-1)
             if rows.numel():
                 extra.index_add_(0, rows, term(x2.index_select(0, rows)).to(y2.dtype))
-        for t, b in self.bias_deltas.items():
+        for t in self.bias_deltas:
             rows = (idx == t).nonzero().reshape(-1)
             if rows.numel():
-                extra.index_add_(0, rows, b.to(y2.dtype).expand(rows.numel(), -1))
+                b = getattr(self, f"bias_delta{t}").to(y2.dtype)
+                extra.index_add_(0, rows, b.expand(rows.numel(), -1))
         return (y2 + extra).reshape(*lead, y.shape[-1])
 
 

@@ -205,3 +205,57 @@ def test_misuse_raises(pair):
         dnn.patch_model_multi(_tiny_llama(5), [pair["bit"]])
     with pytest.warns(UserWarning, match="applying anyway"):
         dnn.patch_model(_tiny_llama(5), pair["bit"], force=True)
+
+
+class _Toy(torch.nn.Module):
+    """Biases and a LayerNorm (the Llama pair has neither), odd widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(33, 17)
+        self.norm = torch.nn.LayerNorm(17)
+        self.fc2 = torch.nn.Linear(17, 9, bias=False)
+
+    def forward(self, x):
+        return self.fc2(self.norm(self.fc1(x)))
+
+
+@pytest.mark.parametrize("methods", [("bitdelta", "ternary:density=0.4:per_row=true"),
+                                     ("bitdelta:scale=row", "svd-mixed")])
+def test_toy_biases_and_norms_single_and_multi(tmp_path, methods):
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    base = _Toy()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    fts, deltas = [], []
+    for i, method in enumerate(methods):
+        ft = _Toy()
+        ft.load_state_dict(base.state_dict())
+        with torch.no_grad():
+            for p in ft.parameters():
+                p.add_(torch.randn_like(p) * 0.1)
+        save_file({k: v.contiguous() for k, v in ft.state_dict().items()}, str(tmp_path / f"ft{i}.safetensors"))
+        out = tmp_path / f"d{i}.delta.safetensors"
+        deltacomp.compress(tmp_path / "base.safetensors", tmp_path / f"ft{i}.safetensors", out, method=method,
+                           progress=False)
+        rec = _Toy()
+        rec.load_state_dict(dict(deltacomp.iter_reconstructed(tmp_path / "base.safetensors", out)))
+        fts.append(rec)
+        deltas.append(out)
+    x = torch.randn(4, 5, 33)
+    with torch.no_grad():
+        for ft, d in zip(fts, deltas):
+            model = _Toy()
+            model.load_state_dict(base.state_dict())
+            dnn.patch_model(model, d)
+            torch.testing.assert_close(model(x), ft(x), rtol=1e-5, atol=1e-5)
+        model = _Toy()
+        model.load_state_dict(base.state_dict())
+        dnn.patch_model_multi(model, deltas)
+        assert isinstance(model.norm, dnn.MultiDeltaModule) and isinstance(model.fc1, dnn.MultiDeltaLinear)
+        index = [1, -1, 0, 1]
+        dnn.set_delta_index(model, index)
+        y = model(x)
+        for row, t in enumerate(index):
+            torch.testing.assert_close(y[row], (base if t < 0 else fts[t])(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
