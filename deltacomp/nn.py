@@ -8,10 +8,12 @@ their base layer's output, and functions that patch a model loaded from the base
     unpatch_model(model)                               # back to the base
 
 Linear weights whose delta is compressed (bitdelta, ternary, svd-mixed, lowrank, dare) are served from
-the packed form: ``DeltaLinear`` computes ``base(x) + codec term`` (the base module runs itself, so a
-quantized base such as a bitsandbytes Linear8bitLt/Linear4bit works too), or for BitDelta over a plain
-fp32/bf16 ``nn.Linear`` one fused pass over the base weight and the signs (``sign_matmul_fused``). Everything else in the file (raw embeddings and norms, biases, added
-tokens) is applied in place by ``deltacomp.api.apply_delta_`` and restored by ``unpatch_model``.
+the packed form: ``DeltaLinear`` computes ``base(x) + codec term`` (the base module computes its own
+output, so a quantized nn.Linear subclass such as bitsandbytes' Linear8bitLt/Linear4bit is accepted; its
+fingerprint cannot be checked, and this path is not tested here: bitsandbytes is not installed), or for
+BitDelta over a plain fp32/bf16 ``nn.Linear`` one fused pass over the base weight and the signs
+(``sign_matmul_fused``). Everything else in the file (raw embeddings and norms, biases, added tokens) is
+applied in place by ``deltacomp.api.apply_delta_`` and restored by ``unpatch_model``.
 
 Multi-tenant: one base, several deltas. ``MultiDeltaLinear`` sends every batch row to its delta: all
 BitDelta rows in one ``sign_matmul_multi`` call (rows of one delta grouped inside the kernel), other

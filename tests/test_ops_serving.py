@@ -141,7 +141,8 @@ def test_multi_all_base_rows_and_empty(cpu_path):
     packed = ops.pack_signs_ref(torch.randn(2, 5, 33))
     y = torch.ops.deltacomp.sign_matmul_multi(torch.randn(3, 33), packed, torch.ones(2), torch.full((3,), -1), 33)
     assert torch.equal(y, torch.zeros(3, 5))
-    y = torch.ops.deltacomp.sign_matmul_multi(torch.zeros(0, 33), packed, torch.ones(2), torch.zeros(0, dtype=torch.int64), 33)
+    y = torch.ops.deltacomp.sign_matmul_multi(torch.zeros(0, 33), packed, torch.ones(2),
+                                              torch.zeros(0, dtype=torch.int64), 33)
     assert y.shape == (0, 5)
 
 
@@ -225,7 +226,7 @@ def test_errors_carry_values():
         tm(x, rp, ns, torch.tensor([0, 16, 1], dtype=torch.int32), torch.ones(()), 16)
     with pytest.raises(RuntimeError, match="row_ptr must start at 0 and end at nnz=3, got 0 and 4"):
         tm(x, torch.tensor([0, 2, 4]), ns, cols, torch.ones(()), 16)
-    with pytest.raises(RuntimeError, match=r"row 0: need row_ptr\[r\] <= neg_start\[r\] <= row_ptr\[r\+1\], got 0, 3, 2"):
+    with pytest.raises(RuntimeError, match=r"row 0: need row_ptr\[r\] <= neg_start\[r\] <= .*, got 0, 3, 2"):
         tm(x, rp, torch.tensor([3, 2]), cols, torch.ones(()), 16)
     with pytest.raises(RuntimeError, match="neg_start has 1 entries, row_ptr says N=2"):
         tm(x, rp, ns[:1], cols, torch.ones(()), 16)

@@ -163,7 +163,8 @@ void fused_avx512(const float* x, int64_t m, int64_t k, const WT* w, const uint8
       } else if (rows == 4) {
         tile_fused_mb<WT, 4>(mb, xb, k, wt, pt, nb, s, out);
       } else {
-        for (int r = 0; r < rows; ++r) tile_fused_mb<WT, 1>(mb, xb, k, wt + r * k, pt + r * nb, nb, s + r, out + r * mb);
+        for (int r = 0; r < rows; ++r)
+          tile_fused_mb<WT, 1>(mb, xb, k, wt + r * k, pt + r * nb, nb, s + r, out + r * mb);
       }
       for (int r = 0; r < rows; ++r)
         for (int mm = 0; mm < mb; ++mm) y[(m0 + mm) * n + n0 + r] = out[r * mb + mm];
