@@ -106,7 +106,7 @@ class DeltaLinear(nn.Module):
         self.in_features, self.out_features = k, n
         # fused: None = whenever possible (a plain fp32/bf16 nn.Linear and one-mask BitDelta). Measured
         # with benchmarks/kernels.py (CPU, 1 thread, 4096x4096 and 4096x11008, M = 1..128, fp32 and bf16
-        # W): the fused kernel beat base GEMM + sign_matmul at every M (1.0x-3.4x), and beat building
+        # W): the fused kernel beat base GEMM + sign_matmul at every M (1.0x-3.9x), and beat building
         # W + scale * sign densely then one GEMM by 1.8x-23x, so there is no batch-size cutoff.
         can_fuse = (type(base) is nn.Linear and base.weight.dtype in (torch.float32, torch.bfloat16)
                     and encoded.codec == CodecName.BITDELTA.value and int(encoded.params.get("masks", 1)) == 1)
