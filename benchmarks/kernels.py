@@ -1,8 +1,14 @@
-"""Kernel timings: 1-bit sign_matmul (the C++ extension) vs torch fp32 dense ``x @ W.T`` vs the naive
-unpack-then-matmul reference, in one run, on the CPU.
+"""Kernel timings on the CPU, every implementation against same-run baselines:
+
+- sign_matmul (1-bit delta term) vs torch fp32 dense ``x @ W.T`` vs the naive unpack-then-matmul;
+- sign_matmul_fused (base layer + BitDelta term in one pass, fp32 and bf16 W) vs the dense base matmul
+  alone and vs the unfused serving path (dense base matmul + sign_matmul);
+- sign_matmul_multi (T deltas, one x row each: the decode batch of T tenants) vs T separate dense fp32
+  matmuls (T full fine-tunes) and vs T separate sign_matmul calls.
 
     PYTHONPATH=. python benchmarks/kernels.py --out kernels_cpu.json
     PYTHONPATH=. python benchmarks/kernels.py --shapes 4096x11008 --ms 1 --repeats 30
+    PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only fused,multi --out serve_cpu_1thread.json
 
 Shapes are N x K (output rows x reduction). Each implementation cycles through enough copies of its
 weights (and x) that together they exceed the last-level cache, so every call reads its weights from
@@ -99,6 +105,99 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generi
     return rows
 
 
+def _time(impls: dict, repeats: int) -> tuple[dict, dict]:
+    """Median and min ms per implementation, interleaved call by call (after one warm-up call each)."""
+    times = {name: [] for name in impls}
+    for fn in impls.values():
+        fn(0)
+    for i in range(repeats):
+        for name, fn in impls.items():
+            t0 = time.perf_counter()
+            fn(i + 1)
+            times[name].append(time.perf_counter() - t0)
+    return ({name: statistics.median(ts) * 1e3 for name, ts in times.items()},
+            {name: min(ts) * 1e3 for name, ts in times.items()})
+
+
+def _check(got, want, what: str) -> None:
+    # correctness guard: a fast wrong kernel must not produce a table
+    tol = 1e-2 * float(want.float().abs().max()) + 1e-3
+    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=tol), f"{what} disagrees with its reference"
+
+
+def bench_fused(n: int, k: int, ms: list[int], repeats: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+    w0 = torch.randn(n, k, generator=g)
+    p0 = ops.pack_signs_ref(torch.randn(n, k, generator=g))
+    scale = torch.rand((), generator=g)
+    rows = []
+    for wdtype in (torch.float32, torch.bfloat16):
+        wb = w0.to(wdtype)
+        copies = _copies(wb.nbytes + p0.nbytes, 8)
+        ws = [wb] + [wb.clone() for _ in range(copies - 1)]
+        ps = [p0] + [p0.clone() for _ in range(copies - 1)]
+        for m in ms:
+            xs = [torch.randn(m, k, generator=g).to(wdtype) for _ in range(8)]
+            c = len(ws)
+            impls = {
+                "fused": lambda i: torch.ops.deltacomp.sign_matmul_fused(xs[i % 8], ws[i % c], ps[i % c], scale, k),
+                "dense_plus_sign": lambda i: (xs[i % 8] @ ws[i % c].T
+                                              + torch.ops.deltacomp.sign_matmul(xs[i % 8], ps[i % c], scale, k)),
+                "dense_base": lambda i: xs[i % 8] @ ws[i % c].T,
+            }
+            _check(impls["fused"](0), ops.sign_matmul_fused_ref(xs[0], ws[0], ps[0], scale, k), "sign_matmul_fused")
+            med, low = _time(impls, repeats)
+            row = {"op": "sign_matmul_fused", "n": n, "k": k, "m": m, "w_dtype": str(wdtype).split(".")[-1],
+                   "median_ms": med, "min_ms": low,
+                   "fused_over_dense": med["fused"] / med["dense_base"],
+                   "unfused_over_dense": med["dense_plus_sign"] / med["dense_base"],
+                   "speedup_fused_vs_unfused": med["dense_plus_sign"] / med["fused"]}
+            rows.append(row)
+            print(f"fused {n:>6}x{k:<6} M={m:<3} W={row['w_dtype']:<8} " + "  ".join(
+                f"{nm}={t:8.3f}ms" for nm, t in med.items())
+                + f"  fused/dense={row['fused_over_dense']:5.2f}  unfused/dense={row['unfused_over_dense']:5.2f}",
+                flush=True)
+    return rows
+
+
+def bench_multi(n: int, k: int, tenants: list[int], repeats: int) -> list[dict]:
+    """Decode batch of T rows, row t using delta t (one x row per tenant)."""
+    g = torch.Generator().manual_seed(2)
+    rows = []
+    for t_count in tenants:
+        w_base = torch.randn(n, k, generator=g)
+        dense = [w_base + 0.01 * torch.randn(n, k, generator=g) for _ in range(t_count)]  # T fine-tunes
+        d_sets = max(1, _copies(t_count * w_base.nbytes, 4) // 1) if t_count == 1 else 1
+        dense_sets = [dense] + [[w.clone() for w in dense] for _ in range(d_sets - 1)]
+        stack = ops.pack_signs_ref(torch.randn(t_count, n, k, generator=g))
+        stacks = [stack] + [stack.clone() for _ in range(_copies(stack.nbytes) - 1)]
+        scales = torch.rand(t_count, generator=g)
+        index = torch.arange(t_count)
+        xs = [torch.randn(t_count, k, generator=g) for _ in range(8)]
+        ns, nd = len(stacks), len(dense_sets)
+        impls = {
+            "sign_matmul_multi": lambda i: torch.ops.deltacomp.sign_matmul_multi(xs[i % 8], stacks[i % ns], scales,
+                                                                                 index, k),
+            "sign_matmul_loop": lambda i: torch.cat([torch.ops.deltacomp.sign_matmul(
+                xs[i % 8][t:t + 1], stacks[i % ns][t], scales[t], k) for t in range(t_count)]),
+            "dense_fp32_loop": lambda i: torch.cat([xs[i % 8][t:t + 1] @ dense_sets[i % nd][t].T
+                                                    for t in range(t_count)]),
+        }
+        _check(impls["sign_matmul_multi"](0), ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k),
+               "sign_matmul_multi")
+        med, low = _time(impls, repeats)
+        row = {"op": "sign_matmul_multi", "n": n, "k": k, "tenants": t_count, "m": t_count,
+               "median_ms": med, "min_ms": low,
+               "speedup_vs_dense_loop": med["dense_fp32_loop"] / med["sign_matmul_multi"],
+               "speedup_vs_sign_loop": med["sign_matmul_loop"] / med["sign_matmul_multi"]}
+        rows.append(row)
+        print(f"multi {n:>6}x{k:<6} T={t_count:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
+              + f"  dense_loop/multi={row['speedup_vs_dense_loop']:5.1f}x"
+              + f"  sign_loop/multi={row['speedup_vs_sign_loop']:5.2f}x", flush=True)
+        del dense, dense_sets, stacks
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="N x K, comma separated")
@@ -107,6 +206,10 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the unpack-then-matmul reference")
     ap.add_argument("--no-generic", action="store_true", help="skip the portable (non-AVX-512) kernel path")
+    ap.add_argument("--only", default="sign,fused,multi", help="which benchmarks: sign, fused, multi")
+    ap.add_argument("--fused-ms", default="1,2,4,16", help="rows of x for the fused op")
+    ap.add_argument("--multi-shapes", default="4096x4096", help="N x K for the multi-tenant op")
+    ap.add_argument("--tenants", default="1,4,16", help="deltas in one decode batch (one row each)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if not ops.HAS_EXTENSION:
@@ -121,9 +224,17 @@ def main(argv=None) -> None:
             if os.path.exists("/proc/cpuinfo") else None,
             "loadavg_before": os.getloadavg(), "repeats": args.repeats}
     print(f"# {info['cpu']}, {info['threads']} threads, torch {info['torch']}, load {info['loadavg_before']}")
+    only = set(args.only.split(","))
     rows = []
     for n, k in shapes:
-        rows += bench_shape(n, k, ms, args.repeats, not args.no_naive, not args.no_generic)
+        if "sign" in only:
+            rows += bench_shape(n, k, ms, args.repeats, not args.no_naive, not args.no_generic)
+        if "fused" in only:
+            rows += bench_fused(n, k, [int(v) for v in args.fused_ms.split(",")], args.repeats)
+    if "multi" in only:
+        for spec in args.multi_shapes.split(","):
+            n, k = (int(v) for v in spec.lower().split("x"))
+            rows += bench_multi(n, k, [int(v) for v in args.tenants.split(",")], args.repeats)
     info["loadavg_after"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

@@ -14,6 +14,17 @@ TORCH_LIBRARY(deltacomp, m) {
   // y (M, N) = x (M, K) @ (scale * sign)^T; x fp32/bf16/fp16 (accumulated in fp32, y in x.dtype),
   // packed SIGNS (N, ceil(k/8)), scale fp32 () / (1,) per tensor or (N,) per output row
   m.def("sign_matmul(Tensor x, Tensor packed, Tensor scale, int k) -> Tensor");
+  // y (M, N) = x (M, K) @ (w_base + scale * sign)^T in one pass over w_base and the signs; w_base
+  // fp32/bf16 (N, K) (bf16 widened on the fly; the effective weight is fp32, never rounded), packed
+  // SIGNS (N, ceil(k/8)), scale fp32 () / (1,) / (N,); x and y as in sign_matmul
+  m.def("sign_matmul_fused(Tensor x, Tensor w_base, Tensor packed, Tensor scale, int k) -> Tensor");
+  // multi-tenant (decode, BGMV-style): y[i] = x[i] @ (scales[t] * sign_t)^T with t = index[i], zeros
+  // where index[i] == -1; packed SIGNS stack (T, N, ceil(k/8)), scales fp32 (T,) or (T, N),
+  // index int64 (M,) in [-1, T)
+  m.def("sign_matmul_multi(Tensor x, Tensor packed, Tensor scales, Tensor index, int k) -> Tensor");
+  // ternary on the TERNARY_CSR runtime form: y = x @ (scale * T)^T, T (N, k) in {-1, 0, +1};
+  // row_ptr int64 (N+1), neg_start int64 (N), cols int32 (nnz), scale fp32 () / (1,) / (N,)
+  m.def("ternary_matmul(Tensor x, Tensor row_ptr, Tensor neg_start, Tensor cols, Tensor scale, int k) -> Tensor");
 }
 
 // `from deltacomp import _C` only has to load this library (which runs the registrations above); the

@@ -6,6 +6,12 @@ Layouts (shared by every implementation, references included):
   SIGNS (uint8, shape (*lead, ceil(K / 8))): bit i (LSB = 0) of byte j holds element 8*j + i along the
       last axis K; bit 1 means value >= 0 (sign +1), bit 0 means value < 0 (sign -1). Padding bits past
       K are 0. A (N, K) weight is packed row by row, along K (the reduction axis of x @ W^T).
+  SIGNS stack (uint8, (T, N, ceil(K / 8))): T SIGNS matrices of one shape, one per delta (tenant).
+  TERNARY_CSR (runtime form of a ternary delta T (N, K) in {-1, 0, +1}; built once from the codec's
+      decoded support by ``ternary_runtime``, never stored on disk): ``row_ptr`` int64 (N + 1),
+      ``neg_start`` int64 (N), ``cols`` int32 (nnz). Row r is +1 at columns cols[row_ptr[r] :
+      neg_start[r]] and -1 at cols[neg_start[r] : row_ptr[r + 1]] (positives first, so kernels never
+      branch on a sign); columns ascend within each part.
 
 The reference functions below are the specification: every kernel is tested against them.
 """
@@ -89,6 +95,83 @@ def sign_matmul_ref(x: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
     return (y * scale.to(torch.float32)).to(x.dtype)
 
 
+def sign_matmul_fused_ref(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
+    """``x @ (w_base + scale * sign)^T``; the effective weight is formed in fp32 (not rounded to w_base's
+    dtype), accumulated in fp32, returned in x.dtype."""
+    _check_sign_matmul(x, packed, scale, k)
+    if tuple(w_base.shape) != (packed.shape[0], k):
+        raise ValueError(f"sign_matmul_fused: w_base has shape {tuple(w_base.shape)}, packed needs "
+                         f"({packed.shape[0]}, {k})")
+    s = scale.to(torch.float32).reshape(-1, 1) if scale.dim() else scale.to(torch.float32)
+    w = w_base.to(torch.float32) + unpack_signs_ref(packed, k, torch.float32) * s
+    return (x.to(torch.float32) @ w.T).to(x.dtype)
+
+
+def sign_matmul_multi_ref(x: Tensor, packed: Tensor, scales: Tensor, index: Tensor, k: int) -> Tensor:
+    """Multi-tenant (decode): row i of the result is ``x[i] @ (scales[t] * sign_t)^T``, t = index[i];
+    zeros where index[i] == -1. packed: SIGNS stack (T, N, ceil(k/8)); scales fp32 (T,) or (T, N);
+    index int64 (M,)."""
+    if packed.dim() != 3:
+        raise ValueError(f"sign_matmul_multi: packed must be a 3-D stack (T, N, ceil(k/8)), got {tuple(packed.shape)}")
+    t_count, n = packed.shape[0], packed.shape[1]
+    if tuple(scales.shape) not in ((t_count,), (t_count, n)):
+        raise ValueError(f"sign_matmul_multi: scales must have shape ({t_count},) or ({t_count}, {n}), "
+                         f"got {tuple(scales.shape)}")
+    if index.dim() != 1 or index.shape[0] != x.shape[0]:
+        raise ValueError(f"sign_matmul_multi: index must be 1-D with one entry per row of x ({x.shape[0]}), "
+                         f"got shape {tuple(index.shape)}")
+    if index.numel() and (int(index.min()) < -1 or int(index.max()) >= t_count):
+        raise ValueError(f"sign_matmul_multi: index values must be in [-1, {t_count}), got "
+                         f"[{int(index.min())}, {int(index.max())}]")
+    y = torch.zeros(x.shape[0], n, dtype=x.dtype, device=x.device)
+    for t in range(t_count):
+        rows = (index == t).nonzero().reshape(-1)
+        if rows.numel():
+            y[rows] = sign_matmul_ref(x[rows], packed[t], scales[t], k)
+    return y
+
+
+def ternary_runtime(positions: Tensor, signs: Tensor, shape: tuple[int, int]) -> tuple[Tensor, Tensor, Tensor]:
+    """TERNARY_CSR runtime form from a decoded support: ``positions`` int64 sorted flat indices into an
+    (N, K) matrix, ``signs`` bool (True = +1). Returns (row_ptr, neg_start, cols)."""
+    n, k = shape
+    pos = torch.as_tensor(positions, dtype=torch.int64).reshape(-1)
+    neg = ~torch.as_tensor(signs, dtype=torch.bool).reshape(-1)
+    if pos.numel() != neg.numel():
+        raise ValueError(f"ternary_runtime: {pos.numel()} positions but {neg.numel()} signs")
+    if pos.numel() and (int(pos.min()) < 0 or int(pos.max()) >= n * k):
+        raise ValueError(f"ternary_runtime: positions must be in [0, {n * k}) for shape {tuple(shape)}")
+    rows = pos // k
+    order = torch.argsort(rows * 2 + neg.to(torch.int64), stable=True)  # by row, positives first
+    counts = torch.bincount(rows, minlength=n)
+    row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+    row_ptr[1:] = torch.cumsum(counts, 0)
+    neg_start = row_ptr[:-1] + torch.bincount(rows[~neg], minlength=n)
+    return row_ptr, neg_start, (pos[order] % k).to(torch.int32).contiguous()
+
+
+def ternary_dense_ref(row_ptr: Tensor, neg_start: Tensor, cols: Tensor, k: int) -> Tensor:
+    """The dense (N, k) float32 matrix in {-1, 0, +1} of a TERNARY_CSR form."""
+    n = row_ptr.shape[0] - 1
+    counts = row_ptr[1:] - row_ptr[:-1]
+    rows = torch.repeat_interleave(torch.arange(n), counts)
+    j = torch.arange(cols.shape[0])
+    sign = torch.where(j < neg_start[rows], 1.0, -1.0)
+    out = torch.zeros(n, k, dtype=torch.float32)
+    out[rows, cols.to(torch.int64)] = sign
+    return out
+
+
+def ternary_matmul_ref(x: Tensor, row_ptr: Tensor, neg_start: Tensor, cols: Tensor, scale: Tensor, k: int) -> Tensor:
+    """``x @ (scale * T)^T`` with T the dense ternary matrix of the TERNARY_CSR form; fp32 accumulation,
+    x.dtype out. scale fp32 () / (1,) / (N,)."""
+    if x.shape[-1] != k:
+        raise ValueError(f"ternary_matmul: x has {x.shape[-1]} columns (shape {tuple(x.shape)}) but k={k}")
+    t = ternary_dense_ref(row_ptr, neg_start, cols, k)
+    s = scale.to(torch.float32).reshape(-1, 1) if scale.dim() else scale.to(torch.float32)
+    return (x.to(torch.float32) @ (t * s).T).to(x.dtype)
+
+
 # -- public entry points (extension when built, reference otherwise) -------------------------------
 # Each op: its fake (meta) kernel, for torch.compile / FakeTensor tracing, sits beside its wrapper;
 # the schemas are declared once in csrc/ops.cpp.
@@ -160,3 +243,73 @@ if HAS_EXTENSION:
         torch._check(packed.shape[1] == (k + 7) // 8,
                      lambda: f"sign_matmul: k={k} needs {(k + 7) // 8} bytes per row, packed has {packed.shape[1]}")
         return x.new_empty((x.shape[0], packed.shape[0]))
+
+
+def _sign_fake_checks(op: str, x: Tensor, k: int) -> None:
+    torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D, got {tuple(x.shape)}")
+    torch._check(x.shape[1] == k, lambda: f"{op}: x has {x.shape[1]} columns but k={k}")
+
+
+def sign_matmul_fused(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
+    """``x @ (w_base + scale * sign)^T`` in one pass over the base weight and the signs (a base linear
+    layer and its BitDelta term together). w_base fp32/bf16 (N, K); the rest as ``sign_matmul``."""
+    if (_ext_on(x, w_base, packed, scale) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES
+            and w_base.dtype in (torch.float32, torch.bfloat16) and packed.dtype == torch.uint8):
+        return torch.ops.deltacomp.sign_matmul_fused(x.contiguous(), w_base.contiguous(), packed.contiguous(),
+                                                     scale.to(torch.float32).contiguous(), k)
+    return sign_matmul_fused_ref(x, w_base, packed, scale, k)
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("deltacomp::sign_matmul_fused")
+    def _sign_matmul_fused_fake(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
+        _sign_fake_checks("sign_matmul_fused", x, k)
+        torch._check(w_base.dim() == 2 and w_base.shape[1] == k,
+                     lambda: f"sign_matmul_fused: w_base must be (N, {k}), got {tuple(w_base.shape)}")
+        torch._check(tuple(packed.shape) == (w_base.shape[0], (k + 7) // 8),
+                     lambda: f"sign_matmul_fused: packed must be ({w_base.shape[0]}, {(k + 7) // 8}), "
+                             f"got {tuple(packed.shape)}")
+        return x.new_empty((x.shape[0], w_base.shape[0]))
+
+
+def sign_matmul_multi(x: Tensor, packed: Tensor, scales: Tensor, index: Tensor, k: int) -> Tensor:
+    """Multi-tenant decode (BGMV-style): row i uses delta ``index[i]`` of the SIGNS stack ``packed``
+    (T, N, ceil(k/8)) with ``scales`` (T,) or (T, N); -1 gives a zero row. Rows sharing a delta are
+    grouped inside the kernel, so one call also serves prefill; for long prefill segments of one delta,
+    ``sign_matmul`` on each contiguous row range does the same work without the gather."""
+    if (_ext_on(x, packed, scales, index) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES
+            and packed.dim() == 3 and packed.dtype == torch.uint8):
+        return torch.ops.deltacomp.sign_matmul_multi(x.contiguous(), packed.contiguous(),
+                                                     scales.to(torch.float32).contiguous(),
+                                                     index.to(torch.int64).contiguous(), k)
+    return sign_matmul_multi_ref(x, packed, scales.to(torch.float32), index.to(torch.int64), k)
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("deltacomp::sign_matmul_multi")
+    def _sign_matmul_multi_fake(x: Tensor, packed: Tensor, scales: Tensor, index: Tensor, k: int) -> Tensor:
+        _sign_fake_checks("sign_matmul_multi", x, k)
+        torch._check(packed.dim() == 3 and packed.shape[2] == (k + 7) // 8,
+                     lambda: f"sign_matmul_multi: packed must be (T, N, {(k + 7) // 8}), got {tuple(packed.shape)}")
+        torch._check(index.dim() == 1 and index.shape[0] == x.shape[0],
+                     lambda: f"sign_matmul_multi: index must be ({x.shape[0]},), got {tuple(index.shape)}")
+        return x.new_empty((x.shape[0], packed.shape[1]))
+
+
+def ternary_matmul(x: Tensor, row_ptr: Tensor, neg_start: Tensor, cols: Tensor, scale: Tensor, k: int) -> Tensor:
+    """``x @ (scale * T)^T`` for a ternary T in its TERNARY_CSR runtime form (see ``ternary_runtime``):
+    a signed sparse gather-add per output row, the dense T never built. x (M, K) fp32/bf16/fp16."""
+    if (_ext_on(x, row_ptr, neg_start, cols, scale) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES):
+        return torch.ops.deltacomp.ternary_matmul(x.contiguous(), row_ptr.contiguous(), neg_start.contiguous(),
+                                                  cols.contiguous(), scale.to(torch.float32).contiguous(), k)
+    return ternary_matmul_ref(x, row_ptr, neg_start, cols, scale, k)
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("deltacomp::ternary_matmul")
+    def _ternary_matmul_fake(x: Tensor, row_ptr: Tensor, neg_start: Tensor, cols: Tensor, scale: Tensor,
+                             k: int) -> Tensor:
+        _sign_fake_checks("ternary_matmul", x, k)
+        torch._check(row_ptr.dim() == 1 and row_ptr.shape[0] >= 1,
+                     lambda: f"ternary_matmul: row_ptr must be 1-D (N + 1,), got {tuple(row_ptr.shape)}")
+        return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))

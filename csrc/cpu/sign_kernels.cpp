@@ -88,6 +88,31 @@ void sign_matmul_generic(const float* x, int64_t m, int64_t k, const uint8_t* pa
   }
 }
 
+// Multi-tenant: `order` lists the x rows with a delta, grouped by tenant (segments); xs holds those
+// rows in that order, contiguous. seg_t / seg_start describe segment s = rows [seg_start[s],
+// seg_start[s+1]) of xs, all using tenant seg_t[s]. y rows are scattered back through `order`.
+struct Segments {
+  std::vector<int64_t> order, seg_t, seg_start;
+};
+
+void sign_matmul_multi_generic(const float* xs, int64_t k, const uint8_t* packed, int64_t n,
+                               const float* scales, bool per_row, const Segments& sg, float* y,
+                               const double* totals, int64_t work) {
+  const int64_t nb = bytes_per_row(k);
+  const int64_t nseg = static_cast<int64_t>(sg.seg_t.size());
+#pragma omp parallel for schedule(dynamic, 32) if (work >= kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    for (int64_t s = 0; s < nseg; ++s) {
+      const int64_t t = sg.seg_t[s];
+      const uint8_t* pr = packed + (t * n + r) * nb;
+      const float sc = scales[per_row ? t * n + r : t];
+      for (int64_t j = sg.seg_start[s]; j < sg.seg_start[s + 1]; ++j) {
+        y[sg.order[j] * n + r] = finish(pos_sum_generic(xs + j * k, pr, k), totals[j], sc);
+      }
+    }
+  }
+}
+
 // ---- AVX-512 path ---------------------------------------------------------------------------------
 #if DELTACOMP_X86_GCC
 #pragma GCC push_options
@@ -95,6 +120,7 @@ void sign_matmul_generic(const float* x, int64_t m, int64_t k, const uint8_t* pa
 #pragma GCC diagnostic push
 // GCC 12 false positive: _mm512_reduce_add_ps starts from _mm256_undefined_pd() on purpose.
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 // pos[r * MB + mm] = sum of x[mm][t] over the t where bit t of packed row r is 1.
 // x: MB rows of k floats (row stride k); packed: R rows of nb bytes (row stride nb).
@@ -175,6 +201,42 @@ void sign_matmul_avx512(const float* x, int64_t m, int64_t k, const uint8_t* pac
   }
 }
 
+void sign_matmul_multi_avx512(const float* xs, int64_t k, const uint8_t* packed, int64_t n,
+                              const float* scales, bool per_row, const Segments& sg, float* y,
+                              const double* totals, int64_t work) {
+  const int64_t nb = bytes_per_row(k);
+  constexpr int R = 8, kMaxMB = 4;
+  const int64_t tiles = (n + R - 1) / R;
+  const int64_t nseg = static_cast<int64_t>(sg.seg_t.size());
+#pragma omp parallel for schedule(dynamic, 4) if (work >= kParallelMinWork)
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t n0 = tile * R;
+    const int rows = static_cast<int>(std::min<int64_t>(R, n - n0));
+    float pos[R * kMaxMB];
+    for (int64_t s = 0; s < nseg; ++s) {
+      const int64_t t = sg.seg_t[s];
+      const uint8_t* pb = packed + (t * n + n0) * nb;
+      for (int64_t j0 = sg.seg_start[s]; j0 < sg.seg_start[s + 1]; j0 += kMaxMB) {
+        const int mb = static_cast<int>(std::min<int64_t>(kMaxMB, sg.seg_start[s + 1] - j0));
+        const float* xb = xs + j0 * k;
+        if (rows == R && mb == 1) {  // decode: one row per tenant, 8 add chains over 8 weight rows
+          tile_avx512<8, 1>(xb, k, pb, nb, pos);
+        } else if (rows == R) {      // two 4-row tiles, mb x rows each: pos[r * mb + mm] as below
+          tile_avx512_mb<4>(mb, xb, k, pb, nb, pos);
+          tile_avx512_mb<4>(mb, xb, k, pb + 4 * nb, nb, pos + 4 * mb);
+        } else {
+          for (int r = 0; r < rows; ++r) tile_avx512_mb<1>(mb, xb, k, pb + r * nb, nb, pos + r * mb);
+        }
+        for (int r = 0; r < rows; ++r) {
+          const float sc = scales[per_row ? t * n + n0 + r : t];
+          for (int mm = 0; mm < mb; ++mm)
+            y[sg.order[j0 + mm] * n + n0 + r] = finish(pos[r * mb + mm], totals[j0 + mm], sc);
+        }
+      }
+    }
+  }
+}
+
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
@@ -225,6 +287,48 @@ void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed
     sign_matmul_avx512(x, m, k, packed, n, scale, per_row, y, totals.data());
   } else {
     sign_matmul_generic(x, m, k, packed, n, scale, per_row, y, totals.data());
+  }
+}
+
+void sign_matmul_multi_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t t_count,
+                           int64_t n, const float* scales, bool per_row, const int64_t* index, float* y) {
+  if (m == 0 || n == 0) return;
+  // Counting sort of the rows by tenant (stable), rows without a delta get zeros.
+  Segments sg;
+  std::vector<int64_t> count(static_cast<size_t>(t_count) + 1, 0);
+  for (int64_t i = 0; i < m; ++i) {
+    if (index[i] < 0) {
+      std::memset(y + i * n, 0, sizeof(float) * static_cast<size_t>(n));
+    } else {
+      ++count[static_cast<size_t>(index[i]) + 1];
+    }
+  }
+  for (int64_t t = 0; t < t_count; ++t) count[t + 1] += count[t];
+  const int64_t used = count[t_count];
+  if (used == 0) return;
+  sg.order.resize(static_cast<size_t>(used));
+  {
+    std::vector<int64_t> next(count.begin(), count.end() - 1);
+    for (int64_t i = 0; i < m; ++i)
+      if (index[i] >= 0) sg.order[next[index[i]]++] = i;
+  }
+  for (int64_t t = 0; t < t_count; ++t) {
+    if (count[t + 1] > count[t]) {
+      sg.seg_t.push_back(t);
+      sg.seg_start.push_back(count[t]);
+    }
+  }
+  sg.seg_start.push_back(used);
+  // x rows gathered in segment order (m x k is small next to the T stacks of signs)
+  std::vector<float> xs(static_cast<size_t>(used * k));
+  for (int64_t j = 0; j < used; ++j) std::memcpy(xs.data() + j * k, x + sg.order[j] * k, sizeof(float) * k);
+  std::vector<double> totals(static_cast<size_t>(used));
+  row_totals(xs.data(), used, k, totals.data());
+  const int64_t work = used * n * k;
+  if (use_avx512()) {
+    sign_matmul_multi_avx512(xs.data(), k, packed, n, scales, per_row, sg, y, totals.data(), work);
+  } else {
+    sign_matmul_multi_generic(xs.data(), k, packed, n, scales, per_row, sg, y, totals.data(), work);
   }
 }
 

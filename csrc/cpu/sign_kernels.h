@@ -23,6 +23,14 @@ void unpack_signs_f32(const uint8_t* packed, int64_t n, int64_t k, float* out);
 void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                      const float* scale, bool per_row, float* y);
 
+// Multi-tenant (BGMV-style) sign matmul: row i of y (m, n) is x[i] @ (scale_t * sign_t)^T with
+// t = index[i], or zeros where index[i] == -1. packed is a stack (t_count, n, ceil(k/8)) of SIGNS
+// matrices; scales has t_count entries (per tensor) or t_count * n (per_row, row-major (t_count, n)).
+// index values must be in [-1, t_count) (the caller checks). Rows sharing a tenant are gathered and
+// run together, so x rows of one tenant share each load of its sign bytes.
+void sign_matmul_multi_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t t_count,
+                           int64_t n, const float* scales, bool per_row, const int64_t* index, float* y);
+
 
 }  // namespace cpu
 }  // namespace deltacomp

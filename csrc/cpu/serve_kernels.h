@@ -1,0 +1,26 @@
+// Raw-pointer CPU kernels for serving a delta next to its base (no torch here; csrc/cpu/serve_ops.cpp
+// wraps them). Layouts are documented in deltacomp/ops.py.
+#pragma once
+#include <cstdint>
+
+namespace deltacomp {
+namespace cpu {
+
+// Fused base + sign delta: y (m, n) = x (m, k) @ (w + scale * sign)^T, fp32 accumulation, in one pass
+// over w and the signs. w (n, k) is float32 (WT = float) or bfloat16 bit patterns (WT = uint16_t,
+// widened on the fly); the effective weight w + scale * sign is formed in fp32 and never rounded to
+// w's dtype. packed is SIGNS (n, ceil(k/8)); scale has n entries when per_row, else 1.
+template <typename WT>
+void sign_matmul_fused(const float* x, int64_t m, int64_t k, const WT* w, const uint8_t* packed,
+                       int64_t n, const float* scale, bool per_row, float* y);
+
+// Ternary matmul on the TERNARY_CSR runtime form: y (m, n) = x @ (scale * T)^T with T in {-1, 0, +1}.
+// Row r of T is +1 at cols[row_ptr[r] .. neg_start[r]) and -1 at cols[neg_start[r] .. row_ptr[r+1]).
+// xt is x transposed, (k, m) row-major, so the m values of one column are contiguous (one gather of
+// a column serves every x row). Indices must be in bounds (the caller checks).
+void ternary_matmul_f32(const float* xt, int64_t m, int64_t k, const int64_t* row_ptr,
+                        const int64_t* neg_start, const int32_t* cols, int64_t n, const float* scale,
+                        bool per_row, float* y);
+
+}  // namespace cpu
+}  // namespace deltacomp

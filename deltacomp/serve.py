@@ -1,0 +1,57 @@
+"""Multi-tenant generation: one base model in memory, several deltas served from their packed form,
+one batch in which each prompt names its delta (``deltacomp generate``)."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import torch
+
+from .errors import DeltacompError, SettingsError
+from .nn import patch_model_multi, set_delta_index
+
+
+def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], prompts: Sequence[str],
+             max_new_tokens: int = 32, *, prompt_delta: Sequence[int] | None = None,
+             dtype: torch.dtype = torch.float32, force: bool = False, model=None, tokenizer=None) -> list[str]:
+    """Greedy continuations of ``prompts``; prompt i runs with delta ``prompt_delta[i]`` (an index into
+    ``deltas``, -1 = the base alone; default: every prompt with delta 0, or the base when no delta is
+    given). The base (a Hugging Face folder) is loaded once, in ``dtype``, and patched with all deltas
+    (``patch_model_multi``); the whole batch is one ``generate`` call, left-padded. ``model`` /
+    ``tokenizer``: already loaded base objects to use instead of loading ``base`` (the model is patched
+    in place). Returns the generated text of each prompt, prompt excluded."""
+    if not prompts:
+        raise SettingsError("generate: give at least one prompt")
+    if max_new_tokens < 1:
+        raise SettingsError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if prompt_delta is None:
+        prompt_delta = [0 if deltas else -1] * len(prompts)
+    prompt_delta = [int(i) for i in prompt_delta]
+    if len(prompt_delta) != len(prompts):
+        raise SettingsError(f"generate: {len(prompts)} prompts but {len(prompt_delta)} delta indices; give one "
+                            "--prompt-delta per --prompt (or none: all prompts use the first delta)")
+    bad = [i for i in prompt_delta if not -1 <= i < len(deltas)]
+    if bad:
+        raise SettingsError(f"generate: delta index {bad[0]} is out of range; {len(deltas)} delta(s) given, "
+                            f"valid indices are -1 (base) to {len(deltas) - 1}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(base))
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+    model.eval()
+    if deltas:
+        patch_model_multi(model, list(deltas), force=force)
+        set_delta_index(model, prompt_delta)
+    elif any(i != -1 for i in prompt_delta):
+        raise DeltacompError("generate: prompts name deltas but none were given")
+    tok.padding_side = "left"  # new tokens are appended on the right of every row
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    if pad is None:
+        raise DeltacompError(f"generate: the tokenizer of {base} has neither a pad nor an eos token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(list(prompts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
+    return tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
