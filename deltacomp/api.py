@@ -7,7 +7,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -371,13 +371,15 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
 
 
 def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | DeltaFile, *, force: bool = False,
-                 progress: bool = False) -> torch.nn.Module:
-    """Turn ``model`` (loaded from the base) into the fine-tune, in place, parameter by parameter."""
+                 names: Iterable[str] | None = None, progress: bool = False) -> torch.nn.Module:
+    """Turn ``model`` (loaded from the base) into the fine-tune, in place, parameter by parameter
+    (only the parameters in ``names`` when given)."""
     df = delta if isinstance(delta, DeltaFile) else load_delta(delta)
     checker = _BaseChecker(df, force)
     state = dict(model.named_parameters(remove_duplicate=False))
     state.update(dict(model.named_buffers(remove_duplicate=False)))
-    for name in progress_bar(list(df.params), desc="apply", unit="tensor", enable=progress):
+    todo = list(df.params) if names is None else [n for n in df.params if n in set(names)]
+    for name in progress_bar(todo, desc="apply", unit="tensor", enable=progress):
         info = df.params[name]
         if info.tied_to is not None:
             if name in state and state[name] is not state.get(info.tied_to):

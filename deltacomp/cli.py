@@ -130,6 +130,19 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from .serve import generate
+
+    texts = generate(args.base, args.delta, args.prompt, args.max_new_tokens, prompt_delta=args.prompt_delta,
+                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force)
+    idx = args.prompt_delta or [0 if args.delta else -1] * len(args.prompt)
+    for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
+        print(f"[{i}] delta {idx[i]}: {prompt!r} -> {text!r}")
+    return 0
+
+
 def _add_common_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", default="bitdelta",
                    help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
@@ -193,6 +206,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_export_lora)
+
+    p = sub.add_parser("generate", help="greedy generation from BASE with several deltas served packed, in one batch")
+    p.add_argument("base")
+    p.add_argument("--delta", action="append", default=[], help="a delta file (repeatable; indices 0, 1, ... in order)")
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--prompt-delta", action="append", type=int, default=None,
+                   help="delta index for each --prompt, in order (-1 = the base); default: every prompt uses delta 0")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--force", action="store_true", help="serve deltas made against another base anyway")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
     p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")

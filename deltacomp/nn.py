@@ -23,7 +23,6 @@ tensors on that delta's rows.
 """
 from __future__ import annotations
 
-import copy
 import os
 import warnings
 from typing import Sequence
@@ -309,11 +308,10 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | DeltaFile, *, force
         _check_base(checker, wname, mod.weight, type(model).__name__, warned)
         wrap[mname] = (mod, wname)
     wrapped = {w for _, w in wrap.values()}
-    rest = copy.copy(df)  # the same open file, restricted to the tensors applied in place
-    rest.params = {n: i for n, i in df.params.items() if n not in wrapped}
+    rest = [n for n in df.params if n not in wrapped]  # applied in place
     state = _state(model)
-    backup = {n: state[n].detach().clone() for n, i in rest.params.items() if i.tied_to is None and n in state}
-    api.apply_delta_(model, rest, force=force)
+    backup = {n: state[n].detach().clone() for n in rest if df.params[n].tied_to is None and n in state}
+    api.apply_delta_(model, df, force=force, names=rest)
     for mname, (mod, wname) in wrap.items():
         _set_module(model, mname, DeltaLinear(mod, df.encoded(wname), fused=fused))
     setattr(model, _PATCH_ATTR, {"backup": backup, "deltas": 1})

@@ -259,3 +259,17 @@ def test_toy_biases_and_norms_single_and_multi(tmp_path, methods):
         y = model(x)
         for row, t in enumerate(index):
             torch.testing.assert_close(y[row], (base if t < 0 else fts[t])(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_generate(pair, capsys):
+    from deltacomp.cli import main
+
+    argv = ["generate", str(pair["dir"] / "base"), "--delta", str(pair["bit"]), "--delta", str(pair["tern"]),
+            "--prompt", PROMPTS[0], "--prompt-delta", "1", "--prompt", PROMPTS[0], "--prompt-delta", "-1",
+            "--max-new-tokens", "4"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    want = generate(pair["dir"] / "base", [pair["bit"], pair["tern"]], [PROMPTS[0]] * 2, 4, prompt_delta=[1, -1])
+    assert out == [f"[0] delta 1: {PROMPTS[0]!r} -> {want[0]!r}", f"[1] delta -1: {PROMPTS[0]!r} -> {want[1]!r}"]
+    assert main(argv[:4] + ["--prompt", "x", "--prompt-delta", "5"]) == 2
+    assert "out of range" in capsys.readouterr().err
