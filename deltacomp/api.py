@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -38,8 +39,6 @@ class Pairing:
 
 def pair_checkpoints(base: Checkpoint, ft: Checkpoint) -> list[Pairing]:
     """Match tensors by name; refuse shape mismatches except added rows of embeddings/heads."""
-    import re
-
     out: list[Pairing] = []
     for name in ft.names():
         if name in _TIE_TARGETS:
@@ -174,9 +173,8 @@ def _remove_delta(path: Path) -> None:
 
     idx = index_path(path)
     if idx.is_file():
-        import json as _json
         try:
-            for shard in set(_json.loads(idx.read_text())["weight_map"].values()):
+            for shard in set(json.loads(idx.read_text())["weight_map"].values()):
                 (path.parent / shard).unlink(missing_ok=True)
         except (ValueError, KeyError):
             pass
