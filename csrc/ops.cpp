@@ -25,6 +25,13 @@ TORCH_LIBRARY(deltacomp, m) {
   // ternary on the TERNARY_CSR runtime form: y = x @ (scale * T)^T, T (N, k) in {-1, 0, +1};
   // row_ptr int64 (N+1), neg_start int64 (N), cols int32 (nnz), scale fp32 () / (1,) / (N,)
   m.def("ternary_matmul(Tensor x, Tensor row_ptr, Tensor neg_start, Tensor cols, Tensor scale, int k) -> Tensor");
+  // svd-mixed, one bit-width group: y (M, n) = x (M, k) @ (U diag(s) V)^T with U, V never built.
+  // v_q uint8 KBITS stream of r*k `bits`-bit codes (V rows), v_scale / v_zero fp16 (r, ceil(k/group_size));
+  // u_q KBITS stream of r*n codes (rows of U^T), u_scale / u_zero fp16 (r, ceil(n/group_size)); s fp32 (r,).
+  // RTN: value = zero + code * scale per group of group_size along each row. x fp32/bf16/fp16, fp32
+  // accumulation, y in x.dtype.
+  m.def("kbit_lowrank_matmul(Tensor x, Tensor v_q, Tensor v_scale, Tensor v_zero, Tensor u_q, Tensor u_scale, "
+        "Tensor u_zero, Tensor s, int bits, int n, int k, int group_size) -> Tensor");
 }
 
 // `from deltacomp import _C` only has to load this library (which runs the registrations above); the

@@ -12,6 +12,11 @@ Layouts (shared by every implementation, references included):
       ``neg_start`` int64 (N), ``cols`` int32 (nnz). Row r is +1 at columns cols[row_ptr[r] :
       neg_start[r]] and -1 at cols[neg_start[r] : row_ptr[r + 1]] (positives first, so kernels never
       branch on a sign); columns ascend within each part.
+  KBITS factors (svd-mixed, one bit-width group of r singular vectors; quant/bitpack.py, quant/rtn.py):
+      ``v_q`` uint8 1-D KBITS stream of r*K ``bits``-bit codes, V row j = codes [j*K, (j+1)*K);
+      ``u_q`` likewise r*N codes, row j of U^T = codes [j*N, (j+1)*N); ``v_scale``/``v_zero`` fp16
+      (r, ceil(K / group_size)), ``u_scale``/``u_zero`` fp16 (r, ceil(N / group_size)): element c of a
+      row is zero[g] + code * scale[g] with g = c // group_size; ``s`` fp32 (r,).
 
 The reference functions below are the specification: every kernel is tested against them.
 """
@@ -21,6 +26,8 @@ import warnings
 
 import torch
 from torch import Tensor
+
+from .quant.bitpack import unpack_bits
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
 
@@ -172,6 +179,50 @@ def ternary_matmul_ref(x: Tensor, row_ptr: Tensor, neg_start: Tensor, cols: Tens
     return (x.to(torch.float32) @ (t * s).T).to(x.dtype)
 
 
+def _check_lowrank(x: Tensor, v_q: Tensor, v_scale: Tensor, v_zero: Tensor, u_q: Tensor, u_scale: Tensor,
+                   u_zero: Tensor, s: Tensor, bits: int, n: int, k: int, group_size: int) -> None:
+    op = "kbit_lowrank_matmul"
+    if not 1 <= bits <= 8 or group_size < 1 or n < 0 or k < 0:
+        raise ValueError(f"{op}: need bits in 1..8, group_size >= 1, n, k >= 0; got bits={bits}, "
+                         f"group_size={group_size}, n={n}, k={k}")
+    if x.dim() != 2 or x.shape[1] != k:
+        raise ValueError(f"{op}: x must be (M, k={k}), got shape {tuple(x.shape)}")
+    if s.dim() != 1:
+        raise ValueError(f"{op}: s must be 1-D (r,), got shape {tuple(s.shape)}")
+    r = s.shape[0]
+    for name, q, sc, z, length in (("v", v_q, v_scale, v_zero, k), ("u", u_q, u_scale, u_zero, n)):
+        need = (r * length * bits + 7) // 8
+        if q.dim() != 1 or q.numel() != need:
+            raise ValueError(f"{op}: {r} x {length} codes of {bits} bits need {need} bytes, but {name}_q has "
+                             f"shape {tuple(q.shape)}")
+        g = (length + group_size - 1) // group_size
+        if tuple(sc.shape) != (r, g) or tuple(z.shape) != (r, g):
+            raise ValueError(f"{op}: {name}_scale and {name}_zero must have shape ({r}, {g}), got "
+                             f"{tuple(sc.shape)}, {tuple(z.shape)}")
+
+
+def _dequant_rows(q: Tensor, scale: Tensor, zero: Tensor, bits: int, rows: int, length: int, group_size: int,
+                  dtype: torch.dtype) -> Tensor:
+    """(rows, length) values zero + code * scale in ``dtype`` (float64 holds every one exactly)."""
+    codes = unpack_bits(q, bits, rows * length).reshape(rows, length).to(dtype)
+    sc = scale.to(dtype).repeat_interleave(group_size, dim=1)[:, :length]
+    z = zero.to(dtype).repeat_interleave(group_size, dim=1)[:, :length]
+    return z + codes * sc
+
+
+def kbit_lowrank_matmul_ref(x: Tensor, v_q: Tensor, v_scale: Tensor, v_zero: Tensor, u_q: Tensor, u_scale: Tensor,
+                            u_zero: Tensor, s: Tensor, bits: int, n: int, k: int, group_size: int) -> Tensor:
+    """``x @ (U diag(s) V)^T`` for one svd-mixed group (KBITS factors), by dequantizing U and V.
+
+    Computes in float64 when x is float64, else in fp32; returns (M, n) in x.dtype."""
+    _check_lowrank(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k, group_size)
+    dt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r = s.shape[0]
+    v = _dequant_rows(v_q, v_scale, v_zero, bits, r, k, group_size, dt)    # (r, k)
+    ut = _dequant_rows(u_q, u_scale, u_zero, bits, r, n, group_size, dt)   # (r, n)
+    return (((x.to(dt) @ v.T) * s.to(dt)) @ ut).to(x.dtype)
+
+
 # -- public entry points (extension when built, reference otherwise) -------------------------------
 # Each op: its fake (meta) kernel, for torch.compile / FakeTensor tracing, sits beside its wrapper;
 # the schemas are declared once in csrc/ops.cpp.
@@ -313,3 +364,33 @@ if HAS_EXTENSION:
         torch._check(row_ptr.dim() == 1 and row_ptr.shape[0] >= 1,
                      lambda: f"ternary_matmul: row_ptr must be 1-D (N + 1,), got {tuple(row_ptr.shape)}")
         return x.new_empty((x.shape[0], row_ptr.shape[0] - 1))
+
+
+def kbit_lowrank_matmul(x: Tensor, v_q: Tensor, v_scale: Tensor, v_zero: Tensor, u_q: Tensor, u_scale: Tensor,
+                        u_zero: Tensor, s: Tensor, bits: int, n: int, k: int, group_size: int) -> Tensor:
+    """``x @ (U diag(s) V)^T`` for one bit-width group of an svd-mixed delta (KBITS factors, see the
+    layouts above), decoding the codes on the fly: t = x V^T, t *= s, y = t U^T^T; the dense U, V and
+    delta are never built. x (M, k) fp32/bf16/fp16 (fp32 accumulation) -> (M, n) in x.dtype; float64 x
+    and devices without a kernel go to the reference."""
+    if (_ext_on(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES
+            and v_q.dtype == u_q.dtype == torch.uint8
+            and v_scale.dtype == v_zero.dtype == u_scale.dtype == u_zero.dtype == torch.float16):
+        c = Tensor.contiguous
+        return torch.ops.deltacomp.kbit_lowrank_matmul(c(x), c(v_q), c(v_scale), c(v_zero), c(u_q), c(u_scale),
+                                                       c(u_zero), c(s.to(torch.float32)), bits, n, k, group_size)
+    return kbit_lowrank_matmul_ref(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k, group_size)
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("deltacomp::kbit_lowrank_matmul")
+    def _kbit_lowrank_matmul_fake(x: Tensor, v_q: Tensor, v_scale: Tensor, v_zero: Tensor, u_q: Tensor,
+                                  u_scale: Tensor, u_zero: Tensor, s: Tensor, bits: int, n: int, k: int,
+                                  group_size: int) -> Tensor:
+        _sign_fake_checks("kbit_lowrank_matmul", x, k)
+        torch._check(s.dim() == 1, lambda: f"kbit_lowrank_matmul: s must be 1-D (r,), got {tuple(s.shape)}")
+        torch._check(1 <= bits <= 8, lambda: f"kbit_lowrank_matmul: bits must be in 1..8, got {bits}")
+        torch._check(v_q.dim() == 1 and v_q.shape[0] == (s.shape[0] * k * bits + 7) // 8,
+                     lambda: f"kbit_lowrank_matmul: v_q must hold r*k {bits}-bit codes, got {tuple(v_q.shape)}")
+        torch._check(u_q.dim() == 1 and u_q.shape[0] == (s.shape[0] * n * bits + 7) // 8,
+                     lambda: f"kbit_lowrank_matmul: u_q must hold r*n {bits}-bit codes, got {tuple(u_q.shape)}")
+        return x.new_empty((x.shape[0], n))

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import allocation as al
+from .. import ops
 from ..errors import SettingsError
 from ..linalg import single_threaded
 from ..quant.bitpack import pack_bits, unpack_bits
@@ -165,11 +166,24 @@ class SvdMixedCodec(Codec):
         return out
 
     def matmul(self, x: Tensor, enc: Encoded) -> Tensor:
-        dt = x.dtype if x.is_floating_point() else torch.float32
-        y = x.new_zeros(*x.shape[:-1], enc.shape[0], dtype=dt)
-        for ut, sv, v in self._groups(enc):
-            y += ((x.to(dt) @ v.to(dt).T) * sv.to(dt)) @ ut.to(dt)
-        return y
+        """x (..., K) @ delta^T, one ``ops.kbit_lowrank_matmul`` per bit-width group (the codes are
+        decoded inside the op; U, V and the delta are never built). Low-precision x is widened once so
+        the group terms are summed in fp32; float64 x is computed in float64 (the reference path)."""
+        n, k = enc.shape
+        gs = int(enc.params["group_size"])
+        t = enc.tensors
+        out_dt = x.dtype if x.is_floating_point() else torch.float32
+        x2 = x.reshape(-1, k).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+        y, i = None, 0
+        alloc = al.parse_groups(enc.params["alloc"]) if enc.params.get("alloc") else []
+        for b, c in alloc:
+            term = ops.kbit_lowrank_matmul(x2, t[f"v_q{b}"], t[f"v_scale{b}"], t[f"v_zero{b}"], t[f"u_q{b}"],
+                                           t[f"u_scale{b}"], t[f"u_zero{b}"], t["s"][i:i + c], b, n, k, gs)
+            y = term if y is None else y + term
+            i += c
+        if y is None:  # no singular vector kept (an all-zero delta)
+            y = x2.new_zeros(x2.shape[0], n)
+        return y.to(out_dt).reshape(*x.shape[:-1], n)
 
 
 def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:

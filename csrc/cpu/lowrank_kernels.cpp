@@ -1,0 +1,307 @@
+// CPU kernel of the svd-mixed low-rank k-bit factor matmul (see lowrank_kernels.h). Raw pointers only.
+//
+// The RTN dequantization is folded into the products, so codes are only ever turned into floats:
+//   stage 1  t[i][j] = s[j] * sum_g ( scale_V[j][g] * <codes_V[j][g], x[i][g]>  +  zero_V[j][g] * sum(x[i][g]) )
+//   stage 3  y[i][c] = sum_j t[i][j] * scale_U[j][g(c)] * code_U[j][c]  +  sum_j t[i][j] * zero_U[j][g(c)]
+// (g: the group_size run of the row a code sits in). The second sum of stage 3 is one number per
+// (x row, group), added once at the end.
+//
+// Work split:
+//   stage 1: one V row j at a time (OpenMP over j): its k codes are decoded once into a thread-local
+//            float row, then dotted group by group with every x row (x rows share the decode).
+//   stage 3: output columns in blocks of kBlock (OpenMP over blocks); a block keeps its m x kBlock
+//            accumulators in cache and walks all r rows of U^T, decoding just the block's codes.
+// Either way each packed byte is read once per call; no dense U or V exists at any point.
+//
+// Decoding: in a KBITS stream, 8 consecutive codes starting at a code index that is a multiple of 8
+// fill exactly `bits` bytes, byte-aligned. So after a scalar head (up to the next multiple of 8, or 16
+// for AVX-512), codes come in fixed byte patterns: the AVX-512 path loads the 2*bits bytes of 16 codes,
+// broadcasts them to the four 128-bit lanes, byte-shuffles the (up to) 4 bytes holding code i into
+// 32-bit lane i, shifts right by (i*bits) % 8 and masks: 16 codes in 5 instructions.
+#include "lowrank_kernels.h"
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DELTACOMP_X86_GCC 1
+#include <immintrin.h>
+#endif
+
+namespace deltacomp {
+namespace cpu {
+namespace {
+
+// Below this many code-multiply-adds a call runs on one thread: waking the OpenMP team costs more.
+constexpr int64_t kParallelMinWork = 1 << 16;
+// Output columns per stage-3 block (a multiple of 16): m x kBlock fp32 accumulators stay in L1/L2.
+constexpr int64_t kBlock = 512;
+
+// IEEE fp16 bit pattern -> float (scales and zeros are read once per group, so scalar is enough).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t out;
+  if (exp == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
+    return sign ? -f : f;
+  } else if (exp == 31) {
+    out = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else {
+    out = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+// Code `idx` of a KBITS stream, reading no byte past the one holding its last bit.
+inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
+  const int64_t p = idx * bits;
+  const int64_t byte = p >> 3;
+  const int sh = static_cast<int>(p & 7);
+  uint32_t v = stream[byte];
+  if (sh + bits > 8) v |= static_cast<uint32_t>(stream[byte + 1]) << 8;
+  return (v >> sh) & ((1u << bits) - 1u);
+}
+
+// Function table of one code path: decode codes to floats, per-group dot products, per-group axpy.
+struct Isa {
+  // out[i] = code first + i, i < count
+  void (*decode)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
+  // out[g] = <a[g*gs : (g+1)*gs], b[same]> for the ceil(len / gs) groups of [0, len)
+  void (*group_dots)(const float* a, const float* b, int64_t len, int64_t gs, float* out);
+  // acc[c] += coef[(off + c) / gs - off / gs] * codes[c], c < len (a block at column off of a row)
+  void (*group_axpy)(const float* codes, int64_t len, int64_t off, int64_t gs, const float* coef, float* acc);
+};
+
+// ---- portable path: compiled for AVX2 and baseline x86-64 (GCC picks at load time) ---------------
+#if DELTACOMP_X86_GCC
+__attribute__((target_clones("avx2", "default")))
+#endif
+void decode_generic(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+  const uint64_t mask = (1u << bits) - 1u;
+  for (; i + 8 <= count; i += 8) {  // 8 codes = `bits` whole bytes
+    uint64_t w = 0;
+    std::memcpy(&w, stream + ((first + i) >> 3) * bits, static_cast<size_t>(bits));  // little-endian host
+    for (int t = 0; t < 8; ++t) out[i + t] = static_cast<float>((w >> (t * bits)) & mask);
+  }
+  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+}
+
+#if DELTACOMP_X86_GCC
+__attribute__((target_clones("avx2", "default")))
+#endif
+void group_dots_generic(const float* a, const float* b, int64_t len, int64_t gs, float* out) {
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
+    const int64_t c1 = std::min(len, c0 + gs);
+    // 16 fixed lanes: the fixed-length inner loop vectorizes without reassociating a float sum
+    float acc[16] = {0.f};
+    int64_t c = c0;
+    for (; c + 16 <= c1; c += 16)
+      for (int l = 0; l < 16; ++l) acc[l] += a[c + l] * b[c + l];
+    float sum = 0.f;
+    for (; c < c1; ++c) sum += a[c] * b[c];
+    for (int l = 0; l < 16; ++l) sum += acc[l];
+    out[g] = sum;
+  }
+}
+
+#if DELTACOMP_X86_GCC
+__attribute__((target_clones("avx2", "default")))
+#endif
+void group_axpy_generic(const float* codes, int64_t len, int64_t off, int64_t gs, const float* coef, float* acc) {
+  const int64_t g0 = off / gs;
+  for (int64_t c0 = 0; c0 < len;) {
+    const int64_t g = (off + c0) / gs;
+    const int64_t c1 = std::min(len, (g + 1) * gs - off);
+    const float a = coef[g - g0];
+    for (int64_t c = c0; c < c1; ++c) acc[c] += a * codes[c];
+    c0 = c1;
+  }
+}
+
+constexpr Isa kGeneric{decode_generic, group_dots_generic, group_axpy_generic};
+
+// ---- AVX-512 path ---------------------------------------------------------------------------------
+#if DELTACOMP_X86_GCC
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC diagnostic push
+// GCC 12 false positive: _mm512_reduce_add_ps starts from _mm256_undefined_pd() on purpose.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+// Per width b: pshufb control putting bytes (i*b)/8 .. +3 of a 16-code block into 32-bit lane i
+// (0x80, a zero byte, past the block), and the right shift (i*b) % 8 of lane i.
+struct DecodeTables {
+  alignas(64) uint8_t ctl[9][64];
+  alignas(64) int32_t shift[9][16];
+  constexpr DecodeTables() : ctl(), shift() {
+    for (int b = 1; b <= 8; ++b)
+      for (int i = 0; i < 16; ++i) {
+        const int first = (i * b) >> 3;
+        for (int t = 0; t < 4; ++t) {
+          const int byte = first + t;
+          ctl[b][4 * i + t] = static_cast<uint8_t>(byte < 2 * b ? byte : 0x80);
+        }
+        shift[b][i] = (i * b) & 7;
+      }
+  }
+};
+constexpr DecodeTables kDecode{};
+
+void decode_avx512(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i < count && ((first + i) & 15); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+  const __m512i ctl = _mm512_load_si512(kDecode.ctl[bits]);
+  const __m512i shift = _mm512_load_si512(kDecode.shift[bits]);
+  const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
+  // 16 codes = 2*bits bytes; the masked load reads no byte past them (2*bits = 16 when bits = 8)
+  const __mmask16 bytes = static_cast<__mmask16>((1u << (2 * bits)) - 1u);
+  for (; i + 16 <= count; i += 16) {
+    const __m128i blk = _mm_maskz_loadu_epi8(bytes, stream + ((first + i) >> 3) * bits);
+    __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(blk), ctl);
+    v = _mm512_and_si512(_mm512_srlv_epi32(v, shift), mask);
+    _mm512_storeu_ps(out + i, _mm512_cvtepi32_ps(v));
+  }
+  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+}
+
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+void group_dots_avx512(const float* a, const float* b, int64_t len, int64_t gs, float* out) {
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
+    const int64_t c1 = std::min(len, c0 + gs);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  // two chains hide the FMA latency
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), acc1);
+    }
+    for (; c < c1; c += 16) {
+      const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
+      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(msk, a + c), _mm512_maskz_loadu_ps(msk, b + c), acc0);
+    }
+    out[g] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+  }
+}
+
+void group_axpy_avx512(const float* codes, int64_t len, int64_t off, int64_t gs, const float* coef, float* acc) {
+  const int64_t g0 = off / gs;
+  for (int64_t c0 = 0; c0 < len;) {
+    const int64_t g = (off + c0) / gs;
+    const int64_t c1 = std::min(len, (g + 1) * gs - off);
+    const __m512 a = _mm512_set1_ps(coef[g - g0]);
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
+      const __m512 y = _mm512_maskz_loadu_ps(msk, acc + c);
+      _mm512_mask_storeu_ps(acc + c, msk, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(msk, codes + c), y));
+    }
+    c0 = c1;
+  }
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+constexpr Isa kAvx512{decode_avx512, group_dots_avx512, group_axpy_avx512};
+
+const Isa& pick_isa() {
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl");
+  const char* force = std::getenv("DELTACOMP_CPU_ISA");  // read per call so tests can switch paths
+  return has && !(force && std::strcmp(force, "generic") == 0) ? kAvx512 : kGeneric;
+}
+#else
+const Isa& pick_isa() { return kGeneric; }
+#endif
+
+inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }
+
+// Stage 1 + 2: t (r, m) = s * (V x^T), t stored row j = the m values of V row j (stage 3 reads them so).
+void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, int bits, int64_t gs,
+             const uint8_t* v_q, const uint16_t* v_scale, const uint16_t* v_zero, const float* s, float* t) {
+  const int64_t gk = n_groups(k, gs);
+  std::vector<float> xsum(static_cast<size_t>(m * gk));  // sum of x over each group (the zero term)
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t g = 0; g < gk; ++g) {
+      double acc = 0.0;
+      for (int64_t c = g * gs; c < std::min(k, (g + 1) * gs); ++c) acc += x[i * k + c];
+      xsum[i * gk + g] = static_cast<float>(acc);
+    }
+#pragma omp parallel if (m * r * k >= kParallelMinWork)
+  {
+    std::vector<float> row(static_cast<size_t>(k)), dots(static_cast<size_t>(gk));
+#pragma omp for schedule(dynamic, 8)
+    for (int64_t j = 0; j < r; ++j) {
+      isa.decode(v_q, bits, j * k, k, row.data());
+      const uint16_t* sc = v_scale + j * gk;
+      const uint16_t* zr = v_zero + j * gk;
+      for (int64_t i = 0; i < m; ++i) {
+        isa.group_dots(row.data(), x + i * k, k, gs, dots.data());
+        float acc = 0.f;
+        for (int64_t g = 0; g < gk; ++g) acc += half_to_float(sc[g]) * dots[g] + half_to_float(zr[g]) * xsum[i * gk + g];
+        t[j * m + i] = acc * s[j];
+      }
+    }
+  }
+}
+
+// Stage 3: y (m, n) = t^T U^T, U^T rows decoded block by block.
+void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, int bits, int64_t gs,
+             const uint8_t* u_q, const uint16_t* u_scale, const uint16_t* u_zero, float* y) {
+  const int64_t gn = n_groups(n, gs);
+  const int64_t blocks = (n + kBlock - 1) / kBlock;
+#pragma omp parallel if (m * r * n >= kParallelMinWork)
+  {
+    std::vector<float> codes(static_cast<size_t>(kBlock)), acc, zsum, coef;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t b = 0; b < blocks; ++b) {
+      const int64_t n0 = b * kBlock, len = std::min(kBlock, n - n0);
+      const int64_t g0 = n0 / gs, ng = (n0 + len - 1) / gs - g0 + 1;  // groups the block touches
+      acc.assign(static_cast<size_t>(m * len), 0.f);
+      zsum.assign(static_cast<size_t>(m * ng), 0.f);
+      coef.resize(static_cast<size_t>(ng));
+      for (int64_t j = 0; j < r; ++j) {
+        isa.decode(u_q, bits, j * n + n0, len, codes.data());
+        const uint16_t* sc = u_scale + j * gn + g0;
+        const uint16_t* zr = u_zero + j * gn + g0;
+        for (int64_t i = 0; i < m; ++i) {
+          const float tv = t[j * m + i];
+          for (int64_t g = 0; g < ng; ++g) {
+            coef[g] = tv * half_to_float(sc[g]);
+            zsum[i * ng + g] += tv * half_to_float(zr[g]);
+          }
+          isa.group_axpy(codes.data(), len, n0, gs, coef.data(), acc.data() + i * len);
+        }
+      }
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t c = 0; c < len; ++c) y[i * n + n0 + c] = acc[i * len + c] + zsum[i * ng + (n0 + c) / gs - g0];
+    }
+  }
+}
+
+}  // namespace
+
+void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,
+                             int64_t group_size, const uint8_t* v_q, const uint16_t* v_scale,
+                             const uint16_t* v_zero, const uint8_t* u_q, const uint16_t* u_scale,
+                             const uint16_t* u_zero, const float* s, float* y) {
+  if (m == 0 || n == 0) return;
+  if (r == 0 || k == 0) {  // an empty factor: the product is exactly zero
+    std::fill(y, y + m * n, 0.f);
+    return;
+  }
+  const Isa& isa = pick_isa();
+  std::vector<float> t(static_cast<size_t>(r * m));
+  stage_v(isa, x, m, k, r, bits, group_size, v_q, v_scale, v_zero, s, t.data());
+  stage_u(isa, t.data(), m, n, r, bits, group_size, u_q, u_scale, u_zero, y);
+}
+
+}  // namespace cpu
+}  // namespace deltacomp

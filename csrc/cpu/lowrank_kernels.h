@@ -1,0 +1,26 @@
+// Raw-pointer CPU kernel of the svd-mixed low-rank k-bit factor matmul (no torch here;
+// csrc/cpu/lowrank_ops.cpp wraps it). Layouts: KBITS (deltacomp/quant/bitpack.py) and RTN groups
+// (deltacomp/quant/rtn.py), as documented in deltacomp/ops.py.
+#pragma once
+#include <cstdint>
+
+namespace deltacomp {
+namespace cpu {
+
+// One bit-width group of an svd-mixed delta: y (m, n) = x (m, k) @ (U diag(s) V)^T, fp32 accumulation,
+// with U (n, r) and V (r, k) never built:
+//   v_q  KBITS stream of r*k `bits`-bit codes, row j of V = codes [j*k, (j+1)*k)
+//   v_scale, v_zero  fp16 bit patterns (r, ceil(k / group_size)): V[j][c] = zero[j][g] + code * scale[j][g],
+//                    g = c / group_size
+//   u_q  KBITS stream of r*n codes, row j of U^T = codes [j*n, (j+1)*n); u_scale, u_zero (r, ceil(n / gs))
+//   s    fp32 (r,)
+// Stage 1: t (m, r) = x V^T (parallel over the r rows of V); stage 2: t *= s; stage 3: y = t U^T^T
+// (parallel over blocks of output columns n). Code path: AVX-512 (F+BW+VL) when the CPU has it, else a
+// portable loop (AVX2 / baseline clones); DELTACOMP_CPU_ISA=generic forces the portable one.
+void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,
+                             int64_t group_size, const uint8_t* v_q, const uint16_t* v_scale,
+                             const uint16_t* v_zero, const uint8_t* u_q, const uint16_t* u_scale,
+                             const uint16_t* u_zero, const float* s, float* y);
+
+}  // namespace cpu
+}  // namespace deltacomp
