@@ -4,11 +4,16 @@
 - sign_matmul_fused (base layer + BitDelta term in one pass, fp32 and bf16 W) vs the dense base matmul
   alone and vs the unfused serving path (dense base matmul + sign_matmul);
 - sign_matmul_multi (T deltas, one x row each: the decode batch of T tenants) vs T separate dense fp32
-  matmuls (T full fine-tunes) and vs T separate sign_matmul calls.
+  matmuls (T full fine-tunes) and vs T separate sign_matmul calls;
+- kbit_lowrank_matmul (svd-mixed at --lowrank-ratio with the default 8/3/2-bit allocation, through
+  SvdMixedCodec.matmul: one op call per bit-width group) vs torch fp32 dense ``x @ W.T``, vs the
+  Python dequantize-then-matmul path it replaced, and vs the bytes-moved bound (the packed bytes at the
+  read bandwidth measured in the same run: a single ``sum`` over a 256 MB tensor).
 
     PYTHONPATH=. python benchmarks/kernels.py --out kernels_cpu.json
     PYTHONPATH=. python benchmarks/kernels.py --shapes 4096x11008 --ms 1 --repeats 30
     PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only fused,multi --out serve_cpu_1thread.json
+    PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only lowrank --out lowrank_cpu_1thread.json
 
 Shapes are N x K (output rows x reduction). Each implementation cycles through enough copies of its
 weights (and x) that together they exceed the last-level cache, so every call reads its weights from
@@ -26,7 +31,11 @@ import time
 
 import torch
 
+from deltacomp import allocation as al
 from deltacomp import ops
+from deltacomp.codecs import get_codec
+from deltacomp.codecs.base import Encoded
+from deltacomp.quant.rtn import n_groups
 
 CACHE_BYTES = 64 << 20  # rotate through at least this many bytes per implementation (> LLC here)
 
@@ -198,6 +207,78 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int) -> list[dict]:
     return rows
 
 
+def _read_bandwidth() -> float:
+    """Bytes per second of one streaming read (``sum`` of a 256 MB fp32 tensor), best of 5."""
+    a = torch.ones(64 << 20)
+    a.sum()
+    best = min(_timed(a.sum) for _ in range(5))
+    return a.nbytes / best
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def _random_svd_mixed(n: int, k: int, ratio: float, gs: int, g: torch.Generator) -> Encoded:
+    """An svd-mixed Encoded of the default allocation at ``ratio``, with random codes (timings do not
+    depend on the values; an SVD of a 4096 x 11008 delta would take minutes here)."""
+    alloc = al.default_allocation((n, k), int(n * k * 2 / ratio), gs)
+    t: dict[str, torch.Tensor] = {}
+    for b, c in alloc:
+        for f, length in (("v", k), ("u", n)):
+            t[f"{f}_q{b}"] = torch.randint(0, 256, ((c * length * b + 7) // 8,), generator=g, dtype=torch.uint8)
+            t[f"{f}_scale{b}"] = (torch.rand(c, n_groups(length, gs), generator=g) * 0.01).half()
+            t[f"{f}_zero{b}"] = (-torch.rand(c, n_groups(length, gs), generator=g) * 0.01).half()
+    t["s"] = torch.rand(sum(c for _, c in alloc), generator=g)
+    return Encoded("svd-mixed", (n, k), t, {"group_size": gs, "alloc": al.format_alloc(alloc)})
+
+
+def _dequant_matmul(codec, x: torch.Tensor, enc: Encoded) -> torch.Tensor:
+    """The path kbit_lowrank_matmul replaced: each group's U and V dequantized in Python, then matmuls."""
+    y = x.new_zeros(x.shape[0], enc.shape[0])
+    for ut, sv, v in codec._groups(enc):
+        y += ((x @ v.T) * sv) @ ut
+    return y
+
+
+def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, bandwidth: float) -> list[dict]:
+    g = torch.Generator().manual_seed(3)
+    codec = get_codec("svd-mixed")
+    enc0 = _random_svd_mixed(n, k, ratio, 128, g)
+    encs = [enc0] + [Encoded(enc0.codec, enc0.shape, {f: v.clone() for f, v in enc0.tensors.items()}, enc0.params)
+                     for _ in range(_copies(enc0.nbytes) - 1)]
+    w0 = torch.randn(n, k, generator=g)
+    dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
+    ne, nd = len(encs), len(dense)
+    rows = []
+    for m in ms:
+        xs = [torch.randn(m, k, generator=g) for _ in range(8)]
+        impls = {
+            "lowrank_op": lambda i: codec.matmul(xs[i % 8], encs[i % ne]),
+            "lowrank_op_generic": _with_isa("generic", lambda i: codec.matmul(xs[i % 8], encs[i % ne])),
+            "python_dequant": lambda i: _dequant_matmul(codec, xs[i % 8], encs[i % ne]),
+            "dense_fp32": lambda i: xs[i % 8] @ dense[i % nd].T,
+        }
+        _check(impls["lowrank_op"](0), _dequant_matmul(codec, xs[0], encs[0]), "kbit_lowrank_matmul")
+        med, low = _time(impls, repeats)
+        bound_ms = enc0.nbytes / bandwidth * 1e3
+        row = {"op": "kbit_lowrank_matmul", "n": n, "k": k, "m": m, "ratio": ratio, "alloc": enc0.params["alloc"],
+               "packed_bytes": enc0.nbytes, "dense_fp32_bytes": w0.nbytes, "bytes_bound_ms": bound_ms,
+               "median_ms": med, "min_ms": low,
+               "speedup_vs_dense_fp32": med["dense_fp32"] / med["lowrank_op"],
+               "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["lowrank_op"],
+               "speedup_vs_python_dequant": med["python_dequant"] / med["lowrank_op"],
+               "op_over_bytes_bound": med["lowrank_op"] / bound_ms}
+        rows.append(row)
+        print(f"lowrank {n:>6}x{k:<6} M={m:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
+              + f"  bound={bound_ms:6.3f}ms  dense/op={row['speedup_vs_dense_fp32']:5.1f}x"
+              + f" (min: {row['speedup_vs_dense_fp32_min']:.1f}x)  py/op={row['speedup_vs_python_dequant']:5.1f}x"
+              + f"  op/bound={row['op_over_bytes_bound']:5.1f}", flush=True)
+    return rows
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="N x K, comma separated")
@@ -206,10 +287,12 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the unpack-then-matmul reference")
     ap.add_argument("--no-generic", action="store_true", help="skip the portable (non-AVX-512) kernel path")
-    ap.add_argument("--only", default="sign,fused,multi", help="which benchmarks: sign, fused, multi")
+    ap.add_argument("--only", default="sign,fused,multi", help="which benchmarks: sign, fused, multi, lowrank")
     ap.add_argument("--fused-ms", default="1,2,4,16", help="rows of x for the fused op")
     ap.add_argument("--multi-shapes", default="4096x4096", help="N x K for the multi-tenant op")
     ap.add_argument("--tenants", default="1,4,16", help="deltas in one decode batch (one row each)")
+    ap.add_argument("--lowrank-shapes", default="4096x4096,4096x11008", help="N x K for the svd-mixed op")
+    ap.add_argument("--lowrank-ratio", type=float, default=16.0, help="svd-mixed compression ratio vs fp16")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if not ops.HAS_EXTENSION:
@@ -235,6 +318,13 @@ def main(argv=None) -> None:
         for spec in args.multi_shapes.split(","):
             n, k = (int(v) for v in spec.lower().split("x"))
             rows += bench_multi(n, k, [int(v) for v in args.tenants.split(",")], args.repeats)
+    if "lowrank" in only:
+        bw = _read_bandwidth()
+        print(f"# read bandwidth {bw / 1e9:.2f} GB/s (sum over 256 MB)")
+        info["read_bandwidth_gb_s"] = bw / 1e9
+        for spec in args.lowrank_shapes.split(","):
+            n, k = (int(v) for v in spec.lower().split("x"))
+            rows += bench_lowrank(n, k, ms, args.repeats, args.lowrank_ratio, bw)
     info["loadavg_after"] = os.getloadavg()
     if args.out:
         with open(args.out, "w") as f:

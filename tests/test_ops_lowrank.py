@@ -16,7 +16,7 @@ needs_ext = pytest.mark.skipif(not ops.HAS_EXTENSION,
                                reason=f"C++ extension deltacomp._C not built ({ops._EXT_ERROR})")
 
 EPS = {torch.float32: 2.0 ** -23, torch.bfloat16: 2.0 ** -8, torch.float16: 2.0 ** -11, torch.float64: 2.0 ** -52}
-SHAPES = ((1, 1), (7, 129), (129, 7), (33, 300), (300, 17))  # (n, k)
+SHAPES = ((1, 1), (7, 129), (129, 7), (33, 300), (300, 17), (160, 45))  # (n, k); n % 16 == 0: the fused m=1 path
 
 
 def _gen(seed: int) -> torch.Generator:
@@ -100,10 +100,11 @@ def test_kernel_every_width_odd_shapes(cpu_path, bits):
 @needs_ext
 @pytest.mark.parametrize("xdtype", (torch.float32, torch.bfloat16, torch.float16), ids=str)
 def test_kernel_dtypes_and_several_column_blocks(cpu_path, xdtype):
-    # n past the kernel's 512-column block, k of many 16-code chunks, rows not byte-aligned (k odd)
-    for bits, m in itertools.product((2, 3, 8), (1, 4, 17)):
-        n, k, gs = 1100, 301, 128
-        args, _, parts = _group(9, n, k, bits, gs, seed=bits + m)
+    # n past the kernel's column blocks, k of many 16-code chunks, rows not byte-aligned (k odd);
+    # n = 4160 (a multiple of 16) takes the fused one-row path at m = 1, the panels otherwise
+    for bits, m, n in itertools.product((2, 3, 8), (1, 4, 17), (1100, 4160)):
+        k, gs = 301, 128
+        args, _, parts = _group(9, n, k, bits, gs, seed=bits + m + n)
         x = torch.randn(m, k, generator=_gen(m)).to(xdtype)
         y = torch.ops.deltacomp.kbit_lowrank_matmul(x, *args, bits, n, k, gs)
         assert y.dtype == xdtype and y.shape == (m, n)

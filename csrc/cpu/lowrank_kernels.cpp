@@ -9,8 +9,10 @@
 // Work split:
 //   stage 1: one V row j at a time (OpenMP over j): its k codes are decoded once into a thread-local
 //            float row, then dotted group by group with every x row (x rows share the decode).
-//   stage 3: output columns in blocks of kBlock (OpenMP over blocks); a block keeps its m x kBlock
-//            accumulators in cache and walks all r rows of U^T, decoding just the block's codes.
+//   stage 3: output columns in blocks (OpenMP over blocks, see block_columns); a block keeps its
+//            m x block accumulators in cache and walks the r rows of U^T a few at a time: their codes in
+//            the block are decoded and scaled into a small panel, then acc += t^T panel with register
+//            tiles (4 x rows by 16 columns), so accumulators are loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
 //
 // Decoding: in a KBITS stream, 8 consecutive codes starting at a code index that is a multiple of 8
@@ -25,6 +27,8 @@
 #include <cstring>
 #include <vector>
 
+#include <omp.h>
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DELTACOMP_X86_GCC 1
 #include <immintrin.h>
@@ -36,8 +40,18 @@ namespace {
 
 // Below this many code-multiply-adds a call runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
-// Output columns per stage-3 block (a multiple of 16): m x kBlock fp32 accumulators stay in L1/L2.
-constexpr int64_t kBlock = 512;
+// Stage-3 panel: U^T rows x block columns of fp32, at most this many floats (16 KiB, stays in L1).
+constexpr int64_t kPanelFloats = 4096;
+constexpr int64_t kMaxPanelRows = 8;
+
+// Output columns per stage-3 block (a multiple of 16). Each (U^T row, block) pair costs a fixed
+// overhead (calls, a scalar head, the group scales), so blocks are as wide as keeps >= 2 blocks per
+// thread (load balance) and the m x block accumulators in L1/L2 (narrower for larger m).
+int64_t block_columns(int64_t n, int64_t m, int threads) {
+  const int64_t cap = m <= 2 ? 4096 : (m <= 8 ? 1024 : 512);
+  const int64_t want = ((n + 2 * threads - 1) / (2 * threads) + 15) / 16 * 16;
+  return std::max<int64_t>(256, std::min(want, cap));
+}
 
 // IEEE fp16 bit pattern -> float (scales and zeros are read once per group, so scalar is enough).
 inline float half_to_float(uint16_t h) {
@@ -71,10 +85,18 @@ inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
 struct Isa {
   // out[i] = code first + i, i < count
   void (*decode)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
-  // out[g] = <a[g*gs : (g+1)*gs], b[same]> for the ceil(len / gs) groups of [0, len)
-  void (*group_dots)(const float* a, const float* b, int64_t len, int64_t gs, float* out);
-  // acc[c] += coef[(off + c) / gs - off / gs] * codes[c], c < len (a block at column off of a row)
-  void (*group_axpy)(const float* codes, int64_t len, int64_t off, int64_t gs, const float* coef, float* acc);
+  // sum over the ceil(len / gs) groups g of [0, len) of scale[g] * <a[g*gs : (g+1)*gs], b[same]>
+  float (*scaled_dot)(const float* a, const float* b, int64_t len, int64_t gs, const float* scale);
+  // out[i] = fp16 bit pattern h[i] as float, i < count
+  void (*halves)(const uint16_t* h, int64_t count, float* out);
+  // v[c] *= scale[(off + c) / gs - off / gs], c < len (a block starting at column off of a row)
+  void (*scale_groups)(float* v, int64_t len, int64_t off, int64_t gs, const float* scale);
+  // acc (m, len) += tt^T (m, rows) @ panel (rows, len); tt is (rows, m) row-major
+  void (*panel_gemm)(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc);
+  // One x row (m = 1): acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len, straight
+  // from the packed bytes. Needs first, off, len and gs multiples of 16; nullptr when the path has none.
+  void (*axpy_codes)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
+                     const float* coef, float* acc);
 };
 
 // ---- portable path: compiled for AVX2 and baseline x86-64 (GCC picks at load time) ---------------
@@ -96,36 +118,58 @@ void decode_generic(const uint8_t* stream, int bits, int64_t first, int64_t coun
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
 #endif
-void group_dots_generic(const float* a, const float* b, int64_t len, int64_t gs, float* out) {
+float scaled_dot_generic(const float* a, const float* b, int64_t len, int64_t gs, const float* scale) {
+  // 16 fixed lanes: the fixed-length inner loops vectorize without reassociating a float sum; one
+  // horizontal sum per call, the group scales applied lane-wise
+  float tot[16] = {0.f};
+  float tail = 0.f;
   for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
     const int64_t c1 = std::min(len, c0 + gs);
-    // 16 fixed lanes: the fixed-length inner loop vectorizes without reassociating a float sum
     float acc[16] = {0.f};
     int64_t c = c0;
     for (; c + 16 <= c1; c += 16)
       for (int l = 0; l < 16; ++l) acc[l] += a[c + l] * b[c + l];
-    float sum = 0.f;
-    for (; c < c1; ++c) sum += a[c] * b[c];
-    for (int l = 0; l < 16; ++l) sum += acc[l];
-    out[g] = sum;
+    float rest = 0.f;
+    for (; c < c1; ++c) rest += a[c] * b[c];
+    for (int l = 0; l < 16; ++l) tot[l] += scale[g] * acc[l];
+    tail += scale[g] * rest;
+  }
+  for (int l = 0; l < 16; ++l) tail += tot[l];
+  return tail;
+}
+
+void halves_generic(const uint16_t* h, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = half_to_float(h[i]);
+}
+
+#if DELTACOMP_X86_GCC
+__attribute__((target_clones("avx2", "default")))
+#endif
+void scale_groups_generic(float* v, int64_t len, int64_t off, int64_t gs, const float* scale) {
+  // one division per call (a 64-bit divide costs as much as a group of multiplies)
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end);
+    const float a = scale[g];
+    for (int64_t c = c0; c < c1; ++c) v[c] *= a;
+    c0 = c1;
   }
 }
 
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
 #endif
-void group_axpy_generic(const float* codes, int64_t len, int64_t off, int64_t gs, const float* coef, float* acc) {
-  const int64_t g0 = off / gs;
-  for (int64_t c0 = 0; c0 < len;) {
-    const int64_t g = (off + c0) / gs;
-    const int64_t c1 = std::min(len, (g + 1) * gs - off);
-    const float a = coef[g - g0];
-    for (int64_t c = c0; c < c1; ++c) acc[c] += a * codes[c];
-    c0 = c1;
-  }
+void panel_gemm_generic(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < rows; ++j) {
+      const float a = tt[j * m + i];
+      const float* p = panel + j * len;
+      float* y = acc + i * len;
+      for (int64_t c = 0; c < len; ++c) y[c] += a * p[c];
+    }
 }
 
-constexpr Isa kGeneric{decode_generic, group_dots_generic, group_axpy_generic};
+constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
+                       nullptr};
 
 // ---- AVX-512 path ---------------------------------------------------------------------------------
 #if DELTACOMP_X86_GCC
@@ -155,26 +199,47 @@ struct DecodeTables {
 };
 constexpr DecodeTables kDecode{};
 
+// 16 codes starting at a code index that is a multiple of 16 (see decode_avx512), as floats.
+struct Decode16 {
+  __m512i ctl, shift, mask;
+  __mmask16 bytes;
+  explicit Decode16(int bits)
+      : ctl(_mm512_load_si512(kDecode.ctl[bits])), shift(_mm512_load_si512(kDecode.shift[bits])),
+        mask(_mm512_set1_epi32((1 << bits) - 1)), bytes(static_cast<__mmask16>((1u << (2 * bits)) - 1u)) {}
+  __m512 operator()(const uint8_t* block) const {  // the 2*bits bytes of the 16 codes; reads no more
+    const __m128i blk = _mm_maskz_loadu_epi8(bytes, block);
+    const __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(blk), ctl);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shift), mask));
+  }
+};
+
 void decode_avx512(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
   int64_t i = 0;
   for (; i < count && ((first + i) & 15); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-  const __m512i ctl = _mm512_load_si512(kDecode.ctl[bits]);
-  const __m512i shift = _mm512_load_si512(kDecode.shift[bits]);
-  const __m512i mask = _mm512_set1_epi32((1 << bits) - 1);
-  // 16 codes = 2*bits bytes; the masked load reads no byte past them (2*bits = 16 when bits = 8)
-  const __mmask16 bytes = static_cast<__mmask16>((1u << (2 * bits)) - 1u);
-  for (; i + 16 <= count; i += 16) {
-    const __m128i blk = _mm_maskz_loadu_epi8(bytes, stream + ((first + i) >> 3) * bits);
-    __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(blk), ctl);
-    v = _mm512_and_si512(_mm512_srlv_epi32(v, shift), mask);
-    _mm512_storeu_ps(out + i, _mm512_cvtepi32_ps(v));
-  }
+  const Decode16 dec(bits);  // 16 codes = 2*bits bytes; the masked load reads no byte past them
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(out + i, dec(stream + ((first + i) >> 3) * bits));
   for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+}
+
+void axpy_codes_avx512(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
+                       const float* coef, float* acc) {
+  const Decode16 dec(bits);
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end);
+    const __m512 a = _mm512_set1_ps(coef[g]);
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __m512 f = dec(stream + ((first + c) >> 3) * bits);
+      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(a, f, _mm512_loadu_ps(acc + c)));
+    }
+    c0 = c1;
+  }
 }
 
 inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
 
-void group_dots_avx512(const float* a, const float* b, int64_t len, int64_t gs, float* out) {
+
+float scaled_dot_avx512(const float* a, const float* b, int64_t len, int64_t gs, const float* scale) {
+  __m512 tot = _mm512_setzero_ps();  // scale[g] * group partials, lane-wise: one reduction per call
   for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
     const int64_t c1 = std::min(len, c0 + gs);
     __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  // two chains hide the FMA latency
@@ -187,29 +252,58 @@ void group_dots_avx512(const float* a, const float* b, int64_t len, int64_t gs, 
       const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
       acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(msk, a + c), _mm512_maskz_loadu_ps(msk, b + c), acc0);
     }
-    out[g] = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    tot = _mm512_fmadd_ps(_mm512_set1_ps(scale[g]), _mm512_add_ps(acc0, acc1), tot);
+  }
+  return _mm512_reduce_add_ps(tot);
+}
+
+void halves_avx512(const uint16_t* h, int64_t count, float* out) {  // vcvtph2ps, 16 at a time
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 msk = count - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(count - i);
+    _mm512_mask_storeu_ps(out + i, msk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, h + i)));
   }
 }
 
-void group_axpy_avx512(const float* codes, int64_t len, int64_t off, int64_t gs, const float* coef, float* acc) {
-  const int64_t g0 = off / gs;
-  for (int64_t c0 = 0; c0 < len;) {
-    const int64_t g = (off + c0) / gs;
-    const int64_t c1 = std::min(len, (g + 1) * gs - off);
-    const __m512 a = _mm512_set1_ps(coef[g - g0]);
+void scale_groups_avx512(float* v, int64_t len, int64_t off, int64_t gs, const float* scale) {
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end);
+    const __m512 a = _mm512_set1_ps(scale[g]);
     for (int64_t c = c0; c < c1; c += 16) {
       const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
-      const __m512 y = _mm512_maskz_loadu_ps(msk, acc + c);
-      _mm512_mask_storeu_ps(acc + c, msk, _mm512_fmadd_ps(a, _mm512_maskz_loadu_ps(msk, codes + c), y));
+      _mm512_mask_storeu_ps(v + c, msk, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(msk, v + c)));
     }
     c0 = c1;
+  }
+}
+
+// Register tile: 16 columns x MB x rows; each panel vector load feeds MB FMAs, and the accumulators
+// are loaded and stored once per panel (not once per U^T row).
+template <int MB>
+inline void panel_tile(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc,
+                       int64_t c, __mmask16 msk) {
+  __m512 a[MB];
+  for (int mm = 0; mm < MB; ++mm) a[mm] = _mm512_maskz_loadu_ps(msk, acc + mm * len + c);
+  for (int64_t j = 0; j < rows; ++j) {
+    const __m512 p = _mm512_maskz_loadu_ps(msk, panel + j * len + c);
+    for (int mm = 0; mm < MB; ++mm) a[mm] = _mm512_fmadd_ps(_mm512_set1_ps(tt[j * m + mm]), p, a[mm]);
+  }
+  for (int mm = 0; mm < MB; ++mm) _mm512_mask_storeu_ps(acc + mm * len + c, msk, a[mm]);
+}
+
+void panel_gemm_avx512(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc) {
+  for (int64_t c = 0; c < len; c += 16) {
+    const __mmask16 msk = len - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(len - c);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) panel_tile<4>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
+    for (; i < m; ++i) panel_tile<1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
   }
 }
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
-constexpr Isa kAvx512{decode_avx512, group_dots_avx512, group_axpy_avx512};
+constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_groups_avx512, panel_gemm_avx512,
+                      axpy_codes_avx512};
 
 const Isa& pick_isa() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -236,17 +330,17 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
     }
 #pragma omp parallel if (m * r * k >= kParallelMinWork)
   {
-    std::vector<float> row(static_cast<size_t>(k)), dots(static_cast<size_t>(gk));
+    std::vector<float> row(static_cast<size_t>(k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
+    const float one = 1.f;
 #pragma omp for schedule(dynamic, 8)
     for (int64_t j = 0; j < r; ++j) {
       isa.decode(v_q, bits, j * k, k, row.data());
-      const uint16_t* sc = v_scale + j * gk;
-      const uint16_t* zr = v_zero + j * gk;
+      isa.halves(v_scale + j * gk, gk, sc.data());
+      isa.halves(v_zero + j * gk, gk, zr.data());
       for (int64_t i = 0; i < m; ++i) {
-        isa.group_dots(row.data(), x + i * k, k, gs, dots.data());
-        float acc = 0.f;
-        for (int64_t g = 0; g < gk; ++g) acc += half_to_float(sc[g]) * dots[g] + half_to_float(zr[g]) * xsum[i * gk + g];
-        t[j * m + i] = acc * s[j];
+        const float codes_term = isa.scaled_dot(row.data(), x + i * k, k, gs, sc.data());
+        const float zero_term = isa.scaled_dot(zr.data(), xsum.data() + i * gk, gk, gk, &one);
+        t[j * m + i] = (codes_term + zero_term) * s[j];
       }
     }
   }
@@ -256,32 +350,52 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
 void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, int bits, int64_t gs,
              const uint8_t* u_q, const uint16_t* u_scale, const uint16_t* u_zero, float* y) {
   const int64_t gn = n_groups(n, gs);
-  const int64_t blocks = (n + kBlock - 1) / kBlock;
-#pragma omp parallel if (m * r * n >= kParallelMinWork)
+  const bool parallel = m * r * n >= kParallelMinWork;
+  const int64_t block = block_columns(n, m, parallel ? omp_get_max_threads() : 1);
+  const int64_t panel_rows = std::max<int64_t>(1, std::min(kMaxPanelRows, kPanelFloats / block));
+  const int64_t blocks = (n + block - 1) / block;
+  // block is a multiple of 16, so n % 16 == 0 makes every block start and length one too
+  const bool fused = m == 1 && isa.axpy_codes != nullptr && n % 16 == 0 && gs % 16 == 0;
+#pragma omp parallel if (parallel)
   {
-    std::vector<float> codes(static_cast<size_t>(kBlock)), acc, zsum, coef;
+    std::vector<float> panel(static_cast<size_t>(panel_rows * block)), acc, zsum, sc, zr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
-      const int64_t n0 = b * kBlock, len = std::min(kBlock, n - n0);
+      const int64_t n0 = b * block, len = std::min(block, n - n0);
       const int64_t g0 = n0 / gs, ng = (n0 + len - 1) / gs - g0 + 1;  // groups the block touches
       acc.assign(static_cast<size_t>(m * len), 0.f);
       zsum.assign(static_cast<size_t>(m * ng), 0.f);
-      coef.resize(static_cast<size_t>(ng));
-      for (int64_t j = 0; j < r; ++j) {
-        isa.decode(u_q, bits, j * n + n0, len, codes.data());
-        const uint16_t* sc = u_scale + j * gn + g0;
-        const uint16_t* zr = u_zero + j * gn + g0;
-        for (int64_t i = 0; i < m; ++i) {
-          const float tv = t[j * m + i];
-          for (int64_t g = 0; g < ng; ++g) {
-            coef[g] = tv * half_to_float(sc[g]);
-            zsum[i * ng + g] += tv * half_to_float(zr[g]);
-          }
-          isa.group_axpy(codes.data(), len, n0, gs, coef.data(), acc.data() + i * len);
+      sc.resize(static_cast<size_t>(ng));
+      zr.resize(static_cast<size_t>(ng));
+      for (int64_t j = 0; fused && j < r; ++j) {  // one x row: codes straight into the accumulators
+        isa.halves(u_scale + j * gn + g0, ng, sc.data());
+        isa.halves(u_zero + j * gn + g0, ng, zr.data());
+        for (int64_t g = 0; g < ng; ++g) {
+          zsum[g] += t[j] * zr[g];
+          sc[g] *= t[j];
         }
+        isa.axpy_codes(u_q, bits, j * n + n0, len, n0, gs, sc.data(), acc.data());
+      }
+      for (int64_t j0 = 0; !fused && j0 < r; j0 += panel_rows) {
+        const int64_t rows = std::min(panel_rows, r - j0);
+        for (int64_t jj = 0; jj < rows; ++jj) {  // panel row jj = scale * code of U^T row j0 + jj
+          const int64_t j = j0 + jj;
+          float* row = panel.data() + jj * len;
+          isa.decode(u_q, bits, j * n + n0, len, row);
+          isa.halves(u_scale + j * gn + g0, ng, sc.data());
+          isa.halves(u_zero + j * gn + g0, ng, zr.data());
+          isa.scale_groups(row, len, n0, gs, sc.data());
+          for (int64_t i = 0; i < m; ++i)
+            for (int64_t g = 0; g < ng; ++g) zsum[i * ng + g] += t[j * m + i] * zr[g];
+        }
+        isa.panel_gemm(panel.data(), rows, len, t + j0 * m, m, acc.data());
       }
       for (int64_t i = 0; i < m; ++i)
-        for (int64_t c = 0; c < len; ++c) y[i * n + n0 + c] = acc[i * len + c] + zsum[i * ng + (n0 + c) / gs - g0];
+        for (int64_t g = 0; g < ng; ++g) {  // group by group: no division per element
+          const int64_t c0 = std::max<int64_t>(0, (g0 + g) * gs - n0), c1 = std::min(len, (g0 + g + 1) * gs - n0);
+          const float z = zsum[i * ng + g];
+          for (int64_t c = c0; c < c1; ++c) y[i * n + n0 + c] = acc[i * len + c] + z;
+        }
     }
   }
 }
