@@ -40,9 +40,11 @@ namespace {
 
 // Below this many code-multiply-adds a call runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
-// Stage-3 panel: U^T rows x block columns of fp32, at most this many floats (16 KiB, stays in L1).
-constexpr int64_t kPanelFloats = 4096;
-constexpr int64_t kMaxPanelRows = 8;
+// Stage-3 panel: U^T rows x block columns of fp32, at most this many floats (32 KiB, L1/L2).
+constexpr int64_t kPanelFloats = 8192;
+constexpr int64_t kMaxPanelRows = 16;
+// Stage-1 V rows decoded per panel when there are several x rows (register tiles of 4 V x 4 x rows).
+constexpr int64_t kDotRows = 4;
 
 // Output columns per stage-3 block (a multiple of 16). Each (U^T row, block) pair costs a fixed
 // overhead (calls, a scalar head, the group scales), so blocks are as wide as keeps >= 2 blocks per
@@ -93,6 +95,8 @@ struct Isa {
   void (*scale_groups)(float* v, int64_t len, int64_t off, int64_t gs, const float* scale);
   // acc (m, len) += tt^T (m, rows) @ panel (rows, len); tt is (rows, m) row-major
   void (*panel_gemm)(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc);
+  // out[jj * m + i] = <panel[jj], x[i]> for the rows x m pairs; panel (rows, k), x (m, k)
+  void (*panel_dots)(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out);
   // One x row (m = 1): acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len, straight
   // from the packed bytes. Needs first, off, len and gs multiples of 16; nullptr when the path has none.
   void (*axpy_codes)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
@@ -168,8 +172,14 @@ void panel_gemm_generic(const float* panel, int64_t rows, int64_t len, const flo
     }
 }
 
+void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out) {
+  const float one = 1.f;
+  for (int64_t q = 0; q < rows; ++q)
+    for (int64_t i = 0; i < m; ++i) out[q * m + i] = scaled_dot_generic(panel + q * k, x + i * k, k, k, &one);
+}
+
 constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
-                       nullptr};
+                       panel_dots_generic, nullptr};
 
 // ---- AVX-512 path ---------------------------------------------------------------------------------
 #if DELTACOMP_X86_GCC
@@ -276,34 +286,86 @@ void scale_groups_avx512(float* v, int64_t len, int64_t off, int64_t gs, const f
   }
 }
 
-// Register tile: 16 columns x MB x rows; each panel vector load feeds MB FMAs, and the accumulators
-// are loaded and stored once per panel (not once per U^T row).
-template <int MB>
+// Register tile: MB x rows by NC * 16 columns (the last vector masked by msk); each panel vector load
+// feeds MB FMAs, MB * NC independent chains hide the FMA latency, and the accumulators are loaded and
+// stored once per panel (not once per U^T row).
+template <int MB, int NC>
 inline void panel_tile(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc,
                        int64_t c, __mmask16 msk) {
-  __m512 a[MB];
-  for (int mm = 0; mm < MB; ++mm) a[mm] = _mm512_maskz_loadu_ps(msk, acc + mm * len + c);
+  constexpr __mmask16 kAll = 0xffff;
+  __m512 a[MB][NC];
+  for (int mm = 0; mm < MB; ++mm)
+    for (int v = 0; v < NC; ++v) a[mm][v] = _mm512_maskz_loadu_ps(v == NC - 1 ? msk : kAll, acc + mm * len + c + 16 * v);
   for (int64_t j = 0; j < rows; ++j) {
-    const __m512 p = _mm512_maskz_loadu_ps(msk, panel + j * len + c);
-    for (int mm = 0; mm < MB; ++mm) a[mm] = _mm512_fmadd_ps(_mm512_set1_ps(tt[j * m + mm]), p, a[mm]);
+    __m512 p[NC];
+    for (int v = 0; v < NC; ++v) p[v] = _mm512_maskz_loadu_ps(v == NC - 1 ? msk : kAll, panel + j * len + c + 16 * v);
+    for (int mm = 0; mm < MB; ++mm) {
+      const __m512 b = _mm512_set1_ps(tt[j * m + mm]);
+      for (int v = 0; v < NC; ++v) a[mm][v] = _mm512_fmadd_ps(b, p[v], a[mm][v]);
+    }
   }
-  for (int mm = 0; mm < MB; ++mm) _mm512_mask_storeu_ps(acc + mm * len + c, msk, a[mm]);
+  for (int mm = 0; mm < MB; ++mm)
+    for (int v = 0; v < NC; ++v) _mm512_mask_storeu_ps(acc + mm * len + c + 16 * v, v == NC - 1 ? msk : kAll, a[mm][v]);
 }
 
 void panel_gemm_avx512(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc) {
-  for (int64_t c = 0; c < len; c += 16) {
+  int64_t c = 0;
+  for (; c + 32 <= len; c += 32) {  // 4 x rows x 32 columns: 8 chains; one x row: 4 x 16 columns
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) panel_tile<4, 2>(panel, rows, len, tt + i, m, acc + i * len, c, 0xffff);
+    for (; i < m; ++i) panel_tile<1, 2>(panel, rows, len, tt + i, m, acc + i * len, c, 0xffff);
+  }
+  for (; c < len; c += 16) {
     const __mmask16 msk = len - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(len - c);
     int64_t i = 0;
-    for (; i + 4 <= m; i += 4) panel_tile<4>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
-    for (; i < m; ++i) panel_tile<1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
+    for (; i + 4 <= m; i += 4) panel_tile<4, 1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
+    for (; i < m; ++i) panel_tile<1, 1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
   }
+}
+
+// out[jj * m + i] = <panel[jj], x[i]> for an R x MB tile: R * MB independent chains, each panel and x
+// vector load feeds MB (R) FMAs.
+template <int R, int MB>
+void dots_tile(const float* panel, int64_t k, const float* x, int64_t m, float* out) {
+  __m512 a[R][MB];
+  for (int q = 0; q < R; ++q)
+    for (int mm = 0; mm < MB; ++mm) a[q][mm] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 msk = k - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(k - c);
+    __m512 xv[MB];
+    for (int mm = 0; mm < MB; ++mm) xv[mm] = _mm512_maskz_loadu_ps(msk, x + mm * k + c);
+    for (int q = 0; q < R; ++q) {
+      const __m512 p = _mm512_maskz_loadu_ps(msk, panel + q * k + c);
+      for (int mm = 0; mm < MB; ++mm) a[q][mm] = _mm512_fmadd_ps(p, xv[mm], a[q][mm]);
+    }
+  }
+  for (int q = 0; q < R; ++q)
+    for (int mm = 0; mm < MB; ++mm) out[q * m + mm] = _mm512_reduce_add_ps(a[q][mm]);
+}
+
+template <int R>
+void dots_rows(const float* panel, int64_t k, const float* x, int64_t m, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) dots_tile<R, 4>(panel, k, x + i * k, m, out + i);
+  switch (m - i) {
+    case 3: dots_tile<R, 3>(panel, k, x + i * k, m, out + i); break;
+    case 2: dots_tile<R, 2>(panel, k, x + i * k, m, out + i); break;
+    case 1: dots_tile<R, 1>(panel, k, x + i * k, m, out + i); break;
+    default: break;
+  }
+}
+
+void panel_dots_avx512(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out) {
+  int64_t q = 0;
+  for (; q + 4 <= rows; q += 4) dots_rows<4>(panel + q * k, k, x, m, out + q * m);
+  for (; q < rows; ++q) dots_rows<1>(panel + q * k, k, x, m, out + q * m);
 }
 
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
 constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_groups_avx512, panel_gemm_avx512,
-                      axpy_codes_avx512};
+                      panel_dots_avx512, axpy_codes_avx512};
 
 const Isa& pick_isa() {
   static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
@@ -328,19 +390,37 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
       for (int64_t c = g * gs; c < std::min(k, (g + 1) * gs); ++c) acc += x[i * k + c];
       xsum[i * gk + g] = static_cast<float>(acc);
     }
+  // One x row: each decoded V row is dotted once, group scales applied to the partial sums. More x
+  // rows: kDotRows V rows are decoded and scaled (code * scale: exact in fp32) into a panel, then
+  // dotted with all x rows in register tiles.
+  const int64_t tile = m == 1 ? 1 : kDotRows;
 #pragma omp parallel if (m * r * k >= kParallelMinWork)
   {
-    std::vector<float> row(static_cast<size_t>(k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
+    std::vector<float> panel(static_cast<size_t>(tile * k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
+    std::vector<float> dots(static_cast<size_t>(tile * m));
     const float one = 1.f;
-#pragma omp for schedule(dynamic, 8)
-    for (int64_t j = 0; j < r; ++j) {
-      isa.decode(v_q, bits, j * k, k, row.data());
-      isa.halves(v_scale + j * gk, gk, sc.data());
-      isa.halves(v_zero + j * gk, gk, zr.data());
-      for (int64_t i = 0; i < m; ++i) {
-        const float codes_term = isa.scaled_dot(row.data(), x + i * k, k, gs, sc.data());
-        const float zero_term = isa.scaled_dot(zr.data(), xsum.data() + i * gk, gk, gk, &one);
-        t[j * m + i] = (codes_term + zero_term) * s[j];
+#pragma omp for schedule(dynamic, 2)
+    for (int64_t j0 = 0; j0 < r; j0 += tile) {
+      const int64_t rows = std::min(tile, r - j0);
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t j = j0 + q;
+        float* row = panel.data() + q * k;
+        isa.decode(v_q, bits, j * k, k, row);
+        isa.halves(v_scale + j * gk, gk, sc.data());
+        if (m == 1) {
+          dots[q] = isa.scaled_dot(row, x, k, gs, sc.data());
+        } else {
+          isa.scale_groups(row, k, 0, gs, sc.data());
+        }
+      }
+      if (m > 1) isa.panel_dots(panel.data(), rows, k, x, m, dots.data());
+      for (int64_t q = 0; q < rows; ++q) {
+        const int64_t j = j0 + q;
+        isa.halves(v_zero + j * gk, gk, zr.data());
+        for (int64_t i = 0; i < m; ++i) {
+          const float zero_term = isa.scaled_dot(zr.data(), xsum.data() + i * gk, gk, gk, &one);
+          t[j * m + i] = (dots[q * m + i] + zero_term) * s[j];
+        }
       }
     }
   }
