@@ -15,11 +15,8 @@
 //            tiles (4 x rows by 16 columns), so accumulators are loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
 //
-// Decoding: in a KBITS stream, 8 consecutive codes starting at a code index that is a multiple of 8
-// fill exactly `bits` bytes, byte-aligned. So after a scalar head (up to the next multiple of 8, or 16
-// for AVX-512), codes come in fixed byte patterns: the AVX-512 path loads the 2*bits bytes of 16 codes,
-// broadcasts them to the four 128-bit lanes, byte-shuffles the (up to) 4 bytes holding code i into
-// 32-bit lane i, shifts right by (i*bits) % 8 and masks: 16 codes in 5 instructions.
+// This file: the driver (stages, threads, the choice of code path) and the portable inner loops;
+// lowrank_simd.cpp: the AVX-512 loops and the AVX2 decode, with how codes are decoded.
 #include "lowrank_kernels.h"
 
 #include <algorithm>
@@ -29,13 +26,11 @@
 
 #include <omp.h>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DELTACOMP_X86_GCC 1
-#include <immintrin.h>
-#endif
+#include "lowrank_isa.h"
 
 namespace deltacomp {
 namespace cpu {
+namespace lowrank {
 namespace {
 
 // Below this many code-multiply-adds a call runs on one thread: waking the OpenMP team costs more.
@@ -55,66 +50,43 @@ int64_t block_columns(int64_t n, int64_t m, int threads) {
   return std::max<int64_t>(256, std::min(want, cap));
 }
 
-// IEEE fp16 bit pattern -> float (scales and zeros are read once per group, so scalar is enough).
-inline float half_to_float(uint16_t h) {
-  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
-  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
-  uint32_t out;
-  if (exp == 0) {
-    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
-    return sign ? -f : f;
-  } else if (exp == 31) {
-    out = sign | 0x7f800000u | (man << 13);  // inf / nan
-  } else {
-    out = sign | ((exp + 112u) << 23) | (man << 13);
-  }
-  float f;
-  std::memcpy(&f, &out, sizeof f);
-  return f;
-}
-
-// Code `idx` of a KBITS stream, reading no byte past the one holding its last bit.
-inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
-  const int64_t p = idx * bits;
-  const int64_t byte = p >> 3;
-  const int sh = static_cast<int>(p & 7);
-  uint32_t v = stream[byte];
-  if (sh + bits > 8) v |= static_cast<uint32_t>(stream[byte + 1]) << 8;
-  return (v >> sh) & ((1u << bits) - 1u);
-}
-
-// Function table of one code path: decode codes to floats, per-group dot products, per-group axpy.
-struct Isa {
-  // out[i] = code first + i, i < count
-  void (*decode)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
-  // sum over the ceil(len / gs) groups g of [0, len) of scale[g] * <a[g*gs : (g+1)*gs], b[same]>
-  float (*scaled_dot)(const float* a, const float* b, int64_t len, int64_t gs, const float* scale);
-  // out[i] = fp16 bit pattern h[i] as float, i < count
-  void (*halves)(const uint16_t* h, int64_t count, float* out);
-  // v[c] *= scale[(off + c) / gs - off / gs], c < len (a block starting at column off of a row)
-  void (*scale_groups)(float* v, int64_t len, int64_t off, int64_t gs, const float* scale);
-  // acc (m, len) += tt^T (m, rows) @ panel (rows, len); tt is (rows, m) row-major
-  void (*panel_gemm)(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc);
-  // out[jj * m + i] = <panel[jj], x[i]> for the rows x m pairs; panel (rows, k), x (m, k)
-  void (*panel_dots)(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out);
-  // One x row (m = 1): acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len, straight
-  // from the packed bytes. Needs first, off, len and gs multiples of 16; nullptr when the path has none.
-  void (*axpy_codes)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
-                     const float* coef, float* acc);
-};
-
 // ---- portable path: compiled for AVX2 and baseline x86-64 (GCC picks at load time) ---------------
+// 8 floats as a GCC/Clang vector: one AVX register in the AVX2 clones, two SSE ones in the baseline.
+typedef float V8 __attribute__((vector_size(32)));
+// a[c..c+8) * b[c..c+8), unaligned loads (vectors passed by reference: no AVX-dependent call ABI)
+inline void mul8(const float* a, const float* b, V8& out) {
+  V8 x, y;
+  std::memcpy(&x, a, sizeof x);
+  std::memcpy(&y, b, sizeof y);
+  out += x * y;
+}
+
+// Whole groups of 8 codes from code index i (a multiple of 8 past `first`): 8 codes = B whole bytes.
+template <int B>
+inline void decode8(const uint8_t* stream, int64_t first, int64_t& i, int64_t count, float* out) {
+  constexpr uint64_t mask = (1u << B) - 1u;
+  for (; i + 8 <= count; i += 8) {
+    uint64_t w = 0;
+    std::memcpy(&w, stream + ((first + i) >> 3) * B, B);  // little-endian host
+    for (int t = 0; t < 8; ++t) out[i + t] = static_cast<float>((w >> (t * B)) & mask);
+  }
+}
+
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
 #endif
 void decode_generic(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
   int64_t i = 0;
   for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-  const uint64_t mask = (1u << bits) - 1u;
-  for (; i + 8 <= count; i += 8) {  // 8 codes = `bits` whole bytes
-    uint64_t w = 0;
-    std::memcpy(&w, stream + ((first + i) >> 3) * bits, static_cast<size_t>(bits));  // little-endian host
-    for (int t = 0; t < 8; ++t) out[i + t] = static_cast<float>((w >> (t * bits)) & mask);
+  switch (bits) {  // a constant width: the 8-code loop unrolls, its copy is a plain load
+    case 1: decode8<1>(stream, first, i, count, out); break;
+    case 2: decode8<2>(stream, first, i, count, out); break;
+    case 3: decode8<3>(stream, first, i, count, out); break;
+    case 4: decode8<4>(stream, first, i, count, out); break;
+    case 5: decode8<5>(stream, first, i, count, out); break;
+    case 6: decode8<6>(stream, first, i, count, out); break;
+    case 7: decode8<7>(stream, first, i, count, out); break;
+    default: decode8<8>(stream, first, i, count, out); break;
   }
   for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
 }
@@ -123,23 +95,22 @@ void decode_generic(const uint8_t* stream, int bits, int64_t first, int64_t coun
 __attribute__((target_clones("avx2", "default")))
 #endif
 float scaled_dot_generic(const float* a, const float* b, int64_t len, int64_t gs, const float* scale) {
-  // 16 fixed lanes: the fixed-length inner loops vectorize without reassociating a float sum; one
-  // horizontal sum per call, the group scales applied lane-wise
-  float tot[16] = {0.f};
-  float tail = 0.f;
+  float tot = 0.f;
   for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
     const int64_t c1 = std::min(len, c0 + gs);
-    float acc[16] = {0.f};
+    V8 acc0 = {}, acc1 = {};  // two chains hide the add latency
     int64_t c = c0;
-    for (; c + 16 <= c1; c += 16)
-      for (int l = 0; l < 16; ++l) acc[l] += a[c + l] * b[c + l];
-    float rest = 0.f;
-    for (; c < c1; ++c) rest += a[c] * b[c];
-    for (int l = 0; l < 16; ++l) tot[l] += scale[g] * acc[l];
-    tail += scale[g] * rest;
+    for (; c + 16 <= c1; c += 16) {
+      mul8(a + c, b + c, acc0);
+      mul8(a + c + 8, b + c + 8, acc1);
+    }
+    for (; c + 8 <= c1; c += 8) mul8(a + c, b + c, acc0);
+    const V8 v = acc0 + acc1;
+    float sum = ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+    for (; c < c1; ++c) sum += a[c] * b[c];
+    tot += scale[g] * sum;
   }
-  for (int l = 0; l < 16; ++l) tail += tot[l];
-  return tail;
+  return tot;
 }
 
 void halves_generic(const uint16_t* h, int64_t count, float* out) {
@@ -181,201 +152,27 @@ void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float
 constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
                        panel_dots_generic, nullptr};
 
-// ---- AVX-512 path ---------------------------------------------------------------------------------
-#if DELTACOMP_X86_GCC
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl")
-#pragma GCC diagnostic push
-// GCC 12 false positive: _mm512_reduce_add_ps starts from _mm256_undefined_pd() on purpose.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-
-// Per width b: pshufb control putting bytes (i*b)/8 .. +3 of a 16-code block into 32-bit lane i
-// (0x80, a zero byte, past the block), and the right shift (i*b) % 8 of lane i.
-struct DecodeTables {
-  alignas(64) uint8_t ctl[9][64];
-  alignas(64) int32_t shift[9][16];
-  constexpr DecodeTables() : ctl(), shift() {
-    for (int b = 1; b <= 8; ++b)
-      for (int i = 0; i < 16; ++i) {
-        const int first = (i * b) >> 3;
-        for (int t = 0; t < 4; ++t) {
-          const int byte = first + t;
-          ctl[b][4 * i + t] = static_cast<uint8_t>(byte < 2 * b ? byte : 0x80);
-        }
-        shift[b][i] = (i * b) & 7;
-      }
-  }
-};
-constexpr DecodeTables kDecode{};
-
-// 16 codes starting at a code index that is a multiple of 16 (see decode_avx512), as floats.
-struct Decode16 {
-  __m512i ctl, shift, mask;
-  __mmask16 bytes;
-  explicit Decode16(int bits)
-      : ctl(_mm512_load_si512(kDecode.ctl[bits])), shift(_mm512_load_si512(kDecode.shift[bits])),
-        mask(_mm512_set1_epi32((1 << bits) - 1)), bytes(static_cast<__mmask16>((1u << (2 * bits)) - 1u)) {}
-  __m512 operator()(const uint8_t* block) const {  // the 2*bits bytes of the 16 codes; reads no more
-    const __m128i blk = _mm_maskz_loadu_epi8(bytes, block);
-    const __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(blk), ctl);
-    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shift), mask));
-  }
-};
-
-void decode_avx512(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
-  int64_t i = 0;
-  for (; i < count && ((first + i) & 15); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-  const Decode16 dec(bits);  // 16 codes = 2*bits bytes; the masked load reads no byte past them
-  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(out + i, dec(stream + ((first + i) >> 3) * bits));
-  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-}
-
-void axpy_codes_avx512(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
-                       const float* coef, float* acc) {
-  const Decode16 dec(bits);
-  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
-    const int64_t c1 = std::min(len, end);
-    const __m512 a = _mm512_set1_ps(coef[g]);
-    for (int64_t c = c0; c < c1; c += 16) {
-      const __m512 f = dec(stream + ((first + c) >> 3) * bits);
-      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(a, f, _mm512_loadu_ps(acc + c)));
-    }
-    c0 = c1;
-  }
-}
-
-inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
-
-
-float scaled_dot_avx512(const float* a, const float* b, int64_t len, int64_t gs, const float* scale) {
-  __m512 tot = _mm512_setzero_ps();  // scale[g] * group partials, lane-wise: one reduction per call
-  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
-    const int64_t c1 = std::min(len, c0 + gs);
-    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  // two chains hide the FMA latency
-    int64_t c = c0;
-    for (; c + 32 <= c1; c += 32) {
-      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc0);
-      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), acc1);
-    }
-    for (; c < c1; c += 16) {
-      const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
-      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(msk, a + c), _mm512_maskz_loadu_ps(msk, b + c), acc0);
-    }
-    tot = _mm512_fmadd_ps(_mm512_set1_ps(scale[g]), _mm512_add_ps(acc0, acc1), tot);
-  }
-  return _mm512_reduce_add_ps(tot);
-}
-
-void halves_avx512(const uint16_t* h, int64_t count, float* out) {  // vcvtph2ps, 16 at a time
-  for (int64_t i = 0; i < count; i += 16) {
-    const __mmask16 msk = count - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(count - i);
-    _mm512_mask_storeu_ps(out + i, msk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, h + i)));
-  }
-}
-
-void scale_groups_avx512(float* v, int64_t len, int64_t off, int64_t gs, const float* scale) {
-  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
-    const int64_t c1 = std::min(len, end);
-    const __m512 a = _mm512_set1_ps(scale[g]);
-    for (int64_t c = c0; c < c1; c += 16) {
-      const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
-      _mm512_mask_storeu_ps(v + c, msk, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(msk, v + c)));
-    }
-    c0 = c1;
-  }
-}
-
-// Register tile: MB x rows by NC * 16 columns (the last vector masked by msk); each panel vector load
-// feeds MB FMAs, MB * NC independent chains hide the FMA latency, and the accumulators are loaded and
-// stored once per panel (not once per U^T row).
-template <int MB, int NC>
-inline void panel_tile(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc,
-                       int64_t c, __mmask16 msk) {
-  constexpr __mmask16 kAll = 0xffff;
-  __m512 a[MB][NC];
-  for (int mm = 0; mm < MB; ++mm)
-    for (int v = 0; v < NC; ++v) a[mm][v] = _mm512_maskz_loadu_ps(v == NC - 1 ? msk : kAll, acc + mm * len + c + 16 * v);
-  for (int64_t j = 0; j < rows; ++j) {
-    __m512 p[NC];
-    for (int v = 0; v < NC; ++v) p[v] = _mm512_maskz_loadu_ps(v == NC - 1 ? msk : kAll, panel + j * len + c + 16 * v);
-    for (int mm = 0; mm < MB; ++mm) {
-      const __m512 b = _mm512_set1_ps(tt[j * m + mm]);
-      for (int v = 0; v < NC; ++v) a[mm][v] = _mm512_fmadd_ps(b, p[v], a[mm][v]);
-    }
-  }
-  for (int mm = 0; mm < MB; ++mm)
-    for (int v = 0; v < NC; ++v) _mm512_mask_storeu_ps(acc + mm * len + c + 16 * v, v == NC - 1 ? msk : kAll, a[mm][v]);
-}
-
-void panel_gemm_avx512(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc) {
-  int64_t c = 0;
-  for (; c + 32 <= len; c += 32) {  // 4 x rows x 32 columns: 8 chains; one x row: 4 x 16 columns
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) panel_tile<4, 2>(panel, rows, len, tt + i, m, acc + i * len, c, 0xffff);
-    for (; i < m; ++i) panel_tile<1, 2>(panel, rows, len, tt + i, m, acc + i * len, c, 0xffff);
-  }
-  for (; c < len; c += 16) {
-    const __mmask16 msk = len - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(len - c);
-    int64_t i = 0;
-    for (; i + 4 <= m; i += 4) panel_tile<4, 1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
-    for (; i < m; ++i) panel_tile<1, 1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
-  }
-}
-
-// out[jj * m + i] = <panel[jj], x[i]> for an R x MB tile: R * MB independent chains, each panel and x
-// vector load feeds MB (R) FMAs.
-template <int R, int MB>
-void dots_tile(const float* panel, int64_t k, const float* x, int64_t m, float* out) {
-  __m512 a[R][MB];
-  for (int q = 0; q < R; ++q)
-    for (int mm = 0; mm < MB; ++mm) a[q][mm] = _mm512_setzero_ps();
-  for (int64_t c = 0; c < k; c += 16) {
-    const __mmask16 msk = k - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(k - c);
-    __m512 xv[MB];
-    for (int mm = 0; mm < MB; ++mm) xv[mm] = _mm512_maskz_loadu_ps(msk, x + mm * k + c);
-    for (int q = 0; q < R; ++q) {
-      const __m512 p = _mm512_maskz_loadu_ps(msk, panel + q * k + c);
-      for (int mm = 0; mm < MB; ++mm) a[q][mm] = _mm512_fmadd_ps(p, xv[mm], a[q][mm]);
-    }
-  }
-  for (int q = 0; q < R; ++q)
-    for (int mm = 0; mm < MB; ++mm) out[q * m + mm] = _mm512_reduce_add_ps(a[q][mm]);
-}
-
-template <int R>
-void dots_rows(const float* panel, int64_t k, const float* x, int64_t m, float* out) {
-  int64_t i = 0;
-  for (; i + 4 <= m; i += 4) dots_tile<R, 4>(panel, k, x + i * k, m, out + i);
-  switch (m - i) {
-    case 3: dots_tile<R, 3>(panel, k, x + i * k, m, out + i); break;
-    case 2: dots_tile<R, 2>(panel, k, x + i * k, m, out + i); break;
-    case 1: dots_tile<R, 1>(panel, k, x + i * k, m, out + i); break;
-    default: break;
-  }
-}
-
-void panel_dots_avx512(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out) {
-  int64_t q = 0;
-  for (; q + 4 <= rows; q += 4) dots_rows<4>(panel + q * k, k, x, m, out + q * m);
-  for (; q < rows; ++q) dots_rows<1>(panel + q * k, k, x, m, out + q * m);
-}
-
-#pragma GCC diagnostic pop
-#pragma GCC pop_options
-
-constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_groups_avx512, panel_gemm_avx512,
-                      panel_dots_avx512, axpy_codes_avx512};
-
+// DELTACOMP_CPU_ISA (read per call so tests can switch): "generic" = the portable loops (with the
+// AVX2 decode where the CPU has AVX2, as an AVX2-only machine runs), "baseline" = no SIMD intrinsics.
 const Isa& pick_isa() {
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl");
-  const char* force = std::getenv("DELTACOMP_CPU_ISA");  // read per call so tests can switch paths
-  return has && !(force && std::strcmp(force, "generic") == 0) ? kAvx512 : kGeneric;
-}
+#if DELTACOMP_X86_GCC
+  static const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && avx512_isa() != nullptr;
+  static const bool has2 = __builtin_cpu_supports("avx2") && avx2_decode() != nullptr;
+  static const Isa kAvx2 = [] {
+    Isa t = kGeneric;
+    if (avx2_decode()) t.decode = avx2_decode();
+    return t;
+  }();
+  const char* force = std::getenv("DELTACOMP_CPU_ISA");
+  const bool generic = force && std::strcmp(force, "generic") == 0;
+  const bool baseline = force && std::strcmp(force, "baseline") == 0;
+  if (has512 && !generic && !baseline) return *avx512_isa();
+  return has2 && !baseline ? kAvx2 : kGeneric;
 #else
-const Isa& pick_isa() { return kGeneric; }
+  return kGeneric;
 #endif
+}
 
 inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }
 
@@ -481,6 +278,7 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, in
 }
 
 }  // namespace
+}  // namespace lowrank
 
 void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,
                              int64_t group_size, const uint8_t* v_q, const uint16_t* v_scale,
@@ -491,10 +289,10 @@ void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, in
     std::fill(y, y + m * n, 0.f);
     return;
   }
-  const Isa& isa = pick_isa();
+  const lowrank::Isa& isa = lowrank::pick_isa();
   std::vector<float> t(static_cast<size_t>(r * m));
-  stage_v(isa, x, m, k, r, bits, group_size, v_q, v_scale, v_zero, s, t.data());
-  stage_u(isa, t.data(), m, n, r, bits, group_size, u_q, u_scale, u_zero, y);
+  lowrank::stage_v(isa, x, m, k, r, bits, group_size, v_q, v_scale, v_zero, s, t.data());
+  lowrank::stage_u(isa, t.data(), m, n, r, bits, group_size, u_q, u_scale, u_zero, y);
 }
 
 }  // namespace cpu

@@ -1,0 +1,72 @@
+// Internal to the low-rank kernel (lowrank_kernels.cpp, lowrank_simd.cpp): the table of per-ISA inner
+// loops the driver calls, and the scalar helpers both files use. Raw pointers only, no torch.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define DELTACOMP_X86_GCC 1  // GCC on x86-64: target attributes and __builtin_cpu_supports
+#endif
+
+namespace deltacomp {
+namespace cpu {
+namespace lowrank {
+
+// IEEE fp16 bit pattern -> float (scales and zeros are read once per group, so scalar is enough).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t out;
+  if (exp == 0) {
+    const float f = static_cast<float>(man) * 5.9604644775390625e-8f;  // subnormal: man * 2^-24
+    return sign ? -f : f;
+  } else if (exp == 31) {
+    out = sign | 0x7f800000u | (man << 13);  // inf / nan
+  } else {
+    out = sign | ((exp + 112u) << 23) | (man << 13);
+  }
+  float f;
+  std::memcpy(&f, &out, sizeof f);
+  return f;
+}
+
+// Code `idx` of a KBITS stream, reading no byte past the one holding its last bit.
+inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
+  const int64_t p = idx * bits;
+  const int64_t byte = p >> 3;
+  const int sh = static_cast<int>(p & 7);
+  uint32_t v = stream[byte];
+  if (sh + bits > 8) v |= static_cast<uint32_t>(stream[byte + 1]) << 8;
+  return (v >> sh) & ((1u << bits) - 1u);
+}
+
+// Function table of one code path: decode codes to floats, per-group dot products, per-group axpy.
+struct Isa {
+  // out[i] = code first + i, i < count
+  void (*decode)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
+  // sum over the ceil(len / gs) groups g of [0, len) of scale[g] * <a[g*gs : (g+1)*gs], b[same]>
+  float (*scaled_dot)(const float* a, const float* b, int64_t len, int64_t gs, const float* scale);
+  // out[i] = fp16 bit pattern h[i] as float, i < count
+  void (*halves)(const uint16_t* h, int64_t count, float* out);
+  // v[c] *= scale[(off + c) / gs - off / gs], c < len (a block starting at column off of a row)
+  void (*scale_groups)(float* v, int64_t len, int64_t off, int64_t gs, const float* scale);
+  // acc (m, len) += tt^T (m, rows) @ panel (rows, len); tt is (rows, m) row-major
+  void (*panel_gemm)(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc);
+  // out[jj * m + i] = <panel[jj], x[i]> for the rows x m pairs; panel (rows, k), x (m, k)
+  void (*panel_dots)(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out);
+  // One x row (m = 1): acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len, straight
+  // from the packed bytes. Needs first, off, len and gs multiples of 16; nullptr when the path has none.
+  void (*axpy_codes)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
+                     const float* coef, float* acc);
+};
+
+// The AVX-512 (F + BW + VL) table, or nullptr when not compiled in (lowrank_simd.cpp).
+const Isa* avx512_isa();
+// AVX2 decode (pshufb of 8 codes), or nullptr when not compiled in; the other AVX2 loops are the
+// portable ones compiled as AVX2 clones.
+using DecodeFn = void (*)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
+DecodeFn avx2_decode();
+
+}  // namespace lowrank
+}  // namespace cpu
+}  // namespace deltacomp

@@ -1,0 +1,255 @@
+// SIMD inner loops of the low-rank kernel (see lowrank_kernels.cpp for the driver and the math):
+// AVX-512 (F + BW + VL) and an AVX2 decode, compiled with target attributes and picked at run time.
+//
+// Decoding: in a KBITS stream, 8 consecutive codes starting at a code index that is a multiple of 8
+// fill exactly `bits` bytes, byte-aligned. So after a scalar head, codes come in fixed byte patterns:
+// load the bytes of 16 (AVX-512) or 8 (AVX2) codes, broadcast them to every 128-bit lane, byte-shuffle
+// the (up to) 4 bytes holding code i into 32-bit lane i, shift right by (i*bits) % 8 and mask.
+#include <algorithm>
+
+#include "lowrank_isa.h"
+
+#if DELTACOMP_X86_GCC
+#include <immintrin.h>
+#endif
+
+namespace deltacomp {
+namespace cpu {
+namespace lowrank {
+namespace {
+
+#if DELTACOMP_X86_GCC
+// Per width b and block of C codes (C = 16: AVX-512, 8: AVX2): pshufb control putting bytes
+// (i*b)/8 .. +3 of the block into 32-bit lane i (0x80, a zero byte, past the block's C*b/8 bytes), and
+// the right shift (i*b) % 8 of lane i.
+template <int C>
+struct DecodeTables {
+  alignas(64) uint8_t ctl[9][4 * C];
+  alignas(64) int32_t shift[9][C];
+  constexpr DecodeTables() : ctl(), shift() {
+    for (int b = 1; b <= 8; ++b)
+      for (int i = 0; i < C; ++i) {
+        for (int t = 0; t < 4; ++t) {
+          const int byte = ((i * b) >> 3) + t;
+          // AVX2 shuffles each 128-bit half on its own, with the block broadcast to both halves
+          ctl[b][4 * i + t] = static_cast<uint8_t>(byte < C * b / 8 ? byte : 0x80);
+        }
+        shift[b][i] = (i * b) & 7;
+      }
+  }
+};
+constexpr DecodeTables<16> kDecode16{};
+constexpr DecodeTables<8> kDecode8{};
+
+// ---- AVX2: decode only ------------------------------------------------------------------------------
+template <int B>
+__attribute__((target("avx2"))) void decode8_avx2(const uint8_t* stream, int64_t first, int64_t& i,
+                                                   int64_t count, float* out) {
+  const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.ctl[B]));
+  const __m256i shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.shift[B]));
+  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+  for (; i + 8 <= count; i += 8) {
+    long long w = 0;
+    std::memcpy(&w, stream + ((first + i) >> 3) * B, B);  // the B bytes of 8 codes, no more
+    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(w), ctl);
+    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask)));
+  }
+}
+
+__attribute__((target("avx2"))) void decode_avx2(const uint8_t* stream, int bits, int64_t first, int64_t count,
+                                                  float* out) {
+  int64_t i = 0;
+  for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+  switch (bits) {  // a constant width: the copy of the block's bytes is a plain load
+    case 1: decode8_avx2<1>(stream, first, i, count, out); break;
+    case 2: decode8_avx2<2>(stream, first, i, count, out); break;
+    case 3: decode8_avx2<3>(stream, first, i, count, out); break;
+    case 4: decode8_avx2<4>(stream, first, i, count, out); break;
+    case 5: decode8_avx2<5>(stream, first, i, count, out); break;
+    case 6: decode8_avx2<6>(stream, first, i, count, out); break;
+    case 7: decode8_avx2<7>(stream, first, i, count, out); break;
+    default: decode8_avx2<8>(stream, first, i, count, out); break;
+  }
+  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+}
+
+// ---- AVX-512 path ---------------------------------------------------------------------------------
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl")
+#pragma GCC diagnostic push
+// GCC 12 false positive: _mm512_reduce_add_ps starts from _mm256_undefined_pd() on purpose.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+
+// 16 codes starting at a code index that is a multiple of 16 (see decode_avx512), as floats.
+struct Decode16 {
+  __m512i ctl, shift, mask;
+  __mmask16 bytes;
+  explicit Decode16(int bits)
+      : ctl(_mm512_load_si512(kDecode16.ctl[bits])), shift(_mm512_load_si512(kDecode16.shift[bits])),
+        mask(_mm512_set1_epi32((1 << bits) - 1)), bytes(static_cast<__mmask16>((1u << (2 * bits)) - 1u)) {}
+  __m512 operator()(const uint8_t* block) const {  // the 2*bits bytes of the 16 codes; reads no more
+    const __m128i blk = _mm_maskz_loadu_epi8(bytes, block);
+    const __m512i v = _mm512_shuffle_epi8(_mm512_broadcast_i32x4(blk), ctl);
+    return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(v, shift), mask));
+  }
+};
+
+void decode_avx512(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i < count && ((first + i) & 15); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+  const Decode16 dec(bits);  // 16 codes = 2*bits bytes; the masked load reads no byte past them
+  for (; i + 16 <= count; i += 16) _mm512_storeu_ps(out + i, dec(stream + ((first + i) >> 3) * bits));
+  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
+}
+
+void axpy_codes_avx512(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
+                       const float* coef, float* acc) {
+  const Decode16 dec(bits);
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end);
+    const __m512 a = _mm512_set1_ps(coef[g]);
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __m512 f = dec(stream + ((first + c) >> 3) * bits);
+      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(a, f, _mm512_loadu_ps(acc + c)));
+    }
+    c0 = c1;
+  }
+}
+
+inline __mmask16 tail_mask(int64_t n) { return static_cast<__mmask16>((1u << n) - 1u); }
+
+
+float scaled_dot_avx512(const float* a, const float* b, int64_t len, int64_t gs, const float* scale) {
+  __m512 tot = _mm512_setzero_ps();  // scale[g] * group partials, lane-wise: one reduction per call
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
+    const int64_t c1 = std::min(len, c0 + gs);
+    __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();  // two chains hide the FMA latency
+    int64_t c = c0;
+    for (; c + 32 <= c1; c += 32) {
+      acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c), _mm512_loadu_ps(b + c), acc0);
+      acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + c + 16), _mm512_loadu_ps(b + c + 16), acc1);
+    }
+    for (; c < c1; c += 16) {
+      const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
+      acc0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(msk, a + c), _mm512_maskz_loadu_ps(msk, b + c), acc0);
+    }
+    tot = _mm512_fmadd_ps(_mm512_set1_ps(scale[g]), _mm512_add_ps(acc0, acc1), tot);
+  }
+  return _mm512_reduce_add_ps(tot);
+}
+
+void halves_avx512(const uint16_t* h, int64_t count, float* out) {  // vcvtph2ps, 16 at a time
+  for (int64_t i = 0; i < count; i += 16) {
+    const __mmask16 msk = count - i >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(count - i);
+    _mm512_mask_storeu_ps(out + i, msk, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(msk, h + i)));
+  }
+}
+
+void scale_groups_avx512(float* v, int64_t len, int64_t off, int64_t gs, const float* scale) {
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end);
+    const __m512 a = _mm512_set1_ps(scale[g]);
+    for (int64_t c = c0; c < c1; c += 16) {
+      const __mmask16 msk = c1 - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(c1 - c);
+      _mm512_mask_storeu_ps(v + c, msk, _mm512_mul_ps(a, _mm512_maskz_loadu_ps(msk, v + c)));
+    }
+    c0 = c1;
+  }
+}
+
+// Register tile: MB x rows by NC * 16 columns (the last vector masked by msk); each panel vector load
+// feeds MB FMAs, MB * NC independent chains hide the FMA latency, and the accumulators are loaded and
+// stored once per panel (not once per U^T row).
+template <int MB, int NC>
+inline void panel_tile(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc,
+                       int64_t c, __mmask16 msk) {
+  constexpr __mmask16 kAll = 0xffff;
+  __m512 a[MB][NC];
+  for (int mm = 0; mm < MB; ++mm)
+    for (int v = 0; v < NC; ++v) a[mm][v] = _mm512_maskz_loadu_ps(v == NC - 1 ? msk : kAll, acc + mm * len + c + 16 * v);
+  for (int64_t j = 0; j < rows; ++j) {
+    __m512 p[NC];
+    for (int v = 0; v < NC; ++v) p[v] = _mm512_maskz_loadu_ps(v == NC - 1 ? msk : kAll, panel + j * len + c + 16 * v);
+    for (int mm = 0; mm < MB; ++mm) {
+      const __m512 b = _mm512_set1_ps(tt[j * m + mm]);
+      for (int v = 0; v < NC; ++v) a[mm][v] = _mm512_fmadd_ps(b, p[v], a[mm][v]);
+    }
+  }
+  for (int mm = 0; mm < MB; ++mm)
+    for (int v = 0; v < NC; ++v) _mm512_mask_storeu_ps(acc + mm * len + c + 16 * v, v == NC - 1 ? msk : kAll, a[mm][v]);
+}
+
+void panel_gemm_avx512(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc) {
+  int64_t c = 0;
+  for (; c + 32 <= len; c += 32) {  // 4 x rows x 32 columns: 8 chains; one x row: 4 x 16 columns
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) panel_tile<4, 2>(panel, rows, len, tt + i, m, acc + i * len, c, 0xffff);
+    for (; i < m; ++i) panel_tile<1, 2>(panel, rows, len, tt + i, m, acc + i * len, c, 0xffff);
+  }
+  for (; c < len; c += 16) {
+    const __mmask16 msk = len - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(len - c);
+    int64_t i = 0;
+    for (; i + 4 <= m; i += 4) panel_tile<4, 1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
+    for (; i < m; ++i) panel_tile<1, 1>(panel, rows, len, tt + i, m, acc + i * len, c, msk);
+  }
+}
+
+// out[jj * m + i] = <panel[jj], x[i]> for an R x MB tile: R * MB independent chains, each panel and x
+// vector load feeds MB (R) FMAs.
+template <int R, int MB>
+void dots_tile(const float* panel, int64_t k, const float* x, int64_t m, float* out) {
+  __m512 a[R][MB];
+  for (int q = 0; q < R; ++q)
+    for (int mm = 0; mm < MB; ++mm) a[q][mm] = _mm512_setzero_ps();
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 msk = k - c >= 16 ? static_cast<__mmask16>(0xffff) : tail_mask(k - c);
+    __m512 xv[MB];
+    for (int mm = 0; mm < MB; ++mm) xv[mm] = _mm512_maskz_loadu_ps(msk, x + mm * k + c);
+    for (int q = 0; q < R; ++q) {
+      const __m512 p = _mm512_maskz_loadu_ps(msk, panel + q * k + c);
+      for (int mm = 0; mm < MB; ++mm) a[q][mm] = _mm512_fmadd_ps(p, xv[mm], a[q][mm]);
+    }
+  }
+  for (int q = 0; q < R; ++q)
+    for (int mm = 0; mm < MB; ++mm) out[q * m + mm] = _mm512_reduce_add_ps(a[q][mm]);
+}
+
+template <int R>
+void dots_rows(const float* panel, int64_t k, const float* x, int64_t m, float* out) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) dots_tile<R, 4>(panel, k, x + i * k, m, out + i);
+  switch (m - i) {
+    case 3: dots_tile<R, 3>(panel, k, x + i * k, m, out + i); break;
+    case 2: dots_tile<R, 2>(panel, k, x + i * k, m, out + i); break;
+    case 1: dots_tile<R, 1>(panel, k, x + i * k, m, out + i); break;
+    default: break;
+  }
+}
+
+void panel_dots_avx512(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out) {
+  int64_t q = 0;
+  for (; q + 4 <= rows; q += 4) dots_rows<4>(panel + q * k, k, x, m, out + q * m);
+  for (; q < rows; ++q) dots_rows<1>(panel + q * k, k, x, m, out + q * m);
+}
+
+#pragma GCC diagnostic pop
+#pragma GCC pop_options
+
+constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_groups_avx512, panel_gemm_avx512,
+                      panel_dots_avx512, axpy_codes_avx512};
+#endif  // DELTACOMP_X86_GCC
+
+}  // namespace
+
+#if DELTACOMP_X86_GCC
+const Isa* avx512_isa() { return &kAvx512; }
+DecodeFn avx2_decode() { return decode_avx2; }
+#else
+const Isa* avx512_isa() { return nullptr; }
+DecodeFn avx2_decode() { return nullptr; }
+#endif
+
+}  // namespace lowrank
+}  // namespace cpu
+}  // namespace deltacomp
