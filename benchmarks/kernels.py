@@ -6,7 +6,8 @@
 - sign_matmul_multi (T deltas, one x row each: the decode batch of T tenants) vs T separate dense fp32
   matmuls (T full fine-tunes) and vs T separate sign_matmul calls;
 - kbit_lowrank_matmul (svd-mixed at --lowrank-ratio with the default 8/3/2-bit allocation, through
-  SvdMixedCodec.matmul: one op call per bit-width group) vs torch fp32 dense ``x @ W.T``, vs the
+  SvdMixedCodec.matmul: one op call per bit-width group; ``lowrank_op_generic``: its portable path with
+  the AVX2 decode, what an AVX2-only CPU runs) vs torch fp32 dense ``x @ W.T``, vs the
   Python dequantize-then-matmul path it replaced, and vs the bytes-moved bound (the packed bytes at the
   read bandwidth measured in the same run: a single ``sum`` over a 256 MB tensor).
 

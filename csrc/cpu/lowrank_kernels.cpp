@@ -7,12 +7,14 @@
 // (x row, group), added once at the end.
 //
 // Work split:
-//   stage 1: one V row j at a time (OpenMP over j): its k codes are decoded once into a thread-local
-//            float row, then dotted group by group with every x row (x rows share the decode).
+//   stage 1: rows of V (OpenMP over them; at M = 1 this is the parallel axis): each V row's k codes
+//            are decoded once into a thread-local float row and dotted with x; with several x rows,
+//            4 decoded V rows are dotted with all x rows in 4 x 4 register tiles.
 //   stage 3: output columns in blocks (OpenMP over blocks, see block_columns); a block keeps its
-//            m x block accumulators in cache and walks the r rows of U^T a few at a time: their codes in
-//            the block are decoded and scaled into a small panel, then acc += t^T panel with register
-//            tiles (4 x rows by 16 columns), so accumulators are loaded/stored once per panel.
+//            m x block accumulators in cache and walks the r rows of U^T: at M = 1 each row's codes
+//            go straight from the packed bytes into the accumulators (AVX-512, n and group_size
+//            multiples of 16); otherwise a few rows are decoded and scaled into a small panel and
+//            acc += t^T panel runs in register tiles, accumulators loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
 //
 // This file: the driver (stages, threads, the choice of code path) and the portable inner loops;
