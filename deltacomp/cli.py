@@ -136,7 +136,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .serve import generate
 
     texts = generate(args.base, args.delta, args.prompt, args.max_new_tokens, prompt_delta=args.prompt_delta,
-                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force)
+                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force,
+                     base_bits=args.base_bits)
     idx = args.prompt_delta or [0 if args.delta else -1] * len(args.prompt)
     for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
         print(f"[{i}] delta {idx[i]}: {prompt!r} -> {text!r}")
@@ -215,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta index for each --prompt, in order (-1 = the base); default: every prompt uses delta 0")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
+                   help="quantize the base's linear layers on load with bitsandbytes (8: LLM.int8, 4: NF4 computing "
+                        "in --dtype; the output head stays unquantized) and serve every delta as a term over them: "
+                        "one quantized base, many deltas (needs pip install 'deltacomp[bnb]'; default: the base as "
+                        "stored)")
     p.add_argument("--force", action="store_true", help="serve deltas made against another base anyway")
     p.set_defaults(func=cmd_generate)
 
