@@ -19,7 +19,7 @@ tokenizers = pytest.importorskip("tokenizers")
 import deltacomp  # noqa: E402
 from conftest import VOCAB, finetune_of, llama_config, llama_tensors, write_folder  # noqa: E402
 from deltacomp import nn as dnn  # noqa: E402
-from deltacomp.errors import BaseMismatchError  # noqa: E402
+from deltacomp.errors import BaseMismatchError, DeltacompError  # noqa: E402
 from deltacomp.serve import generate, load_base  # noqa: E402
 
 QUANT = (bnb.nn.Linear8bitLt, bnb.nn.Linear4bit)
@@ -188,3 +188,28 @@ def test_cli_generate_base_bits(pair, capsys):
     with pytest.raises(SystemExit):
         main(argv[:2] + ["--prompt", "w5", "--base-bits", "3"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_refuses_added_rows_on_quantized_head(tmp_path):
+    """A quantized output head cannot grow rows (added tokens): patch_model refuses before changing
+    anything, naming the layer and the fix."""
+    base = llama_tensors(0, tied=False, dtype=torch.float32)
+    ft = finetune_of(base, 1, scale=0.02, touch=lambda n: True)
+    g = torch.Generator().manual_seed(3)
+    for n in ("model.embed_tokens.weight", "lm_head.weight"):
+        ft[n] = torch.cat([ft[n], torch.randn(4, ft[n].shape[1], generator=g) * 0.05])
+    write_folder(tmp_path / "base", base, llama_config(tied=False))
+    write_folder(tmp_path / "ft", ft, llama_config(vocab=VOCAB + 4, tied=False))
+    delta = tmp_path / "ft.delta.safetensors"
+    deltacomp.compress(tmp_path / "base", tmp_path / "ft", delta, progress=False)
+    quant = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                            bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=[])
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base"), dtype=torch.float32,
+                                                              quantization_config=quant).eval()
+    assert isinstance(model.lm_head, bnb.nn.Linear4bit)
+    before = _logits(model, IDS)
+    with warnings.catch_warnings(), pytest.raises(DeltacompError, match=r"lm_head.weight is stored quantized and "
+                                                  r"its delta \(raw, added rows\) cannot be served over it"):
+        warnings.simplefilter("ignore")
+        dnn.patch_model(model, delta)
+    assert torch.equal(_logits(model, IDS), before) and not hasattr(model, "_deltacomp_patch")
