@@ -73,11 +73,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, calib=args.calib,
                      calib_samples=args.calib_samples, calib_len=args.calib_len, calib_steps=args.calib_steps,
                      calib_lr=args.calib_lr, calib_loss=args.calib_loss, gptq_act_order=args.gptq_act_order,
+                     gptq_whiten=not args.gptq_no_whiten, gptq_allocation=args.gptq_allocation,
                      progress=not args.quiet)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
         extra = f": loss {before:.4g} -> {after:.4g}" if before is not None and after is not None else ""
+        if "output_error_calibrated" in rep:
+            extra = (f": {rep['tensors']} tensors, output error on the calibration data "
+                     f"{rep['output_error_data_free']:.4g} -> {rep['output_error_calibrated']:.4g}")
         print(f"calibration ({name}){extra}")
     return 0
 
@@ -167,13 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_compress(p)
     p.add_argument("--calib", metavar="FILE|CORPUS", default=None,
                    help="calibration text (a file, or a bundled corpus name such as 'shakespeare': its training "
-                        "split): distills bitdelta scales, runs GPTQ for svd-mixed")
+                        "split): distills bitdelta scales, runs GPTQ for svd-mixed, fits ternary scales to the layer outputs")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calib-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--calib-steps", type=int, default=20, help="scale-distillation steps (default 20)")
     p.add_argument("--calib-lr", type=float, default=1e-4, help="scale-distillation learning rate (default 1e-4)")
     p.add_argument("--calib-loss", choices=("mse", "kl"), default="mse", help="distillation loss on the logits")
     p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
+    p.add_argument("--gptq-no-whiten", action="store_true",
+                   help="GPTQ: singular vectors from the plain SVD of the delta instead of the input-whitened one")
+    p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default="keep",
+                   help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
