@@ -14,10 +14,10 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes")
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
 
 import deltacomp  # noqa: E402
-from conftest import VOCAB, finetune_of, llama_config, llama_tensors, write_folder  # noqa: E402
+from conftest import VOCAB, finetune_of, llama_config, llama_tensors, word_tokenizer, write_folder  # noqa: E402
 from deltacomp import nn as dnn  # noqa: E402
 from deltacomp.errors import BaseMismatchError, DeltacompError  # noqa: E402
 from deltacomp.serve import generate, load_base  # noqa: E402
@@ -29,14 +29,6 @@ METHODS = {"bit": ("bitdelta", ()), "svd": ("svd-mixed", ()), "tern": ("ternary:
 IDS = torch.tensor([[1, 5, 9, 13, 40, 77, 8], [1, 90, 4, 33, 33, 12, 6]])
 
 
-def _tokenizer():
-    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "[PAD]": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="[BOS]",
-                                                eos_token="[EOS]", pad_token="[PAD]")
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
     """fp32 tiny Llama base (tied embeddings); fine-tune A changes every tensor (layers, norms,
@@ -44,7 +36,7 @@ def pair(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bnb")
     base = llama_tensors(0, dtype=torch.float32)
     write_folder(tmp / "base", base, llama_config())
-    _tokenizer().save_pretrained(tmp / "base")
+    word_tokenizer(VOCAB).save_pretrained(tmp / "base")
     write_folder(tmp / "ftA", finetune_of(base, 1, scale=0.02, touch=lambda n: True), llama_config())
     write_folder(tmp / "ftB", finetune_of(base, 2, scale=0.02), llama_config())
     write_folder(tmp / "other", llama_tensors(5, dtype=torch.float32), llama_config())  # not the base
