@@ -119,16 +119,17 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              calib: str | os.PathLike | None = None, calib_samples: int = 32, calib_len: int = 128,
              calib_steps: int = 20, calib_lr: float = 1e-4, calib_loss: str = "mse", gptq_act_order: bool = False,
-             progress: bool = True) -> dict[str, Any]:
+             gptq_whiten: bool = True, gptq_allocation: str = "keep", progress: bool = True) -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
 
     ``calib`` (a text file, or a bundled corpus name: its training split) turns on the codecs' use of
-    data: BitDelta scale distillation for bitdelta tensors, GPTQ for svd-mixed ones. The data-free file is
+    data: BitDelta scale distillation for bitdelta tensors, GPTQ for svd-mixed ones, a least-squares scale
+    on the layer outputs for ternary ones (calibrate/layerwise.py). The data-free file is
     made under a temporary name first, so a failure never leaves a file at ``out``."""
     if calib is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress)
-    from .calibrate import distill_scales, gptq_requantize, load_calibration
+    from .calibrate import calibrate_layerwise, distill_scales, load_calibration
 
     out = Path(out)
     for p in (out, out.with_name(out.name + ".index.json")):
@@ -149,11 +150,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             steps.append(("distill", lambda src, dst: distill_scales(
                 base, finetuned, src, dst, data, steps=calib_steps, lr=calib_lr, loss=calib_loss, overwrite=True,
                 progress=progress)))
-        if "svd-mixed" in first["by_codec"]:
-            steps.append(("gptq", lambda src, dst: gptq_requantize(
-                base, finetuned, src, dst, data, act_order=gptq_act_order, overwrite=True, progress=progress)))
+        if {"svd-mixed", "ternary"} & set(first["by_codec"]):
+            steps.append(("layerwise", lambda src, dst: calibrate_layerwise(
+                base, finetuned, src, dst, data, act_order=gptq_act_order, whiten=gptq_whiten,
+                allocation=gptq_allocation, overwrite=True, progress=progress)))
         if not steps:
-            raise SettingsError(f"--calib: no tensor uses a codec that calibrates (bitdelta, svd-mixed); "
+            raise SettingsError(f"--calib: no tensor uses a codec that calibrates (bitdelta, svd-mixed, ternary); "
                                 f"this file has {', '.join(sorted(first['by_codec']))}")
         reports, src = {}, stages[0]
         for i, (name, run) in enumerate(steps):

@@ -73,11 +73,15 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, calib=args.calib,
                      calib_samples=args.calib_samples, calib_len=args.calib_len, calib_steps=args.calib_steps,
                      calib_lr=args.calib_lr, calib_loss=args.calib_loss, gptq_act_order=args.gptq_act_order,
+                     gptq_whiten=not args.gptq_no_whiten, gptq_allocation=args.gptq_allocation,
                      progress=not args.quiet)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
         extra = f": loss {before:.4g} -> {after:.4g}" if before is not None and after is not None else ""
+        if "output_error_calibrated" in rep:
+            extra = (f": {rep['tensors']} tensors, output error on the calibration data "
+                     f"{rep['output_error_data_free']:.4g} -> {rep['output_error_calibrated']:.4g}")
         print(f"calibration ({name}){extra}")
     return 0
 
@@ -136,7 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .serve import generate
 
     texts = generate(args.base, args.delta, args.prompt, args.max_new_tokens, prompt_delta=args.prompt_delta,
-                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force)
+                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force,
+                     base_bits=args.base_bits)
     idx = args.prompt_delta or [0 if args.delta else -1] * len(args.prompt)
     for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
         print(f"[{i}] delta {idx[i]}: {prompt!r} -> {text!r}")
@@ -166,13 +171,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common_compress(p)
     p.add_argument("--calib", metavar="FILE|CORPUS", default=None,
                    help="calibration text (a file, or a bundled corpus name such as 'shakespeare': its training "
-                        "split): distills bitdelta scales, runs GPTQ for svd-mixed")
+                        "split): distills bitdelta scales, runs GPTQ for svd-mixed, fits ternary scales to the layer outputs")
     p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
     p.add_argument("--calib-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
     p.add_argument("--calib-steps", type=int, default=20, help="scale-distillation steps (default 20)")
     p.add_argument("--calib-lr", type=float, default=1e-4, help="scale-distillation learning rate (default 1e-4)")
     p.add_argument("--calib-loss", choices=("mse", "kl"), default="mse", help="distillation loss on the logits")
     p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
+    p.add_argument("--gptq-no-whiten", action="store_true",
+                   help="GPTQ: singular vectors from the plain SVD of the delta instead of the input-whitened one")
+    p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default="keep",
+                   help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -215,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta index for each --prompt, in order (-1 = the base); default: every prompt uses delta 0")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
+                   help="quantize the base's linear layers on load with bitsandbytes (8: LLM.int8, 4: NF4 computing "
+                        "in --dtype; the output head stays unquantized) and serve every delta as a term over them: "
+                        "one quantized base, many deltas (needs pip install 'deltacomp[bnb]'; default: the base as "
+                        "stored)")
     p.add_argument("--force", action="store_true", help="serve deltas made against another base anyway")
     p.set_defaults(func=cmd_generate)
 

@@ -8,12 +8,20 @@ their base layer's output, and functions that patch a model loaded from the base
     unpatch_model(model)                               # back to the base
 
 Linear weights whose delta is compressed (bitdelta, ternary, svd-mixed, lowrank, dare) are served from
-the packed form: ``DeltaLinear`` computes ``base(x) + codec term`` (the base module computes its own
-output, so a quantized nn.Linear subclass such as bitsandbytes' Linear8bitLt/Linear4bit is accepted; its
-fingerprint cannot be checked, and this path is not tested here: bitsandbytes is not installed), or for
-BitDelta over a plain fp32/bf16 ``nn.Linear`` one fused pass over the base weight and the signs
-(``sign_matmul_fused``). Everything else in the file (raw embeddings and norms, biases, added tokens) is
-applied in place by ``deltacomp.api.apply_delta_`` and restored by ``unpatch_model``.
+the packed form: ``DeltaLinear`` computes ``base(x) + codec term``, or for BitDelta over a plain fp32/bf16
+``nn.Linear`` one fused pass over the base weight and the signs (``sign_matmul_fused``). Everything else
+in the file (raw embeddings and norms, biases, added tokens) is applied in place by
+``deltacomp.api.apply_delta_`` and restored by ``unpatch_model``.
+
+Quantized base (one quantized base, many deltas): the base module computes its own output, so a
+bitsandbytes ``Linear8bitLt`` / ``Linear4bit`` (e.g. from ``from_pretrained(..., quantization_config=
+BitsAndBytesConfig(...))``, see ``deltacomp.serve.load_base``) is wrapped like an ``nn.Linear``: every
+compressed or raw delta of a quantized weight is served as a term over it (never added into the quantized
+storage), single and multi-tenant, and ``unpatch_model`` puts the quantized modules back. Quantized
+weights cannot be fingerprinted against the float base (one warning); float tensors (norms, embeddings,
+an unquantized head) are still checked. Tested in tests/test_bnb.py on CPU with bitsandbytes 0.50.2
+(8-bit and 4-bit nf4; bitdelta, svd-mixed, ternary, lowrank): logits equal the quantized base's output
+plus ``x @ decoded_delta^T``.
 
 Multi-tenant: one base, several deltas. ``MultiDeltaLinear`` sends every batch row to its delta: all
 BitDelta rows in one ``sign_matmul_multi`` call (rows of one delta grouped inside the kernel), other
@@ -265,10 +273,17 @@ def _state(model: nn.Module) -> dict[str, Tensor]:
     return state
 
 
+def _quantized(tensor: Tensor) -> bool:
+    """A weight stored quantized: integer storage (bitsandbytes Int8Params, 4-bit packed uint8), or a
+    bitsandbytes Params4bit whose packed storage is a float dtype (``bnb_4bit_quant_storage``). Checked by
+    class name so this module does not import bitsandbytes."""
+    return not tensor.is_floating_point() or type(tensor).__name__ == "Params4bit"
+
+
 def _check_base(checker, name: str, tensor: Tensor, where: str, warned: list) -> None:
     """Fingerprint check of one base tensor; a quantized base (int8/4-bit storage) cannot be hashed
     against the float base the delta was made from, so it is skipped with one warning."""
-    if tensor.is_floating_point():
+    if not _quantized(tensor):
         checker.check(name, tensor.detach().cpu(), where)
     elif not warned:
         warned.append(name)
@@ -298,16 +313,30 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | DeltaFile, *, force
         owners[p.data_ptr()] = owners.get(p.data_ptr(), 0) + 1
     wrap: dict[str, tuple[nn.Module, str]] = {}
     warned: list = []
+    skip: set[str] = set()  # zero deltas of quantized weights: nothing to add, nothing to apply in place
     for mname, mod in model.named_modules():
         wname = f"{mname}.weight" if mname else "weight"
         info = df.params.get(wname)
-        if (not isinstance(mod, nn.Linear) or info is None or info.tied_to is not None or not info.has_base
-                or info.base_rows is not None or info.codec not in _PACKED or len(info.shape) != 2
+        if not isinstance(mod, nn.Linear) or info is None:
+            continue
+        if _quantized(mod.weight):
+            # the quantized storage cannot take a float delta in place: every delta is served as a term
+            if info.tied_to is None and info.codec == CodecName.ZERO.value:
+                skip.add(wname)
+                continue
+            if (info.tied_to is not None or not info.has_base or info.base_rows is not None
+                    or len(info.shape) != 2 or info.codec not in _PACKED + (CodecName.RAW.value,)):
+                raise DeltacompError(f"{type(model).__name__}: {wname} is stored quantized and its delta "
+                                     f"({info.codec}{', tied' if info.tied_to else ''}"
+                                     f"{', added rows' if info.base_rows is not None else ''}) cannot be served "
+                                     "over it; load the base unquantized, or keep this layer unquantized")
+        elif (info.tied_to is not None or not info.has_base or info.base_rows is not None
+                or info.codec not in _PACKED or len(info.shape) != 2
                 or owners.get(mod.weight.data_ptr(), 0) > 1):  # a shared (tied) weight is changed in place
             continue
         _check_base(checker, wname, mod.weight, type(model).__name__, warned)
         wrap[mname] = (mod, wname)
-    wrapped = {w for _, w in wrap.values()}
+    wrapped = {w for _, w in wrap.values()} | skip
     rest = [n for n in df.params if n not in wrapped]  # applied in place
     state = _state(model)
     backup = {n: state[n].detach().clone() for n in rest if df.params[n].tied_to is None and n in state}
@@ -369,6 +398,11 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
             biases = [df.decode(s["bias"]) if s.get("bias") else None for df, s in zip(dfs, src)]
             plan.append((mname, MultiDeltaLinear(mod, encs, biases)))
         else:
+            bad = [f for n, f in full.items() if _quantized(state[f]) and any(s.get(n) for s in src)]
+            if bad:
+                raise DeltacompError(f"patch_model_multi: {bad[0]} is stored quantized in a "
+                                     f"{type(mod).__name__}, which is not a linear layer; its delta cannot "
+                                     "be served over it")
             per = []
             for df, s in zip(dfs, src):
                 changed = {n: df.apply(a, state[a].detach().cpu()).to(state[a].dtype).reshape(state[a].shape)

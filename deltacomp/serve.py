@@ -2,6 +2,7 @@
 one batch in which each prompt names its delta (``deltacomp generate``)."""
 from __future__ import annotations
 
+import logging
 import os
 from typing import Sequence
 
@@ -11,12 +12,61 @@ from .errors import DeltacompError, SettingsError
 from .nn import patch_model_multi, set_delta_index
 
 
+BASE_BITS = (8, 4)
+
+
+class _Once(logging.Filter):
+    """Lets each distinct message through once: on CPU bitsandbytes logs "MatMul8bitLt: inputs will be
+    cast from torch.float32 to float16" on every 8-bit matmul (every layer of every decoding step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        new = msg not in self.seen
+        self.seen.add(msg)
+        return new
+
+
+def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits: int | None = None):
+    """The base model (a Hugging Face folder) for serving, in eval mode. ``bits``: None = as stored (in
+    ``dtype``); 8 or 4 = its linear layers quantized on load by bitsandbytes through transformers'
+    ``BitsAndBytesConfig`` (8: LLM.int8 ``Linear8bitLt``; 4: NF4 ``Linear4bit`` computing in ``dtype``).
+    transformers keeps the output head (and embeddings, norms) unquantized. Deltas are then served as
+    terms over the quantized layers (``deltacomp.nn``); the base itself is never dequantized."""
+    from transformers import AutoModelForCausalLM
+
+    if bits is None:
+        return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
+    if bits not in BASE_BITS:
+        raise SettingsError(f"load_base: bits must be one of {BASE_BITS} (or None: the base as stored), got {bits}")
+    try:
+        import bitsandbytes  # noqa: F401  (checked here for a clear message; transformers imports it)
+    except ImportError as exc:
+        raise DeltacompError(f"a {bits}-bit base needs bitsandbytes: pip install 'deltacomp[bnb]' "
+                             f"(bitsandbytes==0.50.2) ({exc})") from exc
+    from transformers import BitsAndBytesConfig
+
+    if bits == 8:
+        quant = BitsAndBytesConfig(load_in_8bit=True)
+        log = logging.getLogger("bitsandbytes.autograd._functions")
+        if not any(isinstance(f, _Once) for f in log.filters):
+            log.addFilter(_Once())
+    else:
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quant).eval()
+
+
 def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], prompts: Sequence[str],
              max_new_tokens: int = 32, *, prompt_delta: Sequence[int] | None = None,
-             dtype: torch.dtype = torch.float32, force: bool = False, model=None, tokenizer=None) -> list[str]:
+             dtype: torch.dtype = torch.float32, force: bool = False, model=None, tokenizer=None,
+             base_bits: int | None = None) -> list[str]:
     """Greedy continuations of ``prompts``; prompt i runs with delta ``prompt_delta[i]`` (an index into
     ``deltas``, -1 = the base alone; default: every prompt with delta 0, or the base when no delta is
-    given). The base (a Hugging Face folder) is loaded once, in ``dtype``, and patched with all deltas
+    given). The base (a Hugging Face folder) is loaded once, in ``dtype`` (``base_bits`` 8 or 4: its
+    linear layers quantized by bitsandbytes, see ``load_base``), and patched with all deltas
     (``patch_model_multi``); the whole batch is one ``generate`` call, left-padded. ``model`` /
     ``tokenizer``: already loaded base objects to use instead of loading ``base`` (the model is patched
     in place). Returns the generated text of each prompt, prompt excluded."""
@@ -34,11 +84,16 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
     if bad:
         raise SettingsError(f"generate: delta index {bad[0]} is out of range; {len(deltas)} delta(s) given, "
                             f"valid indices are -1 (base) to {len(deltas) - 1}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if base_bits is not None and base_bits not in BASE_BITS:
+        raise SettingsError(f"generate: base_bits must be one of {BASE_BITS} or None, got {base_bits}")
+    if base_bits is not None and model is not None:
+        raise SettingsError("generate: base_bits quantizes the base on load; with model= pass a model "
+                            "loaded quantized (deltacomp.serve.load_base) instead")
+    from transformers import AutoTokenizer
 
     tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(base))
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype)
+        model = load_base(base, dtype, base_bits)
     model.eval()
     if deltas:
         patch_model_multi(model, list(deltas), force=force)

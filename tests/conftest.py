@@ -75,3 +75,15 @@ def pair(tmp_path):
     b = llama_tensors(0)
     f = finetune_of(b, 1)
     return write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", f), b, f
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer over "w4".."w{vocab_size-1}" with [UNK]/[BOS]/[EOS]/[PAD] as ids 0..3."""
+    import tokenizers
+    import transformers
+
+    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "[PAD]": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
+    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="[BOS]",
+                                                eos_token="[EOS]", pad_token="[PAD]")

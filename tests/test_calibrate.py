@@ -187,7 +187,7 @@ def test_distill_scales_writes_a_better_file(tmp_path, llama_pair, method, loss)
     assert changed > 0
     for key in ("base", "files"):
         assert new.metadata[key] == old.metadata[key]
-    cal = new.source["calibration"]
+    cal = new.source["calibration"][-1]
     assert cal["data"]["data"] == "train.txt" and cal["data"]["sha256"] == calib.source["sha256"]
     assert cal["data"]["n_samples"] == 12 and cal["data"]["seq_len"] == 16
     assert (cal["steps"], cal["lr"], cal["loss"]) == (40, 2e-3, loss)
@@ -284,6 +284,46 @@ def test_gptq_beats_rtn_at_the_same_bytes(act_order, shape, groups, gs):
     torch.testing.assert_close(codec.matmul(x[:5], enc), x[:5] @ codec.decode(enc).T, rtol=1e-4, atol=1e-5)
 
 
+def test_whitened_svd_is_the_best_rank_r_in_output_error():
+    """Eckart-Young in the whitened space: at every rank the whitened truncation has the lowest output
+    error trace(E H E^T) (damp=0), the factors reproduce it (unit U columns and V rows), and for H = I
+    it is the plain truncated SVD."""
+    from deltacomp.calibrate.gptq import output_error, whitened_svd
+    from deltacomp.codecs.lowrank import truncated_svd
+
+    x, delta = _layer(4, 40, 56)
+    h = x.double().T @ x.double()
+    for r in (1, 5, 20):
+        u, s, v, big_s = whitened_svd(delta, h, r, damp=0.0)
+        assert u.shape == (40, r) and s.shape == (r,) and v.shape == (r, 56)
+        torch.testing.assert_close(torch.linalg.vector_norm(u, dim=0), torch.ones(r))
+        torch.testing.assert_close(torch.linalg.vector_norm(v, dim=1), torch.ones(r))
+        assert torch.all(big_s[:-1] >= big_s[1:])
+        approx = (u * s) @ v
+        pu, ps, pv = truncated_svd(delta, r, "exact")
+        plain = (pu * ps) @ pv
+        assert output_error(delta, approx, h) < 0.9 * output_error(delta, plain, h)
+        # the whitened singular values are the output error's spectrum: the dropped part is what remains
+        rest = torch.linalg.svdvals(delta.double() @ torch.linalg.cholesky(h))[r:]
+        assert output_error(delta, approx, h) == pytest.approx(float((rest ** 2).sum()), rel=1e-3)
+    u, s, v, _ = whitened_svd(delta, torch.eye(56, dtype=torch.float64), 6)
+    pu, ps, pv = truncated_svd(delta, 6, "exact")
+    torch.testing.assert_close((u * s) @ v, (pu * ps) @ pv, rtol=1e-4, atol=1e-5)
+
+
+def test_gptq_whitened_optimal_beats_plain_gptq_at_the_same_budget():
+    from deltacomp.calibrate.gptq import encode_gptq, output_error
+    from deltacomp.codecs.svd_mixed import SvdMixedCodec
+
+    x, delta = _layer(5)
+    h = x.double().T @ x.double()
+    codec = SvdMixedCodec()
+    plain = encode_gptq(delta, h, ratio=8, group_size=32)
+    white = encode_gptq(delta, h, ratio=8, group_size=32, whiten=True, allocation="optimal")
+    assert white.nbytes <= SvdMixedCodec.budget((80, 96), codec.resolve_settings({"ratio": 8}))
+    assert output_error(delta, codec.decode(white), h) < output_error(delta, codec.decode(plain), h)
+
+
 def test_gptq_zero_delta_and_dead_inputs():
     from deltacomp.calibrate.gptq import encode_gptq
     from deltacomp.codecs.svd_mixed import SvdMixedCodec
@@ -300,16 +340,18 @@ def test_gptq_zero_delta_and_dead_inputs():
         encode_gptq(delta, h[:5, :5], groups="3:4")
 
 
-def test_gptq_requantize_model_keeps_format_and_lowers_error(tmp_path, llama_pair):
-    from deltacomp.calibrate.gptq import gptq_requantize
+@pytest.mark.parametrize("whiten", [False, True])
+def test_layerwise_gptq_keeps_format_and_lowers_error(tmp_path, llama_pair, whiten):
+    from deltacomp.calibrate import calibrate_layerwise
 
     rtn = tmp_path / "rtn.delta.safetensors"
     out = tmp_path / "gptq.delta.safetensors"
     deltacomp.compress(llama_pair / "base", llama_pair / "ft", rtn, method="svd-mixed:groups=4:3+2:6:group_size=16",
                        progress=False)
     calib = from_ids(torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(3)), 24, 32)
-    rep = gptq_requantize(llama_pair / "base", llama_pair / "ft", rtn, out, calib, act_order=True, progress=False)
-    assert rep["tensors"] == 14 and rep["output_error_gptq"] < rep["output_error_rtn"]
+    rep = calibrate_layerwise(llama_pair / "base", llama_pair / "ft", rtn, out, calib, act_order=True, whiten=whiten,
+                              progress=False)
+    assert rep["tensors"] == 14 and rep["output_error_calibrated"] < rep["output_error_data_free"]
     old, new = deltacomp.load_delta(rtn), deltacomp.load_delta(out)
     new.verify()
     assert new.nbytes - old.nbytes < 2048  # same tensors; only the metadata grows
@@ -320,7 +362,8 @@ def test_gptq_requantize_model_keeps_format_and_lowers_error(tmp_path, llama_pai
             assert ni.checksum == info.checksum
         else:
             assert ni.settings["alloc"] == info.settings["alloc"]
-    assert new.source["calibration"]["method"] == "gptq"
+    assert [c["method"] for c in new.source["calibration"]] == ["layerwise"]
+    assert new.source["calibration"][0]["whiten"] is whiten
     # the reconstructed model is closer to the fine-tune on the calibration data than the RTN one
     ft = transformers.AutoModelForCausalLM.from_pretrained(llama_pair / "ft", dtype=torch.float32)
     with torch.no_grad():
@@ -331,6 +374,58 @@ def test_gptq_requantize_model_keeps_format_and_lowers_error(tmp_path, llama_pai
             deltacomp.apply_delta_(m, path)
             kl[tag] = float(_loss(m(input_ids=calib.ids).logits, teacher, "kl"))
     assert kl["gptq"] < kl["rtn"]
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ternary_ls_scale_is_the_output_least_squares_fit(per_row):
+    from deltacomp.calibrate import ternary_ls_scale
+    from deltacomp.calibrate.gptq import output_error
+    from deltacomp.codecs.ternary import TernaryCodec
+
+    x, delta = _layer(6, 30, 45)
+    h = x.double().T @ x.double()
+    codec = TernaryCodec()
+    enc = codec.encode(delta, density=0.2, per_row=per_row)
+    fit = ternary_ls_scale(delta, enc, h)
+    assert set(fit.tensors) == set(enc.tensors) and fit.nbytes == enc.nbytes
+    for f, t in enc.tensors.items():
+        if f != "scale":
+            assert torch.equal(fit.tensors[f], t), f
+    assert fit.tensors["scale"].shape == enc.tensors["scale"].shape and fit.tensors["scale"].dtype == torch.float32
+    best = output_error(delta, codec.decode(fit), h)
+    assert best < output_error(delta, codec.decode(enc), h)
+    # the optimum: nudging any scale up or down raises the output error
+    for sign in (1.01, 0.99):
+        moved = dict(fit.tensors, scale=fit.tensors["scale"] * sign)
+        nudged = type(fit)(fit.codec, fit.shape, moved, fit.params)
+        assert output_error(delta, codec.decode(nudged), h) > best
+    # a row whose inputs never fire keeps its stored scale (nothing to fit)
+    zero_h = torch.zeros_like(h)
+    kept = ternary_ls_scale(delta, enc, zero_h)
+    assert torch.equal(kept.tensors["scale"], enc.tensors["scale"])
+
+
+def test_layerwise_ternary_changes_only_scales(tmp_path, llama_pair):
+    from deltacomp.calibrate import calibrate_layerwise
+
+    src = tmp_path / "t.delta.safetensors"
+    out = tmp_path / "tc.delta.safetensors"
+    deltacomp.compress(llama_pair / "base", llama_pair / "ft", src, method="ternary:density=0.1:per_row=true",
+                       progress=False)
+    calib = from_ids(torch.randint(0, VOCAB, (2000,), generator=torch.Generator().manual_seed(4)), 24, 32)
+    rep = calibrate_layerwise(llama_pair / "base", llama_pair / "ft", src, out, calib, progress=False)
+    assert rep["tensors"] == 14 and rep["output_error_calibrated"] < rep["output_error_data_free"]
+    old, new = deltacomp.load_delta(src), deltacomp.load_delta(out)
+    new.verify()
+    changed = 0
+    for name, info in old.params.items():
+        a, b = old.raw_tensors(name), new.raw_tensors(name)
+        for f in a:
+            if f == "scale" and info.codec == "ternary":
+                changed += not torch.equal(a[f], b[f])
+            else:
+                assert torch.equal(a[f], b[f]), f"{name}.{f} changed"
+    assert changed == 14
 
 
 def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
@@ -344,7 +439,7 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
     out = tmp_path / "c.delta.safetensors"
     s = deltacomp.compress(base, ft, out, method="bitdelta", rules=["mlp\\.=svd-mixed:ratio=4"], calib=text,
                            calib_samples=4, calib_len=16, calib_steps=3, progress=False)
-    assert set(s["calibration"]) == {"distill", "gptq"}
+    assert set(s["calibration"]) == {"distill", "layerwise"}
     assert s["calibration"]["distill"]["loss_after"] < s["calibration"]["distill"]["loss_before"]
     src = deltacomp.load_delta(out).source
     assert "calibration" in src
@@ -355,7 +450,7 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
                  "--calib", str(tmp_path / "short.txt"), "-q"]) == 2
     assert not (tmp_path / "x.delta.safetensors").exists()
     with pytest.raises(deltacomp.SettingsError, match="no tensor uses a codec that calibrates"):
-        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="ternary", calib=text,
+        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="lowrank:rank=2", calib=text,
                            calib_samples=4, calib_len=16, progress=False)
     assert not list(tmp_path.glob(".t.delta*"))
 
@@ -365,15 +460,15 @@ def test_sweep_with_calibrated_variants(tmp_path, llama_pair):
 
     text = tmp_path / "calib.txt"
     text.write_text(_text(3000, seed=5))
-    res = sweep(llama_pair / "base", llama_pair / "ft", ["bitdelta", "ternary"], [8], tmp_path / "sw",
+    res = sweep(llama_pair / "base", llama_pair / "ft", ["ternary", "lowrank"], [8], tmp_path / "sw",
                 _text(600, seed=9), ctx=32, progress=False, plot=False,
                 calib={"calib": str(text), "calib_samples": 4, "calib_len": 16, "calib_steps": 5})
     methods = [r["method"] for r in res["deltas"]]
-    assert methods == ["bitdelta", "bitdelta+calib", "ternary"]
-    assert [s["method"] for s in res["skipped"]] == ["ternary+calib"]
+    assert methods == ["ternary", "ternary+calib", "lowrank"]
+    assert [s["method"] for s in res["skipped"]] == ["lowrank+calib"]
     import deltacomp
 
     rows = {r["method"]: r for r in res["deltas"]}
     stored = {m: deltacomp.summarize(deltacomp.load_delta(rows[m]["path"]))["compressed_tensors"]["nbytes"]
-              for m in ("bitdelta", "bitdelta+calib")}
-    assert stored["bitdelta+calib"] == stored["bitdelta"]  # same signs, new scales: same tensor bytes
+              for m in ("ternary", "ternary+calib")}
+    assert stored["ternary+calib"] == stored["ternary"]  # same support and signs, new scales: same bytes

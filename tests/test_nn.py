@@ -12,7 +12,9 @@ from deltacomp.errors import BaseMismatchError, DeltacompError
 from deltacomp.serve import generate
 
 transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+pytest.importorskip("tokenizers")
+
+from conftest import word_tokenizer  # noqa: E402
 
 VOCAB = 96
 METHODS = {"bit": "bitdelta", "tern": "ternary:density=0.3", "svd": "svd-mixed", "bit2": "bitdelta:masks=2",
@@ -25,14 +27,6 @@ def _tiny_llama(seed: int, dtype=torch.float32):
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=3)
     return transformers.LlamaForCausalLM(cfg).to(dtype)
-
-
-def _tokenizer():
-    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "[PAD]": 3, **{f"w{i}": i for i in range(4, VOCAB)}}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="[BOS]",
-                                                eos_token="[EOS]", pad_token="[PAD]")
 
 
 def _finetune(seed: int, touch, dtype=torch.float32):
@@ -51,7 +45,7 @@ def pair(tmp_path_factory):
     of A with several codecs and of B with per-row BitDelta scales; their reconstructed folders."""
     tmp = tmp_path_factory.mktemp("serve")
     _tiny_llama(0).save_pretrained(tmp / "base")
-    _tokenizer().save_pretrained(tmp / "base")
+    word_tokenizer(VOCAB).save_pretrained(tmp / "base")
     _finetune(1, lambda n: True).save_pretrained(tmp / "ftA")
     _finetune(2, lambda n: "layers" in n and "norm" not in n).save_pretrained(tmp / "ftB")
     out = {"dir": tmp}
@@ -162,7 +156,7 @@ PROMPTS = ["w5 w9 w13", "w40 w77 w8 w8 w60", "w90"]
 
 @pytest.mark.parametrize("key", ["bit", "tern", "svd"])
 def test_greedy_generation_equals_reconstructed(pair, key):
-    tok = _tokenizer()
+    tok = word_tokenizer(VOCAB)
     model = dnn.patch_model(_load(pair["dir"] / "base"), pair[key])
     rec = _load(pair[f"rec_{key}"])
     for p in PROMPTS:  # batch of one: decode steps take the fused path for bitdelta
@@ -174,7 +168,7 @@ def test_generate_multi_tenant_batch(pair):
     prompt_delta = [0, 1, 2, -1]
     prompts = PROMPTS + ["w7 w7"]
     texts = generate(pair["dir"] / "base", [pair[k] for k in keys], prompts, 6, prompt_delta=prompt_delta)
-    tok = _tokenizer()
+    tok = word_tokenizer(VOCAB)
     for i, t in enumerate(prompt_delta):  # the same padded batch through each reconstructed model
         rec = _load(pair["dir"] / "base") if t < 0 else _load(pair[f"rec_{keys[t]}"])
         want = tok.batch_decode(_greedy(rec, tok, prompts, 6), skip_special_tokens=True)[i]

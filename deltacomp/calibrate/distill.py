@@ -320,7 +320,7 @@ def write_rescaled(df: DeltaFile, out: str | os.PathLike, scales: dict[str, list
 def rewrite_delta(df: DeltaFile, out: str | os.PathLike, replaced: dict[str, Encoded], calibration: dict[str, Any],
                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Copy ``df`` to ``out``, with the encodings in ``replaced`` (same codec) instead of the stored ones,
-    checksums recomputed and ``source.calibration`` recorded; every other tensor is copied byte for byte."""
+    checksums recomputed and ``calibration`` appended to ``source.calibration`` (a list of steps); every other tensor is copied byte for byte."""
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         for name, info in df.params.items():
@@ -339,7 +339,10 @@ def rewrite_delta(df: DeltaFile, out: str | os.PathLike, replaced: dict[str, Enc
                 new_info.settings = dict(enc.params)
             writer.add(new_info, enc, new_rows=new_rows)
         meta = {k: v for k, v in df.metadata.items() if k not in ("format", "deltacomp_version", "params")}
-        meta["source"] = {**dict(meta.get("source", {})), "calibration": calibration}
+        # every calibration step is recorded, in order (distillation, then the layerwise pass)
+        before = dict(meta.get("source", {})).get("calibration", [])
+        steps = [before] if isinstance(before, dict) else list(before)
+        meta["source"] = {**dict(meta.get("source", {})), "calibration": steps + [calibration]}
         writer.finish(meta)
     except BaseException:
         writer.abort()

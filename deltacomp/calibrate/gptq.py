@@ -21,25 +21,18 @@ same layout (and size) as its RTN encoding.
 """
 from __future__ import annotations
 
-import os
-import time
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from .. import allocation as al
-from ..checkpoint import open_checkpoint
-from ..codecs.base import CodecName, Encoded
+from ..codecs.base import Encoded
 from ..codecs.lowrank import refuse_1d, truncated_svd
 from ..codecs.svd_mixed import SvdMixedCodec
 from ..quant.bitpack import pack_bits
-from ..delta_file import load_delta
-from ..errors import SettingsError
-from ..progress import progress_bar
+from ..linalg import single_threaded
 from ..quant.rtn import dequantize, n_groups, quantize
-from .data import CalibData
-from .distill import _load_model, rewrite_delta
 
 QParams = tuple[Tensor, Tensor, Tensor]  # codes uint8, scale fp16, zero fp16 (rtn.py layout)
 
@@ -159,7 +152,33 @@ def output_error(delta: Tensor, approx: Tensor, h: Tensor) -> float:
     return float(torch.sum((e @ h.to(torch.float64)) * e))
 
 
-def encode_gptq(delta: Tensor, h: Tensor, damp: float = 0.01, act_order: bool = False,
+def whitened_svd(delta: Tensor, h: Tensor, rank: int, damp: float = 0.01) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Truncated SVD that minimizes the layer's output error instead of the weight error.
+
+    With H + damping = L L^T (Cholesky), ||X E^T||^2 = ||E L||_F^2, so the best rank-r approximation of
+    delta in output error is the truncated SVD of delta L mapped back: delta ~= U diag(S) W^T L^-1
+    (Eckart-Young on the whitened matrix; SVD-LLM's truncation-aware whitening). Returns U (N, r) with
+    unit columns, s (r,) and V (r, K) with unit rows, so delta ~= U diag(s) V as svd-mixed stores it,
+    and S (r,), the whitened singular values, which rank the vectors by their share of the output error."""
+    hd = h.to(torch.float64).clone()
+    idx = torch.arange(hd.shape[0], device=hd.device)
+    dead = torch.diag(hd) == 0
+    hd[dead, dead] = 1
+    hd[idx, idx] += damp * torch.mean(torch.diag(hd)).clamp_min(1e-12)
+    lower = torch.linalg.cholesky(hd)
+    with single_threaded():
+        u, big_s, wh = torch.linalg.svd(delta.to(torch.float64) @ lower, full_matrices=False)
+    u, big_s, wh = u[:, :rank], big_s[:rank], wh[:rank]
+    # V' = W^T L^-1: solve L^T X = W for X = V'^T
+    vp = torch.linalg.solve_triangular(lower.T, wh.T, upper=True).T
+    norms = torch.linalg.vector_norm(vp, dim=1)
+    keep = torch.where(norms > 0, norms, torch.ones_like(norms))
+    v = vp / keep[:, None]
+    return (u.to(torch.float32).contiguous(), (big_s * norms).to(torch.float32), v.to(torch.float32).contiguous(),
+            big_s.to(torch.float32))
+
+
+def encode_gptq(delta: Tensor, h: Tensor, damp: float = 0.01, act_order: bool = False, whiten: bool = False,
                 **settings: Any) -> Encoded:
     """svd-mixed encoding of ``delta`` (N, K) with GPTQ against input Hessian ``h`` (K, K).
 
@@ -178,11 +197,16 @@ def encode_gptq(delta: Tensor, h: Tensor, damp: float = 0.01, act_order: bool = 
     if s["allocation"] == "optimal":
         budget = codec.budget(shape, s)
         r_cap = al.fill_rest(shape, [], al.OPTIMAL_LEVELS[-1], budget, gs)
-        u, sv, vh = truncated_svd(delta, r_cap, s["svd"])
-        alloc = al.optimal_allocation(sv, al.vector_errors(u, vh, al.OPTIMAL_LEVELS, gs), shape, budget, gs)
+        if whiten:
+            u, sv, vh, rank_by = whitened_svd(delta, h, r_cap, damp)
+        else:
+            u, sv, vh = truncated_svd(delta, r_cap, s["svd"])
+            rank_by = sv
+        alloc = al.optimal_allocation(rank_by, al.vector_errors(u, vh, al.OPTIMAL_LEVELS, gs), shape, budget, gs)
     else:
         alloc = codec.allocation_for(shape, s)
-        u, sv, vh = truncated_svd(delta, sum(c for _, c in alloc), s["svd"])
+        r = sum(c for _, c in alloc)
+        u, sv, vh = whitened_svd(delta, h, r, damp)[:3] if whiten else truncated_svd(delta, r, s["svd"])
     r = sum(c for _, c in alloc)
     if r == 0:
         return codec.encode(delta, **settings)
@@ -217,109 +241,3 @@ def _refit_data(delta: Tensor, v_hat: Tensor, sv: Tensor, h: Tensor, hz: Tensor,
     hz[idx, idx] += damp * torch.mean(torch.diag(hz)).clamp_min(1e-12)
     rhs = sv[:, None].double() * (v_hat.double() @ h @ delta.double().T)  # (r, N)
     return torch.linalg.solve(hz, rhs).T.to(torch.float32).contiguous()
-
-
-# -- whole model, layer by layer --------------------------------------------------------------------
-class _Stop(Exception):
-    pass
-
-
-def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers") and len(mod):
-            return name, mod
-    raise ValueError(f"gptq: {type(model).__name__} has no decoder layer list (model.layers)")
-
-
-def gptq_requantize(base: str | os.PathLike, finetuned: str | os.PathLike, delta_in: str | os.PathLike,
-                    delta_out: str | os.PathLike, calib: CalibData | Tensor, *, damp: float = 0.01,
-                    act_order: bool = False, batch_size: int = 4, overwrite: bool = False,
-                    progress: bool = True) -> dict[str, Any]:
-    """Re-encode every svd-mixed tensor of ``delta_in`` with GPTQ on calibration data; write ``delta_out``.
-
-    Each tensor keeps its allocation (same groups, same bytes). Sequential, as GPTQ: the fine-tune is
-    loaded once; decoder layer i sees the hidden states produced by layers 0..i-1 already replaced by
-    base + GPTQ delta; inside a layer every linear's Hessian comes from one pass with the fine-tune's own
-    weights for that layer. Memory: one model, the (n, L, hidden) activations, and one K x K Hessian per
-    linear of the current layer. Tensors outside the decoder layers keep their stored encoding."""
-    if isinstance(calib, Tensor):
-        calib = CalibData(calib.to(torch.int64), {"data": "<token ids>"})
-    t0 = time.perf_counter()
-    df = load_delta(delta_in)
-    targets = {n for n, i in df.params.items() if i.codec == CodecName.SVD_MIXED.value and i.tied_to is None}
-    if not targets:
-        raise SettingsError(f"gptq: {delta_in} has no svd-mixed tensors to quantize")
-    model = _load_model(finetuned, df.files.get("config.json"), torch.float32)
-    model.requires_grad_(False)
-    prefix, layers = _decoder_layers(model)
-    ids = calib.ids
-    # inputs of layer 0, and the keyword arguments the model passes every layer (mask, rotary, ...)
-    captured: list[tuple[Tensor, dict]] = []
-
-    def grab(_mod, args, kwargs):
-        captured.append((args[0] if args else kwargs.pop("hidden_states"), kwargs))
-        raise _Stop
-
-    handle = layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    with torch.no_grad():
-        for s in range(0, ids.shape[0], batch_size):
-            try:
-                model(input_ids=ids[s:s + batch_size], use_cache=False)
-            except _Stop:
-                pass
-    handle.remove()
-    hidden = [h for h, _ in captured]
-    kwargs = [{k: v for k, v in kw.items() if k != "hidden_states"} for _, kw in captured]
-    replaced: dict[str, Encoded] = {}
-    errors: dict[str, dict[str, float]] = {}
-    with open_checkpoint(base) as bck:
-        for li in progress_bar(range(len(layers)), desc="gptq", unit="layer", enable=progress):
-            layer = layers[li]
-            mine = {f"{prefix}.{li}.{n}.weight": m for n, m in layer.named_modules()
-                    if isinstance(m, torch.nn.Linear) and f"{prefix}.{li}.{n}.weight" in targets}
-            hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mine.items()}
-            hooks = [m.register_forward_pre_hook(_accumulate(hess[n])) for n, m in mine.items()]
-            with torch.no_grad():
-                for h, kw in zip(hidden, kwargs):
-                    layer(h, **kw)
-            for hk in hooks:
-                hk.remove()
-            for name, mod in mine.items():
-                info = df.params[name]
-                if not info.settings.get("alloc"):
-                    continue  # an all-zero delta: nothing to quantize, keep the stored encoding
-                b = bck.get(name).to(torch.float32)
-                delta = mod.weight.detach().to(torch.float32) - b
-                settings = {k: v for k, v in info.settings.items() if k != "alloc"}
-                settings.update(groups=info.settings["alloc"], allocation="default")  # same groups, same bytes
-                enc = encode_gptq(delta, hess[name], damp=damp, act_order=act_order, **settings)
-                dec = SvdMixedCodec().decode(enc)
-                errors[name] = {"gptq": output_error(delta, dec, hess[name]),
-                                "rtn": output_error(delta, df.decode(name), hess[name])}
-                replaced[name] = enc
-                with torch.no_grad():
-                    mod.weight.copy_((b + dec).to(mod.weight.dtype))
-            with torch.no_grad():  # inputs of the next layer, through this layer's quantized weights
-                hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-    del model
-    rtn_total = sum(e["rtn"] for e in errors.values())
-    gptq_total = sum(e["gptq"] for e in errors.values())
-    calibration = {"method": "gptq", "damp": damp, "act_order": act_order, "data": calib.describe(),
-                   "output_error_rtn": rtn_total, "output_error_gptq": gptq_total}
-    rewrite_delta(df, delta_out, replaced, calibration, overwrite=overwrite)
-    df.close()
-    return {**calibration, "tensors": len(replaced), "per_tensor": errors, "seconds": time.perf_counter() - t0,
-            "path": str(delta_out)}
-
-
-def _accumulate(h: Tensor):
-    """A forward pre-hook adding x^T x of the module's input to ``h`` (float64); returns None so the
-    input is left as it is."""
-    def hook(_mod, args):
-        x = args[0].reshape(-1, args[0].shape[-1]).double()
-        h.add_(x.T @ x)
-    return hook
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else out
