@@ -14,18 +14,11 @@
 
 #include "serve_kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DELTACOMP_X86_GCC 1
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 namespace deltacomp {
 namespace cpu {
 namespace {
-
-constexpr int64_t kParallelMinWork = 1 << 16;  // below this many multiply-adds: one thread
-
-inline int64_t bytes_per_row(int64_t k) { return (k + 7) / 8; }
 
 inline float widen(float v) { return v; }
 inline float widen(uint16_t v) {  // bf16 bit pattern -> float32 (exact)

@@ -4,9 +4,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DELTACOMP_X86_GCC 1  // GCC on x86-64: target attributes and __builtin_cpu_supports
-#endif
+#include "common.h"
 
 namespace deltacomp {
 namespace cpu {

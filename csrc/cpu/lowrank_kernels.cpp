@@ -35,8 +35,6 @@ namespace cpu {
 namespace lowrank {
 namespace {
 
-// Below this many code-multiply-adds a call runs on one thread: waking the OpenMP team costs more.
-constexpr int64_t kParallelMinWork = 1 << 16;
 // Stage-3 panel: U^T rows x block columns of fp32, at most this many floats (32 KiB, L1/L2).
 constexpr int64_t kPanelFloats = 8192;
 constexpr int64_t kMaxPanelRows = 16;

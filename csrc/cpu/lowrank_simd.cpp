@@ -9,10 +9,6 @@
 
 #include "lowrank_isa.h"
 
-#if DELTACOMP_X86_GCC
-#include <immintrin.h>
-#endif
-
 namespace deltacomp {
 namespace cpu {
 namespace lowrank {

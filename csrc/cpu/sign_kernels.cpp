@@ -15,19 +15,11 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define DELTACOMP_X86_GCC 1
-#include <immintrin.h>
-#endif
+#include "common.h"
 
 namespace deltacomp {
 namespace cpu {
 namespace {
-
-// Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more.
-constexpr int64_t kParallelMinWork = 1 << 16;
-
-inline int64_t bytes_per_row(int64_t k) { return (k + 7) / 8; }
 
 // Sum of each x row in double, so the final 2 * pos - total does not add the error of a float sum.
 void row_totals(const float* x, int64_t m, int64_t k, double* totals) {

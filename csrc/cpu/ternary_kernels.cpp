@@ -8,13 +8,12 @@
 #include <algorithm>
 #include <vector>
 
+#include "common.h"
 #include "serve_kernels.h"
 
 namespace deltacomp {
 namespace cpu {
 namespace {
-
-constexpr int64_t kParallelMinWork = 1 << 16;
 
 // One x row: four independent partial sums hide the add latency of the gathers.
 inline float gather_sum(const float* x, const int32_t* cols, int64_t begin, int64_t end) {
