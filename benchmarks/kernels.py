@@ -19,7 +19,10 @@
 Shapes are N x K (output rows x reduction). Each implementation cycles through enough copies of its
 weights (and x) that together they exceed the last-level cache, so every call reads its weights from
 memory as in a real forward pass; the implementations are interleaved call by call so machine noise
-hits them alike. Reported: median (and min) of the repeats, in ms, and the ratios to sign_matmul.
+hits them alike. Reported: median (and min) of the repeats, in ms, the ratios to the same-run baselines,
+and every op's time over its bytes-moved bound (its packed bytes read once at the measured bandwidth).
+Defaults: the layer shapes of 7B/70B models, M = 1, 4, 16, 64 and 1, 4, 16, 64 tenants (the full set
+takes a while on a small machine: narrow it with --shapes / --ms / --only).
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ from deltacomp.codecs import get_codec
 from deltacomp.codecs.base import Encoded
 from deltacomp.quant.rtn import n_groups
 
+LAYER_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "14336x4096", "28672x8192")
 CACHE_BYTES = 64 << 20  # rotate through at least this many bytes per implementation (> LLC here)
 
 
@@ -70,7 +74,8 @@ def _with_isa(isa: str, fn):
     return run
 
 
-def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generic: bool) -> list[dict]:
+def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generic: bool,
+                bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(n, k, generator=g)
     dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]  # 4 x 180 MB at most
@@ -92,18 +97,11 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generi
         want = ops.sign_matmul_ref(xs[0], packed[0], scale, k)
         got = impls["sign_matmul"](0)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-3 * float(want.abs().max())), "sign_matmul disagrees"
-        times = {name: [] for name in impls}
-        for name, fn in impls.items():  # warm-up
-            fn(0)
-        for i in range(repeats):
-            for name, fn in impls.items():
-                t0 = time.perf_counter()
-                fn(i + 1)
-                times[name].append(time.perf_counter() - t0)
-        med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
-        # min alongside the median: on a shared machine the median carries other processes' noise
-        low = {name: min(ts) * 1e3 for name, ts in times.items()}
-        row = {"n": n, "k": k, "m": m, "median_ms": med, "min_ms": low,
+        med, low = _time(impls, repeats)
+        bound_ms = _bound_ms(p0.nbytes + scale.nbytes, bandwidth)
+        row = {"op": "sign_matmul", "n": n, "k": k, "m": m, "median_ms": med, "min_ms": low,
+               "packed_bytes": p0.nbytes, "bytes_bound_ms": bound_ms,
+               "op_over_bytes_bound": med["sign_matmul"] / bound_ms,
                "speedup_vs_dense_fp32": med["dense_fp32"] / med["sign_matmul"],
                "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["sign_matmul"]}
         if naive:
@@ -111,12 +109,14 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generi
         rows.append(row)
         print(f"{n:>6}x{k:<6} M={m:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
               + f"  dense/sign={row['speedup_vs_dense_fp32']:6.1f}x (min: {row['speedup_vs_dense_fp32_min']:.1f}x)"
-              + (f"  naive/sign={row['speedup_vs_naive']:6.1f}x" if naive else ""), flush=True)
+              + (f"  naive/sign={row['speedup_vs_naive']:6.1f}x" if naive else "")
+              + f"  sign/bound={row['op_over_bytes_bound']:5.1f}", flush=True)
     return rows
 
 
 def _time(impls: dict, repeats: int) -> tuple[dict, dict]:
-    """Median and min ms per implementation, interleaved call by call (after one warm-up call each)."""
+    """Median and min ms per implementation, interleaved call by call (after one warm-up call each).
+    The min is reported beside the median: on a shared machine the median carries other processes' noise."""
     times = {name: [] for name in impls}
     for fn in impls.values():
         fn(0)
@@ -135,7 +135,7 @@ def _check(got, want, what: str) -> None:
     assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=tol), f"{what} disagrees with its reference"
 
 
-def bench_fused(n: int, k: int, ms: list[int], repeats: int) -> list[dict]:
+def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     w0 = torch.randn(n, k, generator=g)
     p0 = ops.pack_signs_ref(torch.randn(n, k, generator=g))
@@ -157,20 +157,23 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int) -> list[dict]:
             }
             _check(impls["fused"](0), ops.sign_matmul_fused_ref(xs[0], ws[0], ps[0], scale, k), "sign_matmul_fused")
             med, low = _time(impls, repeats)
+            bound_ms = _bound_ms(wb.nbytes + p0.nbytes, bandwidth)
             row = {"op": "sign_matmul_fused", "n": n, "k": k, "m": m, "w_dtype": str(wdtype).split(".")[-1],
-                   "median_ms": med, "min_ms": low,
+                   "median_ms": med, "min_ms": low, "bytes_bound_ms": bound_ms,
+                   "fused_over_bytes_bound": med["fused"] / bound_ms,
                    "fused_over_dense": med["fused"] / med["dense_base"],
                    "unfused_over_dense": med["dense_plus_sign"] / med["dense_base"],
                    "speedup_fused_vs_unfused": med["dense_plus_sign"] / med["fused"]}
             rows.append(row)
             print(f"fused {n:>6}x{k:<6} M={m:<3} W={row['w_dtype']:<8} " + "  ".join(
                 f"{nm}={t:8.3f}ms" for nm, t in med.items())
-                + f"  fused/dense={row['fused_over_dense']:5.2f}  unfused/dense={row['unfused_over_dense']:5.2f}",
+                + f"  fused/dense={row['fused_over_dense']:5.2f}  unfused/dense={row['unfused_over_dense']:5.2f}"
+                + f"  fused/bound={row['fused_over_bytes_bound']:5.2f}",
                 flush=True)
     return rows
 
 
-def bench_multi(n: int, k: int, tenants: list[int], repeats: int) -> list[dict]:
+def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: float) -> list[dict]:
     """Decode batch of T rows, row t using delta t (one x row per tenant)."""
     g = torch.Generator().manual_seed(2)
     rows = []
@@ -196,14 +199,17 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int) -> list[dict]:
         _check(impls["sign_matmul_multi"](0), ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k),
                "sign_matmul_multi")
         med, low = _time(impls, repeats)
+        bound_ms = _bound_ms(stack.nbytes, bandwidth)
         row = {"op": "sign_matmul_multi", "n": n, "k": k, "tenants": t_count, "m": t_count,
-               "median_ms": med, "min_ms": low,
+               "median_ms": med, "min_ms": low, "bytes_bound_ms": bound_ms,
+               "multi_over_bytes_bound": med["sign_matmul_multi"] / bound_ms,
                "speedup_vs_dense_loop": med["dense_fp32_loop"] / med["sign_matmul_multi"],
                "speedup_vs_sign_loop": med["sign_matmul_loop"] / med["sign_matmul_multi"]}
         rows.append(row)
         print(f"multi {n:>6}x{k:<6} T={t_count:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
               + f"  dense_loop/multi={row['speedup_vs_dense_loop']:5.1f}x"
-              + f"  sign_loop/multi={row['speedup_vs_sign_loop']:5.2f}x", flush=True)
+              + f"  sign_loop/multi={row['speedup_vs_sign_loop']:5.2f}x"
+              + f"  multi/bound={row['multi_over_bytes_bound']:5.1f}", flush=True)
         del dense, dense_sets, stacks
     return rows
 
@@ -214,6 +220,11 @@ def _read_bandwidth() -> float:
     a.sum()
     best = min(_timed(a.sum) for _ in range(5))
     return a.nbytes / best
+
+
+def _bound_ms(nbytes: int, bandwidth: float) -> float:
+    """The bytes-moved bound: ``nbytes`` read once at the measured read bandwidth, in ms."""
+    return nbytes / bandwidth * 1e3
 
 
 def _timed(fn) -> float:
@@ -264,7 +275,7 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
         }
         _check(impls["lowrank_op"](0), _dequant_matmul(codec, xs[0], encs[0]), "kbit_lowrank_matmul")
         med, low = _time(impls, repeats)
-        bound_ms = enc0.nbytes / bandwidth * 1e3
+        bound_ms = _bound_ms(enc0.nbytes, bandwidth)
         row = {"op": "kbit_lowrank_matmul", "n": n, "k": k, "m": m, "ratio": ratio, "alloc": enc0.params["alloc"],
                "packed_bytes": enc0.nbytes, "dense_fp32_bytes": w0.nbytes, "bytes_bound_ms": bound_ms,
                "median_ms": med, "min_ms": low,
@@ -282,8 +293,9 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--shapes", default="4096x4096,11008x4096,4096x11008", help="N x K, comma separated")
-    ap.add_argument("--ms", default="1,4,16", help="rows of x (batch), comma separated")
+    ap.add_argument("--shapes", default=",".join(LAYER_SHAPES), help="N x K, comma separated (default: the "
+                    "layers of 7B/8B/70B models: attention, MLP up and down, 70B attention and MLP)")
+    ap.add_argument("--ms", default="1,4,16,64", help="rows of x (batch), comma separated")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the unpack-then-matmul reference")
@@ -291,8 +303,8 @@ def main(argv=None) -> None:
     ap.add_argument("--only", default="sign,fused,multi", help="which benchmarks: sign, fused, multi, lowrank")
     ap.add_argument("--fused-ms", default="1,2,4,16", help="rows of x for the fused op")
     ap.add_argument("--multi-shapes", default="4096x4096", help="N x K for the multi-tenant op")
-    ap.add_argument("--tenants", default="1,4,16", help="deltas in one decode batch (one row each)")
-    ap.add_argument("--lowrank-shapes", default="4096x4096,4096x11008", help="N x K for the svd-mixed op")
+    ap.add_argument("--tenants", default="1,4,16,64", help="deltas in one decode batch (one row each)")
+    ap.add_argument("--lowrank-shapes", default=None, help="N x K for the svd-mixed op (default: --shapes)")
     ap.add_argument("--lowrank-ratio", type=float, default=16.0, help="svd-mixed compression ratio vs fp16")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -309,21 +321,21 @@ def main(argv=None) -> None:
             "loadavg_before": os.getloadavg(), "repeats": args.repeats}
     print(f"# {info['cpu']}, {info['threads']} threads, torch {info['torch']}, load {info['loadavg_before']}")
     only = set(args.only.split(","))
+    bw = _read_bandwidth()
+    print(f"# read bandwidth {bw / 1e9:.2f} GB/s (sum over 256 MB): the bytes-moved bounds use it")
+    info["read_bandwidth_gb_s"] = bw / 1e9
     rows = []
     for n, k in shapes:
         if "sign" in only:
-            rows += bench_shape(n, k, ms, args.repeats, not args.no_naive, not args.no_generic)
+            rows += bench_shape(n, k, ms, args.repeats, not args.no_naive, not args.no_generic, bw)
         if "fused" in only:
-            rows += bench_fused(n, k, [int(v) for v in args.fused_ms.split(",")], args.repeats)
+            rows += bench_fused(n, k, [int(v) for v in args.fused_ms.split(",")], args.repeats, bw)
     if "multi" in only:
         for spec in args.multi_shapes.split(","):
             n, k = (int(v) for v in spec.lower().split("x"))
-            rows += bench_multi(n, k, [int(v) for v in args.tenants.split(",")], args.repeats)
+            rows += bench_multi(n, k, [int(v) for v in args.tenants.split(",")], args.repeats, bw)
     if "lowrank" in only:
-        bw = _read_bandwidth()
-        print(f"# read bandwidth {bw / 1e9:.2f} GB/s (sum over 256 MB)")
-        info["read_bandwidth_gb_s"] = bw / 1e9
-        for spec in args.lowrank_shapes.split(","):
+        for spec in (args.lowrank_shapes or args.shapes).split(","):
             n, k = (int(v) for v in spec.lower().split("x"))
             rows += bench_lowrank(n, k, ms, args.repeats, args.lowrank_ratio, bw)
     info["loadavg_after"] = os.getloadavg()
