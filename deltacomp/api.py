@@ -119,7 +119,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              calib: str | os.PathLike | None = None, calib_samples: int = 32, calib_len: int = 128,
              calib_steps: int = 20, calib_lr: float = 1e-4, calib_loss: str = "mse", gptq_act_order: bool = False,
-             gptq_whiten: bool = False, gptq_allocation: str = "keep", progress: bool = True) -> dict[str, Any]:
+             gptq_whiten: bool = True, gptq_allocation: str = "keep", progress: bool = True) -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
 
     ``calib`` (a text file, or a bundled corpus name: its training split) turns on the codecs' use of

@@ -73,7 +73,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, calib=args.calib,
                      calib_samples=args.calib_samples, calib_len=args.calib_len, calib_steps=args.calib_steps,
                      calib_lr=args.calib_lr, calib_loss=args.calib_loss, gptq_act_order=args.gptq_act_order,
-                     gptq_whiten=args.gptq_whiten, gptq_allocation=args.gptq_allocation,
+                     gptq_whiten=not args.gptq_no_whiten, gptq_allocation=args.gptq_allocation,
                      progress=not args.quiet)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
@@ -178,9 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-lr", type=float, default=1e-4, help="scale-distillation learning rate (default 1e-4)")
     p.add_argument("--calib-loss", choices=("mse", "kl"), default="mse", help="distillation loss on the logits")
     p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
-    p.add_argument("--gptq-whiten", action="store_true",
-                   help="GPTQ: singular vectors from the SVD of the input-whitened delta (lowest layer output error) "
-                        "instead of the delta's own SVD")
+    p.add_argument("--gptq-no-whiten", action="store_true",
+                   help="GPTQ: singular vectors from the delta's own SVD (Delta-CoMe) instead of the SVD of the "
+                        "input-whitened delta (lowest layer output error, the default)")
     p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default="keep",
                    help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")

@@ -78,7 +78,8 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--calib-samples", type=int, default=32)
     p.add_argument("--calib-len", type=int, default=128)
     p.add_argument("--calib-steps", type=int, default=20)
-    p.add_argument("--gptq-whiten", action="store_true", help="calibrated svd-mixed: input-whitened SVD (see compress)")
+    p.add_argument("--gptq-no-whiten", action="store_true",
+                   help="calibrated svd-mixed: the delta's own SVD instead of the input-whitened one (see compress)")
     p.set_defaults(func=run_sweep)
 
 
@@ -121,7 +122,7 @@ def run_sweep(args: argparse.Namespace) -> int:
                    stride=args.stride, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype),
                    calib=None if args.calib is None else {
                        "calib": args.calib, "calib_samples": args.calib_samples, "calib_len": args.calib_len,
-                       "calib_steps": args.calib_steps, "gptq_whiten": args.gptq_whiten},
+                       "calib_steps": args.calib_steps, "gptq_whiten": not args.gptq_no_whiten},
                    progress=not args.quiet)
     print(format_sweep(result), end="")
     print(f"wrote {Path(args.output) / 'results.json'}, results.md, rate_distortion.png")

@@ -442,7 +442,8 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
     assert set(s["calibration"]) == {"distill", "layerwise"}
     assert s["calibration"]["distill"]["loss_after"] < s["calibration"]["distill"]["loss_before"]
     src = deltacomp.load_delta(out).source
-    assert "calibration" in src
+    assert [c["method"] for c in src["calibration"]] == ["distill", "layerwise"]  # both steps, in order
+    assert src["calibration"][1]["whiten"] is True and src["calibration"][1]["allocation"] == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.delta.safetensors", "calib.txt"]
     # a bad calibration text fails before any work and leaves nothing
     (tmp_path / "short.txt").write_text("too short")

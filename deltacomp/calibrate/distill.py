@@ -291,7 +291,8 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
               "seconds_teacher": t_teacher, "seconds_train": t_train,
               "seconds_per_step": t_train / steps if steps else 0.0, "teacher_cache_on_disk": cache.on_disk,
               "data": calib.describe(), "loss_history": history}
-    calibration = {k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after", "data")}
+    calibration = {"method": "distill",
+                   **{k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after", "data")}}
     write_rescaled(df, delta_out, new_scales, calibration, overwrite=overwrite)
     df.close()
     report["seconds_total"] = time.perf_counter() - t0

@@ -69,7 +69,7 @@ def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 
 def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, delta_in: str | os.PathLike,
                         delta_out: str | os.PathLike, calib: CalibData | Tensor, *, damp: float = 0.01,
-                        act_order: bool = False, whiten: bool = False, allocation: str = "keep",
+                        act_order: bool = False, whiten: bool = True, allocation: str = "keep",
                         batch_size: int = 4, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Re-encode the svd-mixed (GPTQ) and ternary (least-squares scale) tensors of ``delta_in`` on
     calibration data; write ``delta_out``. GPTQ options: ``damp``, ``act_order``, ``whiten`` (singular
