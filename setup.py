@@ -3,8 +3,9 @@
     pip install --no-build-isolation -e .       # builds against the torch already installed
 
 - CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp) always, with -O3 and OpenMP.
-- CUDA kernels (csrc/cuda/*.cu) only when the installed torch is a CUDA build and CUDA_HOME exists;
-  architectures from TORCH_CUDA_ARCH_LIST, default sm_90.
+- CUDA kernels (csrc/cuda/*.cu, torch-free bodies, + csrc/cuda/cuda_ops.cpp, their torch wrappers) only
+  when the installed torch is a CUDA build and CUDA_HOME exists; architectures from TORCH_CUDA_ARCH_LIST,
+  default sm_90. (tests/test_cuda_build.py compiles every .cu file with plain nvcc, GPU or not.)
 - DELTACOMP_NO_EXT=1 skips the extension. A failed compile is reported and the install goes on
   without it (deltacomp then uses its pure-torch ops and says so once); DELTACOMP_REQUIRE_EXT=1 makes
   a failed compile fatal instead.
@@ -37,7 +38,7 @@ def _extensions():
 
     sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
     cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
-    cuda_sources = _rel("csrc/cuda/*.cu")
+    cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if use_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")  # honoured by torch's build helper

@@ -22,6 +22,7 @@ The reference functions below are the specification: every kernel is tested agai
 """
 from __future__ import annotations
 
+import os
 import warnings
 
 import torch
@@ -229,15 +230,28 @@ def kbit_lowrank_matmul_ref(x: Tensor, v_q: Tensor, v_scale: Tensor, v_zero: Ten
 _MATMUL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-# Devices the extension has kernels for ("meta": shapes only, through the fake kernels below).
-_EXT_DEVICES = ("cpu", "meta")
-if HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("deltacomp::sign_matmul", "CUDA"):
-    _EXT_DEVICES = ("cpu", "meta", "cuda")
+# The CUDA kernels (csrc/cuda) are opt-in until a GPU run has checked them against the references:
+# DELTACOMP_CUDA_KERNELS=1 turns them on, =0 off; unset means _CUDA_KERNELS_DEFAULT. Without them, CUDA
+# tensors take the pure-torch references (correct, slower).
+_CUDA_KERNELS_DEFAULT = False
+CUDA_KERNELS_BUILT = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("deltacomp::sign_matmul", "CUDA")
+
+
+def cuda_kernels_enabled() -> bool:
+    """True when CUDA tensors go to the extension's CUDA kernels (built, and not switched off)."""
+    flag = os.environ.get("DELTACOMP_CUDA_KERNELS", "").strip()
+    return CUDA_KERNELS_BUILT and (flag == "1" if flag in ("0", "1") else _CUDA_KERNELS_DEFAULT)
+
+
+def _ext_devices() -> tuple[str, ...]:
+    """Devices the extension has kernels for ("meta": shapes only, through the fake kernels below)."""
+    return ("cpu", "meta", "cuda") if cuda_kernels_enabled() else ("cpu", "meta")
 
 
 def _ext_on(*tensors: Tensor) -> bool:
     """True when the extension is built and has kernels for every tensor's device."""
-    return _use_ext() and all(t.device.type in _EXT_DEVICES for t in tensors)
+    devices = _ext_devices()
+    return _use_ext() and all(t.device.type in devices for t in tensors)
 
 
 def pack_signs(x: Tensor) -> Tensor:
@@ -303,9 +317,12 @@ def _sign_fake_checks(op: str, x: Tensor, k: int) -> None:
 
 def sign_matmul_fused(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
     """``x @ (w_base + scale * sign)^T`` in one pass over the base weight and the signs (a base linear
-    layer and its BitDelta term together). w_base fp32/bf16 (N, K); the rest as ``sign_matmul``."""
-    if (_ext_on(x, w_base, packed, scale) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES
-            and w_base.dtype in (torch.float32, torch.bfloat16) and packed.dtype == torch.uint8):
+    layer and its BitDelta term together). w_base fp32/bf16 (N, K), fp16 too on CUDA; the rest as
+    ``sign_matmul``."""
+    # fp16 bases have a CUDA kernel; the CPU kernels take fp32/bf16 (fp16 goes to the reference there)
+    w_ok = w_base.dtype in (torch.float32, torch.bfloat16) or (w_base.dtype == torch.float16 and w_base.is_cuda)
+    if (_ext_on(x, w_base, packed, scale) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES and w_ok
+            and packed.dtype == torch.uint8):
         return torch.ops.deltacomp.sign_matmul_fused(x.contiguous(), w_base.contiguous(), packed.contiguous(),
                                                      scale.to(torch.float32).contiguous(), k)
     return sign_matmul_fused_ref(x, w_base, packed, scale, k)
