@@ -53,6 +53,11 @@ __device__ __forceinline__ float signed_by_bit(float x, uint32_t word, int bit) 
   return __uint_as_float(__float_as_uint(x) ^ ((~word << (31 - bit)) & 0x80000000u));
 }
 
+// x tiles in shared memory (fp32): 4 pad floats after every 32 values, so the 32 values of word w start at
+// w * 36 floats: 16-byte aligned for LDS.128, and 8 lanes reading words l..l+7 hit 8 distinct bank quads.
+__host__ __device__ __forceinline__ int padded(int i) { return i + (i >> 5) * 4; }
+__host__ __device__ constexpr int padded_len(int n) { return n + (n / 32) * 4; }
+
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 inline bool aligned4(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 3u) == 0; }
 inline unsigned ceil_div(int64_t a, int64_t b) { return static_cast<unsigned>((a + b - 1) / b); }

@@ -144,7 +144,14 @@ at::Tensor sign_matmul_fused_cuda(const at::Tensor& x, const at::Tensor& w_base,
   check_packed(packed, n, k, op, x);
   const bool per_row = check_scale(scale, n, op, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  if (m > cuda::kFusedMaxRows) return gemm_path(x, w_base, packed, scale, per_row, n, k, op);
+  if (m > cuda::kFusedMaxRows) {
+    // Past a few rows the CUDA-core kernel loses to cuBLAS on the base (tensor cores) plus the packed
+    // sign term: y = x @ w_base^T + x @ (scale * sign)^T (each rounded to x's dtype once).
+    const bool same = x.scalar_type() == w_base.scalar_type();
+    at::Tensor y = same ? at::mm(x, w_base.t()) : at::mm(x.to(at::kFloat), w_base.to(at::kFloat).t());
+    if (y.scalar_type() != x.scalar_type()) y = y.to(x.scalar_type());
+    return y.add_(sign_matmul_cuda(x, packed, scale, k));
+  }
   // x of another type than the base is widened to fp32 (exactly); y keeps x's dtype.
   const bool widen = dtype_of(x, op, "x") != wt && x.scalar_type() != at::kFloat;
   const at::Tensor xk = widen ? x.to(at::kFloat) : x;

@@ -3,6 +3,7 @@
 //
 // Work split:
 //     grid.x = ceil(n / (kWarps * kRows))  ->  each warp owns kRows consecutive output rows
+//     (M > kFusedMaxRows: the wrapper runs cuBLAS on the base and adds the sign term instead)
 //     grid.y = ceil(m / MT)                ->  MT rows of x per block
 //     lane l takes 8-weight slots j = l, l+32, ... of the rows: one 16-byte load of w_base (fp16/bf16;
 //     two for fp32) and one sign byte per row and slot, coalesced across the warp; the effective weights
@@ -15,9 +16,9 @@ namespace {
 
 constexpr int kWarps = 8;
 constexpr int kThreads = kWarps * 32;
-constexpr int kRows = 2;  // output rows per warp: each x slice loaded once serves kRows weight rows
-
-template <typename TX, typename W, int MT>
+// kRows: output rows per warp; each x slice loaded once serves kRows weight rows, and kRows 16-byte loads
+// of w_base per lane are in flight together (4 for one x row: decode is bound by bytes in flight).
+template <typename TX, typename W, int MT, int kRows>
 __global__ void __launch_bounds__(kThreads, 2) fused_gemv_kernel(
     const TX* __restrict__ x,             // (m, k)
     int64_t m, int64_t k,
@@ -107,12 +108,12 @@ __global__ void __launch_bounds__(kThreads, 2) fused_gemv_kernel(
     }
 }
 
-template <typename TX, typename W, int MT>
+template <typename TX, typename W, int MT, int kRows>
 cudaError_t launch_fused(const void* x, int64_t m, int64_t k, const void* w, const uint8_t* packed, int64_t n,
                          const float* scale, bool per_row, void* y, cudaStream_t stream) {
   const bool vec = k % 8 == 0 && aligned16(x) && aligned16(w);
   const dim3 grid(ceil_div(n, kWarps * kRows), ceil_div(m, MT));
-  fused_gemv_kernel<TX, W, MT><<<grid, kThreads, 0, stream>>>(
+  fused_gemv_kernel<TX, W, MT, kRows><<<grid, kThreads, 0, stream>>>(
       static_cast<const TX*>(x), m, k, static_cast<const W*>(w), packed, n, scale, per_row, vec, static_cast<TX*>(y));
   return cudaGetLastError();
 }
@@ -120,11 +121,9 @@ cudaError_t launch_fused(const void* x, int64_t m, int64_t k, const void* w, con
 template <typename TX, typename W>
 cudaError_t dispatch_m(const void* x, int64_t m, int64_t k, const void* w, const uint8_t* packed, int64_t n,
                        const float* scale, bool per_row, void* y, cudaStream_t stream) {
-  if (m == 1) return launch_fused<TX, W, 1>(x, m, k, w, packed, n, scale, per_row, y, stream);
-  if (m == 2) return launch_fused<TX, W, 2>(x, m, k, w, packed, n, scale, per_row, y, stream);
-  if (m <= 4) return launch_fused<TX, W, 4>(x, m, k, w, packed, n, scale, per_row, y, stream);
-  if (m <= 8) return launch_fused<TX, W, 8>(x, m, k, w, packed, n, scale, per_row, y, stream);
-  return launch_fused<TX, W, kFusedMaxRows>(x, m, k, w, packed, n, scale, per_row, y, stream);
+  if (m == 1) return launch_fused<TX, W, 1, 4>(x, m, k, w, packed, n, scale, per_row, y, stream);
+  if (m == 2) return launch_fused<TX, W, 2, 2>(x, m, k, w, packed, n, scale, per_row, y, stream);
+  return launch_fused<TX, W, kFusedMaxRows, 2>(x, m, k, w, packed, n, scale, per_row, y, stream);
 }
 
 }  // namespace

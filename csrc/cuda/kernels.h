@@ -30,7 +30,7 @@ constexpr int64_t kSignMaxTile = 8;
 cudaError_t sign_matmul_fused(DType x_t, const void* x, int64_t m, int64_t k, DType w_t, const void* w_base,
                               const uint8_t* packed, int64_t n, const float* scale, bool per_row, void* y,
                               cudaStream_t stream);
-constexpr int64_t kFusedMaxRows = 16;
+constexpr int64_t kFusedMaxRows = 4;
 
 // -- ternary CSR (ternary_kernels.cu) ----------------------------------------------------------------
 cudaError_t ternary_matmul(DType t, const void* x, int64_t m, int64_t k, const int64_t* row_ptr,

@@ -48,20 +48,35 @@ __device__ __forceinline__ uint32_t code_at(const uint8_t* __restrict__ q, int64
   return (v >> (bit & 7)) & ((1u << bits) - 1u);
 }
 
+// Stage 1, chunk path: block = kWarps rows j of V; the k axis in tiles of 1024 x values staged in shared
+// memory (fp32, padded: conflict-free 16-byte reads) for kTile x rows, shared by the block's 8 V rows;
+// lane l takes chunk l of the tile (32 codes = BITS words, coalesced across lanes).
 template <typename T, int BITS>
 __global__ void __launch_bounds__(kThreads) stage1_fast(
     const T* __restrict__ x, int64_t m, int64_t k, int64_t r, int64_t gs,
     const uint32_t* __restrict__ vq,      // KBITS stream of V as words
     const uint16_t* __restrict__ vsc, const uint16_t* __restrict__ vz,   // fp16 (r, ceil(k / gs))
     const float* __restrict__ s, float* __restrict__ tmp) {
+  constexpr int kKT = 1024, kKTP = padded_len(kKT);
+  __shared__ __align__(16) float sx[kTile * kKTP];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t j = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (j >= r) return;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile, rows_left = m - m0;
+  const bool live = j < r;  // warps past r still help stage x and meet the barriers
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int rows_left = static_cast<int>(m - m0 < kTile ? m - m0 : kTile);
   const int64_t chunks = k >> 5, groups = (k + gs - 1) / gs;
-  const uint32_t* row = vq + j * chunks * BITS;
+  const uint32_t* row = vq + (live ? j : 0) * chunks * BITS;
   float acc[kTile] = {0.f, 0.f, 0.f, 0.f};
-  for (int64_t c = lane; c < chunks; c += 32) {
+  for (int64_t kt = 0; kt < k; kt += kKT) {
+    __syncthreads();
+    for (int i = threadIdx.x; i < kTile * kKT; i += kThreads) {
+      const int mm = i / kKT, kk = i % kKT;
+      const int64_t kg = kt + kk;
+      sx[mm * kKTP + padded(kk)] = (mm < rows_left && kg < k) ? to_f32(x[(m0 + mm) * k + kg]) : 0.f;
+    }
+    __syncthreads();
+    const int64_t c = (kt >> 5) + lane;
+    if (!live || c >= chunks) continue;
     uint32_t w[BITS];
 #pragma unroll
     for (int b = 0; b < BITS; ++b) w[b] = __ldg(row + c * BITS + b);
@@ -72,19 +87,22 @@ __global__ void __launch_bounds__(kThreads) stage1_fast(
 #pragma unroll
     for (int mm = 0; mm < kTile; ++mm) {
       if (mm < rows_left) {
-        const T* xr = x + (m0 + mm) * k + (c << 5);
-        float sx = 0.f, sxq = 0.f;
+        const float4* xs = reinterpret_cast<const float4*>(sx + mm * kKTP + lane * 36);
+        float sxs = 0.f, sxq = 0.f;
 #pragma unroll
-        for (int h = 0; h < 4; ++h) {
-          float xv[8];
-          load8<T>(xr + h * 8, xv);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) { sx += xv[i]; sxq = fmaf(xv[i], q[h * 8 + i], sxq); }
+        for (int h = 0; h < 8; ++h) {
+          const float4 v = xs[h];
+          sxs += (v.x + v.y) + (v.z + v.w);
+          sxq = fmaf(v.x, q[4 * h], sxq);
+          sxq = fmaf(v.y, q[4 * h + 1], sxq);
+          sxq = fmaf(v.z, q[4 * h + 2], sxq);
+          sxq = fmaf(v.w, q[4 * h + 3], sxq);
         }
-        acc[mm] += sc * sxq + z * sx;
+        acc[mm] += sc * sxq + z * sxs;
       }
     }
   }
+  if (!live) return;
   const float sj = s[j];
 #pragma unroll
   for (int mm = 0; mm < kTile; ++mm) {
@@ -191,7 +209,7 @@ void launch_stage1_fast(const void* x, int64_t m, int64_t k, int64_t r, int64_t 
 template <typename T>
 cudaError_t stage1(const void* x, int64_t m, int64_t k, int64_t r, int bits, int64_t gs, const uint8_t* vq,
                    const uint16_t* vsc, const uint16_t* vz, const float* s, float* tmp, cudaStream_t st) {
-  if (fast_bits(bits) && k % 32 == 0 && gs % 32 == 0 && aligned4(vq) && aligned16(x)) {
+  if (fast_bits(bits) && k % 32 == 0 && gs % 32 == 0 && aligned4(vq)) {
     switch (bits) {
       case 2: launch_stage1_fast<T, 2>(x, m, k, r, gs, vq, vsc, vz, s, tmp, st); break;
       case 3: launch_stage1_fast<T, 3>(x, m, k, r, gs, vq, vsc, vz, s, tmp, st); break;

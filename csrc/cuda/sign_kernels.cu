@@ -18,34 +18,29 @@ namespace {
 
 constexpr int kWarps = 8;                 // warps (output rows) per block
 constexpr int kThreads = kWarps * 32;
-constexpr int64_t kMaxGridY = 65535;      // CUDA's limit on gridDim.y
+constexpr int64_t kMaxGridY = 65535;      // CUDA's limit on gridDim.y (and gridDim.z)
 
-// One 16-byte chunk of signs (128 weights from k0) against MT rows of x. Loops run weight-slot outer,
-// x row inner, so only one 8-value slice of x per row is live (no spills at MT = 8); two accumulator
-// chains per row keep the FADDs of a row from waiting on each other.
-template <typename T, int MT>
-__device__ __forceinline__ void sign_chunk(const T* __restrict__ x, int64_t rows_left, int64_t k, int64_t k0,
-                                           const uint4& v, float (&acc)[MT][2]) {
-  const uint32_t words[4] = {v.x, v.y, v.z, v.w};
+// Word `wi` (32 weights, LSB first) of a SIGNS row of `bpr` bytes; 0 past the row. words_ok: the row is
+// 4-byte aligned and bpr % 4 == 0, so one 32-bit load reads it; else it is assembled from bytes.
+__device__ __forceinline__ uint32_t load_word(const uint8_t* __restrict__ row, int64_t wi, int64_t bpr, bool words_ok) {
+  const int64_t b0 = wi * 4;
+  if (b0 >= bpr) return 0u;
+  if (words_ok) return __ldg(reinterpret_cast<const uint32_t*>(row) + wi);
+  uint32_t w = 0;
 #pragma unroll
-  for (int w = 0; w < 4; ++w) {
-#pragma unroll
-    for (int q = 0; q < 4; ++q) {
-#pragma unroll
-      for (int mm = 0; mm < MT; ++mm) {
-        if (mm < rows_left) {
-          float xv[8];
-          load8<T>(x + mm * k + k0 + w * 32 + q * 8, xv);
-#pragma unroll
-          for (int i = 0; i < 8; ++i) acc[mm][i & 1] += signed_by_bit(xv[i], words[w], q * 8 + i);
-        }
-      }
-    }
-  }
+  for (int i = 0; i < 4; ++i)
+    if (b0 + i < bpr) w |= static_cast<uint32_t>(__ldg(row + b0 + i)) << (8 * i);
+  return w;
 }
 
-template <typename T, int MT>
-__global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) sign_gemv_kernel(
+// Small-M sign matmul. Block: kWarps warps x R output rows each; MT rows of x. The reduction axis is
+// walked in tiles of 32 * WPL words (1024 * WPL weights): the block stages the tile of its MT x rows in
+// shared memory as fp32 (coalesced loads, padded layout: conflict-free 16-byte reads), each lane takes
+// words lane, lane+32, ... of the tile for each of its warp's R rows (coalesced 128-byte warp loads,
+// prefetched one tile ahead) and sums the x values whose bit is 1 (pos) and all x values (all):
+// x . sign = 2 * pos - all, so a weight costs one predicated add instead of a sign flip and an add.
+template <typename T, int MT, int R, int WPL>
+__global__ void __launch_bounds__(kThreads) sign_gemv_kernel(
     const T* __restrict__ x,              // (m, k) row-major, this launch's first row
     int64_t m, int64_t k,                 // rows of x in this launch, reduction length
     const uint8_t* __restrict__ packed,   // SIGNS (n, bpr), or a stack (tenants, n, bpr) with index
@@ -54,76 +49,109 @@ __global__ void __launch_bounds__(kThreads, MT == 1 ? 4 : 2) sign_gemv_kernel(
     bool per_row,                         // scale has one entry per output row
     const int64_t* __restrict__ index,    // null, or (m,) delta of each x row (-1: zero row); MT == 1
     int64_t tenants,                      // deltas in the stack (index mode)
-    bool vec,                             // rows 16-byte aligned, x rows 16-byte aligned: chunk path
+    bool words_ok,                        // 32-bit loads of sign words are aligned and in bounds
     T* __restrict__ y) {                  // (m, n)
+  constexpr int kTileWords = 32 * WPL, kTile = 32 * kTileWords, kTileP = padded_len(kTile);
+  __shared__ __align__(16) float sx[MT * kTileP];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + warp;
-  if (row >= n) return;
+  const int64_t row0 = (static_cast<int64_t>(blockIdx.x) * kWarps + warp) * R;
   const int64_t m0 = static_cast<int64_t>(blockIdx.y) * MT;
-  const int64_t rows_left = m - m0;
+  const int rows_left = static_cast<int>(m - m0 < MT ? m - m0 : MT);
   const int64_t bpr = (k + 7) >> 3;
-  const uint8_t* prow = packed + row * bpr;
+  const uint8_t* base = packed;
   const float* sc = scale;
-  if (index != nullptr) {
+  if (index != nullptr) {  // one x row per block (MT == 1): the branch is uniform over the block
     const int64_t t = index[m0];
-    if (t < 0 || t >= tenants) {  // -1: no delta; out of range (not checked on the host, to avoid a sync):
-      // NaN, never a read outside the stack
-      if (lane == 0) y[m0 * n + row] = from_f32<T>(t == -1 ? 0.f : __int_as_float(0x7fc00000));
+    if (t < 0 || t >= tenants) {  // -1: no delta; out of range (not checked on the host, which would need a
+      // sync): NaN, never a read outside the stack
+      const float v = t == -1 ? 0.f : __int_as_float(0x7fc00000);
+      for (int r = lane; r < R; r += 32)
+        if (row0 + r < n) y[m0 * n + row0 + r] = from_f32<T>(v);
       return;
     }
-    prow += t * n * bpr;
+    base += t * n * bpr;
     sc += per_row ? t * n : t;
   }
-  const T* xm = x + m0 * k;
-  float acc[MT][2];
-#pragma unroll
-  for (int mm = 0; mm < MT; ++mm) acc[mm][0] = acc[mm][1] = 0.f;
-
-  int64_t done = 0;  // bytes of the row handled by the 16-byte chunk path
-  if (vec) {
-    const int64_t nfull = k >> 7;
-    const uint4* p4 = reinterpret_cast<const uint4*>(prow);
-    for (int64_t c = lane; c < nfull; c += 64) {
-      const bool has_b = c + 32 < nfull;
-      const uint4 a = __ldg(p4 + c);
-      const uint4 b = has_b ? __ldg(p4 + c + 32) : make_uint4(0u, 0u, 0u, 0u);
-      sign_chunk<T, MT>(xm, rows_left, k, c << 7, a, acc);
-      if (has_b) sign_chunk<T, MT>(xm, rows_left, k, (c + 32) << 7, b, acc);
-    }
-    done = nfull << 4;
-  }
-  for (int64_t bi = done + lane; bi < bpr; bi += 32) {  // the rest, 8 weights (one byte) a lane
-    const uint32_t byte = prow[bi];
-    const int64_t k0 = bi << 3;
-    const int kn = static_cast<int>(k - k0 < 8 ? k - k0 : 8);
-#pragma unroll
-    for (int mm = 0; mm < MT; ++mm) {
-      if (mm >= rows_left) break;
-      const T* xr = xm + mm * k + k0;
-      for (int i = 0; i < kn; ++i) acc[mm][0] += signed_by_bit(to_f32(xr[i]), byte, i);
-    }
-  }
-  const float s = per_row ? sc[row] : sc[0];
+  float pos[R][MT], all[MT];
 #pragma unroll
   for (int mm = 0; mm < MT; ++mm) {
-    const float v = warp_sum(acc[mm][0] + acc[mm][1]);
-    if (lane == 0 && mm < rows_left) y[(m0 + mm) * n + row] = from_f32<T>(v * s);
+    all[mm] = 0.f;
+#pragma unroll
+    for (int r = 0; r < R; ++r) pos[r][mm] = 0.f;
+  }
+  uint32_t cur[R][WPL];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int j = 0; j < WPL; ++j)
+      cur[r][j] = row0 + r < n ? load_word(base + (row0 + r) * bpr, lane + 32 * j, bpr, words_ok) : 0u;
+
+  for (int64_t kt = 0; kt < k; kt += kTile) {
+    __syncthreads();  // the previous tile is consumed
+    for (int i = threadIdx.x; i < MT * kTile; i += kThreads) {
+      const int mm = i / kTile, kk = i % kTile;  // compile-time powers of two: shifts
+      const int64_t kg = kt + kk;
+      sx[mm * kTileP + padded(kk)] = (mm < rows_left && kg < k) ? to_f32(x[(m0 + mm) * k + kg]) : 0.f;
+    }
+    __syncthreads();
+    uint32_t nxt[R][WPL];  // next tile's words, in flight while this tile is summed
+    const int64_t w_next = (kt + kTile) >> 5;
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < WPL; ++j)
+        nxt[r][j] = (row0 + r < n && kt + kTile < k)
+                        ? load_word(base + (row0 + r) * bpr, w_next + lane + 32 * j, bpr, words_ok) : 0u;
+#pragma unroll
+    for (int j = 0; j < WPL; ++j) {
+#pragma unroll
+      for (int mm = 0; mm < MT; ++mm) {
+        if (mm < rows_left) {
+          const float4* xs = reinterpret_cast<const float4*>(sx + mm * kTileP + (lane + 32 * j) * 36);
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            const float4 v4 = xs[q];
+            const float v[4] = {v4.x, v4.y, v4.z, v4.w};
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              all[mm] += v[e];
+#pragma unroll
+              for (int r = 0; r < R; ++r)
+                if ((cur[r][j] >> (q * 4 + e)) & 1u) pos[r][mm] += v[e];
+            }
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < R; ++r)
+#pragma unroll
+      for (int j = 0; j < WPL; ++j) cur[r][j] = nxt[r][j];
+  }
+#pragma unroll
+  for (int mm = 0; mm < MT; ++mm) {
+    const float a = warp_sum(all[mm]);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const float p = warp_sum(pos[r][mm]);
+      if (lane == 0 && mm < rows_left && row0 + r < n)
+        y[(m0 + mm) * n + row0 + r] = from_f32<T>((2.f * p - a) * (per_row ? sc[row0 + r] : sc[0]));
+    }
   }
 }
 
-template <typename T, int MT>
+template <typename T, int MT, int R, int WPL>
 cudaError_t launch_gemv(const T* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n, const float* scale,
                         bool per_row, const int64_t* index, int64_t tenants, T* y, cudaStream_t stream) {
   const int64_t bpr = (k + 7) / 8;
-  const bool vec = aligned16(packed) && bpr % 16 == 0 && aligned16(x) && k % 8 == 0;
+  const bool words_ok = aligned4(packed) && bpr % 4 == 0;
   const int64_t tiles = (m + MT - 1) / MT;
   for (int64_t t0 = 0; t0 < tiles; t0 += kMaxGridY) {  // gridDim.y is capped: launch in slices
     const int64_t ty = tiles - t0 < kMaxGridY ? tiles - t0 : kMaxGridY;
     const int64_t r0 = t0 * MT;
-    const dim3 grid(ceil_div(n, kWarps), static_cast<unsigned>(ty));
-    sign_gemv_kernel<T, MT><<<grid, kThreads, 0, stream>>>(x + r0 * k, m - r0, k, packed, n, scale, per_row,
-                                                           index ? index + r0 : nullptr, tenants, vec,
-                                                           y + r0 * n);
+    const dim3 grid(ceil_div(n, kWarps * R), static_cast<unsigned>(ty));
+    sign_gemv_kernel<T, MT, R, WPL><<<grid, kThreads, 0, stream>>>(
+        x + r0 * k, m - r0, k, packed, n, scale, per_row, index ? index + r0 : nullptr, tenants, words_ok, y + r0 * n);
     const cudaError_t err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -136,10 +164,12 @@ cudaError_t dispatch_gemv(const void* x, int64_t m, int64_t k, const uint8_t* pa
                           cudaStream_t stream) {
   const T* xt = static_cast<const T*>(x);
   T* yt = static_cast<T*>(y);
-  if (index != nullptr || m == 1) return launch_gemv<T, 1>(xt, m, k, packed, n, scale, per_row, index, tenants, yt, stream);
-  if (m == 2) return launch_gemv<T, 2>(xt, m, k, packed, n, scale, per_row, nullptr, tenants, yt, stream);
-  if (m <= 4) return launch_gemv<T, 4>(xt, m, k, packed, n, scale, per_row, nullptr, tenants, yt, stream);
-  return launch_gemv<T, kSignMaxTile>(xt, m, k, packed, n, scale, per_row, nullptr, tenants, yt, stream);
+  // (MT, R, WPL): fewer x rows leave room for more words in flight per lane
+  if (index != nullptr || m == 1)
+    return launch_gemv<T, 1, 2, 4>(xt, m, k, packed, n, scale, per_row, index, tenants, yt, stream);
+  if (m == 2) return launch_gemv<T, 2, 2, 2>(xt, m, k, packed, n, scale, per_row, nullptr, tenants, yt, stream);
+  if (m <= 4) return launch_gemv<T, 4, 4, 1>(xt, m, k, packed, n, scale, per_row, nullptr, tenants, yt, stream);
+  return launch_gemv<T, kSignMaxTile, 4, 1>(xt, m, k, packed, n, scale, per_row, nullptr, tenants, yt, stream);
 }
 
 __global__ void pack_signs_kernel(const float* __restrict__ x, int64_t n, int64_t k, uint8_t* __restrict__ out) {
@@ -152,31 +182,36 @@ __global__ void pack_signs_kernel(const float* __restrict__ x, int64_t n, int64_
   out[i] = static_cast<uint8_t>(byte);
 }
 
+// grid (n, ceil(bpr / 256)): one thread per sign byte, 8 outputs each (no 64-bit division per element).
 __global__ void unpack_signs_kernel(const uint8_t* __restrict__ packed, int64_t n, int64_t k, float* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n * k) return;
-  const int64_t r = i / k, c = i % k;
-  out[i] = (packed[r * ((k + 7) >> 3) + (c >> 3)] >> (c & 7)) & 1 ? 1.f : -1.f;
+  const int64_t r = blockIdx.x, b = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t bpr = (k + 7) >> 3;
+  if (b >= bpr) return;
+  const uint32_t byte = packed[r * bpr + b];
+  for (int i = 0; i < 8 && b * 8 + i < k; ++i) out[r * k + b * 8 + i] = (byte >> i) & 1u ? 1.f : -1.f;
 }
 
 template <typename W, typename O>
 __global__ void sign_dequant_kernel(const uint8_t* __restrict__ packed, int64_t n, int64_t k,
                                     const float* __restrict__ scale, bool per_row, const W* __restrict__ w_base,
                                     O* __restrict__ out) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= n * k) return;
-  const int64_t r = i / k, c = i % k;
+  const int64_t r = blockIdx.x, b = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
+  const int64_t bpr = (k + 7) >> 3;
+  if (b >= bpr) return;
   const float s = per_row ? scale[r] : scale[0];
-  const bool plus = (packed[r * ((k + 7) >> 3) + (c >> 3)] >> (c & 7)) & 1;
-  const float base = w_base != nullptr ? to_f32(w_base[i]) : 0.f;
-  out[i] = from_f32<O>(base + (plus ? s : -s));
+  const uint32_t byte = packed[r * bpr + b];
+  const int64_t o = r * k + b * 8;
+  for (int i = 0; i < 8 && b * 8 + i < k; ++i) {
+    const float base = w_base != nullptr ? to_f32(w_base[o + i]) : 0.f;
+    out[o + i] = from_f32<O>(base + ((byte >> i) & 1u ? s : -s));
+  }
 }
 
 template <typename W>
 cudaError_t dequant_out(const uint8_t* packed, int64_t n, int64_t k, const float* scale, bool per_row,
                         const W* w_base, void* out, DType out_t, cudaStream_t stream) {
-  const unsigned blocks = ceil_div(n * k, 256);
-  if (blocks == 0) return cudaSuccess;
+  if (n == 0 || k == 0) return cudaSuccess;
+  const dim3 blocks(static_cast<unsigned>(n), ceil_div((k + 7) / 8, 256));
   switch (out_t) {
     case DType::kFloat32:
       sign_dequant_kernel<W, float><<<blocks, 256, 0, stream>>>(packed, n, k, scale, per_row, w_base,
@@ -204,8 +239,8 @@ cudaError_t pack_signs(const float* x, int64_t n, int64_t k, uint8_t* out, cudaS
 }
 
 cudaError_t unpack_signs(const uint8_t* packed, int64_t n, int64_t k, float* out, cudaStream_t stream) {
-  const unsigned blocks = ceil_div(n * k, 256);
-  if (blocks == 0) return cudaSuccess;
+  if (n == 0 || k == 0) return cudaSuccess;
+  const dim3 blocks(static_cast<unsigned>(n), ceil_div((k + 7) / 8, 256));
   unpack_signs_kernel<<<blocks, 256, 0, stream>>>(packed, n, k, out);
   return cudaGetLastError();
 }
