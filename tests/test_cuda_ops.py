@@ -188,8 +188,10 @@ def test_ternary_matmul(n, k, density, dtype):
 def _kbit_factors(r, length, bits, gs, g):
     codes = torch.randint(0, 1 << bits, (r * length,), generator=g, dtype=torch.int64).to(torch.uint8)
     groups = -(-length // gs)
-    scale = (torch.rand(r, groups, generator=g) * 0.05 + 0.01).half()
-    zero = (torch.randn(r, groups, generator=g) * 0.1).half()
+    # values zero + code * scale within about +-0.2 at every bit width, as RTN of a unit singular vector
+    # gives (so fp16 outputs stay far from overflow)
+    scale = ((torch.rand(r, groups, generator=g) * 0.2 + 0.05) / (1 << bits)).half()
+    zero = (torch.rand(r, groups, generator=g) * -0.2).half()
     return pack_bits(codes, bits), scale, zero
 
 
