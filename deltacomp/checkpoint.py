@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError, OutputExistsError
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -127,7 +128,7 @@ class Checkpoint:
         return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        return SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
 
     def get(self, name: str) -> Tensor:
         if name not in self._where:
@@ -161,13 +162,6 @@ class Checkpoint:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:

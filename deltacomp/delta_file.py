@@ -15,7 +15,8 @@ Layout
   Above ``max_shard_bytes`` the file is split HF-style: ``NAME-0000i-of-0000N.delta.safetensors`` and
   ``NAME.delta.safetensors.index.json`` holding the metadata and the weight map.
 Writes go to temporary names renamed at the end; readers check the format version, each tensor's
-checksum, the codec's field vocabulary and shapes, and (on apply) the base fingerprint.
+checksum and bounds. This layer knows no codec: decoding, applying and each codec's field vocabulary are
+checked above it (deltacomp.delta).
 """
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import __version__
-from .codecs import Encoded, get_codec
+from ._version import __version__
+from .dtypes import DTYPES, dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
 
 FORMAT = "deltacomp/1"
@@ -43,15 +44,6 @@ FORMAT_VERSION = 1
 META_KEY = "deltacomp"
 NEW_ROWS = "new_rows"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-          "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def tensor_digest(t: Tensor, h=None) -> "hashlib._Hash":
     """sha256 over a tensor's raw bytes (any dtype; bf16 included)."""
@@ -168,10 +160,11 @@ class DeltaWriter:
         self._tmp_shards: list[tuple[Path, list[str]]] = []
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
 
-    def add(self, info: ParamInfo, enc: Encoded | None, new_rows: Tensor | None = None) -> None:
+    def add(self, info: ParamInfo, tensors: dict[str, Tensor] | None, new_rows: Tensor | None = None) -> None:
+        """One parameter: its encoded tensors by field (None for a tied alias) and added rows, if any."""
         if info.name in self.params:
             raise ValueError(f"{info.name}: added twice to the delta file")
-        tensors = dict(enc.tensors) if enc is not None else {}
+        tensors = dict(tensors or {})
         if new_rows is not None:
             tensors[NEW_ROWS] = new_rows
         info.fields = sorted(tensors)
@@ -258,14 +251,7 @@ class DeltaFile:
                 if info.tied_to not in self.params:
                     raise DeltaFormatError(f"{self.path}: {info.name} is tied to missing {info.tied_to!r}")
                 continue
-            try:
-                codec = get_codec(info.codec)
-            except SettingsError:
-                raise DeltaFormatError(f"{self.path}: {info.name} uses unknown codec {info.codec!r}; "
-                                       "it was written by a newer deltacomp, upgrade") from None
             for f in info.fields:
-                if f != NEW_ROWS and not codec.field_allowed(f):
-                    raise DeltaFormatError(f"{self.path}: {info.name} holds field {f!r}, not one of codec {info.codec}'s")
                 if f"{info.name}.{f}" not in self._where:
                     raise DeltaFormatError(f"{self.path}: tensor {info.name}.{f} is missing (truncated file?)")
         base = meta.get("base", {})
@@ -333,46 +319,6 @@ class DeltaFile:
             raise ChecksumError(f"{self.path}: checksum mismatch in {name}: the file is corrupted")
         return tensors
 
-    def encoded(self, name: str) -> Encoded:
-        info = self.params[name]
-        if info.tied_to is not None:
-            return self.encoded(info.tied_to)
-        tensors = self.raw_tensors(name)
-        tensors.pop(NEW_ROWS, None)
-        return Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings))
-
-    def decode(self, name: str) -> Tensor:
-        """The float32 delta over the base rows (shape ``encoded_shape``)."""
-        info = self.params[name]
-        if info.tied_to is not None:
-            return self.decode(info.tied_to)
-        enc = self.encoded(name)
-        try:
-            out = get_codec(enc.codec).decode(enc)
-        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
-            raise DeltaFormatError(f"{self.path}: cannot decode {name} ({exc}); the file is inconsistent") from None
-        if tuple(out.shape) != info.encoded_shape:
-            raise DeltaFormatError(f"{self.path}: {name} decodes to shape {tuple(out.shape)}, "
-                                   f"metadata says {info.encoded_shape}")
-        return out
-
-    def apply(self, name: str, base: Tensor | None) -> Tensor:
-        """The fine-tune's tensor: ``(base + delta)`` in float32, cast to the fine-tune's dtype."""
-        info = self.params[name]
-        if info.tied_to is not None:
-            return self.apply(info.tied_to, base)
-        out_dtype = DTYPES[info.dtype]
-        if not info.has_base:
-            return self.raw_tensors(name)["values"].to(out_dtype)
-        if base is None:
-            raise DeltaFormatError(f"{self.path}: {name} needs its base tensor")
-        delta = self.decode(name)
-        if info.base_rows is None:
-            return (base.to(torch.float32) + delta).to(out_dtype)
-        shared = (base.to(torch.float32) + delta).to(out_dtype)
-        new_rows = self.raw_tensors(name)[NEW_ROWS].to(out_dtype)
-        return torch.cat([shared, new_rows], dim=0)
-
     def verify(self) -> None:
         """Checksum every stored tensor (raises ChecksumError on the first bad one)."""
         for name, info in self.params.items():
@@ -413,7 +359,3 @@ def file_to_json(data: bytes, inline_limit: int = 4096) -> Any:
         except UnicodeDecodeError:
             return {"base64": base64.b64encode(data).decode("ascii")}
     return {"zlib_base64": base64.b64encode(zlib.compress(data, 9)).decode("ascii")}
-
-
-def load_delta(path: str | os.PathLike) -> DeltaFile:
-    return DeltaFile(path)

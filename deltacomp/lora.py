@@ -3,8 +3,8 @@
 For each 2-D linear weight W (N x K) with delta ~= U S V^T (rank r): ``lora_B = U sqrt(S)`` (N x r) and
 ``lora_A = sqrt(S) V^T`` (r x K), so ``B @ A`` is the rank-r delta; ``lora_alpha = r`` per module (via
 alpha_pattern where ranks differ) makes PEFT's scaling alpha / r exactly 1. Tensors a LoRA adapter cannot
-carry (embeddings, norms, biases, 1-D tensors, codecs with no factors) are returned by name, for the caller
-to show: they are never dropped silently.
+carry (embeddings, norms, biases, 1-D tensors, codecs whose ``lora_factors`` raises NoFactorsError) are
+returned by name, for the caller to show: they are never dropped silently.
 """
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .api import pair_checkpoints
 from .checkpoint import commit_output_dir, open_checkpoint, prepare_output_dir
-from .codecs import Encoded, get_codec
+from .codecs import get_codec
 from .codecs.lowrank import truncated_svd
-from .delta_file import load_delta
-from .errors import SettingsError
+from .delta import load_delta
+from .errors import NoFactorsError, SettingsError
+from .pairing import PairKind, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
 
@@ -35,21 +35,6 @@ def lora_pair(u: Tensor, s: Tensor, vh: Tensor, dtype: torch.dtype) -> tuple[Ten
     """(lora_A, lora_B) with B @ A = U diag(S) Vh."""
     root = s.clamp_min(0).sqrt()
     return (root[:, None] * vh).to(dtype).contiguous(), (u * root).to(dtype).contiguous()
-
-
-def factors(enc: Encoded) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(U, S, Vh) of a low-rank encoded delta (lowrank, svd-mixed); None for other codecs."""
-    t = enc.tensors
-    if enc.codec == "lowrank":
-        return t["u"].float(), t["s"].float(), t["v"].float()
-    if enc.codec == "svd-mixed":
-        groups = list(get_codec("svd-mixed")._groups(enc))
-        if not groups:
-            n, k = enc.shape
-            return torch.zeros(n, 0), torch.zeros(0), torch.zeros(0, k)
-        return (torch.cat([g[0] for g in groups]).T.contiguous(), torch.cat([g[1] for g in groups]).float(),
-                torch.cat([g[2] for g in groups]))
-    return None
 
 
 def _module(param: str) -> str:
@@ -101,10 +86,10 @@ def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str 
     skipped: list[str] = []
     with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
         for p in progress_bar(pair_checkpoints(bck, fck), desc="export-lora", unit="tensor", enable=progress):
-            if p.kind == "tied":
+            if p.kind == PairKind.TIED:
                 continue
             ft = fck.get(p.name)
-            if p.kind != "delta" or p.base_rows is not None:
+            if p.kind != PairKind.DELTA or p.base_rows is not None:
                 skipped.append(p.name)
                 continue
             delta = ft.float() - bck.get(p.name).float()
@@ -121,16 +106,19 @@ def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str 
 
 def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, base_name: str = "",
                            dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict[str, Any]:
-    """The factors already in a lowrank / svd-mixed delta file (dequantized) -> a PEFT LoRA adapter."""
+    """The factors already in a delta file (dequantized; ``codec.lora_factors``) -> a PEFT LoRA adapter."""
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     skipped: list[str] = []
     with load_delta(delta) as df:
         for name, info in df.params.items():
-            if info.tied_to is not None or info.codec == "zero":
+            if info.tied_to is not None or get_codec(info.codec).always_zero:
                 continue
-            f = factors(df.encoded(name)) if info.has_base and info.base_rows is None else None
-            if f is None or len(info.shape) != 2:
+            try:
+                if not info.has_base or info.base_rows is not None or len(info.shape) != 2:
+                    raise NoFactorsError(name)
+                f = get_codec(info.codec).lora_factors(df.encoded(name))
+            except NoFactorsError:
                 skipped.append(name)
                 continue
             _add(tensors, ranks, name, *f, dtype)

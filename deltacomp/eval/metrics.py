@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, SettingsError
 
 CACHE_VERSION = 1
 SAME_LOSS_TOL = 1e-9  # |L_base - L_ft| at or below this: gain recovered is undefined
@@ -273,10 +273,10 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
     added) count against a base of zeros; tied copies are counted once. A per-tensor error is None where
     the fine-tune equals the base but the reconstruction does not (0 / 0 is reported as 0).
 
-    Also the delta's own size summary: bytes and ratio over the compressed tensors only (codecs other than
-    raw/zero/tied, as ``deltacomp.summarize`` counts them) and bytes per codec."""
+    Also the delta's own size summary: bytes and ratio over the compressed tensors only (codecs that
+    compress, as ``deltacomp.summarize`` counts them) and bytes per codec."""
     import deltacomp
-    from .checkpoint import open_checkpoint
+    from ..checkpoint import open_checkpoint
 
     per_tensor: dict[str, float | None] = {}
     err2 = ref2 = 0.0
@@ -309,15 +309,12 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
 def check_base(base, delta) -> None:
     """Raises BaseMismatchError when ``base`` is not the model ``delta`` was made against (cheap next to
     an eval: hashes each base tensor the delta applies to, as apply/reconstruct do)."""
-    import deltacomp
-    from . import api
-    from .checkpoint import open_checkpoint
+    from ..basecheck import check_base as check
+    from ..checkpoint import open_checkpoint
+    from ..delta import load_delta
 
-    with open_checkpoint(base) as b, deltacomp.load_delta(delta) as d:
-        api._check_base_names(d, b)
-        checker = api._BaseChecker(d, force=False)
-        for name in d.base_tensors:
-            checker.check(name, b.get(name), str(b.path))
+    with open_checkpoint(base) as b, load_delta(delta) as d:
+        check(b, d)
 
 
 # -------------------------------------------------------------------------------------- evaluate

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import SettingsError
-from .progress import progress_bar
+from ..errors import SettingsError
+from ..progress import progress_bar
 
 # Files of the base folder the fine-tune writes itself (weights, config) rather than copying.
 _OWN_FILES = re.compile(r"^(model.*\.safetensors(\.index\.json)?|config\.json|generation_config\.json|zoo\.json)$")
