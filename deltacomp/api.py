@@ -19,7 +19,7 @@ from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_d
 from .dtypes import dtype_name
 from .errors import CheckpointError, OutputExistsError
 from .pairing import PairKind, Pairing, pair_checkpoints
-from .plan import WHOLE, Plan
+from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
 from .summary import summarize
 
@@ -58,21 +58,21 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
         def deltas(members=members):
             for p in progress_bar(members, desc=f"{codec.name} pre-pass", unit="tensor", enable=progress):
                 d = _delta(fck.get(p.name), bck.get(p.name), p)[1]
-                if torch.count_nonzero(d):  # unchanged tensors are stored as zero, outside the group
+                if torch.count_nonzero(d):  # unchanged tensors cost nothing, outside the group
                     yield d
         out[key] = codec.global_settings(deltas, settings)
     return out
 
 
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
-             method: str = "bitdelta", ratio: float | None = None, rules: list[str] | tuple = (),
+             method: str = DEFAULT_METHOD, ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              calibration: "CalibrationOptions | None" = None, progress: bool = True) -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
 
     ``calibration`` (``deltacomp.calibrate.CalibrationOptions``) turns on the codecs' use of data: each
-    codec's calibrator runs in its stage (BitDelta scale distillation, then the layerwise pass: GPTQ for
-    svd-mixed, a least-squares output scale for ternary). The data-free file is made under a temporary
+    codec's calibrator runs in its stage (end-to-end distillation, then the layerwise pass; see
+    codecs/calibrator.py). The data-free file is made under a temporary
     name first, so a failure never leaves a file at ``out``."""
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,

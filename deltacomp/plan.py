@@ -18,6 +18,8 @@ from typing import Any
 from .codecs import CodecName, get_codec
 from .errors import SettingsError
 
+# The method when none is given (CLI, API, demo).
+DEFAULT_METHOD = CodecName.BITDELTA.value
 # The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).
 WHOLE = CodecName.RAW.value
 

@@ -11,7 +11,7 @@ from .dtypes import DTYPES
 
 def summarize(df: Delta, stats: bool = True) -> dict[str, Any]:
     """Sizes per tensor and per codec, as counted from the file (``stats``: codec-specific figures such
-    as ternary's bits per nonzero vs the entropy bound, which reads the tensors)."""
+    as bits per kept entry vs the entropy bound, from ``codec.stats``, which reads the tensors)."""
     tensors, by_codec = [], {}
     ft_bytes_total = 0
     for name, info in df.params.items():
@@ -34,7 +34,8 @@ def summarize(df: Delta, stats: bool = True) -> dict[str, Any]:
         st = get_codec(info.codec).stats(df.encoded(name)) if stats and info.codec else {}
         if st:
             row["stats"] = st
-            c["kept"] = c.get("kept", 0) + int(st.get("kept", 0))
+        if "kept" in st and "bound_bits_per_param" in st:  # sparse codecs: kept entries vs entropy bound
+            c["kept"] = c.get("kept", 0) + int(st["kept"])
             c["bound_bits"] = c.get("bound_bits", 0.0) + st["bound_bits_per_param"] * numel
     for c in by_codec.values():
         c["bits_per_param"] = 8 * c["nbytes"] / c["params"] if c["params"] else 0.0

@@ -9,8 +9,8 @@ every parameter other than the scales is frozen explicitly, and the loss never c
 Memory: the two models are never held together. The fine-tune is loaded, its logits on every
 calibration sample are cached as fp16 (in memory, or in a temporary file above ``cache_limit_bytes``),
 it is freed, and only then the base is loaded and turned into the student: every linear layer whose
-codec's calibrator runs in the ``distill`` stage is replaced by that calibrator's student module (bitdelta:
-codecs/bitdelta/calibrate.py), whose trainable parameters are the only ones trained.
+codec's calibrator runs in the ``distill`` stage is replaced by that calibrator's student module
+(codecs/calibrator.py), whose trainable parameters are the only ones trained.
 """
 from __future__ import annotations
 
@@ -200,7 +200,7 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
                    lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, loss: str = "mse", device: str = "cpu",
                    seed: int = 0, overwrite: bool = False, cache_limit_bytes: int = 2 * 1024**3,
                    progress: bool = True) -> dict[str, Any]:
-    """Distill the bitdelta scales of ``delta_in`` on ``calib`` and write ``delta_out``; return a report."""
+    """Distill the trainable parameters (e.g. scales) of the distilled codecs' tensors of ``delta_in`` on ``calib`` and write ``delta_out``; return a report."""
     if loss not in LOSSES:
         raise SettingsError(f"calibration: loss {loss!r} must be one of {', '.join(LOSSES)}")
     if not isinstance(steps, int) or steps < 0:

@@ -5,8 +5,8 @@ One sequential pass (GPTQ's): the fine-tune is loaded once; decoder layer i sees
 by layers 0..i-1 already replaced by base + calibrated delta; inside a layer every linear's input Hessian
 H = sum x^T x comes from one pass with the fine-tune's own weights for that layer. Memory: one model, the
 (n, L, hidden) activations, and one K x K Hessian per linear of the current layer. Tensors outside the
-decoder layers, and of other codecs, keep their stored encoding; every tensor keeps its bytes (svd-mixed:
-GPTQ, codecs/svd_mixed/gptq.py; ternary: a least-squares scale, codecs/ternary/calibrate.py).
+decoder layers, and of other codecs, keep their stored encoding; every tensor keeps its bytes (what each
+calibrator does is in its codec's package).
 """
 from __future__ import annotations
 

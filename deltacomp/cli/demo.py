@@ -10,6 +10,7 @@ import torch
 
 from .. import api
 from ..checkpoint import open_checkpoint
+from ..plan import DEFAULT_METHOD
 
 
 def check_reconstruction(base: Path, delta: Path, rec_dir: Path) -> dict[str, Any]:
@@ -46,7 +47,7 @@ def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> s
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def run_demo(out_dir: str | Path = "demo-out", method: str = "bitdelta", ratio: float | None = None,
+def run_demo(out_dir: str | Path = "demo-out", method: str = DEFAULT_METHOD, ratio: float | None = None,
              overwrite: bool = True, progress: bool = True, evaluate: bool = True, eval_tokens: int = 4096,
              print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     from .. import zoo

@@ -69,7 +69,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--pair", metavar="NAME", help="a bundled pair instead of BASE FINETUNED (e.g. shakespeare); "
                    "built once and cached; its held-out text is the default --text")
     p.add_argument("--methods", type=_csv(str), required=True,
-                   help="comma-separated method specs, e.g. bitdelta,svd-mixed,ternary:density=0.05")
+                   help="comma-separated method specs NAME[:key=value...], e.g. A,B:key=value")
     p.add_argument("--ratios", type=_csv(float), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
     p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
                                                           "rate_distortion.png")
@@ -79,9 +79,9 @@ def add_eval_parser(sub) -> None:
 
 
 def _torch_dtype(name: str):
-    import torch
+    from ..dtypes import DTYPES
 
-    return getattr(torch, name)
+    return DTYPES[name]
 
 
 def run_eval(args: argparse.Namespace) -> int:

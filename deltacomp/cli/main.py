@@ -8,6 +8,9 @@ import sys
 from typing import Any
 
 from .. import api
+from ..codecs import available
+from ..dtypes import DTYPES
+from ..plan import DEFAULT_METHOD
 from ..summary import summary_text
 from .options import add_calibration_options, calibration_from_args
 from .._version import __version__
@@ -69,12 +72,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
-    import torch
-
     from .. import lora
     from ..errors import SettingsError
 
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.delta:
         if args.models:
             raise SettingsError("give either BASE FINETUNED or --delta FILE, not both")
@@ -93,12 +94,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from ..serve import generate
 
     texts = generate(args.base, args.delta, args.prompt, args.max_new_tokens, prompt_delta=args.prompt_delta,
-                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force,
+                     dtype=DTYPES[args.dtype], force=args.force,
                      base_bits=args.base_bits)
     idx = args.prompt_delta or [0 if args.delta else -1] * len(args.prompt)
     for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
@@ -107,13 +106,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_common_compress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", "-m", default="bitdelta",
+    p.add_argument("--method", "-m", default=DEFAULT_METHOD,
                    help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
-                        "(e.g. bitdelta:masks=2, ternary:density=0.05)")
+                        f"(NAME one of {', '.join(available())}; default {DEFAULT_METHOD})")
     p.add_argument("--ratio", type=float, default=None,
                    help="target 1/RATIO of the fine-tune's bytes on the compressed tensors; the method picks settings")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD[:k=v...]",
-                   help="per-tensor rule, first match wins (repeatable), e.g. 'mlp\\.=bitdelta:masks=2', 'embed_tokens=raw'")
+                   help="per-tensor rule, first match wins (repeatable), e.g. 'mlp\\.=NAME:key=value'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -153,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("export-lora", help="write a PEFT LoRA adapter: truncated SVD of the delta, or the factors "
-                       "of a lowrank/svd-mixed delta file")
+                       "stored in a delta file")
     p.add_argument("models", nargs="*", metavar="BASE FINETUNED", help="base and fine-tuned model")
-    p.add_argument("--delta", help="export the factors of this lowrank/svd-mixed delta file instead")
+    p.add_argument("--delta", help="export the factors stored in this delta file instead (codecs that keep factors)")
     p.add_argument("-o", "--output", required=True, help="adapter folder to write")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (with BASE FINETUNED; default 64)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -181,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
     p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")
-    p.add_argument("--method", "-m", default="bitdelta")
+    p.add_argument("--method", "-m", default=DEFAULT_METHOD)
     p.add_argument("--ratio", type=float, default=None)
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     p.add_argument("--quiet", "-q", action="store_true")

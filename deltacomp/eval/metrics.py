@@ -140,9 +140,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delt
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     if delta is not None:
-        import deltacomp
+        from ..api import apply_delta_
 
-        deltacomp.apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
+        apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
     return model.to(device).eval()
 
 
@@ -275,13 +275,13 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
 
     Also the delta's own size summary: bytes and ratio over the compressed tensors only (codecs that
     compress, as ``deltacomp.summarize`` counts them) and bytes per codec."""
-    import deltacomp
+    from ..api import iter_reconstructed, load_delta, summarize
     from ..checkpoint import open_checkpoint
 
     per_tensor: dict[str, float | None] = {}
     err2 = ref2 = 0.0
-    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f, deltacomp.load_delta(delta) as d:
-        for name, recon in deltacomp.iter_reconstructed(b, d):
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f, load_delta(delta) as d:
+        for name, recon in iter_reconstructed(b, d):
             if d.params[name].tied_to is not None:
                 continue
             ft = f.get(name).to(torch.float32)
@@ -296,7 +296,7 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
             r = float(torch.linalg.vector_norm(ft - ref, dtype=torch.float64)) ** 2
             err2, ref2 = err2 + e, ref2 + r
             per_tensor[name] = math.sqrt(e / r) if r > 0 else (0.0 if e == 0 else None)
-        summ = deltacomp.summarize(d)
+        summ = summarize(d)
     ct = summ["compressed_tensors"]
     return {"weight_rel_error": math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else None),
             "weight_rel_error_per_tensor": per_tensor,
@@ -329,7 +329,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
     loaded in ``dtype`` one at a time. ``cache_dir`` keeps the fine-tune's log-probs and the base's
     summary for later calls (default: a temporary folder removed on return). Returns a JSON-able dict:
     ``text``, ``base``, ``finetuned`` and one entry per delta in ``deltas``."""
-    import deltacomp
+    from ..delta import load_delta
 
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -371,7 +371,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
             model = load_model(base, dtype, delta=p, device=device)
             s = score_against(model, ids, windows, ref, batch_size, device, progress, p.name)
             _free(model)
-            with deltacomp.load_delta(p) as d:
+            with load_delta(p) as d:
                 nbytes = d.nbytes  # on disk: every shard, headers and metadata included
             row = {"path": str(p), "bytes": nbytes, "ratio": ft_bytes / nbytes, **s,
                    "gain_recovered": gain_recovered(base_summary["nll"], ft_summary["nll"], s["nll"])}

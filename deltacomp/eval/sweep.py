@@ -35,7 +35,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
     is given, else in a temporary folder removed at the end. ``calibration`` (compress's options, e.g.
     ``CalibrationOptions("shakespeare")``) adds a calibrated variant of every point, labelled
     ``METHOD+calib`` (skipped for methods that do not calibrate)."""
-    import deltacomp
+    from ..api import compress
 
     if not methods or not ratios:
         raise SettingsError("sweep needs at least one method and one ratio")
@@ -50,7 +50,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
                 path = out / "deltas" / delta_name(name, ratio)
                 t0 = time.perf_counter()
                 try:
-                    deltacomp.compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
+                    compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
                                        progress=progress, **extra)
                 except DeltacompError as exc:
                     skipped.append({"method": name, "ratio": ratio, "reason": str(exc)})
