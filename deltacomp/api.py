@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -11,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .basecheck import BaseChecker, check_base_names
-from .checkpoint import Checkpoint, ShardedWriter, commit_output_dir, open_checkpoint, prepare_output_dir
+from .checkpoint import Checkpoint, ShardedWriter, open_checkpoint
 from .codecs import get_codec
 from .delta import Delta, load_delta
 from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_digest, file_to_json,
@@ -21,6 +20,7 @@ from .errors import CheckpointError, OutputExistsError
 from .pairing import PairKind, Pairing, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
+from .storage import output_dir
 from .summary import summarize
 
 if TYPE_CHECKING:
@@ -195,10 +195,7 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 overwrite: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
-    df = load_delta(delta)
-    bck = open_checkpoint(base)
-    out_dir, tmp = prepare_output_dir(out, overwrite=overwrite)
-    try:
+    with load_delta(delta) as df, open_checkpoint(base) as bck, output_dir(out, overwrite=overwrite) as tmp:
         with ShardedWriter(tmp, max_shard_bytes) as writer:
             for name, tensor in iter_reconstructed(bck, df, force=force, progress=progress):
                 writer.add(name, tensor)
@@ -206,14 +203,7 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
             if "/" in fname or "\\" in fname or fname.startswith("."):
                 continue  # never write outside the folder, whatever the file says
             (tmp / fname).write_bytes(data)
-        commit_output_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    finally:
-        bck.close()
-        df.close()
-    return out_dir
+    return Path(out)
 
 
 def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, force: bool = False,

@@ -38,6 +38,7 @@ from torch import Tensor
 from ._version import __version__
 from .dtypes import DTYPES, dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
+from .storage import ShardBuffer
 
 FORMAT = "deltacomp/1"
 FORMAT_VERSION = 1
@@ -155,10 +156,8 @@ class DeltaWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.params: dict[str, ParamInfo] = {}
-        self._current: dict[str, Tensor] = {}
-        self._current_bytes = 0
-        self._tmp_shards: list[tuple[Path, list[str]]] = []
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self._buffer = ShardBuffer(self._tmpdir, max_shard_bytes, {"format": "pt"})
 
     def add(self, info: ParamInfo, tensors: dict[str, Tensor] | None, new_rows: Tensor | None = None) -> None:
         """One parameter: its encoded tensors by field (None for a tied alias) and added rows, if any."""
@@ -171,40 +170,30 @@ class DeltaWriter:
         info.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         info.checksum = encoded_checksum(tensors)
         self.params[info.name] = info
-        if self._current and self._current_bytes + info.nbytes > self.max_shard_bytes:
-            self._flush()
-        for f, t in tensors.items():
-            self._current[f"{info.name}.{f}"] = t.detach().contiguous()
-        self._current_bytes += info.nbytes
-
-    def _flush(self) -> None:
-        tmp = self._tmpdir / f"shard-{len(self._tmp_shards):05d}"
-        save_file(self._current, str(tmp), metadata={"format": "pt"})
-        self._tmp_shards.append((tmp, list(self._current)))
-        self._current, self._current_bytes = {}, 0
+        self._buffer.add({f"{info.name}.{f}": t for f, t in tensors.items()})
 
     def finish(self, metadata: dict[str, Any]) -> list[Path]:
         meta = {"format": FORMAT, "deltacomp_version": __version__, **metadata,
                 "params": {n: p.to_json() for n, p in self.params.items()}}
         meta_json = json.dumps(meta, sort_keys=False)
         try:
-            if not self._tmp_shards:  # one file: metadata in its header
+            shards = self._buffer.shards
+            if not shards:  # one file: metadata in its header
                 tmp = self._tmpdir / "single"
-                save_file(self._current, str(tmp), metadata={META_KEY: meta_json})
+                save_file(self._buffer.current, str(tmp), metadata={META_KEY: meta_json})
                 os.replace(tmp, self.path)
                 if index_path(self.path).exists():  # a stale sharded version with the same name
                     index_path(self.path).unlink()
                 return [self.path]
-            if self._current:
-                self._flush()
-            finals = shard_paths(self.path, len(self._tmp_shards))
+            self._buffer.flush()
+            finals = shard_paths(self.path, len(shards))
             weight_map = {}
-            for (tmp, names), final in zip(self._tmp_shards, finals):
+            for (tmp, names), final in zip(shards, finals):
                 weight_map.update({k: final.name for k in names})
             index = {"metadata": {META_KEY: meta_json}, "weight_map": weight_map}
             tmp_index = self._tmpdir / "index"
             tmp_index.write_text(json.dumps(index))
-            for (tmp, _), final in zip(self._tmp_shards, finals):
+            for (tmp, _), final in zip(shards, finals):
                 os.replace(tmp, final)
             os.replace(tmp_index, index_path(self.path))  # last: the file set is valid only now
             if self.path.exists():

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .checkpoint import commit_output_dir, open_checkpoint, prepare_output_dir
+from .checkpoint import open_checkpoint
 from .codecs import get_codec
 from .codecs.lowrank import truncated_svd
 from .delta import load_delta
@@ -27,6 +26,7 @@ from .errors import NoFactorsError, SettingsError
 from .pairing import PairKind, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
+from .storage import output_dir
 
 _NOT_LINEAR = re.compile("|".join(p for p, _ in DEFAULT_RULES))
 
@@ -57,15 +57,10 @@ def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: di
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
-    final, tmp = prepare_output_dir(out, overwrite=overwrite)
-    try:
+    with output_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(out)
 
 
 def _add(tensors: dict[str, Tensor], ranks: dict[str, int], param: str, u, s, vh, dtype) -> None:

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ..errors import CheckpointError, SettingsError
+from ..storage import write_text_atomic
 
 CACHE_VERSION = 1
 SAME_LOSS_TOL = 1e-9  # |L_base - L_ft| at or below this: gain recovered is undefined
@@ -424,9 +425,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:
