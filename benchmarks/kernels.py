@@ -35,7 +35,7 @@ import time
 
 import torch
 
-from deltacomp import allocation as al
+from deltacomp.codecs.svd_mixed import allocation as al
 from deltacomp import ops
 from deltacomp.codecs import get_codec
 from deltacomp.codecs.base import Encoded

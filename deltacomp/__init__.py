@@ -8,15 +8,13 @@ Public API (mirrors the CLI)::
     deltacomp.apply_delta_(model, delta)          # model loaded from the base, turned into the fine-tune
     deltacomp.patch_model(model, delta)           # or: serve the delta packed (DeltaLinear), no dense copy
 """
-__version__ = "0.1.0"
-
-from .api import apply_delta_, compress, iter_reconstructed, load_delta, reconstruct, summarize  # noqa: E402
-from .codecs import available as available_methods  # noqa: E402
-from .nn import (DeltaLinear, MultiDeltaLinear, patch_model, patch_model_multi, set_delta_index,  # noqa: E402
-                 unpatch_model)
-from .serve import generate  # noqa: E402
-from .delta_file import FORMAT  # noqa: E402
-from .errors import (BaseMismatchError, CheckpointError, ChecksumError, DeltacompError,  # noqa: E402
+from ._version import __version__
+from .api import apply_delta_, compress, iter_reconstructed, load_delta, reconstruct, summarize
+from .codecs import available as available_methods
+from .serve import (DeltaLinear, MultiDeltaLinear, generate, patch_model, patch_model_multi, set_delta_index,
+                    unpatch_model)
+from .delta_file import FORMAT
+from .errors import (BaseMismatchError, CheckpointError, ChecksumError, DeltacompError,
                      DeltaFormatError, OutputExistsError, SettingsError)
 
 __all__ = [

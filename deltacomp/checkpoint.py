@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Iterator
@@ -19,7 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import CheckpointError, OutputExistsError
+from .dtypes import SAFETENSORS_DTYPES
+from .errors import CheckpointError
+from .storage import ShardBuffer
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -127,7 +127,7 @@ class Checkpoint:
         return tuple(self._slice(name).get_shape())
 
     def dtype(self, name: str) -> torch.dtype:
-        return _SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        return SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
 
     def get(self, name: str) -> Tensor:
         if name not in self._where:
@@ -163,43 +163,11 @@ class Checkpoint:
         self.close()
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-
-
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path)
 
 
 # -- writing ----------------------------------------------------------------------------------------
-def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
-    """Check ``out`` may be written and make a sibling temporary folder to build it in.
-
-    Returns (final path, temp path). Call ``commit_output_dir`` when done; on failure remove the temp."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise OutputExistsError(f"{out}: exists and is not a folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise OutputExistsError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    return out, tmp
-
-
-def commit_output_dir(tmp: Path, out: Path) -> None:
-    """Replace ``out`` by ``tmp`` with renames only, so a crash never leaves a half-written ``out``."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
 class ShardedWriter:
     """Write tensors into ``folder`` as HF safetensors shards, holding at most one shard in memory.
 
@@ -210,41 +178,29 @@ class ShardedWriter:
                  metadata: dict[str, str] | None = None):
         self.folder = Path(folder)
         self.max_shard_bytes = max_shard_bytes
-        self.metadata = dict(metadata or {"format": "pt"})
-        self._current: dict[str, Tensor] = {}
-        self._current_bytes = 0
-        self._shards: list[tuple[Path, list[str]]] = []
-        self.total_bytes = 0
+        self._buffer = ShardBuffer(self.folder, max_shard_bytes, dict(metadata or {"format": "pt"}), ".tmp")
+
+    @property
+    def total_bytes(self) -> int:
+        return self._buffer.total_bytes
 
     def add(self, name: str, tensor: Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        if self._current and self._current_bytes + size > self.max_shard_bytes:
-            self._flush()
-        # contiguous clone: safetensors refuses tensors that share storage (e.g. tied weights)
-        self._current[name] = tensor.detach().contiguous().clone()
-        self._current_bytes += size
-        self.total_bytes += size
-
-    def _flush(self) -> None:
-        if not self._current:
-            return
-        path = self.folder / f"shard-{len(self._shards):05d}.tmp"
-        save_file(self._current, str(path), metadata=self.metadata)
-        self._shards.append((path, list(self._current)))
-        self._current, self._current_bytes = {}, 0
+        # a clone: safetensors refuses tensors that share storage (e.g. tied weights)
+        self._buffer.add({name: tensor}, clone=True)
 
     def close(self) -> list[Path]:
-        self._flush()
-        n = len(self._shards)
+        self._buffer.flush()
+        shards = self._buffer.shards
+        n = len(shards)
         if n == 0:
-            save_file({}, str(self.folder / SINGLE_NAME), metadata=self.metadata)
+            save_file({}, str(self.folder / SINGLE_NAME), metadata=self._buffer.metadata)
             return [self.folder / SINGLE_NAME]
         if n == 1:
             final = self.folder / SINGLE_NAME
-            self._shards[0][0].rename(final)
+            shards[0][0].rename(final)
             return [final]
         weight_map, finals = {}, []
-        for i, (path, names) in enumerate(self._shards):
+        for i, (path, names) in enumerate(shards):
             final = self.folder / f"model-{i + 1:05d}-of-{n:05d}.safetensors"
             path.rename(final)
             finals.append(final)

@@ -15,7 +15,8 @@ Layout
   Above ``max_shard_bytes`` the file is split HF-style: ``NAME-0000i-of-0000N.delta.safetensors`` and
   ``NAME.delta.safetensors.index.json`` holding the metadata and the weight map.
 Writes go to temporary names renamed at the end; readers check the format version, each tensor's
-checksum, the codec's field vocabulary and shapes, and (on apply) the base fingerprint.
+checksum and bounds. This layer knows no codec: decoding, applying and each codec's field vocabulary are
+checked above it (deltacomp.delta).
 """
 from __future__ import annotations
 
@@ -34,24 +35,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from . import __version__
-from .codecs import Encoded, get_codec
+from ._version import __version__
+from .dtypes import DTYPES, dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
+from .storage import ShardBuffer
 
 FORMAT = "deltacomp/1"
 FORMAT_VERSION = 1
 META_KEY = "deltacomp"
 NEW_ROWS = "new_rows"
 DEFAULT_MAX_SHARD_BYTES = 5 * 1000**3
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-          "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
 
 def tensor_digest(t: Tensor, h=None) -> "hashlib._Hash":
     """sha256 over a tensor's raw bytes (any dtype; bf16 included)."""
@@ -163,55 +156,44 @@ class DeltaWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.max_shard_bytes = max_shard_bytes
         self.params: dict[str, ParamInfo] = {}
-        self._current: dict[str, Tensor] = {}
-        self._current_bytes = 0
-        self._tmp_shards: list[tuple[Path, list[str]]] = []
         self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self._buffer = ShardBuffer(self._tmpdir, max_shard_bytes, {"format": "pt"})
 
-    def add(self, info: ParamInfo, enc: Encoded | None, new_rows: Tensor | None = None) -> None:
+    def add(self, info: ParamInfo, tensors: dict[str, Tensor] | None, new_rows: Tensor | None = None) -> None:
+        """One parameter: its encoded tensors by field (None for a tied alias) and added rows, if any."""
         if info.name in self.params:
             raise ValueError(f"{info.name}: added twice to the delta file")
-        tensors = dict(enc.tensors) if enc is not None else {}
+        tensors = dict(tensors or {})
         if new_rows is not None:
             tensors[NEW_ROWS] = new_rows
         info.fields = sorted(tensors)
         info.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         info.checksum = encoded_checksum(tensors)
         self.params[info.name] = info
-        if self._current and self._current_bytes + info.nbytes > self.max_shard_bytes:
-            self._flush()
-        for f, t in tensors.items():
-            self._current[f"{info.name}.{f}"] = t.detach().contiguous()
-        self._current_bytes += info.nbytes
-
-    def _flush(self) -> None:
-        tmp = self._tmpdir / f"shard-{len(self._tmp_shards):05d}"
-        save_file(self._current, str(tmp), metadata={"format": "pt"})
-        self._tmp_shards.append((tmp, list(self._current)))
-        self._current, self._current_bytes = {}, 0
+        self._buffer.add({f"{info.name}.{f}": t for f, t in tensors.items()})
 
     def finish(self, metadata: dict[str, Any]) -> list[Path]:
         meta = {"format": FORMAT, "deltacomp_version": __version__, **metadata,
                 "params": {n: p.to_json() for n, p in self.params.items()}}
         meta_json = json.dumps(meta, sort_keys=False)
         try:
-            if not self._tmp_shards:  # one file: metadata in its header
+            shards = self._buffer.shards
+            if not shards:  # one file: metadata in its header
                 tmp = self._tmpdir / "single"
-                save_file(self._current, str(tmp), metadata={META_KEY: meta_json})
+                save_file(self._buffer.current, str(tmp), metadata={META_KEY: meta_json})
                 os.replace(tmp, self.path)
                 if index_path(self.path).exists():  # a stale sharded version with the same name
                     index_path(self.path).unlink()
                 return [self.path]
-            if self._current:
-                self._flush()
-            finals = shard_paths(self.path, len(self._tmp_shards))
+            self._buffer.flush()
+            finals = shard_paths(self.path, len(shards))
             weight_map = {}
-            for (tmp, names), final in zip(self._tmp_shards, finals):
+            for (tmp, names), final in zip(shards, finals):
                 weight_map.update({k: final.name for k in names})
             index = {"metadata": {META_KEY: meta_json}, "weight_map": weight_map}
             tmp_index = self._tmpdir / "index"
             tmp_index.write_text(json.dumps(index))
-            for (tmp, _), final in zip(self._tmp_shards, finals):
+            for (tmp, _), final in zip(shards, finals):
                 os.replace(tmp, final)
             os.replace(tmp_index, index_path(self.path))  # last: the file set is valid only now
             if self.path.exists():
@@ -258,14 +240,7 @@ class DeltaFile:
                 if info.tied_to not in self.params:
                     raise DeltaFormatError(f"{self.path}: {info.name} is tied to missing {info.tied_to!r}")
                 continue
-            try:
-                codec = get_codec(info.codec)
-            except SettingsError:
-                raise DeltaFormatError(f"{self.path}: {info.name} uses unknown codec {info.codec!r}; "
-                                       "it was written by a newer deltacomp, upgrade") from None
             for f in info.fields:
-                if f != NEW_ROWS and not codec.field_allowed(f):
-                    raise DeltaFormatError(f"{self.path}: {info.name} holds field {f!r}, not one of codec {info.codec}'s")
                 if f"{info.name}.{f}" not in self._where:
                     raise DeltaFormatError(f"{self.path}: tensor {info.name}.{f} is missing (truncated file?)")
         base = meta.get("base", {})
@@ -333,46 +308,6 @@ class DeltaFile:
             raise ChecksumError(f"{self.path}: checksum mismatch in {name}: the file is corrupted")
         return tensors
 
-    def encoded(self, name: str) -> Encoded:
-        info = self.params[name]
-        if info.tied_to is not None:
-            return self.encoded(info.tied_to)
-        tensors = self.raw_tensors(name)
-        tensors.pop(NEW_ROWS, None)
-        return Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings))
-
-    def decode(self, name: str) -> Tensor:
-        """The float32 delta over the base rows (shape ``encoded_shape``)."""
-        info = self.params[name]
-        if info.tied_to is not None:
-            return self.decode(info.tied_to)
-        enc = self.encoded(name)
-        try:
-            out = get_codec(enc.codec).decode(enc)
-        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
-            raise DeltaFormatError(f"{self.path}: cannot decode {name} ({exc}); the file is inconsistent") from None
-        if tuple(out.shape) != info.encoded_shape:
-            raise DeltaFormatError(f"{self.path}: {name} decodes to shape {tuple(out.shape)}, "
-                                   f"metadata says {info.encoded_shape}")
-        return out
-
-    def apply(self, name: str, base: Tensor | None) -> Tensor:
-        """The fine-tune's tensor: ``(base + delta)`` in float32, cast to the fine-tune's dtype."""
-        info = self.params[name]
-        if info.tied_to is not None:
-            return self.apply(info.tied_to, base)
-        out_dtype = DTYPES[info.dtype]
-        if not info.has_base:
-            return self.raw_tensors(name)["values"].to(out_dtype)
-        if base is None:
-            raise DeltaFormatError(f"{self.path}: {name} needs its base tensor")
-        delta = self.decode(name)
-        if info.base_rows is None:
-            return (base.to(torch.float32) + delta).to(out_dtype)
-        shared = (base.to(torch.float32) + delta).to(out_dtype)
-        new_rows = self.raw_tensors(name)[NEW_ROWS].to(out_dtype)
-        return torch.cat([shared, new_rows], dim=0)
-
     def verify(self) -> None:
         """Checksum every stored tensor (raises ChecksumError on the first bad one)."""
         for name, info in self.params.items():
@@ -413,7 +348,3 @@ def file_to_json(data: bytes, inline_limit: int = 4096) -> Any:
         except UnicodeDecodeError:
             return {"base64": base64.b64encode(data).decode("ascii")}
     return {"zlib_base64": base64.b64encode(zlib.compress(data, 9)).decode("ascii")}
-
-
-def load_delta(path: str | os.PathLike) -> DeltaFile:
-    return DeltaFile(path)

@@ -11,6 +11,10 @@ class SettingsError(DeltacompError, ValueError):
     """A method spec, codec setting or rule is malformed or unknown."""
 
 
+class NoFactorsError(SettingsError):
+    """A codec stores no low-rank factors, so its delta cannot be exported as a LoRA adapter."""
+
+
 class CheckpointError(DeltacompError):
     """A model folder/file cannot be read, is pickled, or base and fine-tune do not pair up."""
 

@@ -3,15 +3,14 @@
 For each 2-D linear weight W (N x K) with delta ~= U S V^T (rank r): ``lora_B = U sqrt(S)`` (N x r) and
 ``lora_A = sqrt(S) V^T`` (r x K), so ``B @ A`` is the rank-r delta; ``lora_alpha = r`` per module (via
 alpha_pattern where ranks differ) makes PEFT's scaling alpha / r exactly 1. Tensors a LoRA adapter cannot
-carry (embeddings, norms, biases, 1-D tensors, codecs with no factors) are returned by name, for the caller
-to show: they are never dropped silently.
+carry (embeddings, norms, biases, 1-D tensors, codecs whose ``lora_factors`` raises NoFactorsError) are
+returned by name, for the caller to show: they are never dropped silently.
 """
 from __future__ import annotations
 
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +18,15 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .api import pair_checkpoints
-from .checkpoint import commit_output_dir, open_checkpoint, prepare_output_dir
-from .codecs import Encoded, get_codec
+from .checkpoint import open_checkpoint
+from .codecs import get_codec
 from .codecs.lowrank import truncated_svd
-from .delta_file import load_delta
-from .errors import SettingsError
+from .delta import load_delta
+from .errors import NoFactorsError, SettingsError
+from .pairing import PairKind, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
+from .storage import output_dir
 
 _NOT_LINEAR = re.compile("|".join(p for p, _ in DEFAULT_RULES))
 
@@ -35,21 +35,6 @@ def lora_pair(u: Tensor, s: Tensor, vh: Tensor, dtype: torch.dtype) -> tuple[Ten
     """(lora_A, lora_B) with B @ A = U diag(S) Vh."""
     root = s.clamp_min(0).sqrt()
     return (root[:, None] * vh).to(dtype).contiguous(), (u * root).to(dtype).contiguous()
-
-
-def factors(enc: Encoded) -> tuple[Tensor, Tensor, Tensor] | None:
-    """(U, S, Vh) of a low-rank encoded delta (lowrank, svd-mixed); None for other codecs."""
-    t = enc.tensors
-    if enc.codec == "lowrank":
-        return t["u"].float(), t["s"].float(), t["v"].float()
-    if enc.codec == "svd-mixed":
-        groups = list(get_codec("svd-mixed")._groups(enc))
-        if not groups:
-            n, k = enc.shape
-            return torch.zeros(n, 0), torch.zeros(0), torch.zeros(0, k)
-        return (torch.cat([g[0] for g in groups]).T.contiguous(), torch.cat([g[1] for g in groups]).float(),
-                torch.cat([g[2] for g in groups]))
-    return None
 
 
 def _module(param: str) -> str:
@@ -72,15 +57,10 @@ def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: di
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
-    final, tmp = prepare_output_dir(out, overwrite=overwrite)
-    try:
+    with output_dir(out, overwrite=overwrite) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return Path(out)
 
 
 def _add(tensors: dict[str, Tensor], ranks: dict[str, int], param: str, u, s, vh, dtype) -> None:
@@ -101,10 +81,10 @@ def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str 
     skipped: list[str] = []
     with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
         for p in progress_bar(pair_checkpoints(bck, fck), desc="export-lora", unit="tensor", enable=progress):
-            if p.kind == "tied":
+            if p.kind == PairKind.TIED:
                 continue
             ft = fck.get(p.name)
-            if p.kind != "delta" or p.base_rows is not None:
+            if p.kind != PairKind.DELTA or p.base_rows is not None:
                 skipped.append(p.name)
                 continue
             delta = ft.float() - bck.get(p.name).float()
@@ -121,16 +101,19 @@ def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str 
 
 def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, base_name: str = "",
                            dtype: torch.dtype = torch.bfloat16, overwrite: bool = False) -> dict[str, Any]:
-    """The factors already in a lowrank / svd-mixed delta file (dequantized) -> a PEFT LoRA adapter."""
+    """The factors already in a delta file (dequantized; ``codec.lora_factors``) -> a PEFT LoRA adapter."""
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     skipped: list[str] = []
     with load_delta(delta) as df:
         for name, info in df.params.items():
-            if info.tied_to is not None or info.codec == "zero":
+            if info.tied_to is not None or get_codec(info.codec).always_zero:
                 continue
-            f = factors(df.encoded(name)) if info.has_base and info.base_rows is None else None
-            if f is None or len(info.shape) != 2:
+            try:
+                if not info.has_base or info.base_rows is not None or len(info.shape) != 2:
+                    raise NoFactorsError(name)
+                f = get_codec(info.codec).lora_factors(df.encoded(name))
+            except NoFactorsError:
                 skipped.append(name)
                 continue
             _add(tensors, ranks, name, *f, dtype)

@@ -18,7 +18,10 @@ from typing import Any
 from .codecs import CodecName, get_codec
 from .errors import SettingsError
 
-PASS_THROUGH = (CodecName.RAW.value, CodecName.ZERO.value)
+# The method when none is given (CLI, API, demo).
+DEFAULT_METHOD = CodecName.BITDELTA.value
+# The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).
+WHOLE = CodecName.RAW.value
 
 # Embeddings, output heads, norms and biases stay exact by default (BitDelta's choice: they are small,
 # or in the case of embeddings, sensitive); the attention and MLP projections are compressed.
@@ -113,7 +116,7 @@ class Plan:
         codec = get_codec(rule.method)
         if rule.method == CodecName.ZERO.value and not is_zero:
             raise SettingsError(f"rule {rule.pattern!r}=zero matches {name}, whose delta is not zero")
-        if self.ratio is not None and rule.method not in PASS_THROUGH:
+        if self.ratio is not None and codec.compresses:
             numel = 1
             for s in shape:
                 numel *= s

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from deltacomp import allocation as al
+from deltacomp.codecs.svd_mixed import allocation as al
 from deltacomp.codecs import get_codec
 from deltacomp.codecs.lowrank import truncated_svd
 

@@ -18,7 +18,7 @@ pytest.importorskip("tokenizers")
 
 import deltacomp  # noqa: E402
 from conftest import VOCAB, finetune_of, llama_config, llama_tensors, word_tokenizer, write_folder  # noqa: E402
-from deltacomp import nn as dnn  # noqa: E402
+from deltacomp import serve as dnn  # noqa: E402
 from deltacomp.errors import BaseMismatchError, DeltacompError  # noqa: E402
 from deltacomp.serve import generate, load_base  # noqa: E402
 

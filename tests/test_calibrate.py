@@ -8,9 +8,10 @@ import torch
 
 import deltacomp
 from deltacomp import ops
-from deltacomp.calibrate import (CalibData, build_student, distill_scales, from_file, from_ids, from_text,
+from deltacomp.calibrate import (CalibData, CalibrationOptions, build_student, distill_scales, from_file, from_ids, from_text,
                                  load_calibration, train_scales)
-from deltacomp.calibrate.distill import SignScaledLinear, _loss, teacher_logits
+from deltacomp.calibrate.distill import _loss, teacher_logits
+from deltacomp.codecs.bitdelta.calibrate import SignScaledLinear
 from deltacomp.errors import SettingsError
 
 transformers = pytest.importorskip("transformers")
@@ -251,7 +252,7 @@ def _layer(seed: int, n: int = 80, k: int = 96, samples: int = 1500):
 
 
 def test_gptq_with_identity_hessian_is_rtn():
-    from deltacomp.calibrate.gptq import gptq_rows
+    from deltacomp.codecs.svd_mixed.gptq import gptq_rows
     from deltacomp.quant.rtn import quantize
 
     w = torch.randn(12, 70, generator=torch.Generator().manual_seed(0))
@@ -266,7 +267,7 @@ def test_gptq_with_identity_hessian_is_rtn():
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("shape,groups,gs", [((80, 96), "8:2+3:8+2:16", 32), ((37, 53), "4:3+2:9", 16)])
 def test_gptq_beats_rtn_at_the_same_bytes(act_order, shape, groups, gs):
-    from deltacomp.calibrate.gptq import encode_gptq, output_error
+    from deltacomp.codecs.svd_mixed.gptq import encode_gptq, output_error
     from deltacomp.codecs.svd_mixed import SvdMixedCodec
 
     x, delta = _layer(1, *shape)
@@ -288,7 +289,7 @@ def test_whitened_svd_is_the_best_rank_r_in_output_error():
     """Eckart-Young in the whitened space: at every rank the whitened truncation has the lowest output
     error trace(E H E^T) (damp=0), the factors reproduce it (unit U columns and V rows), and for H = I
     it is the plain truncated SVD."""
-    from deltacomp.calibrate.gptq import output_error, whitened_svd
+    from deltacomp.codecs.svd_mixed.gptq import output_error, whitened_svd
     from deltacomp.codecs.lowrank import truncated_svd
 
     x, delta = _layer(4, 40, 56)
@@ -312,7 +313,7 @@ def test_whitened_svd_is_the_best_rank_r_in_output_error():
 
 
 def test_gptq_whitened_optimal_beats_plain_gptq_at_the_same_budget():
-    from deltacomp.calibrate.gptq import encode_gptq, output_error
+    from deltacomp.codecs.svd_mixed.gptq import encode_gptq, output_error
     from deltacomp.codecs.svd_mixed import SvdMixedCodec
 
     x, delta = _layer(5)
@@ -325,7 +326,7 @@ def test_gptq_whitened_optimal_beats_plain_gptq_at_the_same_budget():
 
 
 def test_gptq_zero_delta_and_dead_inputs():
-    from deltacomp.calibrate.gptq import encode_gptq
+    from deltacomp.codecs.svd_mixed.gptq import encode_gptq
     from deltacomp.codecs.svd_mixed import SvdMixedCodec
 
     x, delta = _layer(2)
@@ -378,8 +379,8 @@ def test_layerwise_gptq_keeps_format_and_lowers_error(tmp_path, llama_pair, whit
 
 @pytest.mark.parametrize("per_row", [False, True])
 def test_ternary_ls_scale_is_the_output_least_squares_fit(per_row):
-    from deltacomp.calibrate import ternary_ls_scale
-    from deltacomp.calibrate.gptq import output_error
+    from deltacomp.codecs.ternary import ternary_ls_scale
+    from deltacomp.codecs.svd_mixed.gptq import output_error
     from deltacomp.codecs.ternary import TernaryCodec
 
     x, delta = _layer(6, 30, 45)
@@ -437,8 +438,8 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
     text = tmp_path / "calib.txt"
     text.write_text(_text(3000, seed=5))
     out = tmp_path / "c.delta.safetensors"
-    s = deltacomp.compress(base, ft, out, method="bitdelta", rules=["mlp\\.=svd-mixed:ratio=4"], calib=text,
-                           calib_samples=4, calib_len=16, calib_steps=3, progress=False)
+    s = deltacomp.compress(base, ft, out, method="bitdelta", rules=["mlp\\.=svd-mixed:ratio=4"], calibration=CalibrationOptions(text, samples=4, seq_len=16, steps=3),
+                           progress=False)
     assert set(s["calibration"]) == {"distill", "layerwise"}
     assert s["calibration"]["distill"]["loss_after"] < s["calibration"]["distill"]["loss_before"]
     src = deltacomp.load_delta(out).source
@@ -451,19 +452,18 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
                  "--calib", str(tmp_path / "short.txt"), "-q"]) == 2
     assert not (tmp_path / "x.delta.safetensors").exists()
     with pytest.raises(deltacomp.SettingsError, match="no tensor uses a codec that calibrates"):
-        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="lowrank:rank=2", calib=text,
-                           calib_samples=4, calib_len=16, progress=False)
+        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="lowrank:rank=2", calibration=CalibrationOptions(text, samples=4, seq_len=16), progress=False)
     assert not list(tmp_path.glob(".t.delta*"))
 
 
 def test_sweep_with_calibrated_variants(tmp_path, llama_pair):
-    from deltacomp.sweep import sweep
+    from deltacomp.eval.sweep import sweep
 
     text = tmp_path / "calib.txt"
     text.write_text(_text(3000, seed=5))
     res = sweep(llama_pair / "base", llama_pair / "ft", ["ternary", "lowrank"], [8], tmp_path / "sw",
                 _text(600, seed=9), ctx=32, progress=False, plot=False,
-                calib={"calib": str(text), "calib_samples": 4, "calib_len": 16, "calib_steps": 5})
+                calibration=CalibrationOptions(str(text), samples=4, seq_len=16, steps=5))
     methods = [r["method"] for r in res["deltas"]]
     assert methods == ["ternary", "ternary+calib", "lowrank"]
     assert [s["method"] for s in res["skipped"]] == ["lowrank+calib"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from deltacomp import evaluate as ev
+from deltacomp.eval import metrics as ev
 from deltacomp.errors import SettingsError
 
 VOCAB = 120
@@ -239,7 +239,7 @@ def test_evaluate_refuses_delta_for_another_base(tmp_path, pair, deltas):
 
 # ------------------------------------------------------------------------------------ sweep + CLI
 def test_sweep_writes_results_and_skips_unreachable_ratio(tmp_path, pair):
-    from deltacomp.sweep import sweep
+    from deltacomp.eval.sweep import sweep
 
     text = " ".join(f"w{(i * 13) % 90}" for i in range(80))
     r = sweep(*pair, ["bitdelta", "raw"], [8, 64], tmp_path / "sw", text, ctx=16, progress=False)
@@ -259,7 +259,7 @@ def test_sweep_writes_results_and_skips_unreachable_ratio(tmp_path, pair):
 def test_cli_eval_and_sweep(tmp_path, pair, deltas, capsys):
     import argparse
 
-    from deltacomp.cli_eval import add_eval_parser
+    from deltacomp.cli.eval import add_eval_parser
 
     parser = argparse.ArgumentParser(prog="deltacomp")
     add_eval_parser(parser.add_subparsers(dest="command", required=True))

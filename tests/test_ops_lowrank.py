@@ -8,7 +8,7 @@ import torch
 
 from deltacomp import ops
 from deltacomp.codecs import get_codec
-from deltacomp.nn import DeltaLinear
+from deltacomp.serve import DeltaLinear
 from deltacomp.quant.bitpack import pack_bits
 from deltacomp.quant.rtn import quantize
 
@@ -194,7 +194,7 @@ def test_codec_matmul_uses_op(monkeypatch, shape, groups):
 
 
 def _alloc(enc):
-    from deltacomp import allocation as al
+    from deltacomp.codecs.svd_mixed import allocation as al
     return al.parse_groups(enc.params["alloc"])
 
 

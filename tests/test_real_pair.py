@@ -5,7 +5,7 @@ import pytest
 
 import deltacomp
 from deltacomp import zoo
-from deltacomp.demo import check_reconstruction, generate_sample
+from deltacomp.cli.demo import check_reconstruction, generate_sample
 
 pytestmark = pytest.mark.slow
 
@@ -35,7 +35,7 @@ def test_reconstruction_is_exact_and_loads(real, tmp_path):
 
 
 def test_eval_on_heldout_text(real):
-    from deltacomp.evaluate import evaluate
+    from deltacomp.eval import evaluate
 
     pair, out, _ = real
     ev = evaluate(pair.base, pair.finetuned, [out], text=pair.heldout, max_tokens=1024, progress=False,

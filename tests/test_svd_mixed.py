@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from deltacomp import allocation as al
+from deltacomp.codecs.svd_mixed import allocation as al
 from deltacomp.codecs import get_codec
 from deltacomp.errors import SettingsError
 

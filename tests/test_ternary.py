@@ -235,7 +235,7 @@ def test_rans_bound_holds(p):
 
 @pytest.mark.parametrize("seed", range(4))
 def test_topk_matches_brute_force_with_ties_and_zeros(seed, monkeypatch):
-    import deltacomp.codecs.ternary as T
+    import deltacomp.codecs.ternary.codec as T
 
     monkeypatch.setattr(T, "_CHUNK", 64)  # many chunks: positions must be offset and merged right
     g = torch.Generator().manual_seed(seed)

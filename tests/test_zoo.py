@@ -200,7 +200,7 @@ HELD = "ACT II.\n\nMACBETH.\nIs this a dagger which I see before me,\n" * 4
 
 
 def _finetune(tmp_path, name, **kw):
-    from deltacomp.zoo_train import finetune
+    from deltacomp.zoo.train import finetune
 
     base = tmp_path / "base"
     if not base.exists():

@@ -8,12 +8,9 @@ every parameter other than the scales is frozen explicitly, and the loss never c
 
 Memory: the two models are never held together. The fine-tune is loaded, its logits on every
 calibration sample are cached as fp16 (in memory, or in a temporary file above ``cache_limit_bytes``),
-it is freed, and only then the base is loaded and turned into the student.
-
-Student layer (a bitdelta-coded nn.Linear)::
-
-    y = x @ (W_base + sum_i scale_i * sign_i)^T + bias     sign_i = ±1 (unpacked once, model dtype)
-    scale_i: () per tensor, or (N,) per output row (broadcast along K); the only trainable tensors.
+it is freed, and only then the base is loaded and turned into the student: every linear layer whose
+codec's calibrator runs in the ``distill`` stage is replaced by that calibrator's student module
+(codecs/calibrator.py), whose trainable parameters are the only ones trained.
 """
 from __future__ import annotations
 
@@ -31,10 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .. import ops
-from ..codecs import CodecName, Encoded
-from ..delta_file import DEFAULT_MAX_SHARD_BYTES, DTYPES, NEW_ROWS, DeltaFile, DeltaWriter, base_digest, load_delta
-from ..errors import BaseMismatchError, CheckpointError, SettingsError
+from ..basecheck import BaseChecker
+from ..codecs import Encoded, get_codec
+from ..delta import Delta, load_delta
+from ..delta_file import DEFAULT_MAX_SHARD_BYTES, NEW_ROWS, DeltaWriter
+from ..errors import CheckpointError, SettingsError
 from ..progress import progress_bar
 from .data import CalibData
 
@@ -44,32 +42,6 @@ LOSSES = ("mse", "kl")
 DEFAULT_STEPS = 20
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 4
-
-
-# -- the student layer ------------------------------------------------------------------------------
-class SignScaledLinear(nn.Module):
-    """``x @ (W_base + sum_i scale_i * sign_i)^T + b`` with only the scales trainable."""
-
-    def __init__(self, base: nn.Linear, signs: list[Tensor], scales: list[Tensor]):
-        super().__init__()
-        self.base = base.requires_grad_(False)
-        dtype = base.weight.dtype
-        for i, s in enumerate(signs):
-            self.register_buffer(f"sign_{i}", s.to(dtype), persistent=False)
-        self.scales = nn.ParameterList(nn.Parameter(s.detach().to(torch.float32).clone()) for s in scales)
-        self.scale_shapes = [tuple(s.shape) for s in scales]
-
-    def delta(self) -> Tensor:
-        out = None
-        for i, scale in enumerate(self.scales):
-            sign = getattr(self, f"sign_{i}")
-            s = scale.to(sign.dtype)
-            term = sign * (s[:, None] if s.dim() else s)
-            out = term if out is None else out + term
-        return out
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.base.weight + self.delta(), self.base.bias)
 
 
 # -- teacher cache ----------------------------------------------------------------------------------
@@ -131,27 +103,21 @@ def teacher_logits(model: nn.Module, ids: Tensor, batch_size: int, limit_bytes: 
 
 
 # -- the student ------------------------------------------------------------------------------------
-def _check_base(df: DeltaFile, name: str, tensor: Tensor) -> None:
-    want = df.base_tensors.get(name)
-    if want is None:
-        return
-    dt = df.metadata.get("base", {}).get("dtypes", {}).get(name)
-    t = tensor.detach().cpu()
-    if dt in DTYPES and t.dtype != DTYPES[dt]:
-        t = t.to(DTYPES[dt])
-    if base_digest(t) != want:
-        raise BaseMismatchError(f"calibration: base tensor {name} differs from the base {df.path} was made against "
-                                "(fingerprint mismatch) — wrong base?")
+def _distilled(df: Delta, name: str):
+    """The calibrator of ``name``'s codec when it runs in the distill stage, else None."""
+    cal = get_codec(df.params[name].codec).calibrator()
+    return cal if cal is not None and cal.stage == "distill" else None
 
 
-def build_student(model: nn.Module, df: DeltaFile) -> list[str]:
+def build_student(model: nn.Module, df: Delta) -> list[str]:
     """Turn ``model`` (loaded from the base) into the student, in place; return the distilled names.
 
-    Bitdelta-coded 2-D weights of nn.Linear modules become SignScaledLinear; every other delta is added
-    to its parameter once and stays fixed. Every original parameter is frozen."""
+    2-D weights of nn.Linear modules whose codec distills become that calibrator's student module; every
+    other delta is added to its parameter once and stays fixed. Every original parameter is frozen."""
     model.requires_grad_(False)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
+    checker = BaseChecker(df)
     distilled: list[str] = []
     for name, info in df.params.items():
         if info.tied_to is not None:
@@ -165,17 +131,12 @@ def build_student(model: nn.Module, df: DeltaFile) -> list[str]:
         mod_name = name.rsplit(".", 1)[0] if name.endswith(".weight") else None
         module = modules.get(mod_name) if mod_name else None
         if info.has_base:
-            _check_base(df, name, p)
-        if info.codec == CodecName.BITDELTA.value and len(info.shape) == 2 and isinstance(module, nn.Linear):
-            enc = df.encoded(name)
-            k = info.shape[1]
-            masks = int(enc.params.get("masks", 1))
-            field = lambda base, i: base if i == 0 else f"{base}_{i}"  # noqa: E731
-            signs = [ops.unpack_signs(enc.tensors[field("signs", i)], k, torch.float32) for i in range(masks)]
-            scales = [enc.tensors[field("scale", i)] for i in range(masks)]
+            checker.check(name, p, "calibration", hint=" — wrong base?")
+        cal = _distilled(df, name)
+        if cal is not None and len(info.shape) == 2 and isinstance(module, nn.Linear):
             parent_name, _, child = mod_name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
-            setattr(parent, child, SignScaledLinear(module, signs, scales))
+            setattr(parent, child, cal.student(module, df.encoded(name)))
             distilled.append(name)
             continue
         with torch.no_grad():
@@ -233,17 +194,13 @@ def train_scales(model: nn.Module, ids: Tensor, teacher: Tensor, *, steps: int, 
     return history
 
 
-def _scale_modules(model: nn.Module) -> dict[str, SignScaledLinear]:
-    return {n + ".weight": m for n, m in model.named_modules() if isinstance(m, SignScaledLinear)}
-
-
 # -- the whole run ----------------------------------------------------------------------------------
 def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_in: str | os.PathLike,
                    delta_out: str | os.PathLike, calib: CalibData | Tensor, *, steps: int = DEFAULT_STEPS,
                    lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, loss: str = "mse", device: str = "cpu",
                    seed: int = 0, overwrite: bool = False, cache_limit_bytes: int = 2 * 1024**3,
                    progress: bool = True) -> dict[str, Any]:
-    """Distill the bitdelta scales of ``delta_in`` on ``calib`` and write ``delta_out``; return a report."""
+    """Distill the trainable parameters (e.g. scales) of the distilled codecs' tensors of ``delta_in`` on ``calib`` and write ``delta_out``; return a report."""
     if loss not in LOSSES:
         raise SettingsError(f"calibration: loss {loss!r} must be one of {', '.join(LOSSES)}")
     if not isinstance(steps, int) or steps < 0:
@@ -271,7 +228,8 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         model = _load_model(base, config_json, torch.float32)
         distilled = build_student(model, df)
         if not distilled:
-            raise SettingsError(f"calibration: {delta_in} has no bitdelta-coded linear weights to distill")
+            raise SettingsError(f"calibration: {delta_in} has no {'/'.join(_distilling_codecs())}-coded linear "
+                                "weights to distill")
         model.to(device)
         scales = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in scales)
@@ -281,8 +239,9 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
                                progress=progress)
         t_train = time.perf_counter() - t1
         loss_after = _eval_loss(model, ids, cache, batch, loss)
-        new_scales = {name: [s.detach().cpu().to(torch.float32).reshape(shape) for s, shape in zip(m.scales, m.scale_shapes)]
-                      for name, m in _scale_modules(model).items()}
+        modules = dict(model.named_modules())
+        replaced = {name: _distilled(df, name).encoded(modules[name.rsplit(".", 1)[0]], df.encoded(name))
+                    for name in distilled}
     finally:
         cache.close()
 
@@ -293,32 +252,20 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
               "data": calib.describe(), "loss_history": history}
     calibration = {"method": "distill",
                    **{k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after", "data")}}
-    write_rescaled(df, delta_out, new_scales, calibration, overwrite=overwrite)
+    rewrite_delta(df, delta_out, replaced, calibration, overwrite=overwrite)
     df.close()
     report["seconds_total"] = time.perf_counter() - t0
     report["path"] = str(delta_out)
     return report
 
 
-def write_rescaled(df: DeltaFile, out: str | os.PathLike, scales: dict[str, list[Tensor]],
-                   calibration: dict[str, Any], overwrite: bool = False,
-                   max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
-    """Copy ``df`` to ``out`` with new bitdelta scale tensors (signs and everything else byte-identical)."""
-    replaced: dict[str, Encoded] = {}
-    for name, new in scales.items():
-        enc = df.encoded(name)
-        tensors = dict(enc.tensors)
-        for i, s in enumerate(new):
-            key = "scale" if i == 0 else f"scale_{i}"
-            old = tensors[key]
-            if tuple(old.shape) != tuple(s.shape):
-                raise ValueError(f"{name}.{key}: distilled scale has shape {tuple(s.shape)}, file has {tuple(old.shape)}")
-            tensors[key] = s.to(old.dtype).contiguous()
-        replaced[name] = Encoded(enc.codec, enc.shape, tensors, enc.params)
-    rewrite_delta(df, out, replaced, calibration, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
+def _distilling_codecs() -> list[str]:
+    from ..codecs import available
+
+    return [n for n in available() if (c := get_codec(n).calibrator()) is not None and c.stage == "distill"]
 
 
-def rewrite_delta(df: DeltaFile, out: str | os.PathLike, replaced: dict[str, Encoded], calibration: dict[str, Any],
+def rewrite_delta(df: Delta, out: str | os.PathLike, replaced: dict[str, Encoded], calibration: dict[str, Any],
                   overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> None:
     """Copy ``df`` to ``out``, with the encodings in ``replaced`` (same codec) instead of the stored ones,
     checksums recomputed and ``calibration`` appended to ``source.calibration`` (a list of steps); every other tensor is copied byte for byte."""
@@ -338,7 +285,7 @@ def rewrite_delta(df: DeltaFile, out: str | os.PathLike, replaced: dict[str, Enc
                     raise ValueError(f"{name}: replacement is {enc.codec} {tuple(enc.shape)}, the file holds "
                                      f"{info.codec} {tuple(info.encoded_shape)}")
                 new_info.settings = dict(enc.params)
-            writer.add(new_info, enc, new_rows=new_rows)
+            writer.add(new_info, enc.tensors, new_rows=new_rows)
         meta = {k: v for k, v in df.metadata.items() if k not in ("format", "deltacomp_version", "params")}
         # every calibration step is recorded, in order (distillation, then the layerwise pass)
         before = dict(meta.get("source", {})).get("calibration", [])

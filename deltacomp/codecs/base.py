@@ -9,12 +9,18 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import Tensor
 
-from ..errors import SettingsError
+from ..errors import NoFactorsError, SettingsError
+
+if TYPE_CHECKING:  # the runtime classes import torch.nn; codecs load them only when serving
+    from torch import nn
+
+    from .calibrator import Calibrator
+    from .term import DeltaTerm
 
 
 class CodecName(str, enum.Enum):
@@ -94,6 +100,12 @@ class Codec:
 
     ``fields`` is the vocabulary of tensor suffixes this codec may write (regexes matched in full), so
     a reader can reject a file holding anything else.
+
+    Besides encode/decode/matmul a codec answers everything the rest of the package needs to know about
+    its method, so that no other module compares codec names: its exact size on ``meta``
+    (``meta_tensors``), its serving term (``serving_term``, ``multi_term``), its LoRA factors
+    (``lora_factors``), its calibrator (``calibrator``), its ``inspect`` statistics (``stats``), and how
+    the serving and planning layers treat it (the two flags below).
     """
 
     name: ClassVar[str]
@@ -101,6 +113,13 @@ class Codec:
     fields: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     reference: ClassVar[str] = ""
+    # True: the delta is cheaper added into a float base weight than served as a term (raw, zero);
+    # a quantized base, which cannot take it in place, still gets it as a term.
+    applied_in_place: ClassVar[bool] = False
+    # True: the codec only ever encodes an all-zero delta (nothing to serve, nothing to apply).
+    always_zero: ClassVar[bool] = False
+    # False: pass-through storage, not counted among the compressed tensors (raw, zero).
+    compresses: ClassVar[bool] = True
 
     # -- settings -----------------------------------------------------------------------------------
     @classmethod
@@ -141,14 +160,67 @@ class Codec:
         """``x @ decode(enc).T``. Codecs with a packed kernel override this to avoid the dense delta."""
         return x @ self.decode(enc).to(x.dtype).T
 
+    def encoded_settings(self, settings: dict[str, Any], given: dict[str, Any], delta: Tensor, base: Tensor,
+                         finetuned: Tensor) -> dict[str, Any]:
+        """Settings for one tensor once its data is known (``given``: what the user wrote); the default
+        keeps ``settings``. Raw uses it to store the fine-tune's own dtype when that is exact."""
+        return settings
+
+    # -- exact size on meta ---------------------------------------------------------------------------
+    def meta_tensors(self, shape: tuple[int, ...], settings: dict[str, Any]) -> dict[str, Tensor] | None:
+        """The encoded tensors for a delta of ``shape`` as ``meta`` tensors (shapes and dtypes, no data),
+        or None when the size depends on the data (ternary's and DARE's entropy-coded positions)."""
+        return None
+
+    def exact_nbytes(self, shape: tuple[int, ...], settings: dict[str, Any] | None = None) -> int | None:
+        """Bytes ``encode`` will store for ``shape`` under ``settings``, computed on ``meta`` without data;
+        None when the size depends on the data."""
+        tensors = self.meta_tensors(tuple(shape), self.resolve_settings(settings))
+        if tensors is None:
+            return None
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+    # -- serving --------------------------------------------------------------------------------------
+    def serving_term(self, enc: Encoded) -> "DeltaTerm":
+        """The module computing ``x @ delta^T`` from the packed form (buffers, so ``.to()`` moves them).
+        The default keeps the encoded tensors and calls ``matmul``; codecs with a run-time layout (ternary
+        CSR, raw's dense delta) or a fused path over the base weight (bitdelta) return their own."""
+        from .term import DeltaTerm
+
+        return DeltaTerm(self, enc)
+
+    def multi_term(self, encs: Sequence[Encoded | None]) -> "nn.Module | None":
+        """A module serving the deltas ``encs`` (one per tenant, None where a tenant has no delta of this
+        codec) in one call, ``forward(x2, row_index) -> (M, N) or None``; None when the codec has no
+        multi-tenant kernel (each tenant's ``serving_term`` then runs on its own rows)."""
+        return None
+
+    # -- export ---------------------------------------------------------------------------------------
+    def lora_factors(self, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
+        """(U (N, r), S (r,), Vh (r, K)) float32 with delta ~= U diag(S) Vh, for a LoRA export."""
+        raise NoFactorsError(f"{self.name}: stores no low-rank factors; a LoRA adapter cannot carry it "
+                             "(export from BASE FINETUNED instead, or compress with lowrank or svd-mixed)")
+
+    # -- calibration and inspect ------------------------------------------------------------------------
+    def calibrator(self) -> "Calibrator | None":
+        """How data improves this codec's encodings (calibrator.py), or None when it does not use data."""
+        return None
+
+    def stats(self, enc: Encoded) -> dict[str, Any]:
+        """Codec-specific figures for ``inspect`` (e.g. bits per kept entry vs the entropy bound)."""
+        return {}
+
     # -- helpers for subclasses ---------------------------------------------------------------------
-    def _check_input(self, delta: Tensor) -> None:
+    def check_input(self, delta: Tensor) -> None:
+        """Raises unless ``delta`` is a float32 1-D or 2-D tensor (what encode accepts)."""
         if not isinstance(delta, Tensor):
             raise TypeError(f"{self.name}: delta must be a torch.Tensor, got {type(delta).__name__}")
         if delta.dtype != torch.float32:
             raise TypeError(f"{self.name}: delta must be float32, got {delta.dtype}")
         if delta.dim() not in (1, 2):
             raise ValueError(f"{self.name}: delta must be 1-D or 2-D, got shape {tuple(delta.shape)}")
+
+    _check_input = check_input  # the name the codecs' encode paths use
 
     @classmethod
     def field_allowed(cls, fieldname: str) -> bool:
@@ -162,10 +234,12 @@ def normalize(name: str) -> str:
     return name.strip().lower().replace("_", "-")
 
 
-def register(cls: type[Codec]) -> type[Codec]:
-    """Class decorator: add a codec under its on-disk name (must be a CodecName)."""
+def register(cls: type[Codec], *, builtin: bool = True) -> type[Codec]:
+    """Class decorator: add a codec under its on-disk name. Built-in codecs must be CodecName members
+    (stable names written into files); ``register(cls, builtin=False)`` adds another codec (a plugin,
+    or a test's toy codec) under its own name."""
     key = normalize(cls.name)
-    if key not in {c.value for c in CodecName}:
+    if builtin and key not in {c.value for c in CodecName}:
         raise ValueError(f"codec name {cls.name!r} is not a CodecName member; add it there first")
     if key in _REGISTRY:
         raise ValueError(f"codec {key!r} registered twice ({_REGISTRY[key].__name__} and {cls.__name__})")
@@ -178,6 +252,14 @@ def get_codec(name: str) -> Codec:
     if key not in _REGISTRY:
         raise SettingsError(f"unknown method {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[key]()
+
+
+def unregister(name: str) -> None:
+    """Remove a codec registered with ``builtin=False`` (tests clean up after themselves)."""
+    key = normalize(name)
+    if key in {c.value for c in CodecName}:
+        raise ValueError(f"codec {key!r} is built in and cannot be removed")
+    _REGISTRY.pop(key, None)
 
 
 def available() -> list[str]:

@@ -142,6 +142,19 @@ class LowRankCodec(Codec):
         tensors = {"u": u.to(dt).contiguous(), "s": sv.to(torch.float32).contiguous(), "v": vh.to(dt).contiguous()}
         return Encoded(self.name, tuple(delta.shape), tensors, {**s, "rank": int(sv.numel())})
 
+    def meta_tensors(self, shape, settings):
+        """Exact unless ``energy=`` picks the rank from the singular values."""
+        if len(shape) != 2 or (settings["rank"] is None and settings["energy"] is not None):
+            return None
+        r = self._rank(tuple(shape), settings)
+        dt = _DTYPES[settings["dtype"]]
+        return {"u": torch.empty(shape[0], r, dtype=dt, device="meta"), "s": torch.empty(r, device="meta"),
+                "v": torch.empty(r, shape[1], dtype=dt, device="meta")}
+
+    def lora_factors(self, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
+        t = enc.tensors
+        return t["u"].float(), t["s"].float(), t["v"].float()
+
     def decode(self, enc: Encoded) -> Tensor:
         t = enc.tensors
         return (t["u"].float() * t["s"]) @ t["v"].float()

@@ -6,9 +6,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..dtypes import DTYPES, dtype_name
 from .base import Codec, CodecName, Encoded, Setting, register
+from .term import DeltaTerm
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_STORAGE = ("float32", "bfloat16", "float16")
 
 
 @register
@@ -16,6 +18,9 @@ class ZeroCodec(Codec):
     name = CodecName.ZERO.value
     description = "the fine-tune left this tensor unchanged: nothing is stored"
     fields = ()
+    applied_in_place = True
+    always_zero = True
+    compresses = False
 
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
@@ -30,6 +35,9 @@ class ZeroCodec(Codec):
     def matmul(self, x: Tensor, enc: Encoded) -> Tensor:
         return x.new_zeros(*x.shape[:-1], enc.shape[0])
 
+    def meta_tensors(self, shape, settings):
+        return {}
+
 
 @register
 class RawCodec(Codec):
@@ -37,14 +45,48 @@ class RawCodec(Codec):
     description = "the delta uncompressed (for embeddings, norms, biases, or as a reference)"
     fields = ("values",)
     settings = (
-        Setting("dtype", str, "float32", "storage dtype of the delta", choices=tuple(_DTYPES)),
+        Setting("dtype", str, "float32", "storage dtype of the delta", choices=_STORAGE),
     )
+    applied_in_place = True
+    compresses = False
 
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
         s = self.resolve_settings(settings)
-        values = delta.to(_DTYPES[s["dtype"]]).contiguous()
+        values = delta.to(DTYPES[s["dtype"]]).contiguous()
         return Encoded(self.name, tuple(delta.shape), {"values": values}, {"dtype": s["dtype"]})
+
+    def encoded_settings(self, settings, given, delta, base, finetuned):
+        """Raw storage must reproduce the fine-tune exactly: keep the fine-tune's dtype if it does, else fp32."""
+        if "dtype" in given:
+            return settings
+        ft_dtype = dtype_name(finetuned.dtype)
+        if ft_dtype in ("bfloat16", "float16"):
+            cand = delta.to(finetuned.dtype).to(torch.float32)
+            if torch.equal((base.to(torch.float32) + cand).to(finetuned.dtype), finetuned):
+                return {**settings, "dtype": ft_dtype}
+        return {**settings, "dtype": "float32"}
+
+    @classmethod
+    def whole(cls, tensor: Tensor) -> Encoded:
+        """A tensor stored whole, in its own dtype (one the base lacks: it has no delta)."""
+        return Encoded(cls.name, tuple(tensor.shape), {"values": tensor}, {"dtype": dtype_name(tensor.dtype)})
 
     def decode(self, enc: Encoded) -> Tensor:
         return enc.tensors["values"].to(torch.float32)
+
+    def meta_tensors(self, shape, settings):
+        return {"values": torch.empty(shape, dtype=DTYPES[settings["dtype"]], device="meta")}
+
+    def serving_term(self, enc: Encoded) -> DeltaTerm:
+        return DenseTerm(self, enc)
+
+
+class DenseTerm(DeltaTerm):
+    """The delta decoded once and kept dense (raw deltas served as a term over a quantized base)."""
+
+    def __init__(self, codec: Codec, enc: Encoded):
+        super().__init__(codec, enc, {"dense": codec.decode(enc)})
+
+    def forward(self, x2: Tensor) -> Tensor:
+        return x2 @ self.tensor("dense").to(x2.dtype).T

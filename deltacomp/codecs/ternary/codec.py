@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import DeltaFormatError, SettingsError
-from ..quant import positions as P
-from .base import Codec, CodecName, Encoded, Setting, register
+from ...errors import DeltaFormatError, SettingsError
+from ...quant import positions as P
+from ..base import Codec, CodecName, Encoded, Setting, register
 
 _SCALE_RE = re.compile(r"mean|std(?::(?P<alpha>[0-9.eE+-]+))?")
 
@@ -301,6 +301,16 @@ class TernaryCodec(Codec):
         out = torch.zeros(numel, dtype=torch.float32)
         out[pos] = vals
         return out.reshape(enc.shape)
+
+    def serving_term(self, enc: Encoded):
+        from .serving import TernaryTerm
+
+        return TernaryTerm(self, enc)
+
+    def calibrator(self):
+        from .calibrate import LeastSquaresScale
+
+        return LeastSquaresScale()
 
     def stats(self, enc: Encoded) -> dict[str, Any]:
         """For ``inspect``: stored bits per parameter / per kept entry vs the entropy bound

@@ -26,13 +26,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import allocation as al
-from ..codecs.base import Encoded
-from ..codecs.lowrank import refuse_1d, truncated_svd
-from ..codecs.svd_mixed import SvdMixedCodec
-from ..quant.bitpack import pack_bits
-from ..linalg import single_threaded
-from ..quant.rtn import dequantize, n_groups, quantize
+from . import allocation as al
+from ..base import Encoded
+from ..lowrank import refuse_1d, truncated_svd
+from ..calibrator import Calibrator, LayerwiseOptions, output_error
+from .codec import SvdMixedCodec, best_candidate, pack_encoded
+from ...linalg import single_threaded
+from ...quant.rtn import dequantize, n_groups, quantize
 
 QParams = tuple[Tensor, Tensor, Tensor]  # codes uint8, scale fp16, zero fp16 (rtn.py layout)
 
@@ -146,12 +146,6 @@ def gptq_columns(u: Tensor, h: Tensor, alloc: al.Allocation, group_size: int = 1
     return out
 
 
-def output_error(delta: Tensor, approx: Tensor, h: Tensor) -> float:
-    """sum over samples of ||x (delta - approx)^T||^2 = trace(E H E^T), E = delta - approx."""
-    e = (delta - approx).to(torch.float64)
-    return float(torch.sum((e @ h.to(torch.float64)) * e))
-
-
 def whitened_svd(delta: Tensor, h: Tensor, rank: int, damp: float = 0.01) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Truncated SVD that minimizes the layer's output error instead of the weight error.
 
@@ -185,7 +179,7 @@ def encode_gptq(delta: Tensor, h: Tensor, damp: float = 0.01, act_order: bool = 
     ``settings`` are svd-mixed's (groups / ratio / bits / nbytes / group_size / refit / svd); allocation
     ``optimal`` is computed as svd-mixed does (from RTN errors), then quantized with GPTQ."""
     codec = SvdMixedCodec()
-    codec._check_input(delta)
+    codec.check_input(delta)
     s = codec.resolve_settings(settings)
     shape = tuple(delta.shape)
     refuse_1d(codec.name, shape)
@@ -218,20 +212,13 @@ def encode_gptq(delta: Tensor, h: Tensor, damp: float = 0.01, act_order: bool = 
     candidates = [u]
     if s["refit"]:
         candidates.append(_refit_data(delta, v_hat, sv, h, hz, damp))
-    best = None
-    for cu in candidates:
+
+    def quantize_u(cu):
         uq = gptq_columns(cu, hz, alloc, gs, damp)
         u_hat = torch.cat([dequantize(*q, gs) for q in uq]).T
-        err = output_error(delta, (u_hat * sv) @ v_hat, h)
-        if best is None or err < best[0]:
-            best = (err, uq)
-    uq = best[1]
-    tensors: dict[str, Tensor] = {}
-    for (b, _), (uc, us, uz), (vc, vs, vz) in zip(alloc, uq, vq):
-        tensors[f"u_q{b}"], tensors[f"u_scale{b}"], tensors[f"u_zero{b}"] = pack_bits(uc, b), us, uz
-        tensors[f"v_q{b}"], tensors[f"v_scale{b}"], tensors[f"v_zero{b}"] = pack_bits(vc, b), vs, vz
-    tensors["s"] = sv.contiguous()
-    return Encoded(codec.name, shape, tensors, {**s, "alloc": al.format_alloc(alloc)})
+        return output_error(delta, (u_hat * sv) @ v_hat, h), uq
+
+    return pack_encoded(codec.name, shape, alloc, best_candidate(candidates, quantize_u), vq, sv, s)
 
 
 def _refit_data(delta: Tensor, v_hat: Tensor, sv: Tensor, h: Tensor, hz: Tensor, damp: float) -> Tensor:
@@ -241,3 +228,22 @@ def _refit_data(delta: Tensor, v_hat: Tensor, sv: Tensor, h: Tensor, hz: Tensor,
     hz[idx, idx] += damp * torch.mean(torch.diag(hz)).clamp_min(1e-12)
     rhs = sv[:, None].double() * (v_hat.double() @ h @ delta.double().T)  # (r, N)
     return torch.linalg.solve(hz, rhs).T.to(torch.float32).contiguous()
+
+
+class Gptq(Calibrator):
+    """svd-mixed's calibrator (layerwise stage): GPTQ of the stored encoding's singular vectors, in the
+    stored groups (same bytes) or in groups re-chosen within the same budget (``allocation=optimal``)."""
+
+    stage = "layerwise"
+    description = "gptq"
+
+    def calibrate(self, delta: Tensor, enc: Encoded, h: Tensor, options: LayerwiseOptions) -> Encoded | None:
+        if not enc.params.get("alloc"):
+            return None  # an all-zero delta: nothing to quantize, keep the stored encoding
+        settings = {k: v for k, v in enc.params.items() if k != "alloc"}
+        if options.allocation == "keep":
+            settings.update(groups=enc.params["alloc"], allocation="default")  # same groups
+        else:
+            settings.update(groups=None, allocation="optimal")  # same budget, groups re-chosen
+        return encode_gptq(delta, h, damp=options.damp, act_order=options.act_order, whiten=options.whiten,
+                           **settings)

@@ -7,9 +7,15 @@ import re
 import sys
 from typing import Any
 
-from . import __version__, api
-from .delta_file import FORMAT
-from .errors import DeltacompError
+from .. import api
+from ..codecs import available
+from ..dtypes import DTYPES
+from ..plan import DEFAULT_METHOD
+from ..summary import summary_text
+from .options import add_calibration_options, calibration_from_args
+from .._version import __version__
+from ..delta_file import FORMAT
+from ..errors import DeltacompError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
 
@@ -25,56 +31,11 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base**power)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
-
-
-def format_table(headers: list[str], rows: list[list[Any]]) -> str:
-    """A GitHub-markdown table (readable in a terminal too)."""
-    cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    fmt = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in cells[1:]])
-
-
-def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
-    lines = [f"{s['path']}  ({s['format']}, written by deltacomp {s['deltacomp_version']})"]
-    rows = []
-    for codec, c in sorted(s["by_codec"].items(), key=lambda kv: -kv[1]["nbytes"]):
-        rows.append([codec, c["tensors"], f"{c['params']:,}", human_bytes(c["nbytes"]), f"{c['bits_per_param']:.3f}"])
-    lines.append(format_table(["codec", "tensors", "params", "stored", "bits/param"], rows))
-    ct = s["compressed_tensors"]
-    lines.append(f"fine-tune weights: {human_bytes(s['finetuned_bytes'])}   delta file: {human_bytes(s['file_bytes'])}"
-                 f"   ratio: {s['ratio']:.2f}x")
-    if ct["ratio"]:
-        lines.append(f"compressed tensors: {human_bytes(ct['finetuned_bytes'])} -> {human_bytes(ct['nbytes'])}"
-                     f"   ratio {ct['ratio']:.2f}x   {ct['bits_per_param']:.3f} bits/param")
-    for codec, c in s["by_codec"].items():
-        if "bound_bits_per_param" in c:
-            bnz = f"{c['bits_per_nonzero']:.2f} bits/nonzero, " if c.get("bits_per_nonzero") else ""
-            lines.append(f"{codec}: {c['kept']:,} kept ({c['kept'] / max(c['params'], 1):.2%}), {bnz}"
-                         f"{c['bits_per_param']:.4f} bits/param vs entropy bound {c['bound_bits_per_param']:.4f} "
-                         f"(H(p) + p; stored includes scales)")
-    if per_tensor:
-        trows = [[t["name"], t["codec"], "x".join(map(str, t["shape"])) or "()", t["dtype"], human_bytes(t["nbytes"]),
-                  f"{t['bits_per_param']:.3f}", ",".join(f"{k}={v}" for k, v in t["settings"].items())]
-                 for t in s["tensors"]]
-        lines.append(format_table(["tensor", "codec", "shape", "dtype", "stored", "bits/param", "settings"], trows))
-    return "\n".join(lines)
-
-
 # -- commands ---------------------------------------------------------------------------------------
 def cmd_compress(args: argparse.Namespace) -> int:
     s = api.compress(args.base, args.finetuned, args.output, method=args.method, ratio=args.ratio, rules=args.rule,
-                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size, calib=args.calib,
-                     calib_samples=args.calib_samples, calib_len=args.calib_len, calib_steps=args.calib_steps,
-                     calib_lr=args.calib_lr, calib_loss=args.calib_loss, gptq_act_order=args.gptq_act_order,
-                     gptq_whiten=not args.gptq_no_whiten, gptq_allocation=args.gptq_allocation,
-                     progress=not args.quiet)
+                     overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
+                     calibration=calibration_from_args(args), progress=not args.quiet)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
@@ -111,12 +72,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export_lora(args: argparse.Namespace) -> int:
-    import torch
+    from .. import lora
+    from ..errors import SettingsError
 
-    from . import lora
-    from .errors import SettingsError
-
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype]
     if args.delta:
         if args.models:
             raise SettingsError("give either BASE FINETUNED or --delta FILE, not both")
@@ -135,12 +94,10 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .serve import generate
+    from ..serve import generate
 
     texts = generate(args.base, args.delta, args.prompt, args.max_new_tokens, prompt_delta=args.prompt_delta,
-                     dtype={"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype], force=args.force,
+                     dtype=DTYPES[args.dtype], force=args.force,
                      base_bits=args.base_bits)
     idx = args.prompt_delta or [0 if args.delta else -1] * len(args.prompt)
     for i, (prompt, text) in enumerate(zip(args.prompt, texts)):
@@ -149,13 +106,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _add_common_compress(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--method", "-m", default="bitdelta",
+    p.add_argument("--method", "-m", default=DEFAULT_METHOD,
                    help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
-                        "(e.g. bitdelta:masks=2, ternary:density=0.05)")
+                        f"(NAME one of {', '.join(available())}; default {DEFAULT_METHOD})")
     p.add_argument("--ratio", type=float, default=None,
                    help="target 1/RATIO of the fine-tune's bytes on the compressed tensors; the method picks settings")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD[:k=v...]",
-                   help="per-tensor rule, first match wins (repeatable), e.g. 'mlp\\.=bitdelta:masks=2', 'embed_tokens=raw'")
+                   help="per-tensor rule, first match wins (repeatable), e.g. 'mlp\\.=NAME:key=value'")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -169,20 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned", help="fine-tuned model: HF folder or .safetensors file")
     p.add_argument("-o", "--output", required=True, help="delta file to write, e.g. ft.delta.safetensors")
     _add_common_compress(p)
-    p.add_argument("--calib", metavar="FILE|CORPUS", default=None,
-                   help="calibration text (a file, or a bundled corpus name such as 'shakespeare': its training "
-                        "split): distills bitdelta scales, runs GPTQ for svd-mixed, fits ternary scales to the layer outputs")
-    p.add_argument("--calib-samples", type=int, default=32, help="calibration sequences (default 32)")
-    p.add_argument("--calib-len", type=int, default=128, help="tokens per calibration sequence (default 128)")
-    p.add_argument("--calib-steps", type=int, default=20, help="scale-distillation steps (default 20)")
-    p.add_argument("--calib-lr", type=float, default=1e-4, help="scale-distillation learning rate (default 1e-4)")
-    p.add_argument("--calib-loss", choices=("mse", "kl"), default="mse", help="distillation loss on the logits")
-    p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
-    p.add_argument("--gptq-no-whiten", action="store_true",
-                   help="GPTQ: singular vectors from the delta's own SVD (Delta-CoMe) instead of the SVD of the "
-                        "input-whitened delta (lowest layer output error, the default)")
-    p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default="keep",
-                   help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
+    add_calibration_options(p, "calibration text (a file, or a bundled corpus name such as 'shakespeare': its "
+                            "training split): every codec in the file that uses data runs its calibrator")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
@@ -207,9 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("export-lora", help="write a PEFT LoRA adapter: truncated SVD of the delta, or the factors "
-                       "of a lowrank/svd-mixed delta file")
+                       "stored in a delta file")
     p.add_argument("models", nargs="*", metavar="BASE FINETUNED", help="base and fine-tuned model")
-    p.add_argument("--delta", help="export the factors of this lowrank/svd-mixed delta file instead")
+    p.add_argument("--delta", help="export the factors stored in this delta file instead (codecs that keep factors)")
     p.add_argument("-o", "--output", required=True, help="adapter folder to write")
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (with BASE FINETUNED; default 64)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
@@ -235,13 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
     p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")
-    p.add_argument("--method", "-m", default="bitdelta")
+    p.add_argument("--method", "-m", default=DEFAULT_METHOD)
     p.add_argument("--ratio", type=float, default=None)
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    from .cli_eval import add_eval_parser  # eval and sweep
+    from .eval import add_eval_parser  # eval and sweep
 
     add_eval_parser(sub)
     return parser

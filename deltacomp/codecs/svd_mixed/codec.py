@@ -23,14 +23,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .. import allocation as al
-from .. import ops
-from ..errors import SettingsError
-from ..linalg import single_threaded
-from ..quant.bitpack import pack_bits, unpack_bits
-from ..quant.rtn import dequantize, quantize
-from .base import Codec, CodecName, Encoded, Setting, register
-from .lowrank import refuse_1d, truncated_svd
+from . import allocation as al
+from ... import ops
+from ...errors import SettingsError
+from ...linalg import single_threaded
+from ...quant.bitpack import pack_bits, packed_nbytes, unpack_bits
+from ...quant.rtn import dequantize, n_groups, quantize
+from ..base import Codec, CodecName, Encoded, Setting, register
+from ..lowrank import refuse_1d, truncated_svd
 
 
 def _check_groups(text: str) -> bool:
@@ -121,21 +121,15 @@ class SvdMixedCodec(Codec):
         candidates = [(u, sv)]
         if s["refit"] and r:
             candidates.append(_refit(delta, v_hat))
-        best = None
-        for cu, cs in candidates:
-            uq = self._quantize_rows(cu.T, alloc, gs)
-            u_hat = torch.cat([dequantize(*q, gs) for q in uq]).T if alloc else cu
-            err = float(torch.linalg.matrix_norm(delta - (u_hat * cs) @ v_hat)) if r else 0.0
-            if best is None or err < best[0]:
-                best = (err, uq, cs)
-        _, uq, sv = best
-        tensors: dict[str, Tensor] = {}
-        for (b, _), (uc, us, uz), (vc, vs, vz) in zip(alloc, uq, vq):
-            tensors[f"u_q{b}"], tensors[f"u_scale{b}"], tensors[f"u_zero{b}"] = pack_bits(uc, b), us, uz
-            tensors[f"v_q{b}"], tensors[f"v_scale{b}"], tensors[f"v_zero{b}"] = pack_bits(vc, b), vs, vz
-        tensors["s"] = sv.to(torch.float32).contiguous()
-        params = {**s, "alloc": al.format_alloc(alloc)}
-        return Encoded(self.name, shape, tensors, params)
+
+        def quantize_u(cand):
+            uq = self._quantize_rows(cand[0].T, alloc, gs)
+            u_hat = torch.cat([dequantize(*q, gs) for q in uq]).T if alloc else cand[0]
+            err = float(torch.linalg.matrix_norm(delta - (u_hat * cand[1]) @ v_hat)) if r else 0.0
+            return err, (uq, cand[1])
+
+        uq, sv = best_candidate(candidates, quantize_u)
+        return pack_encoded(self.name, shape, alloc, uq, vq, sv, s)
 
     @staticmethod
     def _quantize_rows(rows: Tensor, alloc: al.Allocation, gs: int) -> list[tuple[Tensor, Tensor, Tensor]]:
@@ -144,6 +138,38 @@ class SvdMixedCodec(Codec):
             out.append(quantize(rows[i:i + c].contiguous(), b, gs))
             i += c
         return out
+
+    # -- sizing on meta, factors, calibrator -------------------------------------------------------------
+    def meta_tensors(self, shape, settings):
+        """Exact for the data-independent allocation; None for ``allocation=optimal`` (the counts depend
+        on the singular values)."""
+        if len(shape) != 2 or settings["allocation"] != "default":
+            return None
+        n, k = shape
+        gs = settings["group_size"]
+        out = {}
+        for b, c in self.allocation_for(tuple(shape), settings):
+            for side, length in (("u", n), ("v", k)):
+                out[f"{side}_q{b}"] = torch.empty(packed_nbytes(c * length, b), dtype=torch.uint8, device="meta")
+                for f in ("scale", "zero"):
+                    out[f"{side}_{f}{b}"] = torch.empty(c, n_groups(length, gs), dtype=torch.float16, device="meta")
+        r = sum(c for _, c in self.allocation_for(tuple(shape), settings))
+        out["s"] = torch.empty(r, dtype=torch.float32, device="meta")
+        return out
+
+    def lora_factors(self, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
+        """The dequantized factors, groups in order."""
+        groups = list(self._groups(enc))
+        if not groups:
+            n, k = enc.shape
+            return torch.zeros(n, 0), torch.zeros(0), torch.zeros(0, k)
+        return (torch.cat([g[0] for g in groups]).T.contiguous(), torch.cat([g[1] for g in groups]).float(),
+                torch.cat([g[2] for g in groups]))
+
+    def calibrator(self):
+        from .gptq import Gptq
+
+        return Gptq()
 
     # -- decode / matmul ------------------------------------------------------------------------------
     def _groups(self, enc: Encoded):
@@ -184,6 +210,27 @@ class SvdMixedCodec(Codec):
         if y is None:  # no singular vector kept (an all-zero delta)
             y = x2.new_zeros(x2.shape[0], n)
         return y.to(out_dt).reshape(*x.shape[:-1], n)
+
+
+def best_candidate(candidates, quantize):
+    """The result of ``quantize(candidate) -> (error, result)`` with the lowest error (the first on ties)."""
+    best = None
+    for cand in candidates:
+        err, result = quantize(cand)
+        if best is None or err < best[0]:
+            best = (err, result)
+    return best[1]
+
+
+def pack_encoded(name: str, shape: tuple[int, int], alloc: al.Allocation, uq, vq, sv: Tensor,
+                 settings: dict[str, Any]) -> Encoded:
+    """svd-mixed's on-disk form from the quantized U^T and V rows of each group (rtn.py layout)."""
+    tensors: dict[str, Tensor] = {}
+    for (b, _), (uc, us, uz), (vc, vs, vz) in zip(alloc, uq, vq):
+        tensors[f"u_q{b}"], tensors[f"u_scale{b}"], tensors[f"u_zero{b}"] = pack_bits(uc, b), us, uz
+        tensors[f"v_q{b}"], tensors[f"v_scale{b}"], tensors[f"v_zero{b}"] = pack_bits(vc, b), vs, vz
+    tensors["s"] = sv.to(torch.float32).contiguous()
+    return Encoded(name, shape, tensors, {**settings, "alloc": al.format_alloc(alloc)})
 
 
 def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:

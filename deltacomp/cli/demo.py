@@ -8,8 +8,9 @@ from typing import Any, Callable
 
 import torch
 
-from . import api
-from .checkpoint import open_checkpoint
+from .. import api
+from ..checkpoint import open_checkpoint
+from ..plan import DEFAULT_METHOD
 
 
 def check_reconstruction(base: Path, delta: Path, rec_dir: Path) -> dict[str, Any]:
@@ -46,11 +47,11 @@ def generate_sample(model_dir: Path, prompt: str, max_new_tokens: int = 24) -> s
     return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def run_demo(out_dir: str | Path = "demo-out", method: str = "bitdelta", ratio: float | None = None,
+def run_demo(out_dir: str | Path = "demo-out", method: str = DEFAULT_METHOD, ratio: float | None = None,
              overwrite: bool = True, progress: bool = True, evaluate: bool = True, eval_tokens: int = 4096,
              print_fn: Callable[[str], None] = print) -> dict[str, Any]:
-    from . import zoo
-    from .cli import format_table, human_bytes, summary_text
+    from .. import zoo
+    from ..summary import format_table, human_bytes, summary_text
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -92,7 +93,7 @@ def run_demo(out_dir: str | Path = "demo-out", method: str = "bitdelta", ratio: 
 
     if evaluate:
         print_fn(f"[5/5] evaluate on held-out Shakespeare ({eval_tokens} tokens)")
-        from .evaluate import evaluate as run_eval
+        from ..eval.metrics import evaluate as run_eval
 
         ev = run_eval(pair.base, pair.finetuned, [delta], text=pair.heldout, max_tokens=eval_tokens,
                       progress=progress)

@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 import re
 import time
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-from .errors import DeltacompError, SettingsError
-from .evaluate import evaluate, format_table, write_json
+from ..errors import DeltacompError, SettingsError
+from .metrics import evaluate, format_table, write_json
+
+if TYPE_CHECKING:
+    from ..calibrate.options import CalibrationOptions
 
 
 def delta_name(method: str, ratio: float) -> str:
@@ -20,7 +24,7 @@ def delta_name(method: str, ratio: float) -> str:
 def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_dir: str | os.PathLike,
           text, *, ctx: int = 256, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None,
           stride: int | None = None, cache_dir: str | os.PathLike | None = None, plot: bool = True,
-          calib: dict[str, Any] | None = None,
+          calibration: "CalibrationOptions | None" = None,
           progress: bool = True, **eval_kwargs: Any) -> dict[str, Any]:
     """Compresses ``finetuned`` with every method at every ratio into ``out_dir/deltas/`` and evaluates
     them. A (method, ratio) the method cannot reach (a ``DeltacompError`` from compress, e.g. a budget
@@ -28,17 +32,17 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
     Returns the ``evaluate`` result with ``method``/``ratio_asked``/``label``/``compress_seconds`` on each
     delta entry (``ratio`` there is the one reached: fine-tune bytes / delta file bytes) and ``skipped``.
     The fine-tune's log-probs (4 bytes x vocab per token) are kept in ``cache_dir`` for later runs when one
-    is given, else in a temporary folder removed at the end. ``calib`` (compress's calibration keyword
-    arguments, e.g. ``{"calib": "shakespeare"}``) adds a calibrated variant of every point, labelled
+    is given, else in a temporary folder removed at the end. ``calibration`` (compress's options, e.g.
+    ``CalibrationOptions("shakespeare")``) adds a calibrated variant of every point, labelled
     ``METHOD+calib`` (skipped for methods that do not calibrate)."""
-    import deltacomp
+    from ..api import compress
 
     if not methods or not ratios:
         raise SettingsError("sweep needs at least one method and one ratio")
     out = Path(out_dir)
     (out / "deltas").mkdir(parents=True, exist_ok=True)
     points, skipped = [], []
-    variants = [("", {})] + ([("+calib", dict(calib))] if calib else [])
+    variants = [("", {})] + ([("+calib", {"calibration": calibration})] if calibration else [])
     for method in methods:
         for suffix, extra in variants:
             for ratio in ratios:
@@ -46,7 +50,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
                 path = out / "deltas" / delta_name(name, ratio)
                 t0 = time.perf_counter()
                 try:
-                    deltacomp.compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
+                    compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
                                        progress=progress, **extra)
                 except DeltacompError as exc:
                     skipped.append({"method": name, "ratio": ratio, "reason": str(exc)})
@@ -61,7 +65,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
         row.update({k: v for k, v in p.items() if k != "path"})
     result["skipped"] = skipped
     result["sweep"] = {"methods": list(methods), "ratios": list(ratios),
-                       "calibration": {k: str(v) for k, v in (calib or {}).items()}}
+                       "calibration": {k: str(v) for k, v in asdict(calibration).items()} if calibration else {}}
     write_json(result, out / "results.json")
     (out / "results.md").write_text(format_sweep(result))
     if plot:

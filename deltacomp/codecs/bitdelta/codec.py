@@ -9,21 +9,17 @@ Fields: ``signs`` (SIGNS layout, see ops.py), ``scale`` (fp32, () or (N,)); mask
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor
 
-from .. import ops
-from ..errors import SettingsError
-from .base import Codec, CodecName, Encoded, Setting, register
-
+from ... import ops
+from ...errors import SettingsError
+from ..base import Codec, CodecName, Encoded, Setting, register
+from .serving import field as _field
 
 _BUDGET_SLACK = 0.005
-
-
-def _field(base: str, i: int) -> str:
-    return base if i == 0 else f"{base}_{i}"
 
 
 @register
@@ -42,8 +38,7 @@ class BitDeltaCodec(Codec):
         if "masks" in given:
             raise SettingsError("bitdelta: masks= and --ratio both fix the size; give one of them")
         s = self.resolve_settings(given)
-        rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
-        per_mask = rows * ((k + 7) // 8) + 4 * (rows if s["scale"] == "row" else 1)
+        per_mask = self.exact_nbytes(shape, {**s, "masks": 1})
         # Sizes come in whole masks; allow a per-tensor scale's bytes (or 0.5%) over the budget per mask,
         # so that --ratio 16 on 16-bit weights gives one mask (15.99x) rather than nothing.
         masks = max((m for m in range(1, 17) if m * per_mask <= nbytes + max(_BUDGET_SLACK * nbytes, 4 * m)),
@@ -72,6 +67,30 @@ class BitDeltaCodec(Codec):
                 signs = ops.unpack_signs(packed, mat.shape[1])
                 residual = residual - signs * (scale[:, None] if scale.dim() else scale)
         return Encoded(self.name, tuple(delta.shape), tensors, dict(s))
+
+    def meta_tensors(self, shape, settings):
+        rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])
+        out = {}
+        for i in range(settings["masks"]):
+            out[_field("signs", i)] = torch.empty(rows, (k + 7) // 8, dtype=torch.uint8, device="meta")
+            out[_field("scale", i)] = torch.empty((rows,) if settings["scale"] == "row" else (),
+                                                  dtype=torch.float32, device="meta")
+        return out
+
+    def serving_term(self, enc: Encoded):
+        from .serving import BitDeltaTerm
+
+        return BitDeltaTerm(self, enc)
+
+    def multi_term(self, encs: Sequence[Encoded | None]):
+        from .serving import SignStacks
+
+        return SignStacks(encs) if any(e is not None for e in encs) else None
+
+    def calibrator(self):
+        from .calibrate import ScaleDistillation
+
+        return ScaleDistillation()
 
     def _masks(self, enc: Encoded) -> int:
         return int(enc.params.get("masks", 1))

@@ -1,0 +1,83 @@
+"""The calibration options of ``compress`` (one dataclass: the CLI builds it once, the defaults live here)
+and the pass that runs each codec's calibrator stage in order on a data-free delta file."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from ..codecs import available, get_codec
+from ..codecs.calibrator import STAGES, LayerwiseOptions
+from ..errors import SettingsError
+from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibData, load_calibration
+from .distill import DEFAULT_LR, DEFAULT_STEPS, LOSSES
+
+
+@dataclass(frozen=True)
+class CalibrationOptions:
+    """Calibration on data for ``compress``. ``data``: a text file, or a bundled corpus name (its
+    training split). The distill stage uses steps/lr/loss; the layerwise stage (GPTQ, least-squares
+    scales) damp/act_order/whiten/allocation."""
+
+    data: str | os.PathLike
+    samples: int = DEFAULT_SAMPLES       # calibration sequences
+    seq_len: int = DEFAULT_SEQ_LEN       # tokens per sequence
+    steps: int = DEFAULT_STEPS           # scale-distillation steps
+    lr: float = DEFAULT_LR               # scale-distillation learning rate
+    loss: str = "mse"                    # distillation loss on the logits: mse or kl
+    damp: float = 0.01                   # GPTQ damping
+    act_order: bool = False              # GPTQ: columns by decreasing Hessian diagonal
+    whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
+    allocation: str = "keep"             # GPTQ: keep the stored bit groups, or "optimal" in the same bytes
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise SettingsError(f"calibration: loss {self.loss!r} must be one of {', '.join(LOSSES)}")
+        self.layerwise  # validates allocation and damp
+
+    @property
+    def layerwise(self) -> LayerwiseOptions:
+        return LayerwiseOptions(damp=self.damp, act_order=self.act_order, whiten=self.whiten,
+                                allocation=self.allocation)
+
+
+def calibrating_codecs() -> list[str]:
+    return [n for n in available() if get_codec(n).calibrator() is not None]
+
+
+def stages_for(codecs: Iterable[str]) -> list[str]:
+    """The calibrator stages the codecs in a file need, in the order they run."""
+    names = [c for c in codecs if c != "tied"]
+    wanted = {cal.stage for cal in (get_codec(c).calibrator() for c in names) if cal is not None}
+    if not wanted:
+        raise SettingsError(f"--calib: no tensor uses a codec that calibrates ({', '.join(calibrating_codecs())}); "
+                            f"this file has {', '.join(sorted(names))}")
+    return [s for s in STAGES if s in wanted]
+
+
+def load_data(options: CalibrationOptions, finetuned) -> CalibData:
+    """The calibration windows (tokenized with the fine-tune's tokenizer)."""
+    return load_calibration(options.data, finetuned, options.samples, options.seq_len)
+
+
+def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], options: CalibrationOptions,
+               data: CalibData, scratch: Callable[[], Path], progress: bool = True) -> dict[str, Any]:
+    """Run each needed stage on ``src``, the last one writing ``out`` (the others ``scratch()`` files);
+    returns the stage reports by stage name."""
+    from .distill import distill_scales
+    from .layerwise import calibrate_layerwise
+
+    runs = {
+        "distill": lambda s, d: distill_scales(base, finetuned, s, d, data, steps=options.steps, lr=options.lr,
+                                               loss=options.loss, overwrite=True, progress=progress),
+        "layerwise": lambda s, d: calibrate_layerwise(base, finetuned, s, d, data, options=options.layerwise,
+                                                      overwrite=True, progress=progress),
+    }
+    stages = stages_for(codecs)
+    reports = {}
+    for i, stage in enumerate(stages):
+        dst = out if i == len(stages) - 1 else scratch()
+        reports[stage] = runs[stage](src, dst)
+        src = dst
+    return reports

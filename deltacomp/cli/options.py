@@ -1,0 +1,34 @@
+"""Command-line options shared by several commands: calibration (compress, sweep)."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import fields
+
+from ..calibrate.options import CalibrationOptions
+
+_DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name != "data"}
+
+
+def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
+    """--calib FILE|CORPUS and its settings; defaults are CalibrationOptions' own."""
+    d = _DEFAULTS
+    p.add_argument("--calib", metavar="FILE|CORPUS", default=None, help=what)
+    p.add_argument("--calib-samples", type=int, default=d["samples"], help=f"calibration sequences (default {d['samples']})")
+    p.add_argument("--calib-len", type=int, default=d["seq_len"], help=f"tokens per calibration sequence (default {d['seq_len']})")
+    p.add_argument("--calib-steps", type=int, default=d["steps"], help=f"scale-distillation steps (default {d['steps']})")
+    p.add_argument("--calib-lr", type=float, default=d["lr"], help=f"scale-distillation learning rate (default {d['lr']})")
+    p.add_argument("--calib-loss", choices=("mse", "kl"), default=d["loss"], help="distillation loss on the logits")
+    p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
+    p.add_argument("--gptq-no-whiten", action="store_true",
+                   help="GPTQ: singular vectors from the delta's own SVD (Delta-CoMe) instead of the SVD of the "
+                        "input-whitened delta (lowest layer output error, the default)")
+    p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default=d["allocation"],
+                   help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
+
+
+def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None:
+    if args.calib is None:
+        return None
+    return CalibrationOptions(args.calib, samples=args.calib_samples, seq_len=args.calib_len, steps=args.calib_steps,
+                              lr=args.calib_lr, loss=args.calib_loss, act_order=args.gptq_act_order,
+                              whiten=not args.gptq_no_whiten, allocation=args.gptq_allocation)

@@ -1,0 +1,52 @@
+"""The serving term of one encoded delta: ``x @ delta^T`` from its packed (or run-time) form.
+
+A codec's ``serving_term(enc)`` returns a ``DeltaTerm`` (or a subclass holding a run-time layout, such as
+ternary's CSR or raw's dense delta). Serving (deltacomp.serve) wraps a base linear layer around it and
+asks it whether it can fuse with the base matmul; it never looks at the codec's name.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from .base import Encoded
+
+if TYPE_CHECKING:
+    from .base import Codec
+
+
+class DeltaTerm(nn.Module):
+    """``x2 (M, K) -> x2 @ delta^T (M, N)`` in x2's dtype. The tensors are buffers (``.to()`` moves them);
+    the default forward is the codec's ``matmul`` on the packed tensors."""
+
+    def __init__(self, codec: "Codec", enc: Encoded, tensors: dict[str, Tensor] | None = None):
+        super().__init__()
+        if len(enc.shape) != 2:
+            raise ValueError(f"DeltaTerm: a linear weight delta is 2-D, got shape {enc.shape}")
+        self.impl = codec
+        self.codec, self.shape, self.params = enc.codec, tuple(enc.shape), dict(enc.params)
+        self.fields: list[str] = []
+        for name, t in (enc.tensors if tensors is None else tensors).items():
+            self._keep(name, t)
+
+    def _keep(self, name: str, t: Tensor) -> None:
+        self.register_buffer(f"t_{name}", t.contiguous(), persistent=False)
+        self.fields.append(name)
+
+    def tensor(self, name: str) -> Tensor:
+        return getattr(self, f"t_{name}")
+
+    def encoded(self) -> Encoded:
+        return Encoded(self.codec, self.shape, {f: self.tensor(f) for f in self.fields}, self.params)
+
+    def forward(self, x2: Tensor) -> Tensor:
+        return self.impl.matmul(x2, self.encoded()).to(x2.dtype)
+
+    # -- fusing with the base matmul (one pass over the base weight and the packed delta) -------------
+    def fuses_with(self, weight: Tensor) -> bool:
+        """True when ``fused`` can compute ``x @ (weight + delta)^T`` in one pass for this weight."""
+        return False
+
+    def fused(self, x2: Tensor, weight: Tensor) -> Tensor:
+        raise NotImplementedError(f"{self.codec}: no fused path")

@@ -1,0 +1,168 @@
+"""Runtime modules that add a packed delta's term to their base layer's output (patching a model with
+them: serve/patch.py).
+
+``DeltaLinear`` computes ``base(x) + term(x)`` with the term the delta's codec builds
+(``codec.serving_term``), or, when that term fuses with a plain ``nn.Linear``'s weight, one pass over both.
+``base`` is any linear module: a float ``nn.Linear``, or a quantized one (serve/quantized.py) that
+computes its own output; a delta is never added into quantized storage. Tested over bitsandbytes 8-bit
+and 4-bit nf4 bases in tests/test_bnb.py (logits equal the quantized base's output plus
+``x @ decoded_delta^T``).
+
+Multi-tenant: one base, several deltas. ``MultiDeltaLinear`` sends every batch row to its delta: the
+tenants of a codec with a multi-tenant term (``codec.multi_term``, rows of one delta grouped inside one
+kernel call) together, the others per contiguous group of rows (segments). Tensors applied in place for
+one delta (norms, embeddings) are served per row by ``MultiDeltaModule``, which runs the module with each
+delta's tensors on that delta's rows.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..codecs import Encoded, get_codec
+from ..errors import DeltacompError
+
+
+def _out(y: Tensor, lead: torch.Size) -> Tensor:
+    return y.reshape(*lead, y.shape[-1])
+
+
+class DeltaLinear(nn.Module):
+    """``base(x) + x @ delta^T`` with the delta kept packed. ``base`` is any linear module (an
+    ``nn.Linear`` or a quantized one that computes its own output)."""
+
+    def __init__(self, base: nn.Module, encoded: Encoded, fused: bool | None = None):
+        super().__init__()
+        n, k = encoded.shape if len(encoded.shape) == 2 else (None, None)
+        if (n, k) != (getattr(base, "out_features", n), getattr(base, "in_features", k)):
+            raise ValueError(f"DeltaLinear: delta of shape {encoded.shape} for a base layer "
+                             f"{getattr(base, 'out_features', '?')} x {getattr(base, 'in_features', '?')}")
+        self.base = base
+        self.delta = get_codec(encoded.codec).serving_term(encoded)
+        self.in_features, self.out_features = k, n
+        # fused: None = whenever the codec's term fuses with this base (a plain nn.Linear whose weight
+        # dtype the fused kernel takes); see the codec's term for the measurements behind its choice.
+        can_fuse = type(base) is nn.Linear and self.delta.fuses_with(base.weight)
+        if fused and not can_fuse:
+            raise ValueError(f"DeltaLinear: fused=True needs a plain nn.Linear and a delta whose term fuses with "
+                             f"its weight; a {encoded.codec} delta over {type(base).__name__} "
+                             f"({getattr(getattr(base, 'weight', None), 'dtype', '?')}) does not")
+        self.fused = can_fuse if fused is None else bool(fused)
+
+    def forward(self, x: Tensor) -> Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        if self.fused:
+            y = self.delta.fused(x2, self.base.weight)
+            if self.base.bias is not None:
+                y = y + self.base.bias
+            return _out(y, lead)
+        y = self.base(x)
+        return y + _out(self.delta(x2), lead).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"codec={self.delta.codec}, fused={self.fused}"
+
+
+# -- several deltas over one base ------------------------------------------------------------------
+def _batch_index(module: nn.Module, x: Tensor) -> Tensor:
+    """The delta index set on ``module`` (one entry per batch row, dim 0 of x), checked against x."""
+    index = getattr(module, "delta_index", None)
+    if index is None:
+        raise DeltacompError(f"{type(module).__name__}: no delta index set; call deltacomp.set_delta_index("
+                             "model, index) with one entry per batch row (-1 = base) before the forward pass")
+    if x.dim() < 1 or x.shape[0] != index.shape[0]:
+        raise DeltacompError(f"{type(module).__name__}: the delta index has {index.shape[0]} entries but the "
+                             f"batch has {x.shape[0] if x.dim() else 0} rows (input shape {tuple(x.shape)})")
+    return index
+
+
+def _row_index(module: nn.Module, x: Tensor) -> Tensor:
+    """The delta index expanded to one entry per row of x.reshape(-1, K) (tokens of a row share it)."""
+    index = _batch_index(module, x)
+    per = x[0].numel() // x.shape[-1] if x.dim() > 1 else 1
+    return index.repeat_interleave(per) if per != 1 else index
+
+
+class MultiDeltaLinear(nn.Module):
+    """One base linear layer, T deltas (None where a delta leaves this layer unchanged). Batch row i
+    adds the term of delta ``delta_index[i]`` (set by ``set_delta_index``; -1 adds nothing)."""
+
+    def __init__(self, base: nn.Module, encoded: Sequence[Encoded | None], bias_deltas: Sequence[Tensor | None] = ()):
+        super().__init__()
+        self.base = base
+        self.num_deltas = len(encoded)
+        self.delta_index: Tensor | None = None
+        n, k = base.out_features, base.in_features
+        # per codec: one multi-tenant term for all its tenants when it has one (``shared``), else a term
+        # per tenant run on the rows of its delta (``others``, segments)
+        self.shared = nn.ModuleList()
+        others: dict[str, nn.Module] = {}
+        for name in dict.fromkeys(e.codec for e in encoded if e is not None):
+            mine = [e if e is not None and e.codec == name else None for e in encoded]
+            multi = get_codec(name).multi_term(mine)
+            if multi is not None:
+                self.shared.append(multi)
+            else:
+                others.update({str(t): get_codec(name).serving_term(e) for t, e in enumerate(mine) if e is not None})
+        self.others = nn.ModuleDict(dict(sorted(others.items(), key=lambda kv: int(kv[0]))))
+        self.bias_deltas = [t for t, b in enumerate(bias_deltas) if b is not None]
+        for t in self.bias_deltas:
+            self.register_buffer(f"bias_delta{t}", bias_deltas[t].reshape(n).contiguous(), persistent=False)
+        self.in_features, self.out_features = k, n
+
+    def forward(self, x: Tensor) -> Tensor:
+        idx = _row_index(self, x)
+        y = self.base(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        y2 = y.reshape(-1, y.shape[-1])
+        extra = None
+        for multi in self.shared:
+            term = multi(x2, idx)
+            if term is not None:
+                extra = term if extra is None else extra + term
+        extra = torch.zeros_like(y2) if extra is None else extra.to(y2.dtype)
+        for t, term in self.others.items():
+            rows = (idx == int(t)).nonzero().reshape(-1)
+            if rows.numel():
+                extra.index_add_(0, rows, term(x2.index_select(0, rows)).to(y2.dtype))
+        for t in self.bias_deltas:
+            rows = (idx == t).nonzero().reshape(-1)
+            if rows.numel():
+                b = getattr(self, f"bias_delta{t}").to(y2.dtype)
+                extra.index_add_(0, rows, b.expand(rows.numel(), -1))
+        return (y2 + extra).reshape(*lead, y.shape[-1])
+
+
+class MultiDeltaModule(nn.Module):
+    """Any module whose parameters differ per delta (norms, embeddings): rows of delta t run the module
+    with delta t's full tensors (``torch.func.functional_call``), the others the base module. The
+    module must treat batch rows (dim 0) independently."""
+
+    def __init__(self, module: nn.Module, per_delta: Sequence[dict[str, Tensor] | None]):
+        super().__init__()
+        self.module = module
+        self.num_deltas = len(per_delta)
+        self.delta_index: Tensor | None = None
+        # buffers (so .to() moves them), named d<t>_<n>; _names[t] maps them back to the module's names
+        self._names: list[dict[str, str]] = []
+        for t, d in enumerate(per_delta):
+            names = {}
+            for j, (name, v) in enumerate((d or {}).items()):
+                self.register_buffer(f"d{t}_{j}", v.detach(), persistent=False)
+                names[name] = f"d{t}_{j}"
+            self._names.append(names)
+
+    def forward(self, x: Tensor, *args, **kwargs):
+        idx = _batch_index(self, x)
+        y = self.module(x, *args, **kwargs)
+        for t, names in enumerate(self._names):
+            rows = (idx == t).nonzero().reshape(-1) if names else None
+            if rows is not None and rows.numel():
+                params = {name: getattr(self, buf) for name, buf in names.items()}
+                yt = torch.func.functional_call(self.module, params, (x.index_select(0, rows), *args), kwargs)
+                y = y.index_copy(0, rows, yt.to(y.dtype))
+        return y
