@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import deltacomp
-from deltacomp import nn as dnn
+from deltacomp import serve as dnn
 from deltacomp import ops
 
 transformers = pytest.importorskip("transformers")
