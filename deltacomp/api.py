@@ -15,6 +15,7 @@ from .codecs import get_codec
 from .delta import Delta, load_delta
 from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_digest, file_to_json,
                          fingerprint_all, index_path)
+from .devices import resolve_device
 from .dtypes import dtype_name
 from .errors import CheckpointError, OutputExistsError
 from .pairing import PairKind, Pairing, pair_checkpoints
@@ -25,6 +26,8 @@ from .summary import summarize
 
 if TYPE_CHECKING:
     from .calibrate.options import CalibrationOptions
+
+_CPU = torch.device("cpu")
 
 __all__ = ["compress", "reconstruct", "load_delta", "apply_delta_", "iter_reconstructed", "summarize"]
 
@@ -67,8 +70,12 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
              method: str = DEFAULT_METHOD, ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-             calibration: "CalibrationOptions | None" = None, progress: bool = True) -> dict[str, Any]:
+             calibration: "CalibrationOptions | None" = None, progress: bool = True,
+             device: str | torch.device | None = "auto") -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see devices.py) is where the codecs' math runs,
+    one tensor at a time; calibration runs where ``calibration.device`` says.
 
     ``calibration`` (``deltacomp.calibrate.CalibrationOptions``) turns on the codecs' use of data: each
     codec's calibrator runs in its stage (end-to-end distillation, then the layerwise pass; see
@@ -76,7 +83,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     name first, so a failure never leaves a file at ``out``."""
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
-                         max_shard_bytes=max_shard_bytes, progress=progress)
+                         max_shard_bytes=max_shard_bytes, progress=progress, device=device)
     from .calibrate.options import load_data, run_stages
 
     out = Path(out)
@@ -92,7 +99,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
     try:
         first = _compress(base, finetuned, stage(), method=method, ratio=ratio, rules=rules, overwrite=True,
-                          max_shard_bytes=max_shard_bytes, progress=progress)
+                          max_shard_bytes=max_shard_bytes, progress=progress, device=device)
         reports = run_stages(base, finetuned, stages[0], out, first["by_codec"], calibration, data, stage,
                              progress)
     finally:
@@ -116,8 +123,9 @@ def _remove_delta(path: Path) -> None:
 
 
 def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoint, p: Pairing,
-                base_hashes: dict[str, str], shared_settings: dict[str, dict]) -> None:
-    """Encode one fine-tune tensor as its plan says and add it to ``writer``."""
+                base_hashes: dict[str, str], shared_settings: dict[str, dict], device: torch.device) -> None:
+    """Encode one fine-tune tensor as its plan says (on ``device`` when its codec runs there) and add it
+    to ``writer``."""
     ft = fck.get(p.name)
     info = ParamInfo(p.name, None, tuple(ft.shape), dtype_name(ft.dtype))
     if p.kind == PairKind.TIED:
@@ -137,17 +145,20 @@ def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoin
     codec = get_codec(a.codec)
     settings = {**a.settings, **shared_settings.get(_group_key(a), {})}
     settings = codec.encoded_settings(settings, a.given, delta, b.reshape(delta.shape), shared.reshape(delta.shape))
-    enc = codec.encode(delta, **settings)
+    dev = device if device.type in codec.encode_devices else _CPU
+    enc = codec.encode(delta.to(dev), **settings)
+    tensors = {k: v.cpu() for k, v in enc.tensors.items()}
     if ft.dim() == 0:  # scalars are stored as shape (1,) and restored
         enc.shape, info.shape = (1,), ()
     info.codec, info.settings, info.base_rows = a.codec, enc.params, p.base_rows
-    writer.add(info, enc.tensors, new_rows=ft[p.base_rows:] if p.base_rows is not None else None)
+    writer.add(info, tensors, new_rows=ft[p.base_rows:] if p.base_rows is not None else None)
 
 
 def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
               method: str, ratio: float | None, rules, overwrite: bool, max_shard_bytes: int,
-              progress: bool) -> dict[str, Any]:
+              progress: bool, device: str | torch.device | None = "auto") -> dict[str, Any]:
     plan = Plan(method, list(rules), ratio)
+    device = resolve_device(device)
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
@@ -155,7 +166,7 @@ def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | 
             base_hashes: dict[str, str] = {}
             shared_settings = _global_prepass(bck, fck, pairs, plan, progress)
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
-                _add_tensor(writer, plan, bck, fck, p, base_hashes, shared_settings)
+                _add_tensor(writer, plan, bck, fck, p, base_hashes, shared_settings, device)
             metadata = {
                 "base": {"fingerprint": fingerprint_all(base_hashes), "tensors": base_hashes,
                          "dtypes": {n: dtype_name(bck.dtype(n)) for n in base_hashes}},

@@ -17,7 +17,7 @@ t0=$(date +%s)
 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=16 DELTACOMP_REQUIRE_EXT=1 \
   python3 setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; echo "BUILD FAILED"; exit 1; }
 echo "build: $(( $(date +%s) - t0 )) s"
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_cuda_serving.py ${GPU_EXTRA_TESTS:-} \
+python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ops.py tests/test_cuda_serving.py tests/test_cuda_compress.py ${GPU_EXTRA_TESTS:-} \
   -rf --tb=short --junitxml="$OUT/cuda_tests.xml" 2>&1 | tee "$OUT/tests.log" | tail -45
 echo "tests: $(( $(date +%s) - t0 )) s"
 timeout ${BENCH_TIMEOUT:-240} python3 benchmarks/kernels_cuda.py --out "$OUT/kernels_cuda.json" ${KERNEL_ARGS:-} \

@@ -49,10 +49,13 @@ def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
 def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, delta_in: str | os.PathLike,
                         delta_out: str | os.PathLike, calib: CalibData | Tensor, *,
                         options: LayerwiseOptions | None = None, batch_size: int = 4, overwrite: bool = False,
-                        progress: bool = True, **option_values: Any) -> dict[str, Any]:
+                        progress: bool = True, device: str | torch.device = "cpu",
+                        **option_values: Any) -> dict[str, Any]:
     """Re-encode every tensor of ``delta_in`` whose codec calibrates in this stage, on calibration data;
     write ``delta_out``. ``options`` (or its fields as keywords: ``damp``, ``act_order``, ``whiten``,
-    ``allocation``) go to the codecs' calibrators."""
+    ``allocation``) go to the codecs' calibrators. The model stays on the CPU; each decoder layer moves to
+    ``device`` while it is calibrated (its Hessians and the calibrators' math there), then back."""
+    device = torch.device(device)
     options = options if options is not None else LayerwiseOptions(**option_values)
     if isinstance(calib, Tensor):
         calib = CalibData(calib.to(torch.int64), {"data": "<token ids>"})
@@ -66,29 +69,33 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
     model.requires_grad_(False)
     prefix, layers = _decoder_layers(model)
     hidden, kwargs = _layer0_inputs(model, layers[0], calib.ids, batch_size)
+    hidden, kwargs = _to(hidden, device), _to(kwargs, device)
     replaced: dict[str, Encoded] = {}
     errors: dict[str, dict[str, float]] = {}
     with open_checkpoint(base) as bck:
         for li in progress_bar(range(len(layers)), desc="calibrate", unit="layer", enable=progress):
-            layer = layers[li]
+            layer = layers[li].to(device)
             mine = {f"{prefix}.{li}.{n}.weight": m for n, m in layer.named_modules()
                     if isinstance(m, torch.nn.Linear) and f"{prefix}.{li}.{n}.weight" in targets}
             hess = _hessians(layer, mine, hidden, kwargs)
             for name, mod in mine.items():
-                b = bck.get(name).to(torch.float32)
+                b = bck.get(name).to(device, torch.float32)
                 delta = mod.weight.detach().to(torch.float32) - b
                 codec = get_codec(df.params[name].codec)
+                # the stored encoding stays on the CPU (some codecs decode it there); delta and H on device
                 enc = cals[codec.name].calibrate(delta, df.encoded(name), hess[name], options)
                 if enc is None:
                     continue
-                dec = codec.decode(enc)
+                dec = codec.decode(enc).to(device)
                 errors[name] = {"codec": codec.name, "calibrated": output_error(delta, dec, hess[name]),
-                                "data_free": output_error(delta, df.decode(name), hess[name])}
+                                "data_free": output_error(delta, df.decode(name).to(device), hess[name])}
+                enc.tensors = {k: v.cpu() for k, v in enc.tensors.items()}
                 replaced[name] = enc
                 with torch.no_grad():
                     mod.weight.copy_((b + dec).to(mod.weight.dtype))
             with torch.no_grad():  # inputs of the next layer, through this layer's calibrated weights
                 hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            layers[li].to("cpu")  # one layer on the device at a time
     del model
     calibration = {"method": STAGE, **{n: c.description for n, c in cals.items()}, **asdict(options),
                    "data": calib.describe(),
@@ -103,7 +110,8 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
 def _hessians(layer: torch.nn.Module, mine: dict[str, torch.nn.Linear], hidden: list[Tensor],
               kwargs: list[dict]) -> dict[str, Tensor]:
     """H = sum x^T x (float64) of the inputs of each linear in ``mine``, over one pass of the layer."""
-    hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mine.items()}
+    dev = next(layer.parameters()).device
+    hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=dev) for n, m in mine.items()}
     hooks = [m.register_forward_pre_hook(_accumulate(hess[n])) for n, m in mine.items()]
     try:
         with torch.no_grad():
@@ -145,6 +153,19 @@ def _accumulate(h: Tensor):
         x = args[0].reshape(-1, args[0].shape[-1]).double()
         h.add_(x.T @ x)
     return hook
+
+
+def _to(obj, device: torch.device):
+    """``obj`` with every tensor in it (nested in lists, tuples and dicts) on ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):  # a namedtuple
+        return type(obj)(*(_to(v, device) for v in obj))
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_to(v, device) for v in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
 
 
 def _first(out):

@@ -9,6 +9,7 @@ from typing import Any, Callable, Iterable
 
 from ..codecs import available, get_codec
 from ..codecs.calibrator import STAGES, LayerwiseOptions
+from ..devices import resolve_device
 from ..errors import SettingsError
 from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibData, load_calibration
 from .distill import DEFAULT_LR, DEFAULT_STEPS, LOSSES
@@ -30,6 +31,7 @@ class CalibrationOptions:
     act_order: bool = False              # GPTQ: columns by decreasing Hessian diagonal
     whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
     allocation: str = "keep"             # GPTQ: keep the stored bit groups, or "optimal" in the same bytes
+    device: str = "auto"                 # where the model runs and the calibrators' math (devices.py)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -68,11 +70,12 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
     from .distill import distill_scales
     from .layerwise import calibrate_layerwise
 
+    device = resolve_device(options.device)
     runs = {
         "distill": lambda s, d: distill_scales(base, finetuned, s, d, data, steps=options.steps, lr=options.lr,
-                                               loss=options.loss, overwrite=True, progress=progress),
+                                               loss=options.loss, overwrite=True, progress=progress, device=device),
         "layerwise": lambda s, d: calibrate_layerwise(base, finetuned, s, d, data, options=options.layerwise,
-                                                      overwrite=True, progress=progress),
+                                                      overwrite=True, progress=progress, device=device),
     }
     stages = stages_for(codecs)
     reports = {}

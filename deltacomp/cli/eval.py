@@ -45,7 +45,9 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
                    help="window step, 1..ctx (default ctx: non-overlapping); smaller gives every token more context")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
-    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1")
+    p.add_argument("--device", default="auto",
+                   help="where models run and (sweep) deltas are compressed: auto, cpu, cuda, cuda:N (default auto: "
+                        "the CPU until a GPU run has checked the CUDA path; see README)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype the models run in (default float32)")
     p.add_argument("--cache-dir", default=None,
                    help="keep the fine-tune's log-probs here for later runs (4 bytes x vocab per token)")

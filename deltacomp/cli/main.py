@@ -35,7 +35,7 @@ def parse_size(text: str) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     s = api.compress(args.base, args.finetuned, args.output, method=args.method, ratio=args.ratio, rules=args.rule,
                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                     calibration=calibration_from_args(args), progress=not args.quiet)
+                     calibration=calibration_from_args(args), progress=not args.quiet, device=args.device)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_calibration_options(p, "calibration text (a file, or a bundled corpus name such as 'shakespeare': its "
                             "training split): every codec in the file that uses data runs its calibrator")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
+    p.add_argument("--device", default="auto",
+                   help="where the codecs' math (and --calib) runs: auto, cpu, cuda, cuda:N (default auto: the CPU "
+                        "until a GPU run has checked the CUDA path; see README)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")

@@ -6,7 +6,7 @@ from dataclasses import fields
 
 from ..calibrate.options import CalibrationOptions
 
-_DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name != "data"}
+_DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name not in ("data", "device")}
 
 
 def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
@@ -31,4 +31,5 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None
         return None
     return CalibrationOptions(args.calib, samples=args.calib_samples, seq_len=args.calib_len, steps=args.calib_steps,
                               lr=args.calib_lr, loss=args.calib_loss, act_order=args.gptq_act_order,
-                              whiten=not args.gptq_no_whiten, allocation=args.gptq_allocation)
+                              whiten=not args.gptq_no_whiten, allocation=args.gptq_allocation,
+                              device=getattr(args, "device", "auto"))

@@ -120,6 +120,9 @@ class Codec:
     always_zero: ClassVar[bool] = False
     # False: pass-through storage, not counted among the compressed tensors (raw, zero).
     compresses: ClassVar[bool] = True
+    # Device types ``encode`` runs on (its math follows the delta's device, the encoded tensors may come
+    # back on it); compress(device=...) hands other codecs their delta on the CPU.
+    encode_devices: ClassVar[tuple[str, ...]] = ("cpu",)
 
     # -- settings -----------------------------------------------------------------------------------
     @classmethod

@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..devices import resolve_device
 from ..errors import CheckpointError, SettingsError
 from ..storage import write_text_atomic
 
@@ -333,6 +334,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
     from ..delta import load_delta
 
     t0 = time.perf_counter()
+    device = resolve_device(device)
     if batch_size < 1:
         raise SettingsError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:

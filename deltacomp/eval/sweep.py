@@ -51,7 +51,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
                 t0 = time.perf_counter()
                 try:
                     compress(base, finetuned, path, method=method, ratio=ratio, overwrite=True,
-                                       progress=progress, **extra)
+                             progress=progress, device=device, **extra)
                 except DeltacompError as exc:
                     skipped.append({"method": name, "ratio": ratio, "reason": str(exc)})
                     continue

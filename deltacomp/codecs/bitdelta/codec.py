@@ -28,6 +28,7 @@ class BitDeltaCodec(Codec):
     description = "1-bit sign of the delta times a scale (BitDelta)"
     reference = "https://arxiv.org/abs/2402.10193"
     fields = (r"signs(_\d+)?", r"scale(_\d+)?")
+    encode_devices = ("cpu", "cuda")  # a mean and a sign pack: nothing device-specific
     settings = (
         Setting("scale", str, "tensor", "one scale per tensor, or one per output row", choices=("tensor", "row")),
         Setting("masks", int, 1, "residual sign masks (bits per parameter)", check=lambda v: 1 <= v <= 16,

@@ -17,9 +17,9 @@ def ternary_ls_scale(delta: Tensor, enc: Encoded, h: Tensor) -> Encoded:
     against the delta on this data) is clamped to 0."""
     from .codec import TernaryCodec
 
-    scale = enc.tensors["scale"]
-    ones = Encoded(enc.codec, enc.shape, {**enc.tensors, "scale": torch.ones_like(scale)}, enc.params)
-    t = TernaryCodec().decode(ones).to(torch.float64)
+    scale = enc.tensors["scale"].to(h.device)  # enc may live on the CPU while delta and H are on a GPU
+    ones = Encoded(enc.codec, enc.shape, {**enc.tensors, "scale": torch.ones_like(enc.tensors["scale"])}, enc.params)
+    t = TernaryCodec().decode(ones).to(h.device, torch.float64)
     if t.dim() != 2:
         raise ValueError(f"ternary_ls_scale: a linear weight is 2-D, got shape {tuple(t.shape)}")
     th = t @ h.to(torch.float64)
