@@ -34,32 +34,36 @@ inline float widen(uint16_t v) {  // bf16 bit pattern -> float32 (exact)
 
 }  // namespace
 
-// Portable: GCC/Clang vector extensions, lowered to whatever the build target has (two SSE registers
-// on baseline x86-64, NEON on aarch64, scalar elsewhere). What DELTACOMP_ISA=portable runs.
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // V passed by value between inlined internal functions only
+// Portable: GCC/Clang vector extensions, two 4-float halves (16-byte vectors have a baseline ABI on
+// every target), lowered to whatever the build target has: SSE on baseline x86-64, NEON on aarch64,
+// scalar elsewhere. What DELTACOMP_ISA=portable runs.
 namespace portable {
 namespace {
-typedef float V __attribute__((vector_size(32)));
-inline V vzero() { return V{}; }
+typedef float V4 __attribute__((vector_size(16)));
+struct V {
+  V4 lo, hi;
+};
+inline V vzero() { return V{V4{}, V4{}}; }
 inline V vload(const float* p) {
   V v;
   std::memcpy(&v, p, sizeof v);  // unaligned
   return v;
 }
 inline V vload(const uint16_t* p) {
-  V v;
-  for (int i = 0; i < 8; ++i) v[i] = widen(p[i]);
-  return v;
+  float f[8];
+  for (int i = 0; i < 8; ++i) f[i] = widen(p[i]);
+  return vload(f);
 }
-inline V vset1(float a) { return V{a, a, a, a, a, a, a, a}; }
-inline V vfma(V a, V b, V c) { return a * b + c; }
-inline float vsum(V v) { return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7])); }
+inline V vset1(float a) { return V{V4{a, a, a, a}, V4{a, a, a, a}}; }
+inline V vfma(V a, V b, V c) { return V{a.lo * b.lo + c.lo, a.hi * b.hi + c.hi}; }
+inline float vsum(V v) {
+  const V4 q = v.lo + v.hi;
+  return (q[0] + q[2]) + (q[1] + q[3]);
+}
 inline V vsigns(uint8_t b) { return vload(kSignPM.v[b]); }
 #include "simd8_body.inc"
 }  // namespace
 }  // namespace portable
-#pragma GCC diagnostic pop
 
 #if DELTACOMP_X86_GCC
 #pragma GCC push_options
