@@ -9,7 +9,8 @@ their base layer's output, and functions that patch a model loaded from the base
 
 Linear weights whose delta is compressed (bitdelta, ternary, svd-mixed, lowrank, dare) are served from
 the packed form: ``DeltaLinear`` computes ``base(x) + codec term``, or for BitDelta over a plain fp32/bf16
-``nn.Linear`` one fused pass over the base weight and the signs (``sign_matmul_fused``). Everything else
+``nn.Linear`` one fused pass over the base weight and the signs (``sign_matmul_fused``) where that
+measured faster on this machine (``deltacomp.serve_dispatch``). Everything else
 in the file (raw embeddings and norms, biases, added tokens) is applied in place by
 ``deltacomp.api.apply_delta_`` and restored by ``unpatch_model``.
 
@@ -38,7 +39,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, serve_dispatch
 from .codecs import CodecName, Encoded, get_codec
 from .delta_file import DeltaFile, load_delta
 from .errors import DeltacompError
@@ -111,27 +112,32 @@ class DeltaLinear(nn.Module):
         self.base = base
         self.delta = DeltaTerm(encoded)
         self.in_features, self.out_features = k, n
-        # fused: None = whenever possible (a plain fp32/bf16 nn.Linear and one-mask BitDelta). Measured
-        # with benchmarks/kernels.py (CPU, 1 thread, 4096x4096 and 4096x11008, M = 1..128, fp32 and bf16
-        # W): the fused kernel beat base GEMM + sign_matmul at every M (1.0x-3.9x), and beat building
-        # W + scale * sign densely then one GEMM by 1.8x-23x, so there is no batch-size cutoff.
+        # fused: None = where possible (a plain fp32/bf16 nn.Linear and one-mask BitDelta), each batch
+        # taking whichever of fused / base + delta term measured faster on this machine for its shape
+        # (serve_dispatch); True = always fused; False = never.
         can_fuse = (type(base) is nn.Linear and base.weight.dtype in (torch.float32, torch.bfloat16)
                     and encoded.codec == CodecName.BITDELTA.value and int(encoded.params.get("masks", 1)) == 1)
         if fused and not can_fuse:
             raise ValueError("DeltaLinear: fused=True needs a plain fp32/bf16 nn.Linear and a one-mask bitdelta delta")
         self.fused = can_fuse if fused is None else bool(fused)
+        self.fused_measured = fused is None  # the fused path is taken where measured faster
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.fused:
-            d = self.delta
-            y = ops.sign_matmul_fused(x2, self.base.weight, d.tensor("signs"), d.tensor("scale"), self.in_features)
-            if self.base.bias is not None:
-                y = y + self.base.bias
-            return _out(y, lead)
-        y = self.base(x)
-        return y + _out(self.delta(x2), lead).to(y.dtype)
+        if self.fused and (not self.fused_measured or serve_dispatch.prefer_fused(
+                x2, self.base.weight, lambda: self._fused(x2), lambda: self._unfused(x2))):
+            return _out(self._fused(x2), lead)
+        return _out(self._unfused(x2), lead)
+
+    def _fused(self, x2: Tensor) -> Tensor:
+        d = self.delta
+        y = ops.sign_matmul_fused(x2, self.base.weight, d.tensor("signs"), d.tensor("scale"), self.in_features)
+        return y if self.base.bias is None else y + self.base.bias
+
+    def _unfused(self, x2: Tensor) -> Tensor:
+        y = self.base(x2)
+        return y + self.delta(x2).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"codec={self.delta.codec}, fused={self.fused}"
