@@ -21,7 +21,9 @@ dispatch (deltacomp/serve_dispatch.py) picks for that shape, and its time over t
     PYTHONPATH=. python benchmarks/kernels.py --shapes 4096x11008 --ms 1 --repeats 30
     PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only fused,multi --out serve_cpu_1thread.json
     PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only lowrank --out lowrank_cpu_1thread.json
-    PYTHONPATH=. python benchmarks/kernels.py --threads 1 --isa avx2 --shapes 4096x11008 --ms 1 --fused-ms 1
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        PYTHONPATH=. python benchmarks/kernels.py --threads 1 --isa avx2 --shapes 4096x11008 --ms 1 --fused-ms 1
+      (an AVX2 machine emulated on an AVX-512 one: the torch baselines limited to AVX2 as well)
 
 Shapes are N x K (output rows x reduction). Each implementation cycles through enough copies of its
 weights (and x) that together they exceed the last-level cache, so every call reads its weights from
@@ -410,7 +412,12 @@ def main(argv=None) -> None:
             "torch": torch.__version__, "avx512f": "avx512f" in open("/proc/cpuinfo").read()
             if os.path.exists("/proc/cpuinfo") else None,
             "loadavg_before": os.getloadavg(), "repeats": args.repeats,
-            "isa_requested": args.isa, "isa": ops.cpu_isa(), "cpu_flags": _cpu_flags(), "machine": platform.machine()}
+            "isa_requested": args.isa, "isa": ops.cpu_isa(), "cpu_flags": _cpu_flags(), "machine": platform.machine(),
+            # the torch baselines' own ISA limits (set them to emulate a CPU without AVX-512, see README)
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_isa_env": {v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                             "MKL_ENABLE_INSTRUCTIONS")}}
+    print(f"# torch baselines: cpu capability {info['torch_cpu_capability']}, {info['torch_isa_env']}")
     if args.isa and info["isa"] != args.isa:
         raise SystemExit(f"--isa {args.isa}: this CPU/build runs the {info['isa']} path instead (flags: "
                          f"{' '.join(info['cpu_flags'])}); nothing to measure")

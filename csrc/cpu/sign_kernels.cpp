@@ -176,7 +176,7 @@ void sign_matmul_multi_avx512(const float*, int64_t, const uint8_t*, int64_t, co
 // of x[8j .. 8j+8): table[j][b] = sum of x[8j + i] over the set bits i of b. A weight row then costs one
 // table load and one add per byte, no per-weight work: pos = sum_j table[j][packed[j]].
 // Tables are (k/8) x 1 KiB (L2-sized for k <= 8192), built in 256 adds per byte position.
-// Kept as a measured alternative (DELTACOMP_SIGN_KERNEL=lut, M = 1 only): with fp32 activations the
+// Kept as a measured alternative (DELTACOMP_SIGN_KERNEL=lut8, M = 1 only): with fp32 activations the
 // lookups are scalar gathers, while the SIMD paths spend about as many instructions per byte on loads
 // that stay in L1; benchmarks/kernels.py reports both (the README has the figures).
 void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n, const float* scale,
@@ -207,9 +207,12 @@ void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n
   }
 }
 
-bool want_lut() {  // read per call, like DELTACOMP_ISA
+// DELTACOMP_SIGN_KERNEL (read per call, like DELTACOMP_ISA): "simd" = the plain SIMD loops everywhere,
+// "lut8" = the byte-table variant above at m = 1; unset = the default per path (AVX2 at m = 1: the
+// 4-bit lookup-table kernel in simd8_kernels.cpp, measured faster than the plain loop).
+bool kernel_is(const char* name) {
   const char* v = std::getenv("DELTACOMP_SIGN_KERNEL");
-  return v && std::strcmp(v, "lut") == 0;
+  return v && std::strcmp(v, name) == 0;
 }
 
 }  // namespace
@@ -245,9 +248,9 @@ void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed
                      const float* scale, bool per_row, float* y) {
   if (m == 0 || n == 0) return;
   const Isa isa = active_isa();
-  const bool lut = m == 1 && want_lut();
+  const bool lut = m == 1 && kernel_is("lut8");
   if (isa != Isa::kAvx512 && !lut) {  // AVX2 / NEON / portable: signed weights, no row totals needed
-    simd8::sign_matmul(isa, x, m, k, packed, n, scale, per_row, y);
+    simd8::sign_matmul(isa, x, m, k, packed, n, scale, per_row, y, !kernel_is("simd"));
     return;
   }
   std::vector<double> totals(static_cast<size_t>(m));

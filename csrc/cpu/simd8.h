@@ -22,9 +22,10 @@ namespace simd8 {
 // Every entry point runs the AVX2 body for Isa::kAvx2 (x86-64 GCC builds), the NEON one for Isa::kNeon
 // (aarch64), and the portable body (GCC vector extensions) for anything else.
 
-// y (m, n) = x (m, k) @ (scale * sign)^T (see sign_kernels.h).
+// y (m, n) = x (m, k) @ (scale * sign)^T (see sign_kernels.h). lookup: on AVX2 with one x row (and
+// k >= 32), the lookup-table kernel (simd8_kernels.cpp) instead of the plain SIMD loop.
 void sign_matmul(Isa isa, const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
-                 const float* scale, bool per_row, float* y);
+                 const float* scale, bool per_row, float* y, bool lookup);
 
 // Multi-tenant sign matmul over gathered rows xs (see Segments); y rows through sg.order.
 void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packed, int64_t n, const float* scales,

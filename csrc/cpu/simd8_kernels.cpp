@@ -86,6 +86,123 @@ inline float vsum(V v) {
 }
 inline V vsigns(uint8_t b) { return _mm256_load_ps(kSignPM.v[b]); }
 #include "simd8_body.inc"
+
+// ---- lookup-table sign matmul, one x row (T-MAC / bitnet.cpp TL style, exact fp32) ------------------
+// Tables: for each group g of 4 consecutive x values, the 16 signed sums t[g][b] = sum_i (bit i of b ?
+// +x : -x)[4g + i], as two registers (entries 0-7, 8-15). Weights: 8 output rows at once, one 32-bit
+// lane per row holding that row's 32 sign bits of a 32-weight block (its 4 SIGNS bytes); nibble j of a
+// lane is the 4 signs of group j of the block. Per group: two vpermps look up all 8 rows' nibbles
+// (index = the low 3 bits), a blend on bit 3 picks the half, one add: about 8 instructions per 32
+// signed weights, where the plain loop (simd8_body.inc) spends 4 per 8. Rows come out one per lane, so
+// there is no horizontal sum either. x must have k >= 32 (one whole block); the last k % 32 weights are
+// added from the bytes, one row at a time.
+void lut_tables(const float* x, int64_t groups, float* t) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* xg = x + 4 * g;
+    float* tg = t + 16 * g;
+    tg[0] = -((xg[0] + xg[1]) + (xg[2] + xg[3]));
+    for (int b = 1; b < 16; ++b) {  // b = (b with its lowest set bit cleared) + that bit flipped to +
+      const int low = __builtin_ctz(b);
+      tg[b] = tg[b & (b - 1)] + 2.f * xg[low];
+    }
+  }
+}
+
+// 8 x 8 transpose of 32-bit lanes: in[r] lane b -> out[b] lane r.
+inline void transpose8(__m256i* v) {
+  const __m256i t0 = _mm256_unpacklo_epi32(v[0], v[1]), t1 = _mm256_unpackhi_epi32(v[0], v[1]);
+  const __m256i t2 = _mm256_unpacklo_epi32(v[2], v[3]), t3 = _mm256_unpackhi_epi32(v[2], v[3]);
+  const __m256i t4 = _mm256_unpacklo_epi32(v[4], v[5]), t5 = _mm256_unpackhi_epi32(v[4], v[5]);
+  const __m256i t6 = _mm256_unpacklo_epi32(v[6], v[7]), t7 = _mm256_unpackhi_epi32(v[6], v[7]);
+  const __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+  const __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+  const __m256i u4 = _mm256_unpacklo_epi64(t4, t6), u5 = _mm256_unpackhi_epi64(t4, t6);
+  const __m256i u6 = _mm256_unpacklo_epi64(t5, t7), u7 = _mm256_unpackhi_epi64(t5, t7);
+  v[0] = _mm256_permute2x128_si256(u0, u4, 0x20);
+  v[1] = _mm256_permute2x128_si256(u1, u5, 0x20);
+  v[2] = _mm256_permute2x128_si256(u2, u6, 0x20);
+  v[3] = _mm256_permute2x128_si256(u3, u7, 0x20);
+  v[4] = _mm256_permute2x128_si256(u0, u4, 0x31);
+  v[5] = _mm256_permute2x128_si256(u1, u5, 0x31);
+  v[6] = _mm256_permute2x128_si256(u2, u6, 0x31);
+  v[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
+}
+
+// acc[s] lane r += the 8 groups of one 32-weight block for S sets of 8 rows, whose sign lanes are v[s];
+// each table load (tb: 8 groups x 16 floats) serves all S sets.
+template <int S>
+inline void lut_block(const __m256i* v, const float* tb, __m256* acc) {
+  for (int j = 0; j < 8; ++j) {
+    const __m256 tlo = _mm256_loadu_ps(tb + 16 * j), thi = _mm256_loadu_ps(tb + 16 * j + 8);
+    for (int q = 0; q < S; ++q) {
+      const __m256i idx = _mm256_srli_epi32(v[q], 4 * j);  // vpermps reads the low 3 bits of each lane
+      const __m256 lo = _mm256_permutevar8x32_ps(tlo, idx), hi = _mm256_permutevar8x32_ps(thi, idx);
+      const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(v[q], 28 - 4 * j));  // bit 4j+3 -> sign bit
+      acc[2 * q + (j & 1)] = _mm256_add_ps(acc[2 * q + (j & 1)], _mm256_blendv_ps(lo, hi, pick));
+    }
+  }
+}
+
+// Lanes of 8 rows for blocks b .. b+7: row r's 32 bytes at b, transposed so out[q] lane r = block b + q.
+inline void load_lanes8(const uint8_t* const* row, int64_t b, __m256i* out) {
+  for (int r = 0; r < 8; ++r) out[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + 4 * b));
+  transpose8(out);
+}
+
+inline __m256i load_lanes1(const uint8_t* const* row, int64_t b) {
+  uint32_t lane[8];
+  for (int r = 0; r < 8; ++r) std::memcpy(&lane[r], row[r] + 4 * b, 4);
+  return _mm256_setr_epi32(static_cast<int>(lane[0]), static_cast<int>(lane[1]), static_cast<int>(lane[2]),
+                           static_cast<int>(lane[3]), static_cast<int>(lane[4]), static_cast<int>(lane[5]),
+                           static_cast<int>(lane[6]), static_cast<int>(lane[7]));
+}
+
+// out[r] = x . sign[r] for 8 * S rows over `blocks` 32-weight blocks (row stride nb), tables t. Rows are
+// read 256 weights (32 bytes) at a time and transposed in registers, so each lane holds one row.
+template <int S>
+void lut_tile(const float* t, int64_t blocks, const uint8_t* packed, int64_t nb, int rows, float* out) {
+  __m256 acc[2 * S];  // two chains per set of 8 rows hide the add latency
+  for (auto& a : acc) a = _mm256_setzero_ps();
+  const uint8_t* row[8 * S];
+  for (int r = 0; r < 8 * S; ++r) row[r] = packed + (r < rows ? r : 0) * nb;  // a ragged tile repeats row 0
+  int64_t b = 0;
+  for (; b + 8 <= blocks; b += 8) {
+    __m256i v[S][8];
+    for (int q = 0; q < S; ++q) load_lanes8(row + 8 * q, b, v[q]);
+    for (int i = 0; i < 8; ++i) {
+      __m256i vi[S];
+      for (int q = 0; q < S; ++q) vi[q] = v[q][i];
+      lut_block<S>(vi, t + 128 * (b + i), acc);
+    }
+  }
+  for (; b < blocks; ++b) {
+    __m256i vi[S];
+    for (int q = 0; q < S; ++q) vi[q] = load_lanes1(row + 8 * q, b);
+    lut_block<S>(vi, t + 128 * b, acc);
+  }
+  for (int q = 0; q < S; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_add_ps(acc[2 * q], acc[2 * q + 1]));
+}
+
+void sign_lut_m1(const float* x, int64_t k, const uint8_t* packed, int64_t n, const float* scale, bool per_row,
+                 float* y, float* tables) {
+  const int64_t nb = bytes_per_row(k), blocks = k / 32;
+  lut_tables(x, 8 * blocks, tables);
+  constexpr int kSets = 2;  // 8-row sets per tile: each table load serves 16 rows (measured: 1 -> 2 sets, 3% faster)
+  const int64_t tiles = (n + 8 * kSets - 1) / (8 * kSets);
+#pragma omp parallel for schedule(dynamic, 2) if (n * k >= kParallelMinWork)
+  for (int64_t ti = 0; ti < tiles; ++ti) {
+    const int64_t n0 = 8 * kSets * ti;
+    const int rows = static_cast<int>(std::min<int64_t>(8 * kSets, n - n0));
+    float out[8 * kSets];
+    lut_tile<kSets>(tables, blocks, packed + n0 * nb, nb, rows, out);
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* pr = packed + (n0 + r) * nb;
+      float v = out[r];
+      for (int64_t c = 32 * blocks; c < k; ++c) v += ((pr[c >> 3] >> (c & 7)) & 1u) ? x[c] : -x[c];
+      y[n0 + r] = scale[per_row ? n0 + r : 0] * v;
+    }
+  }
+}
 }  // namespace
 }  // namespace avx2
 #pragma GCC pop_options
@@ -128,7 +245,15 @@ inline V vsigns(uint8_t b) { return vload(kSignPM.v[b]); }
 #endif
 
 void sign_matmul(Isa isa, const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
-                 const float* scale, bool per_row, float* y) {
+                 const float* scale, bool per_row, float* y, bool lookup) {
+#if DELTACOMP_X86_GCC
+  if (isa == Isa::kAvx2 && lookup && m == 1 && k >= 32) {
+    std::vector<float> tables(static_cast<size_t>(k / 32) * 128);
+    avx2::sign_lut_m1(x, k, packed, n, scale, per_row, y, tables.data());
+    return;
+  }
+#endif
+  (void)lookup;
   DELTACOMP_SIMD8_CALL(isa, sign_entry, x, m, k, packed, n, scale, per_row, y);
 }
 
