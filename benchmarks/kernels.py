@@ -119,9 +119,11 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
             "dense_fp32": lambda i: xs[i % 8] @ dense[i % len(dense)].T,
             "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % len(dense16)].T,
         }
-        if lut and m == 1:  # the lookup-table variant (csrc/cpu/sign_kernels.cpp), one x row only
-            impls["sign_matmul_lut"] = _with_env("DELTACOMP_SIGN_KERNEL", "lut", impls["sign_matmul"])
-            _check(impls["sign_matmul_lut"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k), "sign_matmul (lut)")
+        if lut and m == 1:  # the other kernels of one x row (csrc/cpu/sign_kernels.h): plain SIMD, byte tables
+            for variant in ("simd", "lut8"):
+                impls[f"sign_matmul_{variant}"] = _with_env("DELTACOMP_SIGN_KERNEL", variant, impls["sign_matmul"])
+                _check(impls[f"sign_matmul_{variant}"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k),
+                       f"sign_matmul ({variant})")
         if naive:
             impls["naive_unpack_matmul"] = lambda i: ops.sign_matmul_ref(xs[i % 8], packed[i % len(packed)], scale, k)
         # correctness guard: a fast wrong kernel must not produce a table
@@ -136,8 +138,9 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
                "speedup_vs_dense_fp32": med["dense_fp32"] / med["sign_matmul"],
                "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["sign_matmul"],
                "speedup_vs_dense_bf16": med["dense_bf16"] / med["sign_matmul"]}
-        if "sign_matmul_lut" in med:
-            row["lut_over_simd"] = med["sign_matmul_lut"] / med["sign_matmul"]
+        if "sign_matmul_lut8" in med:  # each variant's time over the default kernel's
+            row["simd_over_default"] = med["sign_matmul_simd"] / med["sign_matmul"]
+            row["lut8_over_default"] = med["sign_matmul_lut8"] / med["sign_matmul"]
         if naive:
             row["speedup_vs_naive"] = med["naive_unpack_matmul"] / med["sign_matmul"]
         rows.append(row)
@@ -385,7 +388,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the unpack-then-matmul reference")
-    ap.add_argument("--no-lut", action="store_true", help="skip the lookup-table sign kernel (M=1 rows)")
+    ap.add_argument("--no-lut", action="store_true", help="skip the other sign kernels of one x row (simd, lut8)")
     ap.add_argument("--isa", choices=("avx512", "avx2", "neon", "portable"), default=None,
                     help="force this CPU code path of the deltacomp kernels (sets DELTACOMP_ISA; default: the "
                     "best the CPU has)")

@@ -297,7 +297,7 @@ void sign_matmul_multi_f32(const float* x, int64_t m, int64_t k, const uint8_t* 
   const int64_t work = used * n * k;
   const Isa isa = active_isa();
   if (isa != Isa::kAvx512) {
-    simd8::sign_matmul_multi(isa, xs.data(), k, packed, n, scales, per_row, sg, y, work);
+    simd8::sign_matmul_multi(isa, xs.data(), k, packed, n, scales, per_row, sg, y, work, !kernel_is("simd"));
     return;
   }
   std::vector<double> totals(static_cast<size_t>(used));

@@ -28,8 +28,9 @@ void sign_matmul(Isa isa, const float* x, int64_t m, int64_t k, const uint8_t* p
                  const float* scale, bool per_row, float* y, bool lookup);
 
 // Multi-tenant sign matmul over gathered rows xs (see Segments); y rows through sg.order.
+// lookup: on AVX2, tenants with one row take the one-row lookup-table kernel.
 void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packed, int64_t n, const float* scales,
-                       bool per_row, const Segments& sg, float* y, int64_t work);
+                       bool per_row, const Segments& sg, float* y, int64_t work, bool lookup);
 
 // y (m, n) = x (m, k) @ (w + scale * sign)^T, w fp32 or bf16 bit patterns (see serve_kernels.h).
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const float* w, const uint8_t* packed,

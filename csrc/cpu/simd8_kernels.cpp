@@ -258,7 +258,30 @@ void sign_matmul(Isa isa, const float* x, int64_t m, int64_t k, const uint8_t* p
 }
 
 void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packed, int64_t n, const float* scales,
-                       bool per_row, const Segments& sg, float* y, int64_t work) {
+                       bool per_row, const Segments& sg, float* y, int64_t work, bool lookup) {
+#if DELTACOMP_X86_GCC
+  if (isa == Isa::kAvx2 && lookup && k >= 32) {
+    // Decode batches: a tenant with one row takes the one-row lookup-table kernel (its output row is
+    // contiguous in y); tenants with several rows keep the tiled loop, which shares each sign load.
+    std::vector<float> tables(static_cast<size_t>(k / 32) * 128);
+    const int64_t nb = bytes_per_row(k);
+    Segments one;  // a tenant with several rows, alone
+    one.order = sg.order;
+    for (size_t s = 0; s < sg.seg_t.size(); ++s) {
+      const int64_t t = sg.seg_t[s], j0 = sg.seg_start[s], j1 = sg.seg_start[s + 1];
+      if (j1 - j0 == 1) {
+        avx2::sign_lut_m1(xs + j0 * k, k, packed + t * n * nb, n, scales + (per_row ? t * n : t), per_row,
+                          y + sg.order[j0] * n, tables.data());
+      } else {
+        one.seg_t = {t};
+        one.seg_start = {j0, j1};
+        avx2::multi(xs, k, packed, n, scales, per_row, one, y, work);
+      }
+    }
+    return;
+  }
+#endif
+  (void)lookup;
   DELTACOMP_SIMD8_CALL(isa, multi, xs, k, packed, n, scales, per_row, sg, y, work);
 }
 
