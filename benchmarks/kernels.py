@@ -159,9 +159,11 @@ def _time(impls: dict, repeats: int) -> tuple[dict, dict]:
     for fn in impls.values():
         fn(0)
     for i in range(repeats):
-        for name, fn in impls.items():
+        for j, (name, fn) in enumerate(impls.items()):
             t0 = time.perf_counter()
-            fn(i + 1)
+            # a different copy index per call: implementations sharing weights (the signs of sign_matmul and
+            # its variants, of fused and base + term) must not find the copy the previous one just read in cache
+            fn(1 + i * len(impls) + j)
             times[name].append(time.perf_counter() - t0)
     return ({name: statistics.median(ts) * 1e3 for name, ts in times.items()},
             {name: min(ts) * 1e3 for name, ts in times.items()})

@@ -176,9 +176,9 @@ void sign_matmul_multi_avx512(const float*, int64_t, const uint8_t*, int64_t, co
 // of x[8j .. 8j+8): table[j][b] = sum of x[8j + i] over the set bits i of b. A weight row then costs one
 // table load and one add per byte, no per-weight work: pos = sum_j table[j][packed[j]].
 // Tables are (k/8) x 1 KiB (L2-sized for k <= 8192), built in 256 adds per byte position.
-// Kept as a measured alternative (DELTACOMP_SIGN_KERNEL=lut8, M = 1 only): with fp32 activations the
-// lookups are scalar gathers, while the SIMD paths spend about as many instructions per byte on loads
-// that stay in L1; benchmarks/kernels.py reports both (the README has the figures).
+// The portable path's kernel at M = 1 (DELTACOMP_SIGN_KERNEL=lut8 forces it elsewhere): with fp32
+// activations the lookups are scalar, so the AVX-512 / AVX2 kernels are faster, but the portable loop is
+// slower still; benchmarks/kernels.py reports each (the README has the figures).
 void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n, const float* scale,
                      bool per_row, float* y, double total) {
   const int64_t nb = bytes_per_row(k), full = k / 8;
@@ -208,8 +208,9 @@ void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n
 }
 
 // DELTACOMP_SIGN_KERNEL (read per call, like DELTACOMP_ISA): "simd" = the plain SIMD loops everywhere,
-// "lut8" = the byte-table variant above at m = 1; unset = the default per path (AVX2 at m = 1: the
-// 4-bit lookup-table kernel in simd8_kernels.cpp, measured faster than the plain loop).
+// "lut8" = the byte-table variant above at m = 1; unset = the default per path at m = 1: AVX2 the 4-bit
+// lookup-table kernel (simd8_kernels.cpp), portable the byte tables, each measured faster than the
+// plain loop there.
 bool kernel_is(const char* name) {
   const char* v = std::getenv("DELTACOMP_SIGN_KERNEL");
   return v && std::strcmp(v, name) == 0;
@@ -248,7 +249,9 @@ void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed
                      const float* scale, bool per_row, float* y) {
   if (m == 0 || n == 0) return;
   const Isa isa = active_isa();
-  const bool lut = m == 1 && kernel_is("lut8");
+  // byte tables at one x row: asked for, or the portable path's default (measured 1.0x-1.2x faster than
+  // its plain loop, README; on AVX-512 and AVX2 they were 1.6x-4.6x slower than those paths' kernels)
+  const bool lut = m == 1 && (kernel_is("lut8") || (isa == Isa::kPortable && !kernel_is("simd")));
   if (isa != Isa::kAvx512 && !lut) {  // AVX2 / NEON / portable: signed weights, no row totals needed
     simd8::sign_matmul(isa, x, m, k, packed, n, scale, per_row, y, !kernel_is("simd"));
     return;
