@@ -6,15 +6,24 @@
 - sign_matmul_multi (T deltas, one x row each: the decode batch of T tenants) vs T separate dense fp32
   matmuls (T full fine-tunes) and vs T separate sign_matmul calls;
 - kbit_lowrank_matmul (svd-mixed at --lowrank-ratio with the default 8/3/2-bit allocation, through
-  SvdMixedCodec.matmul: one op call per bit-width group; ``lowrank_op_generic``: its portable path with
-  the AVX2 decode, what an AVX2-only CPU runs) vs torch fp32 dense ``x @ W.T``, vs the
+  SvdMixedCodec.matmul: one op call per bit-width group) vs torch fp32 dense ``x @ W.T``, vs the
   Python dequantize-then-matmul path it replaced, and vs the bytes-moved bound (the packed bytes at the
-  read bandwidth measured in the same run: a single ``sum`` over a 256 MB tensor).
+  read bandwidth measured in the same run: a single ``sum`` over a 256 MB tensor);
+- ternary_matmul (TERNARY_CSR at --ternary-density) vs torch fp32 and bf16 dense.
+
+Every op is also timed against torch bf16 dense ``x @ W.T`` (bf16 x and W). ``--isa avx512|avx2|neon|
+portable`` forces the CPU code path of the deltacomp kernels (it sets DELTACOMP_ISA; the torch baselines
+are unchanged); the JSON records the path taken, the CPU model and its SIMD flags. One run per path
+gives the README's per-path columns. The fused rows also record which path DeltaLinear's measured
+dispatch (deltacomp/serve/dispatch.py) picks for that shape, and its time over the dense base.
 
     PYTHONPATH=. python benchmarks/kernels.py --out kernels_cpu.json
     PYTHONPATH=. python benchmarks/kernels.py --shapes 4096x11008 --ms 1 --repeats 30
     PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only fused,multi --out serve_cpu_1thread.json
     PYTHONPATH=. python benchmarks/kernels.py --threads 1 --only lowrank --out lowrank_cpu_1thread.json
+    ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2 \
+        PYTHONPATH=. python benchmarks/kernels.py --threads 1 --isa avx2 --shapes 4096x11008 --ms 1 --fused-ms 1
+      (an AVX2 machine emulated on an AVX-512 one: the torch baselines limited to AVX2 as well)
 
 Shapes are N x K (output rows x reduction). Each implementation cycles through enough copies of its
 weights (and x) that together they exceed the last-level cache, so every call reads its weights from
@@ -35,8 +44,9 @@ import time
 
 import torch
 
-from deltacomp.codecs.svd_mixed import allocation as al
 from deltacomp import ops
+from deltacomp.codecs.svd_mixed import allocation as al
+from deltacomp.serve import dispatch as serve_dispatch
 from deltacomp.codecs import get_codec
 from deltacomp.codecs.base import Encoded
 from deltacomp.quant.rtn import n_groups
@@ -56,41 +66,65 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
+               "avx512_vnni", "amx_bf16", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm")
+
+
+def _cpu_flags() -> list[str]:
+    """The SIMD-related flags of the CPU (x86 "flags", Arm "Features" in /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [fl for fl in _SIMD_FLAGS if fl in have]
+    except OSError:
+        pass
+    return []
+
+
 def _copies(nbytes: int, max_copies: int = 64) -> int:
     return max(2, min(max_copies, -(-CACHE_BYTES // max(nbytes, 1))))
 
 
-def _with_isa(isa: str, fn):
+def _with_env(name: str, value: str, fn):
+    """fn run with environment variable ``name`` set to ``value`` (the kernels read it on every call)."""
     def run(i):
-        old = os.environ.get("DELTACOMP_CPU_ISA")
-        os.environ["DELTACOMP_CPU_ISA"] = isa
+        old = os.environ.get(name)
+        os.environ[name] = value
         try:
             return fn(i)
         finally:
             if old is None:
-                del os.environ["DELTACOMP_CPU_ISA"]
+                del os.environ[name]
             else:
-                os.environ["DELTACOMP_CPU_ISA"] = old
+                os.environ[name] = old
     return run
 
 
-def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generic: bool,
+def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: bool,
                 bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(n, k, generator=g)
     dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]  # 4 x 180 MB at most
+    dense16 = [w.bfloat16() for w in dense]
     p0 = ops.pack_signs_ref(w0)
     packed = [p0] + [p0.clone() for _ in range(_copies(p0.nbytes) - 1)]
     scale = torch.rand(n, generator=g)
     rows = []
     for m in ms:
         xs = [torch.randn(m, k, generator=g) for _ in range(8)]
+        xs16 = [x.bfloat16() for x in xs]
         impls = {
             "sign_matmul": lambda i: torch.ops.deltacomp.sign_matmul(xs[i % 8], packed[i % len(packed)], scale, k),
             "dense_fp32": lambda i: xs[i % 8] @ dense[i % len(dense)].T,
+            "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % len(dense16)].T,
         }
-        if generic:
-            impls["sign_matmul_generic"] = _with_isa("generic", impls["sign_matmul"])
+        if lut and m == 1:  # the other kernels of one x row (csrc/cpu/sign_kernels.h): plain SIMD, byte tables
+            for variant in ("simd", "lut8"):
+                impls[f"sign_matmul_{variant}"] = _with_env("DELTACOMP_SIGN_KERNEL", variant, impls["sign_matmul"])
+                _check(impls[f"sign_matmul_{variant}"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k),
+                       f"sign_matmul ({variant})")
         if naive:
             impls["naive_unpack_matmul"] = lambda i: ops.sign_matmul_ref(xs[i % 8], packed[i % len(packed)], scale, k)
         # correctness guard: a fast wrong kernel must not produce a table
@@ -103,12 +137,17 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, generi
                "packed_bytes": p0.nbytes, "bytes_bound_ms": bound_ms,
                "op_over_bytes_bound": med["sign_matmul"] / bound_ms,
                "speedup_vs_dense_fp32": med["dense_fp32"] / med["sign_matmul"],
-               "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["sign_matmul"]}
+               "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["sign_matmul"],
+               "speedup_vs_dense_bf16": med["dense_bf16"] / med["sign_matmul"]}
+        if "sign_matmul_lut8" in med:  # each variant's time over the default kernel's
+            row["simd_over_default"] = med["sign_matmul_simd"] / med["sign_matmul"]
+            row["lut8_over_default"] = med["sign_matmul_lut8"] / med["sign_matmul"]
         if naive:
             row["speedup_vs_naive"] = med["naive_unpack_matmul"] / med["sign_matmul"]
         rows.append(row)
         print(f"{n:>6}x{k:<6} M={m:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
               + f"  dense/sign={row['speedup_vs_dense_fp32']:6.1f}x (min: {row['speedup_vs_dense_fp32_min']:.1f}x)"
+              + f"  bf16/sign={row['speedup_vs_dense_bf16']:5.1f}x"
               + (f"  naive/sign={row['speedup_vs_naive']:6.1f}x" if naive else "")
               + f"  sign/bound={row['op_over_bytes_bound']:5.1f}", flush=True)
     return rows
@@ -121,9 +160,11 @@ def _time(impls: dict, repeats: int) -> tuple[dict, dict]:
     for fn in impls.values():
         fn(0)
     for i in range(repeats):
-        for name, fn in impls.items():
+        for j, (name, fn) in enumerate(impls.items()):
             t0 = time.perf_counter()
-            fn(i + 1)
+            # a different copy index per call: implementations sharing weights (the signs of sign_matmul and
+            # its variants, of fused and base + term) must not find the copy the previous one just read in cache
+            fn(1 + i * len(impls) + j)
             times[name].append(time.perf_counter() - t0)
     return ({name: statistics.median(ts) * 1e3 for name, ts in times.items()},
             {name: min(ts) * 1e3 for name, ts in times.items()})
@@ -140,36 +181,49 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -
     w0 = torch.randn(n, k, generator=g)
     p0 = ops.pack_signs_ref(torch.randn(n, k, generator=g))
     scale = torch.rand((), generator=g)
+    copies = _copies(w0.nbytes + p0.nbytes, 8)
+    ws = {torch.float32: [w0] + [w0.clone() for _ in range(copies - 1)]}
+    ws[torch.bfloat16] = [w.bfloat16() for w in ws[torch.float32]]
+    ps = [p0] + [p0.clone() for _ in range(copies - 1)]
+    c = copies
     rows = []
     for wdtype in (torch.float32, torch.bfloat16):
-        wb = w0.to(wdtype)
-        copies = _copies(wb.nbytes + p0.nbytes, 8)
-        ws = [wb] + [wb.clone() for _ in range(copies - 1)]
-        ps = [p0] + [p0.clone() for _ in range(copies - 1)]
+        wl = ws[wdtype]
         for m in ms:
-            xs = [torch.randn(m, k, generator=g).to(wdtype) for _ in range(8)]
-            c = len(ws)
+            xs = [torch.randn(m, k, generator=g) for _ in range(8)]
+            xs16 = [x.bfloat16() for x in xs]
+            xw = xs if wdtype == torch.float32 else xs16
+            fused = lambda i: torch.ops.deltacomp.sign_matmul_fused(xw[i % 8], wl[i % c], ps[i % c], scale, k)  # noqa: E731
+            unfused = lambda i: xw[i % 8] @ wl[i % c].T + ops.sign_matmul(xw[i % 8], ps[i % c], scale, k)  # noqa: E731
             impls = {
-                "fused": lambda i: torch.ops.deltacomp.sign_matmul_fused(xs[i % 8], ws[i % c], ps[i % c], scale, k),
-                "dense_plus_sign": lambda i: (xs[i % 8] @ ws[i % c].T
-                                              + torch.ops.deltacomp.sign_matmul(xs[i % 8], ps[i % c], scale, k)),
-                "dense_base": lambda i: xs[i % 8] @ ws[i % c].T,
+                "fused": fused,
+                "dense_plus_sign": unfused,
+                "dense_fp32": lambda i: xs[i % 8] @ ws[torch.float32][i % c].T,
+                "dense_bf16": lambda i: xs16[i % 8] @ ws[torch.bfloat16][i % c].T,
             }
-            _check(impls["fused"](0), ops.sign_matmul_fused_ref(xs[0], ws[0], ps[0], scale, k), "sign_matmul_fused")
+            _check(fused(0), ops.sign_matmul_fused_ref(xw[0], wl[0], ps[0], scale, k), "sign_matmul_fused")
+            # what DeltaLinear's measured dispatch picks for this shape (it times both paths once)
+            chosen = "fused" if serve_dispatch.prefer_fused(xw[0], wl[0], lambda: fused(1), lambda: unfused(1)) \
+                else "dense_plus_sign"
             med, low = _time(impls, repeats)
-            bound_ms = _bound_ms(wb.nbytes + p0.nbytes, bandwidth)
+            base = "dense_fp32" if wdtype == torch.float32 else "dense_bf16"
+            bound_ms = _bound_ms(wl[0].nbytes + p0.nbytes, bandwidth)
             row = {"op": "sign_matmul_fused", "n": n, "k": k, "m": m, "w_dtype": str(wdtype).split(".")[-1],
                    "median_ms": med, "min_ms": low, "bytes_bound_ms": bound_ms,
                    "fused_over_bytes_bound": med["fused"] / bound_ms,
-                   "fused_over_dense": med["fused"] / med["dense_base"],
-                   "unfused_over_dense": med["dense_plus_sign"] / med["dense_base"],
-                   "speedup_fused_vs_unfused": med["dense_plus_sign"] / med["fused"]}
+                   "fused_over_dense": med["fused"] / med[base],
+                   "fused_over_dense_fp32": med["fused"] / med["dense_fp32"],
+                   "fused_over_dense_bf16": med["fused"] / med["dense_bf16"],
+                   "unfused_over_dense": med["dense_plus_sign"] / med[base],
+                   "speedup_fused_vs_unfused": med["dense_plus_sign"] / med["fused"],
+                   "deltalinear_path": chosen, "deltalinear_over_dense": med[chosen] / med[base],
+                   "deltalinear_over_best": med[chosen] / min(med["fused"], med["dense_plus_sign"])}
             rows.append(row)
             print(f"fused {n:>6}x{k:<6} M={m:<3} W={row['w_dtype']:<8} " + "  ".join(
                 f"{nm}={t:8.3f}ms" for nm, t in med.items())
                 + f"  fused/dense={row['fused_over_dense']:5.2f}  unfused/dense={row['unfused_over_dense']:5.2f}"
-                + f"  fused/bound={row['fused_over_bytes_bound']:5.2f}",
-                flush=True)
+                + f"  fused/bound={row['fused_over_bytes_bound']:5.2f}  DeltaLinear: {chosen}"
+                + f" ({row['deltalinear_over_best']:.2f}x the faster)", flush=True)
     return rows
 
 
@@ -263,15 +317,17 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
                      for _ in range(_copies(enc0.nbytes) - 1)]
     w0 = torch.randn(n, k, generator=g)
     dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
+    dense16 = [w.bfloat16() for w in dense]
     ne, nd = len(encs), len(dense)
     rows = []
     for m in ms:
         xs = [torch.randn(m, k, generator=g) for _ in range(8)]
+        xs16 = [x.bfloat16() for x in xs]
         impls = {
             "lowrank_op": lambda i: codec.matmul(xs[i % 8], encs[i % ne]),
-            "lowrank_op_generic": _with_isa("generic", lambda i: codec.matmul(xs[i % 8], encs[i % ne])),
             "python_dequant": lambda i: _dequant_matmul(codec, xs[i % 8], encs[i % ne]),
             "dense_fp32": lambda i: xs[i % 8] @ dense[i % nd].T,
+            "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % nd].T,
         }
         _check(impls["lowrank_op"](0), _dequant_matmul(codec, xs[0], encs[0]), "kbit_lowrank_matmul")
         med, low = _time(impls, repeats)
@@ -281,12 +337,48 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
                "median_ms": med, "min_ms": low,
                "speedup_vs_dense_fp32": med["dense_fp32"] / med["lowrank_op"],
                "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["lowrank_op"],
+               "speedup_vs_dense_bf16": med["dense_bf16"] / med["lowrank_op"],
                "speedup_vs_python_dequant": med["python_dequant"] / med["lowrank_op"],
                "op_over_bytes_bound": med["lowrank_op"] / bound_ms}
         rows.append(row)
         print(f"lowrank {n:>6}x{k:<6} M={m:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
               + f"  bound={bound_ms:6.3f}ms  dense/op={row['speedup_vs_dense_fp32']:5.1f}x"
               + f" (min: {row['speedup_vs_dense_fp32_min']:.1f}x)  py/op={row['speedup_vs_python_dequant']:5.1f}x"
+              + f"  op/bound={row['op_over_bytes_bound']:5.1f}", flush=True)
+    return rows
+
+
+def bench_ternary(n: int, k: int, ms: list[int], repeats: int, density: float, bandwidth: float) -> list[dict]:
+    """ternary_matmul on a random TERNARY_CSR form with ``density`` of the weights nonzero."""
+    g = torch.Generator().manual_seed(4)
+    pos = (torch.rand(n * k, generator=g) < density).nonzero().reshape(-1)
+    signs = torch.rand(pos.numel(), generator=g) < 0.5
+    rt0 = ops.ternary_runtime(pos, signs, (n, k))
+    rts = [rt0] + [tuple(t.clone() for t in rt0) for _ in range(_copies(sum(t.nbytes for t in rt0)) - 1)]
+    scale = torch.rand((), generator=g)
+    w0 = torch.randn(n, k, generator=g)
+    dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
+    dense16 = [w.bfloat16() for w in dense]
+    nr, nd = len(rts), len(dense)
+    rows = []
+    for m in ms:
+        xs = [torch.randn(m, k, generator=g) for _ in range(8)]
+        xs16 = [x.bfloat16() for x in xs]
+        impls = {
+            "ternary": lambda i: torch.ops.deltacomp.ternary_matmul(xs[i % 8], *rts[i % nr], scale, k),
+            "dense_fp32": lambda i: xs[i % 8] @ dense[i % nd].T,
+            "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % nd].T,
+        }
+        _check(impls["ternary"](0), ops.ternary_matmul_ref(xs[0], *rts[0], scale, k), "ternary_matmul")
+        med, low = _time(impls, repeats)
+        bound_ms = _bound_ms(sum(t.nbytes for t in rt0), bandwidth)
+        row = {"op": "ternary_matmul", "n": n, "k": k, "m": m, "density": density, "median_ms": med, "min_ms": low,
+               "bytes_bound_ms": bound_ms, "op_over_bytes_bound": med["ternary"] / bound_ms,
+               "speedup_vs_dense_fp32": med["dense_fp32"] / med["ternary"],
+               "speedup_vs_dense_bf16": med["dense_bf16"] / med["ternary"]}
+        rows.append(row)
+        print(f"ternary {n:>6}x{k:<6} M={m:<3} " + "  ".join(f"{nm}={t:8.3f}ms" for nm, t in med.items())
+              + f"  dense/op={row['speedup_vs_dense_fp32']:5.1f}x  bf16/op={row['speedup_vs_dense_bf16']:5.1f}x"
               + f"  op/bound={row['op_over_bytes_bound']:5.1f}", flush=True)
     return rows
 
@@ -299,8 +391,13 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--no-naive", action="store_true", help="skip the unpack-then-matmul reference")
-    ap.add_argument("--no-generic", action="store_true", help="skip the portable (non-AVX-512) kernel path")
-    ap.add_argument("--only", default="sign,fused,multi", help="which benchmarks: sign, fused, multi, lowrank")
+    ap.add_argument("--no-lut", action="store_true", help="skip the other sign kernels of one x row (simd, lut8)")
+    ap.add_argument("--isa", choices=("avx512", "avx2", "neon", "portable"), default=None,
+                    help="force this CPU code path of the deltacomp kernels (sets DELTACOMP_ISA; default: the "
+                    "best the CPU has)")
+    ap.add_argument("--only", default="sign,fused,multi",
+                    help="which benchmarks: sign, fused, multi, lowrank, ternary")
+    ap.add_argument("--ternary-density", type=float, default=0.05, help="nonzero fraction of the ternary delta")
     ap.add_argument("--fused-ms", default="1,2,4,16", help="rows of x for the fused op")
     ap.add_argument("--multi-shapes", default="4096x4096", help="N x K for the multi-tenant op")
     ap.add_argument("--tenants", default="1,4,16,64", help="deltas in one decode batch (one row each)")
@@ -311,6 +408,8 @@ def main(argv=None) -> None:
     if not ops.HAS_EXTENSION:
         raise SystemExit(f"the C++ extension is not built ({ops._EXT_ERROR}); build it first: "
                          "python setup.py build_ext --inplace")
+    if args.isa:
+        os.environ["DELTACOMP_ISA"] = args.isa
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
@@ -318,8 +417,18 @@ def main(argv=None) -> None:
     info = {"device": "cpu", "cpu": _cpu_name(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "avx512f": "avx512f" in open("/proc/cpuinfo").read()
             if os.path.exists("/proc/cpuinfo") else None,
-            "loadavg_before": os.getloadavg(), "repeats": args.repeats}
-    print(f"# {info['cpu']}, {info['threads']} threads, torch {info['torch']}, load {info['loadavg_before']}")
+            "loadavg_before": os.getloadavg(), "repeats": args.repeats,
+            "isa_requested": args.isa, "isa": ops.cpu_isa(), "cpu_flags": _cpu_flags(), "machine": platform.machine(),
+            # the torch baselines' own ISA limits (set them to emulate a CPU without AVX-512, see README)
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "torch_isa_env": {v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
+                                                             "MKL_ENABLE_INSTRUCTIONS")}}
+    print(f"# torch baselines: cpu capability {info['torch_cpu_capability']}, {info['torch_isa_env']}")
+    if args.isa and info["isa"] != args.isa:
+        raise SystemExit(f"--isa {args.isa}: this CPU/build runs the {info['isa']} path instead (flags: "
+                         f"{' '.join(info['cpu_flags'])}); nothing to measure")
+    print(f"# {info['cpu']} ({' '.join(info['cpu_flags'])}), deltacomp path {info['isa']}, {info['threads']} threads, "
+          f"torch {info['torch']}, load {info['loadavg_before']}")
     only = set(args.only.split(","))
     bw = _read_bandwidth()
     print(f"# read bandwidth {bw / 1e9:.2f} GB/s (sum over 256 MB): the bytes-moved bounds use it")
@@ -327,7 +436,7 @@ def main(argv=None) -> None:
     rows = []
     for n, k in shapes:
         if "sign" in only:
-            rows += bench_shape(n, k, ms, args.repeats, not args.no_naive, not args.no_generic, bw)
+            rows += bench_shape(n, k, ms, args.repeats, not args.no_naive, not args.no_lut, bw)
         if "fused" in only:
             rows += bench_fused(n, k, [int(v) for v in args.fused_ms.split(",")], args.repeats, bw)
     if "multi" in only:
@@ -338,7 +447,11 @@ def main(argv=None) -> None:
         for spec in (args.lowrank_shapes or args.shapes).split(","):
             n, k = (int(v) for v in spec.lower().split("x"))
             rows += bench_lowrank(n, k, ms, args.repeats, args.lowrank_ratio, bw)
+    if "ternary" in only:
+        for n, k in shapes:
+            rows += bench_ternary(n, k, ms, args.repeats, args.ternary_density, bw)
     info["loadavg_after"] = os.getloadavg()
+    info["deltalinear_decisions"] = serve_dispatch.decisions()
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"info": info, "results": rows}, f, indent=1)

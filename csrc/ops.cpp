@@ -6,6 +6,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/common.h"
+
 TORCH_LIBRARY(deltacomp, m) {
   // x float32 (N, K) -> SIGNS uint8 (N, ceil(K/8))
   m.def("pack_signs(Tensor x) -> Tensor");
@@ -32,6 +36,9 @@ TORCH_LIBRARY(deltacomp, m) {
   // accumulation, y in x.dtype.
   m.def("kbit_lowrank_matmul(Tensor x, Tensor v_q, Tensor v_scale, Tensor v_zero, Tensor u_q, Tensor u_scale, "
         "Tensor u_zero, Tensor s, int bits, int n, int k, int group_size) -> Tensor");
+  // The CPU code path the kernels take now ("avx512", "avx2", "neon", "portable"; DELTACOMP_ISA forces
+  // one, see csrc/cpu/common.h). No tensor arguments, so one kernel for every backend.
+  m.def("cpu_isa() -> str", []() -> std::string { return deltacomp::cpu::isa_name(deltacomp::cpu::active_isa()); });
 }
 
 // `from deltacomp import _C` only has to load this library (which runs the registrations above); the

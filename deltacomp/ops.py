@@ -254,6 +254,12 @@ def _ext_on(*tensors: Tensor) -> bool:
     return _use_ext() and all(t.device.type in devices for t in tensors)
 
 
+def cpu_isa() -> str:
+    """The CPU code path the kernels take now: "avx512", "avx2", "neon" or "portable" (the environment
+    variable DELTACOMP_ISA forces one; read on every call), or "torch" without the extension."""
+    return str(torch.ops.deltacomp.cpu_isa()) if HAS_EXTENSION else "torch"
+
+
 def pack_signs(x: Tensor) -> Tensor:
     """Signs of ``x`` packed along the last axis (SIGNS layout), uint8 of shape (*lead, ceil(K/8))."""
     if _ext_on(x) and x.dim() == 2 and x.dtype == torch.float32:

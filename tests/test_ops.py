@@ -75,10 +75,11 @@ def test_ref_errors():
 
 
 # -- extension vs references ------------------------------------------------------------------------
-@pytest.fixture(params=["avx512", "generic"])
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def cpu_path(request, monkeypatch):
-    """Runs a test on each CPU code path (avx512 falls back to generic on CPUs without it)."""
-    monkeypatch.setenv("DELTACOMP_CPU_ISA", request.param)
+    """Runs a test on each CPU code path forced through DELTACOMP_ISA (a path the CPU lacks runs its best
+    one instead)."""
+    monkeypatch.setenv("DELTACOMP_ISA", request.param)
     return request.param
 
 
@@ -131,6 +132,37 @@ def test_sign_matmul_large_k_and_scale_1(cpu_path):
         y = torch.ops.deltacomp.sign_matmul(x[:m], packed, scale, 1000)
         err = (y.double() - _sign_matmul_f64(x[:m], packed, scale, 1000)).abs()
         assert bool((err <= _tolerance(x[:m], scale, 1000, torch.float32)).all())
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", ["default", "simd", "lut8"])
+def test_sign_kernel_variants_one_row(cpu_path, monkeypatch, kernel):
+    """One x row through each sign kernel (DELTACOMP_SIGN_KERNEL): the default (AVX2: 4-bit lookup
+    tables over 16-row tiles, whole 256- and 32-weight blocks, a k % 32 tail), the plain SIMD loop, the
+    byte-table variant; ragged row counts and k around the block sizes."""
+    if kernel != "default":
+        monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", kernel)
+    for n, k in itertools.product((1, 7, 16, 17, 40), (31, 32, 63, 256, 257, 300, 1000)):
+        g = _gen(n * 1000 + k)
+        x = torch.randn(1, k, generator=g)
+        packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
+        scale = torch.rand(n, generator=g) + 0.1
+        y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
+        err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
+        assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
+
+
+@needs_ext
+def test_cpu_isa_follows_the_environment(monkeypatch):
+    best = ops.cpu_isa()
+    assert best in ("avx512", "avx2", "neon", "portable")
+    monkeypatch.setenv("DELTACOMP_ISA", "portable")
+    assert ops.cpu_isa() == "portable"
+    monkeypatch.setenv("DELTACOMP_ISA", "no-such-path")  # unknown: the best path, as unset
+    assert ops.cpu_isa() == best
+    monkeypatch.delenv("DELTACOMP_ISA")
+    monkeypatch.setenv("DELTACOMP_CPU_ISA", "baseline")  # the older variable still works
+    assert ops.cpu_isa() == "portable"
 
 
 @needs_ext

@@ -1,5 +1,6 @@
-// What every CPU kernel file shares: the GCC/x86-64 switch for target attributes and run-time ISA
-// dispatch, the threading threshold, and the SIGNS row size. Raw pointers only, no torch.
+// What every CPU kernel file shares: the GCC/x86-64 switch for target attributes, the run-time choice
+// of code path (Isa, active_isa), the threading threshold, and the SIGNS row size. Raw pointers only,
+// no torch (the files build for aarch64 too: tests/arm/).
 #pragma once
 #include <cstdint>
 
@@ -7,9 +8,27 @@
 #define DELTACOMP_X86_GCC 1  // GCC on x86-64: target attributes and __builtin_cpu_supports
 #include <immintrin.h>
 #endif
+#if defined(__aarch64__)
+#define DELTACOMP_NEON 1  // NEON is part of the aarch64 baseline: no run-time check needed
+#include <arm_neon.h>
+#endif
 
 namespace deltacomp {
 namespace cpu {
+
+// Code paths, in the order a CPU supports them. kAvx512 needs F + BW + VL, kAvx2 needs AVX2 + FMA.
+// kPortable is the plain C++ loops (which GCC may still compile as AVX2 clones on x86).
+enum class Isa : int { kPortable = 0, kNeon = 1, kAvx2 = 2, kAvx512 = 3 };
+
+// The best path this build has and this CPU supports (checked once).
+Isa best_isa();
+// The path the kernels take now: best_isa(), or the one DELTACOMP_ISA (avx512 | avx2 | neon | portable)
+// asks for when the CPU supports it (an unsupported or unknown value leaves best_isa()). Read on every
+// call so tests and benchmarks can switch paths in one process. The older DELTACOMP_CPU_ISA is still
+// honoured when DELTACOMP_ISA is unset: generic = avx2, baseline = portable.
+Isa active_isa();
+// "avx512", "avx2", "neon", "portable"
+const char* isa_name(Isa isa);
 
 // Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;

@@ -15,6 +15,7 @@
 #include "serve_kernels.h"
 
 #include "common.h"
+#include "simd8.h"
 
 namespace deltacomp {
 namespace cpu {
@@ -29,52 +30,6 @@ inline float widen(uint16_t v) {  // bf16 bit pattern -> float32 (exact)
 }
 
 inline float sign_of(const uint8_t* pr, int64_t t) { return ((pr[t >> 3] >> (t & 7)) & 1u) ? 1.f : -1.f; }
-
-// ---- portable path (AVX2 / baseline clones) ------------------------------------------------------
-template <typename WT>
-inline __attribute__((always_inline)) float fused_dot_body(const float* xr, const WT* wr, const uint8_t* pr,
-                                                           int64_t k, float s) {
-  // Per 8 weights: the select picks +s / -s by bit, then one multiply-add; fixed-length inner loop
-  // so the compiler vectorizes it.
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  const int64_t full = k / 8;
-  for (int64_t j = 0; j < full; ++j) {
-    const unsigned b = pr[j];
-    const float* xj = xr + 8 * j;
-    const WT* wj = wr + 8 * j;
-    for (int i = 0; i < 8; ++i) acc[i] += xj[i] * (widen(wj[i]) + (((b >> i) & 1u) ? s : -s));
-  }
-  float out = 0.f;
-  for (int i = 0; i < 8; ++i) out += acc[i];
-  for (int64_t t = 8 * full; t < k; ++t) out += xr[t] * (widen(wr[t]) + s * sign_of(pr, t));
-  return out;
-}
-
-// One clone set per weight type (GCC's target_clones does not take templates).
-#if DELTACOMP_X86_GCC
-__attribute__((target_clones("avx2", "default")))
-#endif
-float fused_dot_generic(const float* xr, const float* wr, const uint8_t* pr, int64_t k, float s) {
-  return fused_dot_body<float>(xr, wr, pr, k, s);
-}
-
-#if DELTACOMP_X86_GCC
-__attribute__((target_clones("avx2", "default")))
-#endif
-float fused_dot_generic(const float* xr, const uint16_t* wr, const uint8_t* pr, int64_t k, float s) {
-  return fused_dot_body<uint16_t>(xr, wr, pr, k, s);
-}
-
-template <typename WT>
-void fused_generic(const float* x, int64_t m, int64_t k, const WT* w, const uint8_t* packed, int64_t n,
-                   const float* scale, bool per_row, float* y) {
-  const int64_t nb = bytes_per_row(k);
-#pragma omp parallel for schedule(dynamic, 16) if (m * n * k >= kParallelMinWork)
-  for (int64_t r = 0; r < n; ++r) {
-    const float s = scale[per_row ? r : 0];
-    for (int64_t i = 0; i < m; ++i) y[i * n + r] = fused_dot_generic(x + i * k, w + r * k, packed + r * nb, k, s);
-  }
-}
 
 // ---- AVX-512 path ---------------------------------------------------------------------------------
 #if DELTACOMP_X86_GCC
@@ -168,13 +123,7 @@ void fused_avx512(const float* x, int64_t m, int64_t k, const WT* w, const uint8
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
-bool use_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  const char* force = std::getenv("DELTACOMP_CPU_ISA");
-  return has && !(force && std::strcmp(force, "generic") == 0);
-}
 #else
-bool use_avx512() { return false; }
 template <typename WT>
 void fused_avx512(const float*, int64_t, int64_t, const WT*, const uint8_t*, int64_t, const float*, bool, float*) {}
 #endif
@@ -185,10 +134,11 @@ template <typename WT>
 void sign_matmul_fused(const float* x, int64_t m, int64_t k, const WT* w, const uint8_t* packed, int64_t n,
                        const float* scale, bool per_row, float* y) {
   if (m == 0 || n == 0) return;
-  if (use_avx512()) {
+  const Isa isa = active_isa();
+  if (isa == Isa::kAvx512) {
     fused_avx512<WT>(x, m, k, w, packed, n, scale, per_row, y);
-  } else {
-    fused_generic<WT>(x, m, k, w, packed, n, scale, per_row, y);
+  } else {  // AVX2 / NEON / portable
+    simd8::sign_matmul_fused(isa, x, m, k, w, packed, n, scale, per_row, y);
   }
 }
 

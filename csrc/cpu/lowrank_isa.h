@@ -64,6 +64,10 @@ const Isa* avx512_isa();
 // portable ones compiled as AVX2 clones.
 using DecodeFn = void (*)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
 DecodeFn avx2_decode();
+// AVX2 one-row axpy_codes (8 codes per pshufb decode, one FMA into the accumulators), or nullptr.
+using AxpyFn = void (*)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
+                        const float* coef, float* acc);
+AxpyFn avx2_axpy_codes();
 
 }  // namespace lowrank
 }  // namespace cpu

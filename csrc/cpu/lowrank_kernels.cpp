@@ -12,8 +12,8 @@
 //            4 decoded V rows are dotted with all x rows in 4 x 4 register tiles.
 //   stage 3: output columns in blocks (OpenMP over blocks, see block_columns); a block keeps its
 //            m x block accumulators in cache and walks the r rows of U^T: at M = 1 each row's codes
-//            go straight from the packed bytes into the accumulators (AVX-512, n and group_size
-//            multiples of 16); otherwise a few rows are decoded and scaled into a small panel and
+//            go straight from the packed bytes into the accumulators (AVX-512 and AVX2, n and
+//            group_size multiples of 16); otherwise a few rows are decoded and scaled into a small panel and
 //            acc += t^T panel runs in register tiles, accumulators loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
 //
@@ -152,26 +152,23 @@ void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float
 constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
                        panel_dots_generic, nullptr};
 
-// DELTACOMP_CPU_ISA (read per call so tests can switch): "generic" = the portable loops (with the
-// AVX2 decode where the CPU has AVX2, as an AVX2-only machine runs), "baseline" = no SIMD intrinsics.
+// The path active_isa() (common.h) names, read per call so tests can switch: avx512 = the AVX-512
+// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode and the AVX2 one-row axpy;
+// anything else (portable, neon) = the portable loops, which GCC vectorizes for the target (NEON on
+// aarch64).
 const Isa& pick_isa() {
 #if DELTACOMP_X86_GCC
-  static const bool has512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && avx512_isa() != nullptr;
-  static const bool has2 = __builtin_cpu_supports("avx2") && avx2_decode() != nullptr;
   static const Isa kAvx2 = [] {
     Isa t = kGeneric;
     if (avx2_decode()) t.decode = avx2_decode();
+    t.axpy_codes = avx2_axpy_codes();
     return t;
   }();
-  const char* force = std::getenv("DELTACOMP_CPU_ISA");
-  const bool generic = force && std::strcmp(force, "generic") == 0;
-  const bool baseline = force && std::strcmp(force, "baseline") == 0;
-  if (has512 && !generic && !baseline) return *avx512_isa();
-  return has2 && !baseline ? kAvx2 : kGeneric;
-#else
-  return kGeneric;
+  const cpu::Isa want = active_isa();
+  if (want == cpu::Isa::kAvx512 && avx512_isa() != nullptr) return *avx512_isa();
+  if (want == cpu::Isa::kAvx2 && avx2_decode() != nullptr) return kAvx2;
 #endif
+  return kGeneric;
 }
 
 inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }

@@ -15,8 +15,8 @@ namespace cpu {
 //   u_q  KBITS stream of r*n codes, row j of U^T = codes [j*n, (j+1)*n); u_scale, u_zero (r, ceil(n / gs))
 //   s    fp32 (r,)
 // Stage 1: t (m, r) = x V^T (parallel over the r rows of V); stage 2: t *= s; stage 3: y = t U^T^T
-// (parallel over blocks of output columns n). Code path: AVX-512 (F+BW+VL) when the CPU has it, else a
-// portable loop (AVX2 / baseline clones); DELTACOMP_CPU_ISA=generic forces the portable one.
+// (parallel over blocks of output columns n). Code path (active_isa(), common.h): AVX-512 (F+BW+VL),
+// AVX2 (decode and one-row axpy), or the portable loops; DELTACOMP_ISA forces one.
 void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,
                              int64_t group_size, const uint8_t* v_q, const uint16_t* v_scale,
                              const uint16_t* v_zero, const uint8_t* u_q, const uint16_t* u_scale,

@@ -69,6 +69,42 @@ __attribute__((target("avx2"))) void decode_avx2(const uint8_t* stream, int bits
   for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
 }
 
+// acc[c] += coef[group of c] * code(first + c) for one x row (the Isa::axpy_codes contract: first, off,
+// len and gs multiples of 16), 8 codes per decode as above.
+template <int B>
+__attribute__((target("avx2,fma"))) void axpy_avx2_b(const uint8_t* stream, int64_t first, int64_t len, int64_t off,
+                                                      int64_t gs, const float* coef, float* acc) {
+  const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.ctl[B]));
+  const __m256i shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.shift[B]));
+  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end);
+    const __m256 a = _mm256_set1_ps(coef[g]);
+    for (int64_t c = c0; c < c1; c += 8) {
+      long long w = 0;
+      std::memcpy(&w, stream + ((first + c) >> 3) * B, B);
+      const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(w), ctl);
+      const __m256 f = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask));
+      _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(a, f, _mm256_loadu_ps(acc + c)));
+    }
+    c0 = c1;
+  }
+}
+
+void axpy_codes_avx2(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
+                     const float* coef, float* acc) {
+  switch (bits) {
+    case 1: axpy_avx2_b<1>(stream, first, len, off, gs, coef, acc); break;
+    case 2: axpy_avx2_b<2>(stream, first, len, off, gs, coef, acc); break;
+    case 3: axpy_avx2_b<3>(stream, first, len, off, gs, coef, acc); break;
+    case 4: axpy_avx2_b<4>(stream, first, len, off, gs, coef, acc); break;
+    case 5: axpy_avx2_b<5>(stream, first, len, off, gs, coef, acc); break;
+    case 6: axpy_avx2_b<6>(stream, first, len, off, gs, coef, acc); break;
+    case 7: axpy_avx2_b<7>(stream, first, len, off, gs, coef, acc); break;
+    default: axpy_avx2_b<8>(stream, first, len, off, gs, coef, acc); break;
+  }
+}
+
 // ---- AVX-512 path ---------------------------------------------------------------------------------
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl")
@@ -241,9 +277,11 @@ constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_gro
 #if DELTACOMP_X86_GCC
 const Isa* avx512_isa() { return &kAvx512; }
 DecodeFn avx2_decode() { return decode_avx2; }
+AxpyFn avx2_axpy_codes() { return axpy_codes_avx2; }
 #else
 const Isa* avx512_isa() { return nullptr; }
 DecodeFn avx2_decode() { return nullptr; }
+AxpyFn avx2_axpy_codes() { return nullptr; }
 #endif
 
 }  // namespace lowrank

@@ -8,8 +8,9 @@ namespace cpu {
 
 // Fused base + sign delta: y (m, n) = x (m, k) @ (w + scale * sign)^T, fp32 accumulation, in one pass
 // over w and the signs. w (n, k) is float32 (WT = float) or bfloat16 bit patterns (WT = uint16_t,
-// widened on the fly); the effective weight w + scale * sign is formed in fp32 and never rounded to
-// w's dtype. packed is SIGNS (n, ceil(k/8)); scale has n entries when per_row, else 1.
+// widened on the fly); nothing is rounded to w's dtype: the AVX-512 path forms w + scale * sign in fp32,
+// the AVX2 / NEON / portable paths (simd8_body.inc) add x . w and scale * (x . sign), both fp32 sums of
+// one tile of rows. packed is SIGNS (n, ceil(k/8)); scale has n entries when per_row, else 1.
 template <typename WT>
 void sign_matmul_fused(const float* x, int64_t m, int64_t k, const WT* w, const uint8_t* packed,
                        int64_t n, const float* scale, bool per_row, float* y);

@@ -1,6 +1,7 @@
-// CPU kernels for the SIGNS layout (see sign_kernels.h). Raw pointers only, no torch.
+// CPU kernels for the SIGNS layout (see sign_kernels.h): packing, the AVX-512 sign matmuls and the
+// lookup-table variant; the AVX2 / NEON / portable paths are in simd8_kernels.cpp. Raw pointers only.
 //
-// sign_matmul work split: output rows N are cut into tiles of R rows, tiles are spread over OpenMP
+// AVX-512 sign_matmul work split: output rows N are cut into tiles of R rows, tiles are spread over OpenMP
 // threads; inside a tile, x rows go in blocks of MB, and R x MB accumulators stay in registers:
 //
 //            k ->  16 weights = 2 sign bytes = one __mmask16 per (row, chunk)
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "common.h"
+#include "simd8.h"
 
 namespace deltacomp {
 namespace cpu {
@@ -35,77 +37,7 @@ inline float finish(float pos, double total, float scale) {
   return scale * static_cast<float>(2.0 * static_cast<double>(pos) - total);
 }
 
-// kByteBits.v[b][i] = bit i of b as 1.0f / 0.0f (8 KiB, stays in L1).
-struct ByteBits {
-  alignas(32) float v[256][8];
-  constexpr ByteBits() : v() {
-    for (int b = 0; b < 256; ++b)
-      for (int i = 0; i < 8; ++i) v[b][i] = static_cast<float>((b >> i) & 1);
-  }
-};
-constexpr ByteBits kByteBits{};
-
-// ---- portable path: compiled for AVX2 and baseline x86-64 (GCC picks at load time) ---------------
-#if DELTACOMP_X86_GCC
-__attribute__((target_clones("avx2", "default")))
-#endif
-float pos_sum_generic(const float* xr, const uint8_t* pr, int64_t k) {
-  // 8 lanes, one per bit of a byte. Branch-free (random sign bits would defeat the branch
-  // predictor): the byte picks 8 weights 1.0 / 0.0 from kByteBits, so the fixed-length inner loop
-  // vectorizes to one load and one fused multiply-add per 8 weights.
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  const int64_t full = k / 8;
-  for (int64_t j = 0; j < full; ++j) {
-    const float* bits = kByteBits.v[pr[j]];
-    const float* xj = xr + 8 * j;
-    for (int i = 0; i < 8; ++i) acc[i] += xj[i] * bits[i];
-  }
-  float s = 0.f;
-  for (int i = 0; i < 8; ++i) s += acc[i];
-  for (int64_t t = 8 * full; t < k; ++t) {
-    if ((pr[full] >> (t - 8 * full)) & 1u) s += xr[t];
-  }
-  return s;
-}
-
-void sign_matmul_generic(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
-                         const float* scale, bool per_row, float* y, const double* totals) {
-  const int64_t nb = bytes_per_row(k);
-#pragma omp parallel for schedule(dynamic, 32) if (m * n * k >= kParallelMinWork)
-  for (int64_t r = 0; r < n; ++r) {
-    const float s = scale[per_row ? r : 0];
-    for (int64_t i = 0; i < m; ++i) {
-      y[i * n + r] = finish(pos_sum_generic(x + i * k, packed + r * nb, k), totals[i], s);
-    }
-  }
-}
-
-// Multi-tenant: `order` lists the x rows with a delta, grouped by tenant (segments); xs holds those
-// rows in that order, contiguous. seg_t / seg_start describe segment s = rows [seg_start[s],
-// seg_start[s+1]) of xs, all using tenant seg_t[s]. y rows are scattered back through `order`.
-struct Segments {
-  std::vector<int64_t> order, seg_t, seg_start;
-};
-
-void sign_matmul_multi_generic(const float* xs, int64_t k, const uint8_t* packed, int64_t n,
-                               const float* scales, bool per_row, const Segments& sg, float* y,
-                               const double* totals, int64_t work) {
-  const int64_t nb = bytes_per_row(k);
-  const int64_t nseg = static_cast<int64_t>(sg.seg_t.size());
-#pragma omp parallel for schedule(dynamic, 32) if (work >= kParallelMinWork)
-  for (int64_t r = 0; r < n; ++r) {
-    for (int64_t s = 0; s < nseg; ++s) {
-      const int64_t t = sg.seg_t[s];
-      const uint8_t* pr = packed + (t * n + r) * nb;
-      const float sc = scales[per_row ? t * n + r : t];
-      for (int64_t j = sg.seg_start[s]; j < sg.seg_start[s + 1]; ++j) {
-        y[sg.order[j] * n + r] = finish(pos_sum_generic(xs + j * k, pr, k), totals[j], sc);
-      }
-    }
-  }
-}
-
-// ---- AVX-512 path ---------------------------------------------------------------------------------
+// ---- AVX-512 path (multi-tenant: xs holds the rows with a delta grouped by tenant, Segments in simd8.h) ---------------------------------------------------------------------------------
 #if DELTACOMP_X86_GCC
 #pragma GCC push_options
 #pragma GCC target("avx512f")
@@ -232,14 +164,57 @@ void sign_matmul_multi_avx512(const float* xs, int64_t k, const uint8_t* packed,
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
-bool use_avx512() {
-  static const bool has = __builtin_cpu_supports("avx512f");
-  const char* force = std::getenv("DELTACOMP_CPU_ISA");  // read per call so tests can switch paths
-  return has && !(force && std::strcmp(force, "generic") == 0);
-}
 #else
-bool use_avx512() { return false; }
+void sign_matmul_avx512(const float*, int64_t, int64_t, const uint8_t*, int64_t, const float*, bool, float*,
+                        const double*) {}
+void sign_matmul_multi_avx512(const float*, int64_t, const uint8_t*, int64_t, const float*, bool, const Segments&,
+                              float*, const double*, int64_t) {}
 #endif
+
+// ---- lookup-table variant (T-MAC / bitnet.cpp TL style), one x row --------------------------------
+// For each byte position j of a row, a 256-entry table holds the sum of the x values of every subset
+// of x[8j .. 8j+8): table[j][b] = sum of x[8j + i] over the set bits i of b. A weight row then costs one
+// table load and one add per byte, no per-weight work: pos = sum_j table[j][packed[j]].
+// Tables are (k/8) x 1 KiB (L2-sized for k <= 8192), built in 256 adds per byte position.
+// The portable path's kernel at M = 1 (DELTACOMP_SIGN_KERNEL=lut8 forces it elsewhere): with fp32
+// activations the lookups are scalar, so the AVX-512 / AVX2 kernels are faster, but the portable loop is
+// slower still; benchmarks/kernels.py reports each (the README has the figures).
+void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n, const float* scale,
+                     bool per_row, float* y, double total) {
+  const int64_t nb = bytes_per_row(k), full = k / 8;
+  std::vector<float> table(static_cast<size_t>(full) * 256);
+  for (int64_t j = 0; j < full; ++j) {
+    float* tj = table.data() + j * 256;
+    tj[0] = 0.f;
+    for (int b = 1; b < 256; ++b) tj[b] = tj[b & (b - 1)] + x[8 * j + __builtin_ctz(b)];  // drop the low bit
+  }
+#pragma omp parallel for schedule(dynamic, 32) if (n * k >= kParallelMinWork)
+  for (int64_t r = 0; r < n; ++r) {
+    const uint8_t* pr = packed + r * nb;
+    float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // four chains hide the add latency
+    int64_t j = 0;
+    for (; j + 4 <= full; j += 4) {
+      a0 += table[(j << 8) | pr[j]];
+      a1 += table[((j + 1) << 8) | pr[j + 1]];
+      a2 += table[((j + 2) << 8) | pr[j + 2]];
+      a3 += table[((j + 3) << 8) | pr[j + 3]];
+    }
+    for (; j < full; ++j) a0 += table[(j << 8) | pr[j]];
+    float pos = (a0 + a1) + (a2 + a3);
+    for (int64_t t = 8 * full; t < k; ++t)
+      if ((pr[full] >> (t - 8 * full)) & 1u) pos += x[t];
+    y[r] = finish(pos, total, scale[per_row ? r : 0]);
+  }
+}
+
+// DELTACOMP_SIGN_KERNEL (read per call, like DELTACOMP_ISA): "simd" = the plain SIMD loops everywhere,
+// "lut8" = the byte-table variant above at m = 1; unset = the default per path at m = 1: AVX2 the 4-bit
+// lookup-table kernel (simd8_kernels.cpp), portable the byte tables, each measured faster than the
+// plain loop there.
+bool kernel_is(const char* name) {
+  const char* v = std::getenv("DELTACOMP_SIGN_KERNEL");
+  return v && std::strcmp(v, name) == 0;
+}
 
 }  // namespace
 
@@ -273,12 +248,20 @@ void unpack_signs_f32(const uint8_t* packed, int64_t n, int64_t k, float* out) {
 void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                      const float* scale, bool per_row, float* y) {
   if (m == 0 || n == 0) return;
+  const Isa isa = active_isa();
+  // byte tables at one x row: asked for, or the portable path's default (measured 1.0x-1.2x faster than
+  // its plain loop, README; on AVX-512 and AVX2 they were 1.6x-4.6x slower than those paths' kernels)
+  const bool lut = m == 1 && (kernel_is("lut8") || (isa == Isa::kPortable && !kernel_is("simd")));
+  if (isa != Isa::kAvx512 && !lut) {  // AVX2 / NEON / portable: signed weights, no row totals needed
+    simd8::sign_matmul(isa, x, m, k, packed, n, scale, per_row, y, !kernel_is("simd"));
+    return;
+  }
   std::vector<double> totals(static_cast<size_t>(m));
   row_totals(x, m, k, totals.data());
-  if (use_avx512()) {
-    sign_matmul_avx512(x, m, k, packed, n, scale, per_row, y, totals.data());
+  if (lut) {
+    sign_matmul_lut(x, k, packed, n, scale, per_row, y, totals[0]);
   } else {
-    sign_matmul_generic(x, m, k, packed, n, scale, per_row, y, totals.data());
+    sign_matmul_avx512(x, m, k, packed, n, scale, per_row, y, totals.data());
   }
 }
 
@@ -314,14 +297,15 @@ void sign_matmul_multi_f32(const float* x, int64_t m, int64_t k, const uint8_t* 
   // x rows gathered in segment order (m x k is small next to the T stacks of signs)
   std::vector<float> xs(static_cast<size_t>(used * k));
   for (int64_t j = 0; j < used; ++j) std::memcpy(xs.data() + j * k, x + sg.order[j] * k, sizeof(float) * k);
+  const int64_t work = used * n * k;
+  const Isa isa = active_isa();
+  if (isa != Isa::kAvx512) {
+    simd8::sign_matmul_multi(isa, xs.data(), k, packed, n, scales, per_row, sg, y, work, !kernel_is("simd"));
+    return;
+  }
   std::vector<double> totals(static_cast<size_t>(used));
   row_totals(xs.data(), used, k, totals.data());
-  const int64_t work = used * n * k;
-  if (use_avx512()) {
-    sign_matmul_multi_avx512(xs.data(), k, packed, n, scales, per_row, sg, y, totals.data(), work);
-  } else {
-    sign_matmul_multi_generic(xs.data(), k, packed, n, scales, per_row, sg, y, totals.data(), work);
-  }
+  sign_matmul_multi_avx512(xs.data(), k, packed, n, scales, per_row, sg, y, totals.data(), work);
 }
 
 }  // namespace cpu

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..codecs import Encoded, get_codec
 from ..errors import DeltacompError
+from . import dispatch
 
 
 def _out(y: Tensor, lead: torch.Size) -> Tensor:
@@ -42,28 +43,36 @@ class DeltaLinear(nn.Module):
         self.base = base
         self.delta = get_codec(encoded.codec).serving_term(encoded)
         self.in_features, self.out_features = k, n
-        # fused: None = whenever the codec's term fuses with this base (a plain nn.Linear whose weight
-        # dtype the fused kernel takes); see the codec's term for the measurements behind its choice.
+        # fused: None = where the codec's term fuses with this base (a plain nn.Linear whose weight dtype
+        # the fused kernel takes), each batch taking whichever of fused / base + term measured faster on
+        # this machine for its shape (serve/dispatch.py); True = always fused; False = never.
         can_fuse = type(base) is nn.Linear and self.delta.fuses_with(base.weight)
         if fused and not can_fuse:
             raise ValueError(f"DeltaLinear: fused=True needs a plain nn.Linear and a delta whose term fuses with "
                              f"its weight; a {encoded.codec} delta over {type(base).__name__} "
                              f"({getattr(getattr(base, 'weight', None), 'dtype', '?')}) does not")
         self.fused = can_fuse if fused is None else bool(fused)
+        self.fused_measured = fused is None  # the fused path is taken where measured faster
 
     def forward(self, x: Tensor) -> Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        if self.fused:
-            y = self.delta.fused(x2, self.base.weight)
-            if self.base.bias is not None:
-                y = y + self.base.bias
-            return _out(y, lead)
-        y = self.base(x)
-        return y + _out(self.delta(x2), lead).to(y.dtype)
+        if self.fused and (not self.fused_measured or dispatch.prefer_fused(
+                x2, self.base.weight, lambda: self._fused(x2), lambda: self._unfused(x2))):
+            return _out(self._fused(x2), lead)
+        return _out(self._unfused(x2), lead)
+
+    def _fused(self, x2: Tensor) -> Tensor:
+        y = self.delta.fused(x2, self.base.weight)
+        return y if self.base.bias is None else y + self.base.bias
+
+    def _unfused(self, x2: Tensor) -> Tensor:
+        y = self.base(x2)
+        return y + self.delta(x2).to(y.dtype)
 
     def extra_repr(self) -> str:
-        return f"codec={self.delta.codec}, fused={self.fused}"
+        where = " (where measured faster)" if self.fused and self.fused_measured else ""
+        return f"codec={self.delta.codec}, fused={self.fused}{where}"
 
 
 # -- several deltas over one base ------------------------------------------------------------------

@@ -20,11 +20,9 @@ def field(base: str, i: int) -> str:
 
 
 class BitDeltaTerm(DeltaTerm):
-    """The default term (``BitDeltaCodec.matmul``, one ``sign_matmul`` per mask), plus the fused path.
-
-    Fused: measured with benchmarks/kernels.py (CPU, 1 thread, 4096x4096 and 4096x11008, M = 1..128, fp32
-    and bf16 W), the fused kernel beat base GEMM + sign_matmul at every M (1.0x-3.9x), and beat building
-    W + scale * sign densely then one GEMM by 1.8x-23x, so there is no batch-size cutoff."""
+    """The default term (``BitDeltaCodec.matmul``, one ``sign_matmul`` per mask), plus the fused path
+    (one pass over the base weight and the signs). Whether a batch takes the fused path is measured per
+    machine and shape by serve/dispatch.py."""
 
     def fuses_with(self, weight: Tensor) -> bool:
         return weight.dtype in _FUSED_DTYPES and int(self.params.get("masks", 1)) == 1

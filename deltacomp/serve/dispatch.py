@@ -1,0 +1,104 @@
+"""Which path a ``DeltaLinear`` serves a batch with, decided from measurements on this machine.
+
+A layer that can fuse (a plain fp32/bf16 ``nn.Linear`` base and a one-mask BitDelta delta) has two
+ways to compute ``base(x) + x @ delta^T``: the fused kernel (``sign_matmul_fused``: one pass over W and
+the signs), or the base layer's own matmul plus the separate delta term (``sign_matmul``). Which is
+faster depends on the CPU, the code path (``torch.ops.deltacomp.cpu_isa()``), the dtypes, the layer
+shape and the number of rows: the fused kernels were 0.6x-1.4x the dense matmul across the AVX-512,
+AVX2 and portable paths when this was written. So no rule is fixed here: the first call for a
+(device, code path, threads, dtypes, N x K, row bucket) key times both paths on that call's own tensors
+(interleaved, best of ``REPEATS``) and caches the winner for the process; later calls look it up.
+Decisions and their timings are listed by ``decisions()`` (benchmarks/kernels.py records them).
+
+    DELTACOMP_FUSED=auto (default) | always | never     # overrides the measurement for every layer
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .. import ops
+
+REPEATS = 3  # timed calls per path after one warm-up each; the minimum is kept (noise only adds time)
+_ENV = "DELTACOMP_FUSED"
+_MODES = ("auto", "always", "never")
+_cache: dict[tuple, bool] = {}
+_records: list[dict] = []
+
+
+def mode() -> str:
+    """The DELTACOMP_FUSED setting; an unknown value is an error that lists the valid ones."""
+    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    if value not in _MODES:
+        raise ValueError(f"{_ENV}={value!r}: expected one of {', '.join(_MODES)}")
+    return value
+
+
+def row_bucket(m: int) -> int:
+    """Rows of x rounded up to 1, 4, 16, 64, 256, ... (the timing of one call stands for its bucket)."""
+    b = 1
+    while b < m:
+        b *= 4
+    return b
+
+
+def _key(x2: Tensor, weight: Tensor) -> tuple:
+    path = ops.cpu_isa() if x2.device.type == "cpu" else x2.device.type
+    return (x2.device.type, path, torch.get_num_threads(), str(weight.dtype), str(x2.dtype),
+            tuple(weight.shape), row_bucket(x2.shape[0]))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time_pair(fused: Callable[[], Tensor], unfused: Callable[[], Tensor], device: torch.device) -> tuple[float, float]:
+    """Best-of-REPEATS seconds of each path, calls interleaved so machine noise hits both alike."""
+    best = [float("inf"), float("inf")]
+    with torch.no_grad():
+        fused(), unfused()  # warm-up: first-call allocations and library initialisation
+        for _ in range(REPEATS):
+            for i, fn in enumerate((fused, unfused)):
+                _sync(device)
+                t0 = time.perf_counter()
+                fn()
+                _sync(device)
+                best[i] = min(best[i], time.perf_counter() - t0)
+    return best[0], best[1]
+
+
+def prefer_fused(x2: Tensor, weight: Tensor, fused: Callable[[], Tensor], unfused: Callable[[], Tensor]) -> bool:
+    """True when the fused path is the one to take for this batch. ``x2`` (M, K) is the batch,
+    ``weight`` the base weight; ``fused`` / ``unfused`` compute the layer's output each way (they are
+    called only the first time a key is seen, to time them)."""
+    setting = mode()
+    if setting != "auto":
+        return setting == "always"
+    key = _key(x2, weight)
+    hit = _cache.get(key)
+    if hit is None:
+        if torch.compiler.is_compiling():  # no timing inside a trace: the fused kernel is one op
+            return True
+        t_fused, t_unfused = _time_pair(fused, unfused, x2.device)
+        hit = _cache[key] = t_fused <= t_unfused
+        _records.append({"device": key[0], "path": key[1], "threads": key[2], "w_dtype": key[3],
+                         "x_dtype": key[4], "n": key[5][0], "k": key[5][1], "rows_bucket": key[6],
+                         "rows_timed": int(x2.shape[0]), "fused_ms": t_fused * 1e3,
+                         "unfused_ms": t_unfused * 1e3, "chosen": "fused" if hit else "unfused"})
+    return hit
+
+
+def decisions() -> list[dict]:
+    """Every measurement made in this process, with its timings and the path chosen."""
+    return [dict(r) for r in _records]
+
+
+def reset() -> None:
+    """Forget every decision (the next call of each key measures again)."""
+    _cache.clear()
+    _records.clear()

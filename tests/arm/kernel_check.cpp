@@ -1,0 +1,237 @@
+// Standalone check of the raw CPU kernels (csrc/cpu/*.cpp, no torch) against scalar double references,
+// on random inputs and odd shapes, for each code path named on the command line (DELTACOMP_ISA values;
+// default: the best path of this CPU, then portable). Built for aarch64 and run under qemu-user by
+// tests/test_arm.py, so the NEON path is checked on an x86 machine; it builds natively as well:
+//
+//   aarch64-linux-gnu-g++ -std=c++17 -O2 -fopenmp -static -Icsrc/cpu tests/arm/kernel_check.cpp
+//       csrc/cpu/{isa,sign_kernels,simd8_kernels,fused_kernels,ternary_kernels,lowrank_kernels,lowrank_simd}.cpp
+//       -o /tmp/kernel_check && qemu-aarch64 /tmp/kernel_check neon portable
+// (one command line; tests/test_arm.py runs exactly this)
+//
+// Prints one line per path and "FAIL ..." lines for each mismatch; exit status 1 on any mismatch.
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "common.h"
+#include "lowrank_kernels.h"
+#include "serve_kernels.h"
+#include "sign_kernels.h"
+
+using namespace deltacomp::cpu;
+
+namespace {
+
+std::mt19937 rng(1234);
+int failures = 0;
+
+std::vector<float> randn(size_t n) {
+  std::normal_distribution<float> d;
+  std::vector<float> v(n);
+  for (auto& e : v) e = d(rng);
+  return v;
+}
+std::vector<uint8_t> rand_bytes(size_t n) {
+  std::vector<uint8_t> v(n);
+  for (auto& e : v) e = static_cast<uint8_t>(rng());
+  return v;
+}
+double sign_at(const uint8_t* row, int64_t t) { return ((row[t >> 3] >> (t & 7)) & 1u) ? 1.0 : -1.0; }
+double bf16(uint16_t h) {
+  const uint32_t u = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+double half(uint16_t h) {  // normal fp16 values only (the generator below makes no others)
+  const int e = (h >> 10) & 31;
+  const double m = 1.0 + (h & 1023) / 1024.0;
+  return ((h & 0x8000) ? -1.0 : 1.0) * std::ldexp(m, e - 15);
+}
+uint16_t rand_half(int emin, int emax) {
+  return static_cast<uint16_t>(((rng() & 1) << 15) | ((emin + rng() % (emax - emin + 1)) << 10) | (rng() & 1023));
+}
+uint32_t code_at(const uint8_t* s, int bits, int64_t idx) {
+  uint32_t v = 0;
+  for (int b = 0; b < bits; ++b) v |= ((s[(idx * bits + b) >> 3] >> ((idx * bits + b) & 7)) & 1u) << b;
+  return v;
+}
+
+// y vs want within fp32 accumulation error of sums of `mag` (the |terms|), k terms per output.
+void expect(const char* what, const std::string& where, const std::vector<float>& y, const std::vector<double>& want,
+            const std::vector<double>& mag, int64_t k) {
+  for (size_t i = 0; i < y.size(); ++i) {
+    const double tol = mag[i] * (8 * std::ldexp(1.0, -23) * std::sqrt(static_cast<double>(k) + 1)) + 1e-30;
+    if (!(std::fabs(y[i] - want[i]) <= tol)) {
+      if (++failures <= 20)
+        std::printf("FAIL %s %s [%zu]: got %.9g want %.9g (tol %.3g)\n", what, where.c_str(), i, y[i], want[i], tol);
+      return;
+    }
+  }
+}
+
+void check_sign(int64_t m, int64_t n, int64_t k, bool per_row, bool zero_scale) {
+  const int64_t nb = (k + 7) / 8;
+  auto x = randn(m * k);
+  auto p = rand_bytes(n * nb);
+  auto w = randn(n * k);
+  std::vector<uint16_t> wb(n * k);
+  for (int64_t i = 0; i < n * k; ++i) wb[i] = static_cast<uint16_t>(rng());
+  for (auto& v : wb) v = static_cast<uint16_t>((v & 0x807f) | 0x3f00);  // |bf16| in [0.5, 1)
+  std::vector<float> sc(per_row ? n : 1);
+  for (auto& s : sc) s = zero_scale ? 0.f : 0.1f + std::fabs(randn(1)[0]);
+  std::vector<float> y(m * n), yf(m * n), yb(m * n);
+  sign_matmul_f32(x.data(), m, k, p.data(), n, sc.data(), per_row, y.data());
+  sign_matmul_fused<float>(x.data(), m, k, w.data(), p.data(), n, sc.data(), per_row, yf.data());
+  sign_matmul_fused<uint16_t>(x.data(), m, k, wb.data(), p.data(), n, sc.data(), per_row, yb.data());
+  std::vector<double> ws(m * n), ms(m * n), wf(m * n), mf(m * n), wbv(m * n), mb(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = 0; r < n; ++r) {
+      const double s = sc[per_row ? r : 0];
+      double a = 0, am = 0, f = 0, fm = 0, b = 0, bm = 0;
+      for (int64_t t = 0; t < k; ++t) {
+        const double xv = x[i * k + t], sg = sign_at(p.data() + r * nb, t);
+        a += xv * sg * s;
+        am += std::fabs(xv * s);
+        f += xv * (w[r * k + t] + s * sg);
+        fm += std::fabs(xv) * (std::fabs(w[r * k + t]) + s);
+        b += xv * (bf16(wb[r * k + t]) + s * sg);
+        bm += std::fabs(xv) * (std::fabs(bf16(wb[r * k + t])) + s);
+      }
+      ws[i * n + r] = a, ms[i * n + r] = am, wf[i * n + r] = f, mf[i * n + r] = fm, wbv[i * n + r] = b,
+                 mb[i * n + r] = bm;
+    }
+  const std::string where = "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                            (per_row ? " per-row" : "") + (zero_scale ? " zero-scale" : "");
+  expect("sign_matmul", where, y, ws, ms, k);
+  expect("sign_matmul_fused(f32)", where, yf, wf, mf, k);
+  expect("sign_matmul_fused(bf16)", where, yb, wbv, mb, k);
+}
+
+void check_multi(int64_t m, int64_t n, int64_t k, int64_t tenants) {
+  const int64_t nb = (k + 7) / 8;
+  auto x = randn(m * k);
+  auto p = rand_bytes(tenants * n * nb);
+  std::vector<float> sc(tenants);
+  for (auto& s : sc) s = 0.5f + std::fabs(randn(1)[0]);
+  std::vector<int64_t> idx(m);
+  for (auto& v : idx) v = static_cast<int64_t>(rng() % (tenants + 1)) - 1;  // -1 = no delta
+  std::vector<float> y(m * n);
+  sign_matmul_multi_f32(x.data(), m, k, p.data(), tenants, n, sc.data(), false, idx.data(), y.data());
+  std::vector<double> want(m * n, 0.0), mag(m * n, 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = 0; idx[i] >= 0 && r < n; ++r)
+      for (int64_t t = 0; t < k; ++t) {
+        want[i * n + r] += x[i * k + t] * sc[idx[i]] * sign_at(p.data() + (idx[i] * n + r) * nb, t);
+        mag[i * n + r] += std::fabs(x[i * k + t] * sc[idx[i]]);
+      }
+  expect("sign_matmul_multi", "m=" + std::to_string(m) + " k=" + std::to_string(k), y, want, mag, k);
+}
+
+void check_ternary(int64_t m, int64_t n, int64_t k) {
+  std::vector<int64_t> row_ptr(n + 1, 0), neg(n);
+  std::vector<int32_t> cols;
+  std::vector<std::vector<int>> val(n, std::vector<int>(k, 0));
+  for (int64_t r = 0; r < n; ++r) {
+    for (int sgn : {1, -1}) {
+      if (sgn == -1) neg[r] = static_cast<int64_t>(cols.size());
+      for (int64_t c = 0; c < k; ++c)
+        if (val[r][c] == 0 && rng() % 5 == 0) {
+          val[r][c] = sgn;
+          cols.push_back(static_cast<int32_t>(c));
+        }
+    }
+    row_ptr[r + 1] = static_cast<int64_t>(cols.size());
+  }
+  auto x = randn(m * k);
+  std::vector<float> xt(k * m), sc{0.7f}, y(m * n);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t c = 0; c < k; ++c) xt[c * m + i] = x[i * k + c];
+  ternary_matmul_f32(xt.data(), m, k, row_ptr.data(), neg.data(), cols.data(), n, sc.data(), false, y.data());
+  std::vector<double> want(m * n, 0.0), mag(m * n, 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t r = 0; r < n; ++r)
+      for (int64_t c = 0; c < k; ++c) {
+        want[i * n + r] += 0.7 * val[r][c] * x[i * k + c];
+        mag[i * n + r] += std::fabs(0.7 * val[r][c] * x[i * k + c]);
+      }
+  expect("ternary_matmul", "m=" + std::to_string(m) + " k=" + std::to_string(k), y, want, mag, k);
+}
+
+void check_lowrank(int64_t m, int64_t n, int64_t k, int64_t r, int bits, int64_t gs) {
+  const int64_t gk = (k + gs - 1) / gs, gn = (n + gs - 1) / gs;
+  auto vq = rand_bytes((r * k * bits + 7) / 8), uq = rand_bytes((r * n * bits + 7) / 8);
+  std::vector<uint16_t> vs(r * gk), vz(r * gk), us(r * gn), uz(r * gn);
+  for (auto* a : {&vs, &us})
+    for (auto& h : *a) h = rand_half(10, 14);
+  for (auto* a : {&vz, &uz})
+    for (auto& h : *a) h = rand_half(8, 13);
+  auto s = randn(r);
+  auto x = randn(m * k);
+  std::vector<float> y(m * n);
+  kbit_lowrank_matmul_f32(x.data(), m, k, n, r, bits, gs, vq.data(), vs.data(), vz.data(), uq.data(), us.data(),
+                          uz.data(), s.data(), y.data());
+  std::vector<double> want(m * n, 0.0), mag(m * n, 0.0);
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < r; ++j) {
+      double t = 0, tm = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        const double v = half(vz[j * gk + c / gs]) + code_at(vq.data(), bits, j * k + c) * half(vs[j * gk + c / gs]);
+        t += x[i * k + c] * v;
+        tm += std::fabs(x[i * k + c] * v);
+      }
+      for (int64_t c = 0; c < n; ++c) {
+        const double u = half(uz[j * gn + c / gs]) + code_at(uq.data(), bits, j * n + c) * half(us[j * gn + c / gs]);
+        want[i * n + c] += s[j] * t * u;
+        mag[i * n + c] += std::fabs(s[j] * u) * (tm + std::fabs(t));
+      }
+    }
+  expect("kbit_lowrank_matmul", "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
+         " bits=" + std::to_string(bits), y, want, mag, k + n);
+}
+
+void check_pack(int64_t n, int64_t k) {
+  auto x = randn(n * k);
+  std::vector<uint8_t> p((n * ((k + 7) / 8)));
+  std::vector<float> back(n * k);
+  pack_signs_f32(x.data(), n, k, p.data());
+  unpack_signs_f32(p.data(), n, k, back.data());
+  for (int64_t i = 0; i < n * k; ++i)
+    if (back[i] != (x[i] >= 0 ? 1.f : -1.f)) {
+      ++failures;
+      std::printf("FAIL pack/unpack n=%lld k=%lld at %lld\n", (long long)n, (long long)k, (long long)i);
+      return;
+    }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  std::vector<std::string> paths;
+  for (int i = 1; i < argc; ++i) paths.emplace_back(argv[i]);
+  if (paths.empty()) paths = {isa_name(best_isa()), "portable"};
+  for (const auto& path : paths) {
+    setenv("DELTACOMP_ISA", path.c_str(), 1);
+    const int before = failures;
+    for (int64_t k : {1, 7, 8, 9, 17, 33, 100, 577})
+      for (int64_t m : {1, 2, 3, 5, 17})
+        for (int64_t n : {1, 5, 8, 13})
+          for (bool per_row : {false, true}) check_sign(m, n, k, per_row, false);
+    check_sign(4, 9, 40, true, true);  // all-zero delta (scale 0): y = the base alone
+    for (int64_t m : {1, 4, 9}) check_multi(m, 11, 45, 3);
+    for (int64_t m : {1, 3}) check_ternary(m, 7, 37);
+    for (int bits : {1, 2, 3, 4, 8})
+      for (int64_t m : {1, 3}) {
+        check_lowrank(m, 64, 48, 3, bits, 16);  // n, gs multiples of 16: the one-row axpy path
+        check_lowrank(m, 37, 29, 2, bits, 5);   // odd sizes and groups
+      }
+    for (int64_t k : {1, 9, 64}) check_pack(3, k);
+    std::printf("%s: path %s, %s\n", path.c_str(), isa_name(active_isa()),
+                failures == before ? "all kernels match" : "MISMATCHES");
+  }
+  return failures ? 1 : 0;
+}

@@ -1,0 +1,54 @@
+"""The raw CPU kernels (csrc/cpu/*.cpp, no torch) against scalar double references in a standalone
+driver (tests/arm/kernel_check.cpp): built for aarch64 and run under qemu-user, so the NEON and portable
+paths are checked on an x86 machine; and built for the host, checking every path it has.
+
+    apt-get install g++-aarch64-linux-gnu qemu-user      # Debian / Ubuntu
+    python -m pytest -q -m arm tests/test_arm.py
+
+Skips (with the reason) when the cross compiler or qemu-aarch64 is missing."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KERNELS = ("isa", "sign_kernels", "simd8_kernels", "fused_kernels", "ternary_kernels", "lowrank_kernels",
+           "lowrank_simd")
+
+
+def _build(compiler: str, out: Path, static: bool) -> None:
+    cmd = [compiler, "-std=c++17", "-O2", "-fopenmp", *(["-static"] if static else []), f"-I{ROOT / 'csrc/cpu'}",
+           str(ROOT / "tests/arm/kernel_check.cpp"), *(str(ROOT / f"csrc/cpu/{k}.cpp") for k in KERNELS), "-o", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
+
+
+def _run(cmd: list[str]) -> str:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, f"{' '.join(cmd)}: kernels disagree with the reference:\n{done.stdout[-4000:]}"
+    return done.stdout
+
+
+@pytest.mark.arm
+def test_kernels_aarch64_under_qemu(tmp_path):
+    cxx, qemu = shutil.which("aarch64-linux-gnu-g++"), shutil.which("qemu-aarch64")
+    if cxx is None or qemu is None:
+        pytest.skip("needs aarch64-linux-gnu-g++ and qemu-aarch64 (apt-get install g++-aarch64-linux-gnu qemu-user)")
+    exe = tmp_path / "kernel_check_aarch64"
+    _build(cxx, exe, static=True)  # static: qemu-user needs no aarch64 sysroot
+    out = _run([qemu, str(exe), "neon", "portable"])
+    assert "neon: path neon, all kernels match" in out and "portable: path portable, all kernels match" in out, out
+
+
+@pytest.mark.arm
+def test_kernels_host_build(tmp_path):
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ on the PATH")
+    exe = tmp_path / "kernel_check"
+    _build(cxx, exe, static=False)
+    out = _run([str(exe), "avx512", "avx2", "neon", "portable"])  # paths this CPU lacks run its best one
+    assert out.count("all kernels match") == 4, out
