@@ -40,6 +40,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -384,7 +385,20 @@ def bench_ternary(n: int, k: int, ms: list[int], repeats: int, density: float, b
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--device" in argv:  # the CUDA kernels have their own benchmark (CUDA graphs, L2 rotation, GPU bounds)
+        i = argv.index("--device")
+        device = argv[i + 1] if i + 1 < len(argv) else ""
+        del argv[i:i + 2]
+        if device.startswith("cuda"):
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from kernels_cuda import main as cuda_main
+
+            raise SystemExit(cuda_main(argv))
+        if device != "cpu":
+            raise SystemExit(f"--device {device!r}: use cpu or cuda")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="--device cuda runs benchmarks/kernels_cuda.py with the remaining arguments")
     ap.add_argument("--shapes", default=",".join(LAYER_SHAPES), help="N x K, comma separated (default: the "
                     "layers of 7B/8B/70B models: attention, MLP up and down, 70B attention and MLP)")
     ap.add_argument("--ms", default="1,4,16,64", help="rows of x (batch), comma separated")
