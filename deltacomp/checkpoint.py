@@ -14,12 +14,11 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
-from .storage import ShardBuffer
+from .storage import ShardBuffer, save_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -193,7 +192,7 @@ class ShardedWriter:
         shards = self._buffer.shards
         n = len(shards)
         if n == 0:
-            save_file({}, str(self.folder / SINGLE_NAME), metadata=self._buffer.metadata)
+            save_tensors({}, self.folder / SINGLE_NAME, self._buffer.metadata)
             return [self.folder / SINGLE_NAME]
         if n == 1:
             final = self.folder / SINGLE_NAME

@@ -37,7 +37,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ._version import __version__
@@ -45,7 +44,7 @@ from .dtypes import dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
                         decode_embedded, fingerprint_all, integrity_digest, validate_schema)
-from .storage import OutputLock, ShardBuffer, publish_file
+from .storage import OutputLock, ShardBuffer, publish_file, save_tensors
 
 FORMAT = "deltacomp/1"
 FORMAT_VERSION = 1
@@ -196,7 +195,7 @@ class DeltaWriter:
             shards = self._buffer.shards
             if not shards:  # one file: metadata in its header
                 tmp = self._tmpdir / "single.delta.safetensors"
-                save_file(self._buffer.current, str(tmp), metadata={META_KEY: meta_json})
+                save_tensors(self._buffer.current, tmp, {META_KEY: meta_json})
                 _verify_written(tmp)
                 publish_file(tmp, self.path, self.overwrite)
                 if index_path(self.path).exists():  # a stale sharded version with the same name

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
+from .storage import save_tensors
 from torch import Tensor
 
 from .checkpoint import open_checkpoint
@@ -58,7 +58,7 @@ def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: di
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
     with output_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return Path(out)
 

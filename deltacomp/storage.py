@@ -7,6 +7,7 @@ written through."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -99,6 +100,21 @@ def publish_file(tmp: Path, final: Path, overwrite: bool) -> None:
     tmp.unlink()
 
 
+def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, size limit, read-only folder) raised as
+    the OSError they are, naming ``path``, so callers report them as the user's environment, not a bug."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:
+        m = re.search(r"os error (\d+)", str(exc))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
+
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a sibling temporary file and rename it over ``path``."""
     path = Path(path)
@@ -178,6 +194,6 @@ class ShardBuffer:
         if not self.current:
             return
         path = self.folder / f"shard-{len(self.shards):05d}{self.suffix}"
-        save_file(self.current, str(path), metadata=self.metadata)
+        save_tensors(self.current, path, self.metadata)
         self.shards.append((path, list(self.current)))
         self.current, self.current_bytes = {}, 0
