@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from .storage import save_tensors
 from torch import Tensor
 
 from .checkpoint import open_checkpoint
@@ -26,7 +25,7 @@ from .errors import NoFactorsError, SettingsError
 from .pairing import PairKind, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
-from .storage import output_dir
+from .storage import output_dir, save_tensors
 
 _NOT_LINEAR = re.compile("|".join(p for p, _ in DEFAULT_RULES))
 
