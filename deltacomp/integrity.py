@@ -55,7 +55,9 @@ def _validator():
     schema = json.loads(SCHEMA_PATH.read_text())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema)
+    # JSON Schema counts 2.0 as an integer; Python keeps it a float, which is no shape or byte count
+    strict = cls.TYPE_CHECKER.redefine("integer", lambda _, v: isinstance(v, int) and not isinstance(v, bool))
+    return jsonschema.validators.extend(cls, type_checker=strict)(schema)
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -36,3 +36,24 @@ def edit_metadata(path: Path, edit, reseal: bool = True, header_edit=None) -> No
         meta["integrity"]["sha256"] = integrity_digest(meta, manifest(header))
     header["__metadata__"]["deltacomp"] = json.dumps(meta)
     write_header(path, header, data)
+
+
+def rewrite_tensors(path: Path, edit_tensors, edit=lambda meta: None) -> None:
+    """Rewrite a single-file delta with ``edit_tensors(dict)`` applied to its stored tensors, then fix
+    up each parameter's checksum and byte count and the digest: a forger's well-formed file."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from deltacomp.delta_file import encoded_checksum
+
+    with safe_open(str(path), framework="pt") as h:
+        meta = json.loads(h.metadata()["deltacomp"])
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    edit_tensors(tensors)
+    edit(meta)
+    for name, p in meta["params"].items():
+        mine = {f: tensors[f"{name}.{f}"] for f in p["fields"] if f"{name}.{f}" in tensors}
+        p["checksum"] = encoded_checksum(mine)
+        p["nbytes"] = sum(t.numel() * t.element_size() for t in mine.values())
+    save_file(tensors, str(path), metadata={"deltacomp": json.dumps(meta)})
+    edit_metadata(path, lambda m: None, reseal=True)
