@@ -15,7 +15,7 @@ from .codecs import get_codec
 from .delta import Delta, load_delta
 from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_digest, file_to_json,
                          fingerprint_all, index_path)
-from .dtypes import dtype_name
+from .dtypes import DTYPES, dtype_name
 from .errors import CheckpointError, NonFiniteError, OutputExistsError
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
@@ -144,6 +144,9 @@ def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoin
                 base_hashes: dict[str, str], shared_settings: dict[str, dict], allow_nonfinite: bool = False) -> None:
     """Encode one fine-tune tensor as its plan says and add it to ``writer``."""
     ft = fck.get(p.name)
+    if dtype_name(ft.dtype) not in DTYPES:  # refused here, before a file the reader would refuse is made
+        raise CheckpointError(f"{fck.path}: {p.name}: dtype {dtype_name(ft.dtype)} cannot be stored in a delta "
+                              f"file (supported: {', '.join(DTYPES)}); convert the checkpoint first")
     info = ParamInfo(p.name, None, tuple(ft.shape), dtype_name(ft.dtype))
     if p.kind == PairKind.TIED:
         info.tied_to = p.tied_to

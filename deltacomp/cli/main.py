@@ -230,19 +230,19 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except DeltacompError as exc:
-        line, code = f"{cmd}: error: {exc}", 2
+        error, line, code = exc, f"{cmd}: error: {exc}", 2
     except OSError as exc:
-        line, code = f"{cmd}: error: {os_error_line(exc)}", 2
-    except MemoryError:
-        line, code = f"{cmd}: error: out of memory; free memory or use a smaller model/--max-shard-size", 2
+        error, line, code = exc, f"{cmd}: error: {os_error_line(exc)}", 2
+    except MemoryError as exc:
+        error, line, code = exc, f"{cmd}: error: out of memory; free memory or use a smaller model", 2
     except KeyboardInterrupt:
         print(f"{cmd}: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
     except Exception as exc:
-        line, code = (f"{cmd}: internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug: please "
+        error, line, code = exc, (f"{cmd}: internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug: please "
                       f"report it with the output of the same command run with --debug"), 1
     if debug:
-        traceback.print_exc()
+        traceback.print_exception(type(error), error, error.__traceback__)
     print(" ".join(line.split("\n")), file=sys.stderr)
     return code
 
