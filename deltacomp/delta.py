@@ -4,14 +4,14 @@
 checks), every parameter's codec must be registered, every stored field must be in that codec's
 vocabulary, every stored setting the codec declares must have its type and range, and where the codec
 knows its exact encoded shapes from (shape, settings) the stored tensors must have them, so a forged
-shape is refused before any tensor is read (``inspect`` included); ``encoded``, ``decode`` and ``apply`` then turn the
-stored tensors back into a float32 delta or the fine-tune's tensor.
+shape is refused before any tensor is read (``inspect`` included); ``encoded``, ``decode`` and ``apply``
+then turn the stored tensors back into a float32 delta or the fine-tune's tensor.
 """
 from __future__ import annotations
 
 import os
-
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -96,16 +96,39 @@ class Delta(DeltaFile):
         if info.tied_to is not None:
             return self.decode(info.tied_to)
         enc = self.encoded(name)
-        try:
+        with self.guard(name, "decode"):
             out = get_codec(enc.codec).decode(enc)
-        except DeltaFormatError as exc:  # from the shared decoders (positions): add the file and tensor
-            raise DeltaFormatError(f"{self.path}: {name}: {exc}") from None
-        except (RuntimeError, ValueError, IndexError, KeyError, TypeError, OverflowError, MemoryError) as exc:
-            raise DeltaFormatError(f"{self.path}: cannot decode {name} ({exc}); the file is inconsistent") from None
         if tuple(out.shape) != info.encoded_shape:
             raise DeltaFormatError(f"{self.path}: {name} decodes to shape {tuple(out.shape)}, "
                                    f"metadata says {info.encoded_shape}")
         return out
+
+    @contextmanager
+    def guard(self, name: str, what: str) -> Iterator[None]:
+        """Errors of a codec working on this file's values (parameters beyond the declared settings, e.g. a
+        position count, are the codec's own) become one DeltaFormatError naming the file and tensor."""
+        try:
+            yield
+        except DeltaFormatError as exc:  # from the shared decoders (positions): add the file and tensor
+            raise DeltaFormatError(f"{self.path}: {name}: {exc}") from None
+        except DeltacompError:  # already one of ours (e.g. NoFactorsError, a ValueError too)
+            raise
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError, OverflowError, ZeroDivisionError,
+                MemoryError) as exc:
+            raise DeltaFormatError(f"{self.path}: cannot {what} {name} ({type(exc).__name__}: "
+                                   f"{_short(str(exc), 200)}); the file is inconsistent") from None
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """The codec's ``inspect`` statistics of one stored parameter."""
+        enc = self.encoded(name)
+        with self.guard(name, "inspect"):
+            return get_codec(enc.codec).stats(enc)
+
+    def lora_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The codec's low-rank factors of one stored parameter (NoFactorsError where it has none)."""
+        enc = self.encoded(name)
+        with self.guard(name, "read the factors of"):
+            return get_codec(enc.codec).lora_factors(enc)
 
     def apply(self, name: str, base: Tensor | None) -> Tensor:
         """The fine-tune's tensor: ``(base + delta)`` in float32, cast to the fine-tune's dtype; a tensor

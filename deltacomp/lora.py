@@ -111,7 +111,7 @@ def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, 
             try:
                 if not info.has_base or info.base_rows is not None or len(info.shape) != 2:
                     raise NoFactorsError(name)
-                f = get_codec(info.codec).lora_factors(df.encoded(name))
+                f = df.lora_factors(name)
             except NoFactorsError:
                 skipped.append(name)
                 continue
