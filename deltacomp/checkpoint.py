@@ -84,10 +84,14 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
             by_file: dict[str, list[str]] = {}
             for name, fname in weight_map.items():
+                if "/" in fname or "\\" in fname or fname.startswith("."):
+                    raise CheckpointError(f"{index}: shard name {fname!r} points outside {folder}; refused")
                 by_file.setdefault(fname, []).append(name)
             for fname, names in by_file.items():
                 shard = folder / fname
@@ -142,9 +146,12 @@ class Checkpoint:
         if self.folder is None or not (self.folder / "config.json").is_file():
             return None
         try:
-            return json.loads((self.folder / "config.json").read_text())
-        except ValueError as exc:
+            config = json.loads((self.folder / "config.json").read_text())
+        except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"{self.folder / 'config.json'}: invalid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.folder / 'config.json'}: must hold a JSON object, not {type(config).__name__}")
+        return config
 
     def extra_files(self) -> dict[str, bytes]:
         """The non-weight files a model folder needs (config, generation config, tokenizer)."""

@@ -52,7 +52,7 @@ def _refused(path, match):
     with pytest.raises(DeltaFormatError, match=match) as info:
         with deltacomp.load_delta(path) as df:
             df.verify()
-    assert "\n" not in str(info.value) and str(path.name) in str(info.value)
+    assert "\n" not in str(info.value) and path.name.split(".")[0] in str(info.value)
 
 
 # -- edits the digest catches (no reseal) ----------------------------------------------------------
@@ -237,3 +237,51 @@ def test_legacy_file_loads_with_one_warning(copy):
     # the checks that need no record still run on legacy files
     edit_metadata(path, lambda m: m["params"].pop(UP), reseal=False)
     _refused(path, "belongs to no parameter")
+
+
+# -- sharded files and model folders ---------------------------------------------------------------
+@pytest.fixture
+def sharded(made, tmp_path):
+    base, ft, _ = made["bitdelta"]
+    out = tmp_path / "s.delta.safetensors"
+    deltacomp.compress(base, ft, out, max_shard_bytes=3000, progress=False)
+    return base, ft, out, tmp_path / "s.delta.safetensors.index.json"
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda ix: [ix], "not a deltacomp index"),
+    (lambda ix: {**ix, "weight_map": [1]}, "not a deltacomp index"),
+    (lambda ix: {**ix, "metadata": {"deltacomp": {"a": 1}}}, "not a deltacomp index"),
+    (lambda ix: {**ix, "weight_map": {**ix["weight_map"], UP + ".signs": "../s-00001-of-00002.delta.safetensors"}},
+     "outside the folder"),
+    (lambda ix: {**ix, "weight_map": {k: v for k, v in list(ix["weight_map"].items())[1:]}}, "does not map"),
+    (lambda ix: {**ix, "metadata": {"deltacomp": ix["metadata"]["deltacomp"].replace("hidden_size", "hidden_sizf")}},
+     "integrity digest mismatch"),
+])
+def test_sharded_index_damage(sharded, edit, match):
+    _, _, out, idx = sharded
+    idx.write_text(json.dumps(edit(json.loads(idx.read_text()))))
+    _refused(out, match)
+
+
+def test_sharded_round_trip_and_missing_shard(sharded):
+    base, ft, out, idx = sharded
+    shards = sorted(out.parent.glob("s-0*"))
+    assert len(shards) > 1
+    with deltacomp.load_delta(out) as df:
+        assert df.integrity_checked
+    shards[-1].unlink()
+    _refused(out, "missing or outside the folder")
+
+
+@pytest.mark.parametrize("content,match", [("[]", "not a valid safetensors index"),
+                                           ('{"weight_map": {"a": "../x.safetensors"}}', "outside"),
+                                           ('{"weight_map": {"a": 5}}', "not a valid safetensors index")])
+def test_model_folder_index_damage(tmp_path, made, content, match):
+    from conftest import llama_tensors, write_folder
+
+    base, _, _ = made["bitdelta"]
+    ft = write_folder(tmp_path / "ft", llama_tensors(1), shards=2)
+    (ft / "model.safetensors.index.json").write_text(content)
+    with pytest.raises(deltacomp.CheckpointError, match=match):
+        deltacomp.compress(base, ft, tmp_path / "d.delta.safetensors", progress=False)
