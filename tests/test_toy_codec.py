@@ -11,8 +11,7 @@ from torch import Tensor
 
 import deltacomp
 from deltacomp import serve
-from deltacomp.codecs import Codec, Encoded, Setting, get_codec
-from deltacomp.codecs.base import register, unregister
+from deltacomp.codecs import Codec, Encoded, Setting, get_codec, register, unregister
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
