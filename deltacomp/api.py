@@ -230,6 +230,7 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
         with ShardedWriter(tmp, max_shard_bytes) as writer:
             for name, tensor in iter_reconstructed(bck, df, force=force, progress=progress):
                 writer.add(name, tensor)
+        open_checkpoint(tmp).close()  # readable before it gets the output's name
         for fname, data in df.files.items():
             if "/" in fname or "\\" in fname or fname.startswith("."):
                 continue  # never write outside the folder, whatever the file says

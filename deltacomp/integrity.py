@@ -30,7 +30,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from .dtypes import SAFETENSORS_DTYPES
+from .dtypes import DTYPES, SAFETENSORS_DTYPES
 from .errors import DeltaFormatError
 
 SCHEMA_PATH = Path(__file__).with_name("schema") / "deltacomp-1.schema.json"
@@ -134,7 +134,11 @@ def check_consistency(meta: dict[str, Any], manifest: Manifest, where: str) -> N
             if target is None or "tied_to" in target or p["tied_to"] == name:
                 raise DeltaFormatError(f"{where}: {name}: tied_to {p['tied_to']!r} is not a stored parameter "
                                        "(missing, itself tied, or a cycle)")
+            if target["shape"] != p["shape"]:
+                raise DeltaFormatError(f"{where}: {name}: shape {p['shape']}, but tied to {p['tied_to']} of "
+                                       f"shape {target['shape']}")
             continue
+        _check_new_rows(name, p, manifest, where)
         total = 0
         for f in p["fields"]:
             key = f"{name}.{f}"
@@ -150,6 +154,21 @@ def check_consistency(meta: dict[str, Any], manifest: Manifest, where: str) -> N
         raise DeltaFormatError(f"{where}: tensor {extra[0]} belongs to no parameter ({len(extra)} such); "
                                "the parameter list was damaged or edited")
     _check_base(meta, params, where)
+
+
+def _check_new_rows(name: str, p: dict[str, Any], manifest: Manifest, where: str) -> None:
+    """Added rows (``base_rows``) are stored exactly when declared, with the fine-tune's dtype and the
+    rows the base lacks."""
+    key = f"{name}.new_rows"
+    if ("base_rows" in p) != ("new_rows" in p["fields"]):
+        raise DeltaFormatError(f"{where}: {name}: base_rows and a stored new_rows field go together; "
+                               "the file was damaged or edited")
+    if "base_rows" not in p or key not in manifest:
+        return
+    code, shape = manifest[key]
+    want = (p["shape"][0] - p["base_rows"], *p["shape"][1:])
+    if tuple(shape) != want or SAFETENSORS_DTYPES.get(code) != DTYPES[p["dtype"]]:
+        raise DeltaFormatError(f"{where}: {key}: stored {code} {list(shape)}, expected {p['dtype']} {list(want)}")
 
 
 def fingerprint_all(per_tensor: dict[str, str]) -> str:

@@ -233,3 +233,27 @@ def test_existing_output_appearing_during_run_not_replaced(tmp_path, pair, monke
     with pytest.raises(OutputExistsError, match="appeared while this run was writing"):
         deltacomp.compress(base, ft, out, progress=False)
     assert out.read_bytes() == b"someone else's"
+
+
+def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, pair, capsys, monkeypatch):
+    """safetensors reports a full disk as its own error type; it reaches the user as the OSError it is."""
+    from deltacomp import storage
+
+    base, ft, _, _ = pair
+
+    def full(tensors, path, metadata=None):
+        raise Exception(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+
+    monkeypatch.setattr(storage, "save_file", full)
+    out = tmp_path / "d.delta.safetensors"
+    assert main(["compress", str(base), str(ft), "-o", str(out), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "No space left on device; the disk is full" in err[0] and str(tmp_path) in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]
+    deltacomp_rec = tmp_path / "rec"
+    monkeypatch.undo()
+    deltacomp.compress(base, ft, out, progress=False)
+    monkeypatch.setattr(storage, "save_file", full)
+    assert main(["reconstruct", str(base), str(out), "-o", str(deltacomp_rec), "-q"]) == 2
+    assert "the disk is full" in capsys.readouterr().err
+    assert not deltacomp_rec.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".rec")]
