@@ -146,6 +146,7 @@ class DeltaWriter:
             raise OutputExistsError(f"{self.path}: is a folder; give a file name like ft.delta.safetensors")
         self.overwrite = overwrite
         self._check_free()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = OutputLock(self.path)  # also removes what a killed run on this output left
         try:
             self._check_free()
