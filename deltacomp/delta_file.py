@@ -19,8 +19,8 @@ verified, and only then renamed. Readers check, before using any field (deltacom
 the metadata, the format version, the metadata against the JSON schema, the integrity digest over the
 metadata and tensor manifest, that parameters and stored tensors match one to one, and embedded files
 with a hard cap on their inflated size; each parameter's checksum is checked when its tensors are read.
-The full specification is docs/format.md. This layer knows no codec: decoding, applying and each codec's field vocabulary are
-checked above it (deltacomp.delta).
+The full specification is docs/format.md. This layer knows no codec: decoding, applying and each codec's
+field vocabulary are checked above it (deltacomp.delta).
 """
 from __future__ import annotations
 
@@ -191,8 +191,8 @@ class DeltaWriter:
         return json.dumps(meta)
 
     def finish(self, metadata: dict[str, Any]) -> list[Path]:
-        meta_json = self._metadata_json(metadata)
         try:
+            meta_json = self._metadata_json(metadata)
             shards = self._buffer.shards
             if not shards:  # one file: metadata in its header
                 tmp = self._tmpdir / "single.delta.safetensors"
