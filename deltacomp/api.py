@@ -124,7 +124,11 @@ def _remove_delta(path: Path) -> None:
 
 
 def _nonfinite(t: Tensor) -> int:
-    return int(t.numel() - torch.isfinite(t).sum()) if t.is_floating_point() else 0
+    if not t.is_floating_point():
+        return 0
+    if t.element_size() == 1:  # float8: torch has no isfinite for it
+        t = t.float()
+    return int(t.numel() - torch.isfinite(t).sum())
 
 
 def _check_finite(p: Pairing, ft: Tensor, b: Tensor, fck: Checkpoint, bck: Checkpoint, allow: bool) -> bool:

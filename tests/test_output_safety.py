@@ -257,3 +257,15 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, pair, capsys, monkey
     assert main(["reconstruct", str(base), str(out), "-o", str(deltacomp_rec), "-q"]) == 2
     assert "the disk is full" in capsys.readouterr().err
     assert not deltacomp_rec.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".rec")]
+
+
+def test_fp8_base_is_accepted(tmp_path):
+    """A base stored in float8 (a fine-tune may not be: the file stores the fine-tune's dtype)."""
+    b = llama_tensors(0)
+    f = finetune_of(b, 1)
+    b8 = {k: (v.to(torch.float8_e4m3fn) if "mlp" in k else v) for k, v in b.items()}
+    base, ft = write_folder(tmp_path / "b", b8), write_folder(tmp_path / "f", f)
+    out = tmp_path / "d.delta.safetensors"
+    deltacomp.compress(base, ft, out, method="raw", progress=False)
+    rec = dict(deltacomp.iter_reconstructed(base, out))
+    assert all(torch.allclose(rec[k].float(), f[k].float(), atol=1e-2) for k in f)
