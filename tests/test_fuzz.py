@@ -20,7 +20,7 @@ import deltacomp
 from deltacomp import DeltacompError
 from deltacomp.integrity import LegacyDeltaWarning
 from conftest import finetune_of, llama_tensors, write_folder
-from forge import edit_metadata
+from forge import edit_metadata, read_header, write_header
 
 CASES = int(os.environ.get("DELTACOMP_FUZZ_CASES", "150"))
 ODD_VALUES = [None, -1, 0, 1, 1.5, 2**63, "", "x", "raw", [], [0], {}, {"a": 1}, True, "a" * 300]
@@ -123,10 +123,16 @@ def _damage(rng, path, kind):
         _mutate_json(rng, meta)
         index["metadata"]["deltacomp"] = json.dumps(meta)
         target.write_text(json.dumps(index))
-    else:
-        header_meta = path == target
-        if header_meta:
-            edit_metadata(target, lambda m: _mutate_json(rng, m), reseal=kind == "reseal")
+    elif path == target:  # the metadata in a single file's header
+        edit_metadata(target, lambda m: _mutate_json(rng, m), reseal=kind == "reseal")
+    else:  # a shard's safetensors header: a tensor's dtype, shape or offsets
+        header, data = read_header(target)
+        name = rng.choice([k for k in header if k != "__metadata__"])
+        key = rng.choice(["dtype", "shape", "data_offsets"])
+        header[name][key] = rng.choice({"dtype": ["U8", "F16", "F32", "I64", "BOOL"],
+                                        "shape": [[0], [1], [3, 1], [10**9]],
+                                        "data_offsets": [[0, 0], [0, 4], [4, 8]]}[key])
+        write_header(target, header, data)
 
 
 @pytest.mark.parametrize("method", ["bitdelta", "svd-mixed", "ternary", "lowrank"])
