@@ -16,9 +16,9 @@ from .delta import Delta, load_delta
 from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_digest, file_to_json,
                          fingerprint_all, index_path)
 from .devices import resolve_device
-from .dtypes import dtype_name
-from .errors import CheckpointError, OutputExistsError
-from .pairing import PairKind, Pairing, pair_checkpoints
+from .dtypes import DTYPES, dtype_name
+from .errors import CheckpointError, NonFiniteError, OutputExistsError
+from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
 from .storage import output_dir
@@ -61,7 +61,9 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
         def deltas(members=members):
             for p in progress_bar(members, desc=f"{codec.name} pre-pass", unit="tensor", enable=progress):
                 d = _delta(fck.get(p.name), bck.get(p.name), p)[1]
-                if torch.count_nonzero(d):  # unchanged tensors cost nothing, outside the group
+                # unchanged tensors cost nothing, outside the group; non-finite ones are refused or
+                # stored whole later, and must not turn the group's statistic into NaN
+                if torch.count_nonzero(d) and bool(torch.isfinite(d).all()):
                     yield d
         out[key] = codec.global_settings(deltas, settings)
     return out
@@ -71,7 +73,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
              method: str = DEFAULT_METHOD, ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              calibration: "CalibrationOptions | None" = None, progress: bool = True,
-             device: str | torch.device | None = "auto") -> dict[str, Any]:
+             device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
+             allow_mismatch: bool = False) -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see devices.py) is where the codecs' math runs,
@@ -80,10 +83,15 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     ``calibration`` (``deltacomp.calibrate.CalibrationOptions``) turns on the codecs' use of data: each
     codec's calibrator runs in its stage (end-to-end distillation, then the layerwise pass; see
     codecs/calibrator.py). The data-free file is made under a temporary
-    name first, so a failure never leaves a file at ``out``."""
+    name first, so a failure never leaves a file at ``out``.
+
+    A NaN or Inf in a base or fine-tune tensor is refused (NonFiniteError) unless ``allow_nonfinite``,
+    which stores such a tensor whole (exact, uncompressed). A pair that does not look like a base and
+    its fine-tune is refused (pairing.check_pair) unless ``allow_mismatch``."""
+    checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch}
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
-                         max_shard_bytes=max_shard_bytes, progress=progress, device=device)
+                         max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
     from .calibrate.options import load_data, run_stages
 
     out = Path(out)
@@ -99,7 +107,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
     try:
         first = _compress(base, finetuned, stage(), method=method, ratio=ratio, rules=rules, overwrite=True,
-                          max_shard_bytes=max_shard_bytes, progress=progress, device=device)
+                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
         reports = run_stages(base, finetuned, stages[0], out, first["by_codec"], calibration, data, stage,
                              progress)
     finally:
@@ -122,16 +130,43 @@ def _remove_delta(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
+def _nonfinite(t: Tensor) -> int:
+    if not t.is_floating_point():
+        return 0
+    if t.element_size() == 1:  # float8: torch has no isfinite for it
+        t = t.float()
+    return int(t.numel() - torch.isfinite(t).sum())
+
+
+def _check_finite(p: Pairing, ft: Tensor, b: Tensor, fck: Checkpoint, bck: Checkpoint, allow: bool) -> bool:
+    """False (store whole) or NonFiniteError when the pair holds NaN/Inf: its delta would be NaN and
+    codecs with a shared scale would spread it over the whole tensor."""
+    for t, ck in ((ft, fck), (b, bck)):
+        n = _nonfinite(t)
+        if n and not allow:
+            raise NonFiniteError(f"{ck.path}: {p.name}: {n} of {t.numel()} values are NaN or Inf; fix the "
+                                 "checkpoint, or pass --allow-nonfinite to store such tensors whole (uncompressed)")
+        if n:
+            return False
+    return True
+
+
 def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoint, p: Pairing,
-                base_hashes: dict[str, str], shared_settings: dict[str, dict], device: torch.device) -> None:
+                base_hashes: dict[str, str], shared_settings: dict[str, dict], device: torch.device,
+                allow_nonfinite: bool = False) -> None:
     """Encode one fine-tune tensor as its plan says (on ``device`` when its codec runs there) and add it
     to ``writer``."""
     ft = fck.get(p.name)
+    if dtype_name(ft.dtype) not in DTYPES:  # refused here, before a file the reader would refuse is made
+        raise CheckpointError(f"{fck.path}: {p.name}: dtype {dtype_name(ft.dtype)} cannot be stored in a delta "
+                              f"file (supported: {', '.join(DTYPES)}); convert the checkpoint first")
     info = ParamInfo(p.name, None, tuple(ft.shape), dtype_name(ft.dtype))
     if p.kind == PairKind.TIED:
         info.tied_to = p.tied_to
         writer.add(info, None)
         return
+    if p.kind == PairKind.DELTA and not _check_finite(p, ft, bck.get(p.name), fck, bck, allow_nonfinite):
+        p = Pairing(p.name, PairKind.NEW)
     if p.kind == PairKind.NEW:
         enc = get_codec(WHOLE).whole(ft)
         info.codec, info.has_base, info.settings = enc.codec, False, enc.params
@@ -156,17 +191,19 @@ def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoin
 
 def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
               method: str, ratio: float | None, rules, overwrite: bool, max_shard_bytes: int,
-              progress: bool, device: str | torch.device | None = "auto") -> dict[str, Any]:
+              progress: bool, device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
+              allow_mismatch: bool = False) -> dict[str, Any]:
     plan = Plan(method, list(rules), ratio)
     device = resolve_device(device)
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
             pairs = pair_checkpoints(bck, fck)
+            check_pair(bck, fck, pairs, allow_mismatch)
             base_hashes: dict[str, str] = {}
             shared_settings = _global_prepass(bck, fck, pairs, plan, progress)
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
-                _add_tensor(writer, plan, bck, fck, p, base_hashes, shared_settings, device)
+                _add_tensor(writer, plan, bck, fck, p, base_hashes, shared_settings, device, allow_nonfinite)
             metadata = {
                 "base": {"fingerprint": fingerprint_all(base_hashes), "tensors": base_hashes,
                          "dtypes": {n: dtype_name(bck.dtype(n)) for n in base_hashes}},
@@ -210,6 +247,7 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
         with ShardedWriter(tmp, max_shard_bytes) as writer:
             for name, tensor in iter_reconstructed(bck, df, force=force, progress=progress):
                 writer.add(name, tensor)
+        open_checkpoint(tmp).close()  # readable before it gets the output's name
         for fname, data in df.files.items():
             if "/" in fname or "\\" in fname or fname.startswith("."):
                 continue  # never write outside the folder, whatever the file says

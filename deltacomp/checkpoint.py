@@ -14,12 +14,11 @@ from typing import Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
-from .storage import ShardBuffer
+from .storage import ShardBuffer, save_tensors
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -85,10 +84,14 @@ class Checkpoint:
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({exc})") from None
+                if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                    raise TypeError("weight_map must map tensor names to shard file names")
+            except (ValueError, KeyError, TypeError, RecursionError) as exc:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({exc!r})") from None
             by_file: dict[str, list[str]] = {}
             for name, fname in weight_map.items():
+                if "/" in fname or "\\" in fname or fname.startswith("."):
+                    raise CheckpointError(f"{index}: shard name {fname!r} points outside {folder}; refused")
                 by_file.setdefault(fname, []).append(name)
             for fname, names in by_file.items():
                 shard = folder / fname
@@ -143,9 +146,12 @@ class Checkpoint:
         if self.folder is None or not (self.folder / "config.json").is_file():
             return None
         try:
-            return json.loads((self.folder / "config.json").read_text())
-        except ValueError as exc:
+            config = json.loads((self.folder / "config.json").read_text())
+        except (ValueError, RecursionError) as exc:
             raise CheckpointError(f"{self.folder / 'config.json'}: invalid JSON ({exc})") from None
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{self.folder / 'config.json'}: must hold a JSON object, not {type(config).__name__}")
+        return config
 
     def extra_files(self) -> dict[str, bytes]:
         """The non-weight files a model folder needs (config, generation config, tokenizer)."""
@@ -193,7 +199,7 @@ class ShardedWriter:
         shards = self._buffer.shards
         n = len(shards)
         if n == 0:
-            save_file({}, str(self.folder / SINGLE_NAME), metadata=self._buffer.metadata)
+            save_tensors({}, self.folder / SINGLE_NAME, self._buffer.metadata)
             return [self.folder / SINGLE_NAME]
         if n == 1:
             final = self.folder / SINGLE_NAME

@@ -1,20 +1,27 @@
 """A delta file read with its codecs: the container (delta_file.DeltaFile) plus decoding and applying.
 
-``load_delta(path)`` returns a ``Delta``: on open, every parameter's codec must be registered and every
-stored field must be in that codec's vocabulary; ``encoded``, ``decode`` and ``apply`` then turn the
-stored tensors back into a float32 delta or the fine-tune's tensor.
+``load_delta(path)`` returns a ``Delta``: on open (after the container's schema, integrity and consistency
+checks), every parameter's codec must be registered, every stored field must be in that codec's
+vocabulary, every stored setting the codec declares must have its type and range, and where the codec
+knows its exact encoded shapes from (shape, settings) the stored tensors must have them, so a forged
+shape is refused before any tensor is read (``inspect`` included); ``encoded``, ``decode`` and ``apply``
+then turn the stored tensors back into a float32 delta or the fine-tune's tensor.
 """
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
 
-from .codecs import Encoded, get_codec
-from .delta_file import NEW_ROWS, DeltaFile
-from .dtypes import DTYPES
-from .errors import DeltaFormatError, SettingsError
+from .codecs import Codec, Encoded, get_codec
+from .delta_file import NEW_ROWS, DeltaFile, ParamInfo
+from .dtypes import DTYPES, SAFETENSORS_DTYPES
+from .errors import DeltacompError, DeltaFormatError, SettingsError
+
+_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 
 
 class Delta(DeltaFile):
@@ -33,6 +40,47 @@ class Delta(DeltaFile):
             for f in info.fields:
                 if f != NEW_ROWS and not codec.field_allowed(f):
                     raise DeltaFormatError(f"{self.path}: {info.name} holds field {f!r}, not one of codec {info.codec}'s")
+            self._check_settings(codec, info)
+            self._check_shapes(codec, info)
+
+    def _check_settings(self, codec: Codec, info: ParamInfo) -> None:
+        """Each stored value of a setting the codec declares has its type (2.5 is no group size) and range."""
+        for s in codec.settings:
+            value = info.settings.get(s.name)
+            if value is None:
+                continue
+            types = _TYPES.get(s.type, (object,))
+            if not isinstance(value, types) or (isinstance(value, bool) and s.type is not bool):
+                raise DeltaFormatError(f"{self.path}: {info.name}: setting {s.name}={value!r} is not a "
+                                       f"{s.type.__name__}; the file is damaged or was edited")
+            try:
+                s.convert(value, codec.name)
+            except SettingsError as exc:
+                raise DeltaFormatError(f"{self.path}: {info.name}: {exc}; the file is damaged or was edited") from None
+
+    def _check_shapes(self, codec: Codec, info: ParamInfo) -> None:
+        """Stored shapes and dtypes against the codec's exact ones from (shape, settings), when it has them."""
+        known = {k: v for k, v in info.settings.items() if k in {s.name for s in codec.settings}}
+        try:
+            want = codec.meta_tensors(info.encoded_shape, codec.resolve_settings(known))
+        except (DeltacompError, ValueError, TypeError, KeyError, IndexError, ZeroDivisionError, OverflowError) as exc:
+            raise DeltaFormatError(f"{self.path}: {info.name}: settings {_short(info.settings)} do not fit "
+                                   f"shape {list(info.encoded_shape)} ({exc})") from None
+        if want is None:
+            return
+        if info.base_rows is not None:
+            want = {**want, NEW_ROWS: None}
+        if set(want) != set(info.fields):
+            raise DeltaFormatError(f"{self.path}: {info.name}: stores fields {sorted(info.fields)}, codec "
+                                   f"{info.codec} writes {sorted(want)} for shape {list(info.encoded_shape)}")
+        for f, t in want.items():
+            if t is None:
+                continue
+            code, shape = self._manifest[f"{info.name}.{f}"]
+            if tuple(shape) != tuple(t.shape) or SAFETENSORS_DTYPES[code] != t.dtype:
+                raise DeltaFormatError(f"{self.path}: {info.name}.{f}: stored {code} {list(shape)}, expected "
+                                       f"{t.dtype} {list(t.shape)} for shape {list(info.encoded_shape)}; "
+                                       "the file is damaged or was edited")
 
     def encoded(self, name: str) -> Encoded:
         info = self.params[name]
@@ -48,14 +96,39 @@ class Delta(DeltaFile):
         if info.tied_to is not None:
             return self.decode(info.tied_to)
         enc = self.encoded(name)
-        try:
+        with self.guard(name, "decode"):
             out = get_codec(enc.codec).decode(enc)
-        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as exc:
-            raise DeltaFormatError(f"{self.path}: cannot decode {name} ({exc}); the file is inconsistent") from None
         if tuple(out.shape) != info.encoded_shape:
             raise DeltaFormatError(f"{self.path}: {name} decodes to shape {tuple(out.shape)}, "
                                    f"metadata says {info.encoded_shape}")
         return out
+
+    @contextmanager
+    def guard(self, name: str, what: str) -> Iterator[None]:
+        """Errors of a codec working on this file's values (parameters beyond the declared settings, e.g. a
+        position count, are the codec's own) become one DeltaFormatError naming the file and tensor."""
+        try:
+            yield
+        except DeltaFormatError as exc:  # from the shared decoders (positions): add the file and tensor
+            raise DeltaFormatError(f"{self.path}: {name}: {exc}") from None
+        except DeltacompError:  # already one of ours (e.g. NoFactorsError, a ValueError too)
+            raise
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError, OverflowError, ZeroDivisionError,
+                MemoryError) as exc:
+            raise DeltaFormatError(f"{self.path}: cannot {what} {name} ({type(exc).__name__}: "
+                                   f"{_short(str(exc), 200)}); the file is inconsistent") from None
+
+    def stats(self, name: str) -> dict[str, Any]:
+        """The codec's ``inspect`` statistics of one stored parameter."""
+        enc = self.encoded(name)
+        with self.guard(name, "inspect"):
+            return get_codec(enc.codec).stats(enc)
+
+    def lora_factors(self, name: str) -> tuple[Tensor, Tensor, Tensor]:
+        """The codec's low-rank factors of one stored parameter (NoFactorsError where it has none)."""
+        enc = self.encoded(name)
+        with self.guard(name, "read the factors of"):
+            return get_codec(enc.codec).lora_factors(enc)
 
     def apply(self, name: str, base: Tensor | None) -> Tensor:
         """The fine-tune's tensor: ``(base + delta)`` in float32, cast to the fine-tune's dtype; a tensor
@@ -82,3 +155,8 @@ class Delta(DeltaFile):
 def load_delta(path: str | os.PathLike | Delta) -> Delta:
     """Open a delta file (an already open ``Delta`` is returned as it is)."""
     return path if isinstance(path, Delta) else Delta(path)
+
+
+def _short(value: Any, limit: int = 120) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -14,9 +14,13 @@ Layout
 
   Above ``max_shard_bytes`` the file is split HF-style: ``NAME-0000i-of-0000N.delta.safetensors`` and
   ``NAME.delta.safetensors.index.json`` holding the metadata and the weight map.
-Writes go to temporary names renamed at the end; readers check the format version, each tensor's
-checksum and bounds. This layer knows no codec: decoding, applying and each codec's field vocabulary are
-checked above it (deltacomp.delta).
+Writes go to temporary names (``.NAME.tmp-*``) under an exclusive lock on the output, are read back and
+verified, and only then renamed. Readers check, before using any field (deltacomp.integrity): the size of
+the metadata, the format version, the metadata against the JSON schema, the integrity digest over the
+metadata and tensor manifest, that parameters and stored tensors match one to one, and embedded files
+with a hard cap on their inflated size; each parameter's checksum is checked when its tensors are read.
+The full specification is docs/format.md. This layer knows no codec: decoding, applying and each codec's
+field vocabulary are checked above it (deltacomp.delta).
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -32,13 +37,14 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import Tensor
 
 from ._version import __version__
-from .dtypes import DTYPES, dtype_name
+from .dtypes import dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
-from .storage import ShardBuffer
+from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
+                        decode_embedded, fingerprint_all, integrity_digest, validate_schema)
+from .storage import OutputLock, ShardBuffer, publish_file, save_tensors
 
 FORMAT = "deltacomp/1"
 FORMAT_VERSION = 1
@@ -66,13 +72,6 @@ def encoded_checksum(tensors: dict[str, Tensor]) -> str:
 
 def base_digest(t: Tensor) -> str:
     return tensor_digest(t).hexdigest()[:32]
-
-
-def fingerprint_all(per_tensor: dict[str, str]) -> str:
-    h = hashlib.sha256()
-    for name in sorted(per_tensor):
-        h.update(f"{name}={per_tensor[name]}\n".encode())
-    return h.hexdigest()
 
 
 @dataclass
@@ -105,21 +104,12 @@ class ParamInfo:
         return out
 
     @classmethod
-    def from_json(cls, name: str, d: dict[str, Any], where: str) -> "ParamInfo":
-        try:
-            info = cls(name=name, codec=d.get("codec"), shape=tuple(int(s) for s in d["shape"]), dtype=d["dtype"],
-                       settings=dict(d.get("settings", {})), fields=list(d.get("fields", [])),
-                       nbytes=int(d.get("nbytes", 0)), checksum=str(d.get("checksum", "")),
-                       has_base=bool(d.get("has_base", True)), base_rows=d.get("base_rows"),
-                       tied_to=d.get("tied_to"))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise DeltaFormatError(f"{where}: metadata of {name!r} is malformed ({exc!r})") from None
-        if info.dtype not in DTYPES:
-            raise DeltaFormatError(f"{where}: {name!r} has unknown dtype {info.dtype!r}")
-        if any(s < 0 for s in info.shape) or (info.base_rows is not None and not
-                                               (info.shape and 0 < int(info.base_rows) <= info.shape[0])):
-            raise DeltaFormatError(f"{where}: {name!r} has out-of-bounds shape {info.shape} / base_rows {info.base_rows}")
-        return info
+    def from_json(cls, name: str, d: dict[str, Any]) -> "ParamInfo":
+        """From metadata already checked by the schema and the consistency checks (deltacomp.integrity)."""
+        return cls(name=name, codec=d["codec"], shape=tuple(d["shape"]), dtype=d["dtype"],
+                   settings=dict(d["settings"]), fields=list(d["fields"]), nbytes=d["nbytes"],
+                   checksum=d["checksum"], has_base=d["has_base"], base_rows=d.get("base_rows"),
+                   tied_to=d.get("tied_to"))
 
 
 # -- paths ------------------------------------------------------------------------------------------
@@ -141,23 +131,38 @@ def shard_paths(path: Path, n: int) -> list[Path]:
 
 # -- writing ----------------------------------------------------------------------------------------
 class DeltaWriter:
-    """Collects encoded tensors and writes the delta file atomically (sharded above a size)."""
+    """Collects encoded tensors and writes the delta file atomically (sharded above a size).
+
+    Holds an exclusive lock on the output from creation to ``finish``/``abort``, so a second run on the
+    same output fails at once; the file is read back and verified under its temporary name before it is
+    renamed, so nothing the reader would refuse ever appears at the output path."""
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.path = Path(path)
         if max_shard_bytes <= 0:
             raise SettingsError(f"max shard size must be positive, got {max_shard_bytes}")
-        for p in (self.path, index_path(self.path)):
-            if p.exists() and not overwrite:
-                raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
         if self.path.is_dir():
             raise OutputExistsError(f"{self.path}: is a folder; give a file name like ft.delta.safetensors")
+        self.overwrite = overwrite
+        self._check_free()
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = OutputLock(self.path)  # also removes what a killed run on this output left
+        try:
+            self._check_free()
+            self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        except BaseException:
+            self._lock.release()
+            raise
         self.max_shard_bytes = max_shard_bytes
         self.params: dict[str, ParamInfo] = {}
-        self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))
+        self._manifest: Manifest = {}
         self._buffer = ShardBuffer(self._tmpdir, max_shard_bytes, {"format": "pt"})
+
+    def _check_free(self) -> None:
+        for p in (self.path, index_path(self.path)):
+            if p.exists() and not self.overwrite:
+                raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
 
     def add(self, info: ParamInfo, tensors: dict[str, Tensor] | None, new_rows: Tensor | None = None) -> None:
         """One parameter: its encoded tensors by field (None for a tied alias) and added rows, if any."""
@@ -170,29 +175,47 @@ class DeltaWriter:
         info.nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         info.checksum = encoded_checksum(tensors)
         self.params[info.name] = info
+        for f, t in tensors.items():
+            self._manifest[f"{info.name}.{f}"] = (SAFETENSORS_CODES[t.dtype], tuple(t.shape))
         self._buffer.add({f"{info.name}.{f}": t for f, t in tensors.items()})
 
-    def finish(self, metadata: dict[str, Any]) -> list[Path]:
+    def _metadata_json(self, metadata: dict[str, Any]) -> str:
         meta = {"format": FORMAT, "deltacomp_version": __version__, **metadata,
                 "params": {n: p.to_json() for n, p in self.params.items()}}
-        meta_json = json.dumps(meta, sort_keys=False)
+        meta.pop("integrity", None)  # a copied file's record describes the old content
+        meta = json.loads(json.dumps(meta))  # the digest is over what a reader will parse
+        where = f"{self.path} (being written)"
+        validate_schema(meta, where)
+        check_consistency(meta, self._manifest, where)
+        meta["integrity"] = {"sha256": integrity_digest(meta, self._manifest)}
+        return json.dumps(meta)
+
+    def finish(self, metadata: dict[str, Any]) -> list[Path]:
         try:
+            meta_json = self._metadata_json(metadata)
             shards = self._buffer.shards
             if not shards:  # one file: metadata in its header
-                tmp = self._tmpdir / "single"
-                save_file(self._buffer.current, str(tmp), metadata={META_KEY: meta_json})
-                os.replace(tmp, self.path)
+                tmp = self._tmpdir / "single.delta.safetensors"
+                save_tensors(self._buffer.current, tmp, {META_KEY: meta_json})
+                _verify_written(tmp)
+                publish_file(tmp, self.path, self.overwrite)
                 if index_path(self.path).exists():  # a stale sharded version with the same name
                     index_path(self.path).unlink()
                 return [self.path]
             self._buffer.flush()
             finals = shard_paths(self.path, len(shards))
-            weight_map = {}
+            weight_map, tmp_map = {}, {}
             for (tmp, names), final in zip(shards, finals):
                 weight_map.update({k: final.name for k in names})
-            index = {"metadata": {META_KEY: meta_json}, "weight_map": weight_map}
+                tmp_map.update({k: tmp.name for k in names})
+            check = self._tmpdir / "check.delta.safetensors.index.json"
+            check.write_text(json.dumps({"metadata": {META_KEY: meta_json}, "weight_map": tmp_map}))
+            _verify_written(check)
             tmp_index = self._tmpdir / "index"
-            tmp_index.write_text(json.dumps(index))
+            tmp_index.write_text(json.dumps({"metadata": {META_KEY: meta_json}, "weight_map": weight_map}))
+            if index_path(self.path).exists() and not self.overwrite:
+                raise OutputExistsError(f"{index_path(self.path)}: appeared while this run was writing; "
+                                        "pass --overwrite to replace it")
             for (tmp, _), final in zip(shards, finals):
                 os.replace(tmp, final)
             os.replace(tmp_index, index_path(self.path))  # last: the file set is valid only now
@@ -203,10 +226,14 @@ class DeltaWriter:
             self.abort()
 
     def abort(self) -> None:
-        if self._tmpdir.exists():
-            for p in self._tmpdir.iterdir():
-                p.unlink()
-            self._tmpdir.rmdir()
+        shutil.rmtree(self._tmpdir, ignore_errors=True)
+        self._lock.release()
+
+
+def _verify_written(path: Path) -> None:
+    """Open and checksum a file just written, as any reader will (catches a writer bug before publishing)."""
+    with DeltaFile(path) as df:
+        df.verify()
 
 
 # -- reading ----------------------------------------------------------------------------------------
@@ -218,40 +245,50 @@ class DeltaFile:
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
+        self._manifest: Manifest = {}
         self.files_on_disk: list[Path] = []
+        try:
+            self._load()
+        except BaseException:
+            self.close()
+            raise
+
+    def _load(self) -> None:
+        where = str(self.path)
         meta_json = self._open()
+        if len(meta_json) > MAX_METADATA_BYTES:
+            raise DeltaFormatError(f"{where}: metadata is {len(meta_json)} bytes, above the bound {MAX_METADATA_BYTES}")
         try:
             meta = json.loads(meta_json)
-        except ValueError as exc:
-            raise DeltaFormatError(f"{self.path}: metadata is not valid JSON ({exc}); the file is corrupted") from None
-        fmt = str(meta.get("format", ""))
-        m = re.fullmatch(r"deltacomp/(\d+)", fmt)
+        except (ValueError, RecursionError) as exc:
+            raise DeltaFormatError(f"{where}: metadata is not valid JSON ({exc}); the file is corrupted") from None
+        fmt = meta.get("format") if isinstance(meta, dict) else None
+        m = re.fullmatch(r"deltacomp/(\d+)", fmt) if isinstance(fmt, str) else None
         if not m:
-            raise DeltaFormatError(f"{self.path}: unknown format {fmt!r}; expected {FORMAT}")
+            raise DeltaFormatError(f"{where}: unknown format {fmt!r}; expected {FORMAT}")
         if int(m.group(1)) > FORMAT_VERSION:
             raise DeltaFormatError(
-                f"{self.path}: format {fmt} is newer than this deltacomp ({__version__}) reads ({FORMAT}); "
+                f"{where}: format {fmt} is newer than this deltacomp ({__version__}) reads ({FORMAT}); "
                 "upgrade deltacomp")
+        validate_schema(meta, where)           # types and ranges, before any field is used
+        self.integrity_checked = check_integrity(meta, self._manifest, where)
+        check_consistency(meta, self._manifest, where)
         self.metadata = meta
-        self.params: dict[str, ParamInfo] = {
-            n: ParamInfo.from_json(n, d, str(self.path)) for n, d in dict(meta.get("params", {})).items()}
-        for info in self.params.values():
-            if info.tied_to is not None:
-                if info.tied_to not in self.params:
-                    raise DeltaFormatError(f"{self.path}: {info.name} is tied to missing {info.tied_to!r}")
-                continue
-            for f in info.fields:
-                if f"{info.name}.{f}" not in self._where:
-                    raise DeltaFormatError(f"{self.path}: tensor {info.name}.{f} is missing (truncated file?)")
-        base = meta.get("base", {})
-        self.base_tensors: dict[str, str] = dict(base.get("tensors", {}))
-        self.base_fingerprint: str = str(base.get("fingerprint", ""))
-        self.files: dict[str, bytes] = {k: _file_bytes(v) for k, v in dict(meta.get("files", {})).items()}
+        self.params: dict[str, ParamInfo] = {n: ParamInfo.from_json(n, d) for n, d in meta["params"].items()}
+        self.base_tensors: dict[str, str] = dict(meta["base"]["tensors"])
+        self.base_fingerprint: str = meta["base"]["fingerprint"]
+        self.files: dict[str, bytes] = {k: decode_embedded(k, v, where) for k, v in meta["files"].items()}
         self.source: dict[str, Any] = dict(meta.get("source", {}))
 
     def _open_safetensors(self, file: Path):
         try:
             handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            keys = list(handle.keys())
+            for k in keys:  # the manifest the integrity digest covers, from the header alone
+                sl = handle.get_slice(k)
+                self._manifest[k] = (sl.get_dtype(), tuple(sl.get_shape()))
+        except DeltaFormatError:
+            raise
         except Exception as exc:
             raise DeltaFormatError(f"{file}: not a readable safetensors file, truncated or corrupted ({exc})") from None
         self._handles[str(file)] = handle
@@ -274,16 +311,23 @@ class DeltaFile:
             idx = index_path(path)
         if not idx.is_file():
             raise DeltaFormatError(f"{path}: no such delta file (nor {idx.name})")
+        if idx.stat().st_size > MAX_METADATA_BYTES + 2**20 * 64:  # the metadata plus a weight map
+            raise DeltaFormatError(f"{idx}: index is {idx.stat().st_size} bytes, above the bound; refused")
         try:
-            index = json.loads(idx.read_text())
+            index = json.loads(idx.read_bytes())
             meta, weight_map = index["metadata"][META_KEY], index["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(meta, str) or not isinstance(weight_map, dict):
+                raise TypeError("metadata.deltacomp must be a string and weight_map an object")
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
             raise DeltaFormatError(f"{idx}: not a deltacomp index ({exc!r})") from None
         if self.path == idx:
             self.path = idx.with_name(idx.name[: -len(".index.json")])
-        for shard in sorted(set(weight_map.values())):
+        shards = set(weight_map.values())
+        if not all(isinstance(s, str) for s in shards):
+            raise DeltaFormatError(f"{idx}: weight_map values must be shard file names")
+        for shard in sorted(shards):
             file = idx.parent / shard
-            if "/" in shard or "\\" in shard or not file.is_file():
+            if "/" in shard or "\\" in shard or shard.startswith(".") or not file.is_file():
                 raise DeltaFormatError(f"{idx}: shard {shard!r} is missing or outside the folder")
             h = self._open_safetensors(file)
             keys = set(h.keys())
@@ -292,6 +336,9 @@ class DeltaFile:
                     if k not in keys:
                         raise DeltaFormatError(f"{file}: lacks tensor {k} that the index names")
                     self._where[k] = str(file)
+            unmapped = keys - set(weight_map)
+            if unmapped:
+                raise DeltaFormatError(f"{file}: holds tensor {sorted(unmapped)[0]}, which the index does not map")
         self.files_on_disk.append(idx)
         return meta
 
@@ -322,18 +369,6 @@ class DeltaFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _file_bytes(v: Any) -> bytes:
-    """Inverse of file_to_json."""
-    import base64
-    import zlib
-
-    if isinstance(v, dict) and "zlib_base64" in v:
-        return zlib.decompress(base64.b64decode(v["zlib_base64"]))
-    if isinstance(v, dict) and "base64" in v:
-        return base64.b64decode(v["base64"])
-    return str(v).encode("utf-8")
 
 
 def file_to_json(data: bytes, inline_limit: int = 4096) -> Any:

@@ -19,6 +19,10 @@ class CheckpointError(DeltacompError):
     """A model folder/file cannot be read, is pickled, or base and fine-tune do not pair up."""
 
 
+class NonFiniteError(CheckpointError):
+    """A base or fine-tune tensor holds NaN or Inf values (a delta of them would be all NaN)."""
+
+
 class DeltaFormatError(DeltacompError):
     """A delta file is truncated, corrupted, of an unknown format version, or out of bounds."""
 
@@ -33,3 +37,7 @@ class BaseMismatchError(DeltacompError):
 
 class OutputExistsError(DeltacompError):
     """The output path exists and overwriting was not asked for."""
+
+
+class OutputBusyError(OutputExistsError):
+    """Another run is writing the same output right now (its lock is held)."""

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import Tensor
 
 from .checkpoint import open_checkpoint
@@ -26,7 +25,7 @@ from .errors import NoFactorsError, SettingsError
 from .pairing import PairKind, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
-from .storage import output_dir
+from .storage import output_dir, save_tensors
 
 _NOT_LINEAR = re.compile("|".join(p for p, _ in DEFAULT_RULES))
 
@@ -58,7 +57,7 @@ def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: di
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
     with output_dir(out, overwrite=overwrite) as tmp:
-        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
     return Path(out)
 
@@ -112,7 +111,7 @@ def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, 
             try:
                 if not info.has_base or info.base_rows is not None or len(info.shape) != 2:
                     raise NoFactorsError(name)
-                f = get_codec(info.codec).lora_factors(df.encoded(name))
+                f = df.lora_factors(name)
             except NoFactorsError:
                 skipped.append(name)
                 continue

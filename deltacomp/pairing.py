@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from dataclasses import dataclass
 
 import torch
 
 from .checkpoint import Checkpoint
 from .errors import CheckpointError
+
+ALLOW_HINT = "; pass --allow-mismatch (allow_mismatch=True) if this pair is really meant"
 
 _TIE_TARGETS = {"lm_head.weight": ("model.embed_tokens.weight", "transformer.wte.weight", "embed_tokens.weight")}
 _ROW_GROWABLE = r"(embed_tokens|wte|word_embeddings|lm_head|embed_out)"
@@ -61,3 +64,32 @@ def pair_checkpoints(base: Checkpoint, ft: Checkpoint) -> list[Pairing]:
                 f"{name}: shape {list(fs)} in the fine-tune ({ft.path}) but {list(bs)} in the base ({base.path}); "
                 "only embeddings/heads may grow (added tokens) — is this the right base?")
     return out
+
+
+def check_pair(base: Checkpoint, ft: Checkpoint, pairs: list[Pairing], allow_mismatch: bool = False) -> None:
+    """Refuse a pair that is not a base and its fine-tune: another architecture (config.json's
+    model_type/architectures differ, or no tensor in common), or a fine-tune missing base tensors (they
+    would silently vanish from the reconstruction). ``allow_mismatch`` turns the refusals into warnings.
+    Warns when the fine-tune has no config.json to carry (the reconstructed folder would lack one)."""
+    problems = []
+    bc, fc = base.config, ft.config
+    if bc is not None and fc is not None:
+        for key in ("model_type", "architectures"):
+            if key in bc and key in fc and bc[key] != fc[key]:
+                problems.append(f"config.json {key} is {fc[key]!r} in the fine-tune, {bc[key]!r} in the base")
+    names = ft.names()
+    if names and not any(p.kind == PairKind.DELTA for p in pairs):
+        problems.append("no tensor of the fine-tune pairs with one of the base (every one would be stored whole)")
+    tied_or_present = set(names)
+    missing = [n for n in base.names() if n not in tied_or_present]
+    if missing:
+        problems.append(f"the fine-tune lacks {len(missing)} base tensor(s), e.g. {missing[0]} (they would be "
+                        "missing from the reconstruction)")
+    for problem in problems:
+        msg = f"{ft.path}: {problem} — is {base.path} its base?"
+        if not allow_mismatch:
+            raise CheckpointError(msg + ALLOW_HINT)
+        warnings.warn(msg + "; continuing (--allow-mismatch)")
+    if fc is None:
+        warnings.warn(f"{ft.path}: no config.json to carry into the delta; a reconstructed folder will lack "
+                      "one (copy the fine-tune's config.json next to it)")

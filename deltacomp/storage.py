@@ -1,9 +1,13 @@
 """Writing files safely, shared by every writer: atomic outputs (built aside, then renamed, so a crash
-never leaves a half-written file or folder at the target) and the shard buffer both the delta file and
-Hugging Face model folders are written through."""
+never leaves a half-written file or folder at the target), one writer per output at a time (an exclusive
+lock: a second run on the same output fails at once instead of silently replacing the first one's
+result), temporary files named ``.NAME.tmp-*`` and removed by the next run on the same output when a
+killed run left them, and the shard buffer both the delta file and Hugging Face model folders are
+written through."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -13,7 +17,102 @@ from typing import Iterator
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import OutputExistsError
+from .errors import OutputBusyError, OutputExistsError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked against each other
+    fcntl = None
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on ``.NAME.lock`` beside ``out``. The kernel drops it when the
+    process dies (kill -9 included), so a stale lock file never blocks a later run."""
+
+    def __init__(self, out: str | os.PathLike):
+        self.out = Path(out)
+        self.path = self.out.with_name(f".{self.out.name}.lock")
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise OutputBusyError(f"{self.out}: another deltacomp run is writing it (lock {self.path.name}); "
+                                      "wait for it to finish or choose another output") from None
+            try:  # the holder before us may have removed the file we locked: lock the current one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+            else:
+                os.close(fd)
+        remove_stale(self.out)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)
+            self._fd = None
+
+
+def remove_stale(out: Path) -> None:
+    """Remove the temporary files and folders (``.NAME.tmp-*``, ``.NAME.old-*``) a killed run on ``out``
+    left behind. Called with the output's lock held, so none of them belongs to a live run."""
+    prefixes = (f".{out.name}.tmp-", f".{out.name}.old-")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        if p.name.startswith(prefixes):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+
+
+def normal_mode(path: Path) -> None:
+    """Give a folder made by mkdtemp (0700) the permissions a plain mkdir would (0777 minus the umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o777 & ~umask)
+
+
+def publish_file(tmp: Path, final: Path, overwrite: bool) -> None:
+    """Rename ``tmp`` to ``final``; without ``overwrite`` never replace a file that appeared meanwhile
+    (a hard link fails when the name exists, atomically)."""
+    if overwrite:
+        os.replace(tmp, final)
+        return
+    try:
+        os.link(tmp, final)
+    except FileExistsError:
+        raise OutputExistsError(f"{final}: appeared while this run was writing; pass --overwrite to replace it") from None
+    except OSError:  # a file system without hard links: the lock still keeps deltacomp runs apart
+        if final.exists():
+            raise OutputExistsError(f"{final}: exists; pass --overwrite to replace it") from None
+        os.replace(tmp, final)
+        return
+    tmp.unlink()
+
+
+def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None) -> None:
+    """safetensors' save_file, with its I/O failures (disk full, size limit, read-only folder) raised as
+    the OSError they are, naming ``path``, so callers report them as the user's environment, not a bug."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except OSError:
+        raise
+    except Exception as exc:
+        m = re.search(r"os error (\d+)", str(exc))
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
@@ -35,11 +134,14 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple
         raise OutputExistsError(f"{out}: folder exists and is not empty; pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    normal_mode(tmp)
     return out, tmp
 
 
-def commit_output_dir(tmp: Path, out: Path) -> None:
+def commit_output_dir(tmp: Path, out: Path, overwrite: bool = True) -> None:
     """Replace ``out`` by ``tmp`` with renames only, so a crash never leaves a half-written ``out``."""
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"{out}: appeared while this run was writing; pass --overwrite to replace it")
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
@@ -53,13 +155,17 @@ def commit_output_dir(tmp: Path, out: Path) -> None:
 def output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """``with output_dir(out) as tmp:`` build the folder in ``tmp``; it replaces ``out`` only when the block
     completes, and is removed if it raises."""
-    final, tmp = prepare_output_dir(out, overwrite=overwrite)
+    lock = OutputLock(out)
     try:
-        yield tmp
-        commit_output_dir(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        final, tmp = prepare_output_dir(out, overwrite=overwrite)
+        try:
+            yield tmp
+            commit_output_dir(tmp, final, overwrite)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    finally:
+        lock.release()
 
 
 class ShardBuffer:
@@ -88,6 +194,6 @@ class ShardBuffer:
         if not self.current:
             return
         path = self.folder / f"shard-{len(self.shards):05d}{self.suffix}"
-        save_file(self.current, str(path), metadata=self.metadata)
+        save_tensors(self.current, path, self.metadata)
         self.shards.append((path, list(self.current)))
         self.current, self.current_bytes = {}, 0

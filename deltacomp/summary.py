@@ -31,7 +31,7 @@ def summarize(df: Delta, stats: bool = True) -> dict[str, Any]:
         c["params"] += 0 if info.tied_to else numel
         c["nbytes"] += info.nbytes
         c["finetuned_bytes"] += ft_bytes
-        st = get_codec(info.codec).stats(df.encoded(name)) if stats and info.codec else {}
+        st = df.stats(name) if stats and info.codec else {}
         if st:
             row["stats"] = st
         if "kept" in st and "bound_bits_per_param" in st:  # sparse codecs: kept entries vs entropy bound

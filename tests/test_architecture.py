@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / "deltacomp"
 LAYERS = [
     {"errors", "_version", "dtypes", "progress", "linalg", "storage", "devices"},  # leaves
     {"quant", "ops", "zoo"},                                   # shared primitives, bundled data
-    {"delta_file", "checkpoint"},                              # the file/format layer: knows no codec
+    {"delta_file", "checkpoint", "integrity"},                 # the file/format layer: knows no codec
     {"codecs"},                                                # everything about each method
     {"delta", "basecheck", "pairing", "plan", "summary"},      # reading deltas, pairing, planning
     {"api", "lora", "calibrate"},                              # compress/reconstruct/apply, export, calibration drivers
@@ -25,7 +25,7 @@ LAYERS = [
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # packages and modules that must not name a codec (they ask the codec instead)
 CODEC_FREE = ["serve", "eval", "cli", "api.py", "summary.py", "pairing.py", "basecheck.py", "delta.py",
-              "delta_file.py", "checkpoint.py", "calibrate/distill.py", "calibrate/layerwise.py",
+              "delta_file.py", "checkpoint.py", "integrity.py", "calibrate/distill.py", "calibrate/layerwise.py",
               "calibrate/options.py"]
 CODEC_NAMES = re.compile(r"\b(bitdelta|svd[-_]mixed|ternary|lowrank|dare|CodecName)\b|[\"'](raw|zero)[\"']")
 

@@ -12,6 +12,7 @@ import deltacomp
 from deltacomp import (BaseMismatchError, CheckpointError, ChecksumError, DeltaFormatError, OutputExistsError,
                        SettingsError)
 from conftest import finetune_of, llama_tensors, write_folder
+from forge import edit_metadata
 
 
 @pytest.fixture
@@ -23,15 +24,7 @@ def delta(tmp_path, pair):
 
 
 def _rewrite_metadata(path, edit):
-    raw = path.read_bytes()
-    n = struct.unpack("<Q", raw[:8])[0]
-    header = json.loads(raw[8:8 + n])
-    meta = json.loads(header["__metadata__"]["deltacomp"])
-    edit(meta)
-    header["__metadata__"]["deltacomp"] = json.dumps(meta)
-    new = json.dumps(header).encode()
-    new += b" " * ((8 - len(new) % 8) % 8)
-    path.write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    edit_metadata(path, edit, reseal=True)
 
 
 def test_wrong_base_refused_and_forced(tmp_path, delta):

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import re
 import sys
+import traceback
 from typing import Any
 
 from .. import api
@@ -35,7 +37,8 @@ def parse_size(text: str) -> int:
 def cmd_compress(args: argparse.Namespace) -> int:
     s = api.compress(args.base, args.finetuned, args.output, method=args.method, ratio=args.ratio, rules=args.rule,
                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
-                     calibration=calibration_from_args(args), progress=not args.quiet, device=args.device)
+                     calibration=calibration_from_args(args), progress=not args.quiet, device=args.device,
+                     allow_nonfinite=args.allow_nonfinite, allow_mismatch=args.allow_mismatch)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
                                      f"over its base (file format {FORMAT}).")
     parser.add_argument("--version", action="version", version=f"deltacomp {__version__} ({FORMAT})")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("compress", help="compress FINETUNED as a delta over BASE")
@@ -133,6 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where the codecs' math (and --calib) runs: auto, cpu, cuda, cuda:N (default auto: the CPU "
                         "until a GPU run has checked the CUDA path; see README)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.add_argument("--allow-nonfinite", action="store_true",
+                   help="store tensors holding NaN/Inf whole (uncompressed) instead of refusing them")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="accept a fine-tune of another architecture or one missing base tensors (warns)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
@@ -195,17 +203,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_OS_HINTS = {errno.ENOSPC: "the disk is full; free space or write elsewhere",
+             errno.EDQUOT: "the disk quota is exceeded; free space or write elsewhere",
+             errno.EFBIG: "the file is larger than allowed (ulimit -f or the file system); raise the limit "
+                          "or use a smaller --max-shard-size",
+             errno.EROFS: "the file system is read-only; choose another output",
+             errno.EACCES: "permission denied; choose an output you can write",
+             errno.EPERM: "operation not permitted; choose an output you can write"}
+
+
+def os_error_line(exc: OSError) -> str:
+    """``PATH: what went wrong; the fix`` for errors of the user's environment."""
+    where = exc.filename if exc.filename is not None else "(unknown path)"
+    what = exc.strerror or str(exc)
+    hint = _OS_HINTS.get(exc.errno)
+    return f"{where}: {what}" + (f"; {hint}" if hint else "")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit 0 on success; 2 and one line ``deltacomp CMD: error: ...`` for bad input or
+    an environment problem (read-only folder, full disk, size limit); 1 and one line asking for a report
+    for anything else (a bug); ``--debug`` (anywhere on the line) adds the traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
+    cmd = f"deltacomp {args.command}"
     try:
         return args.func(args)
     except DeltacompError as exc:
-        print(f"deltacomp {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        error, line, code = exc, f"{cmd}: error: {exc}", 2
+    except OSError as exc:
+        error, line, code = exc, f"{cmd}: error: {os_error_line(exc)}", 2
+    except MemoryError as exc:
+        error, line, code = exc, f"{cmd}: error: out of memory; free memory or use a smaller model", 2
     except KeyboardInterrupt:
-        print(f"deltacomp {args.command}: interrupted; nothing was written at the output path", file=sys.stderr)
+        print(f"{cmd}: interrupted; nothing was written at the output path", file=sys.stderr)
         return 130
+    except Exception as exc:
+        error, line, code = exc, (f"{cmd}: internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug: please "
+                      f"report it with the output of the same command run with --debug"), 1
+    if debug:
+        traceback.print_exception(type(error), error, error.__traceback__)
+    print(" ".join(line.split("\n")), file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

@@ -213,9 +213,22 @@ def _zstd_decode(tensors: dict[str, Tensor], numel: int) -> Tensor:
     import zstandard
 
     nbytes = (numel + 7) // 8
+    blob = _bytes(tensors["zmask"], "zmask").tobytes()
     try:
-        raw = zstandard.ZstdDecompressor().decompress(_bytes(tensors["zmask"], "zmask").tobytes(),
-                                                      max_output_size=nbytes)
+        # a frame may declare its own content size, which one-shot decompress would allocate whatever
+        # max_output_size says: refuse a declared size other than the mask's, then stream with a cap
+        declared = zstandard.frame_content_size(blob)
+        if declared not in (-1, nbytes):
+            raise DeltaFormatError(f"zstd storage: frame declares {declared} bytes, the mask has {nbytes}")
+        reader = zstandard.ZstdDecompressor().stream_reader(blob, read_across_frames=False)
+        chunks, got = [], 0
+        while got <= nbytes:
+            chunk = reader.read(min(nbytes + 1 - got, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        raw = b"".join(chunks)
     except zstandard.ZstdError as exc:
         raise DeltaFormatError(f"zstd storage: cannot decompress the mask ({exc})") from None
     if len(raw) != nbytes:
