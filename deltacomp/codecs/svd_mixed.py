@@ -30,7 +30,7 @@ from ..linalg import single_threaded
 from ..quant.bitpack import pack_bits, unpack_bits
 from ..quant.rtn import dequantize, quantize
 from .base import Codec, CodecName, Encoded, Setting, register
-from .lowrank import refuse_1d, truncated_svd
+from .lowrank import SVD_METHODS, refuse_1d, truncated_svd
 
 
 def _check_groups(text: str) -> bool:
@@ -59,7 +59,8 @@ class SvdMixedCodec(Codec):
         Setting("allocation", str, "default", "how many vectors get which width",
                 choices=("default", "optimal")),
         Setting("refit", bool, True, "re-fit U by least squares for the quantized V (kept only if it helps)"),
-        Setting("svd", str, "auto", "SVD algorithm", choices=("auto", "exact", "randomized")),
+        Setting("svd", str, "auto", "SVD algorithm (quant/svd.py): auto = randomized block Krylov where the "
+                "kept rank is small, else the Gram eigendecomposition", choices=SVD_METHODS),
     )
 
     # -- sizing ---------------------------------------------------------------------------------------
@@ -191,10 +192,16 @@ def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:
     unit columns U and their norms s, so U is quantized on the same footing as the SVD's."""
     gram = (v_hat @ v_hat.T).double()
     rhs = (v_hat @ delta.T).double()  # (r, N)
-    # gelsd (SVD-based, rank-revealing) on CPU; CUDA only has gels, fine for this well-conditioned Gram
-    driver = "gelsd" if gram.device.type == "cpu" else None
-    with single_threaded():
-        m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()  # (N, r)
+    # The quantized rows stay close to orthonormal, so the Gram is well conditioned and a Cholesky solve
+    # suffices (7x faster than gelsd at r = 1305, N = 11008: 1.6 s vs 11.4 s); gelsd (rank-revealing,
+    # CPU) only when Cholesky fails, e.g. on duplicate or zero rows.
+    chol, bad = torch.linalg.cholesky_ex(gram)
+    if not int(bad):
+        m = torch.cholesky_solve(rhs, chol).T.float()  # (N, r)
+    else:
+        driver = "gelsd" if gram.device.type == "cpu" else None  # CUDA only has gels
+        with single_threaded():
+            m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()
     norms = torch.linalg.vector_norm(m, dim=0)
     u = m / torch.where(norms > 0, norms, torch.ones_like(norms))
     return u.contiguous(), norms.contiguous()
