@@ -199,3 +199,15 @@ def test_cuda_same_code_path():
         assert _tail(d, u.cpu(), s.cpu(), vh.cpu()) <= ref_tail * 1.01 + 1e-10
     u, s, vh = S.exact_svd(d.cuda(), 60, mixed=True)
     assert s.device.type == "cuda"
+
+
+@pytest.mark.parametrize("noise", [1.0, 1e-4])  # the expansion (large error) and the direct route (small)
+def test_fit_error_matches_direct(noise):
+    from deltacomp.codecs.svd_mixed import _fit_error
+    g = torch.Generator().manual_seed(8)
+    v_hat = torch.randn(9, 70, generator=g)
+    a = torch.randn(50, 9, generator=g)
+    delta = a @ v_hat + noise * torch.randn(50, 70, generator=g)
+    direct = float(torch.linalg.matrix_norm((delta - a @ v_hat).double())) ** 2
+    got = _fit_error(delta, a, v_hat, delta @ v_hat.T, v_hat @ v_hat.T)
+    assert got == pytest.approx(direct, rel=1e-4)
