@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -38,21 +41,26 @@ def synthetic_delta(n: int, k: int, seed: int, device: str = "cpu") -> torch.Ten
     return low + noise
 
 
-def _compare(rows: list[dict]) -> dict:
-    """Per method and tensor: time ratio exact / default and both relative errors (same run)."""
+def _exact_spec(method: str) -> str:
+    return method + ("," if ":" in method else ":") + "svd=exact"
+
+
+def _compare(rows: list[dict], ref_name=_exact_spec) -> dict:
+    """Per method and tensor: time ratio reference / default and both relative errors (same run); the
+    reference of a method is ``ref_name(method)`` (default: the same method with svd=exact)."""
     by = {(r["tensor"], r["method"]): r for r in rows}
     out: dict = {}
     for (tensor, method), row in by.items():
-        ref = by.get((tensor, method + ("," if ":" in method else ":") + "svd=exact"))
+        ref = by.get((tensor, ref_name(method)))
         if ref is None:
             continue
-        entry = out.setdefault(method, {"seconds_default": 0.0, "seconds_exact": 0.0, "tensors": {}})
+        entry = out.setdefault(method, {"seconds_default": 0.0, "seconds_reference": 0.0, "tensors": {}})
         entry["seconds_default"] = round(entry["seconds_default"] + row["seconds"], 3)
-        entry["seconds_exact"] = round(entry["seconds_exact"] + ref["seconds"], 3)
-        entry["speedup"] = round(entry["seconds_exact"] / max(entry["seconds_default"], 1e-9), 2)
+        entry["seconds_reference"] = round(entry["seconds_reference"] + ref["seconds"], 3)
+        entry["speedup"] = round(entry["seconds_reference"] / max(entry["seconds_default"], 1e-9), 2)
         entry["tensors"][tensor] = {"speedup": round(ref["seconds"] / max(row["seconds"], 1e-9), 2),
                                     "rel_error_default": row["rel_frobenius_error"],
-                                    "rel_error_exact": ref["rel_frobenius_error"]}
+                                    "rel_error_reference": ref["rel_frobenius_error"]}
     return out
 
 
@@ -71,6 +79,9 @@ def main() -> None:
     ap.add_argument("--tensors", default=None, help="comma list of layer tensors (default: all 7)")
     ap.add_argument("--compare-exact", action="store_true",
                     help="also run lowrank/svd-mixed with svd=exact and report exact/default time ratios")
+    ap.add_argument("--reference-repo", default=None,
+                    help="also time the same encodes with the deltacomp package of this checkout (e.g. a worktree "
+                         "of an older commit), in a subprocess just before each tensor's own runs")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="JSON output path (default: print)")
     args = ap.parse_args()
@@ -87,6 +98,8 @@ def main() -> None:
         if wanted is not None and name not in wanted:
             continue
         n, k = max(1, round(n * args.scale)), max(1, round(k * args.scale))
+        if args.reference_repo:
+            rows += _reference_rows(args, name)
         delta = synthetic_delta(n, k, i).to(args.device)
         budget = n * k * 2 // int(args.ratio) if args.ratio.is_integer() else int(n * k * 2 / args.ratio)
         for spec in specs:
@@ -115,11 +128,29 @@ def main() -> None:
     report = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "scale": args.scale, "ratio": args.ratio,
               "tensors": sorted({r["tensor"] for r in rows}), "seconds_per_layer": totals,
-              "exact_vs_default": _compare(rows), "rows": rows}
+              "exact_vs_default": _compare(rows),
+              "reference_vs_default": _compare(rows, lambda m: "reference:" + m) if args.reference_repo else None,
+              "reference_repo": args.reference_repo, "rows": rows}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
-    print(json.dumps({"seconds_per_layer": totals, "exact_vs_default": report["exact_vs_default"]}, indent=1))
+    print(json.dumps({k: report[k] for k in ("seconds_per_layer", "exact_vs_default", "reference_vs_default")},
+                     indent=1))
+
+
+def _reference_rows(args, tensor: str) -> list[dict]:
+    """This script's rows for one tensor, run with the package of ``args.reference_repo``."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--tensors", tensor, "--methods", args.methods,
+           "--device", args.device, "--scale", str(args.scale), "--ratio", str(args.ratio)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(args.reference_repo)}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"tensor"')]
+    for row in rows:
+        row["method"] = "reference:" + row["method"]
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":
