@@ -48,8 +48,10 @@ TOL = 0.003           # converged when the last block raised the top-rank energy
 
 @dataclass(frozen=True)
 class SvdInfo:
-    """How a truncated SVD was computed: ``method`` is exact, randomized, or fallback (randomized did
-    not converge and exact was used); ``passes`` products with A; ``gain`` the last convergence ratio."""
+    """How a truncated SVD was computed. ``method``: exact (float64 Gram), exact-mixed (float32 Gram path),
+    randomized, unconverged (randomized_svd stopped at max_depth still moving), fallback (auto's
+    randomized did not converge and the exact path was used). ``passes``: products with A of the
+    randomized part; ``change``: its last convergence ratio (see TOL)."""
 
     method: str
     passes: int = 0
