@@ -15,7 +15,8 @@ randomized  randomized block Krylov (Musco & Musco 2015; Halko, Martinsson & Tro
             makes it accurate at a few blocks: on 1024 x 2752 deltas at rank 8-30% of min(N, K) subspace
             iteration still lost 1-5% of the tail energy after 8 products, 3-4 Krylov blocks < 0.2%.
             Deterministic for a given ``seed`` (own generator on the input's device).
-auto        for min(N, K) < EXACT_BELOW: exact (cheap; small models keep the reference path). Else:
+auto        for min(N, K) < EXACT_BELOW or rank None (every vector): exact (cheap there; small models
+            keep the reference path). Else:
             - randomized when MAX_DEPTH * q <= MAX_FRACTION * min(N, K) (e.g. lowrank's ranks), built
               to DEPTH blocks and up to MAX_DEPTH while the last block raised the top-r energy by more
               than TOL x the tail energy (||A||^2 - top-r energy); still moving at MAX_DEPTH (a spectrum
@@ -228,9 +229,9 @@ def truncated_svd(mat: Tensor, rank: int | None, method: str = "auto", *, oversa
     r = m if rank is None else min(rank, m)
     if r == 0:
         out, info = _empty(mat), SvdInfo("exact")
-    elif method == "randomized":
+    elif method == "randomized" and rank is not None:
         *out, info = randomized_svd(mat, r, oversample=oversample, depth=depth, seed=seed)
-    elif method == "exact" or m < EXACT_BELOW:
+    elif method != "auto" or m < EXACT_BELOW or rank is None:  # None: every vector, the reference path
         out, info = exact_svd(mat, r), SvdInfo("exact")
     elif _randomized_pays(m, r, oversample):
         *out, info = randomized_svd(mat, r, oversample=oversample, depth=depth, max_depth=MAX_DEPTH,
