@@ -191,9 +191,9 @@ class SvdMixedCodec(Codec):
 
 def _fit_error(delta: Tensor, a: Tensor, v_hat: Tensor, proj: Tensor, vv: Tensor) -> float:
     """||delta - a v_hat||_F^2 from ||delta||^2 - 2 <a, delta v_hat^T> + <a^T a, v_hat v_hat^T>, with
-    proj = delta v_hat^T and vv = v_hat v_hat^T: 2 N r^2 flops instead of the 2 N K r of forming a v_hat (1/3 of it for
-    11008 x 4096 at r = 1305, 1/8 for 4096 x 11008). The expansion cancels when the error is small
-    against ||delta||, so under a 10% relative error it is measured directly instead."""
+    proj = delta v_hat^T and vv = v_hat v_hat^T: 2 N r^2 flops instead of the 2 N K r of forming
+    a v_hat (1/3 of it for 11008 x 4096 at r = 1305, 1/8 for 4096 x 11008). The expansion cancels when
+    the error is small against ||delta||, so under a 10% relative error it is measured directly."""
     dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     cross = float((a.double() * proj.double()).sum())
     quad = float(((a.T @ a).double() * vv.double()).sum())
