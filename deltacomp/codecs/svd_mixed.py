@@ -121,7 +121,7 @@ class SvdMixedCodec(Codec):
         v_hat = torch.cat([dequantize(*q, gs) for q in vq]) if alloc else vh
         candidates = [(u, sv)]
         # delta v_hat^T (N, r) and v_hat v_hat^T (r, r): shared by the refit and each candidate's error
-        proj, vv = (delta @ v_hat.T, v_hat @ v_hat.T) if r else (None, None)
+        proj, vv = ((v_hat @ delta.T).T, v_hat @ v_hat.T) if r else (None, None)  # (skinny @ big^T)^T: faster
         if s["refit"] and r:
             candidates.append(_refit(delta, v_hat, proj, vv))
         best = None
