@@ -28,7 +28,7 @@ Tolerance (tests/test_svd.py): the rank-r reconstruction error^2 of auto is with
 the top singular values within 1e-3 relative. Measured: the change test leaves the tail energy about
 TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
 1.3 s, vs 9.8 s for the float32 Gram path; a power law: +3e-3, +5e-6); the mixed path < 2e-4 above.
-At TOL = 0.01, lowrank at 16x on 7B shapes runs 0.6-2.3x as fast as subspace iteration with 3 power steps
+At TOL = 0.01, lowrank at 16x on 7B shapes runs 0.9-1.6x as fast as subspace iteration with 3 power steps
 (8 products) did before, at +0.5-0.6% tail energy vs its +0.7-0.9% (benchmarks/results/
 compress_speed_cpu_1thread.json); svd=exact is there for the last half percent.
 """
