@@ -2,16 +2,24 @@
 with lowrank and svd-mixed at a given ratio (default 16x vs fp16), and bitdelta for reference.
 
 Deltas are synthetic: a rank-64 component plus Gaussian noise (half of the energy each), a stand-in
-for a fine-tune delta; the relative Frobenius error of each codec is reported beside its time.
+for a fine-tune delta, made on the CPU (the same numbers whatever the device) and moved to ``--device``
+before encode; the relative Frobenius error of each codec is reported beside its time.
+``--compare-exact`` also runs every SVD codec with svd=exact (the float64 reference path) in the same
+run and reports time ratios exact / default and both errors.
 
     PYTHONPATH=. python benchmarks/compress_speed.py --scale 0.125 --out speed.json
-    PYTHONPATH=. python benchmarks/compress_speed.py --device cuda --methods svd-mixed
+    PYTHONPATH=. python benchmarks/compress_speed.py --device cuda --methods svd-mixed --compare-exact
+    PYTHONPATH=. python benchmarks/compress_speed.py --tensors q_proj,gate_proj --methods svd-mixed,lowrank \
+        --compare-exact --threads 1 --out benchmarks/results/compress_speed_cpu_1thread.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import subprocess
+import sys
 import time
 
 import torch
@@ -23,7 +31,7 @@ LAYER = [("q_proj", 4096, 4096), ("k_proj", 4096, 4096), ("v_proj", 4096, 4096),
          ("gate_proj", 11008, 4096), ("up_proj", 11008, 4096), ("down_proj", 4096, 11008)]
 
 
-def synthetic_delta(n: int, k: int, seed: int, device: str) -> torch.Tensor:
+def synthetic_delta(n: int, k: int, seed: int, device: str = "cpu") -> torch.Tensor:
     g = torch.Generator(device=device).manual_seed(seed)
     r = 64
     low = torch.randn(n, r, generator=g, device=device) @ torch.randn(r, k, generator=g, device=device)
@@ -31,6 +39,29 @@ def synthetic_delta(n: int, k: int, seed: int, device: str) -> torch.Tensor:
     low *= 1e-3 / low.std()
     noise *= 1e-3 / noise.std()
     return low + noise
+
+
+def _exact_spec(method: str) -> str:
+    return method + ("," if ":" in method else ":") + "svd=exact"
+
+
+def _compare(rows: list[dict], ref_name=_exact_spec) -> dict:
+    """Per method and tensor: time ratio reference / default and both relative errors (same run); the
+    reference of a method is ``ref_name(method)`` (default: the same method with svd=exact)."""
+    by = {(r["tensor"], r["method"]): r for r in rows}
+    out: dict = {}
+    for (tensor, method), row in by.items():
+        ref = by.get((tensor, ref_name(method)))
+        if ref is None:
+            continue
+        entry = out.setdefault(method, {"seconds_default": 0.0, "seconds_reference": 0.0, "tensors": {}})
+        entry["seconds_default"] = round(entry["seconds_default"] + row["seconds"], 3)
+        entry["seconds_reference"] = round(entry["seconds_reference"] + ref["seconds"], 3)
+        entry["speedup"] = round(entry["seconds_reference"] / max(entry["seconds_default"], 1e-9), 2)
+        entry["tensors"][tensor] = {"speedup": round(ref["seconds"] / max(row["seconds"], 1e-9), 2),
+                                    "rel_error_default": row["rel_frobenius_error"],
+                                    "rel_error_reference": ref["rel_frobenius_error"]}
+    return out
 
 
 def _sync(device: str) -> None:
@@ -45,14 +76,33 @@ def main() -> None:
     ap.add_argument("--ratio", type=float, default=16.0)
     ap.add_argument("--methods", default="lowrank,svd-mixed,bitdelta",
                     help="comma list; settings ride on the name, e.g. svd-mixed:allocation=optimal")
+    ap.add_argument("--tensors", default=None, help="comma list of layer tensors (default: all 7)")
+    ap.add_argument("--compare-exact", action="store_true",
+                    help="also run lowrank/svd-mixed with svd=exact and report exact/default time ratios")
+    ap.add_argument("--reference-repo", default=None,
+                    help="also time the same encodes with the deltacomp package of this checkout (e.g. a worktree "
+                         "of an older commit), in a subprocess just before each tensor's own runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--out", default=None, help="JSON output path (default: print)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    wanted = set(args.tensors.split(",")) if args.tensors else None
+    specs = []
+    for spec in args.methods.split(","):
+        specs.append(spec)
+        if args.compare_exact and spec.partition(":")[0] in ("lowrank", "svd-mixed") and "svd=" not in spec:
+            specs.append(spec + ("," if ":" in spec else ":") + "svd=exact")
     rows = []
     for i, (name, n, k) in enumerate(LAYER):
+        if wanted is not None and name not in wanted:
+            continue
         n, k = max(1, round(n * args.scale)), max(1, round(k * args.scale))
-        delta = synthetic_delta(n, k, i, args.device)
+        if args.reference_repo:
+            rows += _reference_rows(args, name)
+        delta = synthetic_delta(n, k, i).to(args.device)
         budget = n * k * 2 // int(args.ratio) if args.ratio.is_integer() else int(n * k * 2 / args.ratio)
-        for spec in args.methods.split(","):
+        for spec in specs:
             method, _, rest = spec.partition(":")
             given = dict(kv.split("=", 1) for kv in rest.split(",") if kv) if rest else {}
             codec = get_codec(method)
@@ -77,11 +127,30 @@ def main() -> None:
         totals[row["method"]] = round(totals.get(row["method"], 0.0) + row["seconds"], 3)
     report = {"device": args.device, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "machine": platform.processor() or platform.machine(), "scale": args.scale, "ratio": args.ratio,
-              "seconds_per_layer": totals, "rows": rows}
+              "tensors": sorted({r["tensor"] for r in rows}), "seconds_per_layer": totals,
+              "exact_vs_default": _compare(rows),
+              "reference_vs_default": _compare(rows, lambda m: "reference:" + m) if args.reference_repo else None,
+              "reference_repo": args.reference_repo, "rows": rows}
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(report, fh, indent=1)
-    print(json.dumps({"seconds_per_layer": totals}))
+    print(json.dumps({k: report[k] for k in ("seconds_per_layer", "exact_vs_default", "reference_vs_default")},
+                     indent=1))
+
+
+def _reference_rows(args, tensor: str) -> list[dict]:
+    """This script's rows for one tensor, run with the package of ``args.reference_repo``."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--tensors", tensor, "--methods", args.methods,
+           "--device", args.device, "--scale", str(args.scale), "--ratio", str(args.ratio)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "PYTHONPATH": os.path.abspath(args.reference_repo)}
+    out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
+    rows = [json.loads(line) for line in out.splitlines() if line.startswith('{"tensor"')]
+    for row in rows:
+        row["method"] = "reference:" + row["method"]
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 if __name__ == "__main__":

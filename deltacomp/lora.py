@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .checkpoint import open_checkpoint
 from .codecs import get_codec
-from .codecs.lowrank import truncated_svd
+from .quant.svd import truncated_svd
 from .delta import load_delta
 from .errors import NoFactorsError, SettingsError
 from .pairing import PairKind, pair_checkpoints

@@ -67,3 +67,19 @@ def test_optimal_never_worse_than_default(shape, rank, ratio):
     # ... and by the actual reconstruction error
     err = lambda e: float(torch.linalg.matrix_norm(codec.decode(e) - d))  # noqa: E731
     assert err(e_opt) <= err(e_def) * 1.001
+
+
+def test_vector_errors_match_direct_float64():
+    # each entry against ||u v^T - q(u) q(v)^T||^2 / ||u v^T||^2 formed densely in float64
+    from deltacomp.quant.rtn import dequantize, quantize
+    g = torch.Generator().manual_seed(3)
+    u = torch.linalg.qr(torch.randn(70, 5, generator=g)).Q
+    vh = torch.linalg.qr(torch.randn(90, 5, generator=g)).Q.T
+    e = al.vector_errors(u, vh, al.OPTIMAL_LEVELS, 32)
+    for j, b in enumerate(al.OPTIMAL_LEVELS):
+        uq = dequantize(*quantize(u.T.contiguous(), b, 32), 32).double()
+        vq = dequantize(*quantize(vh, b, 32), 32).double()
+        for i in range(5):
+            full = torch.outer(u[:, i].double(), vh[i].double())
+            ref = float(((full - torch.outer(uq[i], vq[i])) ** 2).sum() / (full ** 2).sum())
+            assert float(e[i, j]) == pytest.approx(ref, rel=1e-4)

@@ -15,7 +15,7 @@ def _lowrank_plus_noise(n, k, r, seed, noise=0.01):
 @pytest.mark.parametrize("shape", [(60, 45), (45, 60)])
 def test_truncated_svd_matches_exact_float64(method, shape):
     d = _lowrank_plus_noise(*shape, 4, 0)
-    u, s, vh = truncated_svd(d, 4, method, niter=4)
+    u, s, vh = truncated_svd(d, 4, method, depth=4)
     ref_s = torch.linalg.svdvals(d.double())[:4]
     assert torch.allclose(s.double(), ref_s, rtol=1e-4)
     # same best rank-4 approximation (singular vectors are defined up to sign)

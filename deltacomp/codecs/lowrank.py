@@ -14,66 +14,11 @@ import torch
 from torch import Tensor
 
 from ..errors import SettingsError
-from ..linalg import single_threaded
+from ..quant.svd import METHODS as SVD_METHODS
+from ..quant.svd import truncated_svd
 from .base import Codec, CodecName, Encoded, Setting, register
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-# randomized SVD pays off when the rank asked is a small part of min(N, K)
-_RANDOMIZED_MAX_FRACTION = 0.25
-
-
-def _svd_gram(mat: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD through the eigendecomposition of the smaller Gram matrix, in float64.
-
-    Why not torch.linalg.svd: on the CPU builds we run (2 cores), LAPACK gesdd took 22 s on a 512 x 1376
-    matrix where eigh of its 512 x 512 Gram took 0.24 s. Squaring the condition number costs accuracy only
-    on singular values below ~1e-8 of the largest, which carry no energy worth storing."""
-    n, k = mat.shape
-    if n > k:
-        u, s, vh = _svd_gram(mat.T)
-        return vh.T, s, u.T
-    m64 = mat.double()
-    gram = m64 @ m64.T
-    with single_threaded():
-        w, u = torch.linalg.eigh(gram)
-    w, u = w.flip(0), u.flip(1)                                  # descending
-    s = w.clamp_min(0).sqrt()
-    vh = u.T @ m64
-    norms = torch.linalg.vector_norm(vh, dim=1)
-    vh = vh / torch.where(norms > 0, norms, torch.ones_like(norms))[:, None]  # unit rows even for tiny s
-    return u.to(mat.dtype), s.to(mat.dtype), vh.to(mat.dtype)
-
-
-def _svd_randomized(mat: Tensor, q: int, niter: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Halko-Martinsson-Tropp range finder (q columns, ``niter`` power iterations with re-orthonormalization),
-    then the exact SVD of the small q x K projection."""
-    g = torch.Generator(device=mat.device).manual_seed(0)  # deterministic encodes
-    omega = torch.randn(mat.shape[1], q, generator=g, device=mat.device, dtype=mat.dtype)
-    with single_threaded():
-        basis = torch.linalg.qr(mat @ omega).Q
-        for _ in range(niter):
-            basis = torch.linalg.qr(mat @ torch.linalg.qr(mat.T @ basis).Q).Q
-    ub, s, vh = _svd_gram(basis.T @ mat)
-    return basis @ ub, s, vh
-
-
-def truncated_svd(mat: Tensor, rank: int | None, method: str = "auto", oversample: int = 10,
-                  niter: int = 3) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-``rank`` SVD of a 2-D float32 ``mat`` (all of it when rank is None): (U (N,r), S (r,), Vh (r,K)),
-    singular values descending. ``method``: exact (Gram eigendecomposition in float64, see _svd_gram),
-    randomized (range finder with oversampling + power iterations), or auto (randomized when the rank
-    is small relative to min(N, K))."""
-    m = min(mat.shape)
-    r = m if rank is None else min(rank, m)
-    use_random = method == "randomized" or (
-        method == "auto" and rank is not None and r + oversample <= _RANDOMIZED_MAX_FRACTION * m)
-    if r == 0:
-        return mat.new_zeros(mat.shape[0], 0), mat.new_zeros(0), mat.new_zeros(0, mat.shape[1])
-    if use_random and rank is not None:
-        u, s, vh = _svd_randomized(mat, min(r + oversample, m), niter)
-    else:
-        u, s, vh = _svd_gram(mat)
-    return u[:, :r].contiguous(), s[:r].contiguous(), vh[:r].contiguous()
 
 
 def refuse_1d(codec: str, shape: tuple[int, ...]) -> None:
@@ -96,7 +41,8 @@ class LowRankCodec(Codec):
         Setting("ratio", float, 16.0, "compression vs fp16 when neither rank nor energy is given",
                 check=lambda v: v >= 1, check_msg="must be >= 1"),
         Setting("dtype", str, "float16", "storage dtype of the factors", choices=tuple(_DTYPES)),
-        Setting("svd", str, "auto", "SVD algorithm", choices=("auto", "exact", "randomized")),
+        Setting("svd", str, "auto", "SVD algorithm (quant/svd.py): auto = randomized block Krylov where the "
+                "rank is small, else the Gram eigendecomposition", choices=SVD_METHODS),
     )
 
     @staticmethod

@@ -115,16 +115,24 @@ def default_allocation(shape: tuple[int, int], budget: int, group_size: int) -> 
 
 def vector_errors(u: Tensor, vh: Tensor, levels: tuple[int, ...], group_size: int) -> Tensor:
     """(r, len(levels)) float64: ||u_i v_i^T - q(u_i) q(v_i)^T||^2 / ||u_i v_i^T||^2 for each width, with
-    u (N, r) and vh (r, K) quantized as svd-mixed does (U columns and V rows, groups along each)."""
+    u (N, r) and vh (r, K) quantized as svd-mixed does (U columns and V rows, groups along each).
+
+    With du = q(u) - u, dv = q(v) - v: u v^T - q(u) q(v)^T = -(du q(v)^T + u dv^T), so the error is
+    |du|^2 |q(v)|^2 + |u|^2 |dv|^2 + 2 (du.u)(q(v).dv): terms of the error's own size, summed in float64
+    from float32 products (no float64 copies of U and V; the expansion around |u|^2 |v|^2 cancelled)."""
     r = vh.shape[0]
     out = torch.ones(r, len(levels), dtype=torch.float64)
-    ut = u.T.double()
-    v = vh.double()
-    un, vn = (ut * ut).sum(1), (v * v).sum(1)
+    ut = u.T
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(1, dtype=torch.float64)
+
+    un, vn = dot(ut, ut), dot(vh, vh)
     for j, b in enumerate(levels):
-        uq = dequantize(*quantize(u.T, b, group_size), group_size).double()
-        vq = dequantize(*quantize(vh, b, group_size), group_size).double()
-        num = un * vn + (uq * uq).sum(1) * (vq * vq).sum(1) - 2 * (ut * uq).sum(1) * (v * vq).sum(1)
+        uq = dequantize(*quantize(ut, b, group_size), group_size)
+        vq = dequantize(*quantize(vh, b, group_size), group_size)
+        du, dv = uq - ut, vq - vh
+        num = dot(du, du) * dot(vq, vq) + un * dot(dv, dv) + 2 * dot(du, ut) * dot(vq, dv)
         out[:, j] = (num / (un * vn).clamp_min(1e-300)).clamp_min(0).cpu()
     return out
 

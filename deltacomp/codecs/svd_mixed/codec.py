@@ -30,7 +30,7 @@ from ...linalg import single_threaded
 from ...quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from ...quant.rtn import dequantize, n_groups, quantize
 from ..base import Codec, CodecName, Encoded, Setting, register
-from ..lowrank import refuse_1d, truncated_svd
+from ..lowrank import SVD_METHODS, refuse_1d, truncated_svd
 
 
 def _check_groups(text: str) -> bool:
@@ -59,7 +59,8 @@ class SvdMixedCodec(Codec):
         Setting("allocation", str, "default", "how many vectors get which width",
                 choices=("default", "optimal")),
         Setting("refit", bool, True, "re-fit U by least squares for the quantized V (kept only if it helps)"),
-        Setting("svd", str, "auto", "SVD algorithm", choices=("auto", "exact", "randomized")),
+        Setting("svd", str, "auto", "SVD algorithm (quant/svd.py): auto = randomized block Krylov where the "
+                "kept rank is small, else the Gram eigendecomposition", choices=SVD_METHODS),
     )
 
     # -- sizing ---------------------------------------------------------------------------------------
@@ -119,13 +120,15 @@ class SvdMixedCodec(Codec):
         vq = self._quantize_rows(vh, alloc, gs)
         v_hat = torch.cat([dequantize(*q, gs) for q in vq]) if alloc else vh
         candidates = [(u, sv)]
+        # delta v_hat^T (N, r) and v_hat v_hat^T (r, r): shared by the refit and each candidate's error
+        proj, vv = ((v_hat @ delta.T).T, v_hat @ v_hat.T) if r else (None, None)  # (skinny @ big^T)^T: faster
         if s["refit"] and r:
-            candidates.append(_refit(delta, v_hat))
+            candidates.append(_refit(delta, v_hat, proj, vv))
 
         def quantize_u(cand):
             uq = self._quantize_rows(cand[0].T, alloc, gs)
             u_hat = torch.cat([dequantize(*q, gs) for q in uq]).T if alloc else cand[0]
-            err = float(torch.linalg.matrix_norm(delta - (u_hat * cand[1]) @ v_hat)) if r else 0.0
+            err = _fit_error(delta, u_hat * cand[1], v_hat, proj, vv) if r else 0.0
             return err, (uq, cand[1])
 
         uq, sv = best_candidate(candidates, quantize_u)
@@ -233,15 +236,37 @@ def pack_encoded(name: str, shape: tuple[int, int], alloc: al.Allocation, uq, vq
     return Encoded(name, shape, tensors, {**settings, "alloc": al.format_alloc(alloc)})
 
 
-def _refit(delta: Tensor, v_hat: Tensor) -> tuple[Tensor, Tensor]:
+def _fit_error(delta: Tensor, a: Tensor, v_hat: Tensor, proj: Tensor, vv: Tensor) -> float:
+    """||delta - a v_hat||_F^2 from ||delta||^2 - 2 <a, delta v_hat^T> + <a^T a, v_hat v_hat^T>, with
+    proj = delta v_hat^T and vv = v_hat v_hat^T: 2 N r^2 flops instead of the 2 N K r of forming
+    a v_hat (1/3 of it for 11008 x 4096 at r = 1305, 1/8 for 4096 x 11008). The expansion cancels when
+    the error is small against ||delta||, so under a 10% relative error it is measured directly."""
+    dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    cross = float((a.double() * proj.double()).sum())
+    quad = float(((a.T @ a).double() * vv.double()).sum())
+    err2 = dd - 2 * cross + quad
+    if err2 < 1e-2 * dd:
+        err2 = float(torch.linalg.vector_norm(delta - a @ v_hat, dtype=torch.float64)) ** 2
+    return err2
+
+
+def _refit(delta: Tensor, v_hat: Tensor, proj: Tensor | None = None, vv: Tensor | None = None
+           ) -> tuple[Tensor, Tensor]:
     """Least-squares M = argmin ||delta - M v_hat||_F (M = delta v_hat^T (v_hat v_hat^T)^-1), split into
-    unit columns U and their norms s, so U is quantized on the same footing as the SVD's."""
-    gram = (v_hat @ v_hat.T).double()
-    rhs = (v_hat @ delta.T).double()  # (r, N)
-    # gelsd (SVD-based, rank-revealing) on CPU; CUDA only has gels, fine for this well-conditioned Gram
-    driver = "gelsd" if gram.device.type == "cpu" else None
-    with single_threaded():
-        m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()  # (N, r)
+    unit columns U and their norms s, so U is quantized on the same footing as the SVD's.
+    ``proj``, ``vv``: delta v_hat^T and v_hat v_hat^T when the caller has them."""
+    gram = (v_hat @ v_hat.T if vv is None else vv).double()
+    rhs = (delta @ v_hat.T if proj is None else proj).T.double()  # (r, N)
+    # The quantized rows stay close to orthonormal, so the Gram is well conditioned and a Cholesky solve
+    # suffices (7x faster than gelsd at r = 1305, N = 11008: 1.6 s vs 11.4 s); gelsd (rank-revealing,
+    # CPU) only when Cholesky fails, e.g. on duplicate or zero rows.
+    chol, bad = torch.linalg.cholesky_ex(gram)
+    if not int(bad):
+        m = torch.cholesky_solve(rhs, chol).T.float()  # (N, r)
+    else:
+        driver = "gelsd" if gram.device.type == "cpu" else None  # CUDA only has gels
+        with single_threaded():
+            m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()
     norms = torch.linalg.vector_norm(m, dim=0)
     u = m / torch.where(norms > 0, norms, torch.ones_like(norms))
     return u.contiguous(), norms.contiguous()

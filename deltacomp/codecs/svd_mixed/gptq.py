@@ -28,7 +28,8 @@ from torch import Tensor
 
 from . import allocation as al
 from ..base import Encoded
-from ..lowrank import refuse_1d, truncated_svd
+from ...quant.svd import truncated_svd
+from ..lowrank import refuse_1d
 from ..calibrator import Calibrator, LayerwiseOptions, output_error
 from .codec import SvdMixedCodec, best_candidate, pack_encoded
 from ...linalg import single_threaded
