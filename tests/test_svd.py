@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from deltacomp.codecs import get_codec
-from deltacomp.codecs.svd_mixed import _refit
+from deltacomp.codecs.svd_mixed.codec import _refit
 from deltacomp.quant import svd as S
 
 
@@ -203,7 +203,7 @@ def test_cuda_same_code_path():
 
 @pytest.mark.parametrize("noise", [1.0, 1e-4])  # the expansion (large error) and the direct route (small)
 def test_fit_error_matches_direct(noise):
-    from deltacomp.codecs.svd_mixed import _fit_error
+    from deltacomp.codecs.svd_mixed.codec import _fit_error
     g = torch.Generator().manual_seed(8)
     v_hat = torch.randn(9, 70, generator=g)
     a = torch.randn(50, 9, generator=g)
