@@ -30,6 +30,7 @@ def refuse_1d(codec: str, shape: tuple[int, ...]) -> None:
 @register
 class LowRankCodec(Codec):
     name = CodecName.LOWRANK.value
+    encode_devices = ("cpu", "cuda")  # SVD, RTN and packing follow the delta's device (quant/svd.py)
     description = "truncated SVD factors U_r, S_r, V_r (LoRA-style)"
     reference = "https://arxiv.org/abs/2106.09685"
     fields = ("u", "s", "v")
@@ -81,7 +82,8 @@ class LowRankCodec(Codec):
         if rank is None:  # energy: smallest r with cumulative energy >= target
             energy = torch.cumsum(sv.double() ** 2, 0)
             total = float(energy[-1]) if energy.numel() else 0.0
-            r = int(torch.searchsorted(energy, torch.tensor([s["energy"] * total], dtype=energy.dtype))) + 1
+            want = torch.tensor([s["energy"] * total], dtype=energy.dtype, device=energy.device)
+            r = int(torch.searchsorted(energy, want)) + 1
             r = min(r, sv.numel())
             u, sv, vh = u[:, :r], sv[:r], vh[:r]
         dt = _DTYPES[s["dtype"]]

@@ -41,6 +41,7 @@ def _check_groups(text: str) -> bool:
 @register
 class SvdMixedCodec(Codec):
     name = CodecName.SVD_MIXED.value
+    encode_devices = ("cpu", "cuda")  # SVD, RTN and packing follow the delta's device (quant/svd.py)
     description = "SVD factors quantized at 8/3/2 bits by singular value (Delta-CoMe, data-free RTN)"
     reference = "https://arxiv.org/abs/2406.08903"
     fields = (r"[uv]_q[1-8]", r"[uv]_scale[1-8]", r"[uv]_zero[1-8]", "s")
