@@ -87,3 +87,10 @@ def word_tokenizer(vocab_size: int):
     tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="[BOS]",
                                                 eos_token="[EOS]", pad_token="[PAD]")
+
+
+def load_causal_lm(path, dtype=torch.float32):
+    """A saved test model folder as an eval-mode transformers causal LM in ``dtype``."""
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()

@@ -9,13 +9,13 @@ import torch
 import deltacomp
 from deltacomp import serve as dnn
 from deltacomp import ops
+from conftest import finetune_of, llama_config, llama_tensors, load_causal_lm, write_folder  # noqa: E402
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops.CUDA_KERNELS_BUILT),
     reason="needs a CUDA device and deltacomp._C built with its CUDA kernels (a CUDA build of torch)")
 
-VOCAB = 96
 METHODS = {"bit": "bitdelta", "tern": "ternary:density=0.3", "svd": "svd-mixed", "bitrow": "bitdelta:scale=row"}
 
 
@@ -24,25 +24,14 @@ def _kernels_on(monkeypatch):
     monkeypatch.setenv("DELTACOMP_CUDA_KERNELS", "1")
 
 
-def _llama(seed, dtype=torch.float32):
-    torch.manual_seed(seed)
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)
-    return transformers.LlamaForCausalLM(cfg).to(dtype)
-
-
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
+    """fp32 tiny Llama base (untied head); a fine-tune changing its layers; one delta per codec and its
+    reconstructed folder."""
     tmp = tmp_path_factory.mktemp("cuda_serve")
-    _llama(0).save_pretrained(tmp / "base")
-    ft = _llama(0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in ft.named_parameters():
-            if "layers" in name:
-                p.add_(torch.randn(p.shape, generator=g) * 0.05)
-    ft.save_pretrained(tmp / "ft")
+    base = llama_tensors(0, tied=False, dtype=torch.float32)
+    write_folder(tmp / "base", base, llama_config(tied=False))
+    write_folder(tmp / "ft", finetune_of(base, 1, scale=0.05), llama_config(tied=False))
     out = {"dir": tmp}
     for key, method in METHODS.items():
         path = tmp / f"{key}.delta.safetensors"
@@ -53,7 +42,7 @@ def pair(tmp_path_factory):
 
 
 def _load(path, dtype=torch.float32):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    return load_causal_lm(path, dtype)
 
 
 def _logits(model, ids):
@@ -82,7 +71,7 @@ def test_multi_tenant_on_gpu(pair):
     keys = ["bit", "tern", "svd", "bitrow"]
     model = dnn.patch_model_multi(_load(pair["dir"] / "base"), [pair[k] for k in keys]).to("cuda")
     index = [0, 1, 2, 3, -1, 3, 0]
-    ids = torch.randint(4, VOCAB, (len(index), 5), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(4, 96, (len(index), 5), generator=torch.Generator().manual_seed(0))
     dnn.set_delta_index(model, index)
     got = _logits(model, ids)
     base = _load(pair["dir"] / "base").to("cuda")

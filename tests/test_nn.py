@@ -14,7 +14,7 @@ from deltacomp.serve import generate
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from conftest import word_tokenizer  # noqa: E402
+from conftest import word_tokenizer, load_causal_lm  # noqa: E402
 
 VOCAB = 96
 METHODS = {"bit": "bitdelta", "tern": "ternary:density=0.3", "svd": "svd-mixed", "bit2": "bitdelta:masks=2",
@@ -59,7 +59,7 @@ def pair(tmp_path_factory):
 
 
 def _load(path, dtype=torch.float32):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+    return load_causal_lm(path, dtype)
 
 
 def _logits(model, ids):

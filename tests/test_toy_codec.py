@@ -16,7 +16,7 @@ from deltacomp.codecs import Codec, Encoded, Setting, get_codec, register, unreg
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from conftest import word_tokenizer  # noqa: E402
+from conftest import word_tokenizer, load_causal_lm  # noqa: E402
 
 VOCAB = 96
 
@@ -81,8 +81,8 @@ def toy(tmp_path_factory):
     unregister(ToyInt8Codec.name)
 
 
-def _load(path):
-    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+def _load(path, dtype=torch.float32):
+    return load_causal_lm(path, dtype)
 
 
 IDS = torch.tensor([[1, 5, 9, 13, 40, 77, 8], [1, 90, 4, 33, 33, 12, 6]])

@@ -48,6 +48,16 @@ __device__ __forceinline__ uint32_t code_at(const uint8_t* __restrict__ q, int64
   return (v >> (bit & 7)) & ((1u << bits) - 1u);
 }
 
+// Stage 1's end: each x row's warp total times s_j into tmp[(m0 + mm) * r + j] (out = tmp + m0*r + j).
+__device__ __forceinline__ void store_t(const float (&acc)[kTile], float sj, int lane, int64_t rows_left,
+                                        float* __restrict__ out, int64_t r) {
+#pragma unroll
+  for (int mm = 0; mm < kTile; ++mm) {
+    const float v = warp_sum(acc[mm]);
+    if (lane == 0 && mm < rows_left) out[mm * r] = v * sj;
+  }
+}
+
 // Stage 1, chunk path: block = kWarps rows j of V; the k axis in tiles of 1024 x values staged in shared
 // memory (fp32, padded: conflict-free 16-byte reads) for kTile x rows, shared by the block's 8 V rows;
 // lane l takes chunk l of the tile (32 codes = BITS words, coalesced across lanes).
@@ -103,12 +113,7 @@ __global__ void __launch_bounds__(kThreads) stage1_fast(
     }
   }
   if (!live) return;
-  const float sj = s[j];
-#pragma unroll
-  for (int mm = 0; mm < kTile; ++mm) {
-    const float v = warp_sum(acc[mm]);
-    if (lane == 0 && mm < rows_left) tmp[(m0 + mm) * r + j] = v * sj;
-  }
+  store_t(acc, s[j], lane, rows_left, tmp + m0 * r + j, r);
 }
 
 template <typename T>
@@ -130,12 +135,7 @@ __global__ void __launch_bounds__(kThreads) stage1_generic(
     for (int mm = 0; mm < kTile; ++mm)
       if (mm < rows_left) acc[mm] = fmaf(to_f32(x[(m0 + mm) * k + c]), v, acc[mm]);
   }
-  const float sj = s[j];
-#pragma unroll
-  for (int mm = 0; mm < kTile; ++mm) {
-    const float v = warp_sum(acc[mm]);
-    if (lane == 0 && mm < rows_left) tmp[(m0 + mm) * r + j] = v * sj;
-  }
+  store_t(acc, s[j], lane, rows_left, tmp + m0 * r + j, r);
 }
 
 template <int BITS>
