@@ -267,6 +267,12 @@ def _slowed(app, seconds: float):
     batch.step = slow
 
 
+def _runs_to_the_end(server, body):
+    """The seeded request ``body`` samples no end-of-text token: only the test can end it early."""
+    r = _post(server, "/v1/completions", {**body, "stream": False}).json()
+    assert r["choices"][0]["finish_reason"] == "length", r
+
+
 def test_full_queue_answers_429_and_recovers(pair):
     app = build_app(pair["base"], {"a": pair["a"]}, max_batch=1, max_queue=1)
     _slowed(app, 0.05)
@@ -295,6 +301,7 @@ def test_client_disconnect_mid_stream_leaves_others_unaffected(pair):
         t = threading.Thread(target=lambda: other.update(r=_post(s, "/v1/completions", {
             "model": "b", "prompt": PROMPTS[1], "max_tokens": 25, "temperature": 0})))
         body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 50, "temperature": 1.0, "seed": 0, "stream": True}
+        _runs_to_the_end(s, body)
         with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
             t.start()
             assert r.status_code == 200
@@ -318,3 +325,52 @@ def test_cli_parses_serve(tmp_path):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["serve", "base/", "--delta", "no-name.delta.safetensors"])
 
+
+
+def test_removing_a_delta_ends_its_running_requests(pair):
+    app = build_app(pair["base"], {"a": pair["a"], "b": pair["b"]}, max_batch=4)
+    _slowed(app, 0.02)
+    with ServerThread(app) as s:
+        body = {"model": "a", "prompt": PROMPTS[0], "max_tokens": 50, "temperature": 1.0, "seed": 0, "stream": True}
+        _runs_to_the_end(s, body)
+        with httpx.stream("POST", s.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            next(lines)
+            assert httpx.delete(s.url + "/v1/deltas/a", timeout=30).status_code == 200
+            events = [json.loads(x[6:]) for x in lines if x.startswith("data: {")]
+        assert "was removed" in events[-1]["error"]["message"]
+        r = _post(s, "/v1/completions", {"model": "b", "prompt": PROMPTS[2], "max_tokens": 6, "temperature": 0})
+        assert r.json()["choices"][0]["text"] == _reference(pair, "b", PROMPTS[2], 6)
+
+
+def test_deltacomp_serve_command_starts_answers_and_stops(pair):
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as sock:  # a free port (the command binds it itself, moments later)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "deltacomp.cli", "serve", str(pair["base"]), "--delta", f"a={pair['a']}",
+           "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                models = httpx.get(url + "/v1/models", timeout=5).json()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the server did not come up"
+                time.sleep(0.2)
+        assert [m["id"] for m in models["data"]] == ["base", "a"]
+        r = httpx.post(url + "/v1/completions", json={"model": "a", "prompt": PROMPTS[0], "max_tokens": 8,
+                                                      "temperature": 0}, timeout=30)
+        assert r.json()["choices"][0]["text"] == _reference(pair, "a", PROMPTS[0], 8)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
