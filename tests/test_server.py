@@ -98,7 +98,7 @@ def _reference(pair, key: str, prompt: str, max_tokens: int, chat: bool = False)
 
 @pytest.fixture(scope="module")
 def server(pair):
-    app = build_app(pair["base"], {"a": pair["a"], "b": pair["b"]}, max_batch=4, max_queue=8)
+    app = build_app(pair["base"], {"a": pair["a"], "b": pair["b"]}, max_batch=4, max_queue=32)
     with ServerThread(app) as s:
         s.engine = app.state.server.engine
         yield s
