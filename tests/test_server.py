@@ -212,6 +212,8 @@ def _post(server, path, body, **kw):
     ({"model": "a", "prompt": ["w5", "w6"]}, 400, "one prompt"),
     ({"model": "a", "prompt": [5, 999]}, 400, "outside the vocabulary"),
     ({"model": "a", "prompt": "w5", "stop": ["w1", "w2", "w3", "w4", "w5"]}, 400, "stop"),
+    ({"model": "a", "prompt": "w5", "logprobs": 2}, 400, "logprobs is not supported"),
+    ({"model": "a", "prompt": "w5", "presence_penalty": 0.5}, 400, "presence_penalty is not supported"),
 ])
 def test_bad_requests_are_json_errors(server, body, status, match):
     r = _post(server, "/v1/completions", body)

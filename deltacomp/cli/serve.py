@@ -56,7 +56,7 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=_positive, default=8, help="rows decoded together at most (default 8)")
-    p.add_argument("--max-queue", type=int, default=64,
+    p.add_argument("--max-queue", type=_positive, default=64,
                    help="requests waiting for a batch row at most; more are answered 429 (default 64)")
     p.add_argument("--max-model-len", type=_positive, default=None,
                    help="context length: prompt + max_tokens at most (default: the model's max_position_embeddings)")

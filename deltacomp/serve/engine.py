@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import DeltacompError
+from ..errors import DeltacompError, SettingsError
 from .kvbatch import KVBatch, ModelRunner
 from .modules import MultiDeltaLinear, MultiDeltaModule
 from .patch import patch_model_multi, set_delta_index, unpatch_model
@@ -66,8 +66,8 @@ class Engine:
 
     def __init__(self, model: nn.Module, registry: Registry, *, max_batch: int = 8, max_queue: int = 64,
                  context: int | None = None):
-        if max_batch < 1 or max_queue < 0:
-            raise DeltacompError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch} and {max_queue}")
+        if max_batch < 1 or max_queue < 1:  # every request passes through the queue, so it needs a place
+            raise SettingsError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.model, self.registry = model.eval(), registry
         self.max_batch, self.max_queue = max_batch, max_queue
         self.context = context or int(getattr(model.config, "max_position_embeddings", 0) or 2048)

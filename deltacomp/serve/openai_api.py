@@ -60,7 +60,17 @@ class AddDeltaRequest(BaseModel):
     path: str
 
 
+# accepted API fields this server does not implement: refused when set, rather than silently ignored
+UNSUPPORTED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "presence_penalty", "frequency_penalty",
+               "tools", "functions", "tool_choice", "response_format")
+
+
 def sampling_params(body: _Request, max_tokens: int) -> SamplingParams:
+    extra = body.model_extra or {}
+    used = [k for k in UNSUPPORTED if extra.get(k) not in (None, False, 0, "", [], {})]
+    used += ["best_of"] if extra.get("best_of") not in (None, 1) else []
+    if used:
+        raise SettingsError(f"{used[0]} is not supported by this server; leave it out")
     if (body.n or 1) != 1:
         raise SettingsError(f"n must be 1 (got {body.n}); send separate requests, the server batches them")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
