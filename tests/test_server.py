@@ -197,7 +197,8 @@ def test_stop_max_tokens_and_seed(pair, server):
 
 def _post(server, path, body, **kw):
     data = body if isinstance(body, (bytes, str)) else json.dumps(body)
-    return httpx.post(server.url + path, content=data, headers={"content-type": "application/json"}, timeout=30, **kw)
+    kw.setdefault("timeout", 30)
+    return httpx.post(server.url + path, content=data, headers={"content-type": "application/json"}, **kw)
 
 
 @pytest.mark.parametrize("body,status,match", [
@@ -316,6 +317,12 @@ def test_client_disconnect_mid_stream_leaves_others_unaffected(pair):
             time.sleep(0.05)
         stats = engine.stats()
         assert stats["running"] == 0 and stats.get("cancelled", 0) == 1
+        with pytest.raises(httpx.ReadTimeout):  # a non-streaming client that gives up is noticed too
+            _post(s, "/v1/completions", {**body, "stream": False}, timeout=0.5)
+        deadline = time.monotonic() + 10
+        while engine.stats().get("cancelled", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine.stats()["cancelled"] == 2 and engine.stats()["running"] == 0
         assert _post(s, "/v1/completions", {"model": "a", "prompt": "w5", "max_tokens": 2}).status_code == 200
 
 

@@ -40,6 +40,7 @@ from .tenants import Registry, Tenant, vocab_size
 log = logging.getLogger("deltacomp.serve")
 MAX_BODY_BYTES = 8 * 2**20  # a request body above this is refused before it is read (413)
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # the OpenAI API's default for /v1/completions
+DISCONNECT_POLL_S = 0.5  # how often a waiting non-streaming request checks that its client is still there
 
 
 def _error(status: int, message: str, code: str | None = None) -> JSONResponse:
@@ -54,6 +55,23 @@ def _validation_message(exc: RequestValidationError) -> str:
     where = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
     return f"invalid request: {where}: {first.get('msg', 'invalid value')}" + (
         f" (and {len(errs) - 1} more)" if len(errs) > 1 else "")
+
+
+class BodyLimit:
+    """Refuses a body whose declared length is over ``limit`` before it is read (413). A plain ASGI
+    middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            size = dict(scope.get("headers", ())).get(b"content-length", b"").decode("latin-1")
+            if size and (not size.isdigit() or int(size) > self.limit):
+                msg = f"request body of {size} bytes is over the limit of {self.limit}"
+                await _error(413, msg, "body_too_large")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class Server:
@@ -103,7 +121,7 @@ class Server:
         return asked
 
     # -- generation ---------------------------------------------------------------------------------
-    async def generate(self, body: CompletionRequest | ChatRequest):
+    async def generate(self, body: CompletionRequest | ChatRequest, request: Request | None = None):
         tenant = self.registry.get(body.model)
         ids = self._prompt_ids(tenant, body)
         params = sampling_params(body, self._max_tokens(body, len(ids)))
@@ -121,15 +139,22 @@ class Server:
         if body.stream:
             return StreamingResponse(self._stream(req, queue, reply, body.include_usage()),
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        parts = []
+        parts, next_poll = [], time.monotonic() + DISCONNECT_POLL_S
         try:
             while True:
-                event = await queue.get()
+                try:
+                    event = await asyncio.wait_for(queue.get(), timeout=DISCONNECT_POLL_S)
+                except asyncio.TimeoutError:
+                    event = ("wait",)
+                if request is not None and time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + DISCONNECT_POLL_S
+                    if await request.is_disconnected():
+                        return _error(499, "the client closed the connection", "client_closed")  # never sent
                 if event[0] == "text":
                     parts.append(event[1])
                 elif event[0] == "done":
                     return reply.full("".join(parts), *event[1:])
-                else:
+                elif event[0] == "error":
                     return _error(event[1], event[2], "generation_failed")
         finally:
             req.cancelled.set()  # no-op once done; frees the row if the handler is cancelled
@@ -189,12 +214,7 @@ def create_app(engine: Engine, registry: Registry, *, max_body_bytes: int = MAX_
     app = FastAPI(title="deltacomp serve", lifespan=lifespan)
     app.state.server = srv
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > srv.max_body):
-            return _error(413, f"request body of {size} bytes is over the limit of {srv.max_body}", "body_too_large")
-        return await call_next(request)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
 
     @app.exception_handler(DeltacompError)
     async def on_deltacomp_error(request: Request, exc: DeltacompError):
@@ -223,12 +243,12 @@ def create_app(engine: Engine, registry: Registry, *, max_body_bytes: int = MAX_
         return model_card(tenant.name, srv.created, None if tenant.delta is None else registry.base.name)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        return await srv.generate(body)
+    async def completions(body: CompletionRequest, request: Request):
+        return await srv.generate(body, request)
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        return await srv.generate(body)
+    async def chat(body: ChatRequest, request: Request):
+        return await srv.generate(body, request)
 
     app.post("/v1/deltas", status_code=201)(srv.add_delta)
     app.delete("/v1/deltas/{name:path}")(srv.remove_delta)
