@@ -34,6 +34,8 @@ from .sampling import SamplingParams, TextTracker, sample
 from .tenants import Registry, Tenant
 
 log = logging.getLogger("deltacomp.serve")
+COUNTERS = ("completed", "cancelled", "rejected_queue_full", "generated_tokens", "prefill_tokens", "prefill_ms",
+            "steps", "batched_rows", "mixed_steps", "loads", "repatches")
 
 
 class QueueFullError(DeltacompError):
@@ -79,7 +81,8 @@ class Engine:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.counts = collections.Counter()
+        # every key made here, so that stats() copying it from another thread never sees it grow
+        self.counts = collections.Counter(dict.fromkeys(COUNTERS, 0))
 
     # -- the HTTP side --------------------------------------------------------------------------------
     def start(self) -> "Engine":
@@ -99,6 +102,10 @@ class Engine:
         with self._cv:
             if self._stopping or self._thread is None or not self._thread.is_alive():
                 raise ShuttingDownError("the server is shutting down; no new requests are taken")
+            if len(self._waiting) >= self.max_queue:  # first free the places of clients that left
+                kept = collections.deque(r for r in self._waiting if not r.cancelled.is_set())
+                self.counts["cancelled"] += len(self._waiting) - len(kept)
+                self._waiting = kept
             if len(self._waiting) >= self.max_queue:
                 self.counts["rejected_queue_full"] += 1
                 raise QueueFullError(f"too many requests: {len(self._waiting)} already waiting (--max-queue "
