@@ -383,3 +383,18 @@ def test_deltacomp_serve_command_starts_answers_and_stops(pair):
     finally:
         proc.send_signal(signal.SIGINT)
         assert proc.wait(30) == 0
+
+
+def test_quantized_base_serves_like_generate(pair):
+    pytest.importorskip("bitsandbytes")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized layers cannot be fingerprinted; fp32 -> fp16 casts on CPU
+        app = build_app(pair["base"], {"a": pair["a"], "b": pair["b"]}, base_bits=8)
+        want = deltacomp.generate(pair["base"], [pair["a"], pair["b"]], [PROMPTS[0], PROMPTS[1], PROMPTS[2]], 10,
+                                  prompt_delta=[0, 1, -1], base_bits=8)
+    with ServerThread(app) as s:
+        got = [_post(s, "/v1/completions", {"model": m, "prompt": p, "max_tokens": 10, "temperature": 0}).json()
+               for m, p in zip(("a", "b", "base"), PROMPTS[:3])]
+    assert [g["choices"][0]["text"] for g in got] == want
