@@ -198,8 +198,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     from .eval import add_eval_parser  # eval and sweep
+    from .serve import add_serve_parser
 
     add_eval_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 

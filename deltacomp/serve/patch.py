@@ -106,11 +106,13 @@ def _has_delta(df: Delta, name: str) -> bool:
 
 
 def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Delta], *,
-                      force: bool = False) -> nn.Module:
+                      force: bool = False, verify_base: bool = True) -> nn.Module:
     """Serve several deltas of one base at once; nothing is changed in place. Linear layers become
     ``MultiDeltaLinear``, other modules whose tensors some delta changes (norms, embeddings) become
     ``MultiDeltaModule``. Choose each batch row's delta with ``set_delta_index`` before a forward pass.
-    Deltas that add tokens (a larger vocabulary) or new tensors cannot share one base and are refused."""
+    Deltas that add tokens (a larger vocabulary) or new tensors cannot share one base and are refused.
+    ``verify_base=False`` skips hashing the base tensors against each delta's fingerprint, for a caller
+    that has already checked these deltas against this model (the server re-patches as deltas come and go)."""
     _not_patched(model)
     dfs = [load_delta(d) for d in deltas]
     if not dfs:
@@ -125,7 +127,7 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
                                      "cannot share the base with others, use patch_model or reconstruct")
             if name not in state:
                 raise DeltacompError(f"{df.path}: {name} is not a parameter of {type(model).__name__} (wrong base?)")
-            if info.tied_to is None and not get_codec(info.codec).always_zero:
+            if verify_base and info.tied_to is None and not get_codec(info.codec).always_zero:
                 check_base(checker, name, state[name], type(model).__name__, warned)
     # names sharing one tensor (tied embeddings and head): a delta to any of them changes all of them
     by_ptr: dict[int, list[str]] = {}
