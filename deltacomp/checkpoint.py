@@ -2,7 +2,9 @@
 
 A checkpoint is a Hugging Face model folder (config.json + model.safetensors, or sharded
 model-0000i-of-0000N.safetensors + model.safetensors.index.json) or one .safetensors file. Tensors are
-read one at a time through safetensors' memory map; nothing is ever unpickled.
+read one at a time with explicit reads into fresh memory (tensorio.TensorReader), never through a memory
+map that would keep every page read mapped: the process's RSS stays near the tensors it holds, whatever
+the size of the checkpoint. Nothing is ever unpickled.
 """
 from __future__ import annotations
 
@@ -13,12 +15,12 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError
-from .storage import ShardBuffer, save_tensors
+from .storage import ShardBuffer
+from .tensorio import TensorReader
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -50,7 +52,7 @@ class Checkpoint:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self._stack = ExitStack()
-        self._handles: dict[Path, object] = {}
+        self._handles: dict[Path, TensorReader] = {}
         self._where: dict[str, Path] = {}
         self.folder: Path | None = None
         if not self.path.exists():
@@ -71,7 +73,7 @@ class Checkpoint:
 
     def _add_file(self, file: Path, names: list[str] | None = None) -> None:
         try:
-            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
+            handle = self._stack.enter_context(TensorReader(file))
         except Exception as exc:  # safetensors raises its own types for corrupt headers
             raise CheckpointError(f"{file}: cannot read as safetensors ({exc})") from None
         self._handles[file] = handle
@@ -121,21 +123,29 @@ class Checkpoint:
     def __contains__(self, name: str) -> bool:
         return name in self._where
 
-    def _slice(self, name: str):
+    def _reader(self, name: str) -> TensorReader:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: has no tensor {name!r}")
-        return self._handles[self._where[name]].get_slice(name)
+        reader = self._handles[self._where[name]]
+        if name not in reader:
+            raise CheckpointError(f"{reader.path}: lacks tensor {name}, which {INDEX_NAME} maps to it")
+        return reader
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(self._slice(name).get_shape())
+        return self._reader(name).shape(name)
 
     def dtype(self, name: str) -> torch.dtype:
-        return SAFETENSORS_DTYPES[self._slice(name).get_dtype()]
+        code = self._reader(name).dtype_code(name)
+        if code not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{self._where[name]}: {name}: dtype {code} is not supported")
+        return SAFETENSORS_DTYPES[code]
 
     def get(self, name: str) -> Tensor:
-        if name not in self._where:
-            raise CheckpointError(f"{self.path}: has no tensor {name!r}")
-        return self._handles[self._where[name]].get_tensor(name)
+        reader = self._reader(name)
+        try:
+            return reader.get(name)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{reader.path}: {name}: cannot read ({exc})") from None
 
     def nbytes(self) -> int:
         """Bytes of all weight files on disk (what a user sees as the checkpoint's size)."""
@@ -175,7 +185,7 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
 
 # -- writing ----------------------------------------------------------------------------------------
 class ShardedWriter:
-    """Write tensors into ``folder`` as HF safetensors shards, holding at most one shard in memory.
+    """Write tensors into ``folder`` as HF safetensors shards, streamed: each tensor goes to disk when added.
 
     Shards are named model-0000i-of-0000N.safetensors with an index json when there is more than one,
     model.safetensors otherwise (mergekit's scheme)."""
@@ -191,16 +201,12 @@ class ShardedWriter:
         return self._buffer.total_bytes
 
     def add(self, name: str, tensor: Tensor) -> None:
-        # a clone: safetensors refuses tensors that share storage (e.g. tied weights)
-        self._buffer.add({name: tensor}, clone=True)
+        self._buffer.add({name: tensor})
 
     def close(self) -> list[Path]:
-        self._buffer.flush()
+        self._buffer.flush(empty=not self._buffer.shards)  # an empty model is still one (empty) file
         shards = self._buffer.shards
         n = len(shards)
-        if n == 0:
-            save_tensors({}, self.folder / SINGLE_NAME, self._buffer.metadata)
-            return [self.folder / SINGLE_NAME]
         if n == 1:
             final = self.folder / SINGLE_NAME
             shards[0][0].rename(final)
@@ -221,6 +227,8 @@ class ShardedWriter:
     def __exit__(self, exc_type, *rest) -> None:
         if exc_type is None:
             self.close()
+        else:
+            self._buffer.abort()
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Tensor]]:

@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from torch import Tensor
 
 from ._version import __version__
@@ -44,7 +43,8 @@ from .dtypes import dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
                         decode_embedded, fingerprint_all, integrity_digest, validate_schema)
-from .storage import OutputLock, ShardBuffer, publish_file, save_tensors
+from .storage import OutputLock, ShardBuffer, publish_file
+from .tensorio import TensorReader
 
 FORMAT = "deltacomp/1"
 FORMAT_VERSION = 1
@@ -196,7 +196,8 @@ class DeltaWriter:
             shards = self._buffer.shards
             if not shards:  # one file: metadata in its header
                 tmp = self._tmpdir / "single.delta.safetensors"
-                save_tensors(self._buffer.current, tmp, {META_KEY: meta_json})
+                self._buffer.flush({META_KEY: meta_json}, empty=True)
+                self._buffer.shards.pop()[0].rename(tmp)
                 _verify_written(tmp)
                 publish_file(tmp, self.path, self.overwrite)
                 if index_path(self.path).exists():  # a stale sharded version with the same name
@@ -226,6 +227,7 @@ class DeltaWriter:
             self.abort()
 
     def abort(self) -> None:
+        self._buffer.abort()
         shutil.rmtree(self._tmpdir, ignore_errors=True)
         self._lock.release()
 
@@ -282,11 +284,9 @@ class DeltaFile:
 
     def _open_safetensors(self, file: Path):
         try:
-            handle = self._stack.enter_context(safe_open(str(file), framework="pt"))
-            keys = list(handle.keys())
-            for k in keys:  # the manifest the integrity digest covers, from the header alone
-                sl = handle.get_slice(k)
-                self._manifest[k] = (sl.get_dtype(), tuple(sl.get_shape()))
+            handle = self._stack.enter_context(TensorReader(file))
+            for k in handle.keys():  # the manifest the integrity digest covers, from the header alone
+                self._manifest[k] = (handle.dtype_code(k), handle.shape(k))
         except DeltaFormatError:
             raise
         except Exception as exc:
@@ -350,7 +350,10 @@ class DeltaFile:
 
     def raw_tensors(self, name: str) -> dict[str, Tensor]:
         info = self.params[name]
-        tensors = {f: self._handles[self._where[f"{name}.{f}"]].get_tensor(f"{name}.{f}") for f in info.fields}
+        try:
+            tensors = {f: self._handles[self._where[f"{name}.{f}"]].get(f"{name}.{f}") for f in info.fields}
+        except (OSError, ValueError) as exc:
+            raise DeltaFormatError(f"{self.path}: {name}: cannot read its tensors ({exc})") from None
         if encoded_checksum(tensors) != info.checksum:
             raise ChecksumError(f"{self.path}: checksum mismatch in {name}: the file is corrupted")
         return tensors

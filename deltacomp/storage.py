@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .errors import OutputBusyError, OutputExistsError
+from .tensorio import TensorFileWriter
 
 try:
     import fcntl
@@ -169,31 +170,40 @@ def output_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
 
 
 class ShardBuffer:
-    """Tensors gathered into safetensors shards of at most ``max_bytes`` (a group added together is never
-    split), each written to ``folder`` under a temporary name as soon as the next group would overflow it.
-    ``shards`` lists (temporary path, tensor names); ``current`` holds what is not written yet."""
+    """Tensors streamed into safetensors shards of at most ``max_bytes`` (a group added together is never
+    split): each tensor goes to disk as it is added (``tensorio.TensorFileWriter``), so memory holds one
+    tensor, never a shard. A shard is finished under a temporary name when the next group would overflow
+    it. ``shards`` lists (temporary path, tensor names); ``current`` is the shard being written."""
 
     def __init__(self, folder: Path, max_bytes: int, metadata: dict[str, str], suffix: str = ""):
         self.folder, self.max_bytes, self.metadata, self.suffix = Path(folder), max_bytes, metadata, suffix
-        self.current: dict[str, Tensor] = {}
+        self.current: TensorFileWriter | None = None
         self.current_bytes = 0
         self.total_bytes = 0
         self.shards: list[tuple[Path, list[str]]] = []
 
-    def add(self, tensors: dict[str, Tensor], clone: bool = False) -> None:
+    def add(self, tensors: dict[str, Tensor]) -> None:
         size = sum(t.numel() * t.element_size() for t in tensors.values())
-        if self.current and self.current_bytes + size > self.max_bytes:
+        if self.current is not None and self.current_bytes + size > self.max_bytes:
             self.flush()
+        if self.current is None:
+            self.current = TensorFileWriter(self.folder / f"shard-{len(self.shards):05d}{self.suffix}")
         for name, t in tensors.items():
-            t = t.detach().contiguous()
-            self.current[name] = t.clone() if clone else t
+            self.current.add(name, t)
         self.current_bytes += size
         self.total_bytes += size
 
-    def flush(self) -> None:
-        if not self.current:
+    def flush(self, metadata: dict[str, str] | None = None, empty: bool = False) -> None:
+        """Finish the current shard (with ``metadata`` instead of the buffer's, if given); ``empty``
+        writes a shard with no tensors when none is open."""
+        if self.current is None and empty:
+            self.current = TensorFileWriter(self.folder / f"shard-{len(self.shards):05d}{self.suffix}")
+        if self.current is None:
             return
-        path = self.folder / f"shard-{len(self.shards):05d}{self.suffix}"
-        save_tensors(self.current, path, self.metadata)
-        self.shards.append((path, list(self.current)))
-        self.current, self.current_bytes = {}, 0
+        writer, self.current, self.current_bytes = self.current, None, 0
+        self.shards.append((writer.close(metadata if metadata is not None else self.metadata), writer.names()))
+
+    def abort(self) -> None:
+        if self.current is not None:
+            self.current.abort()
+            self.current = None

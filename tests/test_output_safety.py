@@ -236,15 +236,17 @@ def test_existing_output_appearing_during_run_not_replaced(tmp_path, pair, monke
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, pair, capsys, monkeypatch):
-    """safetensors reports a full disk as its own error type; it reaches the user as the OSError it is."""
-    from deltacomp import storage
+    """A full disk while a shard is assembled reaches the user as one line naming the file."""
+    import errno
+
+    from deltacomp import tensorio
 
     base, ft, _, _ = pair
 
-    def full(tensors, path, metadata=None):
-        raise Exception(f'Error while serializing: I/O error: No space left on device (os error 28) at path "{path}"')
+    def full(src, dst, offset, nbytes, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
 
-    monkeypatch.setattr(storage, "save_file", full)
+    monkeypatch.setattr(tensorio, "_copy", full)
     out = tmp_path / "d.delta.safetensors"
     assert main(["compress", str(base), str(ft), "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -253,7 +255,7 @@ def test_disk_full_is_one_line_and_leaves_nothing(tmp_path, pair, capsys, monkey
     deltacomp_rec = tmp_path / "rec"
     monkeypatch.undo()
     deltacomp.compress(base, ft, out, progress=False)
-    monkeypatch.setattr(storage, "save_file", full)
+    monkeypatch.setattr(tensorio, "_copy", full)
     assert main(["reconstruct", str(base), str(out), "-o", str(deltacomp_rec), "-q"]) == 2
     assert "the disk is full" in capsys.readouterr().err
     assert not deltacomp_rec.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".rec")]
