@@ -69,12 +69,35 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
     return out
 
 
+def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan: Plan, device: torch.device,
+                   progress: bool) -> None:
+    """--method auto: the first pass (auto.py) over the tensors the plan leaves to it, streamed; fills
+    ``plan.choices`` and ``plan.auto_report``. Non-finite pairs are left to ``_add_tensor`` (refused or
+    stored whole), unchanged ones to the zero codec."""
+    from .auto import choose
+    from .plan import Assignment
+
+    def items():
+        for p in pairs:
+            if p.kind != PairKind.DELTA or not plan.auto_target(p.name, tuple(bck.shape(p.name)), False):
+                continue
+            ft, b = fck.get(p.name), bck.get(p.name)
+            if _nonfinite(ft) or _nonfinite(b):
+                continue
+            delta = _delta(ft, b, p)[1]
+            if torch.count_nonzero(delta):
+                yield p.name, delta, plan.budget_hint(tuple(delta.shape), ft.element_size())
+
+    chosen, plan.auto_report = choose(items(), device, progress)
+    plan.choices = {n: Assignment(c.codec, dict(c.settings), "auto", dict(c.settings)) for n, c in chosen.items()}
+
+
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
              method: str = DEFAULT_METHOD, ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              calibration: "CalibrationOptions | None" = None, progress: bool = True,
              device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
-             allow_mismatch: bool = False) -> dict[str, Any]:
+             allow_mismatch: bool = False, bits: float | None = None) -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see devices.py) is where the codecs' math runs,
@@ -87,8 +110,11 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
     A NaN or Inf in a base or fine-tune tensor is refused (NonFiniteError) unless ``allow_nonfinite``,
     which stores such a tensor whole (exact, uncompressed). A pair that does not look like a base and
-    its fine-tune is refused (pairing.check_pair) unless ``allow_mismatch``."""
-    checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch}
+    its fine-tune is refused (pairing.check_pair) unless ``allow_mismatch``.
+
+    ``method="auto"`` chooses a codec and settings per linear tensor under one budget: ``ratio`` or
+    ``bits`` (per parameter of those tensors); see auto.py."""
+    checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch, "bits": bits}
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
@@ -192,14 +218,16 @@ def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoin
 def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
               method: str, ratio: float | None, rules, overwrite: bool, max_shard_bytes: int,
               progress: bool, device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
-              allow_mismatch: bool = False) -> dict[str, Any]:
-    plan = Plan(method, list(rules), ratio)
+              allow_mismatch: bool = False, bits: float | None = None) -> dict[str, Any]:
+    plan = Plan(method, list(rules), ratio, bits)
     device = resolve_device(device)
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
             pairs = pair_checkpoints(bck, fck)
             check_pair(bck, fck, pairs, allow_mismatch)
+            if plan.auto:
+                _auto_allocate(bck, fck, pairs, plan, device, progress)
             base_hashes: dict[str, str] = {}
             shared_settings = _global_prepass(bck, fck, pairs, plan, progress)
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
