@@ -121,35 +121,31 @@ def _exchange(fronts: list[list[Candidate]], choice: list[int], budget: int, max
     budget. Hulls leave gaps (a step of a whole sign mask); this is what lands a small model's budget
     closely. Vectorised over all (down, up) pairs; each round takes the best one, then refills."""
     rounds = max_rounds if max_rounds is not None else 4 * len(fronts) + 16
-    nb = [torch.tensor([c.nbytes for c in f], dtype=torch.float64) for f in fronts]
-    nd = [torch.tensor([c.distortion for c in f], dtype=torch.float64) for f in fronts]
     for _ in range(rounds):
         slack = budget - sum(f[i].nbytes for f, i in zip(fronts, choice))
-        up_t, up_j, down_t, down_j = [], [], [], []
+        # moves as (tensor, point, change of bytes, change of distortion), from plain floats
+        ups, downs = [], []
         for t, f in enumerate(fronts):
-            up_j += range(choice[t] + 1, len(f))
-            up_t += [t] * (len(f) - choice[t] - 1)
-            lo = max(0, choice[t] - 3)
-            down_j += range(lo, choice[t])
-            down_t += [t] * (choice[t] - lo)
-        if not up_t or not down_t:
+            cur = f[choice[t]]
+            ups += [(t, j, f[j].nbytes - cur.nbytes, f[j].distortion - cur.distortion)
+                    for j in range(choice[t] + 1, len(f))]
+            downs += [(t, j, f[j].nbytes - cur.nbytes, f[j].distortion - cur.distortion)
+                      for j in range(max(0, choice[t] - 3), choice[t])]
+        if not ups or not downs:
             return choice
-        cur_b = torch.tensor([float(fronts[t][choice[t]].nbytes) for t in range(len(fronts))], dtype=torch.float64)
-        cur_d = torch.tensor([fronts[t][choice[t]].distortion for t in range(len(fronts))], dtype=torch.float64)
-        ut, dt = torch.tensor(up_t), torch.tensor(down_t)
-        ub = torch.stack([nb[t][j] for t, j in zip(up_t, up_j)]) - cur_b[ut]
-        ud = torch.stack([nd[t][j] for t, j in zip(up_t, up_j)]) - cur_d[ut]
-        db = torch.stack([nb[t][j] for t, j in zip(down_t, down_j)]) - cur_b[dt]
-        dd = torch.stack([nd[t][j] for t, j in zip(down_t, down_j)]) - cur_d[dt]
-        gain = ud[:, None] + dd[None, :]  # change of total distortion (negative is better)
-        ok = ((ub[:, None] + db[None, :]) <= slack) & (ut[:, None] != dt[None, :])
+        u = torch.tensor([m[2:] for m in ups], dtype=torch.float64)
+        d = torch.tensor([m[2:] for m in downs], dtype=torch.float64)
+        ut, dt = torch.tensor([m[0] for m in ups]), torch.tensor([m[0] for m in downs])
+        gain = u[:, 1:2] + d[None, :, 1]  # change of total distortion (negative is better)
+        ok = ((u[:, 0:1] + d[None, :, 0]) <= slack) & (ut[:, None] != dt[None, :])
         gain = torch.where(ok, gain, torch.full_like(gain, float("inf")))
         best = int(torch.argmin(gain))
         i, k = divmod(best, gain.shape[1])
+        total = sum(f[c].distortion for f, c in zip(fronts, choice))
         # a pair must lower the distortion by more than rounding, or the loop could cycle
-        if not float(gain[i, k]) < -1e-12 * max(1.0, float(cur_d.sum())):
+        if not float(gain[i, k]) < -1e-12 * max(1.0, total):
             return choice
-        choice[up_t[i]], choice[down_t[k]] = up_j[i], down_j[k]
+        choice[ups[i][0]], choice[downs[k][0]] = ups[i][1], downs[k][1]
         choice = _fill(fronts, choice, budget - sum(f[c].nbytes for f, c in zip(fronts, choice)))
     return choice
 
