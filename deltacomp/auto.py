@@ -28,6 +28,7 @@ from .errors import SettingsError
 from .progress import progress_bar
 
 DISTORTION = "weight squared error ||D - D^||_F^2 (data-free, every tensor weighted 1)"
+DISTORTION_CALIB = "output error trace((D - D^) H (D - D^)^T), H = x^T x / tokens of the layer input (--calib)"
 
 
 @dataclass(frozen=True)
@@ -62,13 +63,20 @@ def hull(front: list[Candidate]) -> list[int]:
     return idx
 
 
-def _error(codec, delta: Tensor, enc: Encoded) -> float:
+def _error(codec, delta: Tensor, enc: Encoded, gram: Tensor | None) -> float:
+    """||E||_F^2, or trace(E H E^T) = sum((E H) * E) with the input Gram H: E's error on the layer's
+    outputs over the calibration tokens (per token)."""
     cpu = Encoded(enc.codec, enc.shape, {k: v.cpu() for k, v in enc.tensors.items()}, enc.params)
-    return float(((delta.cpu() - codec.decode(cpu).reshape(delta.shape)) ** 2).sum(dtype=torch.float64))
+    e = (delta.cpu() - codec.decode(cpu).reshape(delta.shape)).double()
+    if gram is None:
+        return float((e ** 2).sum())
+    return float(((e @ gram.double()) * e).sum())
 
 
-def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None = None) -> list[Candidate]:
-    """Every codec's offers for ``delta`` (float32, 2-D), encoded and measured; the Pareto front."""
+def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None = None,
+                 gram: Tensor | None = None) -> list[Candidate]:
+    """Every codec's offers for ``delta`` (float32, 2-D), encoded and measured (weight error, or output
+    error with ``gram``, the layer's input Gram matrix); the Pareto front."""
     shape = tuple(delta.shape)
     cands: list[Candidate] = []
     for name in available():
@@ -80,7 +88,7 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
                 enc = codec.encode(d, **s)
             except (SettingsError, ValueError):  # a rung this tensor cannot take (e.g. too small a shape)
                 continue
-            cands.append(Candidate(codec.name, dict(s), enc.nbytes, _error(codec, delta, enc)))
+            cands.append(Candidate(codec.name, dict(s), enc.nbytes, _error(codec, delta, enc, gram)))
     if not cands:
         raise SettingsError(f"--method auto: no codec offers any encoding for shape {shape}")
     return pareto(cands)
@@ -171,13 +179,16 @@ def _fill(fronts: list[list[Candidate]], choice: list[int], slack: int) -> list[
 
 
 def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | None = None,
-           progress: bool = False) -> tuple[dict[str, Candidate], dict[str, Any]]:
+           progress: bool = False, grams: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """``items`` yields (tensor name, float32 delta, its even share of the budget in bytes), one at a time.
-    Returns the chosen candidate per tensor and a report for the file's ``source``."""
+    ``grams``: the input Gram matrix per tensor name (--calib; every item needs one). Returns the chosen
+    candidate per tensor and a report for the file's ``source``."""
     names, fronts, budget = [], [], 0.0
     for name, delta, hint in progress_bar(items, desc="auto: candidates", unit="tensor", enable=progress):
+        if grams is not None and name not in grams:
+            raise SettingsError(f"{name}: --method auto --calib found no linear layer for it in the model")
         try:
-            fronts.append(tensor_table(delta, hint, device))
+            fronts.append(tensor_table(delta, hint, device, None if grams is None else grams[name]))
         except SettingsError as exc:
             raise SettingsError(f"{name}: {exc}") from None
         names.append(name)
@@ -191,7 +202,7 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
     picks = allocate(fronts, budget_bytes) if fronts else []
     chosen = {n: f[i] for n, f, i in zip(names, fronts, picks)}
     report = {"budget_bytes": budget_bytes, "allocated_bytes": sum(c.nbytes for c in chosen.values()),
-              "distortion": DISTORTION, "predicted_distortion": sum(c.distortion for c in chosen.values()),
+              "distortion": DISTORTION if grams is None else DISTORTION_CALIB, "predicted_distortion": sum(c.distortion for c in chosen.values()),
               "tensors": len(chosen),
               "by_codec": {c: sum(1 for x in chosen.values() if x.codec == c)
                            for c in sorted({x.codec for x in chosen.values()})}}

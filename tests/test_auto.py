@@ -15,6 +15,7 @@ from deltacomp.cli import main
 from deltacomp.delta import load_delta
 
 from conftest import finetune_of, llama_tensors, write_folder
+from test_calibrate import _text, llama_pair  # noqa: F401  (a tiny HF pair with a tokenizer)
 
 
 def _linear(name: str, shape) -> bool:
@@ -163,3 +164,32 @@ def test_refusals_are_one_line(tiny, capsys):
     with pytest.raises(SettingsError, match="smallest encoding of every tensor takes 10 bytes"):
         allocate([[Candidate("c", {}, 10, 1.0)]], 5)
     assert not (tmp / "refused.delta.safetensors").exists()
+
+
+def test_a_more_sensitive_layer_gets_more_bytes():
+    """With input Grams (--calib), a layer whose inputs are 100x larger in energy buys more bytes than an
+    identical delta with unit inputs."""
+    from deltacomp.auto import choose
+
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(48, 64, generator=g) * 0.01
+    grams = {"a": torch.eye(64) * 100, "b": torch.eye(64)}
+    chosen, rep = choose([("a", d, 48 * 64 / 8), ("b", d.clone(), 48 * 64 / 8)], grams=grams)
+    assert chosen["a"].nbytes > chosen["b"].nbytes
+    assert rep["allocated_bytes"] <= rep["budget_bytes"] and "output error" in rep["distortion"]
+    plain, _ = choose([("a", d, 48 * 64 / 8), ("b", d.clone(), 48 * 64 / 8)])  # data-free: no preference
+    assert abs(plain["a"].nbytes - plain["b"].nbytes) < 0.2 * 48 * 64 / 8
+
+
+def test_calib_weighs_candidates_by_output_error(tmp_path, llama_pair):
+    from deltacomp.calibrate import CalibrationOptions
+
+    text = tmp_path / "calib.txt"
+    text.write_text(_text(3000, seed=5))
+    out = tmp_path / "auto-calib.delta.safetensors"
+    s = deltacomp.compress(llama_pair / "base", llama_pair / "ft", out, method="auto", ratio=16, progress=False,
+                           calibration=CalibrationOptions(text, samples=4, seq_len=16, steps=2))
+    a = deltacomp.load_delta(out).source["auto"]
+    assert "output error" in a["distortion"] and a["allocated_bytes"] <= a["budget_bytes"]
+    assert s["source"]["method"] == "auto"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["auto-calib.delta.safetensors", "calib.txt"]
