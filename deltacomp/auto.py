@@ -7,12 +7,14 @@ Two passes over the model, one tensor in memory at a time:
    (bytes, distortion) is kept (a few dozen numbers per tensor, never the encodings).
 2. ``allocate``: the Lagrangian choice over all tables (each tensor minimises distortion + lambda * bytes,
    walked along the convex hulls by falling slope until the next step would pass the budget), then a
-   greedy fill of what is left with the best distortion drop per byte among any front points that fit.
+   greedy fill of what is left with the best distortion drop per byte among any front points that fit,
+   and pair exchanges (one tensor down, another up) while they lower the distortion within the budget.
    The caller then encodes each tensor once more with its chosen settings.
 
-The distortion is data-free: the weight-space squared error ||D - D^||_F^2 of the tensor's delta. It is
-additive over tensors, so the Lagrangian is exact on the hulls; it treats every tensor as equally
-sensitive (README: "--method auto").
+The distortion, data-free: the weight-space squared error ||D - D^||_F^2 of the tensor's delta, every
+tensor weighted the same. With an input Gram matrix H per tensor (--calib): the layer's output error
+trace((D - D^) H (D - D^)^T). Both are additive over tensors, so the Lagrangian is exact on the hulls
+(README: "--method auto").
 """
 from __future__ import annotations
 
@@ -55,7 +57,8 @@ def hull(front: list[Candidate]) -> list[int]:
         while len(idx) >= 2:
             a, b = front[idx[-2]], front[idx[-1]]
             # drop b when it lies on or above the segment a -> c (cross product of the two steps)
-            if (b.distortion - a.distortion) * (c.nbytes - a.nbytes) >= (c.distortion - a.distortion) * (b.nbytes - a.nbytes):
+            above = (b.distortion - a.distortion) * (c.nbytes - a.nbytes)
+            if above >= (c.distortion - a.distortion) * (b.nbytes - a.nbytes):
                 idx.pop()
             else:
                 break
@@ -123,7 +126,8 @@ def allocate(fronts: list[list[Candidate]], budget: int) -> list[int]:
     return _exchange(fronts, choice, budget)
 
 
-def _exchange(fronts: list[list[Candidate]], choice: list[int], budget: int, max_rounds: int | None = None) -> list[int]:
+def _exchange(fronts: list[list[Candidate]], choice: list[int], budget: int,
+              max_rounds: int | None = None) -> list[int]:
     """Pairs of moves the hull walk cannot make: one tensor steps down its front (up to 3 points) so that
     another can step up (to any point), taken while the pair lowers the total distortion within the
     budget. Hulls leave gaps (a step of a whole sign mask); this is what lands a small model's budget
@@ -179,7 +183,8 @@ def _fill(fronts: list[list[Candidate]], choice: list[int], slack: int) -> list[
 
 
 def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | None = None,
-           progress: bool = False, grams: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
+           progress: bool = False,
+           grams: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """``items`` yields (tensor name, float32 delta, its even share of the budget in bytes), one at a time.
     ``grams``: the input Gram matrix per tensor name (--calib; every item needs one). Returns the chosen
     candidate per tensor and a report for the file's ``source``."""
@@ -202,7 +207,8 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
     picks = allocate(fronts, budget_bytes) if fronts else []
     chosen = {n: f[i] for n, f, i in zip(names, fronts, picks)}
     report = {"budget_bytes": budget_bytes, "allocated_bytes": sum(c.nbytes for c in chosen.values()),
-              "distortion": DISTORTION if grams is None else DISTORTION_CALIB, "predicted_distortion": sum(c.distortion for c in chosen.values()),
+              "distortion": DISTORTION if grams is None else DISTORTION_CALIB,
+              "predicted_distortion": sum(c.distortion for c in chosen.values()),
               "tensors": len(chosen),
               "by_codec": {c: sum(1 for x in chosen.values() if x.codec == c)
                            for c in sorted({x.codec for x in chosen.values()})}}
