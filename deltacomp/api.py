@@ -69,12 +69,45 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
     return out
 
 
+def _auto_grams(base, finetuned, plan: Plan, data, calibration: "CalibrationOptions") -> dict[str, Tensor]:
+    """--method auto --calib: the input Gram matrix of every linear auto decides (calibrate/layerwise)."""
+    from .calibrate.layerwise import input_grams
+
+    with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
+        names = {p.name for p in pair_checkpoints(bck, fck)
+                 if p.kind == PairKind.DELTA and plan.auto_target(p.name, tuple(bck.shape(p.name)), False)}
+    return input_grams(finetuned, data, names, device=resolve_device(calibration.device))
+
+
+def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan: Plan, device: torch.device,
+                   progress: bool, grams: dict[str, Tensor] | None = None) -> None:
+    """--method auto: the first pass (auto.py) over the tensors the plan leaves to it, streamed; fills
+    ``plan.choices`` and ``plan.auto_report``. Non-finite pairs are left to ``_add_tensor`` (refused or
+    stored whole), unchanged ones to the zero codec."""
+    from .auto import choose
+    from .plan import Assignment
+
+    def items():
+        for p in pairs:
+            if p.kind != PairKind.DELTA or not plan.auto_target(p.name, tuple(bck.shape(p.name)), False):
+                continue
+            ft, b = fck.get(p.name), bck.get(p.name)
+            if _nonfinite(ft) or _nonfinite(b):
+                continue
+            delta = _delta(ft, b, p)[1]
+            if torch.count_nonzero(delta):
+                yield p.name, delta, plan.budget_hint(tuple(delta.shape), ft.element_size())
+
+    chosen, plan.auto_report = choose(items(), device, progress, grams)
+    plan.choices = {n: Assignment(c.codec, dict(c.settings), "auto", dict(c.settings)) for n, c in chosen.items()}
+
+
 def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
              method: str = DEFAULT_METHOD, ratio: float | None = None, rules: list[str] | tuple = (),
              overwrite: bool = False, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
              calibration: "CalibrationOptions | None" = None, progress: bool = True,
              device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
-             allow_mismatch: bool = False) -> dict[str, Any]:
+             allow_mismatch: bool = False, bits: float | None = None) -> dict[str, Any]:
     """Compress ``finetuned`` as a delta over ``base`` into ``out``; returns the summary of the file.
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``; see devices.py) is where the codecs' math runs,
@@ -87,8 +120,11 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
     A NaN or Inf in a base or fine-tune tensor is refused (NonFiniteError) unless ``allow_nonfinite``,
     which stores such a tensor whole (exact, uncompressed). A pair that does not look like a base and
-    its fine-tune is refused (pairing.check_pair) unless ``allow_mismatch``."""
-    checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch}
+    its fine-tune is refused (pairing.check_pair) unless ``allow_mismatch``.
+
+    ``method="auto"`` chooses a codec and settings per linear tensor under one budget: ``ratio`` or
+    ``bits`` (per parameter of those tensors); see auto.py."""
+    checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch, "bits": bits}
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
@@ -99,6 +135,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         if p.exists() and not overwrite:
             raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
     data = load_data(calibration, finetuned)  # fail fast on bad data
+    plan = Plan(method, list(rules), ratio, bits)
+    grams = _auto_grams(base, finetuned, plan, data, calibration) if plan.auto else None
     stages: list[Path] = []
 
     def stage() -> Path:
@@ -107,7 +145,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
     try:
         first = _compress(base, finetuned, stage(), method=method, ratio=ratio, rules=rules, overwrite=True,
-                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
+                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, grams=grams, **checks)
+        if plan.auto and not index_path(stages[0]).exists() and not any(
+                get_codec(c).calibrator() for c in first["by_codec"] if c != "tied"):
+            os.replace(stages[0], out)  # auto chose no codec that calibrates: the allocation used the data
+            with load_delta(out) as df:
+                return {**summarize(df), "calibration": {}}
         reports = run_stages(base, finetuned, stages[0], out, first["by_codec"], calibration, data, stage,
                              progress)
     finally:
@@ -192,14 +235,17 @@ def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoin
 def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
               method: str, ratio: float | None, rules, overwrite: bool, max_shard_bytes: int,
               progress: bool, device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
-              allow_mismatch: bool = False) -> dict[str, Any]:
-    plan = Plan(method, list(rules), ratio)
+              allow_mismatch: bool = False, bits: float | None = None,
+              grams: dict[str, Tensor] | None = None) -> dict[str, Any]:
+    plan = Plan(method, list(rules), ratio, bits)
     device = resolve_device(device)
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
             pairs = pair_checkpoints(bck, fck)
             check_pair(bck, fck, pairs, allow_mismatch)
+            if plan.auto:
+                _auto_allocate(bck, fck, pairs, plan, device, progress, grams)
             base_hashes: dict[str, str] = {}
             shared_settings = _global_prepass(bck, fck, pairs, plan, progress)
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):

@@ -8,18 +8,25 @@ is stored raw. An unchanged tensor (delta exactly zero) costs nothing unless a u
 
 ``ratio=R`` asks for 1/R of the fine-tune's bytes on the compressed tensors: each compressed tensor gets
 a budget of ``numel * itemsize / R`` bytes and its codec picks settings to fit (real sizes, never estimates).
+
+``method="auto"`` spreads one budget (``ratio`` or ``bits`` per parameter) over the tensors the main method
+would get: auto.py chooses a codec and settings per tensor and hands them to the plan (``choices``).
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .codecs import CodecName, get_codec
+from .codecs.base import normalize
 from .errors import SettingsError
 
 # The method when none is given (CLI, API, demo).
 DEFAULT_METHOD = CodecName.BITDELTA.value
+# The pseudo-method that chooses a codec per tensor under one budget (auto.py).
+AUTO = "auto"
 # The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).
 WHOLE = CodecName.RAW.value
 
@@ -89,18 +96,43 @@ class Assignment:
 
 
 class Plan:
-    def __init__(self, method: str = "bitdelta", rules: list[str | Rule] | tuple = (), ratio: float | None = None):
-        self.method, self.method_settings = parse_method(method)
+    def __init__(self, method: str = "bitdelta", rules: list[str | Rule] | tuple = (), ratio: float | None = None,
+                 bits: float | None = None):
+        self.auto = isinstance(method, str) and normalize(method) == AUTO
+        self.method, self.method_settings = (AUTO, {}) if self.auto else parse_method(method)
         if ratio is not None and not ratio > 1:
             raise SettingsError(f"--ratio must be > 1 (a compression factor), got {ratio}")
-        self.ratio = ratio
+        if bits is not None and not self.auto:
+            raise SettingsError("--bits is a budget for --method auto; other methods take --ratio or their own "
+                                "settings (e.g. svd-mixed:bits=2)")
+        if bits is not None and ratio is not None:
+            raise SettingsError("give either --ratio or --bits for --method auto, not both")
+        if bits is not None and not 0 < bits <= 32:
+            raise SettingsError(f"--bits must be in (0, 32] bits per parameter, got {bits}")
+        if self.auto and bits is None and ratio is None:
+            raise SettingsError("--method auto needs a budget: --ratio R or --bits B")
+        self.ratio, self.bits = ratio, bits
+        self.choices: dict[str, Assignment] = {}  # --method auto: the allocation, set before assign()
+        self.auto_report: dict[str, Any] = {}
         self.rules = [r if isinstance(r, Rule) else parse_rule(r) for r in rules]
         self.defaults = [Rule(p, *parse_method(m), user=False) for p, m in DEFAULT_RULES]
 
     def describe(self) -> dict[str, Any]:
-        return {"method": self.method, "settings": self.method_settings, "ratio": self.ratio,
+        auto = {"bits": self.bits, "auto": self.auto_report} if self.auto else {}
+        return {"method": self.method, "settings": self.method_settings, "ratio": self.ratio, **auto,
                 "rules": [f"{r.pattern}={r.method}" + "".join(f":{k}={v}" for k, v in r.settings.items())
                           for r in self.rules]}
+
+    def budget_hint(self, shape: tuple[int, ...], itemsize: int) -> float:
+        """This tensor's even share of the --method auto budget, in bytes (fractional: summed first)."""
+        numel = math.prod(shape)
+        return numel * self.bits / 8 if self.bits is not None else numel * itemsize / self.ratio
+
+    def auto_target(self, name: str, shape: tuple[int, ...], is_zero: bool) -> bool:
+        """True when --method auto decides this tensor: a changed 2-D tensor no rule matches."""
+        if not self.auto or is_zero or len(shape) != 2 or any(r.matches(name) for r in self.rules):
+            return False
+        return not any(r.matches(name) for r in self.defaults)
 
     def assign(self, name: str, shape: tuple[int, ...], itemsize: int, is_zero: bool) -> Assignment:
         rule = next((r for r in self.rules if r.matches(name)), None)
@@ -108,6 +140,10 @@ class Plan:
             return Assignment(CodecName.ZERO.value, {}, "unchanged")
         if rule is None:
             rule = next((r for r in self.defaults if r.matches(name)), None)
+        if rule is None and self.auto and len(shape) == 2:
+            if name not in self.choices:
+                raise SettingsError(f"{name}: --method auto made no choice for it (allocate before assigning)")
+            return self.choices[name]
         if rule is None:
             if len(shape) == 2:
                 rule = Rule("", self.method, self.method_settings, user=False)

@@ -89,6 +89,11 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
     if ct["ratio"]:
         lines.append(f"compressed tensors: {human_bytes(ct['finetuned_bytes'])} -> {human_bytes(ct['nbytes'])}"
                      f"   ratio {ct['ratio']:.2f}x   {ct['bits_per_param']:.3f} bits/param")
+    auto = s["source"].get("auto") if s["source"].get("method") == "auto" else None
+    if auto:
+        lines.append(f"auto: {auto['tensors']} tensors, {human_bytes(auto['allocated_bytes'])} of a "
+                     f"{human_bytes(auto['budget_bytes'])} budget, "
+                     + ", ".join(f"{k} x{v}" for k, v in auto["by_codec"].items()))
     for codec, c in s["by_codec"].items():
         if "bound_bits_per_param" in c:
             bnz = f"{c['bits_per_nonzero']:.2f} bits/nonzero, " if c.get("bits_per_nonzero") else ""

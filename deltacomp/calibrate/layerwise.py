@@ -107,6 +107,28 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
             "path": str(delta_out)}
 
 
+def input_grams(finetuned: str | os.PathLike, calib: CalibData, names: set[str], *, batch_size: int = 4,
+                device: str | torch.device = "cpu") -> dict[str, Tensor]:
+    """H = x^T x / tokens (float32, on the CPU) of the inputs of each linear whose weight is in ``names``,
+    on the fine-tune's own activations (one forward per batch, hooks on those linears): what ``--method
+    auto --calib`` weighs each candidate's error with, trace((D - D^) H (D - D^)^T)."""
+    model = _load_model(finetuned, None, torch.float32).to(device)
+    model.requires_grad_(False)
+    mods = {f"{n}.weight": m for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
+    grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in mods.items()}
+    hooks = [m.register_forward_pre_hook(_accumulate(grams[n])) for n, m in mods.items()]
+    try:
+        with torch.no_grad():
+            for s in range(0, calib.ids.shape[0], batch_size):
+                model(input_ids=calib.ids[s:s + batch_size].to(device), use_cache=False)
+    finally:
+        for hk in hooks:
+            hk.remove()
+    tokens = max(1, calib.ids.numel())
+    return {n: (g / tokens).float().cpu() for n, g in grams.items()}
+
+
 def _hessians(layer: torch.nn.Module, mine: dict[str, torch.nn.Linear], hidden: list[Tensor],
               kwargs: list[dict]) -> dict[str, Tensor]:
     """H = sum x^T x (float64) of the inputs of each linear in ``mine``, over one pass of the layer."""

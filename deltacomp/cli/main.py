@@ -38,7 +38,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     s = api.compress(args.base, args.finetuned, args.output, method=args.method, ratio=args.ratio, rules=args.rule,
                      overwrite=args.overwrite, max_shard_bytes=args.max_shard_size,
                      calibration=calibration_from_args(args), progress=not args.quiet, device=args.device,
-                     allow_nonfinite=args.allow_nonfinite, allow_mismatch=args.allow_mismatch)
+                     allow_nonfinite=args.allow_nonfinite, allow_mismatch=args.allow_mismatch, bits=args.bits)
     print(json.dumps(s, indent=2) if args.json else summary_text(s))
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
@@ -111,7 +111,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _add_common_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", default=DEFAULT_METHOD,
                    help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
-                        f"(NAME one of {', '.join(available())}; default {DEFAULT_METHOD})")
+                        f"(NAME one of {', '.join(available())}; default {DEFAULT_METHOD}), or auto: a codec and "
+                        "settings per tensor under one budget (--ratio or --bits)")
     p.add_argument("--ratio", type=float, default=None,
                    help="target 1/RATIO of the fine-tune's bytes on the compressed tensors; the method picks settings")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD[:k=v...]",
@@ -130,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("finetuned", help="fine-tuned model: HF folder or .safetensors file")
     p.add_argument("-o", "--output", required=True, help="delta file to write, e.g. ft.delta.safetensors")
     _add_common_compress(p)
+    p.add_argument("--bits", type=float, default=None,
+                   help="--method auto's budget in bits per parameter of the tensors it compresses (instead of --ratio)")
     add_calibration_options(p, "calibration text (a file, or a bundled corpus name such as 'shakespeare': its "
                             "training split): every codec in the file that uses data runs its calibrator")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")

@@ -142,6 +142,25 @@ class Codec:
         ``given`` are settings the user fixed; a codec that cannot be steered by size raises."""
         raise SettingsError(f"{self.name}: this codec cannot target a size; give its settings instead of --ratio")
 
+    # Budgets, relative to the hint, at which the default ``candidates`` asks ``settings_for_budget``.
+    LADDER: ClassVar[tuple[float, ...]] = (0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0)
+
+    def candidates(self, shape: tuple[int, ...], budget_hint: int) -> list[dict[str, Any]]:
+        """Settings worth trying for a delta of ``shape`` when one byte budget is spread over all tensors
+        (``--method auto``); ``budget_hint`` is this tensor's even share. The caller encodes each one and
+        measures its real bytes and error, so a rung may land anywhere. The default asks
+        ``settings_for_budget`` at a ladder of budgets around the hint; a codec that cannot target a size
+        offers nothing unless it overrides this."""
+        out: list[dict[str, Any]] = []
+        for f in self.LADDER:
+            try:
+                s = self.settings_for_budget(tuple(shape), max(1, int(budget_hint * f)), {})
+            except SettingsError:
+                continue
+            if s not in out:
+                out.append(s)
+        return out
+
     def needs_global(self, settings: dict[str, Any]) -> bool:
         """True when encoding with these settings needs a statistic over all tensors given this codec
         (e.g. ComPEFT's one global threshold); the caller then runs ``global_settings`` first."""

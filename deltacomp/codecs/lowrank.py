@@ -63,6 +63,12 @@ class LowRankCodec(Codec):
                                 f"shape {tuple(shape)}; use a lower --ratio or another method")
         return {**s, "rank": int(rank)}
 
+    def candidates(self, shape, budget_hint):
+        """Rank 0 (the tensor left at the base: 0 bytes) and the ranks the ladder's budgets buy."""
+        if len(shape) != 2:
+            return []
+        return [{**self.resolve_settings({}), "rank": 0}] + super().candidates(shape, budget_hint)
+
     def _rank(self, shape: tuple[int, int], s: dict[str, Any]) -> int | None:
         if s["rank"] is not None:
             return min(s["rank"], min(shape))

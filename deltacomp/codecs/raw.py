@@ -67,6 +67,11 @@ class RawCodec(Codec):
                 return {**settings, "dtype": ft_dtype}
         return {**settings, "dtype": "float32"}
 
+    def candidates(self, shape, budget_hint):
+        """The delta in float16: the near-exact top of every tensor's ladder (float32 is never worth it
+        when a 16-bit fine-tune is the reference)."""
+        return [{"dtype": "float16"}]
+
     @classmethod
     def whole(cls, tensor: Tensor) -> Encoded:
         """A tensor stored whole, in its own dtype (one the base lacks: it has no delta)."""

@@ -50,6 +50,11 @@ class BitDeltaCodec(Codec):
                 f"{tuple(shape)}; use a lower --ratio or another method")
         return {**s, "masks": int(min(masks, 16))}
 
+    def candidates(self, shape, budget_hint):
+        """1 to 3 sign masks, each with one scale per tensor or per row: the size is fixed by the shape,
+        so the hint does not matter (more masks are dominated by other codecs at those bytes)."""
+        return [{"scale": sc, "masks": m} for m in (1, 2, 3) for sc in ("tensor", "row")]
+
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
         s = self.resolve_settings(settings)

@@ -222,6 +222,16 @@ class TernaryCodec(Codec):
             lo, hi = (mid, hi) if cost(mid) <= nbytes else (lo, mid - 1)
         return {**s, "density": lo / numel}
 
+    # Densities offered to --method auto (the real size of each is measured by encoding it).
+    AUTO_DENSITIES = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.66)
+
+    def candidates(self, shape, budget_hint):
+        """A fixed ladder of densities, plus the densities the budget ladder around the hint buys (when
+        rANS is installed). Positions are entropy-coded, so sizes are nearly continuous in the density:
+        these rungs are what lets one budget be met closely. The caller's encode measures each."""
+        out = [self.resolve_settings({"density": d}) for d in self.AUTO_DENSITIES]
+        return out + [s for s in super().candidates(shape, budget_hint) if s not in out]
+
     # -- global pre-pass -----------------------------------------------------------------------------
     @classmethod
     def global_threshold(cls, deltas: Iterable[Tensor] | Callable[[], Iterable[Tensor]], density: float) -> float:
