@@ -119,13 +119,7 @@ def _add_common_compress(p: argparse.ArgumentParser) -> None:
                    help="per-tensor rule, first match wins (repeatable), e.g. 'mlp\\.=NAME:key=value'")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
-                                     f"over its base (file format {FORMAT}).")
-    parser.add_argument("--version", action="version", version=f"deltacomp {__version__} ({FORMAT})")
-    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_compress(sub) -> None:
     p = sub.add_parser("compress", help="compress FINETUNED as a delta over BASE")
     p.add_argument("base", help="base model: HF folder or .safetensors file")
     p.add_argument("finetuned", help="fine-tuned model: HF folder or .safetensors file")
@@ -148,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 
+
+def _add_inspect(sub) -> None:
     p = sub.add_parser("inspect", help="show what a delta file holds (sizes per codec and tensor)")
     p.add_argument("delta")
     p.add_argument("--tensors", action="store_true", help="one row per tensor")
@@ -155,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip checking the checksums")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_reconstruct(sub) -> None:
     p = sub.add_parser("reconstruct", help="write the fine-tune (base + delta) as a Hugging Face model folder")
     p.add_argument("base")
     p.add_argument("delta")
@@ -165,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_reconstruct)
 
+
+def _add_export_lora(sub) -> None:
     p = sub.add_parser("export-lora", help="write a PEFT LoRA adapter: truncated SVD of the delta, or the factors "
                        "stored in a delta file")
     p.add_argument("models", nargs="*", metavar="BASE FINETUNED", help="base and fine-tuned model")
@@ -176,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_export_lora)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="greedy generation from BASE with several deltas served packed, in one batch")
     p.add_argument("base")
     p.add_argument("--delta", action="append", default=[], help="a delta file (repeatable; indices 0, 1, ... in order)")
@@ -192,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="serve deltas made against another base anyway")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="compress -> inspect -> reconstruct -> check on the bundled SmolLM2 pair")
     p.add_argument("--out", default="demo-out", help="working folder (default: ./demo-out)")
     p.add_argument("--method", "-m", default=DEFAULT_METHOD)
@@ -199,6 +203,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", default=True, help=argparse.SUPPRESS)
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
+                                     f"over its base (file format {FORMAT}).")
+    parser.add_argument("--version", action="version", version=f"deltacomp {__version__} ({FORMAT})")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_compress(sub)
+    _add_inspect(sub)
+    _add_reconstruct(sub)
+    _add_export_lora(sub)
+    _add_generate(sub)
+    _add_demo(sub)
 
     from .eval import add_eval_parser  # eval and sweep
     from .serve import add_serve_parser
