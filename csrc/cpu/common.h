@@ -3,6 +3,7 @@
 // no torch (the files build for aarch64 too: tests/arm/).
 #pragma once
 #include <cstdint>
+#include <cstring>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DELTACOMP_X86_GCC 1  // GCC on x86-64: target attributes and __builtin_cpu_supports
@@ -32,6 +33,15 @@ const char* isa_name(Isa isa);
 
 // Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
+
+// A weight widened to fp32: fp32 as is, a bf16 bit pattern (uint16_t) exactly.
+inline float widen(float v) { return v; }
+inline float widen(uint16_t v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
 
 // Bytes of one packed SIGNS row of k weights (one bit each, rows padded to whole bytes).
 inline int64_t bytes_per_row(int64_t k) { return (k + 7) / 8; }

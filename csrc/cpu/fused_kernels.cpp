@@ -21,14 +21,6 @@ namespace deltacomp {
 namespace cpu {
 namespace {
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {  // bf16 bit pattern -> float32 (exact)
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 inline float sign_of(const uint8_t* pr, int64_t t) { return ((pr[t >> 3] >> (t & 7)) & 1u) ? 1.f : -1.f; }
 
 // ---- AVX-512 path ---------------------------------------------------------------------------------

@@ -24,14 +24,6 @@ struct SignTable {
 };
 constexpr SignTable kSignPM{};
 
-inline float widen(float v) { return v; }
-inline float widen(uint16_t v) {  // bf16 bit pattern -> float32 (exact)
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
-
 }  // namespace
 
 // Portable: GCC/Clang vector extensions, two 4-float halves (16-byte vectors have a baseline ABI on
