@@ -32,17 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import deltacomp  # noqa: E402
 from deltacomp.serve.server import ServerThread, build_app  # noqa: E402
-
-
-def word_tokenizer(vocab_size: int):
-    import tokenizers
-    import transformers
-
-    vocab = {"[UNK]": 0, "[BOS]": 1, "[EOS]": 2, "[PAD]": 3, **{f"w{i}": i for i in range(4, vocab_size)}}
-    tk = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
-    tk.pre_tokenizer = tokenizers.pre_tokenizers.WhitespaceSplit()
-    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="[UNK]", bos_token="[BOS]",
-                                                eos_token="[EOS]", pad_token="[PAD]")
+from tests.conftest import word_tokenizer  # noqa: E402  (the tests' tiny word-level tokenizer)
 
 
 def make_models(tmp: Path, args) -> tuple[Path, list[Path], list[Path], list[str]]:
