@@ -25,7 +25,8 @@ from ..delta import load_delta
 from ..errors import SettingsError
 from ..progress import progress_bar
 from .data import CalibData
-from .distill import _load_model, rewrite_delta
+from .distill import rewrite_delta
+from .streamed import decoder_layers, open_layered
 
 STAGE = "layerwise"
 
@@ -37,13 +38,6 @@ def _calibrators() -> dict:
 
 class _Stop(Exception):
     pass
-
-
-def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList]:
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.ModuleList) and name.endswith("layers") and len(mod):
-            return name, mod
-    raise ValueError(f"calibration: {type(model).__name__} has no decoder layer list (model.layers)")
 
 
 def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, delta_in: str | os.PathLike,
@@ -65,38 +59,16 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
     targets = {n for n, i in df.params.items() if i.codec in cals and i.tied_to is None}
     if not targets:
         raise SettingsError(f"calibration: {delta_in} has no {' or '.join(cals)} tensors to calibrate")
-    model = _load_model(finetuned, df.files.get("config.json"), torch.float32)
-    model.requires_grad_(False)
-    prefix, layers = _decoder_layers(model)
-    hidden, kwargs = _layer0_inputs(model, layers[0], calib.ids, batch_size)
-    hidden, kwargs = _to(hidden, device), _to(kwargs, device)
     replaced: dict[str, Encoded] = {}
     errors: dict[str, dict[str, float]] = {}
-    with open_checkpoint(base) as bck:
-        for li in progress_bar(range(len(layers)), desc="calibrate", unit="layer", enable=progress):
-            layer = layers[li].to(device)
-            mine = {f"{prefix}.{li}.{n}.weight": m for n, m in layer.named_modules()
-                    if isinstance(m, torch.nn.Linear) and f"{prefix}.{li}.{n}.weight" in targets}
-            hess = _hessians(layer, mine, hidden, kwargs)
-            for name, mod in mine.items():
-                b = bck.get(name).to(device, torch.float32)
-                delta = mod.weight.detach().to(torch.float32) - b
-                codec = get_codec(df.params[name].codec)
-                # the stored encoding stays on the CPU (some codecs decode it there); delta and H on device
-                enc = cals[codec.name].calibrate(delta, df.encoded(name), hess[name], options)
-                if enc is None:
-                    continue
-                dec = codec.decode(enc).to(device)
-                errors[name] = {"codec": codec.name, "calibrated": output_error(delta, dec, hess[name]),
-                                "data_free": output_error(delta, df.decode(name).to(device), hess[name])}
-                enc.tensors = {k: v.cpu() for k, v in enc.tensors.items()}
-                replaced[name] = enc
-                with torch.no_grad():
-                    mod.weight.copy_((b + dec).to(mod.weight.dtype))
-            with torch.no_grad():  # inputs of the next layer, through this layer's calibrated weights
-                hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            layers[li].to("cpu")  # one layer on the device at a time
-    del model
+    with open_layered(finetuned, df.files.get("config.json"), torch.float32) as lm, open_checkpoint(base) as bck:
+        with lm.lazy_outside_layers():
+            hidden, kwargs = _layer0_inputs(lm.model, lm.layers[0], calib.ids, batch_size)
+        hidden, kwargs = _to(hidden, device), _to(kwargs, device)
+        for li in progress_bar(range(len(lm.layers)), desc="calibrate", unit="layer", enable=progress):
+            with lm.materialized(lm.layers[li], device) as layer:  # one layer in memory / on the device
+                hidden = _calibrate_layer(f"{lm.prefix}.{li}", layer, hidden, kwargs, bck, df, targets, cals,
+                                          options, device, replaced, errors)
     calibration = {"method": STAGE, **{n: c.description for n, c in cals.items()}, **asdict(options),
                    "data": calib.describe(),
                    "output_error_data_free": sum(e["data_free"] for e in errors.values()),
@@ -107,26 +79,90 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
             "path": str(delta_out)}
 
 
+def _calibrate_layer(prefix: str, layer: torch.nn.Module, hidden: list[Tensor], kwargs: list[dict], bck, df,
+                     targets: set[str], cals: dict, options: LayerwiseOptions, device: torch.device,
+                     replaced: dict[str, Encoded], errors: dict[str, dict[str, float]]) -> list[Tensor]:
+    """Re-encode the targets among ``layer``'s linears on its input Hessians, put base + calibrated delta
+    in the layer, and return the next layer's inputs (through the calibrated weights)."""
+    mine = {f"{prefix}.{n}.weight": m for n, m in layer.named_modules()
+            if isinstance(m, torch.nn.Linear) and f"{prefix}.{n}.weight" in targets}
+    hess = _hessians(layer, mine, hidden, kwargs)
+    for name, mod in mine.items():
+        b = bck.get(name).to(device, torch.float32)
+        delta = mod.weight.detach().to(torch.float32) - b
+        codec = get_codec(df.params[name].codec)
+        # the stored encoding stays on the CPU (some codecs decode it there); delta and H on device
+        enc = cals[codec.name].calibrate(delta, df.encoded(name), hess[name], options)
+        if enc is None:
+            continue
+        dec = codec.decode(enc).to(device)
+        errors[name] = {"codec": codec.name, "calibrated": output_error(delta, dec, hess[name]),
+                        "data_free": output_error(delta, df.decode(name).to(device), hess[name])}
+        enc.tensors = {k: v.cpu() for k, v in enc.tensors.items()}
+        replaced[name] = enc
+        with torch.no_grad():
+            mod.weight.copy_((b + dec).to(mod.weight.dtype))
+    with torch.no_grad():
+        return [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+
+
 def input_grams(finetuned: str | os.PathLike, calib: CalibData, names: set[str], *, batch_size: int = 4,
                 device: str | torch.device = "cpu") -> dict[str, Tensor]:
     """H = x^T x / tokens (float32, on the CPU) of the inputs of each linear whose weight is in ``names``,
-    on the fine-tune's own activations (one forward per batch, hooks on those linears): what ``--method
-    auto --calib`` weighs each candidate's error with, trace((D - D^) H (D - D^)^T)."""
-    model = _load_model(finetuned, None, torch.float32).to(device)
-    model.requires_grad_(False)
-    mods = {f"{n}.weight": m for n, m in model.named_modules()
-            if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
-    grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in mods.items()}
-    hooks = [m.register_forward_pre_hook(_accumulate(grams[n])) for n, m in mods.items()]
-    try:
-        with torch.no_grad():
-            for s in range(0, calib.ids.shape[0], batch_size):
-                model(input_ids=calib.ids[s:s + batch_size].to(device), use_cache=False)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    on the fine-tune's own activations: what ``--method auto --calib`` weighs each candidate's error with,
+    trace((D - D^) H (D - D^)^T). The decoder layers run one at a time (all batches through layer i, then
+    i + 1), each read from the checkpoint while it runs; a name outside the layers makes it run the whole
+    model per batch instead (everything loaded)."""
+    device = torch.device(device)
+    with open_layered(finetuned, None, torch.float32) as lm:
+        inside = {f"{lm.prefix}.{i}.{n}.weight" for i, layer in enumerate(lm.layers)
+                  for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+        if not names:
+            return {}
+        if names <= inside:
+            return _layer_grams(lm, calib, names, batch_size, device)
+    with open_layered(finetuned, None, torch.float32, stream=False) as lm:
+        model = lm.model.to(device)
+        mods = {f"{n}.weight": m for n, m in model.named_modules()
+                if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
+        grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                 for n, m in mods.items()}
+        hooks = [m.register_forward_pre_hook(_accumulate(grams[n])) for n, m in mods.items()]
+        try:
+            with torch.no_grad():
+                for s in range(0, calib.ids.shape[0], batch_size):
+                    model(input_ids=calib.ids[s:s + batch_size].to(device), use_cache=False)
+        finally:
+            for hk in hooks:
+                hk.remove()
     tokens = max(1, calib.ids.numel())
     return {n: (g / tokens).float().cpu() for n, g in grams.items()}
+
+
+def _layer_grams(lm, calib: CalibData, names: set[str], batch_size: int, device: torch.device) -> dict[str, Tensor]:
+    """input_grams over the decoder layers one at a time, up to the last layer that holds one of ``names``:
+    a single pass per layer both sums x^T x (float64, hooks) and makes the next layer's inputs."""
+    with lm.lazy_outside_layers():
+        hidden, kwargs = _layer0_inputs(lm.model, lm.layers[0], calib.ids, batch_size)
+    hidden, kwargs = _to(hidden, device), _to(kwargs, device)
+    tokens = max(1, calib.ids.numel())
+    last = max(i for i in range(len(lm.layers)) if any(n.startswith(f"{lm.prefix}.{i}.") for n in names))
+    grams: dict[str, Tensor] = {}
+    for li in range(last + 1):
+        with lm.materialized(lm.layers[li], device) as layer:
+            mine = {f"{lm.prefix}.{li}.{n}.weight": m for n, m in layer.named_modules()
+                    if isinstance(m, torch.nn.Linear) and f"{lm.prefix}.{li}.{n}.weight" in names}
+            sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
+                    for n, m in mine.items()}
+            hooks = [m.register_forward_pre_hook(_accumulate(sums[n])) for n, m in mine.items()]
+            try:
+                with torch.no_grad():
+                    hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+            finally:
+                for hk in hooks:
+                    hk.remove()
+        grams.update({n: (g / tokens).float().cpu() for n, g in sums.items()})
+    return grams
 
 
 def _hessians(layer: torch.nn.Module, mine: dict[str, torch.nn.Linear], hidden: list[Tensor],
