@@ -18,6 +18,7 @@ from .options import add_calibration_options, calibration_from_args
 from .._version import __version__
 from ..delta_file import FORMAT
 from ..errors import DeltacompError
+from ..memory import bounded_malloc
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
 
@@ -243,6 +244,9 @@ def os_error_line(exc: OSError) -> str:
     return f"{where}: {what}" + (f"; {hint}" if hint else "")
 
 
+INTERACTIVE = {"generate", "serve"}  # hot loops keep glibc's adaptive allocator
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit 0 on success; 2 and one line ``deltacomp CMD: error: ...`` for bad input or
     an environment problem (read-only folder, full disk, size limit); 1 and one line asking for a report
@@ -253,6 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd = f"deltacomp {args.command}"
+    if args.command not in INTERACTIVE:
+        bounded_malloc()  # batch jobs: memory flat over the layers (deltacomp/memory.py)
     try:
         return args.func(args)
     except DeltacompError as exc:
