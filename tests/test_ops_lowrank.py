@@ -116,10 +116,11 @@ def test_kernel_dtypes_and_several_column_blocks(cpu_path, xdtype):
 @needs_ext
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_kernel_byte_direct_paths(cpu_path, bits):
-    # k and group_size multiples of 8, n of 16: at m = 1 stage 1 dots V rows and stage 3 adds U^T rows
-    # straight from the packed bytes (AVX2, AVX-512), the last blocks of each stream read by copy;
-    # r = 1 (one row: the stream ends in its first row) up to several rows
-    for (n, k), gs, r in itertools.product(((16, 8), (48, 24), (160, 136), (32, 1000)), (8, 16, 128), (1, 2, 7)):
+    # k and group_size multiples of 8 (AVX2) or 16 (AVX-512), n of 16: at m = 1 stage 1 dots V rows and
+    # stage 3 adds U^T rows (1..4 per pass) straight from the packed bytes, the last blocks of each
+    # stream read by copy; r = 1 (one row: the stream ends in its first row) up to several rows
+    shapes = ((16, 8), (48, 24), (160, 136), (32, 1000), (64, 176), (16, 1024))
+    for (n, k), gs, r in itertools.product(shapes, (8, 16, 128), (1, 2, 7)):
         args, _, parts = _group(r, n, k, bits, gs, seed=bits * 7919 + n + k + gs + r)
         for m in (1, 2):
             x = torch.randn(m, k, generator=_gen(m + k + r))

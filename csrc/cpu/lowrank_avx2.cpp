@@ -118,27 +118,43 @@ float dot_codes_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t 
   return hsum(tot) + extra;
 }
 
-// acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len (Isa::axpy_codes: first, off, len
-// and gs multiples of 16), 16 codes per step.
-template <int B>
-void axpy_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t len, int64_t off, int64_t gs,
-            const float* coef, float* acc) {
+// acc[c] += sum over the R rows q of coef[q * cstride + (off + c) / gs - off / gs] * code(first + q * stride
+// + c), c < len (Isa::axpy_codes: first, stride, off, len and gs multiples of 16): the accumulators are
+// loaded and stored once per R rows.
+template <int B, int R>
+void axpy_rows(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t stride, int64_t len, int64_t off,
+               int64_t gs, const float* coef, int64_t cstride, float* acc) {
   const Dec8<B> dec;
-  const uint8_t* row = stream + (first >> 3) * B;
-  const int64_t safe = fast_end<B>(nbytes, first);
+  const uint8_t* row[R];
+  for (int q = 0; q < R; ++q) row[q] = stream + ((first + q * stride) >> 3) * B;
+  const int64_t safe = fast_end<B>(nbytes, first + (R - 1) * stride);  // the last row ends last
   for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
-    const int64_t c1 = std::min(len, end);
-    const int64_t fast = c0 + (std::min(c1, std::max(c0, safe)) - c0) / 16 * 16;  // whole steps of 16
-    const __m256 a = _mm256_set1_ps(coef[g]);
+    const int64_t c1 = std::min(len, end), fast = std::min(c1, std::max(c0, safe));
+    __m256 a[R];
+    for (int q = 0; q < R; ++q) a[q] = _mm256_set1_ps(coef[q * cstride + g]);
     int64_t c = c0;
-    for (; c < fast; c += 16) {
-      const uint8_t* p = row + (c >> 3) * B;
-      _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(a, dec(p), _mm256_loadu_ps(acc + c)));
-      _mm256_storeu_ps(acc + c + 8, _mm256_fmadd_ps(a, dec(p + B), _mm256_loadu_ps(acc + c + 8)));
+    for (; c < fast; c += 8) {
+      __m256 y = _mm256_loadu_ps(acc + c);
+      for (int q = 0; q < R; ++q) y = _mm256_fmadd_ps(a[q], dec(row[q] + (c >> 3) * B), y);
+      _mm256_storeu_ps(acc + c, y);
     }
-    for (; c < c1; c += 8)
-      _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(a, dec.copied(row + (c >> 3) * B), _mm256_loadu_ps(acc + c)));
+    for (; c < c1; c += 8) {
+      __m256 y = _mm256_loadu_ps(acc + c);
+      for (int q = 0; q < R; ++q) y = _mm256_fmadd_ps(a[q], dec.copied(row[q] + (c >> 3) * B), y);
+      _mm256_storeu_ps(acc + c, y);
+    }
     c0 = c1;
+  }
+}
+
+template <int B>
+void axpy_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t stride, int rows, int64_t len,
+            int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc) {
+  switch (rows) {
+    case 1: return axpy_rows<B, 1>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+    case 2: return axpy_rows<B, 2>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+    case 3: return axpy_rows<B, 3>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+    default: return axpy_rows<B, 4>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
   }
 }
 
@@ -175,9 +191,9 @@ float dot_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t fi
   DELTACOMP_BY_WIDTH(dot_codes_b, stream, nbytes, first, len, x, gs, scale)
 }
 
-void axpy_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t len, int64_t off,
-                     int64_t gs, const float* coef, float* acc) {
-  DELTACOMP_BY_WIDTH(axpy_b, stream, nbytes, first, len, off, gs, coef, acc)
+void axpy_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t stride, int rows,
+                     int64_t len, int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc) {
+  DELTACOMP_BY_WIDTH(axpy_b, stream, nbytes, first, stride, rows, len, off, gs, coef, cstride, acc)
 }
 
 void decode_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t count, float* out) {

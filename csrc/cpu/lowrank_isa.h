@@ -38,6 +38,9 @@ inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
   return (v >> sh) & ((1u << bits) - 1u);
 }
 
+// U^T rows one axpy_codes call adds at most.
+constexpr int kAxpyRows = 4;
+
 // Function table of one code path: decode codes to floats, per-group dot products, per-group axpy.
 // `stream` holds `nbytes` bytes: a loop may read whole words past a code only while inside them.
 struct Isa {
@@ -53,15 +56,18 @@ struct Isa {
   void (*panel_gemm)(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc);
   // out[jj * m + i] = <panel[jj], x[i]> for the rows x m pairs; panel (rows, k), x (m, k)
   void (*panel_dots)(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out);
-  // One x row (m = 1): acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len, straight
-  // from the packed bytes. Needs first, off, len and gs multiples of 16; nullptr when the path has none.
-  void (*axpy_codes)(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t len, int64_t off,
-                     int64_t gs, const float* coef, float* acc);
+  // One x row (m = 1), stage 3: acc[c] += sum over rows q < `rows` (1..kAxpyRows) of
+  // coef[q * cstride + (off + c) / gs - off / gs] * code(first + q * stride + c), c < len, straight from
+  // the packed bytes (several U^T rows per pass over the accumulators). Needs first, stride, off, len
+  // and gs multiples of 16; nullptr when the path has none.
+  void (*axpy_codes)(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t stride, int rows,
+                     int64_t len, int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc);
   // One x row (m = 1), stage 1: sum over the groups g of [0, len) of scale[g] * <codes first + [g*gs,
-  // (g+1)*gs), x[same]>, straight from the packed bytes. Needs first and gs multiples of 8; nullptr
-  // when the path has none (then decode + scaled_dot).
+  // (g+1)*gs), x[same]>, straight from the packed bytes. Needs first and gs multiples of dot_block;
+  // nullptr when the path has none (then decode + scaled_dot).
   float (*dot_codes)(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t len, const float* x,
                      int64_t gs, const float* scale);
+  int64_t dot_block;  // codes per dot_codes step
 };
 
 // The AVX-512 (F + BW + VL) table, or nullptr when not compiled in (lowrank_simd.cpp).

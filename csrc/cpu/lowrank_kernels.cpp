@@ -8,8 +8,8 @@
 //
 // Work split:
 //   stage 1: rows of V (OpenMP over them; at M = 1 this is the parallel axis): each V row's k codes
-//            are decoded once into a thread-local float row and dotted with x (AVX2, k and group_size
-//            multiples of 8: dotted with x straight from the packed bytes); with several x rows,
+//            are decoded once into a thread-local float row and dotted with x (AVX2 / AVX-512, k and
+//            group_size multiples of 8 / 16: dotted straight from the packed bytes); with several x rows,
 //            4 decoded V rows are dotted with all x rows in 4 x 4 register tiles.
 //   stage 3: output columns in blocks (OpenMP over blocks, see block_columns); a block keeps its
 //            m x block accumulators in cache and walks the r rows of U^T: at M = 1 each row's codes
@@ -152,7 +152,7 @@ void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float
 }
 
 constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
-                       panel_dots_generic, nullptr, nullptr};
+                       panel_dots_generic, nullptr, nullptr, 0};
 
 // The path active_isa() (common.h) names, read per call so tests can switch: avx512 = the AVX-512
 // table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy and one-row dot;
@@ -166,6 +166,7 @@ const Isa& pick_isa() {
     t.decode = loops.decode;
     t.axpy_codes = loops.axpy_codes;
     t.dot_codes = loops.dot_codes;
+    t.dot_block = 8;
     return t;
   }();
   const cpu::Isa want = active_isa();
@@ -193,8 +194,8 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
   // dotted with all x rows in register tiles.
   const int64_t tile = m == 1 ? 1 : kDotRows;
   const int64_t nbytes = (r * k * bits + 7) / 8;
-  // one x row, whole blocks of 8 codes per row and group: the codes are dotted straight from the bytes
-  const bool direct = m == 1 && isa.dot_codes != nullptr && k % 8 == 0 && gs % 8 == 0;
+  // one x row, whole blocks of codes per row and group: the codes are dotted straight from the bytes
+  const bool direct = m == 1 && isa.dot_codes != nullptr && k % isa.dot_block == 0 && gs % isa.dot_block == 0;
 #pragma omp parallel if (m * r * k >= kParallelMinWork)
   {
     std::vector<float> panel(static_cast<size_t>(tile * k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
@@ -251,16 +252,22 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, in
       const int64_t g0 = n0 / gs, ng = (n0 + len - 1) / gs - g0 + 1;  // groups the block touches
       acc.assign(static_cast<size_t>(m * len), 0.f);
       zsum.assign(static_cast<size_t>(m * ng), 0.f);
-      sc.resize(static_cast<size_t>(ng));
+      sc.resize(static_cast<size_t>(kAxpyRows * ng));
       zr.resize(static_cast<size_t>(ng));
-      for (int64_t j = 0; fused && j < r; ++j) {  // one x row: codes straight into the accumulators
-        isa.halves(u_scale + j * gn + g0, ng, sc.data());
-        isa.halves(u_zero + j * gn + g0, ng, zr.data());
-        for (int64_t g = 0; g < ng; ++g) {
-          zsum[g] += t[j] * zr[g];
-          sc[g] *= t[j];
+      // one x row: codes straight into the accumulators, kAxpyRows U^T rows per pass over them
+      for (int64_t j0 = 0; fused && j0 < r; j0 += kAxpyRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAxpyRows, r - j0));
+        for (int q = 0; q < rows; ++q) {  // coefficient row q = t[j] * scale of U^T row j = j0 + q
+          const int64_t j = j0 + q;
+          float* coef = sc.data() + q * ng;
+          isa.halves(u_scale + j * gn + g0, ng, coef);
+          isa.halves(u_zero + j * gn + g0, ng, zr.data());
+          for (int64_t g = 0; g < ng; ++g) {
+            zsum[g] += t[j] * zr[g];
+            coef[g] *= t[j];
+          }
         }
-        isa.axpy_codes(u_q, nbytes, bits, j * n + n0, len, n0, gs, sc.data(), acc.data());
+        isa.axpy_codes(u_q, nbytes, bits, j0 * n + n0, n, rows, len, n0, gs, sc.data(), ng, acc.data());
       }
       for (int64_t j0 = 0; !fused && j0 < r; j0 += panel_rows) {
         const int64_t rows = std::min(panel_rows, r - j0);
