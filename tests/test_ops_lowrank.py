@@ -114,6 +114,35 @@ def test_kernel_dtypes_and_several_column_blocks(cpu_path, xdtype):
 
 
 @needs_ext
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_kernel_byte_direct_paths(cpu_path, bits):
+    # k and group_size multiples of 8 (AVX2) or 16 (AVX-512), n of 16: at m = 1 stage 1 dots V rows and
+    # stage 3 adds U^T rows (1..4 per pass) straight from the packed bytes, the last blocks of each
+    # stream read by copy; r = 1 (one row: the stream ends in its first row) up to several rows
+    shapes = ((16, 8), (48, 24), (160, 136), (32, 1000), (64, 176), (16, 1024))
+    for (n, k), gs, r in itertools.product(shapes, (8, 16, 128), (1, 2, 7)):
+        args, _, parts = _group(r, n, k, bits, gs, seed=bits * 7919 + n + k + gs + r)
+        for m in (1, 2):
+            x = torch.randn(m, k, generator=_gen(m + k + r))
+            y = torch.ops.deltacomp.kbit_lowrank_matmul(x, *args, bits, n, k, gs)
+            _assert_close64(y, x, parts, k, n, f"bits={bits} n={n} k={k} gs={gs} r={r} m={m}")
+
+
+@needs_ext
+def test_kernel_every_m_and_zero_factors(cpu_path):
+    args, _, parts = _group(5, 64, 88, 2, 8, seed=11)
+    for m in range(1, 18):
+        x = torch.randn(m, 88, generator=_gen(m))
+        _assert_close64(torch.ops.deltacomp.kbit_lowrank_matmul(x, *args, 2, 64, 88, 8), x, parts, 88, 64, f"m={m}")
+    vq, vs, vz, uq, us, uz, s = args  # zero codes, scales and zeros: an all-zero delta of rank 5
+    zeros = (torch.zeros_like(vq), torch.zeros_like(vs), torch.zeros_like(vz), torch.zeros_like(uq),
+             torch.zeros_like(us), torch.zeros_like(uz), s)
+    for m in (1, 3):
+        y = torch.ops.deltacomp.kbit_lowrank_matmul(torch.randn(m, 88), *zeros, 2, 64, 88, 8)
+        assert torch.equal(y, torch.zeros(m, 64))
+
+
+@needs_ext
 def test_kernel_empty_and_pad_bits(cpu_path):
     args, _, _ = _group(0, 13, 21, 3, 8, seed=1)  # r = 0: an all-zero delta
     y = torch.ops.deltacomp.kbit_lowrank_matmul(torch.randn(3, 21), *args, 3, 13, 21, 8)

@@ -123,3 +123,20 @@ def test_bad_setting_lists_the_choices(monkeypatch):
 
 def test_row_bucket():
     assert [serve_dispatch.row_bucket(m) for m in (1, 2, 4, 5, 16, 17, 64, 65)] == [1, 4, 4, 16, 16, 64, 64, 256]
+
+
+@pytest.mark.parametrize("times,rounds", [((1.0, 1.05), serve_dispatch.ROUNDS), ((1.0, 2.0), 1)])
+def test_close_timings_are_timed_again(monkeypatch, times, rounds):
+    # near a tie one preempted call would decide: the pair is timed again (minimum over the rounds kept)
+    layer, _ = _layer()
+    timed = []
+
+    def fake_time(fused, unfused, device):
+        timed.append(1)
+        return times[0] - 0.01 * len(timed), times[1]  # fused gets faster each round: the minimum is kept
+
+    monkeypatch.setattr(serve_dispatch, "_time_pair", fake_time)
+    layer(torch.randn(2, 37))
+    (rec,) = serve_dispatch.decisions()
+    assert len(timed) == rounds and rec["rounds"] == rounds and rec["chosen"] == "fused"
+    assert rec["fused_ms"] == pytest.approx((times[0] - 0.01 * rounds) * 1e3)

@@ -38,10 +38,14 @@ inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
   return (v >> sh) & ((1u << bits) - 1u);
 }
 
+// U^T rows one axpy_codes call adds at most.
+constexpr int kAxpyRows = 4;
+
 // Function table of one code path: decode codes to floats, per-group dot products, per-group axpy.
+// `stream` holds `nbytes` bytes: a loop may read whole words past a code only while inside them.
 struct Isa {
   // out[i] = code first + i, i < count
-  void (*decode)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
+  void (*decode)(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t count, float* out);
   // sum over the ceil(len / gs) groups g of [0, len) of scale[g] * <a[g*gs : (g+1)*gs], b[same]>
   float (*scaled_dot)(const float* a, const float* b, int64_t len, int64_t gs, const float* scale);
   // out[i] = fp16 bit pattern h[i] as float, i < count
@@ -52,22 +56,30 @@ struct Isa {
   void (*panel_gemm)(const float* panel, int64_t rows, int64_t len, const float* tt, int64_t m, float* acc);
   // out[jj * m + i] = <panel[jj], x[i]> for the rows x m pairs; panel (rows, k), x (m, k)
   void (*panel_dots)(const float* panel, int64_t rows, int64_t k, const float* x, int64_t m, float* out);
-  // One x row (m = 1): acc[c] += coef[(off + c) / gs - off / gs] * code(first + c), c < len, straight
-  // from the packed bytes. Needs first, off, len and gs multiples of 16; nullptr when the path has none.
-  void (*axpy_codes)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
-                     const float* coef, float* acc);
+  // One x row (m = 1), stage 3: acc[c] += sum over rows q < `rows` (1..kAxpyRows) of
+  // coef[q * cstride + (off + c) / gs - off / gs] * code(first + q * stride + c), c < len, straight from
+  // the packed bytes (several U^T rows per pass over the accumulators). Needs first, stride, off, len
+  // and gs multiples of 16; nullptr when the path has none.
+  void (*axpy_codes)(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t stride, int rows,
+                     int64_t len, int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc);
+  // One x row (m = 1), stage 1: sum over the groups g of [0, len) of scale[g] * <codes first + [g*gs,
+  // (g+1)*gs), x[same]>, straight from the packed bytes. Needs first and gs multiples of dot_block;
+  // nullptr when the path has none (then decode + scaled_dot).
+  float (*dot_codes)(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t len, const float* x,
+                     int64_t gs, const float* scale);
+  int64_t dot_block;  // codes per dot_codes step
 };
 
 // The AVX-512 (F + BW + VL) table, or nullptr when not compiled in (lowrank_simd.cpp).
 const Isa* avx512_isa();
-// AVX2 decode (pshufb of 8 codes), or nullptr when not compiled in; the other AVX2 loops are the
-// portable ones compiled as AVX2 clones.
-using DecodeFn = void (*)(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out);
-DecodeFn avx2_decode();
-// AVX2 one-row axpy_codes (8 codes per pshufb decode, one FMA into the accumulators), or nullptr.
-using AxpyFn = void (*)(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
-                        const float* coef, float* acc);
-AxpyFn avx2_axpy_codes();
+// The AVX2 + FMA loops (lowrank_avx2.cpp): decode, one-row axpy_codes and dot_codes; all nullptr when
+// not compiled in. The other AVX2 loops are the portable ones compiled as AVX2 clones.
+struct Avx2Loops {
+  decltype(Isa::decode) decode;
+  decltype(Isa::axpy_codes) axpy_codes;
+  decltype(Isa::dot_codes) dot_codes;
+};
+Avx2Loops avx2_loops();
 
 }  // namespace lowrank
 }  // namespace cpu

@@ -8,7 +8,8 @@
 //
 // Work split:
 //   stage 1: rows of V (OpenMP over them; at M = 1 this is the parallel axis): each V row's k codes
-//            are decoded once into a thread-local float row and dotted with x; with several x rows,
+//            are decoded once into a thread-local float row and dotted with x (AVX2 / AVX-512, k and
+//            group_size multiples of 8 / 16: dotted straight from the packed bytes); with several x rows,
 //            4 decoded V rows are dotted with all x rows in 4 x 4 register tiles.
 //   stage 3: output columns in blocks (OpenMP over blocks, see block_columns); a block keeps its
 //            m x block accumulators in cache and walks the r rows of U^T: at M = 1 each row's codes
@@ -18,7 +19,7 @@
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
 //
 // This file: the driver (stages, threads, the choice of code path) and the portable inner loops;
-// lowrank_simd.cpp: the AVX-512 loops and the AVX2 decode, with how codes are decoded.
+// lowrank_simd.cpp: the AVX-512 loops; lowrank_avx2.cpp: the AVX2 ones (each says how it decodes codes).
 #include "lowrank_kernels.h"
 
 #include <algorithm>
@@ -75,7 +76,8 @@ inline void decode8(const uint8_t* stream, int64_t first, int64_t& i, int64_t co
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
 #endif
-void decode_generic(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
+void decode_generic(const uint8_t* stream, int64_t /*nbytes: reads only the codes' bytes*/, int bits, int64_t first,
+                    int64_t count, float* out) {
   int64_t i = 0;
   for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
   switch (bits) {  // a constant width: the 8-code loop unrolls, its copy is a plain load
@@ -150,23 +152,26 @@ void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float
 }
 
 constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
-                       panel_dots_generic, nullptr};
+                       panel_dots_generic, nullptr, nullptr, 0};
 
 // The path active_isa() (common.h) names, read per call so tests can switch: avx512 = the AVX-512
-// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode and the AVX2 one-row axpy;
+// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy and one-row dot;
 // anything else (portable, neon) = the portable loops, which GCC vectorizes for the target (NEON on
 // aarch64).
 const Isa& pick_isa() {
 #if DELTACOMP_X86_GCC
+  static const Avx2Loops loops = avx2_loops();
   static const Isa kAvx2 = [] {
     Isa t = kGeneric;
-    if (avx2_decode()) t.decode = avx2_decode();
-    t.axpy_codes = avx2_axpy_codes();
+    t.decode = loops.decode;
+    t.axpy_codes = loops.axpy_codes;
+    t.dot_codes = loops.dot_codes;
+    t.dot_block = 8;
     return t;
   }();
   const cpu::Isa want = active_isa();
   if (want == cpu::Isa::kAvx512 && avx512_isa() != nullptr) return *avx512_isa();
-  if (want == cpu::Isa::kAvx2 && avx2_decode() != nullptr) return kAvx2;
+  if (want == cpu::Isa::kAvx2 && loops.decode != nullptr) return kAvx2;
 #endif
   return kGeneric;
 }
@@ -188,6 +193,9 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
   // rows: kDotRows V rows are decoded and scaled (code * scale: exact in fp32) into a panel, then
   // dotted with all x rows in register tiles.
   const int64_t tile = m == 1 ? 1 : kDotRows;
+  const int64_t nbytes = (r * k * bits + 7) / 8;
+  // one x row, whole blocks of codes per row and group: the codes are dotted straight from the bytes
+  const bool direct = m == 1 && isa.dot_codes != nullptr && k % isa.dot_block == 0 && gs % isa.dot_block == 0;
 #pragma omp parallel if (m * r * k >= kParallelMinWork)
   {
     std::vector<float> panel(static_cast<size_t>(tile * k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
@@ -199,8 +207,12 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
       for (int64_t q = 0; q < rows; ++q) {
         const int64_t j = j0 + q;
         float* row = panel.data() + q * k;
-        isa.decode(v_q, bits, j * k, k, row);
         isa.halves(v_scale + j * gk, gk, sc.data());
+        if (direct) {
+          dots[q] = isa.dot_codes(v_q, nbytes, bits, j * k, k, x, gs, sc.data());
+          continue;
+        }
+        isa.decode(v_q, nbytes, bits, j * k, k, row);
         if (m == 1) {
           dots[q] = isa.scaled_dot(row, x, k, gs, sc.data());
         } else {
@@ -230,6 +242,7 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, in
   const int64_t blocks = (n + block - 1) / block;
   // block is a multiple of 16, so n % 16 == 0 makes every block start and length one too
   const bool fused = m == 1 && isa.axpy_codes != nullptr && n % 16 == 0 && gs % 16 == 0;
+  const int64_t nbytes = (r * n * bits + 7) / 8;
 #pragma omp parallel if (parallel)
   {
     std::vector<float> panel(static_cast<size_t>(panel_rows * block)), acc, zsum, sc, zr;
@@ -239,23 +252,29 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, in
       const int64_t g0 = n0 / gs, ng = (n0 + len - 1) / gs - g0 + 1;  // groups the block touches
       acc.assign(static_cast<size_t>(m * len), 0.f);
       zsum.assign(static_cast<size_t>(m * ng), 0.f);
-      sc.resize(static_cast<size_t>(ng));
+      sc.resize(static_cast<size_t>(kAxpyRows * ng));
       zr.resize(static_cast<size_t>(ng));
-      for (int64_t j = 0; fused && j < r; ++j) {  // one x row: codes straight into the accumulators
-        isa.halves(u_scale + j * gn + g0, ng, sc.data());
-        isa.halves(u_zero + j * gn + g0, ng, zr.data());
-        for (int64_t g = 0; g < ng; ++g) {
-          zsum[g] += t[j] * zr[g];
-          sc[g] *= t[j];
+      // one x row: codes straight into the accumulators, kAxpyRows U^T rows per pass over them
+      for (int64_t j0 = 0; fused && j0 < r; j0 += kAxpyRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kAxpyRows, r - j0));
+        for (int q = 0; q < rows; ++q) {  // coefficient row q = t[j] * scale of U^T row j = j0 + q
+          const int64_t j = j0 + q;
+          float* coef = sc.data() + q * ng;
+          isa.halves(u_scale + j * gn + g0, ng, coef);
+          isa.halves(u_zero + j * gn + g0, ng, zr.data());
+          for (int64_t g = 0; g < ng; ++g) {
+            zsum[g] += t[j] * zr[g];
+            coef[g] *= t[j];
+          }
         }
-        isa.axpy_codes(u_q, bits, j * n + n0, len, n0, gs, sc.data(), acc.data());
+        isa.axpy_codes(u_q, nbytes, bits, j0 * n + n0, n, rows, len, n0, gs, sc.data(), ng, acc.data());
       }
       for (int64_t j0 = 0; !fused && j0 < r; j0 += panel_rows) {
         const int64_t rows = std::min(panel_rows, r - j0);
         for (int64_t jj = 0; jj < rows; ++jj) {  // panel row jj = scale * code of U^T row j0 + jj
           const int64_t j = j0 + jj;
           float* row = panel.data() + jj * len;
-          isa.decode(u_q, bits, j * n + n0, len, row);
+          isa.decode(u_q, nbytes, bits, j * n + n0, len, row);
           isa.halves(u_scale + j * gn + g0, ng, sc.data());
           isa.halves(u_zero + j * gn + g0, ng, zr.data());
           isa.scale_groups(row, len, n0, gs, sc.data());

@@ -1,9 +1,9 @@
 // SIMD inner loops of the low-rank kernel (see lowrank_kernels.cpp for the driver and the math):
-// AVX-512 (F + BW + VL) and an AVX2 decode, compiled with target attributes and picked at run time.
+// AVX-512 (F + BW + VL), compiled with target attributes and picked at run time (AVX2: lowrank_avx2.cpp).
 //
 // Decoding: in a KBITS stream, 8 consecutive codes starting at a code index that is a multiple of 8
 // fill exactly `bits` bytes, byte-aligned. So after a scalar head, codes come in fixed byte patterns:
-// load the bytes of 16 (AVX-512) or 8 (AVX2) codes, broadcast them to every 128-bit lane, byte-shuffle
+// load the bytes of 16 codes, broadcast them to every 128-bit lane, byte-shuffle
 // the (up to) 4 bytes holding code i into 32-bit lane i, shift right by (i*bits) % 8 and mask.
 #include <algorithm>
 
@@ -15,7 +15,7 @@ namespace lowrank {
 namespace {
 
 #if DELTACOMP_X86_GCC
-// Per width b and block of C codes (C = 16: AVX-512, 8: AVX2): pshufb control putting bytes
+// Per width b and block of C = 16 codes: pshufb control putting bytes
 // (i*b)/8 .. +3 of the block into 32-bit lane i (0x80, a zero byte, past the block's C*b/8 bytes), and
 // the right shift (i*b) % 8 of lane i.
 template <int C>
@@ -27,7 +27,6 @@ struct DecodeTables {
       for (int i = 0; i < C; ++i) {
         for (int t = 0; t < 4; ++t) {
           const int byte = ((i * b) >> 3) + t;
-          // AVX2 shuffles each 128-bit half on its own, with the block broadcast to both halves
           ctl[b][4 * i + t] = static_cast<uint8_t>(byte < C * b / 8 ? byte : 0x80);
         }
         shift[b][i] = (i * b) & 7;
@@ -35,75 +34,6 @@ struct DecodeTables {
   }
 };
 constexpr DecodeTables<16> kDecode16{};
-constexpr DecodeTables<8> kDecode8{};
-
-// ---- AVX2: decode only ------------------------------------------------------------------------------
-template <int B>
-__attribute__((target("avx2"))) void decode8_avx2(const uint8_t* stream, int64_t first, int64_t& i,
-                                                   int64_t count, float* out) {
-  const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.ctl[B]));
-  const __m256i shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.shift[B]));
-  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
-  for (; i + 8 <= count; i += 8) {
-    long long w = 0;
-    std::memcpy(&w, stream + ((first + i) >> 3) * B, B);  // the B bytes of 8 codes, no more
-    const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(w), ctl);
-    _mm256_storeu_ps(out + i, _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask)));
-  }
-}
-
-__attribute__((target("avx2"))) void decode_avx2(const uint8_t* stream, int bits, int64_t first, int64_t count,
-                                                  float* out) {
-  int64_t i = 0;
-  for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-  switch (bits) {  // a constant width: the copy of the block's bytes is a plain load
-    case 1: decode8_avx2<1>(stream, first, i, count, out); break;
-    case 2: decode8_avx2<2>(stream, first, i, count, out); break;
-    case 3: decode8_avx2<3>(stream, first, i, count, out); break;
-    case 4: decode8_avx2<4>(stream, first, i, count, out); break;
-    case 5: decode8_avx2<5>(stream, first, i, count, out); break;
-    case 6: decode8_avx2<6>(stream, first, i, count, out); break;
-    case 7: decode8_avx2<7>(stream, first, i, count, out); break;
-    default: decode8_avx2<8>(stream, first, i, count, out); break;
-  }
-  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-}
-
-// acc[c] += coef[group of c] * code(first + c) for one x row (the Isa::axpy_codes contract: first, off,
-// len and gs multiples of 16), 8 codes per decode as above.
-template <int B>
-__attribute__((target("avx2,fma"))) void axpy_avx2_b(const uint8_t* stream, int64_t first, int64_t len, int64_t off,
-                                                      int64_t gs, const float* coef, float* acc) {
-  const __m256i ctl = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.ctl[B]));
-  const __m256i shift = _mm256_load_si256(reinterpret_cast<const __m256i*>(kDecode8.shift[B]));
-  const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
-  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
-    const int64_t c1 = std::min(len, end);
-    const __m256 a = _mm256_set1_ps(coef[g]);
-    for (int64_t c = c0; c < c1; c += 8) {
-      long long w = 0;
-      std::memcpy(&w, stream + ((first + c) >> 3) * B, B);
-      const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(w), ctl);
-      const __m256 f = _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask));
-      _mm256_storeu_ps(acc + c, _mm256_fmadd_ps(a, f, _mm256_loadu_ps(acc + c)));
-    }
-    c0 = c1;
-  }
-}
-
-void axpy_codes_avx2(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
-                     const float* coef, float* acc) {
-  switch (bits) {
-    case 1: axpy_avx2_b<1>(stream, first, len, off, gs, coef, acc); break;
-    case 2: axpy_avx2_b<2>(stream, first, len, off, gs, coef, acc); break;
-    case 3: axpy_avx2_b<3>(stream, first, len, off, gs, coef, acc); break;
-    case 4: axpy_avx2_b<4>(stream, first, len, off, gs, coef, acc); break;
-    case 5: axpy_avx2_b<5>(stream, first, len, off, gs, coef, acc); break;
-    case 6: axpy_avx2_b<6>(stream, first, len, off, gs, coef, acc); break;
-    case 7: axpy_avx2_b<7>(stream, first, len, off, gs, coef, acc); break;
-    default: axpy_avx2_b<8>(stream, first, len, off, gs, coef, acc); break;
-  }
-}
 
 // ---- AVX-512 path ---------------------------------------------------------------------------------
 #pragma GCC push_options
@@ -127,7 +57,7 @@ struct Decode16 {
   }
 };
 
-void decode_avx512(const uint8_t* stream, int bits, int64_t first, int64_t count, float* out) {
+void decode_avx512(const uint8_t* stream, int64_t /*nbytes: masked loads*/, int bits, int64_t first, int64_t count, float* out) {
   int64_t i = 0;
   for (; i < count && ((first + i) & 15); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
   const Decode16 dec(bits);  // 16 codes = 2*bits bytes; the masked load reads no byte past them
@@ -135,17 +65,85 @@ void decode_avx512(const uint8_t* stream, int bits, int64_t first, int64_t count
   for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
 }
 
-void axpy_codes_avx512(const uint8_t* stream, int bits, int64_t first, int64_t len, int64_t off, int64_t gs,
-                       const float* coef, float* acc) {
-  const Decode16 dec(bits);
+// Isa::axpy_codes for R rows: the accumulators loaded and stored once per R rows.
+template <int R>
+void axpy_rows_avx512(const Decode16& dec, const uint8_t* stream, int bits, int64_t first, int64_t stride,
+                      int64_t len, int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc) {
   for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
     const int64_t c1 = std::min(len, end);
-    const __m512 a = _mm512_set1_ps(coef[g]);
+    __m512 a[R];
+    for (int q = 0; q < R; ++q) a[q] = _mm512_set1_ps(coef[q * cstride + g]);
     for (int64_t c = c0; c < c1; c += 16) {
-      const __m512 f = dec(stream + ((first + c) >> 3) * bits);
-      _mm512_storeu_ps(acc + c, _mm512_fmadd_ps(a, f, _mm512_loadu_ps(acc + c)));
+      __m512 y = _mm512_loadu_ps(acc + c);
+      for (int q = 0; q < R; ++q) y = _mm512_fmadd_ps(a[q], dec(stream + ((first + q * stride + c) >> 3) * bits), y);
+      _mm512_storeu_ps(acc + c, y);
     }
     c0 = c1;
+  }
+}
+
+void axpy_codes_avx512(const uint8_t* stream, int64_t /*nbytes: masked loads*/, int bits, int64_t first,
+                       int64_t stride, int rows, int64_t len, int64_t off, int64_t gs, const float* coef,
+                       int64_t cstride, float* acc) {
+  const Decode16 dec(bits);
+  switch (rows) {
+    case 1: return axpy_rows_avx512<1>(dec, stream, bits, first, stride, len, off, gs, coef, cstride, acc);
+    case 2: return axpy_rows_avx512<2>(dec, stream, bits, first, stride, len, off, gs, coef, cstride, acc);
+    case 3: return axpy_rows_avx512<3>(dec, stream, bits, first, stride, len, off, gs, coef, cstride, acc);
+    default: return axpy_rows_avx512<4>(dec, stream, bits, first, stride, len, off, gs, coef, cstride, acc);
+  }
+}
+
+// Isa::dot_codes, 16 codes per step (first and gs multiples of 16). Widths 1 and 2: the 16 codes fill one
+// 32-bit word, so a broadcast, a shift per lane and a mask decode them without the byte shuffle.
+template <int B>
+float dot_codes_b(const uint8_t* stream, int64_t first, int64_t len, const float* x, int64_t gs, const float* scale) {
+  const Decode16 dec(B);
+  const __m512i shift = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(B));
+  const __m512i mask = _mm512_set1_epi32((1 << B) - 1);
+  const auto codes = [&](const uint8_t* p) {
+    if constexpr (B <= 2) {
+      uint32_t w = 0;
+      std::memcpy(&w, p, 2 * B);  // exactly the block's bytes
+      return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(_mm512_set1_epi32(static_cast<int>(w)), shift), mask));
+    } else {
+      return dec(p);
+    }
+  };
+  const uint8_t* row = stream + (first >> 3) * B;  // block c / 16 starts at row + (c / 8) * B
+  __m512 tot = _mm512_setzero_ps();
+  float extra = 0.f;  // the partial last block, scaled
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
+    const int64_t c1 = std::min(len, c0 + gs), full = c0 + (c1 - c0) / 16 * 16;
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+    int64_t c = c0;
+    for (; c + 64 <= full; c += 64) {  // four chains hide the FMA latency
+      a0 = _mm512_fmadd_ps(codes(row + (c >> 3) * B), _mm512_loadu_ps(x + c), a0);
+      a1 = _mm512_fmadd_ps(codes(row + ((c + 16) >> 3) * B), _mm512_loadu_ps(x + c + 16), a1);
+      a2 = _mm512_fmadd_ps(codes(row + ((c + 32) >> 3) * B), _mm512_loadu_ps(x + c + 32), a2);
+      a3 = _mm512_fmadd_ps(codes(row + ((c + 48) >> 3) * B), _mm512_loadu_ps(x + c + 48), a3);
+    }
+    for (; c < full; c += 16) a0 = _mm512_fmadd_ps(codes(row + (c >> 3) * B), _mm512_loadu_ps(x + c), a0);
+    float part = 0.f;
+    for (; c < c1; ++c) part += x[c] * static_cast<float>(code_at(stream, B, first + c));
+    extra += scale[g] * part;
+    tot = _mm512_fmadd_ps(_mm512_set1_ps(scale[g]), _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)), tot);
+  }
+  return _mm512_reduce_add_ps(tot) + extra;
+}
+
+float dot_codes_avx512(const uint8_t* stream, int64_t /*nbytes: reads only the codes' bytes*/, int bits,
+                       int64_t first, int64_t len, const float* x, int64_t gs, const float* scale) {
+  switch (bits) {
+    case 1: return dot_codes_b<1>(stream, first, len, x, gs, scale);
+    case 2: return dot_codes_b<2>(stream, first, len, x, gs, scale);
+    case 3: return dot_codes_b<3>(stream, first, len, x, gs, scale);
+    case 4: return dot_codes_b<4>(stream, first, len, x, gs, scale);
+    case 5: return dot_codes_b<5>(stream, first, len, x, gs, scale);
+    case 6: return dot_codes_b<6>(stream, first, len, x, gs, scale);
+    case 7: return dot_codes_b<7>(stream, first, len, x, gs, scale);
+    default: return dot_codes_b<8>(stream, first, len, x, gs, scale);
   }
 }
 
@@ -269,19 +267,15 @@ void panel_dots_avx512(const float* panel, int64_t rows, int64_t k, const float*
 #pragma GCC pop_options
 
 constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_groups_avx512, panel_gemm_avx512,
-                      panel_dots_avx512, axpy_codes_avx512};
+                      panel_dots_avx512, axpy_codes_avx512, dot_codes_avx512, 16};
 #endif  // DELTACOMP_X86_GCC
 
 }  // namespace
 
 #if DELTACOMP_X86_GCC
 const Isa* avx512_isa() { return &kAvx512; }
-DecodeFn avx2_decode() { return decode_avx2; }
-AxpyFn avx2_axpy_codes() { return axpy_codes_avx2; }
 #else
 const Isa* avx512_isa() { return nullptr; }
-DecodeFn avx2_decode() { return nullptr; }
-AxpyFn avx2_axpy_codes() { return nullptr; }
 #endif
 
 }  // namespace lowrank

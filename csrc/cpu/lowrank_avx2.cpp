@@ -1,0 +1,215 @@
+// AVX2 + FMA inner loops of the low-rank kernel (lowrank_kernels.cpp has the driver and the math):
+// a decode of 8 KBITS codes with no byte shuffles for widths <= 4, the one-row dot of a V row with x
+// (stage 1) and the one-row axpy of a U^T row into the accumulators (stage 3), both straight from the
+// packed bytes. Compiled with target pragmas, picked at run time.
+//
+// Decoding: in a KBITS stream, 8 consecutive codes starting at a code index that is a multiple of 8
+// fill exactly `bits` (B) whole bytes. B <= 4: the 4 bytes at the block's first byte, broadcast to the
+// 8 lanes, shifted right by i*B in lane i and masked (3 instructions). B = 5..7: 8 bytes broadcast,
+// a byte shuffle puts the (up to) 4 bytes holding code i into lane i, then shift by (i*B) % 8 and mask.
+// B = 8: the 8 bytes zero-extended. The fast loads read up to 4 (B <= 4) or 8 bytes from the block's
+// first byte; a block whose read would pass the end of the stream copies its B bytes first.
+#include <algorithm>
+
+#include "lowrank_isa.h"
+
+namespace deltacomp {
+namespace cpu {
+namespace lowrank {
+namespace {
+
+#if DELTACOMP_X86_GCC
+// Per width B (5..7): pshufb control putting bytes (i*B)/8 .. +3 of the block into 32-bit lane i (0x80, a
+// zero byte, past the block's B bytes; both 128-bit halves see the block, broadcast), and lane i's
+// right shift; widths <= 4 use shift i*B on the whole 4-byte word instead.
+struct Tables {
+  alignas(32) uint8_t ctl[9][32];
+  alignas(32) int32_t shift[9][8];
+  constexpr Tables() : ctl(), shift() {
+    for (int b = 1; b <= 8; ++b)
+      for (int i = 0; i < 8; ++i) {
+        for (int t = 0; t < 4; ++t) {
+          const int byte = ((i * b) >> 3) + t;
+          ctl[b][4 * i + t] = static_cast<uint8_t>(byte < b ? byte : 0x80);
+        }
+        shift[b][i] = b <= 4 ? i * b : (i * b) & 7;
+      }
+  }
+};
+constexpr Tables kTables{};
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+
+// 8 codes of width B as floats, from the block's first byte p.
+template <int B>
+struct Dec8 {
+  static constexpr int kRead = B <= 4 ? 4 : 8;  // bytes the fast load reads from p
+  __m256i ctl, shift, mask;
+  Dec8()
+      : ctl(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.ctl[B]))),
+        shift(_mm256_load_si256(reinterpret_cast<const __m256i*>(kTables.shift[B]))),
+        mask(_mm256_set1_epi32((1 << B) - 1)) {}
+  __m256 operator()(const uint8_t* p) const {
+    if constexpr (B == 8) {
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    } else if constexpr (B <= 4) {
+      int32_t w;
+      std::memcpy(&w, p, 4);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(_mm256_set1_epi32(w), shift), mask));
+    } else {
+      long long w;
+      std::memcpy(&w, p, 8);
+      const __m256i v = _mm256_shuffle_epi8(_mm256_set1_epi64x(w), ctl);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(v, shift), mask));
+    }
+  }
+  // the same from a copy of exactly the block's B bytes (the last blocks of a stream)
+  __m256 copied(const uint8_t* p) const {
+    alignas(8) uint8_t buf[8] = {};
+    std::memcpy(buf, p, B);
+    return (*this)(buf);
+  }
+};
+
+// Codes [0, end) relative to a row starting at code `first` (a multiple of 8) are in blocks whose fast
+// read stays inside the nbytes-byte stream.
+template <int B>
+inline int64_t fast_end(int64_t nbytes, int64_t first) {
+  if (nbytes < Dec8<B>::kRead) return 0;
+  return std::max<int64_t>(0, ((nbytes - Dec8<B>::kRead) / B + 1 - first / 8) * 8);
+}
+
+inline float hsum(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 t = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
+}
+
+// sum over the groups g of [0, len) of scale[g] * <codes first + [g*gs, (g+1)*gs), x[same]>;
+// first and gs multiples of 8, len any (a last partial block is read code by code).
+template <int B>
+float dot_codes_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t len, const float* x,
+                  int64_t gs, const float* scale) {
+  const Dec8<B> dec;
+  const uint8_t* row = stream + (first >> 3) * B;  // block c / 8 of the row starts at row + (c / 8) * B
+  const int64_t safe = fast_end<B>(nbytes, first);
+  __m256 tot = _mm256_setzero_ps();
+  float extra = 0.f;  // the partial last block, scaled
+  for (int64_t g = 0, c0 = 0; c0 < len; ++g, c0 += gs) {
+    const int64_t c1 = std::min(len, c0 + gs), full = c0 + (c1 - c0) / 8 * 8;
+    const int64_t fast = std::min(full, std::max(c0, safe));
+    __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps(), a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+    int64_t c = c0;
+    for (; c + 32 <= fast; c += 32) {  // four chains hide the FMA latency
+      const uint8_t* p = row + (c >> 3) * B;
+      a0 = _mm256_fmadd_ps(dec(p), _mm256_loadu_ps(x + c), a0);
+      a1 = _mm256_fmadd_ps(dec(p + B), _mm256_loadu_ps(x + c + 8), a1);
+      a2 = _mm256_fmadd_ps(dec(p + 2 * B), _mm256_loadu_ps(x + c + 16), a2);
+      a3 = _mm256_fmadd_ps(dec(p + 3 * B), _mm256_loadu_ps(x + c + 24), a3);
+    }
+    for (; c < fast; c += 8) a0 = _mm256_fmadd_ps(dec(row + (c >> 3) * B), _mm256_loadu_ps(x + c), a0);
+    for (; c < full; c += 8) a1 = _mm256_fmadd_ps(dec.copied(row + (c >> 3) * B), _mm256_loadu_ps(x + c), a1);
+    float part = 0.f;
+    for (; c < c1; ++c) part += x[c] * static_cast<float>(code_at(stream, B, first + c));
+    extra += scale[g] * part;
+    tot = _mm256_fmadd_ps(_mm256_set1_ps(scale[g]), _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)), tot);
+  }
+  return hsum(tot) + extra;
+}
+
+// acc[c] += sum over the R rows q of coef[q * cstride + (off + c) / gs - off / gs] * code(first + q * stride
+// + c), c < len (Isa::axpy_codes: first, stride, off, len and gs multiples of 16): the accumulators are
+// loaded and stored once per R rows.
+template <int B, int R>
+void axpy_rows(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t stride, int64_t len, int64_t off,
+               int64_t gs, const float* coef, int64_t cstride, float* acc) {
+  const Dec8<B> dec;
+  const uint8_t* row[R];
+  for (int q = 0; q < R; ++q) row[q] = stream + ((first + q * stride) >> 3) * B;
+  const int64_t safe = fast_end<B>(nbytes, first + (R - 1) * stride);  // the last row ends last
+  for (int64_t c0 = 0, g = 0, end = (off / gs + 1) * gs - off; c0 < len; ++g, end += gs) {
+    const int64_t c1 = std::min(len, end), fast = std::min(c1, std::max(c0, safe));
+    __m256 a[R];
+    for (int q = 0; q < R; ++q) a[q] = _mm256_set1_ps(coef[q * cstride + g]);
+    int64_t c = c0;
+    for (; c < fast; c += 8) {
+      __m256 y = _mm256_loadu_ps(acc + c);
+      for (int q = 0; q < R; ++q) y = _mm256_fmadd_ps(a[q], dec(row[q] + (c >> 3) * B), y);
+      _mm256_storeu_ps(acc + c, y);
+    }
+    for (; c < c1; c += 8) {
+      __m256 y = _mm256_loadu_ps(acc + c);
+      for (int q = 0; q < R; ++q) y = _mm256_fmadd_ps(a[q], dec.copied(row[q] + (c >> 3) * B), y);
+      _mm256_storeu_ps(acc + c, y);
+    }
+    c0 = c1;
+  }
+}
+
+template <int B>
+void axpy_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t stride, int rows, int64_t len,
+            int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc) {
+  switch (rows) {
+    case 1: return axpy_rows<B, 1>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+    case 2: return axpy_rows<B, 2>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+    case 3: return axpy_rows<B, 3>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+    default: return axpy_rows<B, 4>(stream, nbytes, first, stride, len, off, gs, coef, cstride, acc);
+  }
+}
+
+// out[i] = code first + i, i < count (any first: a scalar head up to a block boundary, then blocks)
+template <int B>
+void decode_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, B, first + i));
+  const Dec8<B> dec;
+  const int64_t safe = fast_end<B>(nbytes, first + i) + i;  // relative to `first`
+  const int64_t full = i + (count - i) / 8 * 8, fast = std::min(full, std::max(i, safe));
+  for (; i < fast; i += 8) _mm256_storeu_ps(out + i, dec(stream + ((first + i) >> 3) * B));
+  for (; i < full; i += 8) _mm256_storeu_ps(out + i, dec.copied(stream + ((first + i) >> 3) * B));
+  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, B, first + i));
+}
+
+#pragma GCC pop_options
+
+// One switch over the width per call: the loops above see B as a constant.
+#define DELTACOMP_BY_WIDTH(fn, ...)                \
+  switch (bits) {                                  \
+    case 1: return fn<1>(__VA_ARGS__);             \
+    case 2: return fn<2>(__VA_ARGS__);             \
+    case 3: return fn<3>(__VA_ARGS__);             \
+    case 4: return fn<4>(__VA_ARGS__);             \
+    case 5: return fn<5>(__VA_ARGS__);             \
+    case 6: return fn<6>(__VA_ARGS__);             \
+    case 7: return fn<7>(__VA_ARGS__);             \
+    default: return fn<8>(__VA_ARGS__);            \
+  }
+
+float dot_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t len, const float* x,
+                     int64_t gs, const float* scale) {
+  DELTACOMP_BY_WIDTH(dot_codes_b, stream, nbytes, first, len, x, gs, scale)
+}
+
+void axpy_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t stride, int rows,
+                     int64_t len, int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc) {
+  DELTACOMP_BY_WIDTH(axpy_b, stream, nbytes, first, stride, rows, len, off, gs, coef, cstride, acc)
+}
+
+void decode_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t count, float* out) {
+  DELTACOMP_BY_WIDTH(decode_b, stream, nbytes, first, count, out)
+}
+#undef DELTACOMP_BY_WIDTH
+#endif  // DELTACOMP_X86_GCC
+
+}  // namespace
+
+#if DELTACOMP_X86_GCC
+Avx2Loops avx2_loops() { return {decode_avx2, axpy_codes_avx2, dot_codes_avx2}; }
+#else
+Avx2Loops avx2_loops() { return {nullptr, nullptr, nullptr}; }
+#endif
+
+}  // namespace lowrank
+}  // namespace cpu
+}  // namespace deltacomp
