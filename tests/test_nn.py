@@ -253,6 +253,9 @@ def test_toy_biases_and_norms_single_and_multi(tmp_path, methods):
         y = model(x)
         for row, t in enumerate(index):
             torch.testing.assert_close(y[row], (base if t < 0 else fts[t])(x[row:row + 1])[0], rtol=1e-5, atol=1e-5)
+        for t in (0, 1, -1):  # every row on one delta (the norm runs that delta's weights only) or the base
+            dnn.set_delta_index(model, [t] * 4)
+            torch.testing.assert_close(model(x), (base if t < 0 else fts[t])(x), rtol=1e-5, atol=1e-5)
 
 
 def test_cli_generate(pair, capsys):

@@ -167,6 +167,10 @@ class MultiDeltaModule(nn.Module):
 
     def forward(self, x: Tensor, *args, **kwargs):
         idx = _batch_index(self, x)
+        only = self._only_delta(idx)
+        if only is not None:  # every row of one delta: that delta's module alone, the base never runs
+            params = {name: getattr(self, buf) for name, buf in self._names[only].items()}
+            return torch.func.functional_call(self.module, params, (x, *args), kwargs)
         y = self.module(x, *args, **kwargs)
         for t, names in enumerate(self._names):
             rows = (idx == t).nonzero().reshape(-1) if names else None
@@ -175,3 +179,12 @@ class MultiDeltaModule(nn.Module):
                 yt = torch.func.functional_call(self.module, params, (x.index_select(0, rows), *args), kwargs)
                 y = y.index_copy(0, rows, yt.to(y.dtype))
         return y
+
+    def _only_delta(self, idx: Tensor) -> int | None:
+        """The delta every row uses, when that delta changes this module; else None."""
+        if idx.numel() == 0:
+            return None
+        t = int(idx.reshape(-1)[0])
+        if not 0 <= t < self.num_deltas or not self._names[t] or not bool((idx == t).all()):
+            return None
+        return t
