@@ -7,8 +7,9 @@ object; the fine-tune tensor travels as the task's argument. The tasks run api.e
 single compress here: some codecs' float sums round differently when torch splits them over another number
 of threads. Each task reserves that many of Ray's CPUs (at most a node's), so threads are not
 oversubscribed; a smaller ``threads`` runs more tasks per node, and then matches a compress run with
-that many torch threads (``OMP_NUM_THREADS``). The driver writes each result into its fine-tune's file in order; at most ``window`` tasks
-are in flight (2 per CPU of the cluster), so memory stays a few tensors per worker. A task whose worker
+that many torch threads (``OMP_NUM_THREADS``). The driver writes each result into its fine-tune's file in
+order; at most ``window`` tasks are in flight (2 per CPU of the cluster), so memory stays a few tensors
+per worker. A task whose worker
 dies (killed, out of memory, node lost) is re-run up to ``retries`` times (Ray's ``max_retries``); an
 error of the input (a NaN, a bad dtype) is not retried and is raised here as the one-line error it is.
 
