@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from .calibrate.options import CalibrationOptions
 
 _CPU = torch.device("cpu")
+_WIDENED_IN_SUB = (torch.bfloat16, torch.float16, torch.float32)
 
 __all__ = ["compress", "reconstruct", "load_delta", "apply_delta_", "iter_reconstructed", "summarize"]
 
@@ -38,7 +39,10 @@ def _delta(ft: Tensor, b: Tensor, p: Pairing, b32: Tensor | None = None) -> tupl
     """(the fine-tune's rows shared with the base, their float32 delta; scalars as shape (1,)); ``b32``:
     ``b`` in float32 already, when the caller has it."""
     shared = ft[: p.base_rows] if p.base_rows is not None else ft
-    delta = shared.to(torch.float32) - (b32 if b32 is not None else b.to(torch.float32))
+    # bf16/fp16 minus float32 is computed in float32, element by element: the same values as widening
+    # first, without a float32 copy of the fine-tune tensor
+    left = shared if shared.dtype in _WIDENED_IN_SUB else shared.to(torch.float32)
+    delta = left - (b32 if b32 is not None else b.to(torch.float32))
     return shared, (delta.reshape(1) if delta.dim() == 0 else delta)
 
 

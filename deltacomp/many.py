@@ -68,7 +68,7 @@ def name_of(path: str | os.PathLike) -> str:
 def check_name(name: str, where: str) -> str:
     if not _NAME.fullmatch(name) or name.endswith(".index.json"):
         raise SettingsError(f"{where}: {name!r} is not a usable output name (letters, digits, . _ + -, not "
-                            "starting with '.' or '-')")
+                            "starting with '.' or '-'); name it with --manifest (name=path lines)")
     return name
 
 
