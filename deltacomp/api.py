@@ -182,7 +182,7 @@ def _remove_delta(path: Path) -> None:
 def _nonfinite(t: Tensor) -> int:
     """How many values of ``t`` are NaN or Inf. One pass of a sum first: a NaN or Inf anywhere makes the
     sum NaN or Inf, so a finite sum means none (a sum that overflows only sends it to the exact count);
-    torch's isfinite + count is several passes, which made it the larger part of a bitdelta compress."""
+    torch's isfinite + count is several passes, which made it the larger part of a 1-bit compress."""
     if not t.is_floating_point():
         return 0
     if t.element_size() == 1:  # float8: torch has no isfinite for it
