@@ -50,17 +50,18 @@ def config(layers: int) -> dict:
             "rms_norm_eps": 1e-5, "hidden_act": "silu", "torch_dtype": "bfloat16", "tie_word_embeddings": False}
 
 
-def tensor(name: str, shape: tuple[int, ...], index: int, finetuned: bool) -> torch.Tensor:
-    """The base tensor (norms near 1, weights ~0.02) or the fine-tune's: base + a small perturbation."""
+def tensor(name: str, shape: tuple[int, ...], index: int, finetuned: bool, variant: int = 0) -> torch.Tensor:
+    """The base tensor (norms near 1, weights ~0.02) or the fine-tune's: base + a small perturbation
+    (``variant`` picks one of several fine-tunes of the same base)."""
     g = torch.Generator().manual_seed(1000 + index)
     base = torch.randn(shape, generator=g) * 0.02 + (1.0 if len(shape) == 1 else 0.0)
     if finetuned:
-        g.manual_seed(5000 + index)
+        g.manual_seed(5000 + index + 100_000 * variant)
         base += torch.randn(shape, generator=g) * 0.002
     return base.to(torch.bfloat16)
 
 
-def write_checkpoint(folder: Path, layers: int, finetuned: bool) -> None:
+def write_checkpoint(folder: Path, layers: int, finetuned: bool, variant: int = 0) -> None:
     """A sharded HF folder, written tensor by tensor: each shard's header comes from the known shapes."""
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps(config(layers), indent=2))
@@ -90,7 +91,7 @@ def write_checkpoint(folder: Path, layers: int, finetuned: bool) -> None:
             f.write(struct.pack("<Q", len(raw)) + raw)
             for i in members:
                 name, shape = shapes[i]
-                f.write(tensor(name, shape, i, finetuned).reshape(-1).view(torch.uint8).numpy().tobytes())
+                f.write(tensor(name, shape, i, finetuned, variant).reshape(-1).view(torch.uint8).numpy().tobytes())
         total += offset
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))

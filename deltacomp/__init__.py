@@ -3,6 +3,7 @@
 Public API (mirrors the CLI)::
 
     deltacomp.compress(base, finetuned, "ft.delta.safetensors", method="bitdelta", ratio=None, rules=())
+    deltacomp.compress_many(base, [ft1, ft2], "deltas/")  # several fine-tunes of one base, one base read
     deltacomp.reconstruct(base, "ft.delta.safetensors", "./ft-restored")
     delta = deltacomp.load_delta("ft.delta.safetensors")
     deltacomp.apply_delta_(model, delta)          # model loaded from the base, turned into the fine-tune
@@ -11,6 +12,7 @@ Public API (mirrors the CLI)::
 from ._version import __version__
 from .api import apply_delta_, compress, iter_reconstructed, load_delta, reconstruct, summarize
 from .codecs import available as available_methods
+from .many import compress_many
 from .serve import (DeltaLinear, MultiDeltaLinear, generate, patch_model, patch_model_multi, set_delta_index,
                     unpatch_model)
 from .delta_file import FORMAT
@@ -18,7 +20,7 @@ from .errors import (BaseMismatchError, CheckpointError, ChecksumError, Deltacom
                      DeltaFormatError, OutputExistsError, SettingsError)
 
 __all__ = [
-    "__version__", "FORMAT", "compress", "reconstruct", "load_delta", "apply_delta_", "iter_reconstructed",
+    "__version__", "FORMAT", "compress", "compress_many", "reconstruct", "load_delta", "apply_delta_", "iter_reconstructed",
     "summarize", "available_methods", "patch_model", "patch_model_multi", "set_delta_index", "unpatch_model",
     "DeltaLinear", "MultiDeltaLinear", "generate", "DeltacompError", "SettingsError", "CheckpointError", "DeltaFormatError",
     "ChecksumError", "BaseMismatchError", "OutputExistsError",

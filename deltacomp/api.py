@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
@@ -28,15 +29,20 @@ if TYPE_CHECKING:
     from .calibrate.options import CalibrationOptions
 
 _CPU = torch.device("cpu")
+_WIDENED_IN_SUB = (torch.bfloat16, torch.float16, torch.float32)
 
 __all__ = ["compress", "reconstruct", "load_delta", "apply_delta_", "iter_reconstructed", "summarize"]
 
 
 # -- compress ---------------------------------------------------------------------------------------
-def _delta(ft: Tensor, b: Tensor, p: Pairing) -> tuple[Tensor, Tensor]:
-    """(the fine-tune's rows shared with the base, their float32 delta; scalars as shape (1,))."""
+def _delta(ft: Tensor, b: Tensor, p: Pairing, b32: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(the fine-tune's rows shared with the base, their float32 delta; scalars as shape (1,)); ``b32``:
+    ``b`` in float32 already, when the caller has it."""
     shared = ft[: p.base_rows] if p.base_rows is not None else ft
-    delta = shared.to(torch.float32) - b.to(torch.float32)
+    # bf16/fp16 minus float32 is computed in float32, element by element: the same values as widening
+    # first, without a float32 copy of the fine-tune tensor
+    left = shared if shared.dtype in _WIDENED_IN_SUB else shared.to(torch.float32)
+    delta = left - (b32 if b32 is not None else b.to(torch.float32))
     return shared, (delta.reshape(1) if delta.dim() == 0 else delta)
 
 
@@ -174,50 +180,93 @@ def _remove_delta(path: Path) -> None:
 
 
 def _nonfinite(t: Tensor) -> int:
+    """How many values of ``t`` are NaN or Inf. One pass of a sum first: a NaN or Inf anywhere makes the
+    sum NaN or Inf, so a finite sum means none (a sum that overflows only sends it to the exact count);
+    torch's isfinite + count is several passes, which made it the larger part of a 1-bit compress."""
     if not t.is_floating_point():
         return 0
     if t.element_size() == 1:  # float8: torch has no isfinite for it
         t = t.float()
+    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
+        return 0
     return int(t.numel() - torch.isfinite(t).sum())
 
 
-def _check_finite(p: Pairing, ft: Tensor, b: Tensor, fck: Checkpoint, bck: Checkpoint, allow: bool) -> bool:
+class BaseTensor:
+    """One base tensor, read once, with what encoding a fine-tune's tensor asks of it computed once:
+    its digest (the file's fingerprint), its count of NaN/Inf and its float32 copy. compress-many
+    (many.py) shares one across every fine-tune."""
+
+    def __init__(self, tensor: Tensor, path: str | os.PathLike):
+        self.tensor, self.path = tensor, str(path)
+        self._digest: str | None = None
+        self._nonfinite: int | None = None
+        self._f32: Tensor | None = None
+
+    @property
+    def digest(self) -> str:
+        if self._digest is None:
+            self._digest = base_digest(self.tensor)
+        return self._digest
+
+    @property
+    def nonfinite(self) -> int:
+        if self._nonfinite is None:
+            self._nonfinite = _nonfinite(self.tensor)
+        return self._nonfinite
+
+    @property
+    def float32(self) -> Tensor:
+        if self._f32 is None:
+            self._f32 = self.tensor.to(torch.float32)
+        return self._f32
+
+    def __getstate__(self) -> dict:  # shipped to other processes (Ray) without the float32 copy
+        return {**self.__dict__, "_f32": None}
+
+
+@dataclass
+class EncodedParam:
+    """One fine-tune tensor as the delta file stores it: what ``DeltaWriter.add`` takes, and the digest
+    of the base tensor it applies to (None when it has no base)."""
+    info: ParamInfo
+    tensors: dict[str, Tensor] | None
+    new_rows: Tensor | None = None
+    base_hash: str | None = None
+
+
+def _check_finite(p: Pairing, ft: Tensor, ft_path: str, base: BaseTensor, allow: bool) -> bool:
     """False (store whole) or NonFiniteError when the pair holds NaN/Inf: its delta would be NaN and
     codecs with a shared scale would spread it over the whole tensor."""
-    for t, ck in ((ft, fck), (b, bck)):
-        n = _nonfinite(t)
+    for n, numel, path in ((_nonfinite(ft), ft.numel(), ft_path), (base.nonfinite, base.tensor.numel(), base.path)):
         if n and not allow:
-            raise NonFiniteError(f"{ck.path}: {p.name}: {n} of {t.numel()} values are NaN or Inf; fix the "
+            raise NonFiniteError(f"{path}: {p.name}: {n} of {numel} values are NaN or Inf; fix the "
                                  "checkpoint, or pass --allow-nonfinite to store such tensors whole (uncompressed)")
         if n:
             return False
     return True
 
 
-def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoint, p: Pairing,
-                base_hashes: dict[str, str], shared_settings: dict[str, dict], device: torch.device,
-                allow_nonfinite: bool = False) -> None:
-    """Encode one fine-tune tensor as its plan says (on ``device`` when its codec runs there) and add it
-    to ``writer``."""
-    ft = fck.get(p.name)
+def encode_param(plan: Plan, p: Pairing, ft: Tensor, ft_path: str | os.PathLike, base: BaseTensor | None,
+                 shared_settings: dict[str, dict], device: torch.device, allow_nonfinite: bool = False) -> EncodedParam:
+    """Encode one fine-tune tensor as its plan says (on ``device`` when its codec runs there); ``base``
+    is the base tensor of a ``DELTA`` pair (None otherwise). The per-tensor step of compress and
+    compress-many, in this process or in a Ray task: it reads no file."""
     if dtype_name(ft.dtype) not in DTYPES:  # refused here, before a file the reader would refuse is made
-        raise CheckpointError(f"{fck.path}: {p.name}: dtype {dtype_name(ft.dtype)} cannot be stored in a delta "
+        raise CheckpointError(f"{ft_path}: {p.name}: dtype {dtype_name(ft.dtype)} cannot be stored in a delta "
                               f"file (supported: {', '.join(DTYPES)}); convert the checkpoint first")
     info = ParamInfo(p.name, None, tuple(ft.shape), dtype_name(ft.dtype))
     if p.kind == PairKind.TIED:
         info.tied_to = p.tied_to
-        writer.add(info, None)
-        return
-    if p.kind == PairKind.DELTA and not _check_finite(p, ft, bck.get(p.name), fck, bck, allow_nonfinite):
+        return EncodedParam(info, None)
+    if p.kind == PairKind.DELTA and not _check_finite(p, ft, str(ft_path), base, allow_nonfinite):
         p = Pairing(p.name, PairKind.NEW)
     if p.kind == PairKind.NEW:
         enc = get_codec(WHOLE).whole(ft)
         info.codec, info.has_base, info.settings = enc.codec, False, enc.params
-        writer.add(info, enc.tensors)
-        return
-    b = bck.get(p.name)
-    base_hashes[p.name] = base_digest(b)
-    shared, delta = _delta(ft, b, p)
+        return EncodedParam(info, enc.tensors)
+    b = base.tensor
+    shared, delta = _delta(ft, b, p, base.float32)
     is_zero = not bool(torch.count_nonzero(delta))
     a = plan.assign(p.name, tuple(delta.shape), ft.element_size(), is_zero)
     codec = get_codec(a.codec)
@@ -229,7 +278,41 @@ def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoin
     if ft.dim() == 0:  # scalars are stored as shape (1,) and restored
         enc.shape, info.shape = (1,), ()
     info.codec, info.settings, info.base_rows = a.codec, enc.params, p.base_rows
-    writer.add(info, tensors, new_rows=ft[p.base_rows:] if p.base_rows is not None else None)
+    return EncodedParam(info, tensors, ft[p.base_rows:] if p.base_rows is not None else None, base.digest)
+
+
+def add_encoded(writer: DeltaWriter, e: EncodedParam, base_hashes: dict[str, str]) -> None:
+    writer.add(e.info, e.tensors, new_rows=e.new_rows)
+    if e.base_hash is not None:
+        base_hashes[e.info.name] = e.base_hash
+
+
+def read_base(bck: Checkpoint, p: Pairing) -> BaseTensor | None:
+    """The base tensor a pair's encoding needs (``DELTA`` pairs only)."""
+    return BaseTensor(bck.get(p.name), bck.path) if p.kind == PairKind.DELTA else None
+
+
+def prepare_pairs(bck: Checkpoint, fck: Checkpoint, plan: Plan, device: torch.device, progress: bool,
+                  allow_mismatch: bool, grams: dict[str, Tensor] | None = None) -> tuple[list[Pairing], dict]:
+    """Pair, check, and run the whole-model passes the plan needs (auto's allocation, the codecs'
+    global statistics): (pairs in the fine-tune's order, shared settings by group)."""
+    pairs = pair_checkpoints(bck, fck)
+    check_pair(bck, fck, pairs, allow_mismatch)
+    if plan.auto:
+        _auto_allocate(bck, fck, pairs, plan, device, progress, grams)
+    return pairs, _global_prepass(bck, fck, pairs, plan, progress)
+
+
+def file_metadata(base, finetuned, bck: Checkpoint, fck: Checkpoint, plan: Plan,
+                  base_hashes: dict[str, str]) -> dict[str, Any]:
+    """The delta file's metadata besides its params (DeltaWriter adds those)."""
+    return {
+        "base": {"fingerprint": fingerprint_all(base_hashes), "tensors": base_hashes,
+                 "dtypes": {n: dtype_name(bck.dtype(n)) for n in base_hashes}},
+        "files": {k: file_to_json(v) for k, v in fck.extra_files().items()},
+        "source": {**plan.describe(), "base": str(base), "finetuned": str(finetuned),
+                   "finetuned_bytes": fck.nbytes()},
+    }
 
 
 def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *,
@@ -242,21 +325,13 @@ def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | 
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
-            pairs = pair_checkpoints(bck, fck)
-            check_pair(bck, fck, pairs, allow_mismatch)
-            if plan.auto:
-                _auto_allocate(bck, fck, pairs, plan, device, progress, grams)
+            pairs, shared_settings = prepare_pairs(bck, fck, plan, device, progress, allow_mismatch, grams)
             base_hashes: dict[str, str] = {}
-            shared_settings = _global_prepass(bck, fck, pairs, plan, progress)
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
-                _add_tensor(writer, plan, bck, fck, p, base_hashes, shared_settings, device, allow_nonfinite)
-            metadata = {
-                "base": {"fingerprint": fingerprint_all(base_hashes), "tensors": base_hashes,
-                         "dtypes": {n: dtype_name(bck.dtype(n)) for n in base_hashes}},
-                "files": {k: file_to_json(v) for k, v in fck.extra_files().items()},
-                "source": {**plan.describe(), "base": str(base), "finetuned": str(finetuned),
-                           "finetuned_bytes": fck.nbytes()},
-            }
+                e = encode_param(plan, p, fck.get(p.name), fck.path, read_base(bck, p), shared_settings, device,
+                                 allow_nonfinite)
+                add_encoded(writer, e, base_hashes)
+            metadata = file_metadata(base, finetuned, bck, fck, plan, base_hashes)
         writer.finish(metadata)
     except BaseException:
         writer.abort()

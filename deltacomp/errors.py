@@ -41,3 +41,7 @@ class OutputExistsError(DeltacompError):
 
 class OutputBusyError(OutputExistsError):
     """Another run is writing the same output right now (its lock is held)."""
+
+
+class WorkerError(DeltacompError):
+    """A distributed task kept failing: its worker died (killed, out of memory, node lost) every try."""

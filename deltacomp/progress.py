@@ -12,3 +12,18 @@ def progress_bar(items: Iterable[T], desc: str, unit: str = "it", enable: bool =
     if not enable:
         return items
     return tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_counter(total: int, desc: str, unit: str = "it", enable: bool = True):
+    """A bar advanced by hand (``.update()``, ``.close()``): for work that finishes out of a loop's order."""
+    if not enable:
+        return _Silent()
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

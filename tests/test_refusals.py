@@ -173,3 +173,18 @@ def test_failure_mid_write_leaves_nothing(tmp_path, pair, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         deltacomp.compress(base, ft, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nonfinite_count_is_exact(dtype):
+    """api._nonfinite's one-sum fast path: exact counts, and a sum that overflows is no false alarm."""
+    from deltacomp.api import _nonfinite
+
+    t = torch.randn(33, 7).to(dtype)
+    assert _nonfinite(t) == 0
+    t[3, 4], t[5, 1], t[6, 2] = float("nan"), float("inf"), float("-inf")
+    assert _nonfinite(t) == 3
+    assert _nonfinite(torch.full((9,), torch.finfo(dtype).max, dtype=dtype)) == 0  # the sum overflows
+    assert _nonfinite(torch.tensor([float("inf"), float("-inf")], dtype=dtype)) == 2  # the sum is NaN
+    assert _nonfinite(torch.tensor(float("nan"), dtype=dtype)) == 1
+    assert _nonfinite(torch.arange(5)) == 0

@@ -126,10 +126,16 @@ def _add_compress(sub) -> None:
     p.add_argument("finetuned", help="fine-tuned model: HF folder or .safetensors file")
     p.add_argument("-o", "--output", required=True, help="delta file to write, e.g. ft.delta.safetensors")
     _add_common_compress(p)
-    p.add_argument("--bits", type=float, default=None,
-                   help="--method auto's budget in bits per parameter of the tensors it compresses (instead of --ratio)")
     add_calibration_options(p, "calibration text (a file, or a bundled corpus name such as 'shakespeare': its "
                             "training split): every codec in the file that uses data runs its calibrator")
+    _add_compress_run_options(p)
+    p.set_defaults(func=cmd_compress)
+
+
+def _add_compress_run_options(p: argparse.ArgumentParser) -> None:
+    """What compress and compress-many share besides the method: budget, output, device, checks, printing."""
+    p.add_argument("--bits", type=float, default=None,
+                   help="--method auto's budget in bits per parameter of the tensors it compresses (instead of --ratio)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
     p.add_argument("--device", default="auto",
                    help="where the codecs' math (and --calib) runs: auto, cpu, cuda, cuda:N (default auto: the CPU "
@@ -141,7 +147,6 @@ def _add_compress(sub) -> None:
                    help="accept a fine-tune of another architecture or one missing base tensors (warns)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
-    p.set_defaults(func=cmd_compress)
 
 
 def _add_inspect(sub) -> None:
@@ -213,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_compress(sub)
+    from .many import add_many_parser  # compress-many
+
+    add_many_parser(sub)
     _add_inspect(sub)
     _add_reconstruct(sub)
     _add_export_lora(sub)
