@@ -17,10 +17,11 @@ from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_d
                          fingerprint_all, index_path)
 from .devices import resolve_device
 from .dtypes import DTYPES, dtype_name
-from .errors import CheckpointError, NonFiniteError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
+from .rowblocks import add_streamed, count_nonfinite, delta_of, finite_or_refuse, write_streamed
 from .storage import output_dir
 from .summary import summarize
 
@@ -35,9 +36,7 @@ __all__ = ["compress", "reconstruct", "load_delta", "apply_delta_", "iter_recons
 # -- compress ---------------------------------------------------------------------------------------
 def _delta(ft: Tensor, b: Tensor, p: Pairing) -> tuple[Tensor, Tensor]:
     """(the fine-tune's rows shared with the base, their float32 delta; scalars as shape (1,))."""
-    shared = ft[: p.base_rows] if p.base_rows is not None else ft
-    delta = shared.to(torch.float32) - b.to(torch.float32)
-    return shared, (delta.reshape(1) if delta.dim() == 0 else delta)
+    return delta_of(ft, b, p.base_rows)
 
 
 def _group_key(a) -> str:
@@ -92,7 +91,7 @@ def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan:
             if p.kind != PairKind.DELTA or not plan.auto_target(p.name, tuple(bck.shape(p.name)), False):
                 continue
             ft, b = fck.get(p.name), bck.get(p.name)
-            if _nonfinite(ft) or _nonfinite(b):
+            if count_nonfinite(ft) or count_nonfinite(b):
                 continue
             delta = _delta(ft, b, p)[1]
             if torch.count_nonzero(delta):
@@ -173,32 +172,19 @@ def _remove_delta(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _nonfinite(t: Tensor) -> int:
-    if not t.is_floating_point():
-        return 0
-    if t.element_size() == 1:  # float8: torch has no isfinite for it
-        t = t.float()
-    return int(t.numel() - torch.isfinite(t).sum())
-
-
 def _check_finite(p: Pairing, ft: Tensor, b: Tensor, fck: Checkpoint, bck: Checkpoint, allow: bool) -> bool:
-    """False (store whole) or NonFiniteError when the pair holds NaN/Inf: its delta would be NaN and
-    codecs with a shared scale would spread it over the whole tensor."""
-    for t, ck in ((ft, fck), (b, bck)):
-        n = _nonfinite(t)
-        if n and not allow:
-            raise NonFiniteError(f"{ck.path}: {p.name}: {n} of {t.numel()} values are NaN or Inf; fix the "
-                                 "checkpoint, or pass --allow-nonfinite to store such tensors whole (uncompressed)")
-        if n:
-            return False
-    return True
+    """False (store whole) or NonFiniteError when the pair holds NaN/Inf (rowblocks.finite_or_refuse)."""
+    return finite_or_refuse(p.name, [(str(fck.path), count_nonfinite(ft), ft.numel()),
+                                     (str(bck.path), count_nonfinite(b), b.numel())], allow)
 
 
 def _add_tensor(writer: DeltaWriter, plan: Plan, bck: Checkpoint, fck: Checkpoint, p: Pairing,
                 base_hashes: dict[str, str], shared_settings: dict[str, dict], device: torch.device,
                 allow_nonfinite: bool = False) -> None:
     """Encode one fine-tune tensor as its plan says (on ``device`` when its codec runs there) and add it
-    to ``writer``."""
+    to ``writer``; a large one whose codec works on row blocks goes block by block (rowblocks.py)."""
+    if add_streamed(writer, plan, bck, fck, p, base_hashes, shared_settings, _group_key, allow_nonfinite):
+        return
     ft = fck.get(p.name)
     if dtype_name(ft.dtype) not in DTYPES:  # refused here, before a file the reader would refuse is made
         raise CheckpointError(f"{fck.path}: {p.name}: dtype {dtype_name(ft.dtype)} cannot be stored in a delta "
@@ -273,16 +259,19 @@ def iter_reconstructed(base: str | os.PathLike | Checkpoint, delta: str | os.Pat
     checker = BaseChecker(df, force)
     check_base_names(df, bck)
     for name in progress_bar(list(df.params), desc="reconstruct", unit="tensor", enable=progress):
-        info = df.params[name]
-        src = info.tied_to or name
-        src_info = df.params[src]
-        b = None
-        if src_info.has_base:
-            b = bck.get(src)
-            checker.check(src, b, str(bck.path))
-            b = b.reshape(src_info.encoded_shape) if b.dim() == 0 else b
-        out = df.apply(src, b)
-        yield name, out.reshape(info.shape)
+        yield name, _reconstructed(bck, df, checker, name)
+
+
+def _reconstructed(bck: Checkpoint, df: Delta, checker: BaseChecker, name: str) -> Tensor:
+    info = df.params[name]
+    src = info.tied_to or name
+    src_info = df.params[src]
+    b = None
+    if src_info.has_base:
+        b = bck.get(src)
+        checker.check(src, b, str(bck.path))
+        b = b.reshape(src_info.encoded_shape) if b.dim() == 0 else b
+    return df.apply(src, b).reshape(info.shape)
 
 
 def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
@@ -290,9 +279,12 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
     with load_delta(delta) as df, open_checkpoint(base) as bck, output_dir(out, overwrite=overwrite) as tmp:
+        checker = BaseChecker(df, force)
+        check_base_names(df, bck)
         with ShardedWriter(tmp, max_shard_bytes) as writer:
-            for name, tensor in iter_reconstructed(bck, df, force=force, progress=progress):
-                writer.add(name, tensor)
+            for name in progress_bar(list(df.params), desc="reconstruct", unit="tensor", enable=progress):
+                if not write_streamed(writer, bck, df, checker, name):  # large: block by block
+                    writer.add(name, _reconstructed(bck, df, checker, name))
         open_checkpoint(tmp).close()  # readable before it gets the output's name
         for fname, data in df.files.items():
             if "/" in fname or "\\" in fname or fname.startswith("."):
