@@ -9,12 +9,14 @@ N(0, 0.02) values at per-block offsets (drawing 10^10 normals would take longer 
 the fine-tune moves each bf16 value by -4..4 units in the last place (also a seeded pool), so its delta
 is small and exactly representable in bf16, as a real bf16 fine-tune's often is. Each command runs in a
 subprocess sampled from /proc (VmRSS, RssAnon, RssFile) whose rusage gives the exact peak RSS (VmHWM)
-and CPU seconds (memory.measure). Checkpoints are deleted after each size; the fine-tune is deleted
-before `reconstruct` (it needs only the base and the delta), to keep the disk in use near 46 GB at 70B x 8.
+and CPU seconds (memory.measure). That rusage also counts the parent's resident set at the spawn
+(subprocess spawns with vfork), about 0.4 GB here (torch and the pools): a floor under every figure,
+below all of them. Checkpoints are deleted after each size; the fine-tune is deleted before
+`reconstruct` (it needs only the base and the delta), to keep the disk in use near 46 GB at 70B x 8.
 
     python benchmarks/scale.py --sizes 7b:2 7b:8 7b:32 70b:2 70b:8 --methods bitdelta ternary \
         --out benchmarks/results/scale_cpu.json
-    python benchmarks/scale.py --sizes 7b:2 --methods bitdelta --quick      # a small check
+    python benchmarks/scale.py --sizes 7b:2 --methods bitdelta --no-reconstruct   # a quick check
     python benchmarks/scale.py --plot benchmarks/results/scale_cpu.json --plot-out docs/scale_memory.png
 """
 from __future__ import annotations

@@ -104,4 +104,4 @@ def test_peak_memory_flat_in_layers(peaks, command):
 @pytest.mark.parametrize("command", ["compress", "reconstruct"])
 def test_the_check_catches_a_reader_that_keeps_tensors(peaks, command):
     two, eight = peaks["leak", command, 2], peaks["leak", command, 8]
-    assert eight - two > 4 * MARGIN, (two, eight)
+    assert eight - two > MARGIN, (two, eight)  # the flatness check above would fail
