@@ -1,7 +1,7 @@
 """Peak memory does not grow with the number of layers: `compress` and `reconstruct` of a 2-layer and an
 8-layer model (hidden 1024, so one layer's tensors, 14 MB each side, dwarf the interpreter's noise) run in
-fresh subprocesses, whose peak RSS (VmHWM, which each child reads from /proc/self/status as it exits) must agree
-within MARGIN. The check is shown able to fail: the same runs with the checkpoint reader made to keep
+fresh subprocesses, whose peak RSS (VmHWM, which each child reads from /proc/self/status as it exits)
+must not grow from 2 to 8 layers by MARGIN. The check is shown able to fail: the same runs with the checkpoint reader made to keep
 every tensor it read (what a memory map of the whole file or loading the whole model amounts to) must
 differ by more than MARGIN."""
 from __future__ import annotations
@@ -97,7 +97,8 @@ def peaks(tmp_path_factory) -> dict[tuple[str, str, int], int]:
 @pytest.mark.parametrize("command", ["compress", "reconstruct"])
 def test_peak_memory_flat_in_layers(peaks, command):
     two, eight = peaks["streamed", command, 2], peaks["streamed", command, 8]
-    assert abs(eight - two) < MARGIN, (f"{command}: peak RSS {two / 2**20:.1f} MB at 2 layers, {eight / 2**20:.1f} MB "
+    # one-sided: the 2-layer peak comes out up to ~12 MB higher at times (allocator noise), never a leak
+    assert eight - two < MARGIN, (f"{command}: peak RSS {two / 2**20:.1f} MB at 2 layers, {eight / 2**20:.1f} MB "
                                        f"at 8 (allowed difference {MARGIN / 2**20:.1f} MB)")
 
 
