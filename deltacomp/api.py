@@ -22,6 +22,7 @@ from .errors import CheckpointError, NonFiniteError, OutputExistsError
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
+from .rowblocks import add_streamed, write_streamed
 from .storage import output_dir
 from .summary import summarize
 
@@ -328,6 +329,8 @@ def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | 
             pairs, shared_settings = prepare_pairs(bck, fck, plan, device, progress, allow_mismatch, grams)
             base_hashes: dict[str, str] = {}
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
+                if add_streamed(writer, plan, bck, fck, p, base_hashes, shared_settings, _group_key, allow_nonfinite):
+                    continue  # large, and its codec works on row blocks: done block by block (rowblocks.py)
                 e = encode_param(plan, p, fck.get(p.name), fck.path, read_base(bck, p), shared_settings, device,
                                  allow_nonfinite)
                 add_encoded(writer, e, base_hashes)
@@ -348,16 +351,19 @@ def iter_reconstructed(base: str | os.PathLike | Checkpoint, delta: str | os.Pat
     checker = BaseChecker(df, force)
     check_base_names(df, bck)
     for name in progress_bar(list(df.params), desc="reconstruct", unit="tensor", enable=progress):
-        info = df.params[name]
-        src = info.tied_to or name
-        src_info = df.params[src]
-        b = None
-        if src_info.has_base:
-            b = bck.get(src)
-            checker.check(src, b, str(bck.path))
-            b = b.reshape(src_info.encoded_shape) if b.dim() == 0 else b
-        out = df.apply(src, b)
-        yield name, out.reshape(info.shape)
+        yield name, _reconstructed(bck, df, checker, name)
+
+
+def _reconstructed(bck: Checkpoint, df: Delta, checker: BaseChecker, name: str) -> Tensor:
+    info = df.params[name]
+    src = info.tied_to or name
+    src_info = df.params[src]
+    b = None
+    if src_info.has_base:
+        b = bck.get(src)
+        checker.check(src, b, str(bck.path))
+        b = b.reshape(src_info.encoded_shape) if b.dim() == 0 else b
+    return df.apply(src, b).reshape(info.shape)
 
 
 def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os.PathLike, *,
@@ -365,9 +371,12 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
     with load_delta(delta) as df, open_checkpoint(base) as bck, output_dir(out, overwrite=overwrite) as tmp:
+        checker = BaseChecker(df, force)
+        check_base_names(df, bck)
         with ShardedWriter(tmp, max_shard_bytes) as writer:
-            for name, tensor in iter_reconstructed(bck, df, force=force, progress=progress):
-                writer.add(name, tensor)
+            for name in progress_bar(list(df.params), desc="reconstruct", unit="tensor", enable=progress):
+                if not write_streamed(writer, bck, df, checker, name):  # large: block by block
+                    writer.add(name, _reconstructed(bck, df, checker, name))
         open_checkpoint(tmp).close()  # readable before it gets the output's name
         for fname, data in df.files.items():
             if "/" in fname or "\\" in fname or fname.startswith("."):

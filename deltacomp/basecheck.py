@@ -2,12 +2,13 @@
 way by reconstruct, apply, serving, evaluation and calibration."""
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 from torch import Tensor
 
 from .checkpoint import Checkpoint
-from .delta_file import DeltaFile, base_digest
+from .delta_file import DeltaFile, base_digest, tensor_digest
 from .dtypes import DTYPES
 from .errors import BaseMismatchError
 
@@ -33,8 +34,15 @@ class BaseChecker:
         return base_digest(tensor) == want
 
     def check(self, name: str, tensor: Tensor, where: str, hint: str = FORCE_HINT) -> None:
-        if self.matches(name, tensor):
-            return
+        if not self.matches(name, tensor):
+            self._mismatch(name, where, hint)
+
+    def streamed(self, name: str) -> "StreamedCheck":
+        """The same check for a tensor read in consecutive blocks of rows: ``update`` with each block,
+        then ``check``."""
+        return StreamedCheck(self, name)
+
+    def _mismatch(self, name: str, where: str, hint: str) -> None:
         msg = (f"{where}: tensor {name} differs from the base {self.df.path} was made against "
                f"(fingerprint mismatch){hint}")
         if not self.force:
@@ -42,6 +50,26 @@ class BaseChecker:
         if not self.warned:
             warnings.warn(msg.replace(hint, "; applying anyway (--force)"))
             self.warned = True
+
+
+class StreamedCheck:
+    """BaseChecker.check over a tensor's blocks of rows (the digest is over the same bytes)."""
+
+    def __init__(self, checker: BaseChecker, name: str):
+        self.checker, self.name = checker, name
+        self.want = checker.df.base_tensors.get(name)
+        dt = checker.df.metadata.get("base", {}).get("dtypes", {}).get(name)
+        self.dtype = DTYPES.get(dt) if isinstance(dt, str) else None
+        self._hash = hashlib.sha256()
+
+    def update(self, block: Tensor) -> None:
+        if self.want is not None:
+            block = block.detach().cpu()
+            tensor_digest(block.to(self.dtype) if self.dtype is not None else block, self._hash)
+
+    def check(self, where: str, hint: str = FORCE_HINT) -> None:
+        if self.want is not None and self._hash.hexdigest()[:32] != self.want:
+            self.checker._mismatch(self.name, where, hint)
 
 
 def check_base_names(df: DeltaFile, bck: Checkpoint) -> None:

@@ -9,10 +9,11 @@ the size of the checkpoint. Nothing is ever unpickled.
 from __future__ import annotations
 
 import json
+import math
 import os
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,6 +24,8 @@ from .storage import ShardBuffer
 from .tensorio import TensorReader
 
 INDEX_NAME = "model.safetensors.index.json"
+# Elements per block where a tensor is read in blocks of rows (64 MB per float32 copy of a block).
+BLOCK_ELEMS = 1 << 24
 SINGLE_NAME = "model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 # Files other than weights that make a folder a usable model: carried into the delta file and back out.
@@ -147,6 +150,25 @@ class Checkpoint:
         except (OSError, ValueError) as exc:
             raise CheckpointError(f"{reader.path}: {name}: cannot read ({exc})") from None
 
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of a tensor (tensorio.TensorReader.get_rows)."""
+        reader = self._reader(name)
+        try:
+            return reader.get_rows(name, start, stop)
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"{reader.path}: {name}: cannot read ({exc})") from None
+
+    def iter_rows(self, name: str, block_elems: int = BLOCK_ELEMS) -> Iterator[Tensor]:
+        """A tensor in consecutive blocks of whole rows, about ``block_elems`` elements each (a scalar
+        or a tensor below that comes whole)."""
+        shape = self.shape(name)
+        if not shape or math.prod(shape) <= block_elems:
+            yield self.get(name)
+            return
+        step = max(1, block_elems // max(1, math.prod(shape[1:])))
+        for start in range(0, shape[0], step):
+            yield self.get_rows(name, start, min(start + step, shape[0]))
+
     def nbytes(self) -> int:
         """Bytes of all weight files on disk (what a user sees as the checkpoint's size)."""
         return sum(f.stat().st_size for f in self._handles)
@@ -203,6 +225,10 @@ class ShardedWriter:
     def add(self, name: str, tensor: Tensor) -> None:
         self._buffer.add({name: tensor})
 
+    def add_blocks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], blocks: Iterable[Tensor]) -> None:
+        """One tensor written from consecutive blocks of its rows as they come (memory holds one block)."""
+        self._buffer.add_blocks({name: (dtype, tuple(shape))}, lambda _: blocks)
+
     def close(self) -> list[Path]:
         self._buffer.flush(empty=not self._buffer.shards)  # an empty model is still one (empty) file
         shards = self._buffer.shards
@@ -229,6 +255,14 @@ class ShardedWriter:
             self.close()
         else:
             self._buffer.abort()
+
+
+def same_tensor(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
+    """``torch.equal`` of two checkpoint tensors, compared a block of rows at a time (memory holds two
+    blocks, not two embeddings; it stops at the first block that differs)."""
+    if a.shape(name_a) != b.shape(name_b):
+        return False
+    return all(torch.equal(x, y) for x, y in zip(a.iter_rows(name_a), b.iter_rows(name_b)))
 
 
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Tensor]]:

@@ -148,6 +148,36 @@ class Delta(DeltaFile):
         new_rows = self.raw_tensors(name)[NEW_ROWS].to(out_dtype)
         return torch.cat([shared, new_rows], dim=0)
 
+    def row_blocked(self, name: str) -> bool:
+        """True when this parameter's codec decodes blocks of rows (``Codec.row_blocks``), so that
+        ``apply_rows`` can rebuild it a block at a time."""
+        info = self.params[name]
+        return self.row_blocked(info.tied_to) if info.tied_to is not None else get_codec(info.codec).row_blocks
+
+    def apply_rows(self, name: str, base: Tensor | None, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of ``apply(name, full base)``, from the base's rows ``start:stop``, for a
+        ``row_blocked`` parameter; rows past the base's (added tokens) come from the stored new rows.
+        The stored bytes are not checksummed here: ``verify_param`` the parameter first."""
+        info = self.params[name]
+        if info.tied_to is not None:
+            return self.apply_rows(info.tied_to, base, start, stop)
+        out_dtype = DTYPES[info.dtype]
+        if not info.has_base:
+            return self.field_rows(name, "values", start, stop).to(out_dtype)
+        rows = info.encoded_shape[0]
+        if start >= rows and info.base_rows is not None:
+            return self.field_rows(name, NEW_ROWS, start - rows, stop - rows).to(out_dtype)
+        if base is None or stop > rows:
+            raise DeltaFormatError(f"{self.path}: {name}: rows {start}:{stop} need their base rows")
+        enc = Encoded(info.codec, (stop - start, *info.encoded_shape[1:]),
+                      {f: self.field_rows(name, f, start, stop) for f in info.fields if f != NEW_ROWS},
+                      dict(info.settings))
+        with self.guard(name, "decode"):
+            delta = get_codec(info.codec).decode(enc)
+        if tuple(delta.shape) != enc.shape:
+            raise DeltaFormatError(f"{self.path}: {name} rows {start}:{stop} decode to shape {tuple(delta.shape)}")
+        return (base.to(torch.float32) + delta).to(out_dtype)
+
     def __enter__(self) -> "Delta":
         return self
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -33,13 +34,13 @@ import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
 
 from ._version import __version__
-from .dtypes import dtype_name
+from .dtypes import SAFETENSORS_DTYPES, dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
                         decode_embedded, fingerprint_all, integrity_digest, validate_schema)
@@ -178,6 +179,33 @@ class DeltaWriter:
         for f, t in tensors.items():
             self._manifest[f"{info.name}.{f}"] = (SAFETENSORS_CODES[t.dtype], tuple(t.shape))
         self._buffer.add({f"{info.name}.{f}": t for f, t in tensors.items()})
+
+    def add_blocks(self, info: ParamInfo, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                   blocks: Callable[[str], Iterable[Tensor]]) -> None:
+        """``add`` for a parameter too large to hold: each field of ``specs`` (field -> dtype, shape;
+        ``new_rows`` included) is written from the consecutive row blocks ``blocks(field)`` yields, as
+        they come. The file and its metadata are byte for byte what ``add`` writes for the whole tensors
+        (the checksum is taken over the same bytes, field by field in sorted order)."""
+        if info.name in self.params:
+            raise ValueError(f"{info.name}: added twice to the delta file")
+        order = sorted(specs)
+        h = hashlib.sha256()
+
+        def hashed(key: str) -> Iterator[Tensor]:
+            f = key[len(info.name) + 1:]
+            dtype, shape = specs[f]
+            h.update(f"{f}:{dtype_name(dtype)}:{list(shape)};".encode())
+            for block in blocks(f):
+                tensor_digest(block, h)
+                yield block
+
+        self._buffer.add_blocks({f"{info.name}.{f}": specs[f] for f in order}, hashed)
+        info.fields = order
+        info.nbytes = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
+        info.checksum = h.hexdigest()
+        self.params[info.name] = info
+        for f in order:
+            self._manifest[f"{info.name}.{f}"] = (SAFETENSORS_CODES[specs[f][0]], tuple(specs[f][1]))
 
     def _metadata_json(self, metadata: dict[str, Any]) -> str:
         meta = {"format": FORMAT, "deltacomp_version": __version__, **metadata,
@@ -358,11 +386,39 @@ class DeltaFile:
             raise ChecksumError(f"{self.path}: checksum mismatch in {name}: the file is corrupted")
         return tensors
 
+    def field_rows(self, name: str, fld: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` of one stored field of a parameter, not checksummed (``verify_param`` the
+        parameter first): for reading a parameter too large to hold in blocks of rows."""
+        key = f"{name}.{fld}"
+        try:
+            return self._handles[self._where[key]].get_rows(key, start, stop)
+        except (OSError, ValueError, KeyError) as exc:
+            raise DeltaFormatError(f"{self.path}: {name}: cannot read rows {start}:{stop} of {fld} ({exc})") from None
+
+    def verify_param(self, name: str) -> None:
+        """The checksum of one parameter, its bytes streamed in chunks (memory bounded whatever its size);
+        ChecksumError when it does not match."""
+        info = self.params[name]
+        h = hashlib.sha256()
+        try:
+            for f in sorted(info.fields):
+                key = f"{name}.{f}"
+                code, shape = self._manifest[key]
+                if code not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"dtype {code} of {key} is not supported")
+                h.update(f"{f}:{dtype_name(SAFETENSORS_DTYPES[code])}:{list(shape)};".encode())
+                for chunk in self._handles[self._where[key]].iter_bytes(key):
+                    h.update(chunk.numpy().data)
+        except (OSError, ValueError) as exc:
+            raise DeltaFormatError(f"{self.path}: {name}: cannot read its tensors ({exc})") from None
+        if h.hexdigest() != info.checksum:
+            raise ChecksumError(f"{self.path}: checksum mismatch in {name}: the file is corrupted")
+
     def verify(self) -> None:
-        """Checksum every stored tensor (raises ChecksumError on the first bad one)."""
+        """Checksum every stored tensor (raises ChecksumError on the first bad one), streamed."""
         for name, info in self.params.items():
             if info.tied_to is None:
-                self.raw_tensors(name)
+                self.verify_param(name)
 
     def close(self) -> None:
         self._stack.close()

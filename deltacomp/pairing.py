@@ -6,9 +6,7 @@ import re
 import warnings
 from dataclasses import dataclass
 
-import torch
-
-from .checkpoint import Checkpoint
+from .checkpoint import Checkpoint, same_tensor
 from .errors import CheckpointError
 
 ALLOW_HINT = "; pass --allow-mismatch (allow_mismatch=True) if this pair is really meant"
@@ -35,8 +33,8 @@ class Pairing:
 
 def _tied_target(name: str, base: Checkpoint, ft: Checkpoint) -> str | None:
     target = next((t for t in _TIE_TARGETS.get(name, ()) if t in ft), None)
-    if (target is not None and ft.shape(target) == ft.shape(name) and torch.equal(ft.get(name), ft.get(target))
-            and (name not in base or target not in base or torch.equal(base.get(name), base.get(target)))):
+    if (target is not None and same_tensor(ft, name, ft, target)
+            and (name not in base or target not in base or same_tensor(base, name, base, target))):
         return target
     return None
 

@@ -6,14 +6,16 @@ killed run left them, and the shard buffer both the delta file and Hugging Face 
 written through."""
 from __future__ import annotations
 
+import math
 import os
 import re
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterable, Iterator
 
+import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
@@ -183,13 +185,20 @@ class ShardBuffer:
         self.shards: list[tuple[Path, list[str]]] = []
 
     def add(self, tensors: dict[str, Tensor]) -> None:
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        self.add_blocks({n: (t.dtype, tuple(t.shape)) for n, t in tensors.items()}, lambda n: [tensors[n]])
+
+    def add_blocks(self, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                   blocks: Callable[[str], Iterable[Tensor]]) -> None:
+        """A group of tensors known by (dtype, shape), each written from the blocks ``blocks(name)``
+        yields (``TensorFileWriter.add_blocks``), in the order of ``specs``: the shard is chosen from
+        the sizes before any data exists."""
+        size = sum(math.prod(shape) * dtype.itemsize for dtype, shape in specs.values())
         if self.current is not None and self.current_bytes + size > self.max_bytes:
             self.flush()
         if self.current is None:
             self.current = TensorFileWriter(self.folder / f"shard-{len(self.shards):05d}{self.suffix}")
-        for name, t in tensors.items():
-            self.current.add(name, t)
+        for name, (dtype, shape) in specs.items():
+            self.current.add_blocks(name, dtype, shape, blocks(name))
         self.current_bytes += size
         self.total_bytes += size
 

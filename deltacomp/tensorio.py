@@ -15,9 +15,11 @@ element size and the file equals, byte for byte, what ``save_file`` would have w
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -71,17 +73,42 @@ class TensorReader:
 
     def get(self, name: str) -> Tensor:
         code, shape, begin, end = self._entries[name]
+        return self._read(name, begin, end - begin).view(self._dtype(name)).reshape(shape)
+
+    def get_rows(self, name: str, start: int, stop: int) -> Tensor:
+        """Rows ``start:stop`` (along the first dimension) of a tensor with at least one dimension: one
+        contiguous byte range of the file, read into new memory."""
+        code, shape, begin, end = self._entries[name]
+        dtype = self._dtype(name)
+        if not shape or not 0 <= start <= stop <= shape[0]:
+            raise ValueError(f"{self.path}: {name}: rows {start}:{stop} outside shape {list(shape)}")
+        row = (end - begin) // shape[0] if shape[0] else 0
+        return self._read(name, begin + start * row, (stop - start) * row).view(dtype).reshape(stop - start,
+                                                                                               *shape[1:])
+
+    def iter_bytes(self, name: str, chunk: int = _COPY_CHUNK) -> Iterator[Tensor]:
+        """A tensor's raw bytes, ``chunk`` bytes at a time (uint8 tensors), in file order."""
+        _, _, begin, end = self._entries[name]
+        for at in range(begin, end, chunk):
+            yield self._read(name, at, min(chunk, end - at))
+
+    def _dtype(self, name: str) -> torch.dtype:
+        code = self._entries[name][0]
         dtype = SAFETENSORS_DTYPES.get(code)
         if dtype is None:
             raise ValueError(f"{self.path}: {name}: dtype {code} is not supported")
-        buf = torch.empty(end - begin, dtype=torch.uint8)
+        return dtype
+
+    def _read(self, name: str, offset: int, nbytes: int) -> Tensor:
+        """``nbytes`` at ``offset`` of the data section, into a fresh uint8 buffer."""
+        buf = torch.empty(nbytes, dtype=torch.uint8)
         view, done = memoryview(buf.numpy()), 0
         while done < len(view):
-            got = _read_at(self._file, view[done:], self._start + begin + done)
+            got = _read_at(self._file, view[done:], self._start + offset + done)
             if not got:
                 raise OSError(f"{self.path}: {name}: file ends {len(view) - done} bytes early; it was truncated")
             done += got
-        return buf.view(dtype).reshape(shape)
+        return buf
 
     def close(self) -> None:
         self._file.close()
@@ -115,19 +142,36 @@ class TensorFileWriter:
         self.nbytes = 0
 
     def add(self, name: str, tensor: Tensor) -> None:
+        self.add_blocks(name, tensor.dtype, tuple(tensor.shape), [tensor])
+
+    def add_blocks(self, name: str, dtype: torch.dtype, shape: tuple[int, ...], blocks: Iterable[Tensor]) -> None:
+        """One tensor of ``dtype`` and ``shape`` written from consecutive pieces of its row-major data
+        (blocks of rows, each of ``dtype``), each one going out as it comes: memory holds one block.
+        The pieces must add up to the tensor's size exactly."""
         if name in self._entries:
             raise ValueError(f"{self.path}: tensor {name} added twice")
-        t = tensor.detach()
-        if t.device.type != "cpu":
-            t = t.cpu()
-        code = _CODES.get(t.dtype)
+        code = _CODES.get(dtype)
         if code is None:
-            raise ValueError(f"{self.path}: {name}: dtype {t.dtype} cannot be stored in safetensors")
-        flat = t.contiguous().reshape(-1)
-        data = flat.view(torch.uint8).numpy() if flat.numel() else b""
-        _io(self._spill_path, self._spill.write, memoryview(data))
-        self._entries[name] = (code, list(t.shape), self.nbytes, t.numel() * t.element_size())
-        self.nbytes += t.numel() * t.element_size()
+            raise ValueError(f"{self.path}: {name}: dtype {dtype} cannot be stored in safetensors")
+        want = math.prod(shape) * dtype.itemsize
+        start = self.nbytes
+        for block in blocks:
+            if block.dtype != dtype:
+                raise ValueError(f"{self.path}: {name}: a block of dtype {block.dtype}, expected {dtype}")
+            t = block.detach()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            flat = t.contiguous().reshape(-1)
+            n = flat.numel() * flat.element_size()
+            if self.nbytes - start + n > want:
+                raise ValueError(f"{self.path}: {name}: blocks overrun the {want} bytes of shape {list(shape)}")
+            if n:
+                _io(self._spill_path, self._spill.write, memoryview(flat.view(torch.uint8).numpy()))
+            self.nbytes += n  # where the next tensor starts, even if this one fails below
+        if self.nbytes - start != want:
+            raise ValueError(f"{self.path}: {name}: blocks gave {self.nbytes - start} of the {want} bytes of "
+                             f"shape {list(shape)}")
+        self._entries[name] = (code, list(shape), start, want)
 
     def names(self) -> list[str]:
         return list(self._entries)

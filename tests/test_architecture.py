@@ -18,13 +18,13 @@ LAYERS = [
     {"delta_file", "checkpoint", "integrity"},                 # the file/format layer: knows no codec
     {"codecs"},                                                # everything about each method
     {"delta", "basecheck", "pairing", "plan", "auto", "summary"},  # reading deltas, pairing, planning
-    {"api", "lora", "calibrate", "many", "distributed"},     # compress/reconstruct/apply, export, calibration, compress-many (+ Ray)
+    {"api", "rowblocks", "lora", "calibrate", "many", "distributed"},  # compress/reconstruct/apply, export, calibration, compress-many (+ Ray)
     {"serve", "eval"},                                         # serving, evaluation
     {"cli"},                                                   # argument parsing and printing
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # packages and modules that must not name a codec (they ask the codec instead)
-CODEC_FREE = ["serve", "eval", "cli", "api.py", "many.py", "distributed.py", "summary.py", "pairing.py", "basecheck.py", "delta.py",
+CODEC_FREE = ["serve", "eval", "cli", "api.py", "rowblocks.py", "many.py", "distributed.py", "summary.py", "pairing.py", "basecheck.py", "delta.py",
               "delta_file.py", "checkpoint.py", "integrity.py", "calibrate/distill.py", "calibrate/layerwise.py",
               "calibrate/options.py"]
 CODEC_NAMES = re.compile(r"\b(bitdelta|svd[-_]mixed|ternary|lowrank|dare|CodecName)\b|[\"'](raw|zero)[\"']")

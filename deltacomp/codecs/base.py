@@ -9,7 +9,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -123,6 +123,13 @@ class Codec:
     # Device types ``encode`` runs on (its math follows the delta's device, the encoded tensors may come
     # back on it); compress(device=...) hands other codecs their delta on the CPU.
     encode_devices: ClassVar[tuple[str, ...]] = ("cpu",)
+    # True: the codec works on blocks of rows. With the settings ``block_settings`` returns for the
+    # whole tensor, ``encode`` of rows a:b of the delta gives exactly rows a:b (along dimension 0) of each
+    # field ``encode`` gives for the whole tensor, with the same params, and ``decode`` of those rows
+    # gives rows a:b of the delta; ``meta_tensors`` is exact. Tensors too large to hold a few float32
+    # copies of (a 70B model's embedding) are then compressed and reconstructed block by block (api.py);
+    # other codecs get them whole.
+    row_blocks: ClassVar[bool] = False
 
     # -- settings -----------------------------------------------------------------------------------
     @classmethod
@@ -186,6 +193,12 @@ class Codec:
                          finetuned: Tensor) -> dict[str, Any]:
         """Settings for one tensor once its data is known (``given``: what the user wrote); the default
         keeps ``settings``. Raw uses it to store the fine-tune's own dtype when that is exact."""
+        return settings
+
+    def block_settings(self, settings: dict[str, Any], given: dict[str, Any],
+                       blocks: Iterable[tuple[Tensor, Tensor, Tensor]]) -> dict[str, Any]:
+        """``encoded_settings`` for a tensor seen as consecutive row blocks ``(delta, base, finetuned)``
+        (``row_blocks`` codecs; the iterator may be left unfinished); the default keeps ``settings``."""
         return settings
 
     # -- exact size on meta ---------------------------------------------------------------------------

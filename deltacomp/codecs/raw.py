@@ -21,6 +21,7 @@ class ZeroCodec(Codec):
     applied_in_place = True
     always_zero = True
     compresses = False
+    row_blocks = True
 
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
@@ -49,6 +50,7 @@ class RawCodec(Codec):
     )
     applied_in_place = True
     compresses = False
+    row_blocks = True
 
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
@@ -58,13 +60,23 @@ class RawCodec(Codec):
 
     def encoded_settings(self, settings, given, delta, base, finetuned):
         """Raw storage must reproduce the fine-tune exactly: keep the fine-tune's dtype if it does, else fp32."""
+        return self.block_settings(settings, given, [(delta, base, finetuned)])
+
+    def block_settings(self, settings, given, blocks):
+        """``encoded_settings`` block by block: the fine-tune's dtype if every block is exact in it."""
         if "dtype" in given:
             return settings
-        ft_dtype = dtype_name(finetuned.dtype)
-        if ft_dtype in ("bfloat16", "float16"):
+        ft_dtype = None
+        for delta, base, finetuned in blocks:
+            ft_dtype = dtype_name(finetuned.dtype)
+            if ft_dtype not in ("bfloat16", "float16"):
+                break
             cand = delta.to(finetuned.dtype).to(torch.float32)
-            if torch.equal((base.to(torch.float32) + cand).to(finetuned.dtype), finetuned):
-                return {**settings, "dtype": ft_dtype}
+            if not torch.equal(cand.add_(base.to(torch.float32)).to(finetuned.dtype), finetuned):
+                ft_dtype = None
+                break
+        if ft_dtype in ("bfloat16", "float16"):
+            return {**settings, "dtype": ft_dtype}
         return {**settings, "dtype": "float32"}
 
     def candidates(self, shape, budget_hint):
