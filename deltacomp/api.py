@@ -76,18 +76,26 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
     return out
 
 
-def _auto_grams(base, finetuned, plan: Plan, data, calibration: "CalibrationOptions") -> dict[str, Tensor]:
-    """--method auto --calib: the input Gram matrix of every linear auto decides (calibrate/layerwise)."""
+def _auto_weights(base, finetuned, plan: Plan, data, calibration: "CalibrationOptions") -> dict[str, Any]:
+    """--method auto --calib: what auto weighs each candidate's error with, for every linear it decides:
+    the input Gram H and, unless ``calibration.sensitivity`` is "none", the output Fisher diagonal f
+    (calibrate/sensitivity.py); with a description for the file's ``source.auto.sensitivity``."""
     from .calibrate.layerwise import input_grams
+    from .calibrate.sensitivity import describe, output_sensitivities
 
     with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
         names = {p.name for p in pair_checkpoints(bck, fck)
                  if p.kind == PairKind.DELTA and plan.auto_target(p.name, tuple(bck.shape(p.name)), False)}
-    return input_grams(finetuned, data, names, device=resolve_device(calibration.device))
+    dev = resolve_device(calibration.device)
+    if calibration.sensitivity == "none":
+        return {"grams": input_grams(finetuned, data, names, device=dev), "fishers": None,
+                "sensitivity": {"estimate": "none (each layer's output error counts the same)"}}
+    grams, fishers = output_sensitivities(finetuned, data, names, labels=calibration.sensitivity, device=dev)
+    return {"grams": grams, "fishers": fishers, "sensitivity": describe(calibration.sensitivity, data)}
 
 
 def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan: Plan, device: torch.device,
-                   progress: bool, grams: dict[str, Tensor] | None = None) -> None:
+                   progress: bool, weights: dict[str, Any] | None = None) -> None:
     """--method auto: the first pass (auto.py) over the tensors the plan leaves to it, streamed; fills
     ``plan.choices`` and ``plan.auto_report``. Non-finite pairs are left to ``_add_tensor`` (refused or
     stored whole), unchanged ones to the zero codec."""
@@ -105,7 +113,10 @@ def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan:
             if torch.count_nonzero(delta):
                 yield p.name, delta, plan.budget_hint(tuple(delta.shape), ft.element_size())
 
-    chosen, plan.auto_report = choose(items(), device, progress, grams)
+    w = weights or {}
+    chosen, plan.auto_report = choose(items(), device, progress, w.get("grams"), w.get("fishers"))
+    if "sensitivity" in w:
+        plan.auto_report["sensitivity"] = w["sensitivity"]
     plan.choices = {n: Assignment(c.codec, dict(c.settings), "auto", dict(c.settings)) for n, c in chosen.items()}
 
 
@@ -143,7 +154,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
     data = load_data(calibration, finetuned)  # fail fast on bad data
     plan = Plan(method, list(rules), ratio, bits)
-    grams = _auto_grams(base, finetuned, plan, data, calibration) if plan.auto else None
+    weights = _auto_weights(base, finetuned, plan, data, calibration) if plan.auto else None
     stages: list[Path] = []
 
     def stage() -> Path:
@@ -152,7 +163,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
 
     try:
         first = _compress(base, finetuned, stage(), method=method, ratio=ratio, rules=rules, overwrite=True,
-                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, grams=grams, **checks)
+                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, weights=weights, **checks)
         if plan.auto and not index_path(stages[0]).exists() and not any(
                 get_codec(c).calibrator() for c in first["by_codec"] if c != "tied"):
             os.replace(stages[0], out)  # auto chose no codec that calibrates: the allocation used the data
@@ -294,13 +305,13 @@ def read_base(bck: Checkpoint, p: Pairing) -> BaseTensor | None:
 
 
 def prepare_pairs(bck: Checkpoint, fck: Checkpoint, plan: Plan, device: torch.device, progress: bool,
-                  allow_mismatch: bool, grams: dict[str, Tensor] | None = None) -> tuple[list[Pairing], dict]:
+                  allow_mismatch: bool, weights: dict[str, Any] | None = None) -> tuple[list[Pairing], dict]:
     """Pair, check, and run the whole-model passes the plan needs (auto's allocation, the codecs'
     global statistics): (pairs in the fine-tune's order, shared settings by group)."""
     pairs = pair_checkpoints(bck, fck)
     check_pair(bck, fck, pairs, allow_mismatch)
     if plan.auto:
-        _auto_allocate(bck, fck, pairs, plan, device, progress, grams)
+        _auto_allocate(bck, fck, pairs, plan, device, progress, weights)
     return pairs, _global_prepass(bck, fck, pairs, plan, progress)
 
 
@@ -320,13 +331,13 @@ def _compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | 
               method: str, ratio: float | None, rules, overwrite: bool, max_shard_bytes: int,
               progress: bool, device: str | torch.device | None = "auto", allow_nonfinite: bool = False,
               allow_mismatch: bool = False, bits: float | None = None,
-              grams: dict[str, Tensor] | None = None) -> dict[str, Any]:
+              weights: dict[str, Any] | None = None) -> dict[str, Any]:
     plan = Plan(method, list(rules), ratio, bits)
     device = resolve_device(device)
     writer = DeltaWriter(out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)
     try:
         with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
-            pairs, shared_settings = prepare_pairs(bck, fck, plan, device, progress, allow_mismatch, grams)
+            pairs, shared_settings = prepare_pairs(bck, fck, plan, device, progress, allow_mismatch, weights)
             base_hashes: dict[str, str] = {}
             for p in progress_bar(pairs, desc="compress", unit="tensor", enable=progress):
                 if add_streamed(writer, plan, bck, fck, p, base_hashes, shared_settings, _group_key, allow_nonfinite):

@@ -13,8 +13,10 @@ Two passes over the model, one tensor in memory at a time:
 
 The distortion, data-free: the weight-space squared error ||D - D^||_F^2 of the tensor's delta, every
 tensor weighted the same. With an input Gram matrix H per tensor (--calib): the layer's output error
-trace((D - D^) H (D - D^)^T). Both are additive over tensors, so the Lagrangian is exact on the hulls
-(README: "--method auto").
+trace((D - D^) H (D - D^)^T). With H and the diagonal Fisher f of the layer's outputs (--calib; see
+calibrate/sensitivity.py): the predicted KL to the fine-tune, 1/2 sum_i f_i ((D - D^) H (D - D^)^T)_ii, in
+nats per token. All are additive over tensors, so the Lagrangian is exact on the hulls (README: "--method
+auto").
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ from .progress import progress_bar
 
 DISTORTION = "weight squared error ||D - D^||_F^2 (data-free, every tensor weighted 1)"
 DISTORTION_CALIB = "output error trace((D - D^) H (D - D^)^T), H = x^T x / tokens of the layer input (--calib)"
+DISTORTION_FISHER = ("predicted KL 1/2 sum_i f_i ((D - D^) H (D - D^)^T)_ii, H = x^T x / tokens of the layer "
+                     "input, f_i = E[(d log p / d y_i)^2] of its output channel i (--calib)")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,7 @@ class Candidate:
     codec: str
     settings: dict[str, Any]
     nbytes: int        # the real size of its encoding (sum of the encoded tensors' nbytes)
-    distortion: float  # ||D - D^||_F^2
+    distortion: float  # ||D - D^||_F^2, or the output error / predicted KL with --calib (see _error)
 
 
 def pareto(cands: list[Candidate]) -> list[Candidate]:
@@ -66,20 +70,23 @@ def hull(front: list[Candidate]) -> list[int]:
     return idx
 
 
-def _error(codec, delta: Tensor, enc: Encoded, gram: Tensor | None) -> float:
+def _error(codec, delta: Tensor, enc: Encoded, gram: Tensor | None, fisher: Tensor | None = None) -> float:
     """||E||_F^2, or trace(E H E^T) = sum((E H) * E) with the input Gram H: E's error on the layer's
-    outputs over the calibration tokens (per token)."""
+    outputs over the calibration tokens (per token); with the output Fisher diagonal f too, the predicted
+    KL 1/2 sum_i f_i (E H E^T)_ii (calibrate/sensitivity.py)."""
     cpu = Encoded(enc.codec, enc.shape, {k: v.cpu() for k, v in enc.tensors.items()}, enc.params)
     e = (delta.cpu() - codec.decode(cpu).reshape(delta.shape)).double()
     if gram is None:
         return float((e ** 2).sum())
-    return float(((e @ gram.double()) * e).sum())
+    rows = ((e @ gram.double()) * e).sum(1)  # (E H E^T)_ii: output channel i's mean squared error
+    return float(rows.sum()) if fisher is None else 0.5 * float((fisher.double() * rows).sum())
 
 
 def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None = None,
-                 gram: Tensor | None = None) -> list[Candidate]:
+                 gram: Tensor | None = None, fisher: Tensor | None = None) -> list[Candidate]:
     """Every codec's offers for ``delta`` (float32, 2-D), encoded and measured (weight error, or output
-    error with ``gram``, the layer's input Gram matrix); the Pareto front."""
+    error with ``gram``, the layer's input Gram matrix, weighted per output channel by ``fisher``, its
+    output Fisher diagonal); the Pareto front."""
     shape = tuple(delta.shape)
     cands: list[Candidate] = []
     for name in available():
@@ -91,7 +98,7 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
                 enc = codec.encode(d, **s)
             except (SettingsError, ValueError):  # a rung this tensor cannot take (e.g. too small a shape)
                 continue
-            cands.append(Candidate(codec.name, dict(s), enc.nbytes, _error(codec, delta, enc, gram)))
+            cands.append(Candidate(codec.name, dict(s), enc.nbytes, _error(codec, delta, enc, gram, fisher)))
     if not cands:
         raise SettingsError(f"--method auto: no codec offers any encoding for shape {shape}")
     return pareto(cands)
@@ -184,16 +191,23 @@ def _fill(fronts: list[list[Candidate]], choice: list[int], slack: int) -> list[
 
 def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | None = None,
            progress: bool = False,
-           grams: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
+           grams: dict[str, Tensor] | None = None,
+           fishers: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """``items`` yields (tensor name, float32 delta, its even share of the budget in bytes), one at a time.
-    ``grams``: the input Gram matrix per tensor name (--calib; every item needs one). Returns the chosen
+    ``grams``: the input Gram matrix per tensor name (--calib; every item needs one); ``fishers``: the
+    output Fisher diagonal per tensor name (with ``grams``; every item needs one). Returns the chosen
     candidate per tensor and a report for the file's ``source``."""
+    if fishers is not None and grams is None:
+        raise SettingsError("--method auto: output sensitivities need the input Grams too")
     names, fronts, budget = [], [], 0.0
     for name, delta, hint in progress_bar(items, desc="auto: candidates", unit="tensor", enable=progress):
         if grams is not None and name not in grams:
             raise SettingsError(f"{name}: --method auto --calib found no linear layer for it in the model")
+        if fishers is not None and name not in fishers:
+            raise SettingsError(f"{name}: --method auto --calib has no output sensitivity for it")
         try:
-            fronts.append(tensor_table(delta, hint, device, None if grams is None else grams[name]))
+            fronts.append(tensor_table(delta, hint, device, None if grams is None else grams[name],
+                                       None if fishers is None else fishers[name]))
         except SettingsError as exc:
             raise SettingsError(f"{name}: {exc}") from None
         names.append(name)
@@ -207,7 +221,7 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
     picks = allocate(fronts, budget_bytes) if fronts else []
     chosen = {n: f[i] for n, f, i in zip(names, fronts, picks)}
     report = {"budget_bytes": budget_bytes, "allocated_bytes": sum(c.nbytes for c in chosen.values()),
-              "distortion": DISTORTION if grams is None else DISTORTION_CALIB,
+              "distortion": DISTORTION if grams is None else DISTORTION_CALIB if fishers is None else DISTORTION_FISHER,
               "predicted_distortion": sum(c.distortion for c in chosen.values()),
               "tensors": len(chosen),
               "by_codec": {c: sum(1 for x in chosen.values() if x.codec == c)

@@ -190,6 +190,7 @@ def test_calib_weighs_candidates_by_output_error(tmp_path, llama_pair):
     s = deltacomp.compress(llama_pair / "base", llama_pair / "ft", out, method="auto", ratio=16, progress=False,
                            calibration=CalibrationOptions(text, samples=4, seq_len=16, steps=2))
     a = deltacomp.load_delta(out).source["auto"]
-    assert "output error" in a["distortion"] and a["allocated_bytes"] <= a["budget_bytes"]
+    assert "predicted KL" in a["distortion"] and a["allocated_bytes"] <= a["budget_bytes"]
+    assert a["sensitivity"]["labels"] == "sampled" and a["sensitivity"]["data"]["n_samples"] == 4
     assert s["source"]["method"] == "auto"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto-calib.delta.safetensors", "calib.txt"]

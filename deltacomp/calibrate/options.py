@@ -13,6 +13,7 @@ from ..devices import resolve_device
 from ..errors import SettingsError
 from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibData, load_calibration
 from .distill import DEFAULT_LR, DEFAULT_STEPS, LOSSES
+from .sensitivity import LABELS
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,14 @@ class CalibrationOptions:
     whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
     allocation: str = "keep"             # GPTQ: keep the stored bit groups, or "optimal" in the same bytes
     device: str = "auto"                 # where the model runs and the calibrators' math (devices.py)
+    sensitivity: str = "sampled"         # --method auto: output Fisher labels (sensitivity.py), or "none"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise SettingsError(f"calibration: loss {self.loss!r} must be one of {', '.join(LOSSES)}")
+        if self.sensitivity not in (*LABELS, "none"):
+            raise SettingsError(f"calibration: sensitivity {self.sensitivity!r} must be one of "
+                                f"{', '.join((*LABELS, 'none'))}")
         self.layerwise  # validates allocation and damp
 
     @property

@@ -24,6 +24,9 @@ def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
                         "input-whitened delta (lowest layer output error, the default)")
     p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default=d["allocation"],
                    help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
+    p.add_argument("--auto-sensitivity", choices=("sampled", "empirical", "none"), default=d["sensitivity"],
+                   help="--method auto: weigh each output channel's error by its Fisher (labels sampled from the "
+                        "fine-tune, the default, or the text's), or none (output error only)")
 
 
 def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None:
@@ -32,4 +35,4 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None
     return CalibrationOptions(args.calib, samples=args.calib_samples, seq_len=args.calib_len, steps=args.calib_steps,
                               lr=args.calib_lr, loss=args.calib_loss, act_order=args.gptq_act_order,
                               whiten=not args.gptq_no_whiten, allocation=args.gptq_allocation,
-                              device=getattr(args, "device", "auto"))
+                              device=getattr(args, "device", "auto"), sensitivity=args.auto_sensitivity)
