@@ -93,15 +93,19 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
     error with ``gram``, the layer's input Gram matrix); the Pareto front."""
     shape = tuple(delta.shape)
     rungs = []
-    for name in available():
-        codec = get_codec(name)
+    # the distortion is the weight error: what the ladders know of it prunes (see _Beaten, _undominated)
+    beaten = _Beaten() if gram is None else None
+    for codec in sorted((get_codec(n) for n in available()), key=lambda c: (c.LADDER_PASS, c.name)):
         dev = device if device is not None and device.type in codec.encode_devices else torch.device("cpu")
         # the codec's whole ladder from shared work (one SVD, one sort, ...): the same bytes and
         # reconstructions as encoding rung by rung; rungs this tensor cannot take are left out
-        rungs += [(codec, r) for r in codec.ladder(delta.to(dev), codec.candidates(shape, max(1, int(budget_hint))))]
+        for rung in codec.ladder(delta.to(dev), codec.candidates(shape, max(1, int(budget_hint))), beaten):
+            rungs.append((codec, rung))
+            if beaten is not None and rung.weight_error is not None:
+                beaten.points.append((rung.nbytes, rung.weight_error))
     if not rungs:
         raise SettingsError(f"--method auto: no codec offers any encoding for shape {shape}")
-    if gram is None:  # the distortion is the weight error: what the ladders know of it already prunes
+    if beaten is not None:
         rungs = _undominated(rungs)
     cands = [Candidate(codec.name, dict(r.settings), r.nbytes,
                        _error(_Reconstructed(codec, r), delta, Encoded(codec.name, shape, {}, r.settings), gram))
@@ -112,6 +116,18 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
 # A rung whose weight error the ladder reported is skipped when another has no more bytes and an error
 # lower by more than this fraction (the ladders' errors are within 1e-5 of _error's; see Rung).
 PRUNE_MARGIN = 1e-3
+
+
+class _Beaten:
+    """``prune`` for the ladders (data-free only): a rung of ``nbytes`` whose weight error is at least
+    ``floor`` is beaten when a finished rung with a known weight error has no more bytes and an error
+    lower by PRUNE_MARGIN. Such a rung cannot be on the Pareto front, so it is not even built."""
+
+    def __init__(self):
+        self.points: list[tuple[int, float]] = []
+
+    def __call__(self, nbytes: int, floor: float) -> bool:
+        return any(b <= nbytes and e < floor * (1 - PRUNE_MARGIN) for b, e in self.points)
 
 
 def _undominated(rungs: list[tuple[Any, Rung]]) -> list[tuple[Any, Rung]]:

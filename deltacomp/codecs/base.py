@@ -184,7 +184,12 @@ class Codec:
                 out.append(s)
         return out
 
-    def ladder(self, delta: Tensor, settings: Sequence[dict[str, Any]]) -> Iterator[Rung]:
+    # Callers run the ladders of codecs with a lower LADDER_PASS first, so that a codec which can bound
+    # its rungs' errors before building them (``prune``) is pruned against the others' finished rungs.
+    LADDER_PASS: ClassVar[int] = 0
+
+    def ladder(self, delta: Tensor, settings: Sequence[dict[str, Any]],
+               prune: Callable[[int, float], bool] | None = None) -> Iterator[Rung]:
         """The encodings of ``delta`` under each of ``settings`` (one rung each, carrying its settings, in an
         order of the codec's choosing; a rung this tensor cannot take, SettingsError or ValueError from
         ``encode``, is left out), each the same as ``encode(delta, **s)`` on its own: the same bytes and,
@@ -195,7 +200,11 @@ class Codec:
         largest rank for every rank, one sort of |delta| for every density, the first masks of the last
         rung for the fewer-mask rungs); it may rebuild the reconstruction from its own pieces (``rebuild``),
         leave the packing for ``pack`` where the bytes are known without it (``exact_nbytes``), and report
-        the weight error where it has it cheaply (``weight_error``)."""
+        the weight error where it has it cheaply (``weight_error``).
+
+        ``prune(nbytes, floor)``: True when a rung of ``nbytes`` bytes whose weight error is at least
+        ``floor`` is not wanted (another rung beats it); a ladder that can bound a rung's error from below
+        before the costly part of building it asks, and leaves such a rung out. The default asks nothing."""
         for s in settings:
             try:
                 enc = self.encode(delta, **s)

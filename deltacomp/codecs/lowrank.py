@@ -85,7 +85,7 @@ class LowRankCodec(Codec):
             return []
         return [{**self.resolve_settings({}), "rank": 0}] + super().candidates(shape, budget_hint)
 
-    def ladder(self, delta, settings):
+    def ladder(self, delta, settings, prune=None):
         """Rungs with a fixed rank share one SVD (per ``svd`` method) at the largest of them: each is its
         top r, the same as a rank-r SVD where the SVD path is exact (quant/svd.py; else within its
         stated tolerance, the rank-R subspace being the more accurate). Others are encoded alone."""

@@ -81,7 +81,7 @@ class BitDeltaCodec(Codec):
             if i + 1 < masks:
                 residual = residual - term
 
-    def ladder(self, delta, settings):
+    def ladder(self, delta, settings, prune=None):
         """One chain of residual masks per scale kind, as long as the longest rung: a rung of m masks is
         its first m (the same tensors encode writes), its weight error that of the residual the chain
         leaves after m masks. Rungs come by scale kind, then by masks."""

@@ -135,12 +135,14 @@ class SvdMixedCodec(Codec):
         uq, sv = best_candidate(candidates, quantize_u)
         return pack_encoded(self.name, shape, alloc, uq, vq, sv, s)
 
-    def ladder(self, delta, settings):
+    LADDER_PASS = 1  # its rungs' errors are bounded by the SVD's tail: pruned against the other codecs'
+
+    def ladder(self, delta, settings, prune=None):
         """One SVD at the largest rank and each width's quantization of its rows, shared by every rung
         (ladder.py)."""
         from .ladder import svd_mixed_ladder
 
-        return svd_mixed_ladder(self, delta, settings)
+        return svd_mixed_ladder(self, delta, settings, prune)
 
     @staticmethod
     def _quantize_rows(rows: Tensor, alloc: al.Allocation, gs: int) -> list[tuple[Tensor, Tensor, Tensor]]:

@@ -18,7 +18,7 @@ is at least as accurate as a rank-r one, within quant/svd.py's stated tolerance.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -28,6 +28,11 @@ from ...errors import SettingsError
 from ...quant.rtn import dequantize, quantize
 from ...quant.svd import truncated_svd
 from ..base import Codec, Rung
+
+# The floor given to ``prune`` is the SVD's tail energy times (1 - TAIL_SLACK): quant/svd.py's
+# randomized path may place the tail up to its TOL (1%) above the exact one; the exact paths are
+# float64-accurate.
+TAIL_SLACK = 0.02
 
 if TYPE_CHECKING:
     from .codec import SvdMixedCodec
@@ -63,9 +68,12 @@ def _spans(alloc: al.Allocation) -> list[tuple[int, int, int]]:
     return out
 
 
-def svd_mixed_ladder(codec: "SvdMixedCodec", delta: Tensor, settings: Sequence[dict[str, Any]]) -> Iterator[Rung]:
+def svd_mixed_ladder(codec: "SvdMixedCodec", delta: Tensor, settings: Sequence[dict[str, Any]],
+                     prune: Callable[[int, float], bool] | None = None) -> Iterator[Rung]:
     """``codec.ladder``: rungs with the default allocation share one SVD per (svd, group_size); the others
-    (allocation=optimal, an all-zero or non-2-D delta, a rung keeping nothing) are encoded on their own."""
+    (allocation=optimal, an all-zero or non-2-D delta, a rung keeping nothing) are encoded on their own.
+    With ``prune``, a shared rung is asked about before its quantization, with the energy the SVD leaves
+    outside its r vectors as the floor (no rank-r matrix does better: Eckart-Young), less TAIL_SLACK."""
     shared: dict[tuple[str, int], list[tuple[dict[str, Any], dict[str, Any], al.Allocation]]] = {}
     plain = delta.dim() == 2 and delta.dtype == torch.float32 and bool(torch.count_nonzero(delta))
     for given in settings:
@@ -79,16 +87,23 @@ def svd_mixed_ladder(codec: "SvdMixedCodec", delta: Tensor, settings: Sequence[d
         else:
             yield from Codec.ladder(codec, delta, [given])
     for (svd, gs), group in shared.items():
-        yield from _shared_rungs(codec, delta, svd, gs, group)
+        yield from _shared_rungs(codec, delta, svd, gs, group, prune)
 
 
 def _shared_rungs(codec: "SvdMixedCodec", delta: Tensor, svd: str, gs: int,
-                  group: list[tuple[dict[str, Any], dict[str, Any], al.Allocation]]) -> Iterator[Rung]:
+                  group: list[tuple[dict[str, Any], dict[str, Any], al.Allocation]],
+                  prune: Callable[[int, float], bool] | None) -> Iterator[Rung]:
     from .codec import _fit_error, _refit, pack_encoded
 
     shape = tuple(delta.shape)
     rank = max(sum(c for _, c in alloc) for *_, alloc in group)
     u, sv, vh = truncated_svd(delta, rank, svd)
+    dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    if prune is not None:
+        kept = torch.cumsum(sv.double() ** 2, 0).tolist()
+        group = [(given, s, alloc) for given, s, alloc in group
+                 if not prune(al.alloc_nbytes(shape, alloc, gs),
+                              (1 - TAIL_SLACK) * (dd - kept[sum(c for _, c in alloc) - 1]))]
     spans = {id(alloc): _spans(alloc) for *_, alloc in group}
     reach: dict[int, tuple[int, int]] = {}  # bits -> (first row, end row) any rung quantizes at that width
     for sp in spans.values():
@@ -97,7 +112,6 @@ def _shared_rungs(codec: "SvdMixedCodec", delta: Tensor, svd: str, gs: int,
             reach[b] = (min(lo, i), max(hi, i + c))
     vrows = {b: _Rows(vh, b, gs, lo, hi, delta) for b, (lo, hi) in reach.items()}
     urows = {b: _Rows(u.T, b, gs, lo, hi) for b, (lo, hi) in reach.items()}
-    dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     for given, s, alloc in group:
         sp = spans[id(alloc)]
         r = sum(c for _, c in alloc)

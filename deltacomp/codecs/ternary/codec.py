@@ -296,7 +296,7 @@ class TernaryCodec(Codec):
         tensors["scale"] = scale
         return Encoded(self.name, tuple(delta.shape), tensors, {**s, **pparams}), kept > 0
 
-    def ladder(self, delta, settings):
+    def ladder(self, delta, settings, prune=None):
         """Rungs at a density (scope=tensor, no threshold) share one stable descending sort of |delta|:
         the top-k set is its first k (ties at the k-th magnitude by lowest index, as ``topk_positions``
         keeps them), so each rung costs its scale and its position coding. The reconstruction is built
