@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from .codecs import available, get_codec
-from .codecs.base import Encoded
+from .codecs.base import Encoded, Rung
 from .errors import SettingsError
 from .progress import progress_bar
 
@@ -82,26 +82,73 @@ def _error(codec, delta: Tensor, enc: Encoded, gram: Tensor | None, fisher: Tens
     return float(rows.sum()) if fisher is None else 0.5 * float((fisher.double() * rows).sum())
 
 
+class _Reconstructed:
+    """Stands for the codec in ``_error``: the rung's reconstruction, kept by the ladder or decoded from
+    its packed form (``Rung.reconstruction``)."""
+
+    def __init__(self, codec, rung: Rung):
+        self.codec, self.rung = codec, rung
+
+    def decode(self, enc: Encoded) -> Tensor:
+        return self.rung.reconstruction(self.codec)
+
+
 def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None = None,
                  gram: Tensor | None = None, fisher: Tensor | None = None) -> list[Candidate]:
     """Every codec's offers for ``delta`` (float32, 2-D), encoded and measured (weight error, or output
     error with ``gram``, the layer's input Gram matrix, weighted per output channel by ``fisher``, its
     output Fisher diagonal); the Pareto front."""
     shape = tuple(delta.shape)
-    cands: list[Candidate] = []
-    for name in available():
-        codec = get_codec(name)
+    rungs = []
+    # the distortion is the weight error: what the ladders know of it prunes (see _Beaten, _undominated)
+    beaten = _Beaten() if gram is None else None
+    for codec in sorted((get_codec(n) for n in available()), key=lambda c: (c.LADDER_PASS, c.name)):
         dev = device if device is not None and device.type in codec.encode_devices else torch.device("cpu")
-        d = delta.to(dev)
-        for s in codec.candidates(shape, max(1, int(budget_hint))):
-            try:
-                enc = codec.encode(d, **s)
-            except (SettingsError, ValueError):  # a rung this tensor cannot take (e.g. too small a shape)
-                continue
-            cands.append(Candidate(codec.name, dict(s), enc.nbytes, _error(codec, delta, enc, gram, fisher)))
-    if not cands:
+        # the codec's whole ladder from shared work (one SVD, one sort, ...): the same bytes and
+        # reconstructions as encoding rung by rung; rungs this tensor cannot take are left out
+        for rung in codec.ladder(delta.to(dev), codec.candidates(shape, max(1, int(budget_hint))), beaten):
+            rungs.append((codec, rung))
+            if beaten is not None and rung.weight_error is not None:
+                beaten.points.append((rung.nbytes, rung.weight_error))
+    if not rungs:
         raise SettingsError(f"--method auto: no codec offers any encoding for shape {shape}")
+    if beaten is not None:
+        rungs = _undominated(rungs)
+    cands = [Candidate(codec.name, dict(r.settings), r.nbytes,
+                       _error(_Reconstructed(codec, r), delta, Encoded(codec.name, shape, {}, r.settings), gram,
+                              fisher))
+             for codec, r in rungs]
     return pareto(cands)
+
+
+# A rung whose weight error the ladder reported is skipped when another has no more bytes and an error
+# lower by more than this fraction (the ladders' errors are within 1e-5 of _error's; see Rung).
+PRUNE_MARGIN = 1e-3
+
+
+class _Beaten:
+    """``prune`` for the ladders (data-free only): a rung of ``nbytes`` whose weight error is at least
+    ``floor`` is beaten when a finished rung with a known weight error has no more bytes and an error
+    lower by PRUNE_MARGIN. Such a rung cannot be on the Pareto front, so it is not even built."""
+
+    def __init__(self):
+        self.points: list[tuple[int, float]] = []
+
+    def __call__(self, nbytes: int, floor: float) -> bool:
+        return any(b <= nbytes and e < floor * (1 - PRUNE_MARGIN) for b, e in self.points)
+
+
+def _undominated(rungs: list[tuple[Any, Rung]]) -> list[tuple[Any, Rung]]:
+    """The rungs no other rung with a known weight error beats on both bytes and (by PRUNE_MARGIN) error:
+    the others cannot be on the Pareto front of the measured distortions, so they are never measured.
+    Rungs without a known error are all kept."""
+    known = sorted((r.nbytes, r.weight_error, i) for i, (_, r) in enumerate(rungs) if r.weight_error is not None)
+    drop, best = set(), float("inf")
+    for _, err, i in known:  # by rising bytes: ``best`` is the lowest error at no more bytes
+        if best < err * (1 - PRUNE_MARGIN):
+            drop.add(i)
+        best = min(best, err)
+    return [cr for i, cr in enumerate(rungs) if i not in drop]
 
 
 def allocate(fronts: list[list[Candidate]], budget: int) -> list[int]:

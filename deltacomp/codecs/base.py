@@ -9,7 +9,7 @@ import enum
 import math
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -51,6 +51,29 @@ class Encoded:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+
+@dataclass
+class Rung:
+    """One encoding of a ladder (``Codec.ladder``): what ``encode(delta, **settings)`` gives, with as much
+    of it built as the ladder needed."""
+
+    settings: dict[str, Any]
+    nbytes: int                     # == encode(delta, **settings).nbytes, exactly
+    pack: Callable[[], Encoded]     # the packed form (built on demand where the bytes are known without it)
+    # decode(pack()) from what the ladder holds (up to float rounding), float32 on the CPU; None: decode
+    rebuild: Callable[[], Tensor] | None = None
+    # ||delta - decode(pack())||_F^2 where the ladder knows it without the reconstruction (relative error
+    # under 1e-5); None where it does not. Lets a caller skip rungs another rung beats in bytes and error.
+    weight_error: float | None = None
+
+    def reconstruction(self, codec: "Codec") -> Tensor:
+        """decode(encode(delta, **settings)), rebuilt from the ladder's pieces where it kept them."""
+        return self.rebuild() if self.rebuild is not None else codec.decode(_on_cpu(self.pack()))
+
+
+def _on_cpu(enc: Encoded) -> Encoded:
+    return Encoded(enc.codec, enc.shape, {k: v.cpu() for k, v in enc.tensors.items()}, enc.params)
 
 
 def _parse_bool(text: str) -> bool:
@@ -167,6 +190,34 @@ class Codec:
             if s not in out:
                 out.append(s)
         return out
+
+    # Callers run the ladders of codecs with a lower LADDER_PASS first, so that a codec which can bound
+    # its rungs' errors before building them (``prune``) is pruned against the others' finished rungs.
+    LADDER_PASS: ClassVar[int] = 0
+
+    def ladder(self, delta: Tensor, settings: Sequence[dict[str, Any]],
+               prune: Callable[[int, float], bool] | None = None) -> Iterator[Rung]:
+        """The encodings of ``delta`` under each of ``settings`` (one rung each, carrying its settings, in an
+        order of the codec's choosing; a rung this tensor cannot take, SettingsError or ValueError from
+        ``encode``, is left out), each the same as ``encode(delta, **s)`` on its own: the same bytes and,
+        up to float rounding, the same reconstruction. Yielded one at a time, so that a caller keeping
+        only numbers holds one rung's tensors at once (plus what the rungs share).
+
+        The default encodes rung by rung. A codec whose rungs share work overrides it (one SVD at the
+        largest rank for every rank, one sort of |delta| for every density, the first masks of the last
+        rung for the fewer-mask rungs); it may rebuild the reconstruction from its own pieces (``rebuild``),
+        leave the packing for ``pack`` where the bytes are known without it (``exact_nbytes``), and report
+        the weight error where it has it cheaply (``weight_error``).
+
+        ``prune(nbytes, floor)``: True when a rung of ``nbytes`` bytes whose weight error is at least
+        ``floor`` is not wanted (another rung beats it); a ladder that can bound a rung's error from below
+        before the costly part of building it asks, and leaves such a rung out. The default asks nothing."""
+        for s in settings:
+            try:
+                enc = self.encode(delta, **s)
+            except (SettingsError, ValueError):
+                continue
+            yield Rung(dict(s), enc.nbytes, lambda enc=enc: enc)
 
     def needs_global(self, settings: dict[str, Any]) -> bool:
         """True when encoding with these settings needs a statistic over all tensors given this codec

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..errors import SettingsError
 from ..quant.svd import METHODS as SVD_METHODS
 from ..quant.svd import truncated_svd
-from .base import Codec, CodecName, Encoded, Setting, register
+from .base import Codec, CodecName, Encoded, Rung, Setting, register
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,6 +25,22 @@ def refuse_1d(codec: str, shape: tuple[int, ...]) -> None:
     if len(shape) != 2:
         raise SettingsError(f"{codec}: a {len(shape)}-D delta of shape {tuple(shape)} has no low-rank "
                             "structure; use raw for 1-D tensors (e.g. --rule 'norm=raw')")
+
+
+def _prefix_errors(delta: Tensor, a: Tensor, v: Tensor) -> list[float | None]:
+    """||delta - a[:, :r] v[:r]||_F^2 for every r = 0..R, from one product delta v^T and the two R x R
+    Grams: ||delta||^2 - 2 sum(a * delta v^T)[:r] + sum((a^T a) * (v v^T))[:r, :r], summed in float64.
+    None where the error is under 1% of ||delta||^2, where the expansion may have cancelled."""
+    dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    if a.shape[1] == 0:
+        return [dd]
+    cross = torch.cumsum((a.double() * (v @ delta.T).T.double()).sum(0), 0)
+    quad = ((a.T @ a).double() * (v @ v.T).double())
+    # sum of the leading r x r block of quad, for every r: row prefix sums of the lower triangle, doubled
+    lower = torch.tril(quad, -1).sum(1)
+    block = torch.cumsum(2 * lower + quad.diagonal(), 0)
+    errs = [dd] + (dd - 2 * cross + block).tolist()
+    return [e if e >= 1e-2 * dd else None for e in errs]
 
 
 @register
@@ -69,6 +85,40 @@ class LowRankCodec(Codec):
             return []
         return [{**self.resolve_settings({}), "rank": 0}] + super().candidates(shape, budget_hint)
 
+    def ladder(self, delta, settings, prune=None):
+        """Rungs with a fixed rank share one SVD (per ``svd`` method) at the largest of them: each is its
+        top r, the same as a rank-r SVD where the SVD path is exact (quant/svd.py; else within its
+        stated tolerance, the rank-R subspace being the more accurate). Others are encoded alone."""
+        fixed: dict[str, list[tuple[dict[str, Any], dict[str, Any], int]]] = {}
+        plain = delta.dim() == 2 and delta.dtype == torch.float32
+        for given in settings:
+            try:
+                s = self.resolve_settings(given)
+            except SettingsError:
+                continue
+            if plain and s["rank"] is not None:
+                fixed.setdefault(s["svd"], []).append((given, s, min(s["rank"], min(delta.shape))))
+            else:
+                yield from super().ladder(delta, [given])
+        zero = not torch.count_nonzero(delta)
+        shape = tuple(delta.shape)
+        for svd, group in fixed.items():
+            u, sv, vh = truncated_svd(delta, 0 if zero else max(r for *_, r in group), svd)
+            errors = {}
+            for dtype in {s["dtype"] for _, s, _ in group}:
+                errors[dtype] = _prefix_errors(delta, u.to(_DTYPES[dtype]).float() * sv, vh.to(_DTYPES[dtype]).float())
+            for given, s, r in group:
+                def pack(u=u[:, :r], sv=sv[:r], vh=vh[:r], s=s):
+                    return self._pack(shape, u, sv, vh, s)
+
+                rank = int(sv[:r].numel())
+                yield Rung(dict(given), rank * self.bytes_per_rank(shape), pack, weight_error=errors[s["dtype"]][rank])
+
+    def _pack(self, shape: tuple[int, int], u: Tensor, sv: Tensor, vh: Tensor, s: dict[str, Any]) -> Encoded:
+        dt = _DTYPES[s["dtype"]]
+        tensors = {"u": u.to(dt).contiguous(), "s": sv.to(torch.float32).contiguous(), "v": vh.to(dt).contiguous()}
+        return Encoded(self.name, shape, tensors, {**s, "rank": int(sv.numel())})
+
     def _rank(self, shape: tuple[int, int], s: dict[str, Any]) -> int | None:
         if s["rank"] is not None:
             return min(s["rank"], min(shape))
@@ -92,9 +142,7 @@ class LowRankCodec(Codec):
             r = int(torch.searchsorted(energy, want)) + 1
             r = min(r, sv.numel())
             u, sv, vh = u[:, :r], sv[:r], vh[:r]
-        dt = _DTYPES[s["dtype"]]
-        tensors = {"u": u.to(dt).contiguous(), "s": sv.to(torch.float32).contiguous(), "v": vh.to(dt).contiguous()}
-        return Encoded(self.name, tuple(delta.shape), tensors, {**s, "rank": int(sv.numel())})
+        return self._pack(tuple(delta.shape), u, sv, vh, s)
 
     def meta_tensors(self, shape, settings):
         """Exact unless ``energy=`` picks the rank from the singular values."""

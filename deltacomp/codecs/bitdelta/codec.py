@@ -16,7 +16,7 @@ from torch import Tensor
 
 from ... import ops
 from ...errors import SettingsError
-from ..base import Codec, CodecName, Encoded, Setting, register
+from ..base import Codec, CodecName, Encoded, Rung, Setting, register
 from .serving import field as _field
 
 _BUDGET_SLACK = 0.005
@@ -58,21 +58,53 @@ class BitDeltaCodec(Codec):
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
         s = self.resolve_settings(settings)
+        tensors: dict[str, Tensor] = {}
+        for i, (packed, scale, _) in enumerate(self._masks_of(delta, s["scale"], s["masks"], terms=False)):
+            tensors[_field("signs", i)], tensors[_field("scale", i)] = packed, scale
+        return Encoded(self.name, tuple(delta.shape), tensors, dict(s))
+
+    @staticmethod
+    def _masks_of(delta: Tensor, scale_kind: str, masks: int, terms: bool = True):
+        """Yield (packed signs, fp32 scale, the mask's term signs x scale) for masks 0..masks-1, each coding
+        what the earlier ones left: mask i is the same whatever number of masks follows it. Without
+        ``terms`` the last mask's term is not built (None)."""
         mat = delta.reshape(1, -1) if delta.dim() == 1 else delta
         residual = mat
-        tensors: dict[str, Tensor] = {}
-        for i in range(s["masks"]):
-            if s["scale"] == "row":
-                scale = residual.abs().mean(dim=1)
-            else:
-                scale = residual.abs().mean()
+        for i in range(masks):
+            scale = residual.abs().mean(dim=1) if scale_kind == "row" else residual.abs().mean()
             packed = ops.pack_signs(residual.contiguous())
-            tensors[_field("signs", i)] = packed
-            tensors[_field("scale", i)] = scale.to(torch.float32).contiguous()
-            if i + 1 < s["masks"]:
+            term = None
+            if terms or i + 1 < masks:
                 signs = ops.unpack_signs(packed, mat.shape[1])
-                residual = residual - signs * (scale[:, None] if scale.dim() else scale)
-        return Encoded(self.name, tuple(delta.shape), tensors, dict(s))
+                term = signs * (scale[:, None] if scale.dim() else scale)
+            yield packed, scale.to(torch.float32).contiguous(), term
+            if i + 1 < masks:
+                residual = residual - term
+
+    def ladder(self, delta, settings, prune=None):
+        """One chain of residual masks per scale kind, as long as the longest rung: a rung of m masks is
+        its first m (the same tensors encode writes), its weight error that of the residual the chain
+        leaves after m masks. Rungs come by scale kind, then by masks."""
+        self._check_input(delta)
+        wanted: dict[str, list[tuple[dict[str, Any], dict[str, Any]]]] = {}
+        for given in settings:
+            try:
+                s = self.resolve_settings(given)
+            except SettingsError:
+                continue
+            wanted.setdefault(s["scale"], []).append((given, s))
+        for kind, group in wanted.items():
+            tensors: dict[str, Tensor] = {}
+            total = None
+            for i, (packed, scale, term) in enumerate(self._masks_of(delta, kind, max(s["masks"] for _, s in group))):
+                tensors[_field("signs", i)], tensors[_field("scale", i)] = packed, scale
+                total = term if total is None else total + term
+                for given, s in group:
+                    if s["masks"] == i + 1:
+                        enc = Encoded(self.name, tuple(delta.shape), dict(tensors), dict(s))
+                        left = delta.reshape(total.shape) - total
+                        err = float(torch.linalg.vector_norm(left, dim=-1).double().square().sum())
+                        yield Rung(dict(given), enc.nbytes, lambda enc=enc: enc, weight_error=err)
 
     def meta_tensors(self, shape, settings):
         rows, k = (shape[0], shape[1]) if len(shape) == 2 else (1, shape[0])

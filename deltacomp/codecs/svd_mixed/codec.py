@@ -135,6 +135,15 @@ class SvdMixedCodec(Codec):
         uq, sv = best_candidate(candidates, quantize_u)
         return pack_encoded(self.name, shape, alloc, uq, vq, sv, s)
 
+    LADDER_PASS = 1  # its rungs' errors are bounded by the SVD's tail: pruned against the other codecs'
+
+    def ladder(self, delta, settings, prune=None):
+        """One SVD at the largest rank and each width's quantization of its rows, shared by every rung
+        (ladder.py)."""
+        from .ladder import svd_mixed_ladder
+
+        return svd_mixed_ladder(self, delta, settings, prune)
+
     @staticmethod
     def _quantize_rows(rows: Tensor, alloc: al.Allocation, gs: int) -> list[tuple[Tensor, Tensor, Tensor]]:
         out, i = [], 0
@@ -237,12 +246,14 @@ def pack_encoded(name: str, shape: tuple[int, int], alloc: al.Allocation, uq, vq
     return Encoded(name, shape, tensors, {**settings, "alloc": al.format_alloc(alloc)})
 
 
-def _fit_error(delta: Tensor, a: Tensor, v_hat: Tensor, proj: Tensor, vv: Tensor) -> float:
+def _fit_error(delta: Tensor, a: Tensor, v_hat: Tensor, proj: Tensor, vv: Tensor, dd: float | None = None) -> float:
     """||delta - a v_hat||_F^2 from ||delta||^2 - 2 <a, delta v_hat^T> + <a^T a, v_hat v_hat^T>, with
     proj = delta v_hat^T and vv = v_hat v_hat^T: 2 N r^2 flops instead of the 2 N K r of forming
     a v_hat (1/3 of it for 11008 x 4096 at r = 1305, 1/8 for 4096 x 11008). The expansion cancels when
-    the error is small against ||delta||, so under a 10% relative error it is measured directly."""
-    dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    the error is small against ||delta||, so under a 10% relative error it is measured directly.
+    ``dd``: ||delta||_F^2 when the caller has it."""
+    if dd is None:
+        dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
     cross = float((a.double() * proj.double()).sum())
     quad = float(((a.T @ a).double() * vv.double()).sum())
     err2 = dd - 2 * cross + quad

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from ...errors import DeltaFormatError, SettingsError
 from ...quant import positions as P
-from ..base import Codec, CodecName, Encoded, Setting, register
+from ..base import Codec, CodecName, Encoded, Rung, Setting, register
 
 _SCALE_RE = re.compile(r"mean|std(?::(?P<alpha>[0-9.eE+-]+))?")
 
@@ -172,6 +172,20 @@ def topk_positions(delta: Tensor, k: int) -> np.ndarray:
     return np.insert(above, np.searchsorted(above, chosen), chosen)
 
 
+def _kept_error(flat: Tensor, pos: Tensor, scale: Tensor, energy: float) -> float:
+    """||delta - D^||_F^2 of keeping ``pos`` at +-scale (one scale, or one per row of ``scale.numel()``
+    rows), from ``energy`` = ||delta||^2 and sums over the kept entries only, in float64:
+    sum over dropped d^2 + sum over kept (|d| - m)^2 = ||delta||^2 - 2 sum_rows m S + sum_rows m^2 k."""
+    mag = flat[pos].abs().double()
+    m = scale.double().reshape(-1)
+    if m.numel() == 1:
+        return energy - 2 * float(m[0]) * float(mag.sum()) + float(m[0]) ** 2 * mag.numel()
+    row = pos // (flat.numel() // m.numel())
+    s_row = torch.zeros_like(m).index_add_(0, row, mag)
+    k_row = torch.bincount(row, minlength=m.numel()).double()
+    return energy - 2 * float((m * s_row).sum()) + float((m * m * k_row).sum())
+
+
 @register
 class TernaryCodec(Codec):
     name = CodecName.TERNARY.value
@@ -270,13 +284,64 @@ class TernaryCodec(Codec):
                                 "TernaryCodec.global_threshold in the plan's pre-pass)")
         else:
             pos = topk_positions(delta, _count_k(s["density"], numel))
+        return self._encode_at(delta, pos, s)[0]
+
+    def _encode_at(self, delta: Tensor, pos: np.ndarray, s: dict[str, Any]) -> tuple[Encoded, Tensor]:
+        """The encoding keeping the sorted flat positions ``pos``, and its signs (True = +)."""
         flat = delta.detach().reshape(-1)
         pos_t = torch.from_numpy(pos)
         kept = flat[pos_t]
         scale = self._scale(delta, pos_t, kept, s)
-        tensors, pparams = P.encode_support(pos, numel, kept > 0, storage=s["storage"])
+        tensors, pparams = P.encode_support(pos, delta.numel(), kept > 0, storage=s["storage"])
         tensors["scale"] = scale
-        return Encoded(self.name, tuple(delta.shape), tensors, {**s, **pparams})
+        return Encoded(self.name, tuple(delta.shape), tensors, {**s, **pparams}), kept > 0
+
+    def ladder(self, delta, settings, prune=None):
+        """Rungs at a density (scope=tensor, no threshold) share one stable descending sort of |delta|:
+        the top-k set is its first k (ties at the k-th magnitude by lowest index, as ``topk_positions``
+        keeps them), so each rung costs its scale and its position coding. The reconstruction is built
+        from the positions, signs and scale instead of decoding the positions again. Others (and a delta
+        holding NaN or Inf, which encode refuses) are encoded alone."""
+        self._check_input(delta)
+        flat = delta.detach().reshape(-1).cpu()
+        rank, nonzero = None, 0
+        finite = bool(torch.isfinite(flat).all())
+        energy = float(torch.linalg.vector_norm(flat.double())) ** 2 if finite else 0.0
+        for given in settings:
+            try:
+                s = self.resolve_settings(given)
+            except SettingsError:
+                continue
+            if not finite or s["threshold"] is not None or s["scope"] == "global":
+                yield from super().ladder(delta, [given])
+                continue
+            if rank is None:  # rank[i]: place of entry i in a stable descending sort of |delta|
+                order = torch.sort(flat.abs(), descending=True, stable=True).indices.numpy()
+                rank = np.empty_like(order)
+                rank[order] = np.arange(order.size)
+                nonzero = int(torch.count_nonzero(flat))
+            k = min(_count_k(s["density"], flat.numel()), nonzero)
+            pos = np.flatnonzero(rank < k)
+            enc, signs = self._encode_at(delta, pos, s)
+            pos_t = torch.from_numpy(pos)
+            yield Rung(dict(given), enc.nbytes, lambda enc=enc: enc,
+                       lambda enc=enc, pos=pos_t, signs=signs: self._dense(enc, pos, signs),
+                       _kept_error(flat, pos_t, enc.tensors["scale"], energy))
+
+    @staticmethod
+    def _dense(enc: Encoded, pos: Tensor, signs: Tensor) -> Tensor:
+        """The float32 delta of an encoding from its positions and signs (``decode`` without the position
+        decoding)."""
+        scale = enc.tensors["scale"]
+        vals = torch.where(signs, 1.0, -1.0)
+        if scale.dim():
+            cols = enc.shape[-1] if len(enc.shape) == 2 else enc.numel
+            vals = vals * scale[pos // cols]
+        else:
+            vals = vals * scale
+        out = torch.zeros(enc.numel, dtype=torch.float32)
+        out[pos] = vals
+        return out.reshape(enc.shape)
 
     @staticmethod
     def _scale(delta: Tensor, pos: Tensor, kept: Tensor, s: dict[str, Any]) -> Tensor:
@@ -302,15 +367,7 @@ class TernaryCodec(Codec):
         if scale is None or scale.dtype != torch.float32 or scale.shape != (() if rows is None else (rows,)):
             raise DeltaFormatError(f"ternary: field 'scale' must be fp32 of shape {() if rows is None else (rows,)}, "
                                    f"got {None if scale is None else (scale.dtype, tuple(scale.shape))}")
-        vals = torch.where(signs, 1.0, -1.0)
-        if scale.dim():
-            cols = enc.shape[-1] if len(enc.shape) == 2 else numel
-            vals = vals * scale[pos // cols]
-        else:
-            vals = vals * scale
-        out = torch.zeros(numel, dtype=torch.float32)
-        out[pos] = vals
-        return out.reshape(enc.shape)
+        return self._dense(enc, pos, signs)
 
     def serving_term(self, enc: Encoded):
         from .serving import TernaryTerm
