@@ -22,8 +22,9 @@ auto        for min(N, K) < EXACT_BELOW or rank None (every vector): exact (chea
               than TOL x the tail energy (||A||^2 - top-r energy); still moving at MAX_DEPTH (a spectrum
               too flat at the cut) -> the exact path below (info.method "fallback");
             - otherwise (large ranks, e.g. svd-mixed's ~30%: a Krylov space would cost more than the
-              Gram) exact with the float32 Gram and eigh (_mixed_svd), redone in float64 when
-              (s_r / s_1)^2 < MIXED_MIN_RATIO, where float32 cannot place the kept vectors.
+              Gram) exact with the float32 Gram and eigh (_mixed_svd; on the CPU BLAS syrk and LAPACK
+              syevr for only the kept vectors), redone in float64 when (s_r / s_1)^2 < MIXED_MIN_RATIO,
+              where float32 cannot place the kept vectors.
 Tolerance (tests/test_svd.py): the rank-r reconstruction error^2 of auto is within 1% of the exact path's,
 the top singular values within 1e-3 relative. Measured: the change test leaves the tail energy about
 TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
