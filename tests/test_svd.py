@@ -211,3 +211,43 @@ def test_fit_error_matches_direct(noise):
     direct = float(torch.linalg.matrix_norm((delta - a @ v_hat).double())) ** 2
     got = _fit_error(delta, a, v_hat, delta @ v_hat.T, v_hat @ v_hat.T)
     assert got == pytest.approx(direct, rel=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (7, 1), (37, 91), (91, 37), (64, 64)])
+@pytest.mark.parametrize("view", ["contiguous", "transposed"])
+def test_top_eigh_cpu_matches_float64(shape, view):
+    """scipy's syrk + syevr path against the float64 eigendecomposition: odd shapes, one row, a
+    transposed (non-contiguous) input, ranks 1 and all."""
+    d = _power_law(*shape, 0.5, 5, noise=0.2)
+    a = d.T.contiguous().T if view == "transposed" else d
+    assert a.is_contiguous() == (view == "contiguous" or 1 in shape)
+    m = a.shape[0]
+    g64 = a.double() @ a.double().T
+    ref_w, ref_u = torch.linalg.eigh(g64 / g64.diagonal().max())
+    for r in sorted({1, m // 2, m} - {0}):
+        w, u = S._top_eigh_cpu(a, r)
+        assert w.dtype == u.dtype == torch.float32 and w.shape == (r,) and u.shape == (m, r)
+        assert torch.allclose(w.double(), ref_w.flip(0)[:r], rtol=1e-4, atol=1e-6)
+        assert torch.all(w[:-1] >= w[1:])
+        # the kept subspace captures the top-r energy (vectors may mix inside a cluster)
+        captured = float((u.double().T @ a.double()).square().sum())
+        assert captured == pytest.approx(float(ref_w.flip(0)[:r].sum() * g64.diagonal().max()), rel=1e-4)
+        assert torch.allclose(u.T @ u, torch.eye(r), atol=1e-4)
+
+
+def test_top_eigh_cpu_zero_and_rank_zero():
+    assert S._top_eigh_cpu(torch.zeros(5, 9), 3) is None
+    w, u = S._top_eigh_cpu(torch.randn(5, 9), 0)
+    assert w.shape == (0,) and u.shape == (5, 0)
+    assert S.exact_svd(torch.zeros(5, 9), 3, mixed=True)[1].abs().max() == 0  # the float64 path takes it
+
+
+def test_mixed_svd_cpu_path_matches_torch_path():
+    """The CPU (scipy) and the torch (other devices) Gram paths give the same factors on one matrix."""
+    d = _real_like(150, 260, 6)
+    for mat in (d, d.T):
+        a = mat if mat.shape[0] <= mat.shape[1] else mat.T
+        w1, u1 = S._top_eigh_cpu(a, 40)
+        w2, u2 = S._top_eigh_torch(a, 40)
+        assert torch.allclose(w1, w2, rtol=1e-4, atol=1e-6)
+        assert torch.allclose((u1.T @ u2).abs().diagonal()[:20], torch.ones(20), atol=1e-3)

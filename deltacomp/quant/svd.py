@@ -22,8 +22,9 @@ auto        for min(N, K) < EXACT_BELOW or rank None (every vector): exact (chea
               than TOL x the tail energy (||A||^2 - top-r energy); still moving at MAX_DEPTH (a spectrum
               too flat at the cut) -> the exact path below (info.method "fallback");
             - otherwise (large ranks, e.g. svd-mixed's ~30%: a Krylov space would cost more than the
-              Gram) exact with the float32 Gram and eigh (_mixed_svd), redone in float64 when
-              (s_r / s_1)^2 < MIXED_MIN_RATIO, where float32 cannot place the kept vectors.
+              Gram) exact with the float32 Gram and eigh (_mixed_svd; on the CPU BLAS syrk and LAPACK
+              syevr for only the kept vectors), redone in float64 when (s_r / s_1)^2 < MIXED_MIN_RATIO,
+              where float32 cannot place the kept vectors.
 Tolerance (tests/test_svd.py): the rank-r reconstruction error^2 of auto is within 1% of the exact path's,
 the top singular values within 1e-3 relative. Measured: the change test leaves the tail energy about
 TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
@@ -104,21 +105,19 @@ def exact_svd(mat: Tensor, rank: int | None = None, mixed: bool = False) -> tupl
 
 
 def _mixed_svd(a: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
-    """The Gram, its eigendecomposition and the projections in float32 (the Gram 2x and eigh 4x faster
-    than float64: 8.9 s vs 34.7 s at 4096, one thread here); None when float32 cannot resolve the cut.
+    """The Gram, the top ``r`` of its eigendecomposition and the projections in float32 (the Gram 2x and
+    eigh 4x faster than float64: 8.9 s vs 34.7 s at 4096, one thread here); None when float32 cannot
+    resolve the cut. On the CPU the Gram and eigenvectors come from _top_eigh_cpu.
 
     Float32 eigenvectors carry errors ~1e-7 * lam_1 / gap: vectors with close eigenvalues mix, which
     leaves the energy the kept subspace captures float64-accurate while lam_r / lam_1 = (s_r / s_1)^2
     >= MIXED_MIN_RATIO (measured on 1024 x 2752: tail energy +2.6e-4 relative at s_r / s_1 = 6e-3,
     <1e-6 on flatter spectra). s is re-measured as ||u_i^T A|| (float64 sums), so it is exact for
     the vectors returned; they are re-sorted by it."""
-    gram = a @ a.T
-    scale = gram.diagonal().amax()
-    if not float(scale) > 0:
+    top = _top_eigh_cpu(a, r) if a.device.type == "cpu" else _top_eigh_torch(a, r)
+    if top is None:
         return None
-    with single_threaded():
-        w, u = torch.linalg.eigh(gram / scale)
-    w, u = w.flip(0)[:r], u.flip(1)[:, :r]
+    w, u = top
     if r and float(w[-1]) < MIXED_MIN_RATIO * float(w[0]):
         return None
     proj = u.T @ a                                                 # (r, K): s_i v_i^T
@@ -126,6 +125,48 @@ def _mixed_svd(a: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
     s, order = torch.sort(s, descending=True)
     u, proj = u[:, order], proj[order]
     return u, s.to(a.dtype), _unit_columns(proj.T).T
+
+
+def _top_eigh_torch(a: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
+    """(w (r,) descending, u (m, r)): the top ``r`` eigenpairs of a a^T / max(diag), float32, torch.
+    None for a zero ``a``."""
+    gram = a @ a.T
+    scale = gram.diagonal().amax()
+    if not float(scale) > 0:
+        return None
+    with single_threaded():
+        w, u = torch.linalg.eigh(gram / scale)
+    return w.flip(0)[:r], u.flip(1)[:, :r]
+
+
+def _top_eigh_cpu(a: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
+    """_top_eigh_torch on the CPU, 2.5-3x faster at 4096 x 11008 and rank 1305 (benchmarks/
+    compress_speed.py --stages): the Gram by BLAS syrk (one triangle: half gemm's flops) and only the
+    kept eigenvectors by LAPACK syevr (MRRR; torch's eigh, syevd, forms all m of them and back-transforms
+    them: ~3/4 of its time at m = 4096). Float32 as _top_eigh_torch; the same subspace up to float32
+    rounding."""
+    from scipy.linalg import blas, eigh  # scipy's BLAS/LAPACK: torch exposes neither syrk nor syevr
+    from threadpoolctl import threadpool_limits
+
+    m = a.shape[0]
+    if r == 0:
+        return a.new_zeros(0), a.new_zeros(m, 0)
+    # syrk reads a Fortran-order array: a row-major (m, big) is the Fortran-order a^T (trans=1 gives
+    # a a^T); a transposed view of a row-major (big, m) is a in Fortran order (trans=0). No copy either way.
+    if a.is_contiguous():
+        f, trans = a.numpy().T, 1
+    else:
+        f, trans = a.T.contiguous().numpy().T, 0
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        gram = blas.ssyrk(1.0, f, trans=trans, lower=1)            # (m, m) Fortran order, lower triangle
+    scale = float(gram.diagonal().max())
+    if not scale > 0:
+        return None
+    gram *= 1.0 / scale
+    with threadpool_limits(limits=1, user_api="blas"):            # see linalg.single_threaded
+        w, u = eigh(gram, lower=True, subset_by_index=[m - r, m - 1], driver="evr", overwrite_a=True,
+                    check_finite=False)
+    return torch.from_numpy(w[::-1].copy()), torch.from_numpy(u[:, ::-1].copy())
 
 
 def _energy(x: Tensor) -> float:
