@@ -10,10 +10,11 @@ calibrator does is in its codec's package).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -125,16 +126,9 @@ def input_grams(finetuned: str | os.PathLike, calib: CalibData, names: set[str],
         model = lm.model.to(device)
         mods = {f"{n}.weight": m for n, m in model.named_modules()
                 if isinstance(m, torch.nn.Linear) and f"{n}.weight" in names}
-        grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-                 for n, m in mods.items()}
-        hooks = [m.register_forward_pre_hook(_accumulate(grams[n])) for n, m in mods.items()]
-        try:
-            with torch.no_grad():
-                for s in range(0, calib.ids.shape[0], batch_size):
-                    model(input_ids=calib.ids[s:s + batch_size].to(device), use_cache=False)
-        finally:
-            for hk in hooks:
-                hk.remove()
+        with _input_sums(mods, device) as grams, torch.no_grad():
+            for s in range(0, calib.ids.shape[0], batch_size):
+                model(input_ids=calib.ids[s:s + batch_size].to(device), use_cache=False)
     tokens = max(1, calib.ids.numel())
     return {n: (g / tokens).float().cpu() for n, g in grams.items()}
 
@@ -152,32 +146,31 @@ def _layer_grams(lm, calib: CalibData, names: set[str], batch_size: int, device:
         with lm.materialized(lm.layers[li], device) as layer:
             mine = {f"{lm.prefix}.{li}.{n}.weight": m for n, m in layer.named_modules()
                     if isinstance(m, torch.nn.Linear) and f"{lm.prefix}.{li}.{n}.weight" in names}
-            sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device)
-                    for n, m in mine.items()}
-            hooks = [m.register_forward_pre_hook(_accumulate(sums[n])) for n, m in mine.items()]
-            try:
-                with torch.no_grad():
-                    hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
-            finally:
-                for hk in hooks:
-                    hk.remove()
+            with _input_sums(mine, device) as sums, torch.no_grad():
+                hidden = [_first(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
         grams.update({n: (g / tokens).float().cpu() for n, g in sums.items()})
     return grams
+
+
+@contextlib.contextmanager
+def _input_sums(mods: dict[str, torch.nn.Linear], device) -> Iterator[dict[str, Tensor]]:
+    """Inside the ``with``, every forward of a module in ``mods`` adds x^T x of its input (float64) to
+    the yielded ``{name: sum}``."""
+    sums = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=device) for n, m in mods.items()}
+    hooks = [m.register_forward_pre_hook(_accumulate(sums[n])) for n, m in mods.items()]
+    try:
+        yield sums
+    finally:
+        for hk in hooks:
+            hk.remove()
 
 
 def _hessians(layer: torch.nn.Module, mine: dict[str, torch.nn.Linear], hidden: list[Tensor],
               kwargs: list[dict]) -> dict[str, Tensor]:
     """H = sum x^T x (float64) of the inputs of each linear in ``mine``, over one pass of the layer."""
-    dev = next(layer.parameters()).device
-    hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=dev) for n, m in mine.items()}
-    hooks = [m.register_forward_pre_hook(_accumulate(hess[n])) for n, m in mine.items()]
-    try:
-        with torch.no_grad():
-            for h, kw in zip(hidden, kwargs):
-                layer(h, **kw)
-    finally:
-        for hk in hooks:
-            hk.remove()
+    with _input_sums(mine, next(layer.parameters()).device) as hess, torch.no_grad():
+        for h, kw in zip(hidden, kwargs):
+            layer(h, **kw)
     return hess
 
 
