@@ -16,7 +16,7 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
-from .codecs import Codec, Encoded, get_codec
+from .codecs import Codec, Encoded, available, get_codec
 from .delta_file import NEW_ROWS, DeltaFile, ParamInfo
 from .dtypes import DTYPES, SAFETENSORS_DTYPES
 from .errors import DeltacompError, DeltaFormatError, SettingsError
@@ -119,7 +119,13 @@ class Delta(DeltaFile):
                                    f"{_short(str(exc), 200)}); the file is inconsistent") from None
 
     def stats(self, name: str) -> dict[str, Any]:
-        """The codec's ``inspect`` statistics of one stored parameter."""
+        """The codec's ``inspect`` statistics of one stored parameter. A codec without statistics of its own
+        (the base class's ``stats``) gets no read of the tensor (at 70B, a raw embedding is 2 GB)."""
+        info = self.params[name]
+        while info.tied_to is not None:
+            info = self.params[info.tied_to]
+        if info.codec in available() and type(get_codec(info.codec)).stats is Codec.stats:
+            return {}
         enc = self.encoded(name)
         with self.guard(name, "inspect"):
             return get_codec(enc.codec).stats(enc)

@@ -208,3 +208,23 @@ def test_embedded_files_round_trip(tmp_path, pair):
     rec = deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False)
     for name in ("tokenizer.json", "tokenizer.model", "config.json", "generation_config.json"):
         assert (rec / name).read_bytes() == (ft / name).read_bytes(), name
+
+
+def test_stats_reads_only_codecs_that_have_statistics(tmp_path, pair, monkeypatch):
+    """inspect's per-tensor statistics: a codec without any (raw, bitdelta) costs no read of its tensors;
+    one with them (ternary) still reads."""
+    from deltacomp.delta import Delta
+
+    base, ft, _, _ = pair
+    out = tmp_path / "d.delta.safetensors"
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
+    out2 = tmp_path / "t.delta.safetensors"
+    deltacomp.compress(base, ft, out2, method="ternary", progress=False)
+    read = []
+    real = Delta.raw_tensors
+    monkeypatch.setattr(Delta, "raw_tensors", lambda self, name: read.append(name) or real(self, name))
+    with deltacomp.load_delta(out) as df:
+        assert all(df.stats(n) == {} for n in df.params) and not read
+    with deltacomp.load_delta(out2) as df:
+        tern = [n for n, i in df.params.items() if i.codec == "ternary"]
+        assert tern and all(isinstance(df.stats(n), dict) for n in tern) and read
