@@ -18,11 +18,12 @@ from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_d
                          fingerprint_all, index_path)
 from .devices import resolve_device
 from .dtypes import DTYPES, dtype_name
-from .errors import CheckpointError, NonFiniteError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
-from .rowblocks import add_streamed, write_streamed
+from .rowblocks import add_streamed, finite_or_refuse, write_streamed
+from .rowblocks import count_nonfinite as _nonfinite
 from .storage import output_dir
 from .summary import summarize
 
@@ -191,19 +192,6 @@ def _remove_delta(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _nonfinite(t: Tensor) -> int:
-    """How many values of ``t`` are NaN or Inf. One pass of a sum first: a NaN or Inf anywhere makes the
-    sum NaN or Inf, so a finite sum means none (a sum that overflows only sends it to the exact count);
-    torch's isfinite + count is several passes, which made it the larger part of a 1-bit compress."""
-    if not t.is_floating_point():
-        return 0
-    if t.element_size() == 1:  # float8: torch has no isfinite for it
-        t = t.float()
-    if bool(torch.isfinite(t.sum(dtype=torch.float64 if t.dtype == torch.float64 else torch.float32))):
-        return 0
-    return int(t.numel() - torch.isfinite(t).sum())
-
-
 class BaseTensor:
     """One base tensor, read once, with what encoding a fine-tune's tensor asks of it computed once:
     its digest (the file's fingerprint), its count of NaN/Inf and its float32 copy. compress-many
@@ -248,15 +236,9 @@ class EncodedParam:
 
 
 def _check_finite(p: Pairing, ft: Tensor, ft_path: str, base: BaseTensor, allow: bool) -> bool:
-    """False (store whole) or NonFiniteError when the pair holds NaN/Inf: its delta would be NaN and
-    codecs with a shared scale would spread it over the whole tensor."""
-    for n, numel, path in ((_nonfinite(ft), ft.numel(), ft_path), (base.nonfinite, base.tensor.numel(), base.path)):
-        if n and not allow:
-            raise NonFiniteError(f"{path}: {p.name}: {n} of {numel} values are NaN or Inf; fix the "
-                                 "checkpoint, or pass --allow-nonfinite to store such tensors whole (uncompressed)")
-        if n:
-            return False
-    return True
+    """False (store whole) or NonFiniteError when the pair holds NaN/Inf (rowblocks.finite_or_refuse)."""
+    return finite_or_refuse(p.name, [(ft_path, _nonfinite(ft), ft.numel()),
+                                     (base.path, base.nonfinite, base.tensor.numel())], allow)
 
 
 def encode_param(plan: Plan, p: Pairing, ft: Tensor, ft_path: str | os.PathLike, base: BaseTensor | None,

@@ -177,7 +177,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, pair, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_nonfinite_count_is_exact(dtype):
-    """api._nonfinite's one-sum fast path: exact counts, and a sum that overflows is no false alarm."""
+    """api._nonfinite's (rowblocks.count_nonfinite) one-sum fast path: exact counts, and a sum that overflows is no false alarm."""
     from deltacomp.api import _nonfinite
 
     t = torch.randn(33, 7).to(dtype)
