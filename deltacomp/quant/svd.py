@@ -145,20 +145,13 @@ def _top_eigh_cpu(a: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
     kept eigenvectors by LAPACK syevr (MRRR; torch's eigh, syevd, forms all m of them and back-transforms
     them: ~3/4 of its time at m = 4096). Float32 as _top_eigh_torch; the same subspace up to float32
     rounding."""
-    from scipy.linalg import blas, eigh  # scipy's BLAS/LAPACK: torch exposes neither syrk nor syevr
+    from scipy.linalg import eigh
     from threadpoolctl import threadpool_limits
 
     m = a.shape[0]
     if r == 0:
         return a.new_zeros(0), a.new_zeros(m, 0)
-    # syrk reads a Fortran-order array: a row-major (m, big) is the Fortran-order a^T (trans=1 gives
-    # a a^T); a transposed view of a row-major (big, m) is a in Fortran order (trans=0). No copy either way.
-    if a.is_contiguous():
-        f, trans = a.numpy().T, 1
-    else:
-        f, trans = a.T.contiguous().numpy().T, 0
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        gram = blas.ssyrk(1.0, f, trans=trans, lower=1)            # (m, m) Fortran order, lower triangle
+    gram = _syrk_lower(a)                                          # (m, m) Fortran order, lower triangle
     scale = float(gram.diagonal().max())
     if not scale > 0:
         return None
@@ -169,7 +162,33 @@ def _top_eigh_cpu(a: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
     return torch.from_numpy(w[::-1].copy()), torch.from_numpy(u[:, ::-1].copy())
 
 
-def _energy(x: Tensor) -> float:
+def _syrk_lower(a: Tensor):
+    """a a^T of a float32 CPU ``a`` (m, big) by BLAS syrk (one triangle: half gemm's flops) as a
+    Fortran-order numpy array holding the lower triangle (the upper one is zero)."""
+    from scipy.linalg import blas  # scipy's BLAS: torch does not expose syrk
+    from threadpoolctl import threadpool_limits
+
+    # syrk reads a Fortran-order array: a row-major (m, big) is the Fortran-order a^T (trans=1 gives
+    # a a^T); a transposed view of a row-major (big, m) is a in Fortran order (trans=0). No copy either way.
+    if a.is_contiguous():
+        f, trans = a.numpy().T, 1
+    else:
+        f, trans = a.T.contiguous().numpy().T, 0
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        return blas.ssyrk(1.0, f, trans=trans, lower=1)
+
+
+def gram_of_columns(x: Tensor) -> Tensor:
+    """x^T x for a 2-D ``x``; float32 on the CPU by syrk (half the flops of x.T @ x), else x.T @ x."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or 0 in x.shape:
+        return x.T @ x
+    low = torch.from_numpy(_syrk_lower(x.T))
+    full = low + low.T
+    full.diagonal().mul_(0.5)
+    return full
+
+
+def energy(x: Tensor) -> float:
     """||x||_F^2: float32 row norms summed in float64 (a float64 norm of a 45M-entry matrix took 25x the
     time of the float32 one here; row norms keep the sum accurate to ~1e-6)."""
     return float(torch.linalg.vector_norm(x, dim=-1).double().square().sum())
@@ -236,7 +255,7 @@ def randomized_svd(mat: Tensor, rank: int, *, oversample: int | None = None, dep
     # the products with it are of the short dimension.
     a = mat.to(_work_dtype(mat))
     a = a.T if n > k else a                                        # a: (m, big)
-    total = _energy(a)
+    total = energy(a)
     gen = torch.Generator(device=a.device).manual_seed(seed)
     y = torch.randn(a.shape[0], q, generator=gen, device=a.device, dtype=a.dtype)
     x_all = y_all = gram = None
