@@ -241,6 +241,9 @@ def test_cuda_same_code_path():
         ref_s, ref_tail = _reference(d, 20)
         assert torch.allclose(s.double().cpu()[:10], ref_s[:10], rtol=1e-3)
         assert _tail(d, u.cpu(), s.cpu(), vh.cpu()) <= ref_tail * 1.01 + 1e-10
+    u, s, vh, info = S.subspace_svd(d.cuda(), 40)
+    assert u.device.type == "cuda" and info.method == "subspace"
+    assert _tail(d, u.cpu(), s.cpu(), vh.cpu()) <= _reference(d, 40)[1] * 1.01 + 1e-10
     u, s, vh = S.exact_svd(d.cuda(), 60, mixed=True)
     assert s.device.type == "cuda"
 

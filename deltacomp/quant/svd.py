@@ -21,13 +21,22 @@ auto        for min(N, K) < EXACT_BELOW or rank None (every vector): exact (chea
               to DEPTH blocks and up to MAX_DEPTH while the last block raised the top-r energy by more
               than TOL x the tail energy (||A||^2 - top-r energy); still moving at MAX_DEPTH (a spectrum
               too flat at the cut) -> the exact path below (info.method "fallback");
+            - on the CPU in float32, when q <= SUBSPACE_FRACTION * min(N, K) (e.g. svd-mixed at 32x on
+              a 4096 x 4096 tensor, 12%): shifted subspace iteration on the float32 Gram with
+              Rayleigh-Ritz (subspace_svd; products with the m x m Gram and QRs only), SUBSPACE_STEPS
+              steps and up to SUBSPACE_MAX_STEPS while the last one raised the q-space energy by > TOL x
+              the tail energy; still moving -> the exact-mixed path below (info.method "fallback").
+              Measured at 4096 x 4096, power law (benchmarks/compress_speed.py): rank 444 3.1 s vs 4.6 s
+              for exact-mixed, tail energy +3e-3 relative; at rank 650 (q 17%) both 5.1 s, at svd-mixed's
+              16x rank 889 (q 24%) it needs 3 steps and takes 6.5 s vs 5.6 s, hence the 15% bound;
             - otherwise (large ranks, e.g. svd-mixed's ~30%: a Krylov space would cost more than the
               Gram) exact with the float32 Gram and eigh (_mixed_svd; on the CPU BLAS syrk and LAPACK
               syevr for only the kept vectors), redone in float64 when (s_r / s_1)^2 < MIXED_MIN_RATIO,
-              where float32 cannot place the kept vectors.
+              where float32 cannot place the kept vectors. syevr's tridiagonalization (sytrd, memory-bound
+              at m = 4096: ~5 s on one core here, whatever the rank) is most of this path's time.
 Tolerance (tests/test_svd.py): the rank-r reconstruction error^2 of auto is within 1% of the exact path's,
-the top singular values within 1e-3 relative. Measured: the change test leaves the tail energy about
-TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
+the top singular values within 1e-3 relative (subspace_svd: the same bounds). Measured: the change test
+leaves the tail energy about TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
 1.3 s, vs 9.8 s for the float32 Gram path; a power law: +3e-3, +5e-6); the mixed path < 2e-4 above.
 At TOL = 0.01, lowrank at 16x on 7B shapes runs 0.9-1.6x as fast as subspace iteration with 3 power steps
 (8 products) did before, at +0.5-0.6% tail energy vs its +0.7-0.9% (benchmarks/results/
@@ -309,7 +318,8 @@ def _full_gram(a: Tensor) -> tuple[Tensor, float]:
 
 def _bottom_eig_cpu(low) -> float:
     """The smallest eigenvalue of the symmetric matrix whose lower triangle is ``low`` (numpy, Fortran),
-    to ARPACK's 10% (Lanczos, ~200 products with a vector: 0.4 s at 4096); 0 if ARPACK does not settle.
+    to ARPACK's 10% (Lanczos, ~200 products with a vector: 0.4 s at 4096; at most 30 restarts); 0 if
+    ARPACK does not settle.
     It only places the shift of _top_eigh_subspace, so an estimate suffices."""
     import numpy as np
     from scipy.linalg import blas
@@ -323,7 +333,7 @@ def _bottom_eig_cpu(low) -> float:
     v0 = np.random.default_rng(0).standard_normal(m).astype(np.float32)
     try:
         with threadpool_limits(limits=1, user_api="blas"):
-            w = eigsh(op, k=1, which="SA", tol=0.1, v0=v0, return_eigenvectors=False, maxiter=20 * m)
+            w = eigsh(op, k=1, which="SA", tol=0.1, v0=v0, return_eigenvectors=False, maxiter=30)
     except (ArpackNoConvergence, ArpackError):
         return 0.0
     return max(0.0, float(w[0]))
