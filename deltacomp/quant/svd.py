@@ -26,9 +26,10 @@ auto        for min(N, K) < EXACT_BELOW or rank None (every vector): exact (chea
               Rayleigh-Ritz (subspace_svd; products with the m x m Gram and QRs only), SUBSPACE_STEPS
               steps and up to SUBSPACE_MAX_STEPS while the last one raised the q-space energy by > TOL x
               the tail energy; still moving -> the exact-mixed path below (info.method "fallback").
-              Measured at 4096 x 4096, power law (benchmarks/compress_speed.py): rank 444 3.1 s vs 4.6 s
-              for exact-mixed, tail energy +3e-3 relative; at rank 650 (q 17%) both 5.1 s, at svd-mixed's
-              16x rank 889 (q 24%) it needs 3 steps and takes 6.5 s vs 5.6 s, hence the 15% bound;
+              Measured at 4096 x 4096, power law (benchmarks/compress_speed.py's delta, one thread, load
+              ~4 on 2 cores): rank 444 3.1-3.4 s vs 4.3-4.6 s for exact-mixed, tail energy +3e-3
+              relative; rank 650 (q 17%) 4.0 s vs 4.5 s; svd-mixed's 16x rank 889 (q 24%) needs 3 steps:
+              5.4 s for both, hence the 15% bound;
             - otherwise (large ranks, e.g. svd-mixed's ~30%: a Krylov space would cost more than the
               Gram) exact with the float32 Gram and eigh (_mixed_svd; on the CPU BLAS syrk and LAPACK
               syevr for only the kept vectors), redone in float64 when (s_r / s_1)^2 < MIXED_MIN_RATIO,
@@ -360,15 +361,15 @@ def _top_eigh_subspace(a: Tensor, r: int, *, steps: int = SUBSPACE_STEPS, max_st
     total = float(gram.diagonal().sum(dtype=torch.float64))
     q = min(m, r + default_oversample(r))
     gen = torch.Generator(device=a.device).manual_seed(seed)
-    x = _orthonormal(gram @ torch.randn(m, q, generator=gen, device=a.device, dtype=a.dtype))
-    y = gram @ x
+    x = _orthonormal(_mm(gram, torch.randn(m, q, generator=gen, device=a.device, dtype=a.dtype)))
+    y = _mm(gram, x)
     with single_threaded():
         theta = torch.linalg.eigvalsh((x.T @ y).double())
     sigma = max(0.0, (float(theta[0]) + bottom) / 2)
     prev, k = float(theta.sum()), 0
     while True:
         x = _orthonormal(y - sigma * x)
-        y = gram @ x
+        y = _mm(gram, x)
         k += 1
         cur = float((x * y).sum(dtype=torch.float64))              # trace(X^T G X): the q-space energy
         if k >= steps:
