@@ -78,12 +78,56 @@ def test_mixed_precision_falls_back_on_steep_spectrum():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("shape", [(301, 517), (517, 301)])
+def test_subspace_matches_float64_exact(case, shape):
+    d = CASES[case](*shape)
+    r = 45  # ~15% of min(N, K): the ranks auto gives this path
+    u, s, vh, info = S.subspace_svd(d, r)
+    ref_s, ref_tail = _reference(d, r)
+    assert info.method == "subspace" and S.SUBSPACE_STEPS + 2 <= info.passes <= S.SUBSPACE_MAX_STEPS + 2
+    assert u.shape == (shape[0], r) and s.shape == (r,) and vh.shape == (r, shape[1])
+    assert torch.all(s[:-1] >= s[1:])
+    assert torch.allclose(s.double()[:10], ref_s[:10], rtol=1e-3)             # the top: tight
+    assert _tail(d, u, s, vh) <= ref_tail * 1.01 + 1e-10                      # within 1% of the optimum
+    eye = torch.eye(r)
+    assert torch.allclose(u.T @ u, eye, atol=1e-4) and torch.allclose(vh @ vh.T, eye, atol=1e-4)
+
+
+def test_subspace_falls_back_on_flat_spectrum():
+    d = torch.randn(300, 500, generator=torch.Generator().manual_seed(11))  # Marchenko-Pastur: flat at the cut
+    u, s, vh, info = S.subspace_svd(d, 40, max_steps=2, tol=1e-4)
+    assert info.method == "fallback" and info.passes == 4 and info.change > 1e-4
+    for a, b in zip((u, s, vh), S.exact_svd(d, 40, mixed=True)):
+        assert torch.equal(a, b)
+    *_, info = S.subspace_svd(d, 40)                                           # more steps, TOL: converges
+    assert info.method == "subspace"
+
+
+def test_subspace_edge_cases():
+    z = torch.zeros(50, 80)
+    u, s, vh, info = S.subspace_svd(z, 5)                                      # zero: the exact path's zeros
+    assert info.method == "fallback" and torch.equal(s, torch.zeros(5)) and torch.isfinite(u).all()
+    d = CASES["pl1"](40, 7)
+    u, s, vh, info = S.subspace_svd(d, 7)                                      # every vector (q = min dim)
+    assert torch.allclose((u * s) @ vh, d, atol=1e-5)
+    u, s, vh, info = S.subspace_svd(d, 0)
+    assert u.shape == (40, 0) and vh.shape == (0, 7)
+    a, b = S.subspace_svd(d, 3, seed=4), S.subspace_svd(d, 3, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a[:3], b[:3]))                # deterministic for a seed
+    assert S.subspace_svd(d.double(), 3)[0].dtype == torch.float64
+
+
 def test_auto_routes_and_falls_back(monkeypatch):
     monkeypatch.setattr(S, "EXACT_BELOW", 0)  # let auto decide on small test matrices
     d = CASES["real_like"](300, 520)
     *_, info = S.truncated_svd(d, 10, "auto", with_info=True)
     assert info.method == "randomized" and info.passes in (6, 8)
     *_, info = S.truncated_svd(d, 100, "auto", with_info=True)          # 4 blocks would be most of min dim
+    assert info.method == "exact-mixed"
+    *_, info = S.truncated_svd(d, 30, "auto", with_info=True)           # q = 40 <= SUBSPACE_FRACTION * 300
+    assert info.method == "subspace"
+    *_, info = S.truncated_svd(d.double(), 30, "auto", with_info=True)  # float64: the exact path
     assert info.method == "exact-mixed"
     monkeypatch.setattr(S, "TOL", 0.0)                                   # nothing converges: exact instead
     monkeypatch.setattr(S.randomized_svd, "__kwdefaults__", {**S.randomized_svd.__kwdefaults__, "tol": 0.0})
@@ -197,6 +241,9 @@ def test_cuda_same_code_path():
         ref_s, ref_tail = _reference(d, 20)
         assert torch.allclose(s.double().cpu()[:10], ref_s[:10], rtol=1e-3)
         assert _tail(d, u.cpu(), s.cpu(), vh.cpu()) <= ref_tail * 1.01 + 1e-10
+    u, s, vh, info = S.subspace_svd(d.cuda(), 40)
+    assert u.device.type == "cuda" and info.method == "subspace"
+    assert _tail(d, u.cpu(), s.cpu(), vh.cpu()) <= _reference(d, 40)[1] * 1.01 + 1e-10
     u, s, vh = S.exact_svd(d.cuda(), 60, mixed=True)
     assert s.device.type == "cuda"
 
@@ -251,3 +298,15 @@ def test_mixed_svd_cpu_path_matches_torch_path():
         w2, u2 = S._top_eigh_torch(a, 40)
         assert torch.allclose(w1, w2, rtol=1e-4, atol=1e-6)
         assert torch.allclose((u1.T @ u2).abs().diagonal()[:20], torch.ones(20), atol=1e-3)
+
+
+def test_svd_mixed_subspace_path_close_to_exact(monkeypatch):
+    monkeypatch.setattr(S, "EXACT_BELOW", 0)
+    monkeypatch.setattr(S, "SUBSPACE_FRACTION", 0.5)  # svd-mixed's 16x ranks (~30%) through the subspace path
+    d = CASES["real_like"](260, 400)
+    sm = get_codec("svd-mixed")
+    e_exact = _rel(sm.decode(sm.encode(d, svd="exact")), d)
+    r = sum(c for _, c in sm.allocation_for(tuple(d.shape), sm.resolve_settings({})))
+    *_, info = S.truncated_svd(d, r, "auto", with_info=True)
+    assert info.method == "subspace"
+    assert _rel(sm.decode(sm.encode(d, svd="auto")), d) <= e_exact * 1.005

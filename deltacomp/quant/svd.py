@@ -21,13 +21,23 @@ auto        for min(N, K) < EXACT_BELOW or rank None (every vector): exact (chea
               to DEPTH blocks and up to MAX_DEPTH while the last block raised the top-r energy by more
               than TOL x the tail energy (||A||^2 - top-r energy); still moving at MAX_DEPTH (a spectrum
               too flat at the cut) -> the exact path below (info.method "fallback");
+            - on the CPU in float32, when q <= SUBSPACE_FRACTION * min(N, K) (e.g. svd-mixed at 32x on
+              a 4096 x 4096 tensor, 12%): shifted subspace iteration on the float32 Gram with
+              Rayleigh-Ritz (subspace_svd; products with the m x m Gram and QRs only), SUBSPACE_STEPS
+              steps and up to SUBSPACE_MAX_STEPS while the last one raised the q-space energy by > TOL x
+              the tail energy; still moving -> the exact-mixed path below (info.method "fallback").
+              Measured at 4096 x 4096, power law (benchmarks/compress_speed.py's delta, one thread, load
+              ~4 on 2 cores): rank 444 3.1-3.4 s vs 4.3-4.6 s for exact-mixed, tail energy +3e-3
+              relative; rank 650 (q 17%) 4.0 s vs 4.5 s; svd-mixed's 16x rank 889 (q 24%) needs 3 steps:
+              5.4 s for both, hence the 15% bound;
             - otherwise (large ranks, e.g. svd-mixed's ~30%: a Krylov space would cost more than the
               Gram) exact with the float32 Gram and eigh (_mixed_svd; on the CPU BLAS syrk and LAPACK
               syevr for only the kept vectors), redone in float64 when (s_r / s_1)^2 < MIXED_MIN_RATIO,
-              where float32 cannot place the kept vectors.
+              where float32 cannot place the kept vectors. syevr's tridiagonalization (sytrd, memory-bound
+              at m = 4096: ~5 s on one core here, whatever the rank) is most of this path's time.
 Tolerance (tests/test_svd.py): the rank-r reconstruction error^2 of auto is within 1% of the exact path's,
-the top singular values within 1e-3 relative. Measured: the change test leaves the tail energy about
-TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
+the top singular values within 1e-3 relative (subspace_svd: the same bounds). Measured: the change test
+leaves the tail energy about TOL above exact (4096 x 4096, rank 127, rank-64 + noise: 3 blocks +5e-3 in 0.8 s, 5 blocks +8e-4 in
 1.3 s, vs 9.8 s for the float32 Gram path; a power law: +3e-3, +5e-6); the mixed path < 2e-4 above.
 At TOL = 0.01, lowrank at 16x on 7B shapes runs 0.9-1.6x as fast as subspace iteration with 3 power steps
 (8 products) did before, at +0.5-0.6% tail energy vs its +0.7-0.9% (benchmarks/results/
@@ -49,6 +59,9 @@ DEPTH = 3             # Krylov blocks built before the convergence test is read 
 MAX_DEPTH = 6         # auto's limit before it falls back to exact
 MIXED_MIN_RATIO = 1e-5  # auto's float32 eigh is kept while lam_r / lam_1 (= (s_r / s_1)^2) is above this
 TOL = 0.01            # converged when the last block raised the top-rank energy by <= TOL * the tail energy
+SUBSPACE_FRACTION = 0.15  # auto on the CPU: shifted subspace iteration when rank + oversample <= this of min(N, K)
+SUBSPACE_STEPS = 2        # shifted steps before the convergence test is read
+SUBSPACE_MAX_STEPS = 4    # still moving after this many -> the exact-mixed path (info.method "fallback")
 
 
 @dataclass(frozen=True)
@@ -117,8 +130,13 @@ def _mixed_svd(a: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor] | None:
     top = _top_eigh_cpu(a, r) if a.device.type == "cpu" else _top_eigh_torch(a, r)
     if top is None:
         return None
-    w, u = top
-    if r and float(w[-1]) < MIXED_MIN_RATIO * float(w[0]):
+    return _project(a, *top)
+
+
+def _project(a: Tensor, w: Tensor, u: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(u, s, vh) from the top eigenpairs (w descending, u) of a a^T: s_i v_i^T = u_i^T a, re-measured
+    and re-sorted (see _mixed_svd); None when float32 cannot place the kept vectors (MIXED_MIN_RATIO)."""
+    if u.shape[1] and float(w[-1]) < MIXED_MIN_RATIO * float(w[0]):
         return None
     proj = u.T @ a                                                 # (r, K): s_i v_i^T
     s = torch.linalg.vector_norm(proj, dim=1, dtype=torch.float64)
@@ -145,20 +163,13 @@ def _top_eigh_cpu(a: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
     kept eigenvectors by LAPACK syevr (MRRR; torch's eigh, syevd, forms all m of them and back-transforms
     them: ~3/4 of its time at m = 4096). Float32 as _top_eigh_torch; the same subspace up to float32
     rounding."""
-    from scipy.linalg import blas, eigh  # scipy's BLAS/LAPACK: torch exposes neither syrk nor syevr
+    from scipy.linalg import eigh
     from threadpoolctl import threadpool_limits
 
     m = a.shape[0]
     if r == 0:
         return a.new_zeros(0), a.new_zeros(m, 0)
-    # syrk reads a Fortran-order array: a row-major (m, big) is the Fortran-order a^T (trans=1 gives
-    # a a^T); a transposed view of a row-major (big, m) is a in Fortran order (trans=0). No copy either way.
-    if a.is_contiguous():
-        f, trans = a.numpy().T, 1
-    else:
-        f, trans = a.T.contiguous().numpy().T, 0
-    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
-        gram = blas.ssyrk(1.0, f, trans=trans, lower=1)            # (m, m) Fortran order, lower triangle
+    gram = _syrk_lower(a)                                          # (m, m) Fortran order, lower triangle
     scale = float(gram.diagonal().max())
     if not scale > 0:
         return None
@@ -169,7 +180,33 @@ def _top_eigh_cpu(a: Tensor, r: int) -> tuple[Tensor, Tensor] | None:
     return torch.from_numpy(w[::-1].copy()), torch.from_numpy(u[:, ::-1].copy())
 
 
-def _energy(x: Tensor) -> float:
+def _syrk_lower(a: Tensor):
+    """a a^T of a float32 CPU ``a`` (m, big) by BLAS syrk (one triangle: half gemm's flops) as a
+    Fortran-order numpy array holding the lower triangle (the upper one is zero)."""
+    from scipy.linalg import blas  # scipy's BLAS: torch does not expose syrk
+    from threadpoolctl import threadpool_limits
+
+    # syrk reads a Fortran-order array: a row-major (m, big) is the Fortran-order a^T (trans=1 gives
+    # a a^T); a transposed view of a row-major (big, m) is a in Fortran order (trans=0). No copy either way.
+    if a.is_contiguous():
+        f, trans = a.numpy().T, 1
+    else:
+        f, trans = a.T.contiguous().numpy().T, 0
+    with threadpool_limits(limits=torch.get_num_threads(), user_api="blas"):
+        return blas.ssyrk(1.0, f, trans=trans, lower=1)
+
+
+def gram_of_columns(x: Tensor) -> Tensor:
+    """x^T x for a 2-D ``x``; float32 on the CPU by syrk (half the flops of x.T @ x), else x.T @ x."""
+    if x.device.type != "cpu" or x.dtype != torch.float32 or 0 in x.shape:
+        return x.T @ x
+    low = torch.from_numpy(_syrk_lower(x.T))
+    full = low + low.T
+    full.diagonal().mul_(0.5)
+    return full
+
+
+def energy(x: Tensor) -> float:
     """||x||_F^2: float32 row norms summed in float64 (a float64 norm of a 45M-entry matrix took 25x the
     time of the float32 one here; row norms keep the sum accurate to ~1e-6)."""
     return float(torch.linalg.vector_norm(x, dim=-1).double().square().sum())
@@ -236,7 +273,7 @@ def randomized_svd(mat: Tensor, rank: int, *, oversample: int | None = None, dep
     # the products with it are of the short dimension.
     a = mat.to(_work_dtype(mat))
     a = a.T if n > k else a                                        # a: (m, big)
-    total = _energy(a)
+    total = energy(a)
     gen = torch.Generator(device=a.device).manual_seed(seed)
     y = torch.randn(a.shape[0], q, generator=gen, device=a.device, dtype=a.dtype)
     x_all = y_all = gram = None
@@ -267,6 +304,110 @@ def randomized_svd(mat: Tensor, rank: int, *, oversample: int | None = None, dep
     return left, s, right, info
 
 
+def _full_gram(a: Tensor) -> tuple[Tensor, float]:
+    """(a a^T, a lower estimate-ish of its smallest eigenvalue): on the CPU in float32 by syrk, mirrored,
+    with the bottom eigenvalue from ARPACK (_bottom_eig_cpu); elsewhere a @ a.T and 0 (a PSD bound)."""
+    if a.device.type != "cpu" or a.dtype != torch.float32:
+        return a @ a.T, 0.0
+    low = _syrk_lower(a)
+    bottom = _bottom_eig_cpu(low)
+    gram = torch.from_numpy(low)
+    gram = gram + gram.T                                           # the upper triangle of low is zero
+    gram.diagonal().mul_(0.5)
+    return gram, bottom
+
+
+def _bottom_eig_cpu(low) -> float:
+    """The smallest eigenvalue of the symmetric matrix whose lower triangle is ``low`` (numpy, Fortran),
+    to ARPACK's 10% (Lanczos, ~200 products with a vector: 0.4 s at 4096; at most 30 restarts); 0 if
+    ARPACK does not settle.
+    It only places the shift of _top_eigh_subspace, so an estimate suffices."""
+    import numpy as np
+    from scipy.linalg import blas
+    from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigsh
+    from threadpoolctl import threadpool_limits
+
+    m = low.shape[0]
+    if m < 3:
+        return 0.0
+    op = LinearOperator((m, m), matvec=lambda x: blas.ssymv(1.0, low, x, lower=1), dtype=np.float32)
+    v0 = np.random.default_rng(0).standard_normal(m).astype(np.float32)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            w = eigsh(op, k=1, which="SA", tol=0.1, v0=v0, return_eigenvectors=False, maxiter=30)
+    except (ArpackNoConvergence, ArpackError):
+        return 0.0
+    return max(0.0, float(w[0]))
+
+
+def _top_eigh_subspace(a: Tensor, r: int, *, steps: int = SUBSPACE_STEPS, max_steps: int = SUBSPACE_MAX_STEPS,
+                       tol: float = TOL, seed: int = 0):
+    """Top ``r`` eigenpairs of G = a a^T (a: (m, big), float32) by shifted subspace iteration on G with
+    Rayleigh-Ritz: q = r + oversample columns X, X <- orth((G - sigma I) X), only products with the
+    m x m G and QRs (level-3 BLAS; no tridiagonalization of G, which is memory-bound and most of the
+    exact-mixed path's time at m = 4096). The shift sigma = (theta_q + lam_min) / 2 (theta_q: the
+    smallest Ritz value after the first step, lam_min: _full_gram's estimate) centres the damped
+    interval [lam_min, theta_q]: the unwanted components shrink by (theta_q - sigma) / (lam_i - sigma)
+    per step instead of theta_q / lam_i (on the power-law 7B-width deltas 0.78 vs 0.93 at the cut).
+    Convergence as randomized_svd: the last step raised the energy of the q-space by <= ``tol`` times
+    the tail energy (trace(G) - top-r Ritz energy), read from ``steps`` on, up to ``max_steps``.
+    Returns (w (r,) descending, u (m, r), steps, change), or None for a zero ``a``."""
+    m = a.shape[0]
+    gram, bottom = _full_gram(a)
+    scale = float(gram.diagonal().amax())
+    if not scale > 0:
+        return None
+    gram, bottom = gram / scale, bottom / scale
+    total = float(gram.diagonal().sum(dtype=torch.float64))
+    q = min(m, r + default_oversample(r))
+    gen = torch.Generator(device=a.device).manual_seed(seed)
+    x = _orthonormal(_mm(gram, torch.randn(m, q, generator=gen, device=a.device, dtype=a.dtype)))
+    y = _mm(gram, x)
+    with single_threaded():
+        theta = torch.linalg.eigvalsh((x.T @ y).double())
+    sigma = max(0.0, (float(theta[0]) + bottom) / 2)
+    prev, k = float(theta.sum()), 0
+    while True:
+        x = _orthonormal(y - sigma * x)
+        y = _mm(gram, x)
+        k += 1
+        cur = float((x * y).sum(dtype=torch.float64))              # trace(X^T G X): the q-space energy
+        if k >= steps:
+            with single_threaded():
+                w, c = torch.linalg.eigh((x.T @ y).double())
+            w, c = w.flip(0)[:r], c.flip(1)[:, :r]
+            rest = total - float(w.clamp_min(0).sum())
+            change = 0.0 if rest <= 1e-5 * total else max(cur - prev, 0.0) / rest
+            if change <= tol or k >= max_steps:
+                break
+        prev = cur
+    return w.to(a.dtype), x @ c.to(a.dtype), k, change
+
+
+def subspace_svd(mat: Tensor, rank: int, *, seed: int = 0, steps: int = SUBSPACE_STEPS,
+                 max_steps: int = SUBSPACE_MAX_STEPS, tol: float = TOL) -> tuple[Tensor, Tensor, Tensor, SvdInfo]:
+    """Top-``rank`` SVD by _top_eigh_subspace on the smaller side's Gram, the other side projected as in
+    _mixed_svd; (U, S, Vh, info). Still moving after ``max_steps`` (a spectrum too flat at the cut), or
+    a cut float32 cannot place (MIXED_MIN_RATIO), or a zero matrix: the exact path (exact_svd with
+    mixed=True) and info.method "fallback"; else "subspace" with passes = products with G."""
+    n, k = mat.shape
+    r = min(rank, n, k)
+    if r <= 0:
+        return (*_empty(mat), SvdInfo("subspace"))
+    a = mat.to(_work_dtype(mat))
+    a = a.T if n > k else a                                        # a: (m, big)
+    top = _top_eigh_subspace(a, r, steps=steps, max_steps=max_steps, tol=tol, seed=seed)
+    if top is None:                                                # a zero matrix
+        return (*exact_svd(mat, r, mixed=True), SvdInfo("fallback"))
+    w, u, done, change = top
+    out = _project(a, w, u) if change <= tol else None
+    if out is None:
+        return (*exact_svd(mat, r, mixed=True), SvdInfo("fallback", done + 2, change))
+    u, s, vh = out
+    info = SvdInfo("subspace", done + 2, change)
+    return (vh.T, s, u.T, info) if n > k else (u, s, vh, info)
+
+
 def truncated_svd(mat: Tensor, rank: int | None, method: str = "auto", *, oversample: int | None = None,
                   depth: int = DEPTH, seed: int = 0, with_info: bool = False):
     """Top-``rank`` SVD of a 2-D float ``mat`` (all of it when rank is None) by ``method`` (auto, exact,
@@ -290,6 +431,8 @@ def truncated_svd(mat: Tensor, rank: int | None, method: str = "auto", *, oversa
                                     seed=seed)
         if info.method == "unconverged":
             out, info = exact_svd(mat, r, mixed=True), SvdInfo("fallback", info.passes, info.change)
+    elif _subspace_pays(mat, m, r):
+        *out, info = subspace_svd(mat, r, seed=seed)
     else:
         out, info = exact_svd(mat, r, mixed=True), SvdInfo("exact-mixed")
     u, s, vh = (t.contiguous() for t in out)
@@ -300,3 +443,11 @@ def _randomized_pays(m: int, rank: int, oversample: int | None) -> bool:
     """Whether the largest Krylov space auto may build is a small enough part of min(N, K)."""
     q = rank + (default_oversample(rank) if oversample is None else oversample)
     return MAX_DEPTH * q <= MAX_FRACTION * m
+
+
+def _subspace_pays(mat: Tensor, m: int, rank: int) -> bool:
+    """auto's shifted subspace iteration: float32 on the CPU (where the exact-mixed path's LAPACK
+    tridiagonalization is memory-bound; CUDA's eigh is not) and q = rank + oversample small enough that
+    ~5 products of the m x m Gram with q columns cost less than it (SUBSPACE_FRACTION)."""
+    return (mat.device.type == "cpu" and mat.dtype == torch.float32
+            and rank + default_oversample(rank) <= SUBSPACE_FRACTION * m)

@@ -29,6 +29,7 @@ from ...errors import SettingsError
 from ...linalg import single_threaded
 from ...quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from ...quant.rtn import dequantize, n_groups, quantize
+from ...quant.svd import energy, gram_of_columns
 from ..base import Codec, CodecName, Encoded, Setting, register
 from ..lowrank import SVD_METHODS, refuse_1d, truncated_svd
 
@@ -121,6 +122,7 @@ class SvdMixedCodec(Codec):
         vq = self._quantize_rows(vh, alloc, gs)
         v_hat = torch.cat([dequantize(*q, gs) for q in vq]) if alloc else vh
         candidates = [(u, sv)]
+        dd = energy(delta)
         # delta v_hat^T (N, r) and v_hat v_hat^T (r, r): shared by the refit and each candidate's error
         proj, vv = ((v_hat @ delta.T).T, v_hat @ v_hat.T) if r else (None, None)  # (skinny @ big^T)^T: faster
         if s["refit"] and r:
@@ -129,7 +131,7 @@ class SvdMixedCodec(Codec):
         def quantize_u(cand):
             uq = self._quantize_rows(cand[0].T, alloc, gs)
             u_hat = torch.cat([dequantize(*q, gs) for q in uq]).T if alloc else cand[0]
-            err = _fit_error(delta, u_hat * cand[1], v_hat, proj, vv) if r else 0.0
+            err = _fit_error(delta, u_hat * cand[1], v_hat, proj, vv, dd) if r else 0.0
             return err, (uq, cand[1])
 
         uq, sv = best_candidate(candidates, quantize_u)
@@ -251,11 +253,12 @@ def _fit_error(delta: Tensor, a: Tensor, v_hat: Tensor, proj: Tensor, vv: Tensor
     proj = delta v_hat^T and vv = v_hat v_hat^T: 2 N r^2 flops instead of the 2 N K r of forming
     a v_hat (1/3 of it for 11008 x 4096 at r = 1305, 1/8 for 4096 x 11008). The expansion cancels when
     the error is small against ||delta||, so under a 10% relative error it is measured directly.
-    ``dd``: ||delta||_F^2 when the caller has it."""
+    ``dd``: ||delta||_F^2 when the caller has it (quant/svd.py ``energy``). The products are summed in
+    float64 from float32 terms (no float64 copies of the N x r factors)."""
     if dd is None:
-        dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
-    cross = float((a.double() * proj.double()).sum())
-    quad = float(((a.T @ a).double() * vv.double()).sum())
+        dd = energy(delta)
+    cross = float((a * proj).sum(dtype=torch.float64))
+    quad = float((gram_of_columns(a) * vv).sum(dtype=torch.float64))
     err2 = dd - 2 * cross + quad
     if err2 < 1e-2 * dd:
         err2 = float(torch.linalg.vector_norm(delta - a @ v_hat, dtype=torch.float64)) ** 2
@@ -268,17 +271,20 @@ def _refit(delta: Tensor, v_hat: Tensor, proj: Tensor | None = None, vv: Tensor 
     unit columns U and their norms s, so U is quantized on the same footing as the SVD's.
     ``proj``, ``vv``: delta v_hat^T and v_hat v_hat^T when the caller has them."""
     gram = (v_hat @ v_hat.T if vv is None else vv).double()
-    rhs = (delta @ v_hat.T if proj is None else proj).T.double()  # (r, N)
+    rhs = (delta @ v_hat.T if proj is None else proj).T  # (r, N)
     # The quantized rows stay close to orthonormal, so the Gram is well conditioned and a Cholesky solve
     # suffices (7x faster than gelsd at r = 1305, N = 11008: 1.6 s vs 11.4 s); gelsd (rank-revealing,
-    # CPU) only when Cholesky fails, e.g. on duplicate or zero rows.
+    # CPU) only when Cholesky fails, e.g. on duplicate or zero rows. The r x r inverse comes from the
+    # float64 factor; applying it to the N rows is one product in rhs's dtype (float32: 0.45 s where the
+    # float64 cholesky_solve took 1.2 s; with cond(gram) ~ 1 its rounding is ~1e-7 relative, far under
+    # the RTN step that follows).
     chol, bad = torch.linalg.cholesky_ex(gram)
     if not int(bad):
-        m = torch.cholesky_solve(rhs, chol).T.float()  # (N, r)
+        m = (rhs.T @ torch.cholesky_inverse(chol).to(rhs.dtype)).float()  # (N, r)
     else:
         driver = "gelsd" if gram.device.type == "cpu" else None  # CUDA only has gels
         with single_threaded():
-            m = torch.linalg.lstsq(gram, rhs, driver=driver).solution.T.float()
+            m = torch.linalg.lstsq(gram, rhs.double(), driver=driver).solution.T.float()
     norms = torch.linalg.vector_norm(m, dim=0)
     u = m / torch.where(norms > 0, norms, torch.ones_like(norms))
     return u.contiguous(), norms.contiguous()

@@ -26,7 +26,7 @@ from torch import Tensor
 from . import allocation as al
 from ...errors import SettingsError
 from ...quant.rtn import dequantize, quantize
-from ...quant.svd import truncated_svd
+from ...quant.svd import energy, truncated_svd
 from ..base import Codec, Rung
 
 # The floor given to ``prune`` is the SVD's tail energy times (1 - TAIL_SLACK): quant/svd.py's
@@ -98,7 +98,7 @@ def _shared_rungs(codec: "SvdMixedCodec", delta: Tensor, svd: str, gs: int,
     shape = tuple(delta.shape)
     rank = max(sum(c for _, c in alloc) for *_, alloc in group)
     u, sv, vh = truncated_svd(delta, rank, svd)
-    dd = float(torch.linalg.vector_norm(delta, dtype=torch.float64)) ** 2
+    dd = energy(delta)
     if prune is not None:
         kept = torch.cumsum(sv.double() ** 2, 0).tolist()
         group = [(given, s, alloc) for given, s, alloc in group
