@@ -45,6 +45,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
         extra = f": loss {before:.4g} -> {after:.4g}" if before is not None and after is not None else ""
+        if rep.get("kept_data_free_scales"):
+            extra += " (higher: the data-free scales were kept)"
         if "output_error_calibrated" in rep:
             extra = (f": {rep['tensors']} tensors, output error on the calibration data "
                      f"{rep['output_error_data_free']:.4g} -> {rep['output_error_calibrated']:.4g}")
