@@ -94,7 +94,7 @@ def run(pair_name: str, tokens: int, ratio: float, samples: int, seq_len: int) -
     torch.manual_seed(0)
     model = load_model(ft)
     names = [f"model.layers.{layer}.{kind}.weight" for layer, kind in TENSORS]
-    calib = load_calibration(pair.recipe.corpus, ft, samples, seq_len)
+    calib = load_calibration(zoo.PAIRS[pair_name].recipe.corpus, ft, samples, seq_len)
     H, G = output_fisher(model, calib.ids, names)
     ids = tokenize(ft, pair.heldout)[:tokens + 1]
     windows = plan_windows(int(ids.numel()), 256)
