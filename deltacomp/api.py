@@ -77,10 +77,13 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
     return out
 
 
-def _auto_weights(base, finetuned, plan: Plan, data, calibration: "CalibrationOptions") -> dict[str, Any]:
+def _auto_weights(base, finetuned, plan: Plan, data, calibration: "CalibrationOptions", scratch: Path,
+                  progress: bool) -> dict[str, Any]:
     """--method auto --calib: what auto weighs each candidate's error with, for every linear it decides:
-    the input Gram H and, unless ``calibration.sensitivity`` is "none", the output Fisher diagonal f
-    (calibrate/sensitivity.py); with a description for the file's ``source.auto.sensitivity``."""
+    with ``calibration.sensitivity`` "sequence", each calibration window's weight gradient (a scratch file
+    under ``scratch``, closed by the caller: calibrate/seqfisher.py); else the input Gram H and, unless
+    "none", the output Fisher diagonal f (calibrate/sensitivity.py); with a description for the file's
+    ``source.auto.sensitivity``."""
     from .calibrate.layerwise import input_grams
     from .calibrate.sensitivity import describe, output_sensitivities
 
@@ -88,6 +91,13 @@ def _auto_weights(base, finetuned, plan: Plan, data, calibration: "CalibrationOp
         names = {p.name for p in pair_checkpoints(bck, fck)
                  if p.kind == PairKind.DELTA and plan.auto_target(p.name, tuple(bck.shape(p.name)), False)}
     dev = resolve_device(calibration.device)
+    if calibration.sensitivity == "sequence":
+        from .calibrate.seqfisher import ESTIMATE, sequence_fisher
+
+        store = sequence_fisher(finetuned, data, names, scratch, device=dev, progress=progress)
+        return {"grams": None, "fishers": store, "store": store,
+                "sensitivity": {"estimate": ESTIMATE, "fisher": "true Fisher (labels sampled from the fine-tune)",
+                                "labels": "sampled", "windows": store.windows, "data": data.describe()}}
     if calibration.sensitivity == "none":
         return {"grams": input_grams(finetuned, data, names, device=dev), "fishers": None,
                 "sensitivity": {"estimate": "none (each layer's output error counts the same)"}}
@@ -153,16 +163,18 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     for p in (out, index_path(out)):
         if p.exists() and not overwrite:
             raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
-    data = load_data(calibration, finetuned)  # fail fast on bad data
+    data = load_data(calibration, finetuned, progress)  # fail fast on bad data
     plan = Plan(method, list(rules), ratio, bits)
-    weights = _auto_weights(base, finetuned, plan, data, calibration) if plan.auto else None
     stages: list[Path] = []
+    weights: dict[str, Any] | None = None
 
     def stage() -> Path:
         stages.append(out.with_name(f".{out.name}.stage{len(stages)}-{os.getpid()}.delta.safetensors"))
         return stages[-1]
 
     try:
+        if plan.auto:
+            weights = _auto_weights(base, finetuned, plan, data, calibration, out.parent, progress)
         first = _compress(base, finetuned, stage(), method=method, ratio=ratio, rules=rules, overwrite=True,
                           max_shard_bytes=max_shard_bytes, progress=progress, device=device, weights=weights, **checks)
         if plan.auto and not index_path(stages[0]).exists() and not any(
@@ -173,6 +185,8 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         reports = run_stages(base, finetuned, stages[0], out, first["by_codec"], calibration, data, stage,
                              progress)
     finally:
+        if weights is not None and weights.get("store") is not None:
+            weights["store"].close()
         for p in stages:
             _remove_delta(p)
     with load_delta(out) as df:

@@ -33,6 +33,8 @@ from .progress import progress_bar
 
 DISTORTION = "weight squared error ||D - D^||_F^2 (data-free, every tensor weighted 1)"
 DISTORTION_CALIB = "output error trace((D - D^) H (D - D^)^T), H = x^T x / tokens of the layer input (--calib)"
+DISTORTION_SEQUENCE = ("predicted KL 1/2 sum_w <D - D^, J_w>^2, J_w = window w's weight gradient of the log-likelihood of "
+                       "labels sampled from the fine-tune, scaled by 1/sqrt(tokens) (--calib)")
 DISTORTION_FISHER = ("predicted KL 1/2 sum_i f_i ((D - D^) H (D - D^)^T)_ii, H = x^T x / tokens of the layer "
                      "input, f_i = E[(d log p / d y_i)^2] of its output channel i (--calib)")
 
@@ -73,9 +75,13 @@ def hull(front: list[Candidate]) -> list[int]:
 def _error(codec, delta: Tensor, enc: Encoded, gram: Tensor | None, fisher: Tensor | None = None) -> float:
     """||E||_F^2, or trace(E H E^T) = sum((E H) * E) with the input Gram H: E's error on the layer's
     outputs over the calibration tokens (per token); with the output Fisher diagonal f too, the predicted
-    KL 1/2 sum_i f_i (E H E^T)_ii (calibrate/sensitivity.py)."""
+    KL 1/2 sum_i f_i (E H E^T)_ii (calibrate/sensitivity.py); with per-window weight gradients J_w
+    instead (a 3-D ``fisher``), the sequence-level predicted KL 1/2 sum_w <E, J_w>^2 (calibrate/seqfisher.py)."""
     cpu = Encoded(enc.codec, enc.shape, {k: v.cpu() for k, v in enc.tensors.items()}, enc.params)
     e = (delta.cpu() - codec.decode(cpu).reshape(delta.shape)).double()
+    if fisher is not None and fisher.dim() == 3:  # per-window weight gradients (calibrate/seqfisher.py)
+        dots = fisher.reshape(fisher.shape[0], -1) @ e.reshape(-1).float()
+        return 0.5 * float((dots.double() ** 2).sum())
     if gram is None:
         return float((e ** 2).sum())
     rows = ((e @ gram.double()) * e).sum(1)  # (E H E^T)_ii: output channel i's mean squared error
@@ -101,7 +107,7 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
     shape = tuple(delta.shape)
     rungs = []
     # the distortion is the weight error: what the ladders know of it prunes (see _Beaten, _undominated)
-    beaten = _Beaten() if gram is None else None
+    beaten = _Beaten() if gram is None and fisher is None else None
     for codec in sorted((get_codec(n) for n in available()), key=lambda c: (c.LADDER_PASS, c.name)):
         dev = device if device is not None and device.type in codec.encode_devices else torch.device("cpu")
         # the codec's whole ladder from shared work (one SVD, one sort, ...): the same bytes and
@@ -242,10 +248,10 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
            fishers: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """``items`` yields (tensor name, float32 delta, its even share of the budget in bytes), one at a time.
     ``grams``: the input Gram matrix per tensor name (--calib; every item needs one); ``fishers``: the
-    output Fisher diagonal per tensor name (with ``grams``; every item needs one). Returns the chosen
+    output Fisher diagonal per tensor name (with ``grams``), or without ``grams`` a mapping to each tensor's
+    per-window weight gradients (calibrate/seqfisher.py); every item needs one. Returns the chosen
     candidate per tensor and a report for the file's ``source``."""
-    if fishers is not None and grams is None:
-        raise SettingsError("--method auto: output sensitivities need the input Grams too")
+    sequence = fishers is not None and grams is None  # per-window weight gradients: no Gram needed
     names, fronts, budget = [], [], 0.0
     for name, delta, hint in progress_bar(items, desc="auto: candidates", unit="tensor", enable=progress):
         if grams is not None and name not in grams:
@@ -268,7 +274,8 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
     picks = allocate(fronts, budget_bytes) if fronts else []
     chosen = {n: f[i] for n, f, i in zip(names, fronts, picks)}
     report = {"budget_bytes": budget_bytes, "allocated_bytes": sum(c.nbytes for c in chosen.values()),
-              "distortion": DISTORTION if grams is None else DISTORTION_CALIB if fishers is None else DISTORTION_FISHER,
+              "distortion": (DISTORTION_SEQUENCE if sequence else DISTORTION if grams is None else
+                             DISTORTION_CALIB if fishers is None else DISTORTION_FISHER),
               "predicted_distortion": sum(c.distortion for c in chosen.values()),
               "tensors": len(chosen),
               "by_codec": {c: sum(1 for x in chosen.values() if x.codec == c)

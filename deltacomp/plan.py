@@ -24,7 +24,7 @@ from .codecs.base import normalize
 from .errors import SettingsError
 
 # The method when none is given (CLI, API, demo).
-DEFAULT_METHOD = CodecName.BITDELTA.value
+DEFAULT_METHOD = CodecName.SVD_MIXED.value
 # The pseudo-method that chooses a codec per tensor under one budget (auto.py).
 AUTO = "auto"
 # The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).

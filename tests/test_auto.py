@@ -129,9 +129,10 @@ def test_file_reconstructs_and_inspects(tiny, capsys):
     out = tmp / "auto-inspect.delta.safetensors"
     assert main(["compress", str(bp), str(fp), "-o", str(out), "--method", "auto", "--bits", "1.5", "--quiet",
                  "--overwrite"]) == 0
-    assert main(["inspect", str(out), "--tensors"]) == 0
+    assert main(["inspect", str(out), "--tensors", "--plot", str(tmp / "bits.png")]) == 0
     text = capsys.readouterr().out
-    assert "auto: 14 tensors" in text
+    assert "auto: 14 tensors" in text and "bits per parameter of 2 layers" in text
+    assert (tmp / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with load_delta(out) as df:
         source = df.source
         codecs = [df.params[n].codec for n in df.params if _linear(n, df.params[n].shape)]
@@ -194,3 +195,17 @@ def test_calib_weighs_candidates_by_output_error(tmp_path, llama_pair):
     assert a["sensitivity"]["labels"] == "sampled" and a["sensitivity"]["data"]["n_samples"] == 4
     assert s["source"]["method"] == "auto"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["auto-calib.delta.safetensors", "calib.txt"]
+
+
+def test_layer_bits_plot_counts_layers_and_refuses_a_file_without_them(tmp_path):
+    from deltacomp.eval.plots import plot_layer_bits
+
+    row = lambda name, codec, shape, nbytes: {"name": name, "codec": codec, "shape": shape, "nbytes": nbytes}  # noqa: E731
+    summary = {"tensors": [row("model.layers.0.mlp.up_proj.weight", "svd-mixed", [8, 4], 4),
+                           row("model.layers.0.mlp.down_proj.weight", "bitdelta", [4, 8], 4),
+                           row("model.layers.3.self_attn.q_proj.weight", "ternary", [4, 4], 2),
+                           row("model.embed_tokens.weight", "raw", [10, 4], 80),
+                           row("model.layers.0.input_layernorm.weight", "raw", [4], 8)]}
+    assert plot_layer_bits(summary, tmp_path / "b.png") == 2  # layers 0 and 3; norms and embeddings left out
+    with pytest.raises(ValueError, match="no 2-D tensors inside numbered layers"):
+        plot_layer_bits({"tensors": summary["tensors"][3:]}, tmp_path / "c.png")

@@ -203,6 +203,26 @@ def test_distill_scales_writes_a_better_file(tmp_path, llama_pair, method, loss)
     assert got == pytest.approx(rep["loss_after"], rel=1e-3)
 
 
+def test_distill_that_raises_the_loss_keeps_the_data_free_scales(tmp_path, llama_pair):
+    """A learning rate far too large for the data: training ends at a higher loss than it started, so the
+    file keeps its data-free scales (bit-identical tensors) and says so."""
+    delta = tmp_path / "ft.delta.safetensors"
+    out = tmp_path / "ft.distilled.delta.safetensors"
+    deltacomp.compress(llama_pair / "base", llama_pair / "ft", delta, method="bitdelta", progress=False)
+    text = tmp_path / "train.txt"
+    text.write_text(_text(600, seed=5))
+    calib = from_file(text, llama_pair / "ft", n_samples=8, seq_len=16)
+    rep = distill_scales(llama_pair / "base", llama_pair / "ft", delta, out, calib, steps=6, lr=50.0,
+                         batch_size=4, progress=False)
+    assert rep["loss_after"] > rep["loss_before"] and rep["kept_data_free_scales"]
+    old, new = deltacomp.load_delta(delta), deltacomp.load_delta(out)
+    for name, info in old.params.items():
+        if not info.tied_to:
+            a, b = old.raw_tensors(name), new.raw_tensors(name)
+            assert all(torch.equal(a[f], b[f]) for f in a), name
+    assert new.source["calibration"][-1]["kept_data_free_scales"] is True
+
+
 def test_distill_refuses_bad_settings(tmp_path, llama_pair):
     delta = tmp_path / "ft.delta.safetensors"
     deltacomp.compress(llama_pair / "base", llama_pair / "ft", delta, method="bitdelta", progress=False)

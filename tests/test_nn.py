@@ -96,7 +96,7 @@ def test_bf16_patched_within_dtype_tolerance(tmp_path):
     _tiny_llama(0, torch.bfloat16).save_pretrained(tmp_path / "base")
     _finetune(1, lambda n: "layers" in n, torch.bfloat16).save_pretrained(tmp_path / "ft")
     delta = tmp_path / "ft.delta.safetensors"
-    deltacomp.compress(tmp_path / "base", tmp_path / "ft", delta, progress=False)
+    deltacomp.compress(tmp_path / "base", tmp_path / "ft", delta, method="bitdelta", progress=False)
     rec_dir = deltacomp.reconstruct(tmp_path / "base", delta, tmp_path / "rec", progress=False)
     model = dnn.patch_model(_load(tmp_path / "base", torch.bfloat16), delta)
     assert all(m.fused for m in model.modules() if isinstance(m, dnn.DeltaLinear))

@@ -168,7 +168,8 @@ def test_file_size_limit_is_one_line(tmp_path, pair):
         from deltacomp.cli import main
         sys.exit(main(sys.argv[1:]))
     """)
-    r = subprocess.run([sys.executable, "-c", limit, "compress", str(base), str(ft), "-o", str(out), "-q"],
+    r = subprocess.run([sys.executable, "-c", limit, "compress", str(base), str(ft), "-o", str(out), "-q",
+                        "--method", "bitdelta"],
                        env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
     lines = [ln for ln in r.stderr.splitlines() if "Warning" not in ln and ln.strip() and not ln.startswith(" ")]
     assert r.returncode == 2, r.stderr
@@ -194,7 +195,7 @@ def test_read_only_folder_is_one_line(tmp_path, pair, capsys):
 def test_cli_damaged_file_one_line_exit_2(tmp_path, pair, capsys):
     base, ft, _, _ = pair
     out = tmp_path / "d.delta.safetensors"
-    deltacomp.compress(base, ft, out, progress=False)
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     edit_metadata(out, lambda m: m["params"][UP].update(shape=[96, 72]), reseal=True)
     for argv in (["inspect", str(out), "--no-verify"], ["reconstruct", str(base), str(out), "-o", str(tmp_path / "r")]):
         assert main(argv) == 2

@@ -53,7 +53,7 @@ def test_parse_size():
 def test_cli_end_to_end(tmp_path, pair, capsys):
     base, ft, _, _ = pair
     out = tmp_path / "d.delta.safetensors"
-    assert main(["compress", str(base), str(ft), "-o", str(out), "-q"]) == 0
+    assert main(["compress", str(base), str(ft), "-o", str(out), "--method", "bitdelta", "-q"]) == 0
     assert "ratio" in capsys.readouterr().out
     assert main(["inspect", str(out), "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
@@ -87,5 +87,6 @@ def test_bitdelta_ratio_16_is_one_mask(tmp_path, pair):
 
     base, ft, _, _ = pair
     assert Plan("bitdelta", ratio=16).assign("x.q_proj.weight", (576, 576), 2, False).settings["masks"] == 1
-    s = deltacomp.compress(base, ft, tmp_path / "d.delta.safetensors", ratio=16, progress=False)
+    s = deltacomp.compress(base, ft, tmp_path / "d.delta.safetensors", method="bitdelta", ratio=16,
+                           progress=False)
     assert 15.8 <= s["compressed_tensors"]["ratio"] < 16  # tiny tensors: 4 scale bytes on 768

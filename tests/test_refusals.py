@@ -171,7 +171,7 @@ def test_failure_mid_write_leaves_nothing(tmp_path, pair, monkeypatch):
     monkeypatch.setattr(bitdelta.BitDeltaCodec, "encode", flaky)
     out = tmp_path / "d.delta.safetensors"
     with pytest.raises(RuntimeError, match="simulated crash"):
-        deltacomp.compress(base, ft, out, progress=False)
+        deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft"]
 
 

@@ -30,7 +30,7 @@ def test_roundtrip_bit_exact(tmp_path, base_shards, ft_shards):
     base = write_folder(tmp_path / "base", b, shards=base_shards)
     ft = write_folder(tmp_path / "ft", f, shards=ft_shards)
     out = tmp_path / "ft.delta.safetensors"
-    s = deltacomp.compress(base, ft, out, progress=False)
+    s = deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     assert s["by_codec"]["bitdelta"]["tensors"] == 14
     rec = deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False, max_shard_bytes=20_000)
     assert (rec / "model.safetensors.index.json").is_file()  # the output was sharded
@@ -71,7 +71,7 @@ def test_sharded_delta_file(tmp_path, pair):
 
 def test_bits_per_param_and_zero_cost(tmp_path, pair):
     base, ft, b, f = pair
-    s = deltacomp.compress(base, ft, tmp_path / "d.delta.safetensors", progress=False)
+    s = deltacomp.compress(base, ft, tmp_path / "d.delta.safetensors", method="bitdelta", progress=False)
     bd = s["by_codec"]["bitdelta"]
     assert bd["bits_per_param"] <= 1.01 + 32 * 14 / bd["params"]  # one fp32 scale per tensor on tiny tensors
     assert s["by_codec"]["zero"]["nbytes"] == 0  # unchanged embedding and final norm cost nothing
@@ -86,7 +86,7 @@ def test_added_tokens(tmp_path):
     base = write_folder(tmp_path / "base", b)
     ft = write_folder(tmp_path / "ft", f, config=llama_config(vocab=134))
     out = tmp_path / "d.delta.safetensors"
-    deltacomp.compress(base, ft, out, progress=False)
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     df = deltacomp.load_delta(out)
     info = df.params["model.embed_tokens.weight"]
     assert info.base_rows == 128 and info.shape == (134, 64)
@@ -102,7 +102,7 @@ def test_tied_embeddings_stored_once(tmp_path):
     base = write_folder(tmp_path / "base", {k: v.clone() for k, v in b.items()})
     ft = write_folder(tmp_path / "ft", {k: v.clone() for k, v in f.items()})
     out = tmp_path / "d.delta.safetensors"
-    deltacomp.compress(base, ft, out, progress=False)
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     df = deltacomp.load_delta(out)
     assert df.params["lm_head.weight"].tied_to == "model.embed_tokens.weight"
     assert df.params["lm_head.weight"].nbytes == 0
@@ -118,7 +118,7 @@ def test_tensor_only_in_finetune_stored_whole(tmp_path, pair):
     f["score.weight"] = torch.randn(3, 64).to(torch.bfloat16)
     ft = write_folder(tmp_path / "ft2", f)
     out = tmp_path / "d.delta.safetensors"
-    deltacomp.compress(base, ft, out, progress=False)
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     df = deltacomp.load_delta(out)
     assert df.params["score.weight"].has_base is False
     rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False))
@@ -143,7 +143,7 @@ def test_fp32_and_fp16_inputs(tmp_path):
         base = write_folder(tmp_path / f"b{dt}", b)
         ft = write_folder(tmp_path / f"f{dt}", f)
         out = tmp_path / f"{dt}.delta.safetensors"
-        deltacomp.compress(base, ft, out, progress=False)
+        deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
         rec = _reconstructed(deltacomp.reconstruct(base, out, tmp_path / f"r{dt}", progress=False))
         assert all(rec[n].dtype == dt for n in rec)
         df = deltacomp.load_delta(out)
@@ -155,7 +155,7 @@ def test_fp32_and_fp16_inputs(tmp_path):
 def test_apply_delta_matches_reconstruct(tmp_path, pair):
     base, ft, b, f = pair
     out = tmp_path / "d.delta.safetensors"
-    deltacomp.compress(base, ft, out, progress=False)
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
 
     class M(torch.nn.Module):
         pass
@@ -201,7 +201,7 @@ def test_embedded_files_round_trip(tmp_path, pair):
     (ft / "tokenizer.json").write_bytes(big)
     (ft / "tokenizer.model").write_bytes(bytes(range(256)) * 3)  # binary
     out = tmp_path / "d.delta.safetensors"
-    deltacomp.compress(base, ft, out, progress=False)
+    deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     meta = deltacomp.load_delta(out).metadata["files"]
     assert isinstance(meta["config.json"], str) and "zlib_base64" in meta["tokenizer.json"]
     assert out.stat().st_size < len(big) / 2

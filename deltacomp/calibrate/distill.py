@@ -240,18 +240,23 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         t_train = time.perf_counter() - t1
         loss_after = _eval_loss(model, ids, cache, batch, loss)
         modules = dict(model.named_modules())
-        replaced = {name: _distilled(df, name).encoded(modules[name.rsplit(".", 1)[0]], df.encoded(name))
-                    for name in distilled}
+        # never worse than no distillation: when training raised the loss on the calibration windows (too
+        # large a learning rate for this data), the data-free scales stay
+        kept = loss_after > loss_before
+        replaced = {} if kept else {
+            name: _distilled(df, name).encoded(modules[name.rsplit(".", 1)[0]], df.encoded(name))
+            for name in distilled}
     finally:
         cache.close()
 
     report = {"steps": steps, "lr": lr, "batch_size": batch, "loss": loss, "loss_before": loss_before,
-              "loss_after": loss_after, "distilled_tensors": len(distilled), "trained_scalars": n_train,
+              "loss_after": loss_after, "kept_data_free_scales": kept, "distilled_tensors": len(distilled), "trained_scalars": n_train,
               "seconds_teacher": t_teacher, "seconds_train": t_train,
               "seconds_per_step": t_train / steps if steps else 0.0, "teacher_cache_on_disk": cache.on_disk,
               "data": calib.describe(), "loss_history": history}
     calibration = {"method": "distill",
-                   **{k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after", "data")}}
+                   **{k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after",
+                                             "kept_data_free_scales", "data")}}
     rewrite_delta(df, delta_out, replaced, calibration, overwrite=overwrite)
     df.close()
     report["seconds_total"] = time.perf_counter() - t0

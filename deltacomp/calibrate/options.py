@@ -13,7 +13,10 @@ from ..devices import resolve_device
 from ..errors import SettingsError
 from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibData, load_calibration
 from .distill import DEFAULT_LR, DEFAULT_STEPS, LOSSES
+from .selfgen import SELF, sample_windows
 from .sensitivity import LABELS
+
+SENSITIVITIES = ("sequence", *LABELS, "none")  # --auto-sensitivity choices, the default first
 
 
 @dataclass(frozen=True)
@@ -33,14 +36,15 @@ class CalibrationOptions:
     whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
     allocation: str = "keep"             # GPTQ: keep the stored bit groups, or "optimal" in the same bytes
     device: str = "auto"                 # where the model runs and the calibrators' math (devices.py)
-    sensitivity: str = "sampled"         # --method auto: output Fisher labels (sensitivity.py), or "none"
+    sensitivity: str = "sequence"        # --method auto: per-window Fisher (seqfisher.py), per-channel
+                                         # Fisher labels "sampled"/"empirical" (sensitivity.py), or "none"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise SettingsError(f"calibration: loss {self.loss!r} must be one of {', '.join(LOSSES)}")
-        if self.sensitivity not in (*LABELS, "none"):
+        if self.sensitivity not in SENSITIVITIES:
             raise SettingsError(f"calibration: sensitivity {self.sensitivity!r} must be one of "
-                                f"{', '.join((*LABELS, 'none'))}")
+                                f"{', '.join(SENSITIVITIES)}")
         self.layerwise  # validates allocation and damp
 
     @property
@@ -63,8 +67,12 @@ def stages_for(codecs: Iterable[str]) -> list[str]:
     return [s for s in STAGES if s in wanted]
 
 
-def load_data(options: CalibrationOptions, finetuned) -> CalibData:
-    """The calibration windows (tokenized with the fine-tune's tokenizer)."""
+def load_data(options: CalibrationOptions, finetuned, progress: bool = False) -> CalibData:
+    """The calibration windows: tokenized with the fine-tune's tokenizer, or with ``data="self"`` (and no
+    file of that name) sampled from the fine-tune (selfgen.py)."""
+    if str(options.data) == SELF and not Path(options.data).is_file():
+        return sample_windows(finetuned, options.samples, options.seq_len, device=resolve_device(options.device),
+                              progress=progress)
     return load_calibration(options.data, finetuned, options.samples, options.seq_len)
 
 

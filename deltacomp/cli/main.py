@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import traceback
+from pathlib import Path
 from typing import Any
 
 from .. import api
@@ -17,7 +18,7 @@ from ..summary import summary_text
 from .options import add_calibration_options, calibration_from_args
 from .._version import __version__
 from ..delta_file import FORMAT
-from ..errors import DeltacompError
+from ..errors import DeltacompError, SettingsError
 from ..memory import bounded_malloc
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.I)
@@ -44,6 +45,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
     for name, rep in s.get("calibration", {}).items():
         before, after = rep.get("loss_before"), rep.get("loss_after")
         extra = f": loss {before:.4g} -> {after:.4g}" if before is not None and after is not None else ""
+        if rep.get("kept_data_free_scales"):
+            extra += " (higher: the data-free scales were kept)"
         if "output_error_calibrated" in rep:
             extra = (f": {rep['tensors']} tensors, output error on the calibration data "
                      f"{rep['output_error_data_free']:.4g} -> {rep['output_error_calibrated']:.4g}")
@@ -57,6 +60,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             df.verify()
         s = api.summarize(df)
     print(json.dumps(s, indent=2) if args.json else summary_text(s, per_tensor=args.tensors))
+    if args.plot:
+        from ..eval.plots import plot_layer_bits
+
+        try:
+            n = plot_layer_bits(s, args.plot, title=Path(args.delta).name)
+        except ValueError as exc:
+            raise SettingsError(f"{args.delta}: --plot: {exc}") from None
+        print(f"wrote {args.plot} (bits per parameter of {n} layers, by codec)", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
@@ -155,6 +166,7 @@ def _add_inspect(sub) -> None:
     p.add_argument("--tensors", action="store_true", help="one row per tensor")
     p.add_argument("--json", action="store_true", help="print everything as JSON")
     p.add_argument("--no-verify", action="store_true", help="skip checking the checksums")
+    p.add_argument("--plot", metavar="PNG", help="also draw bits per parameter per layer, by codec, to PNG")
     p.set_defaults(func=cmd_inspect)
 
 

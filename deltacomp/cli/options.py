@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..calibrate.options import CalibrationOptions
+from ..calibrate.options import SENSITIVITIES, CalibrationOptions
 
 _DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name not in ("data", "device")}
 
@@ -24,9 +24,11 @@ def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
                         "input-whitened delta (lowest layer output error, the default)")
     p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default=d["allocation"],
                    help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
-    p.add_argument("--auto-sensitivity", choices=("sampled", "empirical", "none"), default=d["sensitivity"],
-                   help="--method auto: weigh each output channel's error by its Fisher (labels sampled from the "
-                        "fine-tune, the default, or the text's), or none (output error only)")
+    p.add_argument("--auto-sensitivity", choices=SENSITIVITIES, default=d["sensitivity"],
+                   help="--method auto: predicted KL from each calibration window's weight gradient (sequence, "
+                        "the default; a scratch file of windows x 2 bytes per parameter beside the output), or "
+                        "from each output channel's Fisher (labels sampled from the fine-tune, or the text's), or "
+                        "none (output error only)")
 
 
 def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None:

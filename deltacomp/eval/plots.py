@@ -1,7 +1,8 @@
-"""Rate-distortion figure for a sweep: delta bytes against gain recovered and against KL."""
+"""Figures: the rate-distortion plot of a sweep, and the bits per layer of one delta file (inspect --plot)."""
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 
@@ -61,3 +62,45 @@ def plot_rate_distortion(result: dict[str, Any], path: str | os.PathLike) -> Non
     fig.suptitle(f"rate-distortion on {t['scored_tokens']:,} held-out tokens (ctx {t['ctx']})", fontsize=10)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+_LAYER = re.compile(r"\.(?:layers|h|blocks|layer)\.(\d+)\.")
+
+
+def plot_layer_bits(summary: dict[str, Any], path: str | os.PathLike, title: str = "") -> int:
+    """Bits per parameter of each decoder layer's compressed tensors, one bar per layer, split by the codec
+    that holds them (what ``--method auto`` chose where; any method's file works). Tensors outside the
+    numbered layers (embeddings, head, norms) are left out. Returns the number of layers drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bits: dict[int, dict[str, float]] = {}
+    params: dict[int, int] = {}
+    for t in summary["tensors"]:
+        m = _LAYER.search(t["name"])
+        if m is None or t["codec"].startswith("tied") or len(t["shape"]) != 2:
+            continue
+        layer, numel = int(m.group(1)), t["shape"][0] * t["shape"][1]
+        params[layer] = params.get(layer, 0) + numel
+        by = bits.setdefault(layer, {})
+        by[t["codec"]] = by.get(t["codec"], 0.0) + 8.0 * t["nbytes"]
+    if not bits:
+        raise ValueError("no 2-D tensors inside numbered layers (model.layers.N....) to plot")
+    layers = sorted(bits)
+    codecs = sorted({c for by in bits.values() for c in by})
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers) + 2), 3.6), constrained_layout=True)
+    bottom = [0.0] * len(layers)
+    for codec in codecs:
+        h = [bits[l].get(codec, 0.0) / params[l] for l in layers]
+        ax.bar(layers, h, bottom=bottom, label=codec, width=0.8)
+        bottom = [b + x for b, x in zip(bottom, h)]
+    ax.set_xlabel("layer")
+    ax.set_ylabel("bits per parameter (2-D tensors)")
+    ax.set_title(title or "bits per layer, by codec")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return len(layers)
