@@ -19,6 +19,7 @@ delta's tensors on that delta's rows.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -224,14 +225,19 @@ class MultiDeltaModule(nn.Module):
                 names[name] = f"d{t}_{j}"
             self._names.append(names)
         self._uniform = _Uniform()
+        self._clones: dict[int, nn.Module | None] = {}
 
     def forward(self, x: Tensor, *args, **kwargs):
         idx = _batch_index(self, x)
         only = self._uniform(idx)
         if only == -1:
             return self.module(x, *args, **kwargs)
-        only = self._only_delta(only)
-        if only is not None:  # every row of one delta: that delta's module alone, the base never runs
+        if only is not None and 0 <= only < self.num_deltas:  # every row of one delta: that delta's module alone
+            if not self._names[only]:
+                return self.module(x, *args, **kwargs)
+            mod = self._as_delta(only)
+            if mod is not None:
+                return mod(x, *args, **kwargs)
             params = {name: getattr(self, buf) for name, buf in self._names[only].items()}
             return torch.func.functional_call(self.module, params, (x, *args), kwargs)
         y = self.module(x, *args, **kwargs)
@@ -243,8 +249,26 @@ class MultiDeltaModule(nn.Module):
                 y = y.index_copy(0, rows, yt.to(y.dtype))
         return y
 
-    def _only_delta(self, t: int | None) -> int | None:
-        """``t`` (the delta every row uses) when that delta changes this module; else None."""
-        if t is None or not 0 <= t < self.num_deltas or not self._names[t]:
-            return None
-        return t
+    def _as_delta(self, t: int) -> nn.Module | None:
+        """A shallow copy of the module holding delta t's tensors in place of its own (built once, dropped
+        when the buffers move or the mode changes): a decode step runs it like the module itself, without
+        ``functional_call``'s per-call swapping. None when delta t names a tensor of a submodule."""
+        if t in self._clones:
+            return self._clones[t]
+        own = self.module._parameters.keys() | self.module._buffers.keys()
+        mod = None
+        if all(name in own for name in self._names[t]):
+            mod = copy.copy(self.module)
+            mod._parameters, mod._buffers = dict(self.module._parameters), dict(self.module._buffers)
+            for name, buf in self._names[t].items():
+                (mod._parameters if name in mod._parameters else mod._buffers)[name] = getattr(self, buf)
+        self._clones[t] = mod
+        return mod
+
+    def _apply(self, fn, *args, **kwargs):
+        self._clones = {}  # .to() and the like replace the tensors the copies hold
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._clones = {}
+        return super().train(mode)
