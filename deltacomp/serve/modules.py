@@ -166,7 +166,18 @@ class MultiDeltaLinear(nn.Module):
             if dispatch.prefer_fused(x2, self.base.weight, lambda: self._fused_one(x2, only),
                                      lambda: self._general(x), kind="multi"):
                 return _out(self._fused_one(x2, only), x.shape[:-1])
+        elif only is not None and str(only) in self.others:  # one tenant's own term on every row
+            return self._one_term(x, only)
         return self._general(x)
+
+    def _one_term(self, x: Tensor, t: int) -> Tensor:
+        """base(x) + tenant t's term (+ its bias delta): every row is t's, no row gather or scatter."""
+        y = self.base(x)
+        y2 = y.reshape(-1, y.shape[-1])
+        y2 = y2 + self.others[str(t)](x.reshape(-1, x.shape[-1])).to(y2.dtype)
+        if t in self.bias_deltas:
+            y2 = y2 + getattr(self, f"bias_delta{t}").to(y2.dtype)
+        return y2.reshape(y.shape)
 
     def _can_fuse(self, t: int) -> bool:
         """Tenant t's term fuses with this plain nn.Linear base in one pass (and t has no other term)."""
