@@ -148,6 +148,7 @@ class MultiDeltaLinear(nn.Module):
         # tenant t -> position in ``shared`` of the term serving it when that term can fuse one tenant with
         # the base weight (``fuses_one`` / ``fused_one``), else -1
         self._term_of = [-1] * len(encoded)
+        self._fusers = tuple(self.shared)  # the same modules, indexed without ModuleList's per-call checks
         for t, e in enumerate(encoded):
             i = shared_codecs.index(e.codec) if e is not None and e.codec in shared_codecs else -1
             if i >= 0 and hasattr(self.shared[i], "fused_one"):
@@ -182,10 +183,10 @@ class MultiDeltaLinear(nn.Module):
     def _can_fuse(self, t: int) -> bool:
         """Tenant t's term fuses with this plain nn.Linear base in one pass (and t has no other term)."""
         i = self._term_of[t]
-        return i >= 0 and type(self.base) is nn.Linear and self.shared[i].fuses_one(t, self.base.weight)
+        return i >= 0 and type(self.base) is nn.Linear and self._fusers[i].fuses_one(t, self.base.weight)
 
     def _fused_one(self, x2: Tensor, t: int) -> Tensor:
-        y = self.shared[self._term_of[t]].fused_one(x2, self.base.weight, t)
+        y = self._fusers[self._term_of[t]].fused_one(x2, self.base.weight, t)
         if self.base.bias is not None:
             y = y + self.base.bias
         if t in self.bias_deltas:
