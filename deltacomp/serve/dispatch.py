@@ -6,10 +6,10 @@ the signs), or the base layer's own matmul plus the separate delta term (``sign_
 faster depends on the CPU, the code path (``torch.ops.deltacomp.cpu_isa()``), the dtypes, the layer
 shape and the number of rows: the fused kernels were 0.6x-1.4x the dense matmul across the AVX-512,
 AVX2 and portable paths when this was written. So no rule is fixed here: the first call for a
-(device, code path, threads, dtypes, N x K, row bucket, asking module) key times both paths on that call's own tensors
-(interleaved, best of ``REPEATS``; timed again, up to ``ROUNDS`` times in all, while the two are within
-``CLOSE`` of each other, where one preempted call on a shared machine would decide) and caches the winner
-for the process; later calls look it up.
+(device, code path, threads, dtypes, N x K, row bucket, asking module) key times both paths on that
+call's own tensors (interleaved, best of ``REPEATS``; timed again, up to ``ROUNDS`` times in all, while
+the two are within ``CLOSE`` of each other, where one preempted call on a shared machine would decide)
+and caches the winner for the process; later calls look it up.
 Decisions and their timings are listed by ``decisions()`` (benchmarks/kernels.py records them).
 
     DELTACOMP_FUSED=auto (default) | always | never     # overrides the measurement for every layer

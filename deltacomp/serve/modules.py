@@ -13,9 +13,9 @@ tenants of a codec with a multi-tenant term (``codec.multi_term``, rows of one d
 kernel call) together, the others per contiguous group of rows (segments). When every row uses one
 delta (a decode step of one tenant) whose multi-tenant term can fuse that tenant with the base weight
 (``fuses_one(t, weight)`` / ``fused_one(x2, weight, t)``), the layer takes whichever of that fused pass
-and base + term measured faster, as ``DeltaLinear`` does; when every row is on the base, the base alone. Tensors applied in place for
-one delta (norms, embeddings) are served per row by ``MultiDeltaModule``, which runs the module with each
-delta's tensors on that delta's rows.
+and base + term measured faster, as ``DeltaLinear`` does; when every row is on the base, the base alone.
+Tensors applied in place for one delta (norms, embeddings) are served per row by ``MultiDeltaModule``,
+which runs the module with each delta's tensors on that delta's rows.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ class MultiDeltaLinear(nn.Module):
 
     def _can_fuse(self, t: int) -> bool:
         """Tenant t's term fuses with this plain nn.Linear base in one pass (and t has no other term)."""
-        i = self._term_of[t]
+        i = self._term_of[t] if 0 <= t < len(self._term_of) else -1
         return i >= 0 and type(self.base) is nn.Linear and self._fusers[i].fuses_one(t, self.base.weight)
 
     def _fused_one(self, x2: Tensor, t: int) -> Tensor:
