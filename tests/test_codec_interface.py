@@ -59,3 +59,26 @@ def test_serving_term_equals_matmul(name):
     enc = codec.encode(delta, **({"density": 0.3} if name == "ternary" else {}))
     x = torch.randn(5, 40, generator=torch.Generator().manual_seed(3))
     torch.testing.assert_close(codec.serving_term(enc)(x), x @ codec.decode(enc).T, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["svd-mixed", "lowrank"])
+def test_serving_term_follows_moved_buffers(name):
+    # the term keeps its Encoded view between calls; moving or converting its buffers (_apply) must
+    # give every later call the new tensors, not the old ones
+    codec = get_codec(name)
+    g = torch.Generator().manual_seed(4)
+    enc = codec.encode(torch.randn(24, 40, generator=g))
+    term = codec.serving_term(enc)
+    x = torch.randn(3, 40, generator=g)
+    want = x.double() @ codec.decode(enc).double().T
+    first = term(x)
+    assert term.encoded() is term.encoded()  # kept between calls
+    term._apply(lambda t: t.clone())  # what .to(other device) does: new tensors in every buffer
+    enc2 = term.encoded()
+    assert all(enc2.tensors[f] is term.tensor(f) for f in term.fields)
+    for f in term.fields:  # the old tensors are no longer read: zero them, the result must not change
+        if enc.tensors[f].numel():
+            assert enc.tensors[f].data_ptr() != term.tensor(f).data_ptr()
+            enc.tensors[f].zero_()
+    torch.testing.assert_close(term(x).double(), want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(first.double(), want, rtol=1e-4, atol=1e-4)

@@ -270,3 +270,32 @@ def test_cli_generate(pair, capsys):
     assert out == [f"[0] delta 1: {PROMPTS[0]!r} -> {want[0]!r}", f"[1] delta -1: {PROMPTS[0]!r} -> {want[1]!r}"]
     assert main(argv[:4] + ["--prompt", "x", "--prompt-delta", "5"]) == 2
     assert "out of range" in capsys.readouterr().err
+
+
+def test_multi_delta_module_one_delta_for_every_row():
+    # every row on delta 0: the module runs with delta 0's tensors (a copy of it holding them); after
+    # .to() the copy holds the moved tensors; a tensor of a submodule goes through functional_call
+    norm = torch.nn.LayerNorm(6)
+    d = {"weight": torch.randn(6), "bias": torch.randn(6)}
+    mod = dnn.MultiDeltaModule(norm, [d, None])
+    x = torch.randn(3, 6)
+    for t, want in ((0, torch.nn.functional.layer_norm(x, (6,), d["weight"], d["bias"])), (1, norm(x)), (-1, norm(x))):
+        mod.delta_index = torch.tensor([t] * 3)
+        torch.testing.assert_close(mod(x), want)
+    mod.delta_index = torch.tensor([0, 1, 0])
+    y = mod(x)
+    torch.testing.assert_close(y[1], norm(x[1:2])[0])
+    torch.testing.assert_close(y[0], torch.nn.functional.layer_norm(x[0], (6,), d["weight"], d["bias"]))
+    mod.to(torch.float64)
+    mod.delta_index = torch.tensor([0] * 3)
+    y = mod(x.double())
+    assert y.dtype == torch.float64
+    torch.testing.assert_close(y, torch.nn.functional.layer_norm(x.double(), (6,), d["weight"].double(),
+                                                                  d["bias"].double()))
+    seq = torch.nn.Sequential(torch.nn.Linear(4, 5))
+    w = torch.randn(5, 4)
+    nested = dnn.MultiDeltaModule(seq, [{"0.weight": w}])
+    nested.delta_index = torch.tensor([0, 0])
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(nested(x), x @ w.T + seq[0].bias)
+    torch.testing.assert_close(seq(x), x @ seq[0].weight.T + seq[0].bias)  # the base module is unchanged

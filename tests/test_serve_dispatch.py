@@ -140,3 +140,132 @@ def test_close_timings_are_timed_again(monkeypatch, times, rounds):
     (rec,) = serve_dispatch.decisions()
     assert len(timed) == rounds and rec["rounds"] == rounds and rec["chosen"] == "fused"
     assert rec["fused_ms"] == pytest.approx((times[0] - 0.01 * rounds) * 1e3)
+
+
+# -- MultiDeltaLinear: every row on one delta takes the fused pass where measured faster ----------------
+def _multi_layer(dtype=torch.float32, seed=0):
+    """Base 24 x 37 with a bias; tenants: 0 one mask (per-row scale), 1 two masks, 2 nothing here, 3 one
+    mask plus a bias delta."""
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(37, 24, bias=True)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(24, 37, generator=g))
+        base.bias.copy_(torch.randn(24, generator=g))
+    base = base.to(dtype)
+    codec = get_codec("bitdelta")
+    encs = [codec.encode(torch.randn(24, 37, generator=g) * 0.01, scale="row"),
+            codec.encode(torch.randn(24, 37, generator=g) * 0.01, masks=2), None,
+            codec.encode(torch.randn(24, 37, generator=g) * 0.01)]
+    bias = [None, None, None, torch.randn(24, generator=g) * 0.1]
+    return dnn.MultiDeltaLinear(base, encs, bias), encs, bias
+
+
+def _set_index(layer, index):
+    """What set_delta_index does for each multi-tenant module of a model: a new index tensor."""
+    layer.delta_index = torch.tensor(index, dtype=torch.int64)
+
+
+def _multi_want(layer, encs, bias, x, t):
+    """float64: x @ (W + delta_t)^T + b (+ the bias delta)."""
+    w = layer.base.weight.double()
+    b = layer.base.bias.double()
+    if t >= 0 and encs[t] is not None:
+        w = w + get_codec("bitdelta").decode(encs[t]).double()
+    if t >= 0 and bias[t] is not None:
+        b = b + bias[t].double()
+    return x.double() @ w.T + b
+
+
+def _count_multi_calls(monkeypatch):
+    calls = {"fused": 0, "multi": 0}
+    real_fused, real_multi = ops.sign_matmul_fused, ops.sign_matmul_multi
+
+    def fused(*a):
+        calls["fused"] += 1
+        return real_fused(*a)
+
+    def multi(*a):
+        calls["multi"] += 1
+        return real_multi(*a)
+
+    monkeypatch.setattr(ops, "sign_matmul_fused", fused)
+    monkeypatch.setattr(ops, "sign_matmul_multi", multi)
+    return calls
+
+
+@pytest.mark.parametrize("setting", ["always", "never", "auto"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_uniform_rows_match_reference(monkeypatch, setting, dtype):
+    monkeypatch.setenv("DELTACOMP_FUSED", setting)
+    layer, encs, bias = _multi_layer(dtype)
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for shape in ((1, 37), (3, 1, 37), (2, 5, 37)):  # decode rows, and prefill (tokens share their row's delta)
+        x = torch.randn(*shape).to(dtype)
+        for t in (-1, 0, 1, 2, 3):
+            _set_index(layer, [t] * shape[0])
+            y = layer(x)
+            assert y.shape == (*shape[:-1], 24) and y.dtype == dtype
+            torch.testing.assert_close(y.double(), _multi_want(layer, encs, bias, x, t), rtol=tol, atol=tol * 10)
+        idx = [3, -1, 1][:shape[0]]  # mixed rows: the general path
+        _set_index(layer, idx)
+        y = layer(x).reshape(shape[0], -1, 24)
+        for row, t in enumerate(idx):
+            torch.testing.assert_close(y[row].double(), _multi_want(layer, encs, bias, x[row].reshape(-1, 37), t),
+                                       rtol=tol, atol=tol * 10)
+
+
+@pytest.mark.parametrize("setting", ["always", "never"])
+def test_multi_fused_only_for_one_mask_tenants(monkeypatch, setting):
+    monkeypatch.setenv("DELTACOMP_FUSED", setting)
+    layer, _, _ = _multi_layer()
+    calls = _count_multi_calls(monkeypatch)
+    x = torch.randn(2, 37)
+    want = {0: (1, 0), 3: (1, 0), 1: (0, 2), 2: (0, 0), -1: (0, 0)}  # tenant -> (fused, multi) calls
+    for t, (fused, multi) in want.items():
+        before = dict(calls)
+        _set_index(layer, [t, t])
+        layer(x)
+        if setting == "never":
+            fused, multi = 0, (1 if t in (0, 3) else multi)
+        assert (calls["fused"] - before["fused"], calls["multi"] - before["multi"]) == (fused, multi), t
+
+
+def test_multi_measured_winner_is_taken_and_kept_apart_from_deltalinear(monkeypatch):
+    layer, encs, bias = _multi_layer()
+    timed = []
+
+    def fake_time(fused, unfused, device):
+        timed.append(1)
+        fused(), unfused()
+        return 2.0, 1.0  # base + term wins
+
+    monkeypatch.setattr(serve_dispatch, "_time_pair", fake_time)
+    calls = _count_multi_calls(monkeypatch)
+    _set_index(layer, [0])
+    x = torch.randn(1, 37)
+    for _ in range(3):
+        torch.testing.assert_close(layer(x).double(), _multi_want(layer, encs, bias, x, 0), rtol=1e-4, atol=1e-4)
+    (rec,) = serve_dispatch.decisions()
+    assert rec["module"] == "multi" and rec["chosen"] == "unfused" and len(timed) == 1
+    before = dict(calls)
+    layer(x)
+    assert (calls["fused"] - before["fused"], calls["multi"] - before["multi"]) == (0, 1)
+    single, _ = _layer()  # same shape and dtypes, another module kind: measured on its own
+    single(torch.randn(1, 37))
+    assert len(timed) == 2 and serve_dispatch.decisions()[1]["module"] == "single"
+
+
+def test_multi_index_changed_in_place_is_seen(monkeypatch):
+    monkeypatch.setenv("DELTACOMP_FUSED", "always")
+    layer, encs, bias = _multi_layer()
+    index = torch.tensor([0, 0])
+    layer.delta_index = index
+    x = torch.randn(2, 37)
+    torch.testing.assert_close(layer(x).double(), _multi_want(layer, encs, bias, x, 0), rtol=1e-4, atol=1e-4)
+    index[1] = 3  # rows now differ: the cached "every row on delta 0" must not be used
+    y = layer(x).double()
+    torch.testing.assert_close(y[0], _multi_want(layer, encs, bias, x[:1], 0)[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y[1], _multi_want(layer, encs, bias, x[1:], 3)[0], rtol=1e-4, atol=1e-4)
+    index.fill_(-1)
+    torch.testing.assert_close(layer(x).double(), _multi_want(layer, encs, bias, x, -1), rtol=1e-4, atol=1e-4)
+

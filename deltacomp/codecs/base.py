@@ -278,7 +278,9 @@ class Codec:
     def multi_term(self, encs: Sequence[Encoded | None]) -> "nn.Module | None":
         """A module serving the deltas ``encs`` (one per tenant, None where a tenant has no delta of this
         codec) in one call, ``forward(x2, row_index) -> (M, N) or None``; None when the codec has no
-        multi-tenant kernel (each tenant's ``serving_term`` then runs on its own rows)."""
+        multi-tenant kernel (each tenant's ``serving_term`` then runs on its own rows). The module may also
+        offer ``fuses_one(t, weight) -> bool`` and ``fused_one(x2, weight, t) -> x2 @ (weight + delta_t)^T``:
+        a batch whose rows are all tenant t's then takes that one pass where measured faster."""
         return None
 
     # -- export ---------------------------------------------------------------------------------------

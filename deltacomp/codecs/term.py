@@ -27,18 +27,29 @@ class DeltaTerm(nn.Module):
         self.impl = codec
         self.codec, self.shape, self.params = enc.codec, tuple(enc.shape), dict(enc.params)
         self.fields: list[str] = []
+        self._enc: Encoded | None = None  # encoded() built from the buffers, until they move (_apply)
         for name, t in (enc.tensors if tensors is None else tensors).items():
             self._keep(name, t)
 
     def _keep(self, name: str, t: Tensor) -> None:
         self.register_buffer(f"t_{name}", t.contiguous(), persistent=False)
         self.fields.append(name)
+        self._enc = None
+
+    def _apply(self, fn, *args, **kwargs):
+        self._enc = None  # .to() / .half() / ... replace the buffers: build the Encoded view again
+        return super()._apply(fn, *args, **kwargs)
 
     def tensor(self, name: str) -> Tensor:
         return getattr(self, f"t_{name}")
 
     def encoded(self) -> Encoded:
-        return Encoded(self.codec, self.shape, {f: self.tensor(f) for f in self.fields}, self.params)
+        """The term's tensors as an Encoded (kept between calls: a decode step calls every layer's term,
+        and building it costs a lookup per field)."""
+        enc = self._enc
+        if enc is None:
+            enc = self._enc = Encoded(self.codec, self.shape, {f: self.tensor(f) for f in self.fields}, self.params)
+        return enc
 
     def forward(self, x2: Tensor) -> Tensor:
         return self.impl.matmul(x2, self.encoded()).to(x2.dtype)

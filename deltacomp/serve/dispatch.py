@@ -6,10 +6,10 @@ the signs), or the base layer's own matmul plus the separate delta term (``sign_
 faster depends on the CPU, the code path (``torch.ops.deltacomp.cpu_isa()``), the dtypes, the layer
 shape and the number of rows: the fused kernels were 0.6x-1.4x the dense matmul across the AVX-512,
 AVX2 and portable paths when this was written. So no rule is fixed here: the first call for a
-(device, code path, threads, dtypes, N x K, row bucket) key times both paths on that call's own tensors
-(interleaved, best of ``REPEATS``; timed again, up to ``ROUNDS`` times in all, while the two are within
-``CLOSE`` of each other, where one preempted call on a shared machine would decide) and caches the winner
-for the process; later calls look it up.
+(device, code path, threads, dtypes, N x K, row bucket, asking module) key times both paths on that
+call's own tensors (interleaved, best of ``REPEATS``; timed again, up to ``ROUNDS`` times in all, while
+the two are within ``CLOSE`` of each other, where one preempted call on a shared machine would decide)
+and caches the winner for the process; later calls look it up.
 Decisions and their timings are listed by ``decisions()`` (benchmarks/kernels.py records them).
 
     DELTACOMP_FUSED=auto (default) | always | never     # overrides the measurement for every layer
@@ -50,10 +50,23 @@ def row_bucket(m: int) -> int:
     return b
 
 
-def _key(x2: Tensor, weight: Tensor) -> tuple:
-    path = ops.cpu_isa() if x2.device.type == "cpu" else x2.device.type
-    return (x2.device.type, path, torch.get_num_threads(), str(weight.dtype), str(x2.dtype),
-            tuple(weight.shape), row_bucket(x2.shape[0]))
+_isa_by_env: dict[str | None, str] = {}
+
+
+def _cpu_path() -> str:
+    """``ops.cpu_isa()``, looked up once per value of DELTACOMP_ISA (the path depends on it and the CPU
+    alone; asking the extension costs more than the rest of a small layer's dispatch)."""
+    env = os.environ.get("DELTACOMP_ISA")
+    path = _isa_by_env.get(env)
+    if path is None:
+        path = _isa_by_env[env] = ops.cpu_isa()
+    return path
+
+
+def _key(x2: Tensor, weight: Tensor, kind: str) -> tuple:
+    path = _cpu_path() if x2.device.type == "cpu" else x2.device.type
+    return (x2.device.type, path, torch.get_num_threads(), weight.dtype, x2.dtype,
+            tuple(weight.shape), row_bucket(x2.shape[0]), kind)
 
 
 def _sync(device: torch.device) -> None:
@@ -76,14 +89,17 @@ def _time_pair(fused: Callable[[], Tensor], unfused: Callable[[], Tensor], devic
     return best[0], best[1]
 
 
-def prefer_fused(x2: Tensor, weight: Tensor, fused: Callable[[], Tensor], unfused: Callable[[], Tensor]) -> bool:
+def prefer_fused(x2: Tensor, weight: Tensor, fused: Callable[[], Tensor], unfused: Callable[[], Tensor],
+                 kind: str = "single") -> bool:
     """True when the fused path is the one to take for this batch. ``x2`` (M, K) is the batch,
     ``weight`` the base weight; ``fused`` / ``unfused`` compute the layer's output each way (they are
-    called only the first time a key is seen, to time them)."""
+    called only the first time a key is seen, to time them). ``kind`` names the module asking
+    ("single": DeltaLinear, "multi": MultiDeltaLinear with every row on one delta), whose unfused paths
+    cost differently, so each has its own decisions."""
     setting = mode()
     if setting != "auto":
         return setting == "always"
-    key = _key(x2, weight)
+    key = _key(x2, weight, kind)
     hit = _cache.get(key)
     if hit is None:
         if torch.compiler.is_compiling():  # no timing inside a trace: the fused kernel is one op
@@ -94,8 +110,9 @@ def prefer_fused(x2: Tensor, weight: Tensor, fused: Callable[[], Tensor], unfuse
             f2, u2 = _time_pair(fused, unfused, x2.device)
             t_fused, t_unfused, rounds = min(t_fused, f2), min(t_unfused, u2), rounds + 1
         hit = _cache[key] = t_fused <= t_unfused
-        _records.append({"device": key[0], "path": key[1], "threads": key[2], "w_dtype": key[3],
-                         "x_dtype": key[4], "n": key[5][0], "k": key[5][1], "rows_bucket": key[6],
+        _records.append({"device": key[0], "path": key[1], "threads": key[2], "w_dtype": str(key[3]),
+                         "x_dtype": str(key[4]), "n": key[5][0], "k": key[5][1], "rows_bucket": key[6],
+                         "module": kind,
                          "rows_timed": int(x2.shape[0]), "fused_ms": t_fused * 1e3,
                          "unfused_ms": t_unfused * 1e3, "rounds": rounds, "chosen": "fused" if hit else "unfused"})
     return hit

@@ -10,12 +10,16 @@ and 4-bit nf4 bases in tests/test_bnb.py (logits equal the quantized base's outp
 
 Multi-tenant: one base, several deltas. ``MultiDeltaLinear`` sends every batch row to its delta: the
 tenants of a codec with a multi-tenant term (``codec.multi_term``, rows of one delta grouped inside one
-kernel call) together, the others per contiguous group of rows (segments). Tensors applied in place for
-one delta (norms, embeddings) are served per row by ``MultiDeltaModule``, which runs the module with each
-delta's tensors on that delta's rows.
+kernel call) together, the others per contiguous group of rows (segments). When every row uses one
+delta (a decode step of one tenant) whose multi-tenant term can fuse that tenant with the base weight
+(``fuses_one(t, weight)`` / ``fused_one(x2, weight, t)``), the layer takes whichever of that fused pass
+and base + term measured faster, as ``DeltaLinear`` does; when every row is on the base, the base alone.
+Tensors applied in place for one delta (norms, embeddings) are served per row by ``MultiDeltaModule``,
+which runs the module with each delta's tensors on that delta's rows.
 """
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -95,6 +99,24 @@ def _row_index(module: nn.Module, x: Tensor) -> Tensor:
     return index.repeat_interleave(per) if per != 1 else index
 
 
+class _Uniform:
+    """The delta every row of a delta index uses (-1: all on the base), or None when rows differ; kept
+    for the index tensor last seen until it is replaced or changed in place (its version counter), so a
+    decode step does not compare the index again in every layer."""
+
+    def __init__(self):
+        self._seen: tuple[Tensor, int] | None = None
+        self._value: int | None = None
+
+    def __call__(self, index: Tensor) -> int | None:
+        seen = self._seen
+        if seen is None or seen[0] is not index or seen[1] != index._version:
+            first = index.reshape(-1)[:1]
+            self._value = int(first) if first.numel() and bool((index == first).all()) else None
+            self._seen = (index, index._version)
+        return self._value
+
+
 class MultiDeltaLinear(nn.Module):
     """One base linear layer, T deltas (None where a delta leaves this layer unchanged). Batch row i
     adds the term of delta ``delta_index[i]`` (set by ``set_delta_index``; -1 adds nothing)."""
@@ -109,11 +131,13 @@ class MultiDeltaLinear(nn.Module):
         # per tenant run on the rows of its delta (``others``, segments)
         self.shared = nn.ModuleList()
         others: dict[str, nn.Module] = {}
+        shared_codecs: list[str] = []
         for name in dict.fromkeys(e.codec for e in encoded if e is not None):
             mine = [e if e is not None and e.codec == name else None for e in encoded]
             multi = get_codec(name).multi_term(mine)
             if multi is not None:
                 self.shared.append(multi)
+                shared_codecs.append(name)
             else:
                 others.update({str(t): get_codec(name).serving_term(e) for t, e in enumerate(mine) if e is not None})
         self.others = nn.ModuleDict(dict(sorted(others.items(), key=lambda kv: int(kv[0]))))
@@ -121,8 +145,56 @@ class MultiDeltaLinear(nn.Module):
         for t in self.bias_deltas:
             self.register_buffer(f"bias_delta{t}", bias_deltas[t].reshape(n).contiguous(), persistent=False)
         self.in_features, self.out_features = k, n
+        # tenant t -> position in ``shared`` of the term serving it when that term can fuse one tenant with
+        # the base weight (``fuses_one`` / ``fused_one``), else -1
+        self._term_of = [-1] * len(encoded)
+        self._fusers = tuple(self.shared)  # the same modules, indexed without ModuleList's per-call checks
+        for t, e in enumerate(encoded):
+            i = shared_codecs.index(e.codec) if e is not None and e.codec in shared_codecs else -1
+            if i >= 0 and hasattr(self.shared[i], "fused_one"):
+                self._term_of[t] = i
+        # tenants that leave this layer as it is (no term, no bias delta)
+        self._unchanged = {t for t, e in enumerate(encoded) if e is None and t not in self.bias_deltas}
+        self._uniform = _Uniform()
 
     def forward(self, x: Tensor) -> Tensor:
+        _batch_index(self, x)
+        only = self._uniform(self.delta_index)
+        if only == -1 or only in self._unchanged:  # every row on the base alone, or on a delta without a term
+            return self.base(x)
+        if only is not None and self._can_fuse(only):
+            x2 = x.reshape(-1, x.shape[-1])
+            if dispatch.prefer_fused(x2, self.base.weight, lambda: self._fused_one(x2, only),
+                                     lambda: self._general(x), kind="multi"):
+                return _out(self._fused_one(x2, only), x.shape[:-1])
+        elif only is not None and str(only) in self.others:  # one tenant's own term on every row
+            return self._one_term(x, only)
+        return self._general(x)
+
+    def _one_term(self, x: Tensor, t: int) -> Tensor:
+        """base(x) + tenant t's term (+ its bias delta): every row is t's, no row gather or scatter."""
+        y = self.base(x)
+        y2 = y.reshape(-1, y.shape[-1])
+        y2 = y2 + self.others[str(t)](x.reshape(-1, x.shape[-1])).to(y2.dtype)
+        if t in self.bias_deltas:
+            y2 = y2 + getattr(self, f"bias_delta{t}").to(y2.dtype)
+        return y2.reshape(y.shape)
+
+    def _can_fuse(self, t: int) -> bool:
+        """Tenant t's term fuses with this plain nn.Linear base in one pass (and t has no other term)."""
+        i = self._term_of[t] if 0 <= t < len(self._term_of) else -1
+        return i >= 0 and type(self.base) is nn.Linear and self._fusers[i].fuses_one(t, self.base.weight)
+
+    def _fused_one(self, x2: Tensor, t: int) -> Tensor:
+        y = self._fusers[self._term_of[t]].fused_one(x2, self.base.weight, t)
+        if self.base.bias is not None:
+            y = y + self.base.bias
+        if t in self.bias_deltas:
+            y = y + getattr(self, f"bias_delta{t}").to(y.dtype)
+        return y
+
+    def _general(self, x: Tensor) -> Tensor:
+        """Base matmul, then each row's delta term (shared multi-tenant terms, per-tenant segments)."""
         idx = _row_index(self, x)
         y = self.base(x)
         lead = x.shape[:-1]
@@ -164,11 +236,20 @@ class MultiDeltaModule(nn.Module):
                 self.register_buffer(f"d{t}_{j}", v.detach(), persistent=False)
                 names[name] = f"d{t}_{j}"
             self._names.append(names)
+        self._uniform = _Uniform()
+        self._clones: dict[int, nn.Module | None] = {}
 
     def forward(self, x: Tensor, *args, **kwargs):
         idx = _batch_index(self, x)
-        only = self._only_delta(idx)
-        if only is not None:  # every row of one delta: that delta's module alone, the base never runs
+        only = self._uniform(idx)
+        if only == -1:
+            return self.module(x, *args, **kwargs)
+        if only is not None and 0 <= only < self.num_deltas:  # every row of one delta: that delta's module alone
+            if not self._names[only]:
+                return self.module(x, *args, **kwargs)
+            mod = self._as_delta(only)
+            if mod is not None:
+                return mod(x, *args, **kwargs)
             params = {name: getattr(self, buf) for name, buf in self._names[only].items()}
             return torch.func.functional_call(self.module, params, (x, *args), kwargs)
         y = self.module(x, *args, **kwargs)
@@ -180,11 +261,26 @@ class MultiDeltaModule(nn.Module):
                 y = y.index_copy(0, rows, yt.to(y.dtype))
         return y
 
-    def _only_delta(self, idx: Tensor) -> int | None:
-        """The delta every row uses, when that delta changes this module; else None."""
-        if idx.numel() == 0:
-            return None
-        t = int(idx.reshape(-1)[0])
-        if not 0 <= t < self.num_deltas or not self._names[t] or not bool((idx == t).all()):
-            return None
-        return t
+    def _as_delta(self, t: int) -> nn.Module | None:
+        """A shallow copy of the module holding delta t's tensors in place of its own (built once, dropped
+        when the buffers move or the mode changes): a decode step runs it like the module itself, without
+        ``functional_call``'s per-call swapping. None when delta t names a tensor of a submodule."""
+        if t in self._clones:
+            return self._clones[t]
+        own = self.module._parameters.keys() | self.module._buffers.keys()
+        mod = None
+        if all(name in own for name in self._names[t]):
+            mod = copy.copy(self.module)
+            mod._parameters, mod._buffers = dict(self.module._parameters), dict(self.module._buffers)
+            for name, buf in self._names[t].items():
+                (mod._parameters if name in mod._parameters else mod._buffers)[name] = getattr(self, buf)
+        self._clones[t] = mod
+        return mod
+
+    def _apply(self, fn, *args, **kwargs):
+        self._clones = {}  # .to() and the like replace the tensors the copies hold
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._clones = {}
+        return super().train(mode)

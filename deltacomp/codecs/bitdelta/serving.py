@@ -1,5 +1,6 @@
 """bitdelta's serving terms: the packed signs (``sign_matmul``), fused with a dense base weight in one
-pass (``sign_matmul_fused``), and every tenant of a batch in one ``sign_matmul_multi`` call."""
+pass (``sign_matmul_fused``), and every tenant of a batch in one ``sign_matmul_multi`` call (or, when
+every row is one single-mask tenant, that tenant fused with the base weight: ``fused_one``)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -40,6 +41,9 @@ class SignStacks(nn.Module):
         first = next(e for e in encs if e is not None)
         self.n, self.k = first.shape
         self.levels = max(int(e.params.get("masks", 1)) for e in encs if e is not None)
+        # slot of tenant t in level 0's stack when t has exactly one mask (fused_one serves it), else -1
+        self._one = [t_slot if e is not None and int(e.params.get("masks", 1)) == 1 else -1
+                     for e, t_slot in zip(encs, _slots(encs))]
         for lv in range(self.levels):
             members = [t for t, e in enumerate(encs) if e is not None and field("signs", lv) in e.tensors]
             slots = torch.full((len(encs),), -1, dtype=torch.int64)
@@ -54,6 +58,15 @@ class SignStacks(nn.Module):
                                  persistent=False)
             self.register_buffer(f"scales{lv}", torch.stack(scales).contiguous(), persistent=False)
 
+    def fuses_one(self, t: int, weight: Tensor) -> bool:
+        """True when tenant t's term (one mask) fuses with the base ``weight`` (fp32/bf16): ``fused_one``."""
+        return 0 <= t < len(self._one) and self._one[t] >= 0 and weight.dtype in _FUSED_DTYPES
+
+    def fused_one(self, x2: Tensor, weight: Tensor, t: int) -> Tensor:
+        """``x2 @ (weight + delta_t)^T`` in one pass (every row of x2 is tenant t; see ``fuses_one``)."""
+        slot = self._one[t]
+        return ops.sign_matmul_fused(x2, weight, self.signs0[slot], self.scales0[slot], self.k)
+
     def forward(self, x2: Tensor, idx: Tensor) -> Tensor | None:
         """x2 (M, K), idx (M,) tenant per row (-1: none) -> (M, N), or None when no row has a mask."""
         out = None
@@ -65,3 +78,13 @@ class SignStacks(nn.Module):
                                              self.k)
                 out = term if out is None else out + term
         return out
+
+
+def _slots(encs: Sequence[Encoded | None]) -> list[int]:
+    """Position of each tenant in level 0's stack (the tenants with a mask 0, in order), -1 for none."""
+    out, n = [], 0
+    for e in encs:
+        has = e is not None and field("signs", 0) in e.tensors
+        out.append(n if has else -1)
+        n += has
+    return out

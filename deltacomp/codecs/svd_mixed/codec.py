@@ -17,6 +17,7 @@ params["alloc"] ("8:2+3:32+2:968") records the groups. Size = allocation.alloc_n
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -193,7 +194,7 @@ class SvdMixedCodec(Codec):
         gs = int(enc.params["group_size"])
         t = enc.tensors
         i = 0
-        alloc = al.parse_groups(enc.params["alloc"]) if enc.params.get("alloc") else []
+        alloc = _alloc_groups(enc.params.get("alloc"))
         for b, c in alloc:
             ut = dequantize(unpack_bits(t[f"u_q{b}"], b, c * n).reshape(c, n), t[f"u_scale{b}"], t[f"u_zero{b}"], gs)
             v = dequantize(unpack_bits(t[f"v_q{b}"], b, c * k).reshape(c, k), t[f"v_scale{b}"], t[f"v_zero{b}"], gs)
@@ -216,8 +217,7 @@ class SvdMixedCodec(Codec):
         out_dt = x.dtype if x.is_floating_point() else torch.float32
         x2 = x.reshape(-1, k).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
         y, i = None, 0
-        alloc = al.parse_groups(enc.params["alloc"]) if enc.params.get("alloc") else []
-        for b, c in alloc:
+        for b, c in _alloc_groups(enc.params.get("alloc")):
             term = ops.kbit_lowrank_matmul(x2, t[f"v_q{b}"], t[f"v_scale{b}"], t[f"v_zero{b}"], t[f"u_q{b}"],
                                            t[f"u_scale{b}"], t[f"u_zero{b}"], t["s"][i:i + c], b, n, k, gs)
             y = term if y is None else y + term
@@ -225,6 +225,13 @@ class SvdMixedCodec(Codec):
         if y is None:  # no singular vector kept (an all-zero delta)
             y = x2.new_zeros(x2.shape[0], n)
         return y.to(out_dt).reshape(*x.shape[:-1], n)
+
+
+@functools.lru_cache(maxsize=256)
+def _alloc_groups(alloc: str | None) -> tuple[tuple[int, int | None], ...]:
+    """``al.parse_groups`` of a stored allocation, parsed once per distinct text (every layer of a
+    decode step asks)."""
+    return tuple(al.parse_groups(alloc)) if alloc else ()
 
 
 def best_candidate(candidates, quantize):
