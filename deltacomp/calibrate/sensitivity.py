@@ -67,13 +67,8 @@ def accumulate(model: torch.nn.Module, ids: Tensor, names: set[str], *, labels: 
         raise SettingsError(f"calibration: the output sensitivity needs at least one window of "
                             f"{2 if labels == 'empirical' else 1}+ tokens (a next token to score), got token ids "
                             f"of shape {tuple(ids.shape)}; give a longer text or a larger --calib-len")
-    mods = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = sorted(set(names) - set(mods))
-    if missing:
-        raise SettingsError(f"calibration: {missing[0]} is not a linear layer of the model "
-                            f"({len(missing)} such names)")
+    mods = linears(model, names)
     dev = next(model.parameters()).device
-    mods = {n: mods[n] for n in sorted(names)}
     grams = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=dev) for n, m in mods.items()}
     fish = {n: torch.zeros(m.out_features, dtype=torch.float64, device=dev) for n, m in mods.items()}
     hooks = [model.get_input_embeddings().register_forward_hook(lambda _m, _a, out: out.requires_grad_(True))]
@@ -107,6 +102,16 @@ def accumulate(model: torch.nn.Module, ids: Tensor, names: set[str], *, labels: 
             p.requires_grad_(r)
     return ({n: (g / tokens).float().cpu() for n, g in grams.items()},
             {n: (f / labelled).float().cpu() for n, f in fish.items()})
+
+
+def linears(model: torch.nn.Module, names: set[str]) -> dict[str, torch.nn.Linear]:
+    """The linear module of each weight name in ``names`` (sorted); refuses a name that is not one."""
+    mods = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    missing = sorted(set(names) - set(mods))
+    if missing:
+        raise SettingsError(f"calibration: {missing[0]} is not a linear layer of the model "
+                            f"({len(missing)} such names)")
+    return {n: mods[n] for n in sorted(names)}
 
 
 def _add_gram(h: Tensor):

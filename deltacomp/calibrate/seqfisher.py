@@ -36,6 +36,7 @@ from ..errors import SettingsError
 from ..progress import progress_bar
 from .data import CalibData
 from .distill import _load_model
+from .sensitivity import linears
 
 ESTIMATE = ("KL ~= 1/(2N) sum_w <D - D^, J_w>^2, J_w = the weight gradient of window w's log-likelihood of "
             "labels sampled from the fine-tune (N labelled positions)")
@@ -113,12 +114,7 @@ def collect(model: torch.nn.Module, ids: Tensor, names: set[str], directory: str
     if ids.dim() != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
         raise SettingsError(f"calibration: the sequence Fisher needs at least one window of tokens, got token "
                             f"ids of shape {tuple(ids.shape)}")
-    mods = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    missing = sorted(set(names) - set(mods))
-    if missing:
-        raise SettingsError(f"calibration: {missing[0]} is not a linear layer of the model "
-                            f"({len(missing)} such names)")
-    weights = {n: mods[n].weight for n in sorted(names)}
+    weights = {n: m.weight for n, m in linears(model, names).items()}
     store = GradientStore(directory, {n: tuple(w.shape) for n, w in weights.items()}, ids.shape[0])
     dev = next(model.parameters()).device
     gen = torch.Generator(device=dev).manual_seed(int(seed))
