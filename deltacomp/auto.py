@@ -105,6 +105,8 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
     error with ``gram``, the layer's input Gram matrix, weighted per output channel by ``fisher``, its
     output Fisher diagonal); the Pareto front."""
     shape = tuple(delta.shape)
+    if fisher is not None and fisher.dim() != 3 and gram is None:
+        raise SettingsError("--method auto: a per-channel output Fisher needs the layer's input Gram too")
     rungs = []
     # the distortion is the weight error: what the ladders know of it prunes (see _Beaten, _undominated)
     beaten = _Beaten() if gram is None and fisher is None else None
