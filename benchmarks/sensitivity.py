@@ -68,6 +68,19 @@ def estimates(e: torch.Tensor, w: torch.Tensor, gram: torch.Tensor, f: torch.Ten
             "fisher_emp": 0.5 * float((f_emp.double() * rows).sum())}
 
 
+def kl_with(model, param: torch.Tensor, weight: torch.Tensor, ids, windows, ref) -> float:
+    """KL(fine-tune || the model with ``param`` set to ``weight``) on the held-out windows; ``param`` is
+    put back as it was."""
+    keep = param.detach().clone()
+    with torch.no_grad():
+        param.copy_(weight)
+    try:
+        return score_against(model, ids, windows, ref, progress=False)["kl"]
+    finally:
+        with torch.no_grad():
+            param.copy_(keep)
+
+
 def run(n: int, tokens: int, ratio: float, seed: int, samples: int, seq_len: int) -> dict:
     pair = zoo.ensure_pair("shakespeare")
     base, ft = Path(pair.base), Path(pair.finetuned)
@@ -97,11 +110,7 @@ def run(n: int, tokens: int, ratio: float, seed: int, samples: int, seq_len: int
                 print(f"skip {name} {codec_name} {settings}: {exc}", file=sys.stderr)
                 continue
             dec = codec.decode(Encoded(enc.codec, enc.shape, enc.tensors, enc.params)).reshape(delta.shape)
-            with torch.no_grad():
-                param.copy_(b + dec)
-            kl = score_against(model, ids, windows, ref, progress=False)["kl"]
-            with torch.no_grad():
-                param.copy_(keep)
+            kl = kl_with(model, param, b + dec, ids, windows, ref)
             est = estimates(delta - dec, keep, grams[name], fishers[name], fishers_emp[name])
             rows.append({"tensor": name, "codec": codec_name, "settings": settings, "nbytes": enc.nbytes,
                          "kl": kl, **est})

@@ -34,7 +34,8 @@ from deltacomp.calibrate.data import load_calibration
 from deltacomp.checkpoint import open_checkpoint
 from deltacomp.codecs import get_codec
 from deltacomp.codecs.base import Encoded
-from deltacomp.eval.metrics import build_reference, load_model, plan_windows, score_against, tokenize
+from deltacomp.eval.metrics import build_reference, load_model, plan_windows, tokenize
+from sensitivity import kl_with  # benchmarks/sensitivity.py, beside this script
 
 TENSORS = [(1, "self_attn.v_proj"), (4, "mlp.down_proj"), (8, "self_attn.q_proj"), (12, "mlp.gate_proj"),
            (16, "self_attn.o_proj"), (20, "mlp.up_proj"), (26, "self_attn.k_proj"), (29, "mlp.down_proj")]
@@ -113,11 +114,7 @@ def run(pair_name: str, tokens: int, ratio: float, samples: int, seq_len: int) -
                 codec = get_codec(codec_name)
                 enc = codec.encode(delta, **settings)
                 dec = codec.decode(Encoded(enc.codec, enc.shape, enc.tensors, enc.params)).reshape(delta.shape)
-                with torch.no_grad():
-                    param.copy_(b + dec)
-                kl = score_against(model, ids, windows, ref, progress=False)["kl"]
-                with torch.no_grad():
-                    param.copy_(keep)
+                kl = kl_with(model, param, b + dec, ids, windows, ref)
                 e = (delta - dec).double()
                 eh = e @ H[name]
                 per_row = (eh * e).sum(1)
