@@ -34,21 +34,23 @@ def _want(layer, enc, x):
     return x.float() @ w.T + layer.base.bias.float()
 
 
-def _count_calls(monkeypatch):
-    calls = {"fused": 0, "sign": 0}
-    real_fused, real_sign = ops.sign_matmul_fused, ops.sign_matmul
+def _count(monkeypatch, **ops_by_key):
+    """Counts the calls of each op (key -> name in deltacomp.ops), still calling it."""
+    calls = dict.fromkeys(ops_by_key, 0)
 
-    def fused(*a):
-        calls["fused"] += 1
-        return real_fused(*a)
+    def counting(key, real):
+        def op(*a):
+            calls[key] += 1
+            return real(*a)
+        return op
 
-    def sign(*a):
-        calls["sign"] += 1
-        return real_sign(*a)
-
-    monkeypatch.setattr(ops, "sign_matmul_fused", fused)
-    monkeypatch.setattr(ops, "sign_matmul", sign)
+    for key, name in ops_by_key.items():
+        monkeypatch.setattr(ops, name, counting(key, getattr(ops, name)))
     return calls
+
+
+def _count_calls(monkeypatch):
+    return _count(monkeypatch, fused="sign_matmul_fused", sign="sign_matmul")
 
 
 @pytest.mark.parametrize("winner", ["fused", "unfused"])
@@ -177,20 +179,7 @@ def _multi_want(layer, encs, bias, x, t):
 
 
 def _count_multi_calls(monkeypatch):
-    calls = {"fused": 0, "multi": 0}
-    real_fused, real_multi = ops.sign_matmul_fused, ops.sign_matmul_multi
-
-    def fused(*a):
-        calls["fused"] += 1
-        return real_fused(*a)
-
-    def multi(*a):
-        calls["multi"] += 1
-        return real_multi(*a)
-
-    monkeypatch.setattr(ops, "sign_matmul_fused", fused)
-    monkeypatch.setattr(ops, "sign_matmul_multi", multi)
-    return calls
+    return _count(monkeypatch, fused="sign_matmul_fused", multi="sign_matmul_multi")
 
 
 @pytest.mark.parametrize("setting", ["always", "never", "auto"])
