@@ -85,11 +85,11 @@ inline V vsigns(uint8_t b) { return _mm256_load_ps(kSignPM.v[b]); }
 // 3g+2, g < 10) and one of 2 (bits 30, 31). Tables: per block and group, the 8 signed sums t[b] =
 // sum_i (bit i of b ? +x : -x)[32 * block + 3g + i] (the 2-bit group fills entries 4-7 with 0-3), one
 // register each. Per group: one shift brings the group's bits to the bottom of every lane, one vpermps
-// looks up all 8 rows (it reads the low 3 bits of each lane), one add: 33 instructions per 8 rows x 32
-// weights. The previous 4-bit groups (16-entry tables in two registers) took two vpermps, a blend and
-// two shifts per 4 weights, 46 instructions, and vpermps and the shifts share the same two ports on
-// the EPYC measured: the 3-bit kernel runs 1.15x-1.3x faster (README). Rows come out one per lane, so
-// there is no horizontal sum. x must have k >= 32 (one whole block); the last k % 32 weights are added
+// looks up all 8 rows (it reads the low 3 bits of each lane), one add: 32 instructions per 8 rows x 32
+// weights. 4-bit groups (16-entry tables in two registers, what this kernel used first) take two
+// vpermps, a blend and nearly two shifts per 4 weights, 46 instructions, and vpermps and the shifts
+// compete for the same ports (README, "AVX2 sign matmul at one x row"). Rows come out one per lane,
+// so there is no horizontal sum. x must have k >= 32 (one whole block); the last k % 32 weights are added
 // from the bytes, one row at a time.
 constexpr int kLutGroups = 11;               // bit groups per 32-weight block
 constexpr int kLutBlockFloats = 8 * kLutGroups;  // table floats per block
