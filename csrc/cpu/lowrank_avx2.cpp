@@ -173,6 +173,19 @@ void decode_b(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t coun
 
 #pragma GCC pop_options
 
+// fp16 bit patterns -> floats, 8 at a time (vcvtph2ps, F16C; exact, as half_to_float), the rest one by
+// one. The scalar half_to_float took a fifth of the one-row op's time (two halves calls per V row and
+// per U^T row and output block).
+#pragma GCC push_options
+#pragma GCC target("avx2,f16c")
+void halves_f16c(const uint16_t* h, int64_t count, float* out) {
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i))));
+  for (; i < count; ++i) out[i] = half_to_float(h[i]);
+}
+#pragma GCC pop_options
+
 // One switch over the width per call: the loops above see B as a constant.
 #define DELTACOMP_BY_WIDTH(fn, ...)                \
   switch (bits) {                                  \
@@ -205,9 +218,11 @@ void decode_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first,
 }  // namespace
 
 #if DELTACOMP_X86_GCC
-Avx2Loops avx2_loops() { return {decode_avx2, axpy_codes_avx2, dot_codes_avx2}; }
+Avx2Loops avx2_loops() {
+  return {decode_avx2, axpy_codes_avx2, dot_codes_avx2, __builtin_cpu_supports("f16c") ? halves_f16c : nullptr};
+}
 #else
-Avx2Loops avx2_loops() { return {nullptr, nullptr, nullptr}; }
+Avx2Loops avx2_loops() { return {nullptr, nullptr, nullptr, nullptr}; }
 #endif
 
 }  // namespace lowrank

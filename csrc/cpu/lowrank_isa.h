@@ -72,12 +72,14 @@ struct Isa {
 
 // The AVX-512 (F + BW + VL) table, or nullptr when not compiled in (lowrank_simd.cpp).
 const Isa* avx512_isa();
-// The AVX2 + FMA loops (lowrank_avx2.cpp): decode, one-row axpy_codes and dot_codes; all nullptr when
-// not compiled in. The other AVX2 loops are the portable ones compiled as AVX2 clones.
+// The AVX2 + FMA loops (lowrank_avx2.cpp): decode, one-row axpy_codes and dot_codes, and halves (F16C;
+// nullptr on a CPU without it); all nullptr when not compiled in. The other AVX2 loops are the portable
+// ones compiled as AVX2 clones.
 struct Avx2Loops {
   decltype(Isa::decode) decode;
   decltype(Isa::axpy_codes) axpy_codes;
   decltype(Isa::dot_codes) dot_codes;
+  decltype(Isa::halves) halves;
 };
 Avx2Loops avx2_loops();
 

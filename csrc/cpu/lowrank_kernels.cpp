@@ -155,9 +155,9 @@ constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale
                        panel_dots_generic, nullptr, nullptr, 0};
 
 // The path active_isa() (common.h) names, read per call so tests can switch: avx512 = the AVX-512
-// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy and one-row dot;
-// anything else (portable, neon) = the portable loops, which GCC vectorizes for the target (NEON on
-// aarch64).
+// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy, one-row dot and
+// F16C halves; anything else (portable, neon) = the portable loops, which GCC vectorizes for the
+// target (NEON on aarch64).
 const Isa& pick_isa() {
 #if DELTACOMP_X86_GCC
   static const Avx2Loops loops = avx2_loops();
@@ -166,6 +166,7 @@ const Isa& pick_isa() {
     t.decode = loops.decode;
     t.axpy_codes = loops.axpy_codes;
     t.dot_codes = loops.dot_codes;
+    if (loops.halves != nullptr) t.halves = loops.halves;
     t.dot_block = 8;
     return t;
   }();
