@@ -260,3 +260,20 @@ def test_kernel_fp16_scale_classes(cpu_path):
         x = torch.randn(m, k, generator=_gen(m))
         y = torch.ops.deltacomp.kbit_lowrank_matmul(x, vq, vs, vz, uq, us, uz, s, bits, n, k, gs)
         _assert_close64(y, x, (v64, ut64, vmag, umag, s.double()), k, n, f"m={m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", ["default", "direct"])
+def test_kernel_one_row_lookup_tables(cpu_path, monkeypatch, kernel):
+    """One x row, 1- and 2-bit codes with k * bits and gs * bits multiples of 32: stage 1 by lookup
+    tables on AVX2 (8-row tiles, ragged last tile, whole and partial 8-lane steps, a partial last
+    group, the next tile prefetched), or dotted from the bytes (DELTACOMP_LOWRANK_KERNEL=direct); 3 bits
+    and k not a multiple of 16 take the byte-direct dot either way."""
+    if kernel == "direct":
+        monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", "direct")
+    for bits, k, gs, r in itertools.product((1, 2, 3), (16, 176, 1024, 1040, 1000), (16, 48, 128), (1, 8, 9, 17)):
+        n = 48
+        args, _, parts = _group(r, n, k, bits, gs, seed=bits * 31 + k + gs + r)
+        x = torch.randn(1, k, generator=_gen(k + r))
+        y = torch.ops.deltacomp.kbit_lowrank_matmul(x, *args, bits, n, k, gs)
+        _assert_close64(y, x, parts, k, n, f"bits={bits} k={k} gs={gs} r={r}")
