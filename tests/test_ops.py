@@ -171,6 +171,25 @@ def test_sign_matmul_one_row_bit_patterns(cpu_path):
 
 
 @needs_ext
+def test_sign_matmul_one_row_two_threads(cpu_path):
+    """One x row with enough work for the OpenMP split (tiles handed out in chunks, each prefetching a
+    tile another thread may take), on two threads: the same as the float64 reference."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, k in ((257, 4100), (64, 8192)):
+            g = _gen(n + k)
+            x = torch.randn(1, k, generator=g)
+            packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
+            scale = torch.rand(n, generator=g) + 0.1
+            y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
+            err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
+            assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
+    finally:
+        torch.set_num_threads(old)
+
+
+@needs_ext
 def test_cpu_isa_follows_the_environment(monkeypatch):
     for var in ("DELTACOMP_ISA", "DELTACOMP_CPU_ISA"):  # the suite may run under a forced path
         monkeypatch.delenv(var, raising=False)

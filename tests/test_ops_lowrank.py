@@ -271,7 +271,9 @@ def test_kernel_one_row_lookup_tables(cpu_path, monkeypatch, kernel):
     and k not a multiple of 16 take the byte-direct dot either way."""
     if kernel == "direct":
         monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", "direct")
-    for bits, k, gs, r in itertools.product((1, 2, 3), (16, 176, 1024, 1040, 1000), (16, 48, 128), (1, 8, 9, 17)):
+    cases = list(itertools.product((1, 2, 3), (16, 176, 1024, 1040, 1000), (16, 48, 128), (1, 8, 9, 17)))
+    cases += [(2, 4096, 128, 41), (1, 8192, 128, 9)]  # r * k >= 65536: tiles split over the OpenMP threads
+    for bits, k, gs, r in cases:
         n = 48
         args, _, parts = _group(r, n, k, bits, gs, seed=bits * 31 + k + gs + r)
         x = torch.randn(1, k, generator=_gen(k + r))
