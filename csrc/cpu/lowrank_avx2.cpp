@@ -71,6 +71,19 @@ struct Dec8 {
     std::memcpy(buf, p, B);
     return (*this)(buf);
   }
+  // B <= 3: lane i holds code i in its low B bits, the next codes' bits above (no mask: a vpermps over
+  // a table of 8 entries repeating every 2^B reads only the low 3 bits)
+  __m256i lanes(const uint8_t* p) const {
+    static_assert(B <= 3, "lanes: codes of at most 3 bits");
+    int32_t w;
+    std::memcpy(&w, p, 4);
+    return _mm256_srlv_epi32(_mm256_set1_epi32(w), shift);
+  }
+  __m256i lanes_copied(const uint8_t* p) const {
+    alignas(8) uint8_t buf[8] = {};
+    std::memcpy(buf, p, B);
+    return lanes(buf);
+  }
 };
 
 // Codes [0, end) relative to a row starting at code `first` (a multiple of 8) are in blocks whose fast
@@ -134,6 +147,24 @@ void axpy_rows(const uint8_t* stream, int64_t nbytes, int64_t first, int64_t str
     __m256 a[R];
     for (int q = 0; q < R; ++q) a[q] = _mm256_set1_ps(coef[q * cstride + g]);
     int64_t c = c0;
+    if constexpr (B <= 3) {  // a * code looked up (vpermps) rather than decoded, converted and FMA'd
+      const __m256 codes = _mm256_setr_ps(0, 1 % (1 << B), 2 % (1 << B), 3 % (1 << B), 4 % (1 << B),
+                                          5 % (1 << B), 6 % (1 << B), 7 % (1 << B));
+      for (int q = 0; q < R; ++q) a[q] = _mm256_mul_ps(a[q], codes);  // entry e: coef * (e mod 2^B)
+      for (; c < fast; c += 8) {
+        __m256 y = _mm256_loadu_ps(acc + c);
+        for (int q = 0; q < R; ++q) y = _mm256_add_ps(y, _mm256_permutevar8x32_ps(a[q], dec.lanes(row[q] + (c >> 3) * B)));
+        _mm256_storeu_ps(acc + c, y);
+      }
+      for (; c < c1; c += 8) {
+        __m256 y = _mm256_loadu_ps(acc + c);
+        for (int q = 0; q < R; ++q)
+          y = _mm256_add_ps(y, _mm256_permutevar8x32_ps(a[q], dec.lanes_copied(row[q] + (c >> 3) * B)));
+        _mm256_storeu_ps(acc + c, y);
+      }
+      c0 = c1;
+      continue;
+    }
     for (; c < fast; c += 8) {
       __m256 y = _mm256_loadu_ps(acc + c);
       for (int q = 0; q < R; ++q) y = _mm256_fmadd_ps(a[q], dec(row[q] + (c >> 3) * B), y);
