@@ -137,12 +137,12 @@ def test_sign_matmul_large_k_and_scale_1(cpu_path):
 @needs_ext
 @pytest.mark.parametrize("kernel", ["default", "simd", "lut8"])
 def test_sign_kernel_variants_one_row(cpu_path, monkeypatch, kernel):
-    """One x row through each sign kernel (DELTACOMP_SIGN_KERNEL): the default (AVX2: 4-bit lookup
-    tables over 16-row tiles, whole 256- and 32-weight blocks, a k % 32 tail), the plain SIMD loop, the
-    byte-table variant; ragged row counts and k around the block sizes."""
+    """One x row through each sign kernel (DELTACOMP_SIGN_KERNEL): the default (AVX2: 3-bit lookup
+    tables over 8-row tiles, whole 256- and 32-weight blocks, a k % 32 tail, the next tile prefetched),
+    the plain SIMD loop, the byte-table variant; ragged row counts and k around the block sizes."""
     if kernel != "default":
         monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", kernel)
-    for n, k in itertools.product((1, 7, 16, 17, 40), (31, 32, 63, 256, 257, 300, 1000)):
+    for n, k in itertools.product((1, 7, 8, 9, 16, 17, 40), (31, 32, 63, 96, 256, 257, 288, 300, 1000)):
         g = _gen(n * 1000 + k)
         x = torch.randn(1, k, generator=g)
         packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
@@ -150,6 +150,43 @@ def test_sign_kernel_variants_one_row(cpu_path, monkeypatch, kernel):
         y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
         err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
         assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
+
+
+@needs_ext
+def test_sign_matmul_one_row_bit_patterns(cpu_path):
+    """Rows of all +1, all -1, alternating and one set bit per byte (every table entry of every bit
+    group, the 2-bit group at bits 30-31 included), x over six orders of magnitude, one x row."""
+    k = 1031  # 32 whole blocks (4 steps of 8) and a 7-weight tail
+    nb = (k + 7) // 8
+    rows = [torch.zeros(nb), torch.full((nb,), 255), torch.full((nb,), 0x55), torch.full((nb,), 0xAA)]
+    rows += [torch.full((nb,), 1 << i) for i in range(8)] + [torch.arange(nb) % 256]
+    packed = torch.stack(rows).to(torch.uint8)
+    packed[:, -1] &= (1 << (k % 8)) - 1  # pad bits written 0, as pack_signs does
+    g = _gen(11)
+    x = torch.randn(1, k, generator=g) * torch.logspace(-3, 3, k).flip(0)[None]
+    scale = torch.rand(packed.shape[0], generator=g) + 0.1
+    y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
+    err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
+    assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"max err {err.max():.3g}"
+
+
+@needs_ext
+def test_sign_matmul_one_row_two_threads(cpu_path):
+    """One x row with enough work for the OpenMP split (tiles handed out in chunks, each prefetching a
+    tile another thread may take), on two threads: the same as the float64 reference."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for n, k in ((257, 4100), (64, 8192)):
+            g = _gen(n + k)
+            x = torch.randn(1, k, generator=g)
+            packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
+            scale = torch.rand(n, generator=g) + 0.1
+            y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
+            err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
+            assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
+    finally:
+        torch.set_num_threads(old)
 
 
 @needs_ext

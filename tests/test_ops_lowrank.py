@@ -240,3 +240,42 @@ def test_zero_delta_codec_and_delta_linear():
         x = torch.randn(m, 10, generator=g)
         want = base(x).double() + x.double() @ codec.decode(enc).double().T
         torch.testing.assert_close(layer(x).double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_kernel_fp16_scale_classes(cpu_path):
+    """Scales and zeros of every fp16 class (subnormal, signed zero, negative, large) through each path's
+    fp16 -> fp32 conversion (F16C on AVX2, 8 at a time, and its scalar tail), m = 1 and 2."""
+    n, k, gs, r, bits = 64, 1000, 8, 3, 2  # 125 groups per V row, 8 per U^T row
+    args, _, _ = _group(r, n, k, bits, gs, seed=5)
+    vq, vs, vz, uq, us, uz, s = args
+    special = torch.tensor([6e-8, -6e-8, 3e-5, -0.0, 0.0, 1000.0, -2.5, 1.0, 0.125], dtype=torch.float16)
+    fill = lambda t, shift: special.roll(shift).repeat(t.numel() // special.numel() + 1)[:t.numel()].view_as(t)  # noqa: E731
+    vs, vz, us, uz = fill(vs, 0), fill(vz, 3), fill(us, 5), fill(uz, 7)
+    v64 = ops._dequant_rows(vq, vs, vz, bits, r, k, gs, torch.float64)
+    ut64 = ops._dequant_rows(uq, us, uz, bits, r, n, gs, torch.float64)
+    vmag = ops._dequant_rows(vq, vs.abs(), vz.abs(), bits, r, k, gs, torch.float64)
+    umag = ops._dequant_rows(uq, us.abs(), uz.abs(), bits, r, n, gs, torch.float64)
+    for m in (1, 2):
+        x = torch.randn(m, k, generator=_gen(m))
+        y = torch.ops.deltacomp.kbit_lowrank_matmul(x, vq, vs, vz, uq, us, uz, s, bits, n, k, gs)
+        _assert_close64(y, x, (v64, ut64, vmag, umag, s.double()), k, n, f"m={m}")
+
+
+@needs_ext
+@pytest.mark.parametrize("kernel", ["default", "direct"])
+def test_kernel_one_row_lookup_tables(cpu_path, monkeypatch, kernel):
+    """One x row, 1- and 2-bit codes with k * bits and gs * bits multiples of 32: stage 1 by lookup
+    tables on AVX2 (8-row tiles, ragged last tile, whole and partial 8-lane steps, a partial last
+    group, the next tile prefetched), or dotted from the bytes (DELTACOMP_LOWRANK_KERNEL=direct); 3 bits
+    and k not a multiple of 16 take the byte-direct dot either way."""
+    if kernel == "direct":
+        monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", "direct")
+    cases = list(itertools.product((1, 2, 3), (16, 176, 1024, 1040, 1000), (16, 48, 128), (1, 8, 9, 17)))
+    cases += [(2, 4096, 128, 41), (1, 8192, 128, 9)]  # r * k >= 65536: tiles split over the OpenMP threads
+    for bits, k, gs, r in cases:
+        n = 48
+        args, _, parts = _group(r, n, k, bits, gs, seed=bits * 31 + k + gs + r)
+        x = torch.randn(1, k, generator=_gen(k + r))
+        y = torch.ops.deltacomp.kbit_lowrank_matmul(x, *args, bits, n, k, gs)
+        _assert_close64(y, x, parts, k, n, f"bits={bits} k={k} gs={gs} r={r}")

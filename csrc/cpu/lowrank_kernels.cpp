@@ -152,12 +152,12 @@ void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float
 }
 
 constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
-                       panel_dots_generic, nullptr, nullptr, 0};
+                       panel_dots_generic, nullptr, nullptr, 0, nullptr};
 
 // The path active_isa() (common.h) names, read per call so tests can switch: avx512 = the AVX-512
-// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy and one-row dot;
-// anything else (portable, neon) = the portable loops, which GCC vectorizes for the target (NEON on
-// aarch64).
+// table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy, one-row dot and
+// F16C halves; anything else (portable, neon) = the portable loops, which GCC vectorizes for the
+// target (NEON on aarch64).
 const Isa& pick_isa() {
 #if DELTACOMP_X86_GCC
   static const Avx2Loops loops = avx2_loops();
@@ -166,6 +166,8 @@ const Isa& pick_isa() {
     t.decode = loops.decode;
     t.axpy_codes = loops.axpy_codes;
     t.dot_codes = loops.dot_codes;
+    if (loops.halves != nullptr) t.halves = loops.halves;
+    t.row_dots = loops.row_dots;
     t.dot_block = 8;
     return t;
   }();
@@ -178,6 +180,13 @@ const Isa& pick_isa() {
 
 inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }
 
+// DELTACOMP_LOWRANK_KERNEL=direct (read per call, like DELTACOMP_ISA): stage 1 at one x row dots the V
+// rows straight from the bytes even where the lookup tables apply (for measurements and tests).
+bool lookup_allowed() {
+  const char* v = std::getenv("DELTACOMP_LOWRANK_KERNEL");
+  return !(v && std::strcmp(v, "direct") == 0);
+}
+
 // Stage 1 + 2: t (r, m) = s * (V x^T), t stored row j = the m values of V row j (stage 3 reads them so).
 void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, int bits, int64_t gs,
              const uint8_t* v_q, const uint16_t* v_scale, const uint16_t* v_zero, const float* s, float* t) {
@@ -185,10 +194,27 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
   std::vector<float> xsum(static_cast<size_t>(m * gk));  // sum of x over each group (the zero term)
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < gk; ++g) {
-      double acc = 0.0;
-      for (int64_t c = g * gs; c < std::min(k, (g + 1) * gs); ++c) acc += x[i * k + c];
-      xsum[i * gk + g] = static_cast<float>(acc);
+      // four double chains: with one, the add latency bounds the loop (one call per bit width of each
+      // svd-mixed layer; the 8-bit rank-2 call of 4096 x 11008 went from 15 to 12 us, data in cache)
+      double acc[4] = {0.0, 0.0, 0.0, 0.0};
+      const int64_t c1 = std::min(k, (g + 1) * gs);
+      int64_t c = g * gs;
+      for (; c + 4 <= c1; c += 4)
+        for (int q = 0; q < 4; ++q) acc[q] += x[i * k + c + q];
+      for (; c < c1; ++c) acc[0] += x[i * k + c];
+      xsum[i * gk + g] = static_cast<float>((acc[0] + acc[1]) + (acc[2] + acc[3]));
     }
+  if (m == 1 && isa.row_dots != nullptr && lookup_allowed() && bits <= kLutMaxBits && k * bits % 32 == 0 &&
+      gs * bits % 32 == 0) {  // one x row by lookup tables: every row's scaled dot, then the zero terms
+    std::vector<float> dots(static_cast<size_t>(r)), zr(static_cast<size_t>(gk));
+    isa.row_dots(v_q, bits, r, k, x, gs, v_scale, dots.data());
+    const float one = 1.f;
+    for (int64_t j = 0; j < r; ++j) {
+      isa.halves(v_zero + j * gk, gk, zr.data());
+      t[j] = (dots[j] + isa.scaled_dot(zr.data(), xsum.data(), gk, gk, &one)) * s[j];
+    }
+    return;
+  }
   // One x row: each decoded V row is dotted once, group scales applied to the partial sums. More x
   // rows: kDotRows V rows are decoded and scaled (code * scale: exact in fp32) into a panel, then
   // dotted with all x rows in register tiles.

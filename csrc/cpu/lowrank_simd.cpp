@@ -267,7 +267,7 @@ void panel_dots_avx512(const float* panel, int64_t rows, int64_t k, const float*
 #pragma GCC pop_options
 
 constexpr Isa kAvx512{decode_avx512, scaled_dot_avx512, halves_avx512, scale_groups_avx512, panel_gemm_avx512,
-                      panel_dots_avx512, axpy_codes_avx512, dot_codes_avx512, 16};
+                      panel_dots_avx512, axpy_codes_avx512, dot_codes_avx512, 16, nullptr};
 #endif  // DELTACOMP_X86_GCC
 
 }  // namespace

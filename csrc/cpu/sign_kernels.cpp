@@ -208,7 +208,7 @@ void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n
 }
 
 // DELTACOMP_SIGN_KERNEL (read per call, like DELTACOMP_ISA): "simd" = the plain SIMD loops everywhere,
-// "lut8" = the byte-table variant above at m = 1; unset = the default per path at m = 1: AVX2 the 4-bit
+// "lut8" = the byte-table variant above at m = 1; unset = the default per path at m = 1: AVX2 the 3-bit
 // lookup-table kernel (simd8_kernels.cpp), portable the byte tables, each measured faster than the
 // plain loop there.
 bool kernel_is(const char* name) {

@@ -20,7 +20,7 @@ void unpack_signs_f32(const uint8_t* packed, int64_t n, int64_t k, float* out);
 // x values whose sign is +1 ("pos"), and y = scale * (2 * pos - sum(x)).
 // Code path (active_isa(), common.h): AVX-512 (16 weights per masked add), AVX2 / NEON (simd8.h: a
 // table of +1/-1 per sign byte, one FMA per 8 weights), or a portable loop; DELTACOMP_ISA forces one.
-// At m = 1 the AVX2 path uses 4-bit lookup tables (simd8_kernels.cpp), the portable path byte tables
+// At m = 1 the AVX2 path uses 3-bit lookup tables (simd8_kernels.cpp), the portable path byte tables
 // (sign_kernels.cpp); DELTACOMP_SIGN_KERNEL=simd forces the plain loop, =lut8 the byte tables.
 void sign_matmul_f32(const float* x, int64_t m, int64_t k, const uint8_t* packed, int64_t n,
                      const float* scale, bool per_row, float* y);

@@ -80,22 +80,32 @@ inline V vsigns(uint8_t b) { return _mm256_load_ps(kSignPM.v[b]); }
 #include "simd8_body.inc"
 
 // ---- lookup-table sign matmul, one x row (T-MAC / bitnet.cpp TL style, exact fp32) ------------------
-// Tables: for each group g of 4 consecutive x values, the 16 signed sums t[g][b] = sum_i (bit i of b ?
-// +x : -x)[4g + i], as two registers (entries 0-7, 8-15). Weights: 8 output rows at once, one 32-bit
-// lane per row holding that row's 32 sign bits of a 32-weight block (its 4 SIGNS bytes); nibble j of a
-// lane is the 4 signs of group j of the block. Per group: two vpermps look up all 8 rows' nibbles
-// (index = the low 3 bits), a blend on bit 3 picks the half, one add: about 8 instructions per 32
-// signed weights, where the plain loop (simd8_body.inc) spends 4 per 8. Rows come out one per lane, so
-// there is no horizontal sum either. x must have k >= 32 (one whole block); the last k % 32 weights are
-// added from the bytes, one row at a time.
-void lut_tables(const float* x, int64_t groups, float* t) {
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* xg = x + 4 * g;
-    float* tg = t + 16 * g;
-    tg[0] = -((xg[0] + xg[1]) + (xg[2] + xg[3]));
-    for (int b = 1; b < 16; ++b) {  // b = (b with its lowest set bit cleared) + that bit flipped to +
-      const int low = __builtin_ctz(b);
-      tg[b] = tg[b & (b - 1)] + 2.f * xg[low];
+// Weights: 8 output rows at once, one 32-bit lane per row holding that row's 32 sign bits of a
+// 32-weight block (its 4 SIGNS bytes). Each block is cut into 11 groups of bits: ten of 3 (bits 3g ..
+// 3g+2, g < 10) and one of 2 (bits 30, 31). Tables: per block and group, the 8 signed sums t[b] =
+// sum_i (bit i of b ? +x : -x)[32 * block + 3g + i] (the 2-bit group fills entries 4-7 with 0-3), one
+// register each. Per group: one shift brings the group's bits to the bottom of every lane, one vpermps
+// looks up all 8 rows (it reads the low 3 bits of each lane), one add: 32 instructions per 8 rows x 32
+// weights. 4-bit groups (16-entry tables in two registers, what this kernel used first) take two
+// vpermps, a blend and nearly two shifts per 4 weights, 46 instructions, and vpermps and the shifts
+// compete for the same ports (README, "AVX2 sign matmul at one x row"). Rows come out one per lane,
+// so there is no horizontal sum. x must have k >= 32 (one whole block); the last k % 32 weights are added
+// from the bytes, one row at a time.
+constexpr int kLutGroups = 11;               // bit groups per 32-weight block
+constexpr int kLutBlockFloats = 8 * kLutGroups;  // table floats per block
+
+void lut_tables(const float* x, int64_t blocks, float* t) {
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    for (int g = 0; g < kLutGroups; ++g) {
+      const int bits = g < kLutGroups - 1 ? 3 : 2;
+      const float* xg = x + 32 * blk + 3 * g;
+      float* tg = t + kLutBlockFloats * blk + 8 * g;
+      float total = 0.f;
+      for (int i = 0; i < bits; ++i) total += xg[i];
+      tg[0] = -total;
+      for (int b = 1; b < (1 << bits); ++b)  // b = (b with its lowest set bit cleared) + that bit flipped to +
+        tg[b] = tg[b & (b - 1)] + 2.f * xg[__builtin_ctz(b)];
+      for (int b = 1 << bits; b < 8; ++b) tg[b] = tg[b & ((1 << bits) - 1)];
     }
   }
 }
@@ -120,25 +130,15 @@ inline void transpose8(__m256i* v) {
   v[7] = _mm256_permute2x128_si256(u3, u7, 0x31);
 }
 
-// acc[s] lane r += the 8 groups of one 32-weight block for S sets of 8 rows, whose sign lanes are v[s];
-// each table load (tb: 8 groups x 16 floats) serves all S sets.
-template <int S>
-inline void lut_block(const __m256i* v, const float* tb, __m256* acc) {
-  for (int j = 0; j < 8; ++j) {
-    const __m256 tlo = _mm256_loadu_ps(tb + 16 * j), thi = _mm256_loadu_ps(tb + 16 * j + 8);
-    for (int q = 0; q < S; ++q) {
-      const __m256i idx = _mm256_srli_epi32(v[q], 4 * j);  // vpermps reads the low 3 bits of each lane
-      const __m256 lo = _mm256_permutevar8x32_ps(tlo, idx), hi = _mm256_permutevar8x32_ps(thi, idx);
-      const __m256 pick = _mm256_castsi256_ps(_mm256_slli_epi32(v[q], 28 - 4 * j));  // bit 4j+3 -> sign bit
-      acc[2 * q + (j & 1)] = _mm256_add_ps(acc[2 * q + (j & 1)], _mm256_blendv_ps(lo, hi, pick));
-    }
-  }
-}
+constexpr int kLutChains = 4;  // add chains: 11 adds per block over 4 chains hide the add latency
 
-// Lanes of 8 rows for blocks b .. b+7: row r's 32 bytes at b, transposed so out[q] lane r = block b + q.
-inline void load_lanes8(const uint8_t* const* row, int64_t b, __m256i* out) {
-  for (int r = 0; r < 8; ++r) out[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + 4 * b));
-  transpose8(out);
+// acc lane r += the 11 groups of one 32-weight block of 8 rows, whose sign lanes are v; tables tb.
+inline void lut_block(__m256i v, const float* tb, __m256* acc) {
+  for (int g = 0; g < kLutGroups; ++g) {
+    const __m256i idx = g ? _mm256_srli_epi32(v, 3 * g) : v;  // vpermps reads the low 3 bits of each lane
+    __m256& a = acc[g % kLutChains];
+    a = _mm256_add_ps(a, _mm256_permutevar8x32_ps(_mm256_loadu_ps(tb + 8 * g), idx));
+  }
 }
 
 inline __m256i load_lanes1(const uint8_t* const* row, int64_t b) {
@@ -149,44 +149,48 @@ inline __m256i load_lanes1(const uint8_t* const* row, int64_t b) {
                            static_cast<int>(lane[6]), static_cast<int>(lane[7]));
 }
 
-// out[r] = x . sign[r] for 8 * S rows over `blocks` 32-weight blocks (row stride nb), tables t. Rows are
+// out[r] = x . sign[r] for 8 rows over `blocks` 32-weight blocks (row stride nb), tables t. Rows are
 // read 256 weights (32 bytes) at a time and transposed in registers, so each lane holds one row.
-template <int S>
-void lut_tile(const float* t, int64_t blocks, const uint8_t* packed, int64_t nb, int rows, float* out) {
-  __m256 acc[2 * S];  // two chains per set of 8 rows hide the add latency
+// pf .. pf + pf_bytes (the next tile's rows, one contiguous range) is prefetched in even slices over
+// the steps: the tile itself reads 8 streams 32 bytes at a time at a stride of nb, which the hardware
+// prefetcher fetched late from DRAM (nb a power of two worst: 8192 x 8192 took 1.4x the time per
+// weight of 4096 x 11008); one sequential range per tile keeps the rows in cache before they are read.
+void lut_tile(const float* t, int64_t blocks, const uint8_t* packed, int64_t nb, int rows, float* out,
+              const uint8_t* pf, int64_t pf_bytes) {
+  __m256 acc[kLutChains];
   for (auto& a : acc) a = _mm256_setzero_ps();
-  const uint8_t* row[8 * S];
-  for (int r = 0; r < 8 * S; ++r) row[r] = packed + (r < rows ? r : 0) * nb;  // a ragged tile repeats row 0
-  int64_t b = 0;
+  const uint8_t* row[8];
+  for (int r = 0; r < 8; ++r) row[r] = packed + (r < rows ? r : 0) * nb;  // a ragged tile repeats row 0
+  const int64_t steps = blocks / 8;
+  const int64_t pf_step = steps ? (pf_bytes / steps + 63) / 64 * 64 : 0;  // bytes prefetched per step
+  int64_t pf_done = 0, b = 0;
   for (; b + 8 <= blocks; b += 8) {
-    __m256i v[S][8];
-    for (int q = 0; q < S; ++q) load_lanes8(row + 8 * q, b, v[q]);
-    for (int i = 0; i < 8; ++i) {
-      __m256i vi[S];
-      for (int q = 0; q < S; ++q) vi[q] = v[q][i];
-      lut_block<S>(vi, t + 128 * (b + i), acc);
-    }
+    for (int64_t o = 0; o < pf_step && pf_done < pf_bytes; o += 64, pf_done += 64)
+      _mm_prefetch(reinterpret_cast<const char*>(pf + pf_done), _MM_HINT_T0);
+    __m256i v[8];
+    for (int r = 0; r < 8; ++r) v[r] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row[r] + 4 * b));
+    transpose8(v);  // v[i] lane r = row r's block b + i
+    for (int i = 0; i < 8; ++i) lut_block(v[i], t + kLutBlockFloats * (b + i), acc);
   }
-  for (; b < blocks; ++b) {
-    __m256i vi[S];
-    for (int q = 0; q < S; ++q) vi[q] = load_lanes1(row + 8 * q, b);
-    lut_block<S>(vi, t + 128 * b, acc);
-  }
-  for (int q = 0; q < S; ++q) _mm256_storeu_ps(out + 8 * q, _mm256_add_ps(acc[2 * q], acc[2 * q + 1]));
+  for (; b < blocks; ++b) lut_block(load_lanes1(row, b), t + kLutBlockFloats * b, acc);
+  _mm256_storeu_ps(out, _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3])));
 }
+
+// Floats of the tables sign_lut_m1 needs for k (k >= 32).
+inline size_t lut_table_floats(int64_t k) { return static_cast<size_t>(k / 32) * kLutBlockFloats; }
 
 void sign_lut_m1(const float* x, int64_t k, const uint8_t* packed, int64_t n, const float* scale, bool per_row,
                  float* y, float* tables) {
   const int64_t nb = bytes_per_row(k), blocks = k / 32;
-  lut_tables(x, 8 * blocks, tables);
-  constexpr int kSets = 2;  // 8-row sets per tile: each table load serves 16 rows (measured: 1 -> 2 sets, 3% faster)
-  const int64_t tiles = (n + 8 * kSets - 1) / (8 * kSets);
-#pragma omp parallel for schedule(dynamic, 2) if (n * k >= kParallelMinWork)
+  lut_tables(x, blocks, tables);
+  const int64_t tiles = (n + 7) / 8;
+#pragma omp parallel for schedule(dynamic, 4) if (n * k >= kParallelMinWork)
   for (int64_t ti = 0; ti < tiles; ++ti) {
-    const int64_t n0 = 8 * kSets * ti;
-    const int rows = static_cast<int>(std::min<int64_t>(8 * kSets, n - n0));
-    float out[8 * kSets];
-    lut_tile<kSets>(tables, blocks, packed + n0 * nb, nb, rows, out);
+    const int64_t n0 = 8 * ti;
+    const int rows = static_cast<int>(std::min<int64_t>(8, n - n0));
+    const int64_t next = std::min(n, n0 + 8), next_end = std::min(n, n0 + 16);  // the next tile's rows
+    float out[8];
+    lut_tile(tables, blocks, packed + n0 * nb, nb, rows, out, packed + next * nb, (next_end - next) * nb);
     for (int r = 0; r < rows; ++r) {
       const uint8_t* pr = packed + (n0 + r) * nb;
       float v = out[r];
@@ -240,7 +244,7 @@ void sign_matmul(Isa isa, const float* x, int64_t m, int64_t k, const uint8_t* p
                  const float* scale, bool per_row, float* y, bool lookup) {
 #if DELTACOMP_X86_GCC
   if (isa == Isa::kAvx2 && lookup && m == 1 && k >= 32) {
-    std::vector<float> tables(static_cast<size_t>(k / 32) * 128);
+    std::vector<float> tables(avx2::lut_table_floats(k));
     avx2::sign_lut_m1(x, k, packed, n, scale, per_row, y, tables.data());
     return;
   }
@@ -255,7 +259,7 @@ void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packe
   if (isa == Isa::kAvx2 && lookup && k >= 32) {
     // Decode batches: a tenant with one row takes the one-row lookup-table kernel (its output row is
     // contiguous in y); tenants with several rows keep the tiled loop, which shares each sign load.
-    std::vector<float> tables(static_cast<size_t>(k / 32) * 128);
+    std::vector<float> tables(avx2::lut_table_floats(k));
     const int64_t nb = bytes_per_row(k);
     Segments one;  // a tenant with several rows, alone
     one.order = sg.order;
