@@ -1,5 +1,6 @@
-"""BitDelta scale distillation: train the scales of sign-coded deltas so the compressed model's logits
-match the fine-tune's on calibration text; the signs stay as they are.
+"""End-to-end training of a delta file's scales on the logits: BitDelta's scale distillation (the
+``distill`` stage) and the final ``tune`` stage (codecs/calibrator.py) share this driver. The codes
+(signs, quantization levels, supports) stay as they are; only what each codec's student exposes trains.
 
 Reference: Liu et al., "BitDelta: Your Fine-Tune May Only Be Worth One Bit" (2024), section 3.2 (MSE on
 logits, AdamW lr 1e-4, 200 steps x batch 4 of 128 tokens). Two deliberate differences from their code:
@@ -42,6 +43,9 @@ LOSSES = ("mse", "kl")
 DEFAULT_STEPS = 20
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 4
+# The tune stage trains dimensionless offsets (codecs' students, e.g. svd_mixed/tune.py), with KL as loss.
+DEFAULT_TUNE_STEPS = 40
+DEFAULT_TUNE_LR = 1e-3
 
 
 # -- teacher cache ----------------------------------------------------------------------------------
@@ -103,17 +107,26 @@ def teacher_logits(model: nn.Module, ids: Tensor, batch_size: int, limit_bytes: 
 
 
 # -- the student ------------------------------------------------------------------------------------
-def _distilled(df: Delta, name: str):
-    """The calibrator of ``name``'s codec when it runs in the distill stage, else None."""
+STAGES = ("distill", "tune")
+
+
+def _trains_in(cal, stage: str) -> bool:
+    """Whether a calibrator's student trains in ``stage``: its own distill stage, or the final tune."""
+    return cal is not None and (cal.stage == "distill" if stage == "distill" else cal.tunes)
+
+
+def _distilled(df: Delta, name: str, stage: str = "distill"):
+    """The calibrator of ``name``'s codec when its student trains in ``stage``, else None."""
     cal = get_codec(df.params[name].codec).calibrator()
-    return cal if cal is not None and cal.stage == "distill" else None
+    return cal if _trains_in(cal, stage) else None
 
 
-def build_student(model: nn.Module, df: Delta) -> list[str]:
-    """Turn ``model`` (loaded from the base) into the student, in place; return the distilled names.
+def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[str]:
+    """Turn ``model`` (loaded from the base) into the student, in place; return the trained names.
 
-    2-D weights of nn.Linear modules whose codec distills become that calibrator's student module; every
-    other delta is added to its parameter once and stays fixed. Every original parameter is frozen."""
+    2-D weights of nn.Linear modules whose codec's student trains in ``stage`` become that student
+    module; every other delta is added to its parameter once and stays fixed. Every original parameter is
+    frozen."""
     model.requires_grad_(False)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
@@ -132,7 +145,7 @@ def build_student(model: nn.Module, df: Delta) -> list[str]:
         module = modules.get(mod_name) if mod_name else None
         if info.has_base:
             checker.check(name, p, "calibration", hint=" — wrong base?")
-        cal = _distilled(df, name)
+        cal = _distilled(df, name, stage)
         if cal is not None and len(info.shape) == 2 and isinstance(module, nn.Linear):
             parent_name, _, child = mod_name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
@@ -199,8 +212,11 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
                    delta_out: str | os.PathLike, calib: CalibData | Tensor, *, steps: int = DEFAULT_STEPS,
                    lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, loss: str = "mse", device: str = "cpu",
                    seed: int = 0, overwrite: bool = False, cache_limit_bytes: int = 2 * 1024**3,
-                   progress: bool = True) -> dict[str, Any]:
-    """Distill the trainable parameters (e.g. scales) of the distilled codecs' tensors of ``delta_in`` on ``calib`` and write ``delta_out``; return a report."""
+                   progress: bool = True, stage: str = "distill") -> dict[str, Any]:
+    """Train the trainable parameters (e.g. scales) of the tensors of ``delta_in`` whose codec's student
+    trains in ``stage`` (``distill`` or ``tune``) on ``calib`` and write ``delta_out``; return a report."""
+    if stage not in STAGES:
+        raise SettingsError(f"calibration: stage {stage!r} must be one of {', '.join(STAGES)}")
     if loss not in LOSSES:
         raise SettingsError(f"calibration: loss {loss!r} must be one of {', '.join(LOSSES)}")
     if not isinstance(steps, int) or steps < 0:
@@ -226,10 +242,10 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
 
     try:
         model = _load_model(base, config_json, torch.float32)
-        distilled = build_student(model, df)
+        distilled = build_student(model, df, stage)
         if not distilled:
-            raise SettingsError(f"calibration: {delta_in} has no {'/'.join(_distilling_codecs())}-coded linear "
-                                "weights to distill")
+            raise SettingsError(f"calibration: {delta_in} has no {'/'.join(_distilling_codecs(stage))}-coded "
+                                f"linear weights to {stage}")
         model.to(device)
         scales = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in scales)
@@ -244,7 +260,7 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         # large a learning rate for this data), the data-free scales stay
         kept = loss_after > loss_before
         replaced = {} if kept else {
-            name: _distilled(df, name).encoded(modules[name.rsplit(".", 1)[0]], df.encoded(name))
+            name: _distilled(df, name, stage).encoded(modules[name.rsplit(".", 1)[0]], df.encoded(name))
             for name in distilled}
     finally:
         cache.close()
@@ -254,7 +270,7 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
               "seconds_teacher": t_teacher, "seconds_train": t_train,
               "seconds_per_step": t_train / steps if steps else 0.0, "teacher_cache_on_disk": cache.on_disk,
               "data": calib.describe(), "loss_history": history}
-    calibration = {"method": "distill",
+    calibration = {"method": stage,
                    **{k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after",
                                              "kept_data_free_scales", "data")}}
     rewrite_delta(df, delta_out, replaced, calibration, overwrite=overwrite)
@@ -264,10 +280,10 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
     return report
 
 
-def _distilling_codecs() -> list[str]:
+def _distilling_codecs(stage: str = "distill") -> list[str]:
     from ..codecs import available
 
-    return [n for n in available() if (c := get_codec(n).calibrator()) is not None and c.stage == "distill"]
+    return [n for n in available() if _trains_in(get_codec(n).calibrator(), stage)]
 
 
 def rewrite_delta(df: Delta, out: str | os.PathLike, replaced: dict[str, Encoded], calibration: dict[str, Any],

@@ -12,7 +12,7 @@ from ..codecs.calibrator import STAGES, LayerwiseOptions
 from ..devices import resolve_device
 from ..errors import SettingsError
 from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibData, load_calibration
-from .distill import DEFAULT_LR, DEFAULT_STEPS, LOSSES
+from .distill import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, LOSSES
 from .selfgen import SELF, sample_windows
 from .sensitivity import LABELS
 
@@ -23,7 +23,8 @@ SENSITIVITIES = ("sequence", *LABELS, "none")  # --auto-sensitivity choices, the
 class CalibrationOptions:
     """Calibration on data for ``compress``. ``data``: a text file, or a bundled corpus name (its
     training split). The distill stage uses steps/lr/loss; the layerwise stage (GPTQ, least-squares
-    scales) damp/act_order/whiten/allocation."""
+    scales) damp/act_order/whiten/allocation; the final tune stage tune_steps/tune_lr (KL as the loss;
+    ``tune_steps=0`` skips it)."""
 
     data: str | os.PathLike
     samples: int = DEFAULT_SAMPLES       # calibration sequences
@@ -31,6 +32,8 @@ class CalibrationOptions:
     steps: int = DEFAULT_STEPS           # scale-distillation steps
     lr: float = DEFAULT_LR               # scale-distillation learning rate
     loss: str = "mse"                    # distillation loss on the logits: mse or kl
+    tune_steps: int = DEFAULT_TUNE_STEPS # end-to-end tuning steps after the layerwise pass (0: none)
+    tune_lr: float = DEFAULT_TUNE_LR     # its learning rate (on dimensionless offsets)
     damp: float = 0.01                   # GPTQ damping
     act_order: bool = False              # GPTQ: columns by decreasing Hessian diagonal
     whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
@@ -45,6 +48,10 @@ class CalibrationOptions:
         if self.sensitivity not in SENSITIVITIES:
             raise SettingsError(f"calibration: sensitivity {self.sensitivity!r} must be one of "
                                 f"{', '.join(SENSITIVITIES)}")
+        if not (isinstance(self.tune_steps, int) and self.tune_steps >= 0):
+            raise SettingsError(f"calibration: tune_steps must be a non-negative integer, got {self.tune_steps!r}")
+        if not self.tune_lr > 0:
+            raise SettingsError(f"calibration: tune_lr must be positive, got {self.tune_lr!r}")
         self.layerwise  # validates allocation and damp
 
     @property
@@ -57,10 +64,12 @@ def calibrating_codecs() -> list[str]:
     return [n for n in available() if get_codec(n).calibrator() is not None]
 
 
-def stages_for(codecs: Iterable[str]) -> list[str]:
-    """The calibrator stages the codecs in a file need, in the order they run."""
+def stages_for(codecs: Iterable[str], tune: bool = True) -> list[str]:
+    """The calibrator stages the codecs in a file need, in the order they run (``tune`` only when asked
+    for and some codec's calibrator tunes)."""
     names = [c for c in codecs if c != "tied"]
-    wanted = {cal.stage for cal in (get_codec(c).calibrator() for c in names) if cal is not None}
+    cals = [cal for cal in (get_codec(c).calibrator() for c in names) if cal is not None]
+    wanted = {cal.stage for cal in cals} | ({"tune"} if tune and any(cal.tunes for cal in cals) else set())
     if not wanted:
         raise SettingsError(f"--calib: no tensor uses a codec that calibrates ({', '.join(calibrating_codecs())}); "
                             f"this file has {', '.join(sorted(names))}")
@@ -89,8 +98,11 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
                                                loss=options.loss, overwrite=True, progress=progress, device=device),
         "layerwise": lambda s, d: calibrate_layerwise(base, finetuned, s, d, data, options=options.layerwise,
                                                       overwrite=True, progress=progress, device=device),
+        "tune": lambda s, d: distill_scales(base, finetuned, s, d, data, steps=options.tune_steps,
+                                            lr=options.tune_lr, loss="kl", overwrite=True, progress=progress,
+                                            device=device, stage="tune"),
     }
-    stages = stages_for(codecs)
+    stages = stages_for(codecs, tune=options.tune_steps > 0)
     reports = {}
     for i, stage in enumerate(stages):
         dst = out if i == len(stages) - 1 else scratch()
