@@ -35,3 +35,23 @@ def bounded_malloc() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     _done = mallopt(M_MMAP_THRESHOLD, THRESHOLD) == 1
     return _done
+
+
+def available_bytes(device: str = "cpu") -> int | None:
+    """Memory a job can still take on ``device``: MemAvailable from /proc/meminfo for the CPU, free memory
+    for a CUDA device; None where it cannot be told (then callers do not refuse)."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        try:
+            return int(torch.cuda.mem_get_info(torch.device(device))[0])
+        except (RuntimeError, AssertionError, ValueError):
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -161,3 +161,20 @@ def test_ternary_student_and_encoded(per_row):
     for key in enc.tensors:
         if key != "scale":
             assert torch.equal(new.tensors[key], enc.tensors[key])
+
+
+def test_tune_is_skipped_with_a_note_when_the_model_does_not_fit(tmp_path, llama_pair, monkeypatch, capsys):  # noqa: F811
+    """Where the whole model in float32 would not fit, the tune stage is skipped (the layerwise file is
+    the output) with a one-line note, and the report says why."""
+    import deltacomp.memory
+
+    monkeypatch.setattr(deltacomp.memory, "available_bytes", lambda device="cpu": 10 * 1024**2)
+    text = tmp_path / "calib.txt"
+    text.write_text(_text(3000, seed=5))
+    out = tmp_path / "t.delta.safetensors"
+    s = deltacomp.compress(llama_pair / "base", llama_pair / "ft", out, method="svd-mixed:ratio=4", progress=False,
+                           calibration=CalibrationOptions(text, samples=4, seq_len=16, tune_steps=3))
+    assert "tune stage skipped" in s["calibration"]["tune"]["skipped"]
+    assert "tune stage skipped" in capsys.readouterr().err
+    assert [c["method"] for c in deltacomp.load_delta(out).source["calibration"]] == ["layerwise"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "t.delta.safetensors"]

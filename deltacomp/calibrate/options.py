@@ -2,7 +2,9 @@
 and the pass that runs each codec's calibrator stage in order on a data-free delta file."""
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -76,6 +78,29 @@ def stages_for(codecs: Iterable[str], tune: bool = True) -> list[str]:
     return [s for s in STAGES if s in wanted]
 
 
+# the tune stage holds the base in float32, the students' unpacked codes (up to about as many numbers again)
+# and one batch's activations and logits: ~2 x 4 bytes per parameter plus this
+_TUNE_OVERHEAD_BYTES = 3 * 1024**3
+
+
+def _no_room_to_tune(finetuned, device: str) -> str | None:
+    """Why the tune stage would not fit in memory on ``device`` (a one-line reason), or None."""
+    from ..checkpoint import open_checkpoint
+    from ..memory import available_bytes
+
+    have = available_bytes(device)
+    if have is None:
+        return None
+    with open_checkpoint(finetuned) as ckpt:
+        numel = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
+    need = 8 * numel + _TUNE_OVERHEAD_BYTES
+    if need <= have:
+        return None
+    return (f"tune stage skipped: it trains on the whole model in float32 (~{need / 1e9:.1f} GB for "
+            f"{numel / 1e9:.2f} B parameters) and {device} has {have / 1e9:.1f} GB available; the file keeps "
+            f"the layerwise calibration (--calib-tune-steps 0 skips it without this note)")
+
+
 def load_data(options: CalibrationOptions, finetuned, progress: bool = False) -> CalibData:
     """The calibration windows: tokenized with the fine-tune's tokenizer, or with ``data="self"`` (and no
     file of that name) sampled from the fine-tune (selfgen.py)."""
@@ -104,6 +129,10 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
     }
     stages = stages_for(codecs, tune=options.tune_steps > 0)
     reports = {}
+    if "tune" in stages and (skip := _no_room_to_tune(finetuned, device)):
+        stages.remove("tune")
+        reports["tune"] = {"skipped": skip}
+        print(f"deltacomp: {skip}", file=sys.stderr)
     for i, stage in enumerate(stages):
         dst = out if i == len(stages) - 1 else scratch()
         reports[stage] = runs[stage](src, dst)
