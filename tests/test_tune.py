@@ -106,12 +106,12 @@ def test_stages_for_tune():
 
 def test_compress_calib_tunes_after_gptq(tmp_path, llama_pair):  # noqa: F811
     """`compress --calib` on svd-mixed: GPTQ, then the tune stage, recorded in order; the codes are GPTQ's,
-    the loss on the calibration windows does not rise, the bytes are the same; --calib-tune-steps 0 skips
-    the stage and gives GPTQ's file exactly."""
+    the bytes are the same; the tuned values are kept only if the loss on the held-out window fell;
+    --calib-tune-steps 0 skips the stage."""
     base, ft = llama_pair / "base", llama_pair / "ft"
     text = tmp_path / "calib.txt"
     text.write_text(_text(3000, seed=5))
-    opts = dict(samples=4, seq_len=16)
+    opts = dict(samples=8, seq_len=16)
     plain, tuned = tmp_path / "gptq.delta.safetensors", tmp_path / "tuned.delta.safetensors"
     deltacomp.compress(base, ft, plain, method="svd-mixed:ratio=4", progress=False,
                        calibration=CalibrationOptions(text, tune_steps=0, **opts))
@@ -120,7 +120,8 @@ def test_compress_calib_tunes_after_gptq(tmp_path, llama_pair):  # noqa: F811
     assert set(s["calibration"]) == {"layerwise", "tune"}
     rep = s["calibration"]["tune"]
     assert rep["loss"] == "kl" and rep["distilled_tensors"] > 0
-    assert rep["loss_after"] <= rep["loss_before"]
+    assert (rep["checked_on"], rep["check_windows"]) == ("held-out windows", 1)
+    assert rep["kept_data_free_scales"] == (rep["loss_after"] > rep["loss_before"])
     a, b = deltacomp.load_delta(plain), deltacomp.load_delta(tuned)
     assert [c["method"] for c in a.source["calibration"]] == ["layerwise"]
     assert [c["method"] for c in b.source["calibration"]] == ["layerwise", "tune"]
@@ -178,3 +179,12 @@ def test_tune_is_skipped_with_a_note_when_the_model_does_not_fit(tmp_path, llama
     assert "tune stage skipped" in capsys.readouterr().err
     assert [c["method"] for c in deltacomp.load_delta(out).source["calibration"]] == ["layerwise"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "t.delta.safetensors"]
+
+
+def test_held_out_split():
+    from deltacomp.calibrate.distill import held_out_split
+
+    train, check = held_out_split(32)
+    assert len(check) == 4 and not set(train) & set(check) and sorted(train + check) == list(range(32))
+    assert held_out_split(32) == (train, check)  # seeded
+    assert held_out_split(5) == (list(range(5)), list(range(5)))  # too few to hold any out

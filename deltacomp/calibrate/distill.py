@@ -175,29 +175,45 @@ def _loss(student: Tensor, teacher: Tensor, kind: str, mask: Tensor | None = Non
 
 
 @torch.no_grad()
-def _eval_loss(model: nn.Module, ids: Tensor, cache: _LogitCache, batch_size: int, kind: str) -> float:
-    total, count = 0.0, 0
-    for start in range(0, ids.shape[0], batch_size):
-        x = ids[start:start + batch_size]
-        total += float(_loss(model(input_ids=x).logits, cache.data[start:start + batch_size], kind)) * x.shape[0]
-        count += x.shape[0]
-    return total / count
+def _eval_loss(model: nn.Module, ids: Tensor, teacher: Tensor, batch_size: int, kind: str,
+               rows: list[int] | None = None) -> float:
+    """Mean loss over the windows ``rows`` (default: all) of ``ids`` against ``teacher`` logits."""
+    rows = list(range(ids.shape[0])) if rows is None else rows
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        idx = torch.tensor(rows[start:start + batch_size])
+        out = model(input_ids=ids[idx.to(ids.device)]).logits
+        total += float(_loss(out, teacher[idx].to(out.device), kind)) * len(idx)
+    return total / len(rows)
+
+
+def held_out_split(n: int, seed: int = 0) -> tuple[list[int], list[int]]:
+    """(training rows, check rows) of ``n`` windows for the tune stage: one in eight (at least one) held
+    out from a seeded permutation when there are 8 or more, else every window in both."""
+    if n < 8:
+        return list(range(n)), list(range(n))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(int(seed) + 1)).tolist()
+    k = max(1, n // 8)
+    return sorted(perm[k:]), sorted(perm[:k])
 
 
 def train_scales(model: nn.Module, ids: Tensor, teacher: Tensor, *, steps: int, lr: float, batch_size: int,
-                 loss: str = "mse", seed: int = 0, progress: bool = False) -> list[float]:
+                 loss: str = "mse", seed: int = 0, progress: bool = False, rows: list[int] | None = None,
+                 desc: str = "distill") -> list[float]:
     """AdamW on the trainable parameters of ``model`` (the scales) to match ``teacher`` logits (n, L, V).
 
-    Batches are drawn without replacement from a seeded permutation, reshuffled each epoch."""
+    Batches are drawn without replacement from a seeded permutation of ``rows`` (default: every window),
+    reshuffled each epoch."""
+    pool = torch.tensor(list(range(ids.shape[0])) if rows is None else rows, dtype=torch.int64)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr)
     g = torch.Generator().manual_seed(int(seed))
     device = ids.device
     order: list[int] = []
     history: list[float] = []
-    for _ in progress_bar(range(steps), desc="distill", unit="step", enable=progress):
+    for _ in progress_bar(range(steps), desc=desc, unit="step", enable=progress):
         if len(order) < batch_size:
-            order += torch.randperm(ids.shape[0], generator=g).tolist()
+            order += pool[torch.randperm(len(pool), generator=g)].tolist()
         pick, order = sorted(order[:batch_size]), order[batch_size:]
         idx = torch.tensor(pick)
         out = model(input_ids=ids[idx.to(device)]).logits
@@ -251,12 +267,15 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         model.to(device)
         scales = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in scales)
-        loss_before = _eval_loss(model, ids, cache, batch, loss)
+        # the tune stage trains many more numbers than BitDelta's scales: it is judged on windows it never
+        # trained on; distillation keeps its reference behaviour (every window, judged on the same)
+        train_rows, check_rows = held_out_split(ids.shape[0], seed) if stage == "tune" else (None, None)
+        loss_before = _eval_loss(model, ids, cache.data, batch, loss, check_rows)
         t1 = time.perf_counter()
         history = train_scales(model, ids, cache.data, steps=steps, lr=lr, batch_size=batch, loss=loss, seed=seed,
-                               progress=progress)
+                               progress=progress, rows=train_rows, desc=stage)
         t_train = time.perf_counter() - t1
-        loss_after = _eval_loss(model, ids, cache, batch, loss)
+        loss_after = _eval_loss(model, ids, cache.data, batch, loss, check_rows)
         modules = dict(model.named_modules())
         # never worse than no distillation: when training raised the loss on the calibration windows (too
         # large a learning rate for this data), the data-free scales stay
@@ -269,12 +288,14 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
 
     report = {"steps": steps, "lr": lr, "batch_size": batch, "loss": loss, "loss_before": loss_before,
               "loss_after": loss_after, "kept_data_free_scales": kept, "distilled_tensors": len(distilled), "trained_scalars": n_train,
+              "checked_on": "held-out windows" if check_rows is not None and len(check_rows) < ids.shape[0]
+              else "training windows", "check_windows": ids.shape[0] if check_rows is None else len(check_rows),
               "seconds_teacher": t_teacher, "seconds_train": t_train,
               "seconds_per_step": t_train / steps if steps else 0.0, "teacher_cache_on_disk": cache.on_disk,
               "data": calib.describe(), "loss_history": history}
     calibration = {"method": stage,
                    **{k: report[k] for k in ("steps", "lr", "batch_size", "loss", "loss_before", "loss_after",
-                                             "kept_data_free_scales", "data")}}
+                                             "kept_data_free_scales", "checked_on", "check_windows", "data")}}
     rewrite_delta(df, delta_out, replaced, calibration, overwrite=overwrite)
     df.close()
     report["seconds_total"] = time.perf_counter() - t0
