@@ -125,6 +125,10 @@ def test_compress_calib_tunes_after_gptq(tmp_path, llama_pair):  # noqa: F811
     a, b = deltacomp.load_delta(plain), deltacomp.load_delta(tuned)
     assert [c["method"] for c in a.source["calibration"]] == ["layerwise"]
     assert [c["method"] for c in b.source["calibration"]] == ["layerwise", "tune"]
+    from deltacomp.summary import summary_text
+
+    assert "calibration: layerwise, then tune (6 steps, kl " in summary_text(deltacomp.summarize(b))  # inspect
+    assert "calibration: layerwise\n" in summary_text(deltacomp.summarize(a)) + "\n"
     changed = 0
     for name, info in a.params.items():
         ta, tb = a.raw_tensors(name), b.raw_tensors(name)
