@@ -192,3 +192,30 @@ def test_held_out_split():
     assert len(check) == 4 and not set(train) & set(check) and sorted(train + check) == list(range(32))
     assert held_out_split(32) == (train, check)  # seeded
     assert held_out_split(5) == (list(range(5)), list(range(5)))  # too few to hold any out
+
+
+def test_training_heap_restores_the_fixed_threshold():
+    """training_heap() is a no-op without bounded_malloc() and restores the fixed mmap threshold after."""
+    import deltacomp.memory as mem
+
+    with mem.training_heap():
+        x = torch.ones(1 << 20)
+    assert float(x.sum()) == 1 << 20
+    if mem.bounded_malloc():
+        calls = []
+        real = mem._libc
+        class Spy:
+            def mallopt(self, param, value):
+                calls.append((param, value))
+                return real.mallopt(param, value)
+            def malloc_trim(self, pad):
+                return real.malloc_trim(pad)
+        mem._libc = Spy()
+        try:
+            with mem.training_heap():
+                pass
+        finally:
+            mem._libc = real
+        assert calls[:2] == [(mem.M_MMAP_THRESHOLD, mem.TRAINING_MMAP_THRESHOLD),
+                             (mem.M_TRIM_THRESHOLD, mem.TRAINING_TRIM_THRESHOLD)]
+        assert calls[2:] == [(mem.M_MMAP_THRESHOLD, mem.THRESHOLD), (mem.M_TRIM_THRESHOLD, mem.THRESHOLD)]

@@ -34,6 +34,7 @@ from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
 from ..delta_file import DEFAULT_MAX_SHARD_BYTES, NEW_ROWS, DeltaWriter
 from ..errors import CheckpointError, SettingsError
+from ..memory import training_heap
 from ..progress import progress_bar
 from .data import CalibData
 
@@ -272,8 +273,9 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         train_rows, check_rows = held_out_split(ids.shape[0], seed) if stage == "tune" else (None, None)
         loss_before = _eval_loss(model, ids, cache.data, batch, loss, check_rows)
         t1 = time.perf_counter()
-        history = train_scales(model, ids, cache.data, steps=steps, lr=lr, batch_size=batch, loss=loss, seed=seed,
-                               progress=progress, rows=train_rows, desc=stage)
+        with training_heap():
+            history = train_scales(model, ids, cache.data, steps=steps, lr=lr, batch_size=batch, loss=loss,
+                                   seed=seed, progress=progress, rows=train_rows, desc=stage)
         t_train = time.perf_counter() - t1
         loss_after = _eval_loss(model, ids, cache.data, batch, loss, check_rows)
         modules = dict(model.named_modules())
