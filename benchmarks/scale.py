@@ -222,6 +222,8 @@ def main() -> None:
     ap.add_argument("--sizes", nargs="+", default=["7b:2", "7b:8"], help="WIDTH:LAYERS, WIDTH in 7b, 70b")
     ap.add_argument("--methods", nargs="+", default=["bitdelta"])
     ap.add_argument("--no-reconstruct", action="store_true")
+    ap.add_argument("--all-layers", action="store_true", help="run slow methods (svd-mixed) at every size too, "
+                    f"not only up to {SLOW} layers")
     ap.add_argument("--tree", default=str(Path(__file__).resolve().parent.parent), help="deltacomp source tree")
     ap.add_argument("--workdir", default=None, help="where the checkpoints go (deleted after each size)")
     ap.add_argument("--out", default="benchmarks/results/scale.json", help="JSON results (rows are appended "
@@ -246,7 +248,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="deltacomp-scale-", dir=args.workdir))
     try:
         for width, layers in sizes:
-            methods = [m for m in args.methods if layers <= SLOW.get(m.split(":")[0], layers)]
+            methods = [m for m in args.methods if args.all_layers or layers <= SLOW.get(m.split(":")[0], layers)]
             doc["rows"] += run_size(work, str(Path(args.tree).resolve()), width, layers, methods, pools,
                                     not args.no_reconstruct)
             out.parent.mkdir(parents=True, exist_ok=True)

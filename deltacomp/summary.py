@@ -77,6 +77,24 @@ def format_table(headers: list[str], rows: list[list[Any]]) -> str:
     return "\n".join([fmt(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [fmt(r) for r in cells[1:]])
 
 
+def _calibration_line(steps: Any) -> str | None:
+    """One line of the calibration steps a file records (source.calibration: a list, or one dict from older
+    files): each step's method, with its loss before -> after where it trained."""
+    steps = [steps] if isinstance(steps, dict) else list(steps or [])
+    parts = []
+    for st in steps:
+        if not isinstance(st, dict):
+            continue
+        part = str(st.get("method", "?"))
+        if isinstance(st.get("loss_before"), (int, float)) and isinstance(st.get("loss_after"), (int, float)):
+            kept = ", stored values kept" if st.get("kept_data_free_scales") else ""
+            where = f" on {st['checked_on']}" if st.get("checked_on") else ""
+            part += (f" ({st.get('steps')} steps, {st.get('loss')} {st['loss_before']:.3g} -> "
+                     f"{st['loss_after']:.3g}{where}{kept})")
+        parts.append(part)
+    return "calibration: " + ", then ".join(parts) if parts else None
+
+
 def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
     lines = [f"{s['path']}  ({s['format']}, written by deltacomp {s['deltacomp_version']})"]
     rows = []
@@ -94,6 +112,8 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
         lines.append(f"auto: {auto['tensors']} tensors, {human_bytes(auto['allocated_bytes'])} of a "
                      f"{human_bytes(auto['budget_bytes'])} budget, "
                      + ", ".join(f"{k} x{v}" for k, v in auto["by_codec"].items()))
+    if calib := _calibration_line(s["source"].get("calibration")):
+        lines.append(calib)
     for codec, c in s["by_codec"].items():
         if "bound_bits_per_param" in c:
             bnz = f"{c['bits_per_nonzero']:.2f} bits/nonzero, " if c.get("bits_per_nonzero") else ""

@@ -209,3 +209,17 @@ def test_layer_bits_plot_counts_layers_and_refuses_a_file_without_them(tmp_path)
     assert plot_layer_bits(summary, tmp_path / "b.png") == 2  # layers 0 and 3; norms and embeddings left out
     with pytest.raises(ValueError, match="no 2-D tensors inside numbered layers"):
         plot_layer_bits({"tensors": summary["tensors"][3:]}, tmp_path / "c.png")
+
+
+def test_sweep_includes_auto(tmp_path, llama_pair):  # noqa: F811
+    """`sweep --methods auto,svd-mixed`: auto is one more line of the rate-distortion table, at the bytes
+    its budget allows."""
+    from deltacomp.eval.sweep import sweep
+
+    res = sweep(llama_pair / "base", llama_pair / "ft", ["auto", "svd-mixed"], [8], tmp_path / "sw",
+                _text(600, seed=9), ctx=32, progress=False, plot=False)
+    rows = {r["method"]: r for r in res["deltas"]}
+    assert set(rows) == {"auto", "svd-mixed"} and not res["skipped"]
+    assert deltacomp.load_delta(rows["auto"]["path"]).source["method"] == "auto"
+    assert deltacomp.load_delta(rows["auto"]["path"]).nbytes <= 1.01 * deltacomp.load_delta(rows["svd-mixed"]["path"]).nbytes
+    assert all(r["kl"] >= 0 for r in rows.values())

@@ -450,7 +450,8 @@ def test_layerwise_ternary_changes_only_scales(tmp_path, llama_pair):
 
 
 def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
-    """`compress --calib` distills bitdelta scales and runs GPTQ on svd-mixed tensors; stages leave nothing."""
+    """`compress --calib` distills bitdelta scales, runs GPTQ on svd-mixed tensors, then tunes them end to
+    end; stages leave nothing."""
     import deltacomp
     from deltacomp.cli import main
 
@@ -458,12 +459,12 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
     text = tmp_path / "calib.txt"
     text.write_text(_text(3000, seed=5))
     out = tmp_path / "c.delta.safetensors"
-    s = deltacomp.compress(base, ft, out, method="bitdelta", rules=["mlp\\.=svd-mixed:ratio=4"], calibration=CalibrationOptions(text, samples=4, seq_len=16, steps=3),
+    s = deltacomp.compress(base, ft, out, method="bitdelta", rules=["mlp\\.=svd-mixed:ratio=4"], calibration=CalibrationOptions(text, samples=4, seq_len=16, steps=3, tune_steps=2),
                            progress=False)
-    assert set(s["calibration"]) == {"distill", "layerwise"}
+    assert set(s["calibration"]) == {"distill", "layerwise", "tune"}
     assert s["calibration"]["distill"]["loss_after"] < s["calibration"]["distill"]["loss_before"]
     src = deltacomp.load_delta(out).source
-    assert [c["method"] for c in src["calibration"]] == ["distill", "layerwise"]  # both steps, in order
+    assert [c["method"] for c in src["calibration"]] == ["distill", "layerwise", "tune"]  # every step, in order
     assert src["calibration"][1]["whiten"] is True and src["calibration"][1]["allocation"] == "keep"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.delta.safetensors", "calib.txt"]
     # a bad calibration text fails before any work and leaves nothing

@@ -2,7 +2,9 @@
 and the pass that runs each codec's calibrator stage in order on a data-free delta file."""
 from __future__ import annotations
 
+import math
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -12,7 +14,7 @@ from ..codecs.calibrator import STAGES, LayerwiseOptions
 from ..devices import resolve_device
 from ..errors import SettingsError
 from .data import DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, CalibData, load_calibration
-from .distill import DEFAULT_LR, DEFAULT_STEPS, LOSSES
+from .distill import DEFAULT_LR, DEFAULT_STEPS, DEFAULT_TUNE_LR, DEFAULT_TUNE_STEPS, LOSSES
 from .selfgen import SELF, sample_windows
 from .sensitivity import LABELS
 
@@ -23,7 +25,8 @@ SENSITIVITIES = ("sequence", *LABELS, "none")  # --auto-sensitivity choices, the
 class CalibrationOptions:
     """Calibration on data for ``compress``. ``data``: a text file, or a bundled corpus name (its
     training split). The distill stage uses steps/lr/loss; the layerwise stage (GPTQ, least-squares
-    scales) damp/act_order/whiten/allocation."""
+    scales) damp/act_order/whiten/allocation; the final tune stage tune_steps/tune_lr (KL as the loss;
+    ``tune_steps=0`` skips it)."""
 
     data: str | os.PathLike
     samples: int = DEFAULT_SAMPLES       # calibration sequences
@@ -31,6 +34,8 @@ class CalibrationOptions:
     steps: int = DEFAULT_STEPS           # scale-distillation steps
     lr: float = DEFAULT_LR               # scale-distillation learning rate
     loss: str = "mse"                    # distillation loss on the logits: mse or kl
+    tune_steps: int = DEFAULT_TUNE_STEPS # end-to-end tuning steps after the layerwise pass (0: none)
+    tune_lr: float = DEFAULT_TUNE_LR     # its learning rate (on dimensionless offsets)
     damp: float = 0.01                   # GPTQ damping
     act_order: bool = False              # GPTQ: columns by decreasing Hessian diagonal
     whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
@@ -45,6 +50,10 @@ class CalibrationOptions:
         if self.sensitivity not in SENSITIVITIES:
             raise SettingsError(f"calibration: sensitivity {self.sensitivity!r} must be one of "
                                 f"{', '.join(SENSITIVITIES)}")
+        if not (isinstance(self.tune_steps, int) and self.tune_steps >= 0):
+            raise SettingsError(f"calibration: tune_steps must be a non-negative integer, got {self.tune_steps!r}")
+        if not self.tune_lr > 0:
+            raise SettingsError(f"calibration: tune_lr must be positive, got {self.tune_lr!r}")
         self.layerwise  # validates allocation and damp
 
     @property
@@ -57,14 +66,44 @@ def calibrating_codecs() -> list[str]:
     return [n for n in available() if get_codec(n).calibrator() is not None]
 
 
-def stages_for(codecs: Iterable[str]) -> list[str]:
-    """The calibrator stages the codecs in a file need, in the order they run."""
+def tuning_codecs() -> list[str]:
+    """The codecs whose calibrator trains in the final tune stage."""
+    return [n for n in available() if (c := get_codec(n).calibrator()) is not None and c.tunes]
+
+
+def stages_for(codecs: Iterable[str], tune: bool = True) -> list[str]:
+    """The calibrator stages the codecs in a file need, in the order they run (``tune`` only when asked
+    for and some codec's calibrator tunes)."""
     names = [c for c in codecs if c != "tied"]
-    wanted = {cal.stage for cal in (get_codec(c).calibrator() for c in names) if cal is not None}
+    cals = [cal for cal in (get_codec(c).calibrator() for c in names) if cal is not None]
+    wanted = {cal.stage for cal in cals} | ({"tune"} if tune and any(cal.tunes for cal in cals) else set())
     if not wanted:
         raise SettingsError(f"--calib: no tensor uses a codec that calibrates ({', '.join(calibrating_codecs())}); "
                             f"this file has {', '.join(sorted(names))}")
     return [s for s in STAGES if s in wanted]
+
+
+# the tune stage holds the base in float32, the students' unpacked codes (up to about as many numbers again)
+# and one batch's activations and logits: ~2 x 4 bytes per parameter plus this
+_TUNE_OVERHEAD_BYTES = 3 * 1024**3
+
+
+def _no_room_to_tune(finetuned, device: str) -> str | None:
+    """Why the tune stage would not fit in memory on ``device`` (a one-line reason), or None."""
+    from ..checkpoint import open_checkpoint
+    from ..memory import available_bytes
+
+    have = available_bytes(device)
+    if have is None:
+        return None
+    with open_checkpoint(finetuned) as ckpt:
+        numel = sum(math.prod(ckpt.shape(n)) for n in ckpt.names())
+    need = 8 * numel + _TUNE_OVERHEAD_BYTES
+    if need <= have:
+        return None
+    return (f"tune stage skipped: it trains on the whole model in float32 (~{need / 1e9:.1f} GB for "
+            f"{numel / 1e9:.2f} B parameters) and {device} has {have / 1e9:.1f} GB available; the file keeps "
+            f"the layerwise calibration (--calib-tune-steps 0 skips it without this note)")
 
 
 def load_data(options: CalibrationOptions, finetuned, progress: bool = False) -> CalibData:
@@ -89,9 +128,16 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
                                                loss=options.loss, overwrite=True, progress=progress, device=device),
         "layerwise": lambda s, d: calibrate_layerwise(base, finetuned, s, d, data, options=options.layerwise,
                                                       overwrite=True, progress=progress, device=device),
+        "tune": lambda s, d: distill_scales(base, finetuned, s, d, data, steps=options.tune_steps,
+                                            lr=options.tune_lr, loss="kl", overwrite=True, progress=progress,
+                                            device=device, stage="tune"),
     }
-    stages = stages_for(codecs)
+    stages = stages_for(codecs, tune=options.tune_steps > 0)
     reports = {}
+    if "tune" in stages and (skip := _no_room_to_tune(finetuned, device)):
+        stages.remove("tune")
+        reports["tune"] = {"skipped": skip}
+        print(f"deltacomp: {skip}", file=sys.stderr)
     for i, stage in enumerate(stages):
         dst = out if i == len(stages) - 1 else scratch()
         reports[stage] = runs[stage](src, dst)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..calibrate.options import SENSITIVITIES, CalibrationOptions
+from ..calibrate.options import SENSITIVITIES, CalibrationOptions, tuning_codecs
 
 _DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name not in ("data", "device")}
 
@@ -18,6 +18,11 @@ def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--calib-steps", type=int, default=d["steps"], help=f"scale-distillation steps (default {d['steps']})")
     p.add_argument("--calib-lr", type=float, default=d["lr"], help=f"scale-distillation learning rate (default {d['lr']})")
     p.add_argument("--calib-loss", choices=("mse", "kl"), default=d["loss"], help="distillation loss on the logits")
+    p.add_argument("--calib-tune-steps", type=int, default=d["tune_steps"],
+                   help=f"end-to-end steps that train the scales of {'/'.join(tuning_codecs())} tensors on KL to "
+                        f"the fine-tune after the layerwise pass (0: none; default {d['tune_steps']})")
+    p.add_argument("--calib-tune-lr", type=float, default=d["tune_lr"],
+                   help=f"learning rate of those steps (default {d['tune_lr']})")
     p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
     p.add_argument("--gptq-no-whiten", action="store_true",
                    help="GPTQ: singular vectors from the delta's own SVD (Delta-CoMe) instead of the SVD of the "
@@ -35,6 +40,7 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None
     if args.calib is None:
         return None
     return CalibrationOptions(args.calib, samples=args.calib_samples, seq_len=args.calib_len, steps=args.calib_steps,
-                              lr=args.calib_lr, loss=args.calib_loss, act_order=args.gptq_act_order,
+                              lr=args.calib_lr, loss=args.calib_loss, tune_steps=args.calib_tune_steps,
+                              tune_lr=args.calib_tune_lr, act_order=args.gptq_act_order,
                               whiten=not args.gptq_no_whiten, allocation=args.gptq_allocation,
                               device=getattr(args, "device", "auto"), sensitivity=args.auto_sensitivity)

@@ -1,7 +1,7 @@
 """What a codec does with calibration data: its ``Calibrator``.
 
 The drivers in deltacomp.calibrate run the model on data and call the calibrators of the codecs in a
-delta file; they never look at codec names. Two stages, run in this order by ``compress(calibration=...)``:
+delta file; they never look at codec names. Three stages, run in this order by ``compress(calibration=...)``:
 
 - ``distill`` (end to end, on the logits): ``student(linear, enc)`` returns a module standing in for the
   linear layer whose trainable parameters are what the codec lets data change (bitdelta: the scales);
@@ -9,6 +9,10 @@ delta file; they never look at codec names. Two stages, run in this order by ``c
 - ``layerwise`` (one decoder layer at a time, GPTQ's order): ``calibrate(delta, enc, h, options)`` returns
   a new encoding of ``delta`` given H = sum x^T x of the layer's inputs (svd-mixed: GPTQ; ternary: a
   least-squares scale), or None to keep the stored one.
+- ``tune`` (end to end, on the logits, last): every tensor whose calibrator has a student (``tunes`` or
+  the distill stage) is trained together, with KL to the fine-tune's next-token distribution as the loss,
+  after the layerwise pass has fixed its codes (svd-mixed: the scales and singular values of its GPTQ
+  codes). Runs when the file holds a tensor whose calibrator ``tunes`` and the options ask for steps.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import SettingsError
 from .base import Encoded
 
-STAGES = ("distill", "layerwise")
+STAGES = ("distill", "layerwise", "tune")
 ALLOCATIONS = ("keep", "optimal")
 
 
@@ -54,6 +58,7 @@ class Calibrator:
 
     stage: ClassVar[str]
     description: ClassVar[str] = ""
+    tunes: ClassVar[bool] = False  # its student also runs in the final ``tune`` stage (after ``stage``)
 
     # -- stage "distill" ------------------------------------------------------------------------------
     def student(self, linear: nn.Linear, enc: Encoded) -> nn.Module:

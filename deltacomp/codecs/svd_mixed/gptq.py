@@ -233,10 +233,20 @@ def _refit_data(delta: Tensor, v_hat: Tensor, sv: Tensor, h: Tensor, hz: Tensor,
 
 class Gptq(Calibrator):
     """svd-mixed's calibrator (layerwise stage): GPTQ of the stored encoding's singular vectors, in the
-    stored groups (same bytes) or in groups re-chosen within the same budget (``allocation=optimal``)."""
+    stored groups (same bytes) or in groups re-chosen within the same budget (``allocation=optimal``);
+    then, in the tune stage, its scales, zeros and singular values trained end to end (tune.py)."""
 
     stage = "layerwise"
     description = "gptq"
+    tunes = True
+
+    def student(self, linear, enc: Encoded):
+        from .tune import LowRankTunedLinear
+
+        return LowRankTunedLinear(linear, enc)
+
+    def encoded(self, student, enc: Encoded) -> Encoded:
+        return student.encoded(enc)
 
     def calibrate(self, delta: Tensor, enc: Encoded, h: Tensor, options: LayerwiseOptions) -> Encoded | None:
         if not enc.params.get("alloc"):
