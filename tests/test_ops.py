@@ -143,13 +143,18 @@ def test_sign_kernel_variants_one_row(cpu_path, monkeypatch, kernel):
     if kernel != "default":
         monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", kernel)
     for n, k in itertools.product((1, 7, 8, 9, 16, 17, 40), (31, 32, 63, 96, 256, 257, 288, 300, 1000)):
-        g = _gen(n * 1000 + k)
-        x = torch.randn(1, k, generator=g)
-        packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
-        scale = torch.rand(n, generator=g) + 0.1
-        y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
-        err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
-        assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
+        _check_one_row_sign(n, k, seed=n * 1000 + k)
+
+
+def _check_one_row_sign(n: int, k: int, seed: int) -> None:
+    """A random (1, k) x through sign_matmul with n random sign rows, against the float64 reference."""
+    g = _gen(seed)
+    x = torch.randn(1, k, generator=g)
+    packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
+    scale = torch.rand(n, generator=g) + 0.1
+    y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
+    err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
+    assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
 
 
 @needs_ext
@@ -178,13 +183,7 @@ def test_sign_matmul_one_row_two_threads(cpu_path):
     torch.set_num_threads(2)
     try:
         for n, k in ((257, 4100), (64, 8192)):
-            g = _gen(n + k)
-            x = torch.randn(1, k, generator=g)
-            packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
-            scale = torch.rand(n, generator=g) + 0.1
-            y = torch.ops.deltacomp.sign_matmul(x, packed, scale, k)
-            err = (y.double() - _sign_matmul_f64(x, packed, scale, k)).abs()
-            assert bool((err <= _tolerance(x, scale, k, torch.float32)).all()), f"n={n} k={k}: max err {err.max():.3g}"
+            _check_one_row_sign(n, k, seed=n + k)
     finally:
         torch.set_num_threads(old)
 
