@@ -263,7 +263,7 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         model = _load_model(base, config_json, torch.float32)
         distilled = build_student(model, df, stage)
         if not distilled:
-            raise SettingsError(f"calibration: {delta_in} has no {'/'.join(_distilling_codecs(stage))}-coded "
+            raise SettingsError(f"calibration: {delta_in} has no {'/'.join(training_codecs(stage))}-coded "
                                 f"linear weights to {stage}")
         model.to(device)
         scales = [p for p in model.parameters() if p.requires_grad]
@@ -305,7 +305,8 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
     return report
 
 
-def _distilling_codecs(stage: str = "distill") -> list[str]:
+def training_codecs(stage: str = "distill") -> list[str]:
+    """The codecs whose calibrator's student trains in ``stage``."""
     from ..codecs import available
 
     return [n for n in available() if _trains_in(get_codec(n).calibrator(), stage)]

@@ -66,11 +66,6 @@ def calibrating_codecs() -> list[str]:
     return [n for n in available() if get_codec(n).calibrator() is not None]
 
 
-def tuning_codecs() -> list[str]:
-    """The codecs whose calibrator trains in the final tune stage."""
-    return [n for n in available() if (c := get_codec(n).calibrator()) is not None and c.tunes]
-
-
 def stages_for(codecs: Iterable[str], tune: bool = True) -> list[str]:
     """The calibrator stages the codecs in a file need, in the order they run (``tune`` only when asked
     for and some codec's calibrator tunes)."""

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import fields
 
-from ..calibrate.options import SENSITIVITIES, CalibrationOptions, tuning_codecs
+from ..calibrate.distill import training_codecs
+from ..calibrate.options import SENSITIVITIES, CalibrationOptions
 
 _DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name not in ("data", "device")}
 
@@ -19,7 +20,7 @@ def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--calib-lr", type=float, default=d["lr"], help=f"scale-distillation learning rate (default {d['lr']})")
     p.add_argument("--calib-loss", choices=("mse", "kl"), default=d["loss"], help="distillation loss on the logits")
     p.add_argument("--calib-tune-steps", type=int, default=d["tune_steps"],
-                   help=f"end-to-end steps that train the scales of {'/'.join(tuning_codecs())} tensors on KL to "
+                   help=f"end-to-end steps that train the scales of {'/'.join(training_codecs('tune'))} tensors on KL to "
                         f"the fine-tune after the layerwise pass (0: none; default {d['tune_steps']})")
     p.add_argument("--calib-tune-lr", type=float, default=d["tune_lr"],
                    help=f"learning rate of those steps (default {d['tune_lr']})")

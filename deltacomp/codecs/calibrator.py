@@ -9,8 +9,8 @@ delta file; they never look at codec names. Three stages, run in this order by `
 - ``layerwise`` (one decoder layer at a time, GPTQ's order): ``calibrate(delta, enc, h, options)`` returns
   a new encoding of ``delta`` given H = sum x^T x of the layer's inputs (svd-mixed: GPTQ; ternary: a
   least-squares scale), or None to keep the stored one.
-- ``tune`` (end to end, on the logits, last): every tensor whose calibrator has a student (``tunes`` or
-  the distill stage) is trained together, with KL to the fine-tune's next-token distribution as the loss,
+- ``tune`` (end to end, on the logits, last): every tensor whose calibrator ``tunes`` (its ``student``
+  and ``encoded`` as in the distill stage) is trained together, with KL to the fine-tune's next-token distribution as the loss,
   after the layerwise pass has fixed its codes (svd-mixed: the scales and singular values of its GPTQ
   codes). Runs when the file holds a tensor whose calibrator ``tunes`` and the options ask for steps.
 """

@@ -21,18 +21,19 @@ from torch import Tensor, nn
 
 from ..base import Encoded
 from ...quant.bitpack import unpack_bits
+from ...quant.rtn import dequantize
 from . import allocation as al
 
 _FP16_MAX = 65504.0
 
 
 class _Side(nn.Module):
-    """One group's rows of U^T or V: codes (c, L) as float, stored scale/zero (c, G) and their offsets."""
+    """One group's rows of U^T or V: codes (c, L) uint8, stored scale/zero (c, G) and their offsets."""
 
-    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int, dtype: torch.dtype):
+    def __init__(self, codes: Tensor, scale: Tensor, zero: Tensor, group_size: int):
         super().__init__()
-        self.length, self.group_size = codes.shape[1], group_size
-        self.register_buffer("codes", codes.to(dtype), persistent=False)
+        self.group_size = group_size
+        self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scale0", scale.float(), persistent=False)
         self.register_buffer("zero0", zero.float(), persistent=False)
         self.b = nn.Parameter(torch.zeros_like(self.scale0))
@@ -45,11 +46,8 @@ class _Side(nn.Module):
         return self.zero0 + self.scale0 * self.c
 
     def rows(self) -> Tensor:
-        """The dequantized rows (c, L) in the codes' dtype, differentiable in b and c."""
-        def spread(t: Tensor) -> Tensor:
-            return t.repeat_interleave(self.group_size, dim=1)[:, :self.length].to(self.codes.dtype)
-
-        return spread(self.zero()) + self.codes * spread(self.scale())
+        """The dequantized rows (c, L), float32 as rtn.dequantize gives them, differentiable in b and c."""
+        return dequantize(self.codes, self.scale(), self.zero(), self.group_size)
 
 
 class LowRankTunedLinear(nn.Module):
@@ -60,16 +58,15 @@ class LowRankTunedLinear(nn.Module):
         self.base = base.requires_grad_(False)
         n, k = enc.shape
         gs = int(enc.params["group_size"])
-        dtype = base.weight.dtype
         t = enc.tensors
         self.widths = []
         self.u_sides, self.v_sides = nn.ModuleList(), nn.ModuleList()
         for b, c in al.parse_groups(enc.params["alloc"]) if enc.params.get("alloc") else []:
             self.widths.append(b)
             self.u_sides.append(_Side(unpack_bits(t[f"u_q{b}"], b, c * n).reshape(c, n), t[f"u_scale{b}"],
-                                      t[f"u_zero{b}"], gs, dtype))
+                                      t[f"u_zero{b}"], gs))
             self.v_sides.append(_Side(unpack_bits(t[f"v_q{b}"], b, c * k).reshape(c, k), t[f"v_scale{b}"],
-                                      t[f"v_zero{b}"], gs, dtype))
+                                      t[f"v_zero{b}"], gs))
         self.register_buffer("s0", t["s"].float(), persistent=False)
         self.a = nn.Parameter(torch.zeros_like(self.s0))
 
@@ -80,8 +77,8 @@ class LowRankTunedLinear(nn.Module):
         y = F.linear(x, self.base.weight, self.base.bias)
         if not self.widths:
             return y
-        v = torch.cat([side.rows() for side in self.v_sides])        # (r, K)
-        ut = torch.cat([side.rows() for side in self.u_sides])       # (r, N)
+        v = torch.cat([side.rows() for side in self.v_sides]).to(x.dtype)   # (r, K)
+        ut = torch.cat([side.rows() for side in self.u_sides]).to(x.dtype)  # (r, N)
         z = F.linear(x, v) * self.s().to(x.dtype)
         return y + z @ ut
 
