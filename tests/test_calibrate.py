@@ -473,7 +473,7 @@ def test_compress_with_calib_end_to_end(tmp_path, llama_pair):
                  "--calib", str(tmp_path / "short.txt"), "-q"]) == 2
     assert not (tmp_path / "x.delta.safetensors").exists()
     with pytest.raises(deltacomp.SettingsError, match="no tensor uses a codec that calibrates"):
-        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="lowrank:rank=2", calibration=CalibrationOptions(text, samples=4, seq_len=16), progress=False)
+        deltacomp.compress(base, ft, tmp_path / "t.delta.safetensors", method="raw", calibration=CalibrationOptions(text, samples=4, seq_len=16), progress=False)
     assert not list(tmp_path.glob(".t.delta*"))
 
 
@@ -482,12 +482,12 @@ def test_sweep_with_calibrated_variants(tmp_path, llama_pair):
 
     text = tmp_path / "calib.txt"
     text.write_text(_text(3000, seed=5))
-    res = sweep(llama_pair / "base", llama_pair / "ft", ["ternary", "lowrank"], [8], tmp_path / "sw",
+    res = sweep(llama_pair / "base", llama_pair / "ft", ["ternary", "raw"], [8], tmp_path / "sw",
                 _text(600, seed=9), ctx=32, progress=False, plot=False,
                 calibration=CalibrationOptions(str(text), samples=4, seq_len=16, steps=5))
     methods = [r["method"] for r in res["deltas"]]
-    assert methods == ["ternary", "ternary+calib", "lowrank"]
-    assert [s["method"] for s in res["skipped"]] == ["lowrank+calib"]
+    assert methods == ["ternary", "ternary+calib", "raw"]
+    assert [s["method"] for s in res["skipped"]] == ["raw+calib"]
     import deltacomp
 
     rows = {r["method"]: r for r in res["deltas"]}

@@ -98,7 +98,11 @@ def test_stages_for_tune():
     assert stages_for(["svd-mixed"]) == ["layerwise", "tune"]
     assert stages_for(["svd-mixed"], tune=False) == ["layerwise"]
     assert stages_for(["bitdelta", "ternary"]) == ["distill", "layerwise", "tune"]
-    assert stages_for(["bitdelta", "lowrank"]) == ["distill"]  # neither tunes
+    assert stages_for(["bitdelta"]) == ["distill", "tune"]
+    assert stages_for(["bitdelta"], tune=False) == ["distill"]
+    assert stages_for(["lowrank"]) == ["layerwise", "tune"]
+    with pytest.raises(deltacomp.SettingsError, match="no tensor uses a codec that calibrates"):
+        stages_for(["raw", "zero"])
     assert stages_for(["bitdelta", "svd-mixed"]) == ["distill", "layerwise", "tune"]
     with pytest.raises(deltacomp.SettingsError, match="tune_steps"):
         CalibrationOptions("x.txt", tune_steps=-1)

@@ -124,6 +124,11 @@ def _distilled(df: Delta, name: str, stage: str = "distill"):
     return cal if _trains_in(cal, stage) else None
 
 
+def _trained(cal, stage: str, student: nn.Module, enc: Encoded) -> Encoded:
+    """The new encoding a trained student stands for (the calibrator's ``tune_encoded`` in the tune stage)."""
+    return cal.tune_encoded(student, enc) if stage == "tune" else cal.encoded(student, enc)
+
+
 def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[str]:
     """Turn ``model`` (loaded from the base) into the student, in place; return the trained names.
 
@@ -152,7 +157,8 @@ def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[s
         if cal is not None and len(info.shape) == 2 and isinstance(module, nn.Linear):
             parent_name, _, child = mod_name.rpartition(".")
             parent = modules[parent_name] if parent_name else model
-            setattr(parent, child, cal.student(module, df.encoded(name)))
+            make = cal.tune_student if stage == "tune" else cal.student
+            setattr(parent, child, make(module, df.encoded(name)))
             distilled.append(name)
             continue
         with torch.no_grad():
@@ -282,9 +288,8 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         # never worse than no distillation: when training raised the loss on the calibration windows (too
         # large a learning rate for this data), the data-free scales stay
         kept = loss_after > loss_before
-        replaced = {} if kept else {
-            name: _distilled(df, name, stage).encoded(modules[name.rsplit(".", 1)[0]], df.encoded(name))
-            for name in distilled}
+        replaced = {} if kept else {name: _trained(_distilled(df, name, stage), stage, modules[name.rsplit(".", 1)[0]],
+                                                   df.encoded(name)) for name in distilled}
     finally:
         cache.close()
 

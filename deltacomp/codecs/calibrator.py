@@ -9,10 +9,12 @@ delta file; they never look at codec names. Three stages, run in this order by `
 - ``layerwise`` (one decoder layer at a time, GPTQ's order): ``calibrate(delta, enc, h, options)`` returns
   a new encoding of ``delta`` given H = sum x^T x of the layer's inputs (svd-mixed: GPTQ; ternary: a
   least-squares scale), or None to keep the stored one.
-- ``tune`` (end to end, on the logits, last): every tensor whose calibrator ``tunes`` (its ``student``
-  and ``encoded`` as in the distill stage) is trained together, with KL to the fine-tune's next-token distribution as the loss,
-  after the layerwise pass has fixed its codes (svd-mixed: the scales and singular values of its GPTQ
-  codes). Runs when the file holds a tensor whose calibrator ``tunes`` and the options ask for steps.
+- ``tune`` (end to end, on the logits, last): every tensor whose calibrator ``tunes`` (``tune_student`` and
+  ``tune_encoded``, by default its ``student`` and ``encoded``) is trained together, with KL to the
+  fine-tune's next-token distribution as the loss, after the earlier stages have fixed its codes
+  (svd-mixed: the scales and singular values of its GPTQ codes; lowrank: its factors; bitdelta: its
+  scales, as offsets relative to the distilled ones). Runs when the file holds a tensor whose calibrator
+  ``tunes`` and the options ask for steps.
 """
 from __future__ import annotations
 
@@ -66,6 +68,13 @@ class Calibrator:
 
     def encoded(self, student: nn.Module, enc: Encoded) -> Encoded:
         raise NotImplementedError
+
+    # -- stage "tune" (when ``tunes``): the distill-stage pair unless a codec trains other numbers there -----
+    def tune_student(self, linear: nn.Linear, enc: Encoded) -> nn.Module:
+        return self.student(linear, enc)
+
+    def tune_encoded(self, student: nn.Module, enc: Encoded) -> Encoded:
+        return self.encoded(student, enc)
 
     # -- stage "layerwise" ----------------------------------------------------------------------------
     def calibrate(self, delta: Tensor, enc: Encoded, h: Tensor, options: LayerwiseOptions) -> Encoded | None:

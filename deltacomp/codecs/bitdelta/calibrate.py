@@ -1,4 +1,5 @@
-"""bitdelta's calibrator: BitDelta scale distillation (the driver is deltacomp.calibrate.distill).
+"""bitdelta's calibrator: BitDelta scale distillation (the driver is deltacomp.calibrate.distill), and the
+same scales trained again, relative to the distilled ones, in the final tune stage.
 
 Student layer (a bitdelta-coded nn.Linear)::
 
@@ -18,22 +19,35 @@ from .serving import field
 
 
 class SignScaledLinear(nn.Module):
-    """``x @ (W_base + sum_i scale_i * sign_i)^T + b`` with only the scales trainable."""
+    """``x @ (W_base + sum_i scale_i * sign_i)^T + b`` with only the scales trainable: the scales themselves
+    (BitDelta's distillation), or with ``relative`` an offset ``a_i`` per scale, scale_i = scale_i0 (1 + a_i)
+    from 0 (the tune stage: one learning rate for every tensor, whatever its scales' magnitude)."""
 
-    def __init__(self, base: nn.Linear, signs: list[Tensor], scales: list[Tensor]):
+    def __init__(self, base: nn.Linear, signs: list[Tensor], scales: list[Tensor], relative: bool = False):
         super().__init__()
         self.base = base.requires_grad_(False)
+        self.relative = relative
         dtype = base.weight.dtype
         for i, s in enumerate(signs):
             self.register_buffer(f"sign_{i}", s.to(dtype), persistent=False)
-        self.scales = nn.ParameterList(nn.Parameter(s.detach().to(torch.float32).clone()) for s in scales)
+        start = [s.detach().to(torch.float32).clone() for s in scales]
+        if relative:
+            for i, s in enumerate(start):
+                self.register_buffer(f"scale0_{i}", s, persistent=False)
+            start = [torch.zeros_like(s) for s in start]
+        self.scales = nn.ParameterList(nn.Parameter(s) for s in start)
         self.scale_shapes = [tuple(s.shape) for s in scales]
+
+    def scale(self, i: int) -> Tensor:
+        """The i-th scale as the layer uses it."""
+        p = self.scales[i]
+        return getattr(self, f"scale0_{i}") * (1 + p) if self.relative else p
 
     def delta(self) -> Tensor:
         out = None
-        for i, scale in enumerate(self.scales):
+        for i in range(len(self.scales)):
             sign = getattr(self, f"sign_{i}")
-            s = scale.to(sign.dtype)
+            s = self.scale(i).to(sign.dtype)
             term = sign * (s[:, None] if s.dim() else s)
             out = term if out is None else out + term
         return out
@@ -45,20 +59,24 @@ class SignScaledLinear(nn.Module):
 class ScaleDistillation(Calibrator):
     stage = "distill"
     description = "scale distillation"
+    tunes = True
 
-    def student(self, linear: nn.Linear, enc: Encoded) -> nn.Module:
+    def student(self, linear: nn.Linear, enc: Encoded, relative: bool = False) -> nn.Module:
         k = enc.shape[1]
         masks = int(enc.params.get("masks", 1))
         signs = [ops.unpack_signs(enc.tensors[field("signs", i)], k, torch.float32) for i in range(masks)]
-        return SignScaledLinear(linear, signs, [enc.tensors[field("scale", i)] for i in range(masks)])
+        return SignScaledLinear(linear, signs, [enc.tensors[field("scale", i)] for i in range(masks)], relative)
+
+    def tune_student(self, linear: nn.Linear, enc: Encoded) -> nn.Module:
+        return self.student(linear, enc, relative=True)
 
     def encoded(self, student: nn.Module, enc: Encoded) -> Encoded:
         """``enc`` with the trained scales (signs byte-identical)."""
         tensors = dict(enc.tensors)
-        for i, (s, shape) in enumerate(zip(student.scales, student.scale_shapes)):
+        for i, shape in enumerate(student.scale_shapes):
             key = field("scale", i)
             old = tensors[key]
-            new = s.detach().cpu().to(torch.float32).reshape(shape)
+            new = student.scale(i).detach().cpu().to(torch.float32).reshape(shape)
             if tuple(old.shape) != tuple(new.shape):
                 raise ValueError(f"{key}: distilled scale has shape {tuple(new.shape)}, file has {tuple(old.shape)}")
             tensors[key] = new.to(old.dtype).contiguous()

@@ -29,10 +29,10 @@ from torch import Tensor
 from . import allocation as al
 from ..base import Encoded
 from ...quant.svd import truncated_svd
+from ...quant.whiten import whitened_svd
 from ..lowrank import refuse_1d
 from ..calibrator import Calibrator, LayerwiseOptions, output_error
 from .codec import SvdMixedCodec, best_candidate, pack_encoded
-from ...linalg import single_threaded
 from ...quant.rtn import dequantize, n_groups, quantize
 
 QParams = tuple[Tensor, Tensor, Tensor]  # codes uint8, scale fp16, zero fp16 (rtn.py layout)
@@ -145,32 +145,6 @@ def gptq_columns(u: Tensor, h: Tensor, alloc: al.Allocation, group_size: int = 1
                     torch.zeros(0, n_groups(n, group_size), dtype=torch.float16)))
         i += cnt
     return out
-
-
-def whitened_svd(delta: Tensor, h: Tensor, rank: int, damp: float = 0.01) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Truncated SVD that minimizes the layer's output error instead of the weight error.
-
-    With H + damping = L L^T (Cholesky), ||X E^T||^2 = ||E L||_F^2, so the best rank-r approximation of
-    delta in output error is the truncated SVD of delta L mapped back: delta ~= U diag(S) W^T L^-1
-    (Eckart-Young on the whitened matrix; SVD-LLM's truncation-aware whitening). Returns U (N, r) with
-    unit columns, s (r,) and V (r, K) with unit rows, so delta ~= U diag(s) V as svd-mixed stores it,
-    and S (r,), the whitened singular values, which rank the vectors by their share of the output error."""
-    hd = h.to(torch.float64).clone()
-    idx = torch.arange(hd.shape[0], device=hd.device)
-    dead = torch.diag(hd) == 0
-    hd[dead, dead] = 1
-    hd[idx, idx] += damp * torch.mean(torch.diag(hd)).clamp_min(1e-12)
-    lower = torch.linalg.cholesky(hd)
-    with single_threaded():
-        u, big_s, wh = torch.linalg.svd(delta.to(torch.float64) @ lower, full_matrices=False)
-    u, big_s, wh = u[:, :rank], big_s[:rank], wh[:rank]
-    # V' = W^T L^-1: solve L^T X = W for X = V'^T
-    vp = torch.linalg.solve_triangular(lower.T, wh.T, upper=True).T
-    norms = torch.linalg.vector_norm(vp, dim=1)
-    keep = torch.where(norms > 0, norms, torch.ones_like(norms))
-    v = vp / keep[:, None]
-    return (u.to(torch.float32).contiguous(), (big_s * norms).to(torch.float32), v.to(torch.float32).contiguous(),
-            big_s.to(torch.float32))
 
 
 def encode_gptq(delta: Tensor, h: Tensor, damp: float = 0.01, act_order: bool = False, whiten: bool = False,

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import SettingsError
-from ..quant.svd import METHODS as SVD_METHODS
-from ..quant.svd import truncated_svd
-from .base import Codec, CodecName, Encoded, Rung, Setting, register
+from ...errors import SettingsError
+from ...quant.svd import METHODS as SVD_METHODS
+from ...quant.svd import truncated_svd
+from ..base import Codec, CodecName, Encoded, Rung, Setting, register
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -152,6 +152,11 @@ class LowRankCodec(Codec):
         dt = _DTYPES[settings["dtype"]]
         return {"u": torch.empty(shape[0], r, dtype=dt, device="meta"), "s": torch.empty(r, device="meta"),
                 "v": torch.empty(r, shape[1], dtype=dt, device="meta")}
+
+    def calibrator(self):
+        from .calibrate import FactorRefit
+
+        return FactorRefit()
 
     def lora_factors(self, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
         t = enc.tensors
