@@ -125,7 +125,8 @@ def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan:
                 yield p.name, delta, plan.budget_hint(tuple(delta.shape), ft.element_size())
 
     w = weights or {}
-    chosen, plan.auto_report = choose(items(), device, progress, w.get("grams"), w.get("fishers"))
+    chosen, plan.auto_report = choose(items(), device, progress, w.get("grams"), w.get("fishers"),
+                                      codecs=plan.auto_codecs)
     if "sensitivity" in w:
         plan.auto_report["sensitivity"] = w["sensitivity"]
     plan.choices = {n: Assignment(c.codec, dict(c.settings), "auto", dict(c.settings)) for n, c in chosen.items()}

@@ -100,17 +100,19 @@ class _Reconstructed:
 
 
 def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None = None,
-                 gram: Tensor | None = None, fisher: Tensor | None = None) -> list[Candidate]:
+                 gram: Tensor | None = None, fisher: Tensor | None = None,
+                 codecs: Iterable[str] | None = None) -> list[Candidate]:
     """Every codec's offers for ``delta`` (float32, 2-D), encoded and measured (weight error, or output
     error with ``gram``, the layer's input Gram matrix, weighted per output channel by ``fisher``, its
-    output Fisher diagonal); the Pareto front."""
+    output Fisher diagonal); the Pareto front. ``codecs``: only these codecs' offers (default: all)."""
     shape = tuple(delta.shape)
     if fisher is not None and fisher.dim() != 3 and gram is None:
         raise SettingsError("--method auto: a per-channel output Fisher needs the layer's input Gram too")
     rungs = []
     # the distortion is the weight error: what the ladders know of it prunes (see _Beaten, _undominated)
     beaten = _Beaten() if gram is None and fisher is None else None
-    for codec in sorted((get_codec(n) for n in available()), key=lambda c: (c.LADDER_PASS, c.name)):
+    names = available() if codecs is None else list(codecs)
+    for codec in sorted((get_codec(n) for n in names), key=lambda c: (c.LADDER_PASS, c.name)):
         dev = device if device is not None and device.type in codec.encode_devices else torch.device("cpu")
         # the codec's whole ladder from shared work (one SVD, one sort, ...): the same bytes and
         # reconstructions as encoding rung by rung; rungs this tensor cannot take are left out
@@ -119,7 +121,8 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
             if beaten is not None and rung.weight_error is not None:
                 beaten.points.append((rung.nbytes, rung.weight_error))
     if not rungs:
-        raise SettingsError(f"--method auto: no codec offers any encoding for shape {shape}")
+        raise SettingsError(f"--method auto: no codec{'' if codecs is None else ' of ' + '+'.join(names)} offers "
+                            f"any encoding for shape {shape}")
     if beaten is not None:
         rungs = _undominated(rungs)
     cands = [Candidate(codec.name, dict(r.settings), r.nbytes,
@@ -247,11 +250,13 @@ def _fill(fronts: list[list[Candidate]], choice: list[int], slack: int) -> list[
 def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | None = None,
            progress: bool = False,
            grams: dict[str, Tensor] | None = None,
-           fishers: dict[str, Tensor] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
+           fishers: dict[str, Tensor] | None = None,
+           codecs: Iterable[str] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """``items`` yields (tensor name, float32 delta, its even share of the budget in bytes), one at a time.
     ``grams``: the input Gram matrix per tensor name (--calib; every item needs one); ``fishers``: the
     output Fisher diagonal per tensor name (with ``grams``), or without ``grams`` a mapping to each tensor's
-    per-window weight gradients (calibrate/seqfisher.py); every item needs one. Returns the chosen
+    per-window weight gradients (calibrate/seqfisher.py); every item needs one. ``codecs``: the codecs
+    whose offers are weighed (default: every registered one). Returns the chosen
     candidate per tensor and a report for the file's ``source``."""
     sequence = fishers is not None and grams is None  # per-window weight gradients: no Gram needed
     names, fronts, budget = [], [], 0.0
@@ -262,7 +267,7 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
             raise SettingsError(f"{name}: --method auto --calib has no output sensitivity for it")
         try:
             fronts.append(tensor_table(delta, hint, device, None if grams is None else grams[name],
-                                       None if fishers is None else fishers[name]))
+                                       None if fishers is None else fishers[name], codecs))
         except SettingsError as exc:
             raise SettingsError(f"{name}: {exc}") from None
         names.append(name)
@@ -279,7 +284,7 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
               "distortion": (DISTORTION_SEQUENCE if sequence else DISTORTION if grams is None else
                              DISTORTION_CALIB if fishers is None else DISTORTION_FISHER),
               "predicted_distortion": sum(c.distortion for c in chosen.values()),
-              "tensors": len(chosen),
+              "tensors": len(chosen), "codecs": sorted(available() if codecs is None else codecs),
               "by_codec": {c: sum(1 for x in chosen.values() if x.codec == c)
                            for c in sorted({x.codec for x in chosen.values()})}}
     return chosen, report

@@ -63,6 +63,23 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
     return name, settings
 
 
+def parse_auto(spec: str) -> dict[str, str]:
+    """``"auto"`` -> {}; ``"auto:codecs=svd-mixed+lowrank"`` -> {"codecs": "svd-mixed+lowrank"}: the codecs
+    auto may choose from, by name (each must exist and offer candidates at a budget)."""
+    _, *rest = re.split(r"[:,]", spec.strip())
+    settings: dict[str, str] = {}
+    for piece in rest:
+        key, eq, value = piece.partition("=")
+        if not eq or key.strip().replace("-", "_") != "codecs":
+            raise SettingsError(f"method spec {spec!r}: auto takes one setting, codecs=NAME[+NAME...], "
+                                f"got {piece!r}")
+        names = [get_codec(v).name for v in value.split("+") if v.strip()]  # raises with the choices
+        if not names:
+            raise SettingsError(f"method spec {spec!r}: codecs= names no codec")
+        settings["codecs"] = "+".join(dict.fromkeys(names))
+    return settings
+
+
 @dataclass(frozen=True)
 class Rule:
     pattern: str
@@ -98,8 +115,10 @@ class Assignment:
 class Plan:
     def __init__(self, method: str = "bitdelta", rules: list[str | Rule] | tuple = (), ratio: float | None = None,
                  bits: float | None = None):
-        self.auto = isinstance(method, str) and normalize(method) == AUTO
-        self.method, self.method_settings = (AUTO, {}) if self.auto else parse_method(method)
+        self.auto = isinstance(method, str) and normalize(re.split(r"[:,]", method.strip())[0]) == AUTO
+        self.method, self.method_settings = (AUTO, parse_auto(method)) if self.auto else parse_method(method)
+        # --method auto:codecs=A+B: the codecs whose candidates auto weighs (None: every registered one)
+        self.auto_codecs = tuple(self.method_settings["codecs"].split("+")) if "codecs" in self.method_settings else None
         if ratio is not None and not ratio > 1:
             raise SettingsError(f"--ratio must be > 1 (a compression factor), got {ratio}")
         if bits is not None and not self.auto:

@@ -77,6 +77,27 @@ def test_no_worse_than_any_single_method_at_the_same_budget(tiny, method):
     assert a_err <= err * (1 + 1e-6)
 
 
+def test_codecs_setting_limits_the_choice(tiny, capsys):
+    """auto:codecs=A+B chooses only among those codecs, still lands the budget, and says so in the file;
+    an unknown codec or setting is a one-line refusal."""
+    bp, fp, b, f, tmp = tiny
+    out = tmp / "auto-svd.delta.safetensors"
+    s = deltacomp.compress(bp, fp, out, method="auto:codecs=svd-mixed+lowrank", ratio=16, progress=False,
+                           overwrite=True)
+    a = s["source"]["auto"]
+    assert set(a["by_codec"]) <= {"svd-mixed", "lowrank"} and a["codecs"] == ["lowrank", "svd-mixed"]
+    assert s["source"]["settings"] == {"codecs": "svd-mixed+lowrank"}
+    nbytes, _ = _weight_error(out, b, f)
+    assert 0.995 * a["budget_bytes"] <= nbytes <= a["budget_bytes"]
+    with load_delta(out) as df:
+        assert {info.codec for n, info in df.params.items() if _linear(n, info.shape)} <= {"svd-mixed", "lowrank"}
+    for spec, msg in (("auto:codecs=nope", "unknown method 'nope'"), ("auto:rank=3", "auto takes one setting")):
+        assert main(["compress", str(bp), str(fp), "-o", str(tmp / "x.delta.safetensors"), "--method", spec,
+                     "--ratio", "16", "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert msg in err and "\n" not in err, err
+
+
 def _random_fronts(rng: random.Random, tensors: int, per: int) -> list[list[Candidate]]:
     fronts = []
     for _ in range(tensors):

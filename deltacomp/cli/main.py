@@ -124,7 +124,7 @@ def _add_common_compress(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", "-m", default=DEFAULT_METHOD,
                    help="codec for 2-D attention/MLP weights, with settings: NAME[:key=value...] "
                         f"(NAME one of {', '.join(available())}; default {DEFAULT_METHOD}), or auto: a codec and "
-                        "settings per tensor under one budget (--ratio or --bits)")
+                        "settings per tensor under one budget (--ratio or --bits); auto:codecs=A+B weighs only those codecs")
     p.add_argument("--ratio", type=float, default=None,
                    help="target 1/RATIO of the fine-tune's bytes on the compressed tensors; the method picks settings")
     p.add_argument("--rule", action="append", default=[], metavar="REGEX=METHOD[:k=v...]",
