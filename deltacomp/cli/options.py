@@ -27,7 +27,8 @@ def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
     p.add_argument("--gptq-no-whiten", action="store_true",
                    help="GPTQ: singular vectors from the delta's own SVD (Delta-CoMe) instead of the SVD of the "
-                        "input-whitened delta (lowest layer output error, the default)")
+                        "input-whitened delta (lowest layer output error, the default); also keeps stored "
+                        "low-rank factors as they are instead of refitting them to the layer outputs")
     p.add_argument("--gptq-allocation", choices=("keep", "optimal"), default=d["allocation"],
                    help="GPTQ: keep the data-free bit groups (default) or re-choose them in the same byte budget")
     p.add_argument("--auto-sensitivity", choices=SENSITIVITIES, default=d["sensitivity"],
