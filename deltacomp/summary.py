@@ -111,7 +111,9 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
     if auto:
         lines.append(f"auto: {auto['tensors']} tensors, {human_bytes(auto['allocated_bytes'])} of a "
                      f"{human_bytes(auto['budget_bytes'])} budget, "
-                     + ", ".join(f"{k} x{v}" for k, v in auto["by_codec"].items()))
+                     + ", ".join(f"{k} x{v}" for k, v in auto["by_codec"].items())
+                     + (f" (chosen among {only} only)" if (only := (s["source"].get("settings") or {}).get("codecs"))
+                        else ""))
     if calib := _calibration_line(s["source"].get("calibration")):
         lines.append(calib)
     for codec, c in s["by_codec"].items():

@@ -91,6 +91,8 @@ def test_codecs_setting_limits_the_choice(tiny, capsys):
     assert 0.995 * a["budget_bytes"] <= nbytes <= a["budget_bytes"]
     with load_delta(out) as df:
         assert {info.codec for n, info in df.params.items() if _linear(n, info.shape)} <= {"svd-mixed", "lowrank"}
+    assert main(["inspect", str(out)]) == 0
+    assert "(chosen among svd-mixed+lowrank only)" in capsys.readouterr().out
     for spec, msg in (("auto:codecs=nope", "unknown method 'nope'"), ("auto:rank=3", "auto takes one setting")):
         assert main(["compress", str(bp), str(fp), "-o", str(tmp / "x.delta.safetensors"), "--method", spec,
                      "--ratio", "16", "--quiet"]) == 2
