@@ -44,10 +44,12 @@ constexpr int64_t kDotRows = 4;
 
 // Output columns per stage-3 block (a multiple of 16). Each (U^T row, block) pair costs a fixed
 // overhead (calls, a scalar head, the group scales), so blocks are as wide as keeps >= 2 blocks per
-// thread (load balance) and the m x block accumulators in L1/L2 (narrower for larger m).
+// thread (load balance; one block per thread when single-threaded: then the rows of a pass are one
+// contiguous run of the stream) and the m x block accumulators in L1/L2 (narrower for larger m).
 int64_t block_columns(int64_t n, int64_t m, int threads) {
   const int64_t cap = m <= 2 ? 4096 : (m <= 8 ? 1024 : 512);
-  const int64_t want = ((n + 2 * threads - 1) / (2 * threads) + 15) / 16 * 16;
+  const int64_t per = threads > 1 ? 2 * threads : 1;
+  const int64_t want = ((n + per - 1) / per + 15) / 16 * 16;
   return std::max<int64_t>(256, std::min(want, cap));
 }
 
@@ -290,6 +292,11 @@ void block_u(const Isa& isa, const float* t, int64_t m, int64_t n, const KbitGro
         coef[g] *= t[j];
       }
     }
+    // the next pass's rows of this block (short runs of len * bits / 8 bytes at a stride of n * bits / 8:
+    // too short for the hardware prefetcher to pick up from memory)
+    for (int64_t j = j0 + kAxpyRows; j < std::min(r, j0 + 2 * kAxpyRows); ++j)
+      for (int64_t b0 = (j * n + n0) * bits / 8, b1 = std::min(nbytes, b0 + (len * bits + 7) / 8); b0 < b1; b0 += 64)
+        __builtin_prefetch(u_q + b0);
     isa.axpy_codes(u_q, nbytes, bits, j0 * n + n0, n, rows, len, n0, gs, sc, ng, acc);
   }
   for (int64_t j0 = 0; !fused && j0 < r; j0 += panel_rows) {
