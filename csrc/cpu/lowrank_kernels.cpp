@@ -44,11 +44,11 @@ constexpr int64_t kDotRows = 4;
 
 // Output columns per stage-3 block (a multiple of 16). Each (U^T row, block) pair costs a fixed
 // overhead (calls, a scalar head, the group scales), so blocks are as wide as keeps >= 2 blocks per
-// thread (load balance; one block per thread when single-threaded: then the rows of a pass are one
+// thread (load balance; at one x row and one thread, one block: then the U^T rows of a pass are one
 // contiguous run of the stream) and the m x block accumulators in L1/L2 (narrower for larger m).
 int64_t block_columns(int64_t n, int64_t m, int threads) {
   const int64_t cap = m <= 2 ? 4096 : (m <= 8 ? 1024 : 512);
-  const int64_t per = threads > 1 ? 2 * threads : 1;
+  const int64_t per = threads > 1 || m > 1 ? 2 * threads : 1;
   const int64_t want = ((n + per - 1) / per + 15) / 16 * 16;
   return std::max<int64_t>(256, std::min(want, cap));
 }
