@@ -6,7 +6,8 @@
 - sign_matmul_multi (T deltas, one x row each: the decode batch of T tenants) vs T separate dense fp32
   matmuls (T full fine-tunes) and vs T separate sign_matmul calls;
 - kbit_lowrank_matmul (svd-mixed at --lowrank-ratio with the default 8/3/2-bit allocation, through
-  SvdMixedCodec.matmul: one op call per bit-width group) vs torch fp32 dense ``x @ W.T``, vs the
+  its serving term, what a patched layer runs: one ``kbit_lowrank_matmul_groups`` call for all the
+  bit-width groups; before it, one op call per group) vs torch fp32 dense ``x @ W.T``, vs the
   Python dequantize-then-matmul path it replaced, and vs the bytes-moved bound (the packed bytes at the
   read bandwidth measured in the same run: a single ``sum`` over a 256 MB tensor);
 - ternary_matmul (TERNARY_CSR at --ternary-density) vs torch fp32 and bf16 dense.
@@ -319,13 +320,14 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
     w0 = torch.randn(n, k, generator=g)
     dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
     dense16 = [w.bfloat16() for w in dense]
+    terms = [codec.serving_term(e) for e in encs]  # what serving runs per layer (no copies of the tensors)
     ne, nd = len(encs), len(dense)
     rows = []
     for m in ms:
         xs = [torch.randn(m, k, generator=g) for _ in range(8)]
         xs16 = [x.bfloat16() for x in xs]
         impls = {
-            "lowrank_op": lambda i: codec.matmul(xs[i % 8], encs[i % ne]),
+            "lowrank_op": lambda i: terms[i % ne](xs[i % 8]),
             "python_dequant": lambda i: _dequant_matmul(codec, xs[i % 8], encs[i % ne]),
             "dense_fp32": lambda i: xs[i % 8] @ dense[i % nd].T,
             "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % nd].T,

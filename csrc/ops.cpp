@@ -36,6 +36,11 @@ TORCH_LIBRARY(deltacomp, m) {
   // accumulation, y in x.dtype.
   m.def("kbit_lowrank_matmul(Tensor x, Tensor v_q, Tensor v_scale, Tensor v_zero, Tensor u_q, Tensor u_scale, "
         "Tensor u_zero, Tensor s, int bits, int n, int k, int group_size) -> Tensor");
+  // svd-mixed, every bit-width group of a layer in one call: y = sum over g of x @ (U_g diag(s_g) V_g)^T.
+  // Entry g of each list is group g's tensor as above (rank r_g = v_scale[g].size(0), 0 allowed), bits[g]
+  // its width, s fp32 (sum r_g,) the groups' singular values in order. x may be strided.
+  m.def("kbit_lowrank_matmul_groups(Tensor x, Tensor[] v_q, Tensor[] v_scale, Tensor[] v_zero, Tensor[] u_q, "
+        "Tensor[] u_scale, Tensor[] u_zero, Tensor s, int[] bits, int n, int k, int group_size) -> Tensor");
   // The CPU code path the kernels take now ("avx512", "avx2", "neon", "portable"; DELTACOMP_ISA forces
   // one, see csrc/cpu/common.h). No tensor arguments, so one kernel for every backend.
   m.def("cpu_isa() -> str", []() -> std::string { return deltacomp::cpu::isa_name(deltacomp::cpu::active_isa()); });

@@ -224,6 +224,25 @@ def kbit_lowrank_matmul_ref(x: Tensor, v_q: Tensor, v_scale: Tensor, v_zero: Ten
     return (((x.to(dt) @ v.T) * s.to(dt)) @ ut).to(x.dtype)
 
 
+def kbit_lowrank_matmul_groups_ref(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits,
+                                   n: int, k: int, group_size: int) -> Tensor:
+    """Every group of an svd-mixed layer: the sum over g of ``kbit_lowrank_matmul_ref`` of group g
+    (list entries g; rank r_g = v_scale[g].shape[0]; s the groups' values in order)."""
+    if not len(v_q) == len(v_scale) == len(v_zero) == len(u_q) == len(u_scale) == len(u_zero) == len(bits):
+        raise ValueError(f"kbit_lowrank_matmul_groups: {len(bits)} bit widths but factor lists of "
+                         f"{[len(t) for t in (v_q, v_scale, v_zero, u_q, u_scale, u_zero)]} entries")
+    ranks = [int(t.shape[0]) for t in v_scale]
+    if s.dim() != 1 or s.shape[0] != sum(ranks):
+        raise ValueError(f"kbit_lowrank_matmul_groups: the groups have {sum(ranks)} rows in all, s has shape "
+                         f"{tuple(s.shape)}")
+    y, i = x.new_zeros(x.shape[0], n, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32), 0
+    for g, r in enumerate(ranks):
+        y += kbit_lowrank_matmul_ref(x, v_q[g], v_scale[g], v_zero[g], u_q[g], u_scale[g], u_zero[g], s[i:i + r],
+                                     bits[g], n, k, group_size).to(y.dtype)
+        i += r
+    return y.to(x.dtype)
+
+
 # -- public entry points (extension when built, reference otherwise) -------------------------------
 # Each op: its fake (meta) kernel, for torch.compile / FakeTensor tracing, sits beside its wrapper;
 # the schemas are declared once in csrc/ops.cpp.
@@ -416,4 +435,43 @@ if HAS_EXTENSION:
                      lambda: f"kbit_lowrank_matmul: v_q must hold r*k {bits}-bit codes, got {tuple(v_q.shape)}")
         torch._check(u_q.dim() == 1 and u_q.shape[0] == (s.shape[0] * n * bits + 7) // 8,
                      lambda: f"kbit_lowrank_matmul: u_q must hold r*n {bits}-bit codes, got {tuple(u_q.shape)}")
+        return x.new_empty((x.shape[0], n))
+
+
+def kbit_lowrank_matmul_groups(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits, n: int,
+                               k: int, group_size: int) -> Tensor:
+    """Every bit-width group of an svd-mixed layer in one op call: the sum over the groups g of
+    ``kbit_lowrank_matmul`` (list entry g of each factor list, bits[g], group g's rank v_scale[g].shape[0],
+    s the groups' singular values one after the other). x (M, k) fp32/bf16/fp16 -> (M, n) in x.dtype.
+    The CPU kernel sums the groups in its accumulators; other devices (CUDA) call the one-group op per
+    group; float64 x goes to the reference."""
+    if (x.device.type in ("cpu", "meta") and _ext_on(x, s) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES
+            and all(t.device == x.device and t.dtype == torch.uint8 for t in (*v_q, *u_q))
+            and all(t.device == x.device and t.dtype == torch.float16 for t in (*v_scale, *v_zero, *u_scale, *u_zero))):
+        return torch.ops.deltacomp.kbit_lowrank_matmul_groups(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero,
+                                                              s.to(torch.float32).contiguous(), bits, n, k,
+                                                              group_size)
+    if x.dtype == torch.float64:
+        return kbit_lowrank_matmul_groups_ref(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k, group_size)
+    y, i = None, 0  # one op call per group, summed in fp32
+    x2 = x.to(torch.float32)
+    for g, b in enumerate(bits):
+        r = v_scale[g].shape[0]
+        term = kbit_lowrank_matmul(x2, v_q[g], v_scale[g], v_zero[g], u_q[g], u_scale[g], u_zero[g], s[i:i + r], b,
+                                   n, k, group_size)
+        y = term if y is None else y + term
+        i += r
+    return (x2.new_zeros(x.shape[0], n) if y is None else y).to(x.dtype)
+
+
+if HAS_EXTENSION:
+    @torch.library.register_fake("deltacomp::kbit_lowrank_matmul_groups")
+    def _kbit_lowrank_matmul_groups_fake(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits,
+                                         n: int, k: int, group_size: int) -> Tensor:
+        op = "kbit_lowrank_matmul_groups"
+        torch._check(x.dim() == 2, lambda: f"{op}: x must be 2-D, got shape {tuple(x.shape)}")
+        torch._check(x.shape[1] == k, lambda: f"{op}: x has {x.shape[1]} columns but k={k}")
+        torch._check(len(v_q) == len(bits), lambda: f"{op}: {len(bits)} bit widths but {len(v_q)} v_q tensors")
+        torch._check(s.dim() == 1 and s.shape[0] == sum(t.shape[0] for t in v_scale),
+                     lambda: f"{op}: s must hold the groups' {sum(t.shape[0] for t in v_scale)} values")
         return x.new_empty((x.shape[0], n))

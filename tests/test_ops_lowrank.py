@@ -209,12 +209,12 @@ def test_codec_matmul_uses_op(monkeypatch, shape, groups):
     settings = {"ratio": 4.0, "group_size": 32} | ({"groups": groups} if groups else {})
     enc = codec.encode(delta, **settings)
     calls = []
-    real = ops.kbit_lowrank_matmul
-    monkeypatch.setattr(ops, "kbit_lowrank_matmul", lambda *a: calls.append(a[8]) or real(*a))
+    real = ops.kbit_lowrank_matmul_groups  # every group in one call
+    monkeypatch.setattr(ops, "kbit_lowrank_matmul_groups", lambda *a: calls.append(a[8]) or real(*a))
     dense = codec.decode(enc).double()
     x = torch.randn(2, 3, shape[1], generator=g)
     y = codec.matmul(x, enc)
-    assert y.shape == (2, 3, shape[0]) and calls == [b for b, _ in _alloc(enc)]
+    assert y.shape == (2, 3, shape[0]) and calls == [[b for b, _ in _alloc(enc)]]
     torch.testing.assert_close(y.double(), x.double() @ dense.T, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(codec.matmul(x.double(), enc), x.double() @ dense.T, rtol=1e-5, atol=1e-6)
     yb = codec.matmul(x.bfloat16(), enc)

@@ -44,10 +44,12 @@ constexpr int64_t kDotRows = 4;
 
 // Output columns per stage-3 block (a multiple of 16). Each (U^T row, block) pair costs a fixed
 // overhead (calls, a scalar head, the group scales), so blocks are as wide as keeps >= 2 blocks per
-// thread (load balance) and the m x block accumulators in L1/L2 (narrower for larger m).
+// thread (load balance; at one x row and one thread, one block: then the U^T rows of a pass are one
+// contiguous run of the stream) and the m x block accumulators in L1/L2 (narrower for larger m).
 int64_t block_columns(int64_t n, int64_t m, int threads) {
   const int64_t cap = m <= 2 ? 4096 : (m <= 8 ? 1024 : 512);
-  const int64_t want = ((n + 2 * threads - 1) / (2 * threads) + 15) / 16 * 16;
+  const int64_t per = threads > 1 || m > 1 ? 2 * threads : 1;
+  const int64_t want = ((n + per - 1) / per + 15) / 16 * 16;
   return std::max<int64_t>(256, std::min(want, cap));
 }
 
@@ -187,11 +189,10 @@ bool lookup_allowed() {
   return !(v && std::strcmp(v, "direct") == 0);
 }
 
-// Stage 1 + 2: t (r, m) = s * (V x^T), t stored row j = the m values of V row j (stage 3 reads them so).
-void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, int bits, int64_t gs,
-             const uint8_t* v_q, const uint16_t* v_scale, const uint16_t* v_zero, const float* s, float* t) {
+// Sum of x over each group of gs columns (the zero term of stage 1), (m, ceil(k / gs)).
+std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t gs) {
   const int64_t gk = n_groups(k, gs);
-  std::vector<float> xsum(static_cast<size_t>(m * gk));  // sum of x over each group (the zero term)
+  std::vector<float> xsum(static_cast<size_t>(m * gk));
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < gk; ++g) {
       // four double chains: with one, the add latency bounds the loop (one call per bit width of each
@@ -204,6 +205,15 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
       for (; c < c1; ++c) acc[0] += x[i * k + c];
       xsum[i * gk + g] = static_cast<float>((acc[0] + acc[1]) + (acc[2] + acc[3]));
     }
+  return xsum;
+}
+
+// Stage 1 + 2 of one group: t (r, m) = s * (V x^T), t stored row j = the m values of V row j (stage 3
+// reads them so); xsum from group_sums.
+void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, int bits, int64_t gs,
+             const uint8_t* v_q, const uint16_t* v_scale, const uint16_t* v_zero, const float* s,
+             const std::vector<float>& xsum, float* t) {
+  const int64_t gk = n_groups(k, gs);
   if (m == 1 && isa.row_dots != nullptr && lookup_allowed() && bits <= kLutMaxBits && k * bits % 32 == 0 &&
       gs * bits % 32 == 0) {  // one x row by lookup tables: every row's scaled dot, then the zero terms
     std::vector<float> dots(static_cast<size_t>(r)), zr(static_cast<size_t>(gk));
@@ -258,17 +268,66 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, in
   }
 }
 
-// Stage 3: y (m, n) = t^T U^T, U^T rows decoded block by block.
-void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, int bits, int64_t gs,
-             const uint8_t* u_q, const uint16_t* u_scale, const uint16_t* u_zero, float* y) {
-  const int64_t gn = n_groups(n, gs);
-  const bool parallel = m * r * n >= kParallelMinWork;
+// Stage 3 of one group over one block of output columns [n0, n0 + len): acc (m, len) += t^T U^T and
+// zsum (m, ng) += the zero terms of the ng groups of gs columns the block touches (from group g0).
+// Scratch: panel (panel_rows * len floats), sc, zr.
+void block_u(const Isa& isa, const float* t, int64_t m, int64_t n, const KbitGroup& grp, int64_t gs, int64_t n0,
+             int64_t len, int64_t g0, int64_t ng, int64_t panel_rows, bool fused, float* panel, float* sc, float* zr,
+             float* acc, float* zsum) {
+  const int64_t gn = n_groups(n, gs), r = grp.r;
+  const int bits = grp.bits;
+  const int64_t nbytes = (r * n * bits + 7) / 8;
+  const uint8_t* u_q = grp.u_q;
+  const uint16_t *u_scale = grp.u_scale, *u_zero = grp.u_zero;
+  // one x row: codes straight into the accumulators, kAxpyRows U^T rows per pass over them
+  for (int64_t j0 = 0; fused && j0 < r; j0 += kAxpyRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kAxpyRows, r - j0));
+    for (int q = 0; q < rows; ++q) {  // coefficient row q = t[j] * scale of U^T row j = j0 + q
+      const int64_t j = j0 + q;
+      float* coef = sc + q * ng;
+      isa.halves(u_scale + j * gn + g0, ng, coef);
+      isa.halves(u_zero + j * gn + g0, ng, zr);
+      for (int64_t g = 0; g < ng; ++g) {
+        zsum[g] += t[j] * zr[g];
+        coef[g] *= t[j];
+      }
+    }
+    // the next pass's rows of this block (short runs of len * bits / 8 bytes at a stride of n * bits / 8:
+    // too short for the hardware prefetcher to pick up from memory)
+    for (int64_t j = j0 + kAxpyRows; j < std::min(r, j0 + 2 * kAxpyRows); ++j)
+      for (int64_t b0 = (j * n + n0) * bits / 8, b1 = std::min(nbytes, b0 + (len * bits + 7) / 8); b0 < b1; b0 += 64)
+        __builtin_prefetch(u_q + b0);
+    isa.axpy_codes(u_q, nbytes, bits, j0 * n + n0, n, rows, len, n0, gs, sc, ng, acc);
+  }
+  for (int64_t j0 = 0; !fused && j0 < r; j0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, r - j0);
+    for (int64_t jj = 0; jj < rows; ++jj) {  // panel row jj = scale * code of U^T row j0 + jj
+      const int64_t j = j0 + jj;
+      float* row = panel + jj * len;
+      isa.decode(u_q, nbytes, bits, j * n + n0, len, row);
+      isa.halves(u_scale + j * gn + g0, ng, sc);
+      isa.halves(u_zero + j * gn + g0, ng, zr);
+      isa.scale_groups(row, len, n0, gs, sc);
+      for (int64_t i = 0; i < m; ++i)
+        for (int64_t g = 0; g < ng; ++g) zsum[i * ng + g] += t[j * m + i] * zr[g];
+    }
+    isa.panel_gemm(panel, rows, len, t + j0 * m, m, acc);
+  }
+}
+
+// Stage 3 of every group: y (m, n) = sum over the groups of t_g^T U_g^T, U^T rows decoded block by
+// block; t holds the groups' t (r_g, m) one after the other. Each block's accumulators take every
+// group's rows before y is written.
+void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, const KbitGroup* groups,
+             int64_t count, float* y) {
+  int64_t r_total = 0;
+  for (int64_t q = 0; q < count; ++q) r_total += groups[q].r;
+  const bool parallel = m * r_total * n >= kParallelMinWork;
   const int64_t block = block_columns(n, m, parallel ? omp_get_max_threads() : 1);
   const int64_t panel_rows = std::max<int64_t>(1, std::min(kMaxPanelRows, kPanelFloats / block));
   const int64_t blocks = (n + block - 1) / block;
   // block is a multiple of 16, so n % 16 == 0 makes every block start and length one too
   const bool fused = m == 1 && isa.axpy_codes != nullptr && n % 16 == 0 && gs % 16 == 0;
-  const int64_t nbytes = (r * n * bits + 7) / 8;
 #pragma omp parallel if (parallel)
   {
     std::vector<float> panel(static_cast<size_t>(panel_rows * block)), acc, zsum, sc, zr;
@@ -278,36 +337,14 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, in
       const int64_t g0 = n0 / gs, ng = (n0 + len - 1) / gs - g0 + 1;  // groups the block touches
       acc.assign(static_cast<size_t>(m * len), 0.f);
       zsum.assign(static_cast<size_t>(m * ng), 0.f);
-      sc.resize(static_cast<size_t>(kAxpyRows * ng));
+      sc.resize(static_cast<size_t>(std::max<int64_t>(kAxpyRows, 1) * ng));
       zr.resize(static_cast<size_t>(ng));
-      // one x row: codes straight into the accumulators, kAxpyRows U^T rows per pass over them
-      for (int64_t j0 = 0; fused && j0 < r; j0 += kAxpyRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kAxpyRows, r - j0));
-        for (int q = 0; q < rows; ++q) {  // coefficient row q = t[j] * scale of U^T row j = j0 + q
-          const int64_t j = j0 + q;
-          float* coef = sc.data() + q * ng;
-          isa.halves(u_scale + j * gn + g0, ng, coef);
-          isa.halves(u_zero + j * gn + g0, ng, zr.data());
-          for (int64_t g = 0; g < ng; ++g) {
-            zsum[g] += t[j] * zr[g];
-            coef[g] *= t[j];
-          }
-        }
-        isa.axpy_codes(u_q, nbytes, bits, j0 * n + n0, n, rows, len, n0, gs, sc.data(), ng, acc.data());
-      }
-      for (int64_t j0 = 0; !fused && j0 < r; j0 += panel_rows) {
-        const int64_t rows = std::min(panel_rows, r - j0);
-        for (int64_t jj = 0; jj < rows; ++jj) {  // panel row jj = scale * code of U^T row j0 + jj
-          const int64_t j = j0 + jj;
-          float* row = panel.data() + jj * len;
-          isa.decode(u_q, nbytes, bits, j * n + n0, len, row);
-          isa.halves(u_scale + j * gn + g0, ng, sc.data());
-          isa.halves(u_zero + j * gn + g0, ng, zr.data());
-          isa.scale_groups(row, len, n0, gs, sc.data());
-          for (int64_t i = 0; i < m; ++i)
-            for (int64_t g = 0; g < ng; ++g) zsum[i * ng + g] += t[j * m + i] * zr[g];
-        }
-        isa.panel_gemm(panel.data(), rows, len, t + j0 * m, m, acc.data());
+      const float* tg = t;
+      for (int64_t q = 0; q < count; ++q) {
+        if (groups[q].r > 0)
+          block_u(isa, tg, m, n, groups[q], gs, n0, len, g0, ng, panel_rows, fused, panel.data(), sc.data(),
+                  zr.data(), acc.data(), zsum.data());
+        tg += groups[q].r * m;
       }
       for (int64_t i = 0; i < m; ++i)
         for (int64_t g = 0; g < ng; ++g) {  // group by group: no division per element
@@ -322,19 +359,34 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t r, in
 }  // namespace
 }  // namespace lowrank
 
-void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,
-                             int64_t group_size, const uint8_t* v_q, const uint16_t* v_scale,
-                             const uint16_t* v_zero, const uint8_t* u_q, const uint16_t* u_scale,
-                             const uint16_t* u_zero, const float* s, float* y) {
+void kbit_lowrank_matmul_groups_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t group_size,
+                                    const KbitGroup* groups, int64_t count, float* y) {
   if (m == 0 || n == 0) return;
-  if (r == 0 || k == 0) {  // an empty factor: the product is exactly zero
+  int64_t r_total = 0;
+  for (int64_t q = 0; q < count; ++q) r_total += groups[q].r;
+  if (r_total == 0 || k == 0) {  // no factor rows, or empty ones: the product is exactly zero
     std::fill(y, y + m * n, 0.f);
     return;
   }
   const lowrank::Isa& isa = lowrank::pick_isa();
-  std::vector<float> t(static_cast<size_t>(r * m));
-  lowrank::stage_v(isa, x, m, k, r, bits, group_size, v_q, v_scale, v_zero, s, t.data());
-  lowrank::stage_u(isa, t.data(), m, n, r, bits, group_size, u_q, u_scale, u_zero, y);
+  const std::vector<float> xsum = lowrank::group_sums(x, m, k, group_size);
+  std::vector<float> t(static_cast<size_t>(r_total * m));
+  float* tg = t.data();
+  for (int64_t q = 0; q < count; ++q) {
+    const KbitGroup& g = groups[q];
+    if (g.r > 0)
+      lowrank::stage_v(isa, x, m, k, g.r, g.bits, group_size, g.v_q, g.v_scale, g.v_zero, g.s, xsum, tg);
+    tg += g.r * m;
+  }
+  lowrank::stage_u(isa, t.data(), m, n, group_size, groups, count, y);
+}
+
+void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,
+                             int64_t group_size, const uint8_t* v_q, const uint16_t* v_scale,
+                             const uint16_t* v_zero, const uint8_t* u_q, const uint16_t* u_scale,
+                             const uint16_t* u_zero, const float* s, float* y) {
+  const KbitGroup g{bits, r, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s};
+  kbit_lowrank_matmul_groups_f32(x, m, k, n, group_size, &g, 1, y);
 }
 
 }  // namespace cpu

@@ -22,5 +22,24 @@ void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, in
                              const uint16_t* v_zero, const uint8_t* u_q, const uint16_t* u_scale,
                              const uint16_t* u_zero, const float* s, float* y);
 
+// One bit-width group of an svd-mixed delta, as kbit_lowrank_matmul_f32 takes it (r = 0: an empty group).
+struct KbitGroup {
+  int bits;
+  int64_t r;
+  const uint8_t* v_q;
+  const uint16_t* v_scale;
+  const uint16_t* v_zero;
+  const uint8_t* u_q;
+  const uint16_t* u_scale;
+  const uint16_t* u_zero;
+  const float* s;  // this group's r singular values
+};
+
+// Every group of an svd-mixed delta in one call: y (m, n) = sum over the groups of x @ (U_g diag(s_g) V_g)^T.
+// Stage 1 runs group by group into one t; stage 3 walks every group's U^T rows per output block, adding
+// into one set of accumulators, so y is written once (no per-group output and sum).
+void kbit_lowrank_matmul_groups_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t group_size,
+                                    const KbitGroup* groups, int64_t count, float* y);
+
 }  // namespace cpu
 }  // namespace deltacomp

@@ -1,9 +1,12 @@
-// Torch-facing CPU wrapper of kbit_lowrank_matmul (svd-mixed, one bit-width group): checks the inputs
+// Torch-facing CPU wrappers of kbit_lowrank_matmul (svd-mixed, one bit-width group) and
+// kbit_lowrank_matmul_groups (every group of a layer in one call): check the inputs
 // (messages carry the actual values), then calls the raw kernel in lowrank_kernels.cpp. Schema in
 // csrc/ops.cpp, layouts in deltacomp/ops.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
+
+#include <vector>
 
 #include "lowrank_kernels.h"
 
@@ -12,29 +15,29 @@ namespace {
 
 constexpr const char* kOp = "kbit_lowrank_matmul";
 
-void check_cpu(const at::Tensor& t, const char* name, int64_t dim) {
-  TORCH_CHECK(t.device().is_cpu(), kOp, ": ", name, " must be on the CPU, got ", t.device());
-  TORCH_CHECK(t.dim() == dim, kOp, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_contiguous(), kOp, ": ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
+void check_cpu(const at::Tensor& t, const char* name, int64_t dim, const char* op = kOp) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be on the CPU, got ", t.device());
+  TORCH_CHECK(t.dim() == dim, op, ": ", name, " must be ", dim, "-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous (shape ", t.sizes(), ", strides ",
               t.strides(), "); call .contiguous()");
 }
 
 // One factor: packed KBITS codes of `rows` x `len` values and fp16 (rows, ceil(len / gs)) scale / zero.
 void check_factor(const at::Tensor& q, const at::Tensor& scale, const at::Tensor& zero, const char* which,
-                  int64_t rows, int64_t len, int64_t bits, int64_t gs) {
+                  int64_t rows, int64_t len, int64_t bits, int64_t gs, const char* op = kOp) {
   const std::string qn = std::string(which) + "_q", sn = std::string(which) + "_scale",
                     zn = std::string(which) + "_zero";
-  check_cpu(q, qn.c_str(), 1);
-  TORCH_CHECK(q.scalar_type() == at::kByte, kOp, ": ", qn, " must be uint8, got ", q.scalar_type());
+  check_cpu(q, qn.c_str(), 1, op);
+  TORCH_CHECK(q.scalar_type() == at::kByte, op, ": ", qn, " must be uint8, got ", q.scalar_type());
   const int64_t need = (rows * len * bits + 7) / 8;
-  TORCH_CHECK(q.numel() == need, kOp, ": ", rows, " x ", len, " codes of ", bits, " bits need ", need,
+  TORCH_CHECK(q.numel() == need, op, ": ", rows, " x ", len, " codes of ", bits, " bits need ", need,
               " bytes, but ", qn, " has ", q.numel());
   const int64_t groups = (len + gs - 1) / gs;
   for (const auto* p : {&scale, &zero}) {
     const std::string& nm = p == &scale ? sn : zn;
-    check_cpu(*p, nm.c_str(), 2);
-    TORCH_CHECK(p->scalar_type() == at::kHalf, kOp, ": ", nm, " must be float16, got ", p->scalar_type());
-    TORCH_CHECK(p->size(0) == rows && p->size(1) == groups, kOp, ": ", nm, " must have shape (", rows, ", ",
+    check_cpu(*p, nm.c_str(), 2, op);
+    TORCH_CHECK(p->scalar_type() == at::kHalf, op, ": ", nm, " must be float16, got ", p->scalar_type());
+    TORCH_CHECK(p->size(0) == rows && p->size(1) == groups, op, ": ", nm, " must have shape (", rows, ", ",
                 groups, ") (r, ceil(", len, " / group_size=", gs, ")), got ", p->sizes());
   }
 }
@@ -67,7 +70,61 @@ at::Tensor kbit_lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& v_q, c
   return xt == at::kFloat ? y : y.to(xt);
 }
 
+// Every bit-width group of a layer: list entry g is group g (its rank r_g = v_scale[g].size(0), 0 for
+// an empty group), s the groups' singular values one after the other. x may be strided (copied once
+// here, so the caller makes no Python-side tensor call).
+at::Tensor kbit_lowrank_matmul_groups_cpu(const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
+                                          at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale,
+                                          at::TensorList u_zero, const at::Tensor& s, at::IntArrayRef bits,
+                                          int64_t n, int64_t k, int64_t group_size) {
+  constexpr const char* op = "kbit_lowrank_matmul_groups";
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", xt);
+  TORCH_CHECK(n >= 0 && k >= 0, op, ": n and k must be >= 0, got n=", n, " k=", k);
+  TORCH_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " columns (shape ", x.sizes(), ") but k=", k);
+  const size_t count = bits.size();
+  TORCH_CHECK(v_q.size() == count && v_scale.size() == count && v_zero.size() == count && u_q.size() == count &&
+                  u_scale.size() == count && u_zero.size() == count,
+              op, ": bits has ", count, " groups, but the factor lists have ", v_q.size(), ", ", v_scale.size(), ", ",
+              v_zero.size(), ", ", u_q.size(), ", ", u_scale.size(), ", ", u_zero.size(), " entries");
+  check_cpu(s, "s", 1, op);
+  TORCH_CHECK(s.scalar_type() == at::kFloat, op, ": s must be float32, got ", s.scalar_type());
+  std::vector<cpu::KbitGroup> groups(count);
+  const auto half = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
+  int64_t r_total = 0;
+  for (size_t g = 0; g < count; ++g) {
+    TORCH_CHECK(bits[g] >= 1 && bits[g] <= 8, op, ": bits[", g, "] must be in 1..8, got ", bits[g]);
+    TORCH_CHECK(v_scale[g].dim() == 2, op, ": v_scale[", g, "] must be 2-D (r, groups), got shape ", v_scale[g].sizes());
+    const int64_t r = v_scale[g].size(0);
+    check_factor(v_q[g], v_scale[g], v_zero[g], "v", r, k, bits[g], group_size, op);
+    check_factor(u_q[g], u_scale[g], u_zero[g], "u", r, n, bits[g], group_size, op);
+    groups[g] = {static_cast<int>(bits[g]), r, v_q[g].data_ptr<uint8_t>(), half(v_scale[g]), half(v_zero[g]),
+                 u_q[g].data_ptr<uint8_t>(), half(u_scale[g]), half(u_zero[g]), nullptr};
+    r_total += r;
+  }
+  TORCH_CHECK(s.size(0) == r_total, op, ": the groups have ", r_total, " rows in all (v_scale sizes), but s has ",
+              s.size(0));
+  int64_t off = 0;
+  for (auto& g : groups) {
+    g.s = s.data_ptr<float>() + off;
+    off += g.r;
+  }
+  // bf16/fp16 x: widened once (M x K is small next to the factors); the kernel accumulates in fp32.
+  const at::Tensor xf = (xt == at::kFloat ? x : x.to(at::kFloat)).contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options().dtype(at::kFloat));
+  cpu::kbit_lowrank_matmul_groups_f32(xf.data_ptr<float>(), x.size(0), k, n, group_size, groups.data(),
+                                      static_cast<int64_t>(count), y.data_ptr<float>());
+  return xt == at::kFloat ? y : y.to(xt);
+}
+
 }  // namespace
 }  // namespace deltacomp
 
-TORCH_LIBRARY_IMPL(deltacomp, CPU, m) { m.impl("kbit_lowrank_matmul", &deltacomp::kbit_lowrank_matmul_cpu); }
+TORCH_LIBRARY_IMPL(deltacomp, CPU, m) {
+  m.impl("kbit_lowrank_matmul", &deltacomp::kbit_lowrank_matmul_cpu);
+  m.impl("kbit_lowrank_matmul_groups", &deltacomp::kbit_lowrank_matmul_groups_cpu);
+}

@@ -17,7 +17,6 @@ params["alloc"] ("8:2+3:32+2:968") records the groups. Size = allocation.alloc_n
 """
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -32,6 +31,7 @@ from ...quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from ...quant.rtn import dequantize, n_groups, quantize
 from ...quant.svd import energy, gram_of_columns
 from ..base import Codec, CodecName, Encoded, Setting, register
+from .serving import SvdMixedTerm, alloc_groups, group_args
 from ..lowrank import SVD_METHODS, refuse_1d, truncated_svd
 
 
@@ -194,7 +194,7 @@ class SvdMixedCodec(Codec):
         gs = int(enc.params["group_size"])
         t = enc.tensors
         i = 0
-        alloc = _alloc_groups(enc.params.get("alloc"))
+        alloc = alloc_groups(enc.params.get("alloc"))
         for b, c in alloc:
             ut = dequantize(unpack_bits(t[f"u_q{b}"], b, c * n).reshape(c, n), t[f"u_scale{b}"], t[f"u_zero{b}"], gs)
             v = dequantize(unpack_bits(t[f"v_q{b}"], b, c * k).reshape(c, k), t[f"v_scale{b}"], t[f"v_zero{b}"], gs)
@@ -208,30 +208,18 @@ class SvdMixedCodec(Codec):
         return out
 
     def matmul(self, x: Tensor, enc: Encoded) -> Tensor:
-        """x (..., K) @ delta^T, one ``ops.kbit_lowrank_matmul`` per bit-width group (the codes are
-        decoded inside the op; U, V and the delta are never built). Low-precision x is widened once so
-        the group terms are summed in fp32; float64 x is computed in float64 (the reference path)."""
+        """x (..., K) @ delta^T, every bit-width group in one ``ops.kbit_lowrank_matmul_groups`` call (the
+        codes are decoded inside the op; U, V and the delta are never built). Low-precision x is widened
+        once so the group terms are summed in fp32; float64 x is computed in float64 (the reference path)."""
         n, k = enc.shape
-        gs = int(enc.params["group_size"])
-        t = enc.tensors
         out_dt = x.dtype if x.is_floating_point() else torch.float32
         x2 = x.reshape(-1, k).to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-        y, i = None, 0
-        for b, c in _alloc_groups(enc.params.get("alloc")):
-            term = ops.kbit_lowrank_matmul(x2, t[f"v_q{b}"], t[f"v_scale{b}"], t[f"v_zero{b}"], t[f"u_q{b}"],
-                                           t[f"u_scale{b}"], t[f"u_zero{b}"], t["s"][i:i + c], b, n, k, gs)
-            y = term if y is None else y + term
-            i += c
-        if y is None:  # no singular vector kept (an all-zero delta)
-            y = x2.new_zeros(x2.shape[0], n)
+        y = ops.kbit_lowrank_matmul_groups(x2, *group_args(enc))
         return y.to(out_dt).reshape(*x.shape[:-1], n)
 
-
-@functools.lru_cache(maxsize=256)
-def _alloc_groups(alloc: str | None) -> tuple[tuple[int, int | None], ...]:
-    """``al.parse_groups`` of a stored allocation, parsed once per distinct text (every layer of a
-    decode step asks)."""
-    return tuple(al.parse_groups(alloc)) if alloc else ()
+    def serving_term(self, enc: Encoded):
+        """One op call per layer, its arguments gathered once (serving.py)."""
+        return SvdMixedTerm(self, enc)
 
 
 def best_candidate(candidates, quantize):

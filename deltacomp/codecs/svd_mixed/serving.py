@@ -1,0 +1,68 @@
+"""svd-mixed's serving term: every bit-width group of a layer in one ``kbit_lowrank_matmul_groups`` call,
+with the op's arguments (the groups' tensor lists, bit widths, shape) gathered once, not per call."""
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from . import allocation as al
+from ... import ops
+from ..base import Encoded
+from ..term import DeltaTerm
+
+_FIELDS = ("v_q", "v_scale", "v_zero", "u_q", "u_scale", "u_zero")
+
+
+@functools.lru_cache(maxsize=256)
+def alloc_groups(alloc: str | None) -> tuple[tuple[int, int | None], ...]:
+    """``al.parse_groups`` of a stored allocation, parsed once per distinct text (every layer of a
+    decode step asks)."""
+    return tuple(al.parse_groups(alloc)) if alloc else ()
+
+
+def group_args(enc: Encoded, get=None) -> tuple:
+    """The arguments of ``ops.kbit_lowrank_matmul_groups`` after x: six lists (one entry per bit-width
+    group, in the stored order), s, the bit widths, n, k and the group size. ``get(field)``: where the
+    tensors come from (default ``enc.tensors``)."""
+    get = enc.tensors.__getitem__ if get is None else get
+    bits = [b for b, _ in alloc_groups(enc.params.get("alloc"))]
+    lists = tuple([get(f"{f[0]}_{f[2:]}{b}") for b in bits] for f in _FIELDS)
+    s = get("s") if bits else torch.zeros(0)
+    n, k = enc.shape
+    return (*lists, s, bits, int(n), int(k), int(enc.params["group_size"]))
+
+
+class SvdMixedTerm(DeltaTerm):
+    """``x2 @ delta^T`` by one ``kbit_lowrank_matmul_groups`` call. On the CPU with the extension the op
+    is called straight (no wrapper, no per-call tensor calls: x2 may be strided, the op copies it once);
+    elsewhere (CUDA, float64 x, no extension) through ``ops.kbit_lowrank_matmul_groups``."""
+
+    def __init__(self, codec, enc: Encoded):
+        super().__init__(codec, enc)
+        self._args: tuple | None = None  # group_args of the buffers, until they move (_apply)
+        self._direct = False  # every buffer on the CPU with the dtypes the op takes
+
+    def _apply(self, fn, *args, **kwargs):
+        self._args = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def _prepare(self) -> tuple:
+        args = group_args(self.encoded(), self.tensor)
+        args = (*args[:6], args[6].to(torch.float32).contiguous(), *args[7:])
+        lists, s = args[:6], args[6]
+        self._direct = (s.device.type == "cpu" and all(t.device.type == "cpu" for ts in lists for t in ts)
+                        and all(t.dtype == torch.uint8 for t in (*lists[0], *lists[3]))
+                        and all(t.dtype == torch.float16 for ts in (lists[1], lists[2], lists[4], lists[5])
+                                for t in ts))
+        self._args = args
+        return args
+
+    def forward(self, x2: Tensor) -> Tensor:
+        args = self._args
+        if args is None:
+            args = self._prepare()
+        if self._direct and x2.dtype in ops._MATMUL_DTYPES and x2.device.type == "cpu" and ops._ext_on():
+            return torch.ops.deltacomp.kbit_lowrank_matmul_groups(x2, *args)
+        return ops.kbit_lowrank_matmul_groups(x2, *args).to(x2.dtype)
