@@ -118,6 +118,29 @@ def test_fused_vs_reference(cpu_path, xdtype, wdtype, per_row):
 
 
 @needs_ext
+@pytest.mark.parametrize("kernel", ["default", "simd"])
+@pytest.mark.parametrize("wdtype", (torch.float32, torch.bfloat16), ids=str)
+def test_fused_one_row_vs_reference(cpu_path, monkeypatch, kernel, wdtype):
+    """One x row, each sign pass (DELTACOMP_SIGN_KERNEL; AVX2 default: the 3-bit lookup tables after the
+    dense pass of each 8-row tile): ragged tiles, k around the 32- and 256-weight blocks, all-zero w and
+    x, every sign +1."""
+    if kernel != "default":
+        monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", kernel)
+    for n, k in itertools.product((1, 7, 8, 9, 17), (31, 32, 63, 257, 300, 1031)):
+        g = _gen(n * 1000 + k)
+        x = torch.randn(1, k, generator=g)
+        w = torch.randn(n, k, generator=g).to(wdtype)
+        packed = ops.pack_signs_ref(torch.randn(n, k, generator=g))
+        scale = torch.rand(n, generator=g) + 0.1
+        for xi, wi, pi in ((x, w, packed), (x, torch.zeros_like(w), ops.pack_signs_ref(torch.ones(n, k))),
+                           (torch.zeros_like(x), w, packed)):
+            y = torch.ops.deltacomp.sign_matmul_fused(xi, wi, pi, scale, k)
+            w_eff = wi.to(torch.float64) + _signs64(pi, k) * _scale_col(scale)
+            magnitude = wi.to(torch.float64).abs() + _scale_col(scale).abs()
+            _assert_close64(y, xi, w_eff, k, f"fused one row n={n} k={k}", magnitude)
+
+
+@needs_ext
 @pytest.mark.parametrize("xdtype", XDTYPES, ids=str)
 @pytest.mark.parametrize("per_row", [False, True], ids=["tensor", "row"])
 @pytest.mark.parametrize("tenants", [1, 3])

@@ -129,8 +129,10 @@ void sign_matmul_fused(const float* x, int64_t m, int64_t k, const WT* w, const 
   const Isa isa = active_isa();
   if (isa == Isa::kAvx512) {
     fused_avx512<WT>(x, m, k, w, packed, n, scale, per_row, y);
-  } else {  // AVX2 / NEON / portable
-    simd8::sign_matmul_fused(isa, x, m, k, w, packed, n, scale, per_row, y);
+  } else {  // AVX2 / NEON / portable; DELTACOMP_SIGN_KERNEL=simd keeps the byte-table sign pass on AVX2 too
+    const char* kernel = std::getenv("DELTACOMP_SIGN_KERNEL");
+    const bool lookup = !(kernel && std::strcmp(kernel, "simd") == 0);
+    simd8::sign_matmul_fused(isa, x, m, k, w, packed, n, scale, per_row, y, lookup);
   }
 }
 

@@ -33,10 +33,12 @@ void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packe
                        bool per_row, const Segments& sg, float* y, int64_t work, bool lookup);
 
 // y (m, n) = x (m, k) @ (w + scale * sign)^T, w fp32 or bf16 bit patterns (see serve_kernels.h).
+// lookup: on AVX2 with one x row (and k >= 32), the sign pass of each tile by the lookup tables of the
+// sign matmul instead of the byte-table loop.
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const float* w, const uint8_t* packed,
-                       int64_t n, const float* scale, bool per_row, float* y);
+                       int64_t n, const float* scale, bool per_row, float* y, bool lookup);
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const uint16_t* w, const uint8_t* packed,
-                       int64_t n, const float* scale, bool per_row, float* y);
+                       int64_t n, const float* scale, bool per_row, float* y, bool lookup);
 
 }  // namespace simd8
 }  // namespace cpu

@@ -181,6 +181,42 @@ void sign_lut_m1(const float* x, int64_t k, const uint8_t* packed, int64_t n, co
     }
   }
 }
+
+// ---- fused base + signs at one x row: the dense pass, then the lookup-table sign pass ----------------
+// y[r] = x . w[r] + s_r * (x . sign[r]), per tile of 8 rows: the plain dense pass over the tile's w rows
+// (dense_pass, simd8_body.inc), then lut_tile over the same rows' signs (tables built once per call; the
+// next tile's signs prefetched as one range) instead of the byte-table sign pass of the generic body.
+// The dense pass streams w at the speed of torch's own matvec; the sign pass is compute-bound and does
+// not overlap it, so what it costs shows: the 3-bit tables cut that cost (README, "Code paths").
+template <typename WT>
+void fused_lut_m1(const float* x, int64_t k, const WT* w, const uint8_t* packed, int64_t n, const float* scale,
+                  bool per_row, float* y, float* tables) {
+  const int64_t nb = bytes_per_row(k), blocks = k / 32;
+  lut_tables(x, blocks, tables);
+  const int64_t tiles = (n + 7) / 8;
+#pragma omp parallel for schedule(dynamic, 4) if (n * k >= kParallelMinWork)
+  for (int64_t ti = 0; ti < tiles; ++ti) {
+    const int64_t n0 = 8 * ti;
+    const int rows = static_cast<int>(std::min<int64_t>(8, n - n0));
+    const WT* wt = w + n0 * k;
+    float dense[8], sg[8];
+    if (rows == 8) {
+      dense_pass<WT, 8, 1>(x, k, wt, dense);
+    } else {
+      int r = 0;
+      for (; r + 4 <= rows; r += 4) dense_pass<WT, 4, 1>(x, k, wt + r * k, dense + r);
+      for (; r < rows; ++r) dense_pass<WT, 1, 1>(x, k, wt + r * k, dense + r);
+    }
+    const int64_t next = std::min(n, n0 + 8), next_end = std::min(n, n0 + 16);  // the next tile's rows
+    lut_tile(tables, blocks, packed + n0 * nb, nb, rows, sg, packed + next * nb, (next_end - next) * nb);
+    for (int r = 0; r < rows; ++r) {
+      const uint8_t* pr = packed + (n0 + r) * nb;
+      float v = sg[r];
+      for (int64_t c = 32 * blocks; c < k; ++c) v += ((pr[c >> 3] >> (c & 7)) & 1u) ? x[c] : -x[c];
+      y[n0 + r] = dense[r] + scale[per_row ? n0 + r : 0] * v;
+    }
+  }
+}
 }  // namespace
 }  // namespace avx2
 #pragma GCC pop_options
@@ -264,12 +300,28 @@ void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packe
 }
 
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const float* w, const uint8_t* packed,
-                       int64_t n, const float* scale, bool per_row, float* y) {
+                       int64_t n, const float* scale, bool per_row, float* y, bool lookup) {
+#if DELTACOMP_X86_GCC
+  if (isa == Isa::kAvx2 && lookup && m == 1 && k >= 32) {
+    std::vector<float> tables(avx2::lut_table_floats(k));
+    avx2::fused_lut_m1(x, k, w, packed, n, scale, per_row, y, tables.data());
+    return;
+  }
+#endif
+  (void)lookup;
   DELTACOMP_SIMD8_CALL(isa, fused_f32, x, m, k, w, packed, n, scale, per_row, y);
 }
 
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const uint16_t* w, const uint8_t* packed,
-                       int64_t n, const float* scale, bool per_row, float* y) {
+                       int64_t n, const float* scale, bool per_row, float* y, bool lookup) {
+#if DELTACOMP_X86_GCC
+  if (isa == Isa::kAvx2 && lookup && m == 1 && k >= 32) {
+    std::vector<float> tables(avx2::lut_table_floats(k));
+    avx2::fused_lut_m1(x, k, w, packed, n, scale, per_row, y, tables.data());
+    return;
+  }
+#endif
+  (void)lookup;
   DELTACOMP_SIMD8_CALL(isa, fused_bf16, x, m, k, w, packed, n, scale, per_row, y);
 }
 
