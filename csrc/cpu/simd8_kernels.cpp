@@ -299,29 +299,32 @@ void sign_matmul_multi(Isa isa, const float* xs, int64_t k, const uint8_t* packe
   DELTACOMP_SIMD8_CALL(isa, multi, xs, k, packed, n, scales, per_row, sg, y, work);
 }
 
-void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const float* w, const uint8_t* packed,
-                       int64_t n, const float* scale, bool per_row, float* y, bool lookup) {
+// The AVX2 one-row fused op with the sign pass by lookup tables, for fp32 or bf16 (uint16_t) W; false
+// when this call is not for it (another path, more rows, k < 32 or lookup off).
+template <typename W>
+static bool fused_lut(Isa isa, const float* x, int64_t m, int64_t k, const W* w, const uint8_t* packed, int64_t n,
+                      const float* scale, bool per_row, float* y, bool lookup) {
 #if DELTACOMP_X86_GCC
   if (isa == Isa::kAvx2 && lookup && m == 1 && k >= 32) {
     std::vector<float> tables(avx2::lut_table_floats(k));
     avx2::fused_lut_m1(x, k, w, packed, n, scale, per_row, y, tables.data());
-    return;
+    return true;
   }
 #endif
-  (void)lookup;
+  (void)isa, (void)x, (void)m, (void)k, (void)w, (void)packed, (void)n, (void)scale, (void)per_row, (void)y,
+      (void)lookup;
+  return false;
+}
+
+void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const float* w, const uint8_t* packed,
+                       int64_t n, const float* scale, bool per_row, float* y, bool lookup) {
+  if (fused_lut(isa, x, m, k, w, packed, n, scale, per_row, y, lookup)) return;
   DELTACOMP_SIMD8_CALL(isa, fused_f32, x, m, k, w, packed, n, scale, per_row, y);
 }
 
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const uint16_t* w, const uint8_t* packed,
                        int64_t n, const float* scale, bool per_row, float* y, bool lookup) {
-#if DELTACOMP_X86_GCC
-  if (isa == Isa::kAvx2 && lookup && m == 1 && k >= 32) {
-    std::vector<float> tables(avx2::lut_table_floats(k));
-    avx2::fused_lut_m1(x, k, w, packed, n, scale, per_row, y, tables.data());
-    return;
-  }
-#endif
-  (void)lookup;
+  if (fused_lut(isa, x, m, k, w, packed, n, scale, per_row, y, lookup)) return;
   DELTACOMP_SIMD8_CALL(isa, fused_bf16, x, m, k, w, packed, n, scale, per_row, y);
 }
 
