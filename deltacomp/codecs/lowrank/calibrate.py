@@ -84,8 +84,8 @@ class FactorRefit(Calibrator):
         if rank == 0 or not options.whiten:
             return None
         u, s, v, _ = whitened_svd(delta, h, rank, options.damp)
-        new = LowRankCodec()._pack(tuple(delta.shape), u, s, v, dict(enc.params))
         codec = LowRankCodec()
+        new = codec._pack(tuple(delta.shape), u, s, v, dict(enc.params))
         old_err = output_error(delta, codec.decode(_on(enc, delta.device)), h)
         new_err = output_error(delta, codec.decode(_on(new, delta.device)), h)
         return new if new_err < old_err else None
