@@ -19,6 +19,7 @@ from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_d
 from .devices import resolve_device
 from .dtypes import DTYPES, dtype_name
 from .errors import CheckpointError, OutputExistsError
+from .modelnames import checkpoint_aliases, not_in_model
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
@@ -60,6 +61,8 @@ def _global_prepass(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan
         if p.kind != PairKind.DELTA:
             continue
         shape = tuple(bck.shape(p.name)) or (1,)
+        if plan.auto and p.name not in plan.choices and plan.auto_target(p.name, shape, is_zero=False):
+            continue  # --method auto left it out of the allocation: unchanged, stored as zero
         a = plan.assign(p.name, shape, fck.dtype(p.name).itemsize, is_zero=False)
         codec = get_codec(a.codec)
         if codec.needs_global(a.settings):
@@ -399,8 +402,7 @@ def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, fo
     (only the parameters in ``names`` when given)."""
     df = load_delta(delta)
     checker = BaseChecker(df, force)
-    state = dict(model.named_parameters(remove_duplicate=False))
-    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    state = _model_state(model, df)
     todo = list(df.params) if names is None else [n for n in df.params if n in set(names)]
     for name in progress_bar(todo, desc="apply", unit="tensor", enable=progress):
         info = df.params[name]
@@ -410,14 +412,13 @@ def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, fo
                     raise CheckpointError(f"{name}: the fine-tune ties it to {info.tied_to}, the model does not")
             continue
         if name not in state:
-            raise CheckpointError(f"{name}: in the delta {df.path} but not a parameter of the model")
+            raise not_in_model(model, df.path, name)
         p = state[name]
         if (info.base_rows is not None and tuple(p.shape) == info.encoded_shape
                 and hasattr(model, "resize_token_embeddings")):
             # the fine-tune added tokens: grow the model's vocabulary first (tied heads follow)
             model.resize_token_embeddings(info.shape[0])
-            state = dict(model.named_parameters(remove_duplicate=False))
-            state.update(dict(model.named_buffers(remove_duplicate=False)))
+            state = _model_state(model, df)
             p = state[name]
         if tuple(p.shape) != tuple(info.shape):
             raise CheckpointError(f"{name}: model has shape {list(p.shape)}, the fine-tune {list(info.shape)}"
@@ -431,3 +432,12 @@ def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, fo
             new = df.apply(name, b.reshape(info.encoded_shape) if info.has_base else None).reshape(p.shape)
             p.copy_(new.to(p.dtype))
     return model
+
+
+def _model_state(model: torch.nn.Module, df: Delta) -> dict[str, Tensor]:
+    """The model's parameters and buffers by name, plus each delta tensor transformers renamed on load
+    under the delta's (the checkpoint's) name."""
+    state = dict(model.named_parameters(remove_duplicate=False))
+    state.update(dict(model.named_buffers(remove_duplicate=False)))
+    state.update({c: state[m] for c, m in checkpoint_aliases(model, df.params).items()})
+    return state

@@ -19,6 +19,10 @@ class CheckpointError(DeltacompError):
     """A model folder/file cannot be read, is pickled, or base and fine-tune do not pair up."""
 
 
+class ModelLayoutError(CheckpointError):
+    """A delta tensor that the loaded model holds in another layout (transformers merged it on load)."""
+
+
 class NonFiniteError(CheckpointError):
     """A base or fine-tune tensor holds NaN or Inf values (a delta of them would be all NaN)."""
 

@@ -33,7 +33,10 @@ WHOLE = CodecName.RAW.value
 # Embeddings, output heads, norms and biases stay exact by default (BitDelta's choice: they are small,
 # or in the case of embeddings, sensitive); the attention and MLP projections are compressed.
 DEFAULT_RULES: tuple[tuple[str, str], ...] = (
-    (r"(^|\.)(embed_tokens|embed_positions|wte|wpe|word_embeddings|lm_head|embed_out)(\.|$)", "raw"),
+    (r"(^|\.)(embed_tokens|embed_positions|embed_in|tok_embeddings|wte|wpe|word_embeddings|lm_head|embed_out)"
+     r"(\.|$)|^output\.weight$", "raw"),
+    # a mixture of experts' router (one row per expert: small, and every token's choice of experts hangs on it)
+    (r"(^|\.)(gate|router|shared_expert_gate)\.weight$", "raw"),
     (r"(norm|ln_\d|ln_f)(\.|$)", "raw"),
     (r"\.bias$", "raw"),
 )

@@ -34,6 +34,7 @@ from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
 from ..delta_file import DEFAULT_MAX_SHARD_BYTES, NEW_ROWS, DeltaWriter
 from ..errors import CheckpointError, SettingsError
+from ..modelnames import checkpoint_aliases, not_in_model
 from ..memory import training_heap
 from ..progress import progress_bar
 from .data import CalibData
@@ -138,18 +139,21 @@ def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[s
     model.requires_grad_(False)
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
+    alias = checkpoint_aliases(model, df.params)  # checkpoint name -> the loaded model's, where renamed
+    params.update({c: params[m] for c, m in alias.items() if m in params})
     checker = BaseChecker(df)
     distilled: list[str] = []
     for name, info in df.params.items():
         if info.tied_to is not None:
             continue
         if name not in params:
-            raise CheckpointError(f"calibration: {name} is in the delta {df.path} but not a parameter of the model")
+            raise CheckpointError(f"calibration: {not_in_model(model, df.path, name)}")
         p = params[name]
         if info.base_rows is not None or tuple(p.shape) != tuple(info.shape):
             raise SettingsError(f"calibration: {name} has shape {list(p.shape)} in the base model but "
                                 f"{list(info.shape)} in the fine-tune (added tokens are not supported by calibration)")
-        mod_name = name.rsplit(".", 1)[0] if name.endswith(".weight") else None
+        mname = alias.get(name, name)
+        mod_name = mname.rsplit(".", 1)[0] if mname.endswith(".weight") else None
         module = modules.get(mod_name) if mod_name else None
         if info.has_base:
             checker.check(name, p, "calibration", hint=" — wrong base?")
@@ -269,8 +273,12 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         model = _load_model(base, config_json, torch.float32)
         distilled = build_student(model, df, stage)
         if not distilled:
-            raise SettingsError(f"calibration: {delta_in} has no {'/'.join(training_codecs(stage))}-coded "
-                                f"linear weights to {stage}")
+            codecs = '/'.join(training_codecs(stage))
+            if not any(i.tied_to is None and _distilled(df, n, stage) is not None for n, i in df.params.items()):
+                raise SettingsError(f"calibration ({stage}): the delta has no {codecs} tensors to {stage}")
+            raise SettingsError(f"calibration ({stage}): none of the delta's {codecs} tensors is the weight of a "
+                                f"torch.nn.Linear layer of {type(model).__name__} (GPT-2-style Conv1D layers are "
+                                "not supported); compress without --calib")
         model.to(device)
         scales = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in scales)

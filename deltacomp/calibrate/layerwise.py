@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
 from dataclasses import asdict
 from typing import Any, Iterator
@@ -63,6 +64,7 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
     replaced: dict[str, Encoded] = {}
     errors: dict[str, dict[str, float]] = {}
     with open_layered(finetuned, df.files.get("config.json"), torch.float32) as lm, open_checkpoint(base) as bck:
+        _linear_targets(lm, targets, cals)
         with lm.lazy_outside_layers():
             hidden, kwargs = _layer0_inputs(lm.model, lm.layers[0], calib.ids, batch_size)
         hidden, kwargs = _to(hidden, device), _to(kwargs, device)
@@ -78,6 +80,24 @@ def calibrate_layerwise(base: str | os.PathLike, finetuned: str | os.PathLike, d
     df.close()
     return {**calibration, "tensors": len(replaced), "per_tensor": errors, "seconds": time.perf_counter() - t0,
             "path": str(delta_out)}
+
+
+def _linear_targets(lm, targets: set[str], cals: dict) -> None:
+    """Refuse (none) or warn about (some) targets that are not the weight of a torch.nn.Linear inside the
+    decoder layers: the calibrators take a delta of shape (out, in) and its input Hessian, which e.g.
+    GPT-2's Conv1D (weights stored transposed) or a tensor outside the layers does not give."""
+    linear = {f"{lm.prefix}.{i}.{n}.weight" for i, layer in enumerate(lm.layers)
+              for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    outside = sorted(targets - linear)
+    if not outside:
+        return
+    what = (f"{len(outside)} of the delta's {'/'.join(cals)} tensors (e.g. {outside[0]}) are not the weight of a "
+            f"torch.nn.Linear layer inside {type(lm.model).__name__}'s decoder layers")
+    if len(outside) == len(targets):
+        raise SettingsError(f"calibration: {what}, so none can be calibrated (GPT-2-style Conv1D layers are not "
+                            "supported); compress without --calib")
+    print(f"deltacomp: calibration: {what}; they keep their data-free encoding", file=sys.stderr)
+    targets.difference_update(outside)
 
 
 def _calibrate_layer(prefix: str, layer: torch.nn.Module, hidden: list[Tensor], kwargs: list[dict], bck, df,

@@ -26,11 +26,21 @@ from ..errors import CheckpointError
 
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's list of decoder layers and its dotted name (``model.layers`` for Llama-style models)."""
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.ModuleList) and name.endswith("layers") and len(mod):
-            return name, mod
-    raise ValueError(f"calibration: {type(model).__name__} has no decoder layer list (model.layers)")
+    """The model's list of decoder layers and its dotted name: ``model.layers`` (Llama, Qwen, Mistral,
+    ...), ``transformer.h`` (GPT-2, Bloom, Falcon, GPT-J), ``model.decoder.layers`` (OPT). It is the
+    outermost list of modules of one class holding ``config.num_hidden_layers`` of them (so not a MoE
+    layer's list of experts); without that number, the outermost list of one class that holds the most
+    parameters."""
+    lists = [(name, mod) for name, mod in model.named_modules()
+             if isinstance(mod, nn.ModuleList) and len(mod) and len({type(m) for m in mod}) == 1]
+    outer = [(n, m) for n, m in lists if not any(n.startswith(f"{o}.") for o, _ in lists)]
+    depth = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    sized = [(n, m) for n, m in outer if len(m) == depth]
+    pick = sized or sorted(outer, key=lambda nm: -sum(p.numel() for p in nm[1].parameters()))
+    if not pick:
+        raise CheckpointError(f"calibration: {type(model).__name__} has no list of decoder layers "
+                              "(such as model.layers or transformer.h) to run one at a time")
+    return pick[0]
 
 
 class LayeredModel:

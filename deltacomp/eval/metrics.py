@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..devices import resolve_device
-from ..errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, ModelLayoutError, SettingsError
 from ..storage import write_text_atomic
 
 CACHE_VERSION = 1
@@ -142,9 +142,17 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delt
 
     model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     if delta is not None:
-        from ..api import apply_delta_
+        from ..api import apply_delta_, reconstruct
 
-        apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
+        try:
+            apply_delta_(model, delta)  # checks the base fingerprint tensor by tensor
+        except ModelLayoutError:
+            # transformers merges some checkpoint tensors on load (experts): the delta applies to the
+            # checkpoint only, so load the fine-tune rebuilt on disk (removed once loaded)
+            _free(model)
+            with tempfile.TemporaryDirectory(prefix="deltacomp-eval-") as tmp:
+                folder = reconstruct(path, delta, Path(tmp) / "model", progress=False)
+                model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     return model.to(device).eval()
 
 

@@ -19,6 +19,7 @@ from ..basecheck import BaseChecker
 from ..codecs import get_codec
 from ..delta import Delta, load_delta
 from ..errors import DeltacompError
+from ..modelnames import checkpoint_aliases, not_in_model
 from .modules import DeltaLinear, MultiDeltaLinear, MultiDeltaModule
 from .quantized import backend_of, check_base, is_quantized
 
@@ -51,8 +52,10 @@ def _wrapped_linears(model: nn.Module, df: Delta, checker: BaseChecker) -> tuple
     wrap: dict[str, tuple[nn.Module, str]] = {}
     warned: list = []
     skip: set[str] = set()
+    checkpoint_name = {m: c for c, m in checkpoint_aliases(model, df.params).items()}  # renamed on load
     for mname, mod in model.named_modules():
         wname = f"{mname}.weight" if mname else "weight"
+        wname = checkpoint_name.get(wname, wname)
         info = df.params.get(wname)
         backend = backend_of(mod)
         if backend is None or info is None:
@@ -90,7 +93,9 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
     wrapped = {w for _, w in wrap.values()} | skip
     rest = [n for n in df.params if n not in wrapped]  # applied in place
     state = _state(model)
-    backup = {n: state[n].detach().clone() for n in rest if df.params[n].tied_to is None and n in state}
+    alias = checkpoint_aliases(model, rest)
+    backup = {alias.get(n, n): state[alias.get(n, n)].detach().clone() for n in rest
+              if df.params[n].tied_to is None and alias.get(n, n) in state}
     api.apply_delta_(model, df, force=force, names=rest)
     for mname, (mod, wname) in wrap.items():
         _set_module(model, mname, DeltaLinear(mod, df.encoded(wname), fused=fused))
@@ -119,29 +124,36 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
         raise DeltacompError("patch_model_multi: give at least one delta")
     state = _state(model)
     warned: list = []
+    # per delta, model parameter name -> the delta's (checkpoint's) name, for tensors renamed on load
+    names: list[dict[str, str]] = []
     for df in dfs:
         checker = BaseChecker(df, force)
+        alias = checkpoint_aliases(model, df.params)
+        names.append({m: c for c, m in alias.items()})
         for name, info in df.params.items():
             if info.base_rows is not None or not info.has_base:
                 raise DeltacompError(f"{df.path}: {name} adds tokens or a tensor the base lacks; such a delta "
                                      "cannot share the base with others, use patch_model or reconstruct")
-            if name not in state:
-                raise DeltacompError(f"{df.path}: {name} is not a parameter of {type(model).__name__} (wrong base?)")
+            if alias.get(name, name) not in state:
+                raise not_in_model(model, df.path, name)
             if verify_base and info.tied_to is None and not get_codec(info.codec).always_zero:
-                check_base(checker, name, state[name], type(model).__name__, warned)
+                check_base(checker, name, state[alias.get(name, name)], type(model).__name__, warned)
     # names sharing one tensor (tied embeddings and head): a delta to any of them changes all of them
     by_ptr: dict[int, list[str]] = {}
     for n, t in state.items():
         by_ptr.setdefault(t.data_ptr(), []).append(n)
 
-    def source(df: Delta, name: str) -> str | None:
-        return next((a for a in [name] + by_ptr[state[name].data_ptr()] if _has_delta(df, a)), None)
+    def source(i: int, name: str) -> str | None:
+        """The name in delta i of the tensor holding model parameter ``name`` (or one tied to it) whose
+        delta is not zero; None if there is none."""
+        ckpt = (names[i].get(a, a) for a in [name] + by_ptr[state[name].data_ptr()])
+        return next((c for c in ckpt if _has_delta(dfs[i], c)), None)
 
     plan: list[tuple[str, nn.Module]] = []
     for mname, mod in model.named_modules():
         local = [n for n, _ in mod.named_parameters(recurse=False)] + [n for n, _ in mod.named_buffers(recurse=False)]
         full = {n: f"{mname}.{n}" if mname else n for n in local}
-        src = [{n: source(df, f) for n, f in full.items()} for df in dfs]
+        src = [{n: source(i, f) for n, f in full.items()} for i in range(len(dfs))]
         if not any(a is not None for s in src for a in s.values()):
             continue
         if isinstance(mod, nn.Linear) and set(full) <= {"weight", "bias"}:
@@ -156,8 +168,8 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
                                      "be served over it")
             per = []
             for df, s in zip(dfs, src):
-                changed = {n: df.apply(a, state[a].detach().cpu()).to(state[a].dtype).reshape(state[a].shape)
-                           for n, a in s.items() if a is not None}
+                changed = {n: df.apply(a, state[full[n]].detach().cpu()).to(state[full[n]].dtype)
+                           .reshape(state[full[n]].shape) for n, a in s.items() if a is not None}
                 per.append(changed or None)
             plan.append((mname, MultiDeltaModule(mod, per)))
     for mname, new in plan:
