@@ -33,7 +33,7 @@ from ..basecheck import BaseChecker
 from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
 from ..delta_file import DEFAULT_MAX_SHARD_BYTES, NEW_ROWS, DeltaWriter
-from ..errors import CheckpointError, SettingsError
+from ..errors import CheckpointError, ModelLayoutError, SettingsError
 from ..modelnames import checkpoint_aliases, not_in_model
 from ..memory import training_heap
 from ..progress import progress_bar
@@ -147,7 +147,13 @@ def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[s
         if info.tied_to is not None:
             continue
         if name not in params:
-            raise CheckpointError(f"calibration: {not_in_model(model, df.path, name)}")
+            err = not_in_model(model, df.path, name)
+            if isinstance(err, ModelLayoutError):
+                raise SettingsError(f"calibration ({stage}): {name}: {type(model).__name__} merges it with other "
+                                    "tensors once loaded (transformers converts this checkpoint's layout), so "
+                                    "end-to-end calibration cannot run on this model; compress without --calib, "
+                                    "or with --calib-tune-steps 0 where the codec calibrates layer by layer")
+            raise CheckpointError(f"calibration: {err}")
         p = params[name]
         if info.base_rows is not None or tuple(p.shape) != tuple(info.shape):
             raise SettingsError(f"calibration: {name} has shape {list(p.shape)} in the base model but "
