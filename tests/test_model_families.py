@@ -142,3 +142,19 @@ def test_calibration_refuses_conv1d_layers_in_one_line(tmp_path):
     with pytest.raises(SettingsError, match=r"transformer\.h\.0\.attn\.c_attn\.weight\) are not the weight of a "
                                             r"torch\.nn\.Linear.*Conv1D layers are not supported"):
         calibrate_layerwise(base, ft, src, tmp_path / "c.dcz", calib, progress=False)
+
+
+def test_end_to_end_calibration_refuses_merged_experts_before_any_stage(tmp_path):
+    from deltacomp.calibrate.distill import check_end_to_end
+
+    base, ft = _pair(tmp_path, "mixtral")
+    src = tmp_path / "d.dcz"
+    api.compress(base, ft, src, method="svd-mixed", ratio=4, progress=False)
+    with pytest.raises(SettingsError, match=r"calibration \(tune\): model\.layers\.0\.block_sparse_moe\.experts\.0\."
+                                            r"w\d\.weight: MixtralForCausalLM merges it"):
+        check_end_to_end(ft, src, "tune")
+    llama = tmp_path / "llama"
+    b = llama_tensors(0)
+    base, ft = write_folder(llama / "base", b), write_folder(llama / "ft", finetune_of(b, 1))
+    api.compress(base, ft, llama / "d.dcz", method="svd-mixed", ratio=4, progress=False)
+    check_end_to_end(ft, llama / "d.dcz", "tune")  # nothing merged: no error

@@ -34,7 +34,7 @@ from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
 from ..delta_file import DEFAULT_MAX_SHARD_BYTES, NEW_ROWS, DeltaWriter
 from ..errors import CheckpointError, ModelLayoutError, SettingsError
-from ..modelnames import checkpoint_aliases, not_in_model
+from ..modelnames import checkpoint_aliases, converted_on_load, not_in_model
 from ..memory import training_heap
 from ..progress import progress_bar
 from .data import CalibData
@@ -149,10 +149,7 @@ def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[s
         if name not in params:
             err = not_in_model(model, df.path, name)
             if isinstance(err, ModelLayoutError):
-                raise SettingsError(f"calibration ({stage}): {name}: {type(model).__name__} merges it with other "
-                                    "tensors once loaded (transformers converts this checkpoint's layout), so "
-                                    "end-to-end calibration cannot run on this model; compress without --calib, "
-                                    "or with --calib-tune-steps 0 where the codec calibrates layer by layer")
+                raise SettingsError(_merged_message(stage, name, model))
             raise CheckpointError(f"calibration: {err}")
         p = params[name]
         if info.base_rows is not None or tuple(p.shape) != tuple(info.shape):
@@ -175,6 +172,35 @@ def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[s
             new = df.apply(name, p.detach().cpu().reshape(info.encoded_shape) if info.has_base else None)
             p.copy_(new.reshape(p.shape).to(p.dtype))
     return distilled
+
+
+def _merged_message(stage: str, name: str, model: nn.Module) -> str:
+    return (f"calibration ({stage}): {name}: {type(model).__name__} merges it with other tensors once loaded "
+            "(transformers converts this checkpoint's layout), so end-to-end calibration cannot run on this "
+            "model; compress without --calib, or with --calib-tune-steps 0 where the codec calibrates layer by layer")
+
+
+def check_end_to_end(finetuned: str | os.PathLike, delta: str | os.PathLike, stage: str) -> None:
+    """Refuse, before any stage runs, a delta the ``stage`` (distill/tune) student cannot be built for: a
+    tensor transformers merges into another on load (a mixture of experts' per-expert matrices). The model
+    is built on ``meta`` from the config, so this costs no memory; anything else wrong is left to the stage."""
+    import transformers
+    from accelerate import init_empty_weights
+
+    from .streamed import model_config
+
+    with load_delta(delta) as df:
+        try:
+            cfg = model_config(Path(finetuned), df.files.get("config.json"))
+            with init_empty_weights(include_buffers=False):
+                model = transformers.AutoModelForCausalLM.from_config(cfg)
+        except Exception:  # noqa: BLE001 - the stage itself reports an unreadable config or model
+            return
+        have = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+        have |= set(checkpoint_aliases(model, df.params))
+        for name, info in df.params.items():
+            if info.tied_to is None and name not in have and converted_on_load(model, name):
+                raise SettingsError(_merged_message(stage, name, model))
 
 
 def _loss(student: Tensor, teacher: Tensor, kind: str, mask: Tensor | None = None) -> Tensor:

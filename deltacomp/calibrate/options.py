@@ -114,7 +114,7 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
                data: CalibData, scratch: Callable[[], Path], progress: bool = True) -> dict[str, Any]:
     """Run each needed stage on ``src``, the last one writing ``out`` (the others ``scratch()`` files);
     returns the stage reports by stage name."""
-    from .distill import distill_scales
+    from .distill import check_end_to_end, distill_scales
     from .layerwise import calibrate_layerwise
 
     device = resolve_device(options.device)
@@ -133,6 +133,8 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
         stages.remove("tune")
         reports["tune"] = {"skipped": skip}
         print(f"deltacomp: {skip}", file=sys.stderr)
+    for stage in {"distill", "tune"} & set(stages):
+        check_end_to_end(finetuned, src, stage)
     for i, stage in enumerate(stages):
         dst = out if i == len(stages) - 1 else scratch()
         reports[stage] = runs[stage](src, dst)

@@ -139,7 +139,7 @@ def _tied_source(model: nn.Module, name: str) -> str:
     raise CheckpointError(f"calibration: the checkpoint has no tensor {name!r}")
 
 
-def _config(path: Path, config_json: bytes | None):
+def model_config(path: Path, config_json: bytes | None):
     import transformers
 
     if path.is_dir() and (path / "config.json").is_file():
@@ -161,7 +161,7 @@ def open_layered(path: str | os.PathLike, config_json: bytes | None, dtype: torc
 
     p = Path(path)
     if stream:
-        cfg = _config(p, config_json)
+        cfg = model_config(p, config_json)
         with init_empty_weights(include_buffers=False):
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
         model.tie_weights()
