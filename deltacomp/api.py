@@ -24,7 +24,7 @@ from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
 from .rowblocks import add_streamed, finite_or_refuse, write_streamed
 from .rowblocks import count_nonfinite as _nonfinite
-from .storage import output_dir
+from .storage import output_dir, refuse_inputs
 from .summary import summarize
 
 if TYPE_CHECKING:
@@ -155,6 +155,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     ``method="auto"`` chooses a codec and settings per linear tensor under one budget: ``ratio`` or
     ``bits`` (per parameter of those tensors); see auto.py."""
     checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch, "bits": bits}
+    _refuse_inputs(out, base, finetuned)
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
@@ -192,6 +193,24 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             _remove_delta(p)
     with load_delta(out) as df:
         return {**summarize(df), "calibration": reports}
+
+
+def model_files(*models: str | os.PathLike) -> list[Path]:
+    """The files the checkpoints ``models`` are read from (an output must never be one of them)."""
+    out: list[Path] = []
+    for m in models:
+        with open_checkpoint(m) as ck:
+            out += ck.files()
+    return out
+
+
+def _refuse_inputs(out: str | os.PathLike, base: str | os.PathLike, finetuned: str | os.PathLike) -> None:
+    """An existing output (or its sharded index) that is a file of the base or the fine-tune is refused."""
+    names = [Path(out), index_path(Path(out))]
+    if any(p.exists() for p in names):
+        files = model_files(base, finetuned)
+        for p in names:
+            refuse_inputs(p, files)
 
 
 def _remove_delta(path: Path) -> None:
@@ -378,7 +397,15 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 overwrite: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
-    with load_delta(delta) as df, open_checkpoint(base) as bck, output_dir(out, overwrite=overwrite) as tmp:
+    with load_delta(delta) as df, open_checkpoint(base) as bck:
+        refuse_inputs(out, bck.files() + df.files_on_disk, folder=True)
+        _reconstruct(bck, df, out, overwrite, force, max_shard_bytes, progress)
+    return Path(out)
+
+
+def _reconstruct(bck: Checkpoint, df: Delta, out: str | os.PathLike, overwrite: bool, force: bool,
+                 max_shard_bytes: int, progress: bool) -> None:
+    with output_dir(out, overwrite=overwrite) as tmp:
         checker = BaseChecker(df, force)
         check_base_names(df, bck)
         with ShardedWriter(tmp, max_shard_bytes) as writer:
@@ -390,7 +417,6 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
             if "/" in fname or "\\" in fname or fname.startswith("."):
                 continue  # never write outside the folder, whatever the file says
             (tmp / fname).write_bytes(data)
-    return Path(out)
 
 
 def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, force: bool = False,

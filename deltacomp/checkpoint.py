@@ -169,6 +169,13 @@ class Checkpoint:
         for start in range(0, shape[0], step):
             yield self.get_rows(name, start, min(start + step, shape[0]))
 
+    def files(self) -> list[Path]:
+        """Every file this checkpoint is read from: weights, the index, config and tokenizer files."""
+        out = list(self._handles)
+        if self.folder is not None:
+            out += [self.folder / n for n in (INDEX_NAME, *EXTRA_FILES) if (self.folder / n).is_file()]
+        return out
+
     def nbytes(self) -> int:
         """Bytes of all weight files on disk (what a user sees as the checkpoint's size)."""
         return sum(f.stat().st_size for f in self._handles)

@@ -44,7 +44,7 @@ from .dtypes import SAFETENSORS_DTYPES, dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
                         decode_embedded, fingerprint_all, integrity_digest, validate_schema)
-from .storage import OutputLock, ShardBuffer, publish_file
+from .storage import OutputLock, ShardBuffer, publish_file, refuse_special
 from .tensorio import TensorReader
 
 FORMAT = "deltacomp/1"
@@ -145,6 +145,7 @@ class DeltaWriter:
             raise SettingsError(f"max shard size must be positive, got {max_shard_bytes}")
         if self.path.is_dir():
             raise OutputExistsError(f"{self.path}: is a folder; give a file name like ft.delta.safetensors")
+        refuse_special(self.path)
         self.overwrite = overwrite
         self._check_free()
         self.path.parent.mkdir(parents=True, exist_ok=True)

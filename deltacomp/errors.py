@@ -39,6 +39,10 @@ class OutputExistsError(DeltacompError):
     """The output path exists and overwriting was not asked for."""
 
 
+class OutputIsInputError(OutputExistsError):
+    """The output path is (or, for a folder, holds) a file this run reads: writing it would destroy an input."""
+
+
 class OutputBusyError(OutputExistsError):
     """Another run is writing the same output right now (its lock is held)."""
 

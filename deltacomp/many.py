@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .api import EncodedParam, add_encoded, encode_param, file_metadata, prepare_pairs, read_base
+from .api import EncodedParam, add_encoded, encode_param, file_metadata, model_files, prepare_pairs, read_base
 from .checkpoint import Checkpoint, open_checkpoint
 from .delta import load_delta
 from .delta_file import DEFAULT_MAX_SHARD_BYTES, DeltaWriter, index_path
@@ -36,6 +36,7 @@ from .errors import OutputExistsError, SettingsError
 from .pairing import PairKind, Pairing
 from .plan import DEFAULT_METHOD, Plan
 from .progress import progress_counter
+from .storage import refuse_inputs
 from .summary import summarize
 
 SUFFIX = ".delta.safetensors"
@@ -207,6 +208,8 @@ def compress_many(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike
         for path in (job.out, index_path(job.out)):
             if path.exists() and not overwrite:
                 raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
+            if path.exists():
+                refuse_inputs(path, model_files(base, *named.values()))
     with ExitStack() as stack:
         for job in jobs:
             job.writer = DeltaWriter(job.out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

@@ -10,6 +10,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import OutputBusyError, OutputExistsError
+from .errors import OutputBusyError, OutputExistsError, OutputIsInputError
 from .tensorio import TensorFileWriter
 
 try:
@@ -78,6 +79,38 @@ def remove_stale(out: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def refuse_special(path: str | os.PathLike) -> None:
+    """An output name that is a device, pipe or socket (``-o /dev/null``) is never replaced: a rename over
+    it would swap the device for a regular file, for every program on the machine."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise OutputExistsError(f"{path}: exists and is a device, pipe or socket, not a regular file; it is "
+                                "never replaced; choose a file name")
+
+
+def refuse_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], folder: bool = False) -> None:
+    """Refuse an output that would destroy an input of the same run, ``--overwrite`` or not: a file
+    output that is one of ``inputs`` (the same file, by any name), or a folder output that holds one
+    (it is replaced whole). Checked before any work."""
+    out = Path(out)
+    if not out.exists():
+        return
+    for inp in inputs:
+        inp = Path(inp)
+        try:
+            clash = (inp.resolve().is_relative_to(out.resolve()) if folder
+                     else os.path.samefile(out, inp))
+        except OSError:
+            continue
+        if clash:
+            what = "holds" if folder and not os.path.samefile(out, inp) else "is"
+            raise OutputIsInputError(f"{out}: {what} an input of this run ({inp}); writing the output there would "
+                                     "destroy it; choose another output")
+
+
 def normal_mode(path: Path) -> None:
     """Give a folder made by mkdtemp (0700) the permissions a plain mkdir would (0777 minus the umask)."""
     umask = os.umask(0)
@@ -121,6 +154,9 @@ def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a sibling temporary file and rename it over ``path``."""
     path = Path(path)
+    refuse_special(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a folder; give a file name")
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -131,6 +167,7 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple
 
     Returns (final path, temp path). Call ``commit_output_dir`` when done; on failure remove the temp."""
     out = Path(out)
+    refuse_special(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:

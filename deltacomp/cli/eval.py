@@ -21,9 +21,15 @@ def _read_text(path: str | None) -> str:
             raise SettingsError("no --text FILE given and no bundled held-out text (deltacomp.zoo) "
                                 "is available; pass --text held_out.txt") from None
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SettingsError(f"--text {path}: no such file")
-    return p.read_text(encoding="utf-8")
+    if not p.is_file():
+        raise SettingsError(f"--text {path}: not a regular file; give a UTF-8 text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"--text {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); convert it, e.g. "
+                            "iconv -f latin1 -t utf-8") from None
 
 
 def _csv(kind):
@@ -86,9 +92,28 @@ def _torch_dtype(name: str):
     return DTYPES[name]
 
 
+def _check_json_out(args: argparse.Namespace) -> None:
+    """--json OUT is checked before any model runs: not a folder, not a device, not one of the inputs."""
+    if not args.json:
+        return
+    from ..api import model_files
+    from ..delta_file import index_path
+    from ..errors import OutputExistsError
+    from ..storage import refuse_inputs, refuse_special
+
+    out = Path(args.json)
+    refuse_special(out)
+    if out.is_dir():
+        raise OutputExistsError(f"--json {out}: is a folder; give a file name like results.json")
+    if out.exists():
+        deltas = [Path(d) for d in args.deltas]
+        refuse_inputs(out, deltas + [index_path(d) for d in deltas] + model_files(args.base, args.finetuned))
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..eval.metrics import evaluate, format_table, write_json
 
+    _check_json_out(args)
     result = evaluate(args.base, args.finetuned, args.deltas, _read_text(args.text), ctx=args.ctx,
                       batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
                       stride=args.stride, dtype=_torch_dtype(args.dtype), cache_dir=args.cache_dir,
