@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .dtypes import SAFETENSORS_DTYPES
-from .errors import CheckpointError
+from .errors import CheckpointError, DeltacompError
 from .storage import ShardBuffer
 from .tensorio import TensorReader
 
@@ -210,6 +210,20 @@ class Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path)
+
+
+@contextmanager
+def hf_folder(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """transformers' errors for a folder that is not a usable model (no config.json, no tokenizer files,
+    a file instead of a folder) become one CheckpointError line naming it."""
+    try:
+        yield
+    except DeltacompError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: cannot load its {what} with transformers ({type(exc).__name__}: {first}); "
+                              "give a Hugging Face model folder with config.json and tokenizer files") from None
 
 
 # -- writing ----------------------------------------------------------------------------------------

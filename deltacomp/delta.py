@@ -88,7 +88,15 @@ class Delta(DeltaFile):
             return self.encoded(info.tied_to)
         tensors = self.raw_tensors(name)
         tensors.pop(NEW_ROWS, None)
-        return Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings))
+        return self._checked(name, Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings)))
+
+    def _checked(self, name: str, enc: Encoded) -> Encoded:
+        """The codec's check of the stored values (``Codec.check_stored``: no NaN/Inf scale, factor or
+        value) before anything decodes or serves them."""
+        if self.params[name].has_base:  # a tensor stored whole is the fine-tune's own (NaN allowed on request)
+            with self.guard(name, "read"):
+                get_codec(enc.codec).check_stored(enc)
+        return enc
 
     def decode(self, name: str) -> Tensor:
         """The float32 delta over the base rows (shape ``encoded_shape``)."""
@@ -175,9 +183,9 @@ class Delta(DeltaFile):
             return self.field_rows(name, NEW_ROWS, start - rows, stop - rows).to(out_dtype)
         if base is None or stop > rows:
             raise DeltaFormatError(f"{self.path}: {name}: rows {start}:{stop} need their base rows")
-        enc = Encoded(info.codec, (stop - start, *info.encoded_shape[1:]),
-                      {f: self.field_rows(name, f, start, stop) for f in info.fields if f != NEW_ROWS},
-                      dict(info.settings))
+        enc = self._checked(name, Encoded(info.codec, (stop - start, *info.encoded_shape[1:]),
+                                          {f: self.field_rows(name, f, start, stop) for f in info.fields
+                                           if f != NEW_ROWS}, dict(info.settings)))
         with self.guard(name, "decode"):
             delta = get_codec(info.codec).decode(enc)
         if tuple(delta.shape) != enc.shape:

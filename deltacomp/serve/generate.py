@@ -8,6 +8,7 @@ from typing import Sequence
 
 import torch
 
+from ..checkpoint import hf_folder
 from ..errors import DeltacompError, SettingsError
 from .patch import patch_model_multi, set_delta_index
 
@@ -39,7 +40,8 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
     from transformers import AutoModelForCausalLM
 
     if bits is None:
-        return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
+        with hf_folder(base, "model"):
+            return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
     if bits not in BASE_BITS:
         raise SettingsError(f"load_base: bits must be one of {BASE_BITS} (or None: the base as stored), got {bits}")
     try:
@@ -56,7 +58,8 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
             log.addFilter(_Once())
     else:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quant).eval()
+    with hf_folder(base, "model"):
+        return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quant).eval()
 
 
 def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], prompts: Sequence[str],
@@ -91,7 +94,10 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
                             "loaded quantized (deltacomp.serve.load_base) instead")
     from transformers import AutoTokenizer
 
-    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(base))
+    if tokenizer is None:
+        with hf_folder(base, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tok = tokenizer
     if model is None:
         model = load_base(base, dtype, base_bits)
     model.eval()

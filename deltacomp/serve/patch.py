@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..basecheck import BaseChecker
-from ..codecs import get_codec
+from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
 from ..errors import DeltacompError
 from .modules import DeltaLinear, MultiDeltaLinear, MultiDeltaModule
@@ -93,7 +93,8 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
     backup = {n: state[n].detach().clone() for n in rest if df.params[n].tied_to is None and n in state}
     api.apply_delta_(model, df, force=force, names=rest)
     for mname, (mod, wname) in wrap.items():
-        _set_module(model, mname, DeltaLinear(mod, df.encoded(wname), fused=fused))
+        enc = df.encoded(wname)
+        _set_module(model, mname, _served(lambda: DeltaLinear(mod, enc, fused=fused), [(df, wname, enc)]))
     setattr(model, _PATCH_ATTR, {"backup": backup, "deltas": 1})
     return model
 
@@ -147,7 +148,8 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
         if isinstance(mod, nn.Linear) and set(full) <= {"weight", "bias"}:
             encs = [df.encoded(s["weight"]) if s["weight"] else None for df, s in zip(dfs, src)]
             biases = [df.decode(s["bias"]) if s.get("bias") else None for df, s in zip(dfs, src)]
-            plan.append((mname, MultiDeltaLinear(mod, encs, biases)))
+            plan.append((mname, _served(lambda: MultiDeltaLinear(mod, encs, biases),
+                                        [(df, s["weight"], e) for df, s, e in zip(dfs, src, encs)])))
         else:
             bad = [f for n, f in full.items() if is_quantized(state[f]) and any(s.get(n) for s in src)]
             if bad:
@@ -166,6 +168,23 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
         _set_module(model, mname, new)
     setattr(model, _PATCH_ATTR, {"backup": {}, "deltas": len(dfs)})
     return model
+
+
+_CODEC_ERRORS = (DeltacompError, RuntimeError, ValueError, IndexError, KeyError, TypeError, OverflowError,
+                 ZeroDivisionError, MemoryError)
+
+
+def _served(make, parts: list[tuple[Delta, str | None, Encoded | None]]) -> nn.Module:
+    """``make()``, the module serving several deltas' packed forms; when it fails, the part at fault is
+    found by building each term alone under its file's guard, so the error names the file and tensor."""
+    try:
+        return make()
+    except _CODEC_ERRORS:
+        for df, name, enc in parts:
+            if enc is not None:
+                with df.guard(name, "serve"):
+                    get_codec(enc.codec).serving_term(enc)
+        raise
 
 
 def set_delta_index(model: nn.Module, index: Tensor | Sequence[int]) -> nn.Module:
