@@ -91,8 +91,12 @@ class ParamInfo:
 
     @property
     def encoded_shape(self) -> tuple[int, ...]:
+        """The shape the codec encoded: the base rows only when tokens were added; a scalar's delta as
+        shape (1,) (codecs take 1-D or 2-D; a tensor stored whole keeps its own shape)."""
         if self.base_rows is not None:
             return (self.base_rows, *self.shape[1:])
+        if self.shape == () and self.has_base:
+            return (1,)
         return self.shape
 
     def to_json(self) -> dict[str, Any]:
