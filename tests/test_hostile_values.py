@@ -104,3 +104,58 @@ def test_generate_base_without_tokenizer_or_config(made, tmp_path, capsys):
         assert main(argv) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if "error" in ln]
         assert len(err) == 1 and "cannot load its" in err[0], err
+
+
+# -- settings a forger edits (resealed) that the codecs read beyond the declared settings ------------------
+def _resealed(made, tmp_path, method, **settings):
+    from forge import edit_metadata
+
+    base, files = made
+    path = tmp_path / files[method].name
+    shutil.copy(files[method], path)
+    edit_metadata(path, lambda m: m["params"][UP]["settings"].update(settings), reseal=True)
+    return base, path
+
+
+@pytest.mark.parametrize("alloc", ["8:1+3:1+2:200", "8:50", "", "8:1"])
+def test_svd_mixed_allocation_must_match_fields(made, tmp_path, alloc):
+    """svd-mixed decodes and serves by its stored "alloc": one that does not describe the stored fields
+    (more vectors, fewer, none) used to give a silent zero delta, a short read or a RuntimeError at the
+    first forward pass; it is refused on read, for decode and serving alike."""
+    base, path = _resealed(made, tmp_path, "svd-mixed", alloc=alloc)
+    match = f"{path.name}: {UP}: svd-mixed: field .* the stored allocation"
+    with deltacomp.load_delta(path) as df, pytest.raises(DeltaFormatError, match=match):
+        df.decode(UP)
+    with pytest.raises(DeltaFormatError, match=match):
+        deltacomp.patch_model(load_causal_lm(base), path, fused=False)
+
+
+def test_huge_group_size_costs_no_memory(made, tmp_path):
+    """The group size is read from the file; a group never spans more than a row, so 2**40 allocates
+    nothing more than 128 does (it used to repeat each scale 2**40 times)."""
+    from deltacomp.quant.rtn import dequantize, quantize
+
+    w = torch.randn(3, 70)
+    codes, scale, zero = quantize(w, 4, 2**40)
+    assert scale.shape == (3, 1)
+    assert torch.allclose(dequantize(codes, scale, zero, 2**40), dequantize(codes, scale, zero, 70))
+    base, path = _resealed(made, tmp_path, "svd-mixed", group_size=2**40)
+    with deltacomp.load_delta(path) as df, deltacomp.load_delta(made[1]["svd-mixed"]) as ref:
+        assert torch.equal(df.decode(UP), ref.decode(UP))  # every row is shorter than 128: the same groups
+
+
+def test_ternary_kept_count_must_match_signs(made, tmp_path):
+    _, path = _resealed(made, tmp_path, "ternary", kept=0)  # was: a silent zero delta
+    with deltacomp.load_delta(path) as df, pytest.raises(DeltaFormatError, match=f"{UP}: signs: .* 0 kept entries"):
+        df.decode(UP)
+
+
+def test_demo_checks_method_before_building_the_pair(monkeypatch, tmp_path):
+    from deltacomp import zoo
+    from deltacomp.cli.demo import run_demo
+
+    monkeypatch.setattr(zoo, "ensure_pair", lambda *a, **k: pytest.fail("the pair was built first"))
+    with pytest.raises(deltacomp.SettingsError, match="unknown method 'garbage'"):
+        run_demo(tmp_path / "demo", method="garbage", print_fn=lambda s: None)
+    with pytest.raises(deltacomp.SettingsError, match="--ratio must be > 1"):
+        run_demo(tmp_path / "demo", ratio=float("nan"), print_fn=lambda s: None)
