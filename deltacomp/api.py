@@ -18,13 +18,13 @@ from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_d
                          fingerprint_all, index_path)
 from .devices import resolve_device
 from .dtypes import DTYPES, dtype_name
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError, SettingsError
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
 from .rowblocks import add_streamed, finite_or_refuse, write_streamed
 from .rowblocks import count_nonfinite as _nonfinite
-from .storage import output_dir, refuse_inputs
+from .storage import as_path, output_dir, refuse_inputs
 from .summary import summarize
 
 if TYPE_CHECKING:
@@ -155,6 +155,9 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     ``method="auto"`` chooses a codec and settings per linear tensor under one budget: ``ratio`` or
     ``bits`` (per parameter of those tensors); see auto.py."""
     checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch, "bits": bits}
+    out = as_path(out, "the output delta file")
+    if isinstance(rules, str):
+        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
     _refuse_inputs(out, base, finetuned)
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
@@ -397,6 +400,7 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 overwrite: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
+    out = as_path(out, "the output folder")
     with load_delta(delta) as df, open_checkpoint(base) as bck:
         refuse_inputs(out, bck.files() + df.files_on_disk, folder=True)
         _reconstruct(bck, df, out, overwrite, force, max_shard_bytes, progress)

@@ -20,7 +20,8 @@ from torch import Tensor
 
 from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError, DeltacompError
-from .storage import ShardBuffer
+from .integrity import MAX_EMBEDDED_FILE_BYTES
+from .storage import ShardBuffer, as_path
 from .tensorio import TensorReader
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -53,7 +54,7 @@ class Checkpoint:
     """Read-only, lazy view of one checkpoint. Use as a context manager or call ``close()``."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = as_path(path, "a model (BASE or FINETUNED)")
         self._stack = ExitStack()
         self._handles: dict[Path, TensorReader] = {}
         self._where: dict[str, Path] = {}
@@ -196,7 +197,17 @@ class Checkpoint:
         """The non-weight files a model folder needs (config, generation config, tokenizer)."""
         if self.folder is None:
             return {}
-        return {n: (self.folder / n).read_bytes() for n in EXTRA_FILES if (self.folder / n).is_file()}
+        out = {}
+        for n in EXTRA_FILES:
+            f = self.folder / n
+            if not f.is_file():
+                continue
+            size = f.stat().st_size
+            if size > MAX_EMBEDDED_FILE_BYTES:  # bounded before reading: the delta file carries it in its header
+                raise CheckpointError(f"{f}: {size} bytes, above the {MAX_EMBEDDED_FILE_BYTES} a delta file carries "
+                                      "for a config or tokenizer file; is it the right file?")
+            out[n] = f.read_bytes()
+        return out
 
     def close(self) -> None:
         self._stack.close()

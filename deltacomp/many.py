@@ -196,6 +196,8 @@ def compress_many(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike
     compress's (no calibration). ``ray``: True starts a local Ray (``ray_cpus`` CPUs), a string joins
     the cluster at that address; ``retries``: times a Ray task is re-run when its worker dies;
     ``ray_threads``: torch threads per task (default this process's; see distributed.py)."""
+    if isinstance(rules, str):
+        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
     named = named_finetunes(finetuned)
     if not named:
         raise SettingsError("compress-many: no fine-tune given")

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import OutputBusyError, OutputExistsError, OutputIsInputError
+from .errors import OutputBusyError, OutputExistsError, OutputIsInputError, SettingsError
 from .tensorio import TensorFileWriter
 
 try:
@@ -77,6 +77,13 @@ def remove_stale(out: Path) -> None:
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+
+
+def as_path(value: object, what: str) -> Path:
+    """``value`` as a Path, or one SettingsError line when it is no path (None, a number, bytes, "")."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes) or not os.fspath(value):
+        raise SettingsError(f"{what} must be a non-empty path (str or os.PathLike), got {value!r}")
+    return Path(value)
 
 
 def refuse_special(path: str | os.PathLike) -> None:
@@ -166,7 +173,7 @@ def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple
     """Check ``out`` may be written and make a sibling temporary folder to build it in.
 
     Returns (final path, temp path). Call ``commit_output_dir`` when done; on failure remove the temp."""
-    out = Path(out)
+    out = as_path(out, "output folder")
     refuse_special(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")

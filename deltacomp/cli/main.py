@@ -223,8 +223,16 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line too (argparse would print the whole usage block first); the
+    subcommands' parsers are of this class as well."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
+    parser = _Parser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
                                      f"over its base (file format {FORMAT}).")
     parser.add_argument("--version", action="version", version=f"deltacomp {__version__} ({FORMAT})")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")

@@ -1,0 +1,140 @@
+"""Mistaken arguments and inputs, through the Python API and the CLI: each is one typed error line
+(DeltacompError subclasses), never a TypeError/KeyError/RuntimeError from Python or torch, a usage block,
+or a run that silently does something else than asked."""
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+
+import pytest
+import torch
+
+import deltacomp
+from deltacomp import BaseMismatchError, CheckpointError, DeltaFormatError, SettingsError
+from deltacomp.cli import main
+from deltacomp.errors import UnknownTensorError
+from conftest import finetune_of, llama_tensors, write_folder
+
+UP = "model.layers.0.mlp.up_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inputs")
+    b = llama_tensors(0)
+    base, ft = write_folder(root / "base", b), write_folder(root / "ft", finetune_of(b, 1))
+    delta = root / "d.delta.safetensors"
+    deltacomp.compress(base, ft, delta, method="bitdelta", progress=False)
+    return base, ft, delta
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"ratio": "16"}, "--ratio must be a number, got '16'"),
+    ({"ratio": float("inf")}, "--ratio must be > 1 and finite"),
+    ({"method": "auto", "bits": "2"}, "--bits must be a number"),
+    ({"rules": "mlp=raw"}, "rules must be a list of REGEX=METHOD strings"),
+    ({"rules": [5]}, "rule 5: expected REGEX=METHOD"),
+    ({"max_shard_bytes": "1GB"}, "max shard size must be a whole number of bytes"),
+    ({"method": "bitdelta:masks=1:masks=2"}, "setting masks given twice"),
+    ({"method": "svd-mixed", "ratio": 1e30}, r"--ratio 1e\+30 leaves 0 bytes for shape"),
+])
+def test_compress_bad_arguments(made, tmp_path, kwargs, match):
+    base, ft, _ = made
+    out = tmp_path / "x.delta.safetensors"
+    with pytest.raises(SettingsError, match=match):
+        deltacomp.compress(base, ft, out, progress=False, **kwargs)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("bad", [None, 5, "", b"/tmp/x"])
+def test_paths_that_are_no_paths(made, tmp_path, bad):
+    base, ft, delta = made
+    for call in (lambda: deltacomp.compress(bad, ft, tmp_path / "x.delta.safetensors", progress=False),
+                 lambda: deltacomp.compress(base, ft, bad, progress=False),
+                 lambda: deltacomp.reconstruct(base, delta, bad, progress=False),
+                 lambda: deltacomp.reconstruct(base, bad, tmp_path / "r", progress=False),
+                 lambda: deltacomp.load_delta(bad)):
+        with pytest.raises(SettingsError, match="must be a non-empty path"):
+            call()
+
+
+def test_unknown_tensor_and_wrong_base_tensor(made):
+    _, _, delta = made
+    with deltacomp.load_delta(delta) as df:
+        for call in (lambda: df.decode("nope"), lambda: df.apply("nope", None), lambda: df.raw_tensors("nope")):
+            with pytest.raises(UnknownTensorError, match=f"{delta.name}: holds no parameter 'nope'") as info:
+                call()
+            assert isinstance(info.value, KeyError) and not str(info.value).startswith("'")
+        with pytest.raises(BaseMismatchError, match=rf"{UP}: the base tensor given has shape \[3, 3\].*\[96, 64\]"):
+            df.apply(UP, torch.zeros(3, 3))
+        with pytest.raises(BaseMismatchError, match="shape"):
+            df.apply_rows(UP, torch.zeros(2, 5), 0, 2)
+
+
+def test_cli_usage_mistakes_are_one_line(made, capsys):
+    base, ft, _ = made
+    for argv in ([], ["frobnicate"], ["compress", str(base), str(ft)],
+                 ["compress", str(base), str(ft), "-o", "x", "--max-shard-size", "abc"],
+                 ["compress", str(base), str(ft), "-o", "x", "--ratio", "abc"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        assert info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ": error: " in err[0] and "--help" in err[0], err
+
+
+@pytest.mark.parametrize("content", [b"w5 w6 \xff\xfe w7", "w5 caf\xe9".encode("latin-1")])
+def test_eval_text_not_utf8(made, tmp_path, capsys, content):
+    base, ft, delta = made
+    text = tmp_path / "t.txt"
+    text.write_bytes(content * 20)
+    assert main(["eval", str(base), str(ft), str(delta), "--text", str(text), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--text {text}: not UTF-8 text" in err[0]
+    assert main(["eval", str(base), str(ft), str(delta), "--text", str(tmp_path), "-q"]) == 2
+    assert "not a regular file" in capsys.readouterr().err
+
+
+def _duplicate_first_key(raw: bytes, key: str, value) -> bytes:
+    n = struct.unpack("<Q", raw[:8])[0]
+    text = raw[8:8 + n].decode()
+    new = text.replace("{", "{" + json.dumps(key) + ": " + json.dumps(value) + ", ", 1).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    return struct.pack("<Q", len(new)) + new + raw[8 + n:]
+
+
+def test_duplicate_keys_refused(made, tmp_path):
+    """A key given twice in the safetensors header or the deltacomp metadata: the parsers keep one of
+    them, and the digest (over the parsed metadata) cannot see the other."""
+    base, _, delta = made
+    raw = delta.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    dup = tmp_path / "dup.delta.safetensors"
+    dup.write_bytes(_duplicate_first_key(raw, f"{UP}.signs", header[f"{UP}.signs"]))
+    with pytest.raises(DeltaFormatError, match=f"key '{UP}.signs' appears twice"):
+        deltacomp.load_delta(dup)
+    meta = header["__metadata__"]["deltacomp"]
+    header["__metadata__"]["deltacomp"] = meta.replace('"params": {', '"params": {"' + UP + '": {}, ', 1)
+    from forge import write_header
+
+    write_header(dup, header, raw[8 + n:])
+    with pytest.raises(DeltaFormatError, match=f"metadata is not valid JSON .*key '{UP}' appears twice"):
+        deltacomp.load_delta(dup)
+    model = tmp_path / "m.safetensors"
+    model.write_bytes(_duplicate_first_key((base / "model.safetensors").read_bytes(), UP, {"dtype": "BF16",
+                                           "shape": [1], "data_offsets": [0, 2]}))
+    with pytest.raises(CheckpointError, match="appears twice"):
+        deltacomp.compress(model, base, tmp_path / "x.delta.safetensors", progress=False)
+
+
+def test_oversized_config_or_tokenizer_refused_before_reading(made, tmp_path):
+    base, ft, _ = made
+    big = tmp_path / "ft"
+    shutil.copytree(ft, big)
+    with open(big / "tokenizer.json", "wb") as f:
+        f.truncate(65 * 2**20)  # sparse: costs no disk
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: \d+ bytes, above the 67108864"):
+        deltacomp.compress(base, big, tmp_path / "x.delta.safetensors", progress=False)
+    assert not (tmp_path / "x.delta.safetensors").exists()
