@@ -138,3 +138,31 @@ def test_oversized_config_or_tokenizer_refused_before_reading(made, tmp_path):
     with pytest.raises(CheckpointError, match=r"tokenizer.json: \d+ bytes, above the 67108864"):
         deltacomp.compress(base, big, tmp_path / "x.delta.safetensors", progress=False)
     assert not (tmp_path / "x.delta.safetensors").exists()
+
+
+def test_serve_and_sweep_options_checked_before_work(made, tmp_path, capsys, monkeypatch):
+    """serve: a port outside 0..65535 or a bad --device used to fail with a traceback-worthy internal
+    error after the model loaded; sweep: an unknown method was run as a "skipped" line after every other
+    point, and a nan ratio broke the results JSON at the very end."""
+    pytest.importorskip("uvicorn")
+    from deltacomp.serve import server
+
+    base, ft, delta = made
+    monkeypatch.setattr(server, "build_app", lambda *a, **k: pytest.fail("the model was loaded first"))
+    for argv, code, want in ((["--port", "99999"], None, "a TCP port is 0..65535"),
+                             (["--device", "garbage"], 2, "--device 'garbage': not a device")):
+        if code is None:
+            with pytest.raises(SystemExit):
+                main(["serve", str(base), *argv])
+        else:
+            assert main(["serve", str(base), *argv]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
+    sweep = ["sweep", str(base), str(ft), "-o", str(tmp_path / "sw"), "-q"]
+    assert main(sweep + ["--methods", "bitdelta,garbage", "--ratios", "8"]) == 2
+    assert "unknown method 'garbage'" in capsys.readouterr().err
+    for bad in ("nan", "0", "inf"):
+        with pytest.raises(SystemExit):
+            main(sweep + ["--methods", "bitdelta", "--ratios", f"8,{bad}"])
+        assert "ratios above 1" in capsys.readouterr().err
+    assert not (tmp_path / "sw").exists()

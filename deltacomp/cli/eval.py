@@ -3,6 +3,7 @@ cli.py registers them with ``add_eval_parser(subparsers)``."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..errors import SettingsError
@@ -37,11 +38,20 @@ def _csv(kind):
         try:
             items = [kind(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from None
+            what = "ratios above 1" if kind is _ratio else kind.__name__
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {what}: {text!r}") from None
         if not items:
             raise argparse.ArgumentTypeError("empty list")
         return items
     return parse
+
+
+def _ratio(text: str) -> float:
+    """One --ratios entry: a finite compression factor above 1 (a ValueError names the entry)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 1):
+        raise ValueError(text)
+    return value
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -78,7 +88,7 @@ def add_eval_parser(sub) -> None:
                    "built once and cached; its held-out text is the default --text")
     p.add_argument("--methods", type=_csv(str), required=True,
                    help="comma-separated method specs NAME[:key=value...], e.g. A,B:key=value")
-    p.add_argument("--ratios", type=_csv(float), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
+    p.add_argument("--ratios", type=_csv(_ratio), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
     p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
                                                           "rate_distortion.png")
     _add_eval_options(p)
@@ -127,7 +137,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from ..eval.sweep import format_sweep, sweep
+    from ..plan import Plan
 
+    for m in args.methods:  # a typo in --methods fails now, not as a "skipped" line after the others ran
+        Plan(m, [], args.ratios[0])
     base, finetuned, text = args.base, args.finetuned, None
     if args.pair:
         if base or finetuned:
