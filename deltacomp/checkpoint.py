@@ -22,7 +22,7 @@ from .dtypes import SAFETENSORS_DTYPES
 from .errors import CheckpointError, DeltacompError
 from .integrity import MAX_EMBEDDED_FILE_BYTES
 from .storage import ShardBuffer, as_path
-from .tensorio import TensorReader
+from .tensorio import TensorReader, unique_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 # Elements per block where a tensor is read in blocks of rows (64 MB per float32 copy of a block).
@@ -48,6 +48,16 @@ _CONVERT_HINT = (
     "M.from_pretrained('IN').save_pretrained('OUT', safe_serialization=True)\"` (that loads the pickle: "
     "only do it for a checkpoint you trust)"
 )
+
+
+MAX_INDEX_BYTES = 256 * 2**20  # a weight map of millions of tensors; read whole, so bounded first
+
+
+def _bounded(f: Path, limit: int) -> None:
+    size = f.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{f}: {size} bytes, above the {limit} bytes deltacomp reads for such a file; "
+                              "is it the right file?")
 
 
 class Checkpoint:
@@ -88,8 +98,9 @@ class Checkpoint:
         folder = self.path
         index = folder / INDEX_NAME
         if index.is_file():
+            _bounded(index, MAX_INDEX_BYTES)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(), object_pairs_hook=unique_keys)["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError("weight_map must map tensor names to shard file names")
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -185,6 +196,7 @@ class Checkpoint:
     def config(self) -> dict | None:
         if self.folder is None or not (self.folder / "config.json").is_file():
             return None
+        _bounded(self.folder / "config.json", MAX_EMBEDDED_FILE_BYTES)
         try:
             config = json.loads((self.folder / "config.json").read_text())
         except (ValueError, RecursionError) as exc:
@@ -202,10 +214,7 @@ class Checkpoint:
             f = self.folder / n
             if not f.is_file():
                 continue
-            size = f.stat().st_size
-            if size > MAX_EMBEDDED_FILE_BYTES:  # bounded before reading: the delta file carries it in its header
-                raise CheckpointError(f"{f}: {size} bytes, above the {MAX_EMBEDDED_FILE_BYTES} a delta file carries "
-                                      "for a config or tokenizer file; is it the right file?")
+            _bounded(f, MAX_EMBEDDED_FILE_BYTES)  # before reading: the delta file carries it in its header
             out[n] = f.read_bytes()
         return out
 

@@ -165,8 +165,12 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     if path.is_dir():
         raise OutputExistsError(f"{path}: is a folder; give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never left beside the output
+        raise
 
 
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:

@@ -135,7 +135,7 @@ def test_oversized_config_or_tokenizer_refused_before_reading(made, tmp_path):
     shutil.copytree(ft, big)
     with open(big / "tokenizer.json", "wb") as f:
         f.truncate(65 * 2**20)  # sparse: costs no disk
-    with pytest.raises(CheckpointError, match=r"tokenizer.json: \d+ bytes, above the 67108864"):
+    with pytest.raises(CheckpointError, match=r"tokenizer.json: \d+ bytes, above the 67108864 bytes"):
         deltacomp.compress(base, big, tmp_path / "x.delta.safetensors", progress=False)
     assert not (tmp_path / "x.delta.safetensors").exists()
 
@@ -166,3 +166,20 @@ def test_serve_and_sweep_options_checked_before_work(made, tmp_path, capsys, mon
             main(sweep + ["--methods", "bitdelta", "--ratios", f"8,{bad}"])
         assert "ratios above 1" in capsys.readouterr().err
     assert not (tmp_path / "sw").exists()
+
+
+def test_model_index_and_config_bounded_before_reading(made, tmp_path):
+    from deltacomp.checkpoint import MAX_INDEX_BYTES
+
+    base, ft, _ = made
+    sharded = write_folder(tmp_path / "ft", llama_tensors(1), shards=2)
+    with open(sharded / "model.safetensors.index.json", "r+b") as f:
+        f.truncate(MAX_INDEX_BYTES + 1)  # sparse
+    with pytest.raises(CheckpointError, match=f"model.safetensors.index.json: {MAX_INDEX_BYTES + 1} bytes, above"):
+        deltacomp.compress(base, sharded, tmp_path / "x.delta.safetensors", progress=False)
+    big = tmp_path / "big"
+    shutil.copytree(ft, big)
+    with open(big / "config.json", "r+b") as f:
+        f.truncate(65 * 2**20)
+    with pytest.raises(CheckpointError, match=r"config.json: \d+ bytes, above"):
+        deltacomp.compress(base, big, tmp_path / "y.delta.safetensors", progress=False)

@@ -110,3 +110,32 @@ def test_eval_json_over_an_input_refused_before_running(made, tmp_path, capsys):
     assert delta.read_bytes() == before
     assert main(["eval", str(base), str(ft), str(delta), "--text", str(text), "--json", str(tmp_path), "-q"]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_inspect_plot_output_checked(made, tmp_path, capsys):
+    """--plot over the delta being inspected is refused; a folder or a bare name is refused (matplotlib
+    would write NAME.png beside it while we said we wrote NAME)."""
+    pytest.importorskip("matplotlib")
+    _, _, delta = made
+    before = delta.read_bytes()
+    for plot, want in ((delta, "is an input of this run"), (tmp_path, "image extension"),
+                       (tmp_path / "layers", "image extension")):
+        assert main(["inspect", str(delta), "--plot", str(plot)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and want in err[0], err
+    assert delta.read_bytes() == before and not list(tmp_path.glob("*.png"))
+    assert main(["inspect", str(delta), "--plot", str(tmp_path / "layers.png")]) == 0
+    assert (tmp_path / "layers.png").is_file()
+
+
+def test_atomic_text_write_leaves_no_temporary(tmp_path):
+    from deltacomp.storage import write_text_atomic
+
+    (tmp_path / "out.json").mkdir()
+    (tmp_path / "out.json" / "x").write_text("keep")
+    with pytest.raises(OutputExistsError, match="is a folder"):
+        write_text_atomic(tmp_path / "out.json", "{}")
+    target = tmp_path / "sub" / "r.json"
+    with pytest.raises(OSError):
+        write_text_atomic(target, "{}")  # no such folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]

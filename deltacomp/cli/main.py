@@ -54,7 +54,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot_out(args: argparse.Namespace) -> None:
+    """--plot PNG: a file name with an image extension (matplotlib would add .png to a folder's name or a
+    bare name and write elsewhere than told), not a device, not the delta being inspected."""
+    from ..storage import refuse_inputs, refuse_special
+
+    out = Path(args.plot)
+    refuse_special(out)
+    if out.is_dir() or not out.suffix:
+        raise SettingsError(f"--plot {out}: give a file name with an image extension, like layers.png")
+    refuse_inputs(out, [Path(args.delta), Path(args.delta + ".index.json")])
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.plot:
+        _check_plot_out(args)
     with api.load_delta(args.delta) as df:
         if not args.no_verify:
             df.verify()
