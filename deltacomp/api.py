@@ -198,6 +198,12 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
         return {**summarize(df), "calibration": reports}
 
 
+def check_module(model: Any, where: str) -> None:
+    """The model a delta is applied to or served on must be a torch module (one loaded from the base)."""
+    if not isinstance(model, torch.nn.Module):
+        raise SettingsError(f"{where}: model must be a torch.nn.Module loaded from the base, got {type(model).__name__}")
+
+
 def model_files(*models: str | os.PathLike) -> list[Path]:
     """The files the checkpoints ``models`` are read from (an output must never be one of them)."""
     out: list[Path] = []
@@ -427,6 +433,7 @@ def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, fo
                  names: Iterable[str] | None = None, progress: bool = False) -> torch.nn.Module:
     """Turn ``model`` (loaded from the base) into the fine-tune, in place, parameter by parameter
     (only the parameters in ``names`` when given)."""
+    check_module(model, "apply_delta_")
     df = load_delta(delta)
     checker = BaseChecker(df, force)
     state = dict(model.named_parameters(remove_duplicate=False))

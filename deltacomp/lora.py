@@ -9,6 +9,7 @@ returned by name, for the caller to show: they are never dropped silently.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -74,8 +75,8 @@ def _add(tensors: dict[str, Tensor], ranks: dict[str, int], param: str, u, s, vh
 def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *, rank: int = 64,
                 dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Truncated SVD of each linear weight's delta -> a PEFT LoRA adapter of rank ``rank`` at ``out``."""
-    if rank < 1:
-        raise SettingsError(f"--rank must be >= 1, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise SettingsError(f"--rank must be >= 1 (an integer), got {rank!r}")
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     skipped: list[str] = []

@@ -36,7 +36,7 @@ from .errors import OutputExistsError, SettingsError
 from .pairing import PairKind, Pairing
 from .plan import DEFAULT_METHOD, Plan
 from .progress import progress_counter
-from .storage import refuse_inputs
+from .storage import as_path, refuse_inputs
 from .summary import summarize
 
 SUFFIX = ".delta.safetensors"
@@ -106,6 +106,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, str]:
 
 def named_finetunes(finetuned: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, Any]:
     """{output name: path}: a mapping as given, or names derived from the paths; collisions refused."""
+    if isinstance(finetuned, (str, bytes, os.PathLike)):
+        raise SettingsError(f"compress-many: give the fine-tunes as a list of paths or a {{name: path}} mapping, "
+                            f"got one path {finetuned!r}")
     if isinstance(finetuned, Mapping):
         return {check_name(n, "fine-tune name"): p for n, p in finetuned.items()}
     out: dict[str, Any] = {}
@@ -201,7 +204,7 @@ def compress_many(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike
     named = named_finetunes(finetuned)
     if not named:
         raise SettingsError("compress-many: no fine-tune given")
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "the output folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir}: exists and is not a folder")
     jobs = [Job(n, p, out_dir / f"{n}{SUFFIX}", Plan(method, list(rules), ratio, bits)) for n, p in named.items()]

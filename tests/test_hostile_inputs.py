@@ -183,3 +183,33 @@ def test_model_index_and_config_bounded_before_reading(made, tmp_path):
         f.truncate(65 * 2**20)
     with pytest.raises(CheckpointError, match=r"config.json: \d+ bytes, above"):
         deltacomp.compress(base, big, tmp_path / "y.delta.safetensors", progress=False)
+
+
+def test_api_argument_types(made, tmp_path):
+    """Public functions given the wrong kind of argument: a typed one-line error, never an
+    AttributeError/TypeError from inside, and never a string silently taken as a list of characters."""
+    from deltacomp import DeltacompError, lora
+    from deltacomp.serve import generate, patch_model_multi, set_delta_index
+
+    base, ft, delta = made
+    cases = [
+        (lambda: deltacomp.patch_model(None, delta), "model must be a torch.nn.Module"),
+        (lambda: deltacomp.apply_delta_(None, delta), "model must be a torch.nn.Module"),
+        (lambda: patch_model_multi(torch.nn.Linear(2, 2), delta), "give a list of delta files"),
+        (lambda: deltacomp.summarize(None), "summarize takes an open delta"),
+        (lambda: generate(base, [delta], "w5 w6", 2), "give a list of prompt strings"),
+        (lambda: generate(base, [delta], ["w5"], "3"), "max_new_tokens must be an integer"),
+        (lambda: generate(base, [delta], ["w5"], 2, prompt_delta=[0.5]), "delta indices must be integers"),
+        (lambda: lora.export_lora(base, ft, tmp_path / "l", rank="8", progress=False), "--rank must be >= 1 .an integer."),
+        (lambda: deltacomp.compress_many(base, str(ft), tmp_path / "m", progress=False), "got one path"),
+        (lambda: deltacomp.compress_many(base, [ft], None, progress=False), "must be a non-empty path"),
+    ]
+    for call, match in cases:
+        with pytest.raises(DeltacompError, match=match):
+            call()
+    from conftest import load_causal_lm
+
+    model = patch_model_multi(load_causal_lm(base), [delta])
+    for bad in ([0.5], "a", [True]):
+        with pytest.raises(DeltacompError, match="integer delta indices"):
+            set_delta_index(model, bad)

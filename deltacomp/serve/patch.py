@@ -84,6 +84,7 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
     (``force`` applies a mismatching delta anyway, with a warning). ``fused``: None = automatic."""
     from .. import api  # api imports nothing from serve; local to keep ``import deltacomp.serve`` light
 
+    api.check_module(model, "patch_model")
     _not_patched(model)
     df = load_delta(delta)
     wrap, skip = _wrapped_linears(model, df, BaseChecker(df, force))
@@ -114,7 +115,12 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
     Deltas that add tokens (a larger vocabulary) or new tensors cannot share one base and are refused.
     ``verify_base=False`` skips hashing the base tensors against each delta's fingerprint, for a caller
     that has already checked these deltas against this model (the server re-patches as deltas come and go)."""
+    from ..api import check_module
+
+    check_module(model, "patch_model_multi")
     _not_patched(model)
+    if isinstance(deltas, (str, os.PathLike)):
+        raise DeltacompError(f"patch_model_multi: give a list of delta files, got one path {deltas!r}")
     dfs = [load_delta(d) for d in deltas]
     if not dfs:
         raise DeltacompError("patch_model_multi: give at least one delta")
@@ -192,7 +198,13 @@ def set_delta_index(model: nn.Module, index: Tensor | Sequence[int]) -> nn.Modul
     patch = getattr(model, _PATCH_ATTR, None)
     if patch is None:
         raise DeltacompError(f"{type(model).__name__} is not patched; call patch_model_multi first")
-    index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+    try:
+        raw = torch.as_tensor(index)
+    except (TypeError, ValueError, RuntimeError):
+        raise DeltacompError(f"set_delta_index: give integer delta indices, got {index!r}") from None
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise DeltacompError(f"set_delta_index: give integer delta indices, got {raw.tolist()}")
+    index = raw.to(torch.int64).reshape(-1)
     t = patch["deltas"]
     if index.numel() and (int(index.min()) < -1 or int(index.max()) >= t):
         raise DeltacompError(f"set_delta_index: values must be in [-1, {t}) ({t} deltas patched; -1 = base), "
