@@ -24,7 +24,7 @@ from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
 from .rowblocks import add_streamed, finite_or_refuse, write_streamed
 from .rowblocks import count_nonfinite as _nonfinite
-from .storage import as_path, output_dir, refuse_inputs
+from .storage import as_path, check_shard_size, output_dir, refuse_inputs
 from .summary import summarize
 
 if TYPE_CHECKING:
@@ -407,6 +407,7 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
     out = as_path(out, "the output folder")
+    check_shard_size(max_shard_bytes)
     with load_delta(delta) as df, open_checkpoint(base) as bck:
         refuse_inputs(out, bck.files() + df.files_on_disk, folder=True)
         _reconstruct(bck, df, out, overwrite, force, max_shard_bytes, progress)

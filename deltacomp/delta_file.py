@@ -27,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import numbers
 import os
 import re
 import shutil
@@ -42,10 +41,10 @@ from torch import Tensor
 
 from ._version import __version__
 from .dtypes import SAFETENSORS_DTYPES, dtype_name
-from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError, UnknownTensorError
+from .errors import ChecksumError, DeltaFormatError, OutputExistsError, UnknownTensorError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
                         decode_embedded, fingerprint_all, integrity_digest, validate_schema)
-from .storage import OutputLock, ShardBuffer, as_path, publish_file, refuse_special
+from .storage import OutputLock, ShardBuffer, as_path, check_shard_size, publish_file, refuse_special
 from .tensorio import TensorReader, unique_keys
 
 FORMAT = "deltacomp/1"
@@ -146,10 +145,7 @@ class DeltaWriter:
     def __init__(self, path: str | os.PathLike, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
         self.path = as_path(path, "the output delta file")
-        if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral):
-            raise SettingsError(f"max shard size must be a whole number of bytes, got {max_shard_bytes!r}")
-        if max_shard_bytes <= 0:
-            raise SettingsError(f"max shard size must be positive, got {max_shard_bytes}")
+        check_shard_size(max_shard_bytes)
         if self.path.is_dir():
             raise OutputExistsError(f"{self.path}: is a folder; give a file name like ft.delta.safetensors")
         refuse_special(self.path)

@@ -7,6 +7,7 @@ written through."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import shutil
@@ -84,6 +85,14 @@ def as_path(value: object, what: str) -> Path:
     if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes) or not os.fspath(value):
         raise SettingsError(f"{what} must be a non-empty path (str or os.PathLike), got {value!r}")
     return Path(value)
+
+
+def check_shard_size(max_shard_bytes: object) -> None:
+    """--max-shard-size: a positive whole number of bytes."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral):
+        raise SettingsError(f"max shard size must be a whole number of bytes, got {max_shard_bytes!r}")
+    if max_shard_bytes <= 0:
+        raise SettingsError(f"max shard size must be positive, got {max_shard_bytes}")
 
 
 def refuse_special(path: str | os.PathLike) -> None:

@@ -213,3 +213,11 @@ def test_api_argument_types(made, tmp_path):
     for bad in ([0.5], "a", [True]):
         with pytest.raises(DeltacompError, match="integer delta indices"):
             set_delta_index(model, bad)
+
+
+@pytest.mark.parametrize("size", [0, -1, "1GB", 1.5])
+def test_reconstruct_shard_size_checked_like_compress(made, tmp_path, size):
+    base, _, delta = made
+    with pytest.raises(SettingsError, match="max shard size must be"):
+        deltacomp.reconstruct(base, delta, tmp_path / "rec", max_shard_bytes=size, progress=False)
+    assert not (tmp_path / "rec").exists()
