@@ -18,14 +18,14 @@ from .delta_file import (DEFAULT_MAX_SHARD_BYTES, DeltaWriter, ParamInfo, base_d
                          fingerprint_all, index_path)
 from .devices import resolve_device
 from .dtypes import DTYPES, dtype_name
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError, SettingsError
 from .modelnames import checkpoint_aliases, not_in_model
 from .pairing import PairKind, Pairing, check_pair, pair_checkpoints
 from .plan import DEFAULT_METHOD, WHOLE, Plan
 from .progress import progress_bar
 from .rowblocks import add_streamed, finite_or_refuse, write_streamed
 from .rowblocks import count_nonfinite as _nonfinite
-from .storage import output_dir
+from .storage import as_path, check_shard_size, output_dir, refuse_inputs
 from .summary import summarize
 
 if TYPE_CHECKING:
@@ -158,6 +158,10 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     ``method="auto"`` chooses a codec and settings per linear tensor under one budget: ``ratio`` or
     ``bits`` (per parameter of those tensors); see auto.py."""
     checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch, "bits": bits}
+    out = as_path(out, "the output delta file")
+    if isinstance(rules, str):
+        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
+    _refuse_inputs(out, base, finetuned)
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
@@ -195,6 +199,30 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             _remove_delta(p)
     with load_delta(out) as df:
         return {**summarize(df), "calibration": reports}
+
+
+def check_module(model: Any, where: str) -> None:
+    """The model a delta is applied to or served on must be a torch module (one loaded from the base)."""
+    if not isinstance(model, torch.nn.Module):
+        raise SettingsError(f"{where}: model must be a torch.nn.Module loaded from the base, got {type(model).__name__}")
+
+
+def model_files(*models: str | os.PathLike) -> list[Path]:
+    """The files the checkpoints ``models`` are read from (an output must never be one of them)."""
+    out: list[Path] = []
+    for m in models:
+        with open_checkpoint(m) as ck:
+            out += ck.files()
+    return out
+
+
+def _refuse_inputs(out: str | os.PathLike, base: str | os.PathLike, finetuned: str | os.PathLike) -> None:
+    """An existing output (or its sharded index) that is a file of the base or the fine-tune is refused."""
+    names = [Path(out), index_path(Path(out))]
+    if any(p.exists() for p in names):
+        files = model_files(base, finetuned)
+        for p in names:
+            refuse_inputs(p, files)
 
 
 def _remove_delta(path: Path) -> None:
@@ -381,7 +409,17 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
                 overwrite: bool = False, force: bool = False, max_shard_bytes: int = 5 * 1024**3,
                 progress: bool = True) -> Path:
     """Write the fine-tune as a Hugging Face model folder at ``out`` (atomic: built aside, then renamed)."""
-    with load_delta(delta) as df, open_checkpoint(base) as bck, output_dir(out, overwrite=overwrite) as tmp:
+    out = as_path(out, "the output folder")
+    check_shard_size(max_shard_bytes)
+    with load_delta(delta) as df, open_checkpoint(base) as bck:
+        refuse_inputs(out, bck.files() + df.files_on_disk, folder=True)
+        _reconstruct(bck, df, out, overwrite, force, max_shard_bytes, progress)
+    return Path(out)
+
+
+def _reconstruct(bck: Checkpoint, df: Delta, out: str | os.PathLike, overwrite: bool, force: bool,
+                 max_shard_bytes: int, progress: bool) -> None:
+    with output_dir(out, overwrite=overwrite) as tmp:
         checker = BaseChecker(df, force)
         check_base_names(df, bck)
         with ShardedWriter(tmp, max_shard_bytes) as writer:
@@ -393,13 +431,13 @@ def reconstruct(base: str | os.PathLike, delta: str | os.PathLike, out: str | os
             if "/" in fname or "\\" in fname or fname.startswith("."):
                 continue  # never write outside the folder, whatever the file says
             (tmp / fname).write_bytes(data)
-    return Path(out)
 
 
 def apply_delta_(model: torch.nn.Module, delta: str | os.PathLike | Delta, *, force: bool = False,
                  names: Iterable[str] | None = None, progress: bool = False) -> torch.nn.Module:
     """Turn ``model`` (loaded from the base) into the fine-tune, in place, parameter by parameter
     (only the parameters in ``names`` when given)."""
+    check_module(model, "apply_delta_")
     df = load_delta(delta)
     checker = BaseChecker(df, force)
     state = _model_state(model, df)

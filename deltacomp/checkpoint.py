@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -19,9 +19,10 @@ import torch
 from torch import Tensor
 
 from .dtypes import SAFETENSORS_DTYPES
-from .errors import CheckpointError
-from .storage import ShardBuffer
-from .tensorio import TensorReader
+from .errors import CheckpointError, DeltacompError
+from .integrity import MAX_EMBEDDED_FILE_BYTES
+from .storage import ShardBuffer, as_path
+from .tensorio import TensorReader, unique_keys
 
 INDEX_NAME = "model.safetensors.index.json"
 # Elements per block where a tensor is read in blocks of rows (64 MB per float32 copy of a block).
@@ -49,11 +50,21 @@ _CONVERT_HINT = (
 )
 
 
+MAX_INDEX_BYTES = 256 * 2**20  # a weight map of millions of tensors; read whole, so bounded first
+
+
+def _bounded(f: Path, limit: int) -> None:
+    size = f.stat().st_size
+    if size > limit:
+        raise CheckpointError(f"{f}: {size} bytes, above the {limit} bytes deltacomp reads for such a file; "
+                              "is it the right file?")
+
+
 class Checkpoint:
     """Read-only, lazy view of one checkpoint. Use as a context manager or call ``close()``."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = as_path(path, "a model (BASE or FINETUNED)")
         self._stack = ExitStack()
         self._handles: dict[Path, TensorReader] = {}
         self._where: dict[str, Path] = {}
@@ -87,8 +98,9 @@ class Checkpoint:
         folder = self.path
         index = folder / INDEX_NAME
         if index.is_file():
+            _bounded(index, MAX_INDEX_BYTES)
             try:
-                weight_map = json.loads(index.read_text())["weight_map"]
+                weight_map = json.loads(index.read_text(), object_pairs_hook=unique_keys)["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                     raise TypeError("weight_map must map tensor names to shard file names")
             except (ValueError, KeyError, TypeError, RecursionError) as exc:
@@ -169,6 +181,13 @@ class Checkpoint:
         for start in range(0, shape[0], step):
             yield self.get_rows(name, start, min(start + step, shape[0]))
 
+    def files(self) -> list[Path]:
+        """Every file this checkpoint is read from: weights, the index, config and tokenizer files."""
+        out = list(self._handles)
+        if self.folder is not None:
+            out += [self.folder / n for n in (INDEX_NAME, *EXTRA_FILES) if (self.folder / n).is_file()]
+        return out
+
     def nbytes(self) -> int:
         """Bytes of all weight files on disk (what a user sees as the checkpoint's size)."""
         return sum(f.stat().st_size for f in self._handles)
@@ -177,6 +196,7 @@ class Checkpoint:
     def config(self) -> dict | None:
         if self.folder is None or not (self.folder / "config.json").is_file():
             return None
+        _bounded(self.folder / "config.json", MAX_EMBEDDED_FILE_BYTES)
         try:
             config = json.loads((self.folder / "config.json").read_text())
         except (ValueError, RecursionError) as exc:
@@ -189,7 +209,14 @@ class Checkpoint:
         """The non-weight files a model folder needs (config, generation config, tokenizer)."""
         if self.folder is None:
             return {}
-        return {n: (self.folder / n).read_bytes() for n in EXTRA_FILES if (self.folder / n).is_file()}
+        out = {}
+        for n in EXTRA_FILES:
+            f = self.folder / n
+            if not f.is_file():
+                continue
+            _bounded(f, MAX_EMBEDDED_FILE_BYTES)  # before reading: the delta file carries it in its header
+            out[n] = f.read_bytes()
+        return out
 
     def close(self) -> None:
         self._stack.close()
@@ -203,6 +230,20 @@ class Checkpoint:
 
 def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint(path)
+
+
+@contextmanager
+def hf_folder(path: str | os.PathLike, what: str) -> Iterator[None]:
+    """transformers' errors for a folder that is not a usable model (no config.json, no tokenizer files,
+    a file instead of a folder) become one CheckpointError line naming it."""
+    try:
+        yield
+    except DeltacompError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path}: cannot load its {what} with transformers ({type(exc).__name__}: {first}); "
+                              "give a Hugging Face model folder with config.json and tokenizer files") from None
 
 
 # -- writing ----------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from torch import Tensor
 from .codecs import Codec, Encoded, available, get_codec
 from .delta_file import NEW_ROWS, DeltaFile, ParamInfo
 from .dtypes import DTYPES, SAFETENSORS_DTYPES
-from .errors import DeltacompError, DeltaFormatError, SettingsError
+from .errors import BaseMismatchError, DeltacompError, DeltaFormatError, SettingsError
 
 _TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
 
@@ -83,16 +83,24 @@ class Delta(DeltaFile):
                                        "the file is damaged or was edited")
 
     def encoded(self, name: str) -> Encoded:
-        info = self.params[name]
+        info = self.param(name)
         if info.tied_to is not None:
             return self.encoded(info.tied_to)
         tensors = self.raw_tensors(name)
         tensors.pop(NEW_ROWS, None)
-        return Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings))
+        return self._checked(name, Encoded(info.codec, info.encoded_shape, tensors, dict(info.settings)))
+
+    def _checked(self, name: str, enc: Encoded) -> Encoded:
+        """The codec's check of the stored values (``Codec.check_stored``: no NaN/Inf scale, factor or
+        value) before anything decodes or serves them."""
+        if self.params[name].has_base:  # a tensor stored whole is the fine-tune's own (NaN allowed on request)
+            with self.guard(name, "read"):
+                get_codec(enc.codec).check_stored(enc)
+        return enc
 
     def decode(self, name: str) -> Tensor:
         """The float32 delta over the base rows (shape ``encoded_shape``)."""
-        info = self.params[name]
+        info = self.param(name)
         if info.tied_to is not None:
             return self.decode(info.tied_to)
         enc = self.encoded(name)
@@ -121,7 +129,7 @@ class Delta(DeltaFile):
     def stats(self, name: str) -> dict[str, Any]:
         """The codec's ``inspect`` statistics of one stored parameter. A codec without statistics of its own
         (the base class's ``stats``) gets no read of the tensor (at 70B, a raw embedding is 2 GB)."""
-        info = self.params[name]
+        info = self.param(name)
         while info.tied_to is not None:
             info = self.params[info.tied_to]
         if info.codec in available() and type(get_codec(info.codec)).stats is Codec.stats:
@@ -139,7 +147,7 @@ class Delta(DeltaFile):
     def apply(self, name: str, base: Tensor | None) -> Tensor:
         """The fine-tune's tensor: ``(base + delta)`` in float32, cast to the fine-tune's dtype; a tensor
         the base lacks is stored whole (its encoded ``values``, in its own dtype)."""
-        info = self.params[name]
+        info = self.param(name)
         if info.tied_to is not None:
             return self.apply(info.tied_to, base)
         out_dtype = DTYPES[info.dtype]
@@ -147,6 +155,7 @@ class Delta(DeltaFile):
             return self.raw_tensors(name)["values"].to(out_dtype)
         if base is None:
             raise DeltaFormatError(f"{self.path}: {name} needs its base tensor")
+        self._check_base_shape(name, base, info.encoded_shape)
         delta = self.decode(name)
         if info.base_rows is None:
             return (base.to(torch.float32) + delta).to(out_dtype)
@@ -154,17 +163,23 @@ class Delta(DeltaFile):
         new_rows = self.raw_tensors(name)[NEW_ROWS].to(out_dtype)
         return torch.cat([shared, new_rows], dim=0)
 
+    def _check_base_shape(self, name: str, base: Tensor, want: tuple[int, ...]) -> None:
+        got = tuple(base.shape)
+        if got != want and not (got == () and want == (1,)):
+            raise BaseMismatchError(f"{self.path}: {name}: the base tensor given has shape {list(got)}, the delta "
+                                    f"applies to {list(want)} — wrong base?")
+
     def row_blocked(self, name: str) -> bool:
         """True when this parameter's codec decodes blocks of rows (``Codec.row_blocks``), so that
         ``apply_rows`` can rebuild it a block at a time."""
-        info = self.params[name]
+        info = self.param(name)
         return self.row_blocked(info.tied_to) if info.tied_to is not None else get_codec(info.codec).row_blocks
 
     def apply_rows(self, name: str, base: Tensor | None, start: int, stop: int) -> Tensor:
         """Rows ``start:stop`` of ``apply(name, full base)``, from the base's rows ``start:stop``, for a
         ``row_blocked`` parameter; rows past the base's (added tokens) come from the stored new rows.
         The stored bytes are not checksummed here: ``verify_param`` the parameter first."""
-        info = self.params[name]
+        info = self.param(name)
         if info.tied_to is not None:
             return self.apply_rows(info.tied_to, base, start, stop)
         out_dtype = DTYPES[info.dtype]
@@ -175,9 +190,10 @@ class Delta(DeltaFile):
             return self.field_rows(name, NEW_ROWS, start - rows, stop - rows).to(out_dtype)
         if base is None or stop > rows:
             raise DeltaFormatError(f"{self.path}: {name}: rows {start}:{stop} need their base rows")
-        enc = Encoded(info.codec, (stop - start, *info.encoded_shape[1:]),
-                      {f: self.field_rows(name, f, start, stop) for f in info.fields if f != NEW_ROWS},
-                      dict(info.settings))
+        self._check_base_shape(name, base, (stop - start, *info.encoded_shape[1:]))
+        enc = self._checked(name, Encoded(info.codec, (stop - start, *info.encoded_shape[1:]),
+                                          {f: self.field_rows(name, f, start, stop) for f in info.fields
+                                           if f != NEW_ROWS}, dict(info.settings)))
         with self.guard(name, "decode"):
             delta = get_codec(info.codec).decode(enc)
         if tuple(delta.shape) != enc.shape:

@@ -41,11 +41,11 @@ from torch import Tensor
 
 from ._version import __version__
 from .dtypes import SAFETENSORS_DTYPES, dtype_name
-from .errors import ChecksumError, DeltaFormatError, OutputExistsError, SettingsError
+from .errors import ChecksumError, DeltaFormatError, OutputExistsError, UnknownTensorError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
                         decode_embedded, fingerprint_all, integrity_digest, validate_schema)
-from .storage import OutputLock, ShardBuffer, publish_file
-from .tensorio import TensorReader
+from .storage import OutputLock, ShardBuffer, as_path, check_shard_size, publish_file, refuse_special
+from .tensorio import TensorReader, unique_keys
 
 FORMAT = "deltacomp/1"
 FORMAT_VERSION = 1
@@ -91,8 +91,12 @@ class ParamInfo:
 
     @property
     def encoded_shape(self) -> tuple[int, ...]:
+        """The shape the codec encoded: the base rows only when tokens were added; a scalar's delta as
+        shape (1,) (codecs take 1-D or 2-D; a tensor stored whole keeps its own shape)."""
         if self.base_rows is not None:
             return (self.base_rows, *self.shape[1:])
+        if self.shape == () and self.has_base:
+            return (1,)
         return self.shape
 
     def to_json(self) -> dict[str, Any]:
@@ -140,11 +144,11 @@ class DeltaWriter:
 
     def __init__(self, path: str | os.PathLike, overwrite: bool = False,
                  max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES):
-        self.path = Path(path)
-        if max_shard_bytes <= 0:
-            raise SettingsError(f"max shard size must be positive, got {max_shard_bytes}")
+        self.path = as_path(path, "the output delta file")
+        check_shard_size(max_shard_bytes)
         if self.path.is_dir():
             raise OutputExistsError(f"{self.path}: is a folder; give a file name like ft.delta.safetensors")
+        refuse_special(self.path)
         self.overwrite = overwrite
         self._check_free()
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,7 +275,7 @@ class DeltaFile:
     """A delta file opened lazily. Tensors are read (and checksummed) one parameter at a time."""
 
     def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
+        self.path = as_path(path, "a delta file")
         self._stack = ExitStack()
         self._handles: dict[str, Any] = {}
         self._where: dict[str, str] = {}
@@ -289,7 +293,7 @@ class DeltaFile:
         if len(meta_json) > MAX_METADATA_BYTES:
             raise DeltaFormatError(f"{where}: metadata is {len(meta_json)} bytes, above the bound {MAX_METADATA_BYTES}")
         try:
-            meta = json.loads(meta_json)
+            meta = json.loads(meta_json, object_pairs_hook=unique_keys)
         except (ValueError, RecursionError) as exc:
             raise DeltaFormatError(f"{where}: metadata is not valid JSON ({exc}); the file is corrupted") from None
         fmt = meta.get("format") if isinstance(meta, dict) else None
@@ -342,7 +346,7 @@ class DeltaFile:
         if idx.stat().st_size > MAX_METADATA_BYTES + 2**20 * 64:  # the metadata plus a weight map
             raise DeltaFormatError(f"{idx}: index is {idx.stat().st_size} bytes, above the bound; refused")
         try:
-            index = json.loads(idx.read_bytes())
+            index = json.loads(idx.read_bytes(), object_pairs_hook=unique_keys)
             meta, weight_map = index["metadata"][META_KEY], index["weight_map"]
             if not isinstance(meta, str) or not isinstance(weight_map, dict):
                 raise TypeError("metadata.deltacomp must be a string and weight_map an object")
@@ -371,13 +375,21 @@ class DeltaFile:
         return meta
 
     # -- access -------------------------------------------------------------------------------------
+    def param(self, name: str) -> ParamInfo:
+        """The stored parameter ``name``; UnknownTensorError (a KeyError too) naming the file otherwise."""
+        info = self.params.get(name) if isinstance(name, str) else None
+        if info is None:
+            shown = ", ".join(list(self.params)[:3]) + (", ..." if len(self.params) > 3 else "")
+            raise UnknownTensorError(f"{self.path}: holds no parameter {name!r} ({len(self.params)} stored: {shown})")
+        return info
+
     @property
     def nbytes(self) -> int:
         """Size of the delta on disk, headers and metadata included."""
         return sum(p.stat().st_size for p in self.files_on_disk)
 
     def raw_tensors(self, name: str) -> dict[str, Tensor]:
-        info = self.params[name]
+        info = self.param(name)
         try:
             tensors = {f: self._handles[self._where[f"{name}.{f}"]].get(f"{name}.{f}") for f in info.fields}
         except (OSError, ValueError) as exc:
@@ -398,7 +410,7 @@ class DeltaFile:
     def verify_param(self, name: str) -> None:
         """The checksum of one parameter, its bytes streamed in chunks (memory bounded whatever its size);
         ChecksumError when it does not match."""
-        info = self.params[name]
+        info = self.param(name)
         h = hashlib.sha256()
         try:
             for f in sorted(info.fields):

@@ -35,12 +35,23 @@ class ChecksumError(DeltaFormatError):
     """The encoded bytes of a tensor do not match the checksum recorded when it was written."""
 
 
+class UnknownTensorError(DeltacompError, KeyError):
+    """A tensor name asked of a delta file that it does not hold (a KeyError too, for dict-like callers)."""
+
+    def __str__(self) -> str:  # the message as written, not KeyError's repr of it
+        return Exception.__str__(self)
+
+
 class BaseMismatchError(DeltacompError):
     """The base model given is not the one the delta was made against."""
 
 
 class OutputExistsError(DeltacompError):
     """The output path exists and overwriting was not asked for."""
+
+
+class OutputIsInputError(OutputExistsError):
+    """The output path is (or, for a folder, holds) a file this run reads: writing it would destroy an input."""
 
 
 class OutputBusyError(OutputExistsError):

@@ -9,6 +9,7 @@ returned by name, for the caller to show: they are never dropped silently.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 from pathlib import Path
@@ -25,7 +26,7 @@ from .errors import NoFactorsError, SettingsError
 from .pairing import PairKind, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
-from .storage import output_dir, save_tensors
+from .storage import output_dir, refuse_inputs, save_tensors
 
 _NOT_LINEAR = re.compile("|".join(p for p, _ in DEFAULT_RULES))
 
@@ -41,7 +42,7 @@ def _module(param: str) -> str:
 
 
 def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: dict[str, int], base_name: str,
-                   overwrite: bool) -> Path:
+                   overwrite: bool, inputs: list[Path]) -> Path:
     if not ranks:
         raise SettingsError("nothing to export: no 2-D linear weight changed (or all were skipped)")
     counts: dict[int, int] = {}
@@ -56,6 +57,7 @@ def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: di
         "target_modules": targets, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
         "modules_to_save": None, "inference_mode": True, "init_lora_weights": True, "use_rslora": False,
     }
+    refuse_inputs(out, inputs, folder=True)
     with output_dir(out, overwrite=overwrite) as tmp:
         save_tensors(tensors, tmp / "adapter_model.safetensors", {"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
@@ -73,12 +75,14 @@ def _add(tensors: dict[str, Tensor], ranks: dict[str, int], param: str, u, s, vh
 def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *, rank: int = 64,
                 dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
     """Truncated SVD of each linear weight's delta -> a PEFT LoRA adapter of rank ``rank`` at ``out``."""
-    if rank < 1:
-        raise SettingsError(f"--rank must be >= 1, got {rank}")
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+        raise SettingsError(f"--rank must be >= 1 (an integer), got {rank!r}")
     tensors: dict[str, Tensor] = {}
     ranks: dict[str, int] = {}
     skipped: list[str] = []
     with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
+        inputs = bck.files() + fck.files()
+        refuse_inputs(out, inputs, folder=True)  # before the work
         for p in progress_bar(pair_checkpoints(bck, fck), desc="export-lora", unit="tensor", enable=progress):
             if p.kind == PairKind.TIED:
                 continue
@@ -94,7 +98,7 @@ def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str 
                 continue
             u, s, vh = truncated_svd(delta, rank)
             _add(tensors, ranks, p.name, u, s, vh, dtype)
-    path = _write_adapter(out, tensors, ranks, str(base), overwrite)
+    path = _write_adapter(out, tensors, ranks, str(base), overwrite, inputs)
     return {"path": str(path), "modules": len(ranks), "ranks": ranks, "not_carried": skipped}
 
 
@@ -105,6 +109,8 @@ def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, 
     ranks: dict[str, int] = {}
     skipped: list[str] = []
     with load_delta(delta) as df:
+        inputs = list(df.files_on_disk)
+        refuse_inputs(out, inputs, folder=True)
         for name, info in df.params.items():
             if info.tied_to is not None or get_codec(info.codec).always_zero:
                 continue
@@ -117,5 +123,5 @@ def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, 
                 continue
             _add(tensors, ranks, name, *f, dtype)
         base_name = base_name or str(df.source.get("base", ""))
-    path = _write_adapter(out, tensors, ranks, base_name, overwrite)
+    path = _write_adapter(out, tensors, ranks, base_name, overwrite, inputs)
     return {"path": str(path), "modules": len(ranks), "ranks": ranks, "not_carried": skipped}

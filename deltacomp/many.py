@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .api import EncodedParam, add_encoded, encode_param, file_metadata, prepare_pairs, read_base
+from .api import EncodedParam, add_encoded, encode_param, file_metadata, model_files, prepare_pairs, read_base
 from .checkpoint import Checkpoint, open_checkpoint
 from .delta import load_delta
 from .delta_file import DEFAULT_MAX_SHARD_BYTES, DeltaWriter, index_path
@@ -36,6 +36,7 @@ from .errors import OutputExistsError, SettingsError
 from .pairing import PairKind, Pairing
 from .plan import DEFAULT_METHOD, Plan
 from .progress import progress_counter
+from .storage import as_path, refuse_inputs
 from .summary import summarize
 
 SUFFIX = ".delta.safetensors"
@@ -105,6 +106,9 @@ def read_manifest(path: str | os.PathLike) -> dict[str, str]:
 
 def named_finetunes(finetuned: Sequence[str | os.PathLike] | Mapping[str, str | os.PathLike]) -> dict[str, Any]:
     """{output name: path}: a mapping as given, or names derived from the paths; collisions refused."""
+    if isinstance(finetuned, (str, bytes, os.PathLike)):
+        raise SettingsError(f"compress-many: give the fine-tunes as a list of paths or a {{name: path}} mapping, "
+                            f"got one path {finetuned!r}")
     if isinstance(finetuned, Mapping):
         return {check_name(n, "fine-tune name"): p for n, p in finetuned.items()}
     out: dict[str, Any] = {}
@@ -195,10 +199,12 @@ def compress_many(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike
     compress's (no calibration). ``ray``: True starts a local Ray (``ray_cpus`` CPUs), a string joins
     the cluster at that address; ``retries``: times a Ray task is re-run when its worker dies;
     ``ray_threads``: torch threads per task (default this process's; see distributed.py)."""
+    if isinstance(rules, str):
+        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
     named = named_finetunes(finetuned)
     if not named:
         raise SettingsError("compress-many: no fine-tune given")
-    out_dir = Path(out_dir)
+    out_dir = as_path(out_dir, "the output folder")
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputExistsError(f"{out_dir}: exists and is not a folder")
     jobs = [Job(n, p, out_dir / f"{n}{SUFFIX}", Plan(method, list(rules), ratio, bits)) for n, p in named.items()]
@@ -207,6 +213,8 @@ def compress_many(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike
         for path in (job.out, index_path(job.out)):
             if path.exists() and not overwrite:
                 raise OutputExistsError(f"{path}: exists; pass --overwrite to replace it")
+            if path.exists():
+                refuse_inputs(path, model_files(base, *named.values()))
     with ExitStack() as stack:
         for job in jobs:
             job.writer = DeltaWriter(job.out, overwrite=overwrite, max_shard_bytes=max_shard_bytes)

@@ -206,8 +206,9 @@ def _dequant_rows(q: Tensor, scale: Tensor, zero: Tensor, bits: int, rows: int, 
                   dtype: torch.dtype) -> Tensor:
     """(rows, length) values zero + code * scale in ``dtype`` (float64 holds every one exactly)."""
     codes = unpack_bits(q, bits, rows * length).reshape(rows, length).to(dtype)
-    sc = scale.to(dtype).repeat_interleave(group_size, dim=1)[:, :length]
-    z = zero.to(dtype).repeat_interleave(group_size, dim=1)[:, :length]
+    rep = min(group_size, max(length, 1))  # a group spans at most the row: a huge group size costs no memory
+    sc = scale.to(dtype).repeat_interleave(rep, dim=1)[:, :length]
+    z = zero.to(dtype).repeat_interleave(rep, dim=1)[:, :length]
     return z + codes * sc
 
 

@@ -15,6 +15,7 @@ would get: auto.py chooses a codec and settings per tensor and hands them to the
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from typing import Any
@@ -56,6 +57,8 @@ def parse_method(spec: str) -> tuple[str, dict[str, str]]:
             key = key.strip().replace("-", "_")
             if not key:
                 raise SettingsError(f"method spec {spec!r}: empty setting name before '='")
+            if key in settings:
+                raise SettingsError(f"method spec {spec!r}: setting {key} given twice")
             settings[key] = value.strip()
             last = key
         elif last is not None:
@@ -96,7 +99,7 @@ class Rule:
 
 def parse_rule(text: str) -> Rule:
     """``'mlp\\.=ternary:density=0.1'`` -> Rule. The regex may not contain '='."""
-    if "=" not in text:
+    if not isinstance(text, str) or "=" not in text:
         raise SettingsError(f"rule {text!r}: expected REGEX=METHOD[:key=value...]")
     pattern, spec = text.split("=", 1)
     try:
@@ -105,6 +108,15 @@ def parse_rule(text: str) -> Rule:
         raise SettingsError(f"rule {text!r}: bad regex {pattern!r} ({exc})") from None
     method, settings = parse_method(spec)
     return Rule(pattern, method, settings)
+
+
+def _number(value: Any, what: str) -> Any:
+    """A budget given as a number (an int or float, not a bool or a string), or None."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise SettingsError(f"{what} must be a number, got {value!r}")
+    return value
 
 
 @dataclass
@@ -122,8 +134,9 @@ class Plan:
         self.method, self.method_settings = (AUTO, parse_auto(method)) if self.auto else parse_method(method)
         # --method auto:codecs=A+B: the codecs whose candidates auto weighs (None: every registered one)
         self.auto_codecs = tuple(self.method_settings["codecs"].split("+")) if "codecs" in self.method_settings else None
-        if ratio is not None and not ratio > 1:
-            raise SettingsError(f"--ratio must be > 1 (a compression factor), got {ratio}")
+        ratio, bits = _number(ratio, "--ratio"), _number(bits, "--bits")
+        if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
+            raise SettingsError(f"--ratio must be > 1 and finite (a compression factor), got {ratio}")
         if bits is not None and not self.auto:
             raise SettingsError("--bits is a budget for --method auto; other methods take --ratio or their own "
                                 "settings (e.g. svd-mixed:bits=2)")
@@ -136,6 +149,8 @@ class Plan:
         self.ratio, self.bits = ratio, bits
         self.choices: dict[str, Assignment] = {}  # --method auto: the allocation, set before assign()
         self.auto_report: dict[str, Any] = {}
+        if isinstance(rules, str):
+            raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
         self.rules = [r if isinstance(r, Rule) else parse_rule(r) for r in rules]
         self.defaults = [Rule(p, *parse_method(m), user=False) for p, m in DEFAULT_RULES]
 
@@ -179,6 +194,9 @@ class Plan:
             for s in shape:
                 numel *= s
             budget = int(numel * itemsize / self.ratio)
+            if budget < 1 and numel:  # a ratio past the tensor's bytes: no codec stores anything in 0 bytes
+                raise SettingsError(f"{name}: --ratio {self.ratio:g} leaves {budget} bytes for shape {tuple(shape)} "
+                                    f"({numel * itemsize} bytes); use a lower --ratio or another method")
             try:
                 settings = codec.settings_for_budget(tuple(shape), budget, dict(rule.settings))
             except SettingsError as exc:

@@ -7,9 +7,11 @@ written through."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from .errors import OutputBusyError, OutputExistsError
+from .errors import OutputBusyError, OutputExistsError, OutputIsInputError, SettingsError
 from .tensorio import TensorFileWriter
 
 try:
@@ -78,6 +80,53 @@ def remove_stale(out: Path) -> None:
                 p.unlink(missing_ok=True)
 
 
+def as_path(value: object, what: str) -> Path:
+    """``value`` as a Path, or one SettingsError line when it is no path (None, a number, bytes, "")."""
+    if not isinstance(value, (str, os.PathLike)) or isinstance(os.fspath(value), bytes) or not os.fspath(value):
+        raise SettingsError(f"{what} must be a non-empty path (str or os.PathLike), got {value!r}")
+    return Path(value)
+
+
+def check_shard_size(max_shard_bytes: object) -> None:
+    """--max-shard-size: a positive whole number of bytes."""
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, numbers.Integral):
+        raise SettingsError(f"max shard size must be a whole number of bytes, got {max_shard_bytes!r}")
+    if max_shard_bytes <= 0:
+        raise SettingsError(f"max shard size must be positive, got {max_shard_bytes}")
+
+
+def refuse_special(path: str | os.PathLike) -> None:
+    """An output name that is a device, pipe or socket (``-o /dev/null``) is never replaced: a rename over
+    it would swap the device for a regular file, for every program on the machine."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+        raise OutputExistsError(f"{path}: exists and is a device, pipe or socket, not a regular file; it is "
+                                "never replaced; choose a file name")
+
+
+def refuse_inputs(out: str | os.PathLike, inputs: Iterable[str | os.PathLike], folder: bool = False) -> None:
+    """Refuse an output that would destroy an input of the same run, ``--overwrite`` or not: a file
+    output that is one of ``inputs`` (the same file, by any name), or a folder output that holds one
+    (it is replaced whole). Checked before any work."""
+    out = Path(out)
+    if not out.exists():
+        return
+    for inp in inputs:
+        inp = Path(inp)
+        try:
+            clash = (inp.resolve().is_relative_to(out.resolve()) if folder
+                     else os.path.samefile(out, inp))
+        except OSError:
+            continue
+        if clash:
+            what = "holds" if folder and not os.path.samefile(out, inp) else "is"
+            raise OutputIsInputError(f"{out}: {what} an input of this run ({inp}); writing the output there would "
+                                     "destroy it; choose another output")
+
+
 def normal_mode(path: Path) -> None:
     """Give a folder made by mkdtemp (0700) the permissions a plain mkdir would (0777 minus the umask)."""
     umask = os.umask(0)
@@ -121,16 +170,24 @@ def save_tensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``text`` to a sibling temporary file and rename it over ``path``."""
     path = Path(path)
+    refuse_special(path)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: is a folder; give a file name")
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # never left beside the output
+        raise
 
 
 def prepare_output_dir(out: str | os.PathLike, overwrite: bool = False) -> tuple[Path, Path]:
     """Check ``out`` may be written and make a sibling temporary folder to build it in.
 
     Returns (final path, temp path). Call ``commit_output_dir`` when done; on failure remove the temp."""
-    out = Path(out)
+    out = as_path(out, "output folder")
+    refuse_special(out)
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out}: exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not overwrite:

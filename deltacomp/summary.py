@@ -7,11 +7,14 @@ from typing import Any
 from .codecs import get_codec
 from .delta import Delta
 from .dtypes import DTYPES
+from .errors import SettingsError
 
 
 def summarize(df: Delta, stats: bool = True) -> dict[str, Any]:
     """Sizes per tensor and per codec, as counted from the file (``stats``: codec-specific figures such
     as bits per kept entry vs the entropy bound, from ``codec.stats``, which reads the tensors)."""
+    if not isinstance(df, Delta):
+        raise SettingsError(f"summarize takes an open delta (deltacomp.load_delta(path)), got {type(df).__name__}")
     tensors, by_codec = [], {}
     ft_bytes_total = 0
     for name, info in df.params.items():

@@ -19,7 +19,7 @@ import math
 import os
 import struct
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
@@ -35,6 +35,18 @@ _DTYPE_RANK = {c: i for i, c in enumerate(("BOOL", "U8", "I8", "F8_E5M2", "F8_E4
 _COPY_CHUNK = 64 * 1024**2
 
 
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are unique: with a key given twice, which one counts depends on the
+    parser, and the integrity digest (over the parsed metadata) would not see the other."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"key {key!r} appears twice")
+        out[key] = value
+    return out
+
+
+
 class TensorReader:
     """One safetensors file; ``get`` reads a tensor into new memory with no memory map kept.
 
@@ -47,7 +59,7 @@ class TensorReader:
         self._file = open(self.path, "rb", buffering=0)
         try:
             (n,) = struct.unpack("<Q", self._file.read(8))
-            header = json.loads(self._file.read(n))
+            header = json.loads(self._file.read(n), object_pairs_hook=unique_keys)
         except BaseException:
             self._file.close()
             raise

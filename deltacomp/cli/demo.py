@@ -10,7 +10,7 @@ import torch
 
 from .. import api
 from ..checkpoint import open_checkpoint
-from ..plan import DEFAULT_METHOD
+from ..plan import DEFAULT_METHOD, Plan
 
 
 def check_reconstruction(base: Path, delta: Path, rec_dir: Path) -> dict[str, Any]:
@@ -53,6 +53,7 @@ def run_demo(out_dir: str | Path = "demo-out", method: str = DEFAULT_METHOD, rat
     from .. import zoo
     from ..summary import format_table, human_bytes, summary_text
 
+    Plan(method, [], ratio)  # a mistaken --method or --ratio fails now, not after the pair is built
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     print_fn("[1/5] bundled pair (built once, then cached)")

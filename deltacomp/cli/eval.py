@@ -3,6 +3,7 @@ cli.py registers them with ``add_eval_parser(subparsers)``."""
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from ..errors import SettingsError
@@ -21,9 +22,15 @@ def _read_text(path: str | None) -> str:
             raise SettingsError("no --text FILE given and no bundled held-out text (deltacomp.zoo) "
                                 "is available; pass --text held_out.txt") from None
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise SettingsError(f"--text {path}: no such file")
-    return p.read_text(encoding="utf-8")
+    if not p.is_file():
+        raise SettingsError(f"--text {path}: not a regular file; give a UTF-8 text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"--text {path}: not UTF-8 text (byte {exc.start}: {exc.reason}); convert it, e.g. "
+                            "iconv -f latin1 -t utf-8") from None
 
 
 def _csv(kind):
@@ -31,11 +38,20 @@ def _csv(kind):
         try:
             items = [kind(x.strip()) for x in text.split(",") if x.strip()]
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not a comma-separated list of {kind.__name__}: {text!r}") from None
+            what = "ratios above 1" if kind is _ratio else kind.__name__
+            raise argparse.ArgumentTypeError(f"not a comma-separated list of {what}: {text!r}") from None
         if not items:
             raise argparse.ArgumentTypeError("empty list")
         return items
     return parse
+
+
+def _ratio(text: str) -> float:
+    """One --ratios entry: a finite compression factor above 1 (a ValueError names the entry)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 1):
+        raise ValueError(text)
+    return value
 
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
@@ -72,7 +88,7 @@ def add_eval_parser(sub) -> None:
                    "built once and cached; its held-out text is the default --text")
     p.add_argument("--methods", type=_csv(str), required=True,
                    help="comma-separated method specs NAME[:key=value...], e.g. A,B:key=value")
-    p.add_argument("--ratios", type=_csv(float), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
+    p.add_argument("--ratios", type=_csv(_ratio), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
     p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
                                                           "rate_distortion.png")
     _add_eval_options(p)
@@ -86,9 +102,28 @@ def _torch_dtype(name: str):
     return DTYPES[name]
 
 
+def _check_json_out(args: argparse.Namespace) -> None:
+    """--json OUT is checked before any model runs: not a folder, not a device, not one of the inputs."""
+    if not args.json:
+        return
+    from ..api import model_files
+    from ..delta_file import index_path
+    from ..errors import OutputExistsError
+    from ..storage import refuse_inputs, refuse_special
+
+    out = Path(args.json)
+    refuse_special(out)
+    if out.is_dir():
+        raise OutputExistsError(f"--json {out}: is a folder; give a file name like results.json")
+    if out.exists():
+        deltas = [Path(d) for d in args.deltas]
+        refuse_inputs(out, deltas + [index_path(d) for d in deltas] + model_files(args.base, args.finetuned))
+
+
 def run_eval(args: argparse.Namespace) -> int:
     from ..eval.metrics import evaluate, format_table, write_json
 
+    _check_json_out(args)
     result = evaluate(args.base, args.finetuned, args.deltas, _read_text(args.text), ctx=args.ctx,
                       batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
                       stride=args.stride, dtype=_torch_dtype(args.dtype), cache_dir=args.cache_dir,
@@ -102,7 +137,10 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from ..eval.sweep import format_sweep, sweep
+    from ..plan import Plan
 
+    for m in args.methods:  # a typo in --methods fails now, not as a "skipped" line after the others ran
+        Plan(m, [], args.ratios[0])
     base, finetuned, text = args.base, args.finetuned, None
     if args.pair:
         if base or finetuned:

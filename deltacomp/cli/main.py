@@ -54,7 +54,21 @@ def cmd_compress(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_plot_out(args: argparse.Namespace) -> None:
+    """--plot PNG: a file name with an image extension (matplotlib would add .png to a folder's name or a
+    bare name and write elsewhere than told), not a device, not the delta being inspected."""
+    from ..storage import refuse_inputs, refuse_special
+
+    out = Path(args.plot)
+    refuse_special(out)
+    if out.is_dir() or not out.suffix:
+        raise SettingsError(f"--plot {out}: give a file name with an image extension, like layers.png")
+    refuse_inputs(out, [Path(args.delta), Path(args.delta + ".index.json")])
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
+    if args.plot:
+        _check_plot_out(args)
     with api.load_delta(args.delta) as df:
         if not args.no_verify:
             df.verify()
@@ -223,8 +237,16 @@ def _add_demo(sub) -> None:
     p.set_defaults(func=cmd_demo)
 
 
+class _Parser(argparse.ArgumentParser):
+    """A command-line mistake is one line too (argparse would print the whole usage block first); the
+    subcommands' parsers are of this class as well."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
+    parser = _Parser(prog="deltacomp", description="Compress a fine-tuned model as a small delta "
                                      f"over its base (file format {FORMAT}).")
     parser.add_argument("--version", action="version", version=f"deltacomp {__version__} ({FORMAT})")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of any error")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..devices import resolve_device
 from ..dtypes import DTYPES
 from ..errors import SettingsError
 
@@ -26,6 +27,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {value}")
+    return value
+
+
 def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -36,6 +47,8 @@ def run_serve(args: argparse.Namespace) -> int:
         if name in deltas:
             raise SettingsError(f"--delta {name}=... is given twice; each delta needs its own name")
         deltas[name] = path
+    if args.device is not None:  # a mistaken --device fails before the model loads
+        args.device = str(resolve_device(args.device))
     app = build_app(args.base, deltas, base_name=args.base_name, base_bits=args.base_bits,
                     dtype=DTYPES[args.dtype], device=args.device, max_batch=args.max_batch,
                     max_queue=args.max_queue, context=args.max_model_len)
@@ -54,7 +67,7 @@ def add_serve_parser(sub) -> None:
                         "POST /v1/deltas)")
     p.add_argument("--base-name", default=None, help="the model name of the base itself (default: its folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--max-batch", type=_positive, default=8, help="rows decoded together at most (default 8)")
     p.add_argument("--max-queue", type=_positive, default=64,
                    help="requests waiting for a batch row at most; more are answered 429 (default 64)")

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, S
 import torch
 from torch import Tensor
 
-from ..errors import NoFactorsError, SettingsError
+from ..errors import DeltaFormatError, NoFactorsError, SettingsError
 
 if TYPE_CHECKING:  # the runtime classes import torch.nn; codecs load them only when serving
     from torch import nn
@@ -297,6 +297,18 @@ class Codec:
     def stats(self, enc: Encoded) -> dict[str, Any]:
         """Codec-specific figures for ``inspect`` (e.g. bits per kept entry vs the entropy bound)."""
         return {}
+
+    # -- reading ----------------------------------------------------------------------------------------
+    def check_stored(self, enc: Encoded) -> None:
+        """Refuse stored values no encoder writes, before they are decoded or served (a reader calls
+        this on every parameter it reads). The default: every floating-point field is finite, since a
+        NaN or Inf scale, factor or value would turn the whole tensor into NaN silently. A codec whose
+        fields may hold something else, or that can check more, overrides it."""
+        for fld, t in enc.tensors.items():
+            if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+                bad = int((~torch.isfinite(t)).sum())
+                raise DeltaFormatError(f"field {fld} holds {bad} NaN or Inf value(s), which {self.name} never "
+                                       "writes; the file is damaged or was edited")
 
     # -- helpers for subclasses ---------------------------------------------------------------------
     def check_input(self, delta: Tensor) -> None:

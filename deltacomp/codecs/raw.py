@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from ..dtypes import DTYPES, dtype_name
+from ..errors import SettingsError
 from .base import Codec, CodecName, Encoded, Setting, register
 from .term import DeltaTerm
 
@@ -46,7 +47,10 @@ class RawCodec(Codec):
     description = "the delta uncompressed (for embeddings, norms, biases, or as a reference)"
     fields = ("values",)
     settings = (
-        Setting("dtype", str, "float32", "storage dtype of the delta", choices=_STORAGE),
+        # any storable dtype: a tensor stored whole (``whole``: only in the fine-tune, or an integer/bool
+        # tensor, which has no delta) keeps its own; a delta is stored in one of _STORAGE (``encode``)
+        Setting("dtype", str, "float32", "storage dtype of the delta (float32, bfloat16, float16)",
+                choices=tuple(DTYPES)),
     )
     applied_in_place = True
     compresses = False
@@ -55,7 +59,13 @@ class RawCodec(Codec):
     def encode(self, delta: Tensor, **settings: Any) -> Encoded:
         self._check_input(delta)
         s = self.resolve_settings(settings)
+        if s["dtype"] not in _STORAGE:
+            raise SettingsError(f"raw: setting dtype={s['dtype']!r} cannot hold a delta; choose one of "
+                                f"{', '.join(_STORAGE)}")
         values = delta.to(DTYPES[s["dtype"]]).contiguous()
+        if not bool(torch.isfinite(values).all()):  # the delta is finite (compress checks): it overflowed
+            raise SettingsError(f"raw: the delta reaches {float(delta.abs().max()):.4g}, beyond {s['dtype']}'s "
+                                "range; store it as float32 (raw:dtype=float32)")
         return Encoded(self.name, tuple(delta.shape), {"values": values}, {"dtype": s["dtype"]})
 
     def encoded_settings(self, settings, given, delta, base, finetuned):

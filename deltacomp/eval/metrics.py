@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ..checkpoint import hf_folder
 from ..devices import resolve_device
 from ..errors import CheckpointError, ModelLayoutError, SettingsError
 from ..storage import write_text_atomic
@@ -93,7 +94,8 @@ def tokenize(model_dir: str | os.PathLike, text: str | Sequence[int] | Tensor) -
     if isinstance(text, str):
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(model_dir))
+        with hf_folder(model_dir, "tokenizer"):
+            tok = AutoTokenizer.from_pretrained(str(model_dir))
         ids = tok(text, verbose=False)["input_ids"]
     else:
         ids = text
@@ -140,7 +142,8 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delt
     before moving: only this one model is ever in RAM)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    with hf_folder(path, "model"):
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     if delta is not None:
         from ..api import apply_delta_, reconstruct
 

@@ -320,6 +320,9 @@ def decode_support(tensors: dict[str, Tensor], params: dict[str, Any], numel: in
         pos = _mask_positions(_zstd_decode(tensors, numel), numel)
     if pos.size != k or (k and (pos[0] < 0 or pos[-1] >= numel)):
         raise DeltaFormatError(f"{name} storage: decoded {pos.size} positions in range, expected {k} in [0, {numel})")
+    if with_signs and tuple(tensors["signs"].shape) != ((k + 7) // 8,):  # one bit per kept entry, no more
+        raise DeltaFormatError(f"signs: {tuple(tensors['signs'].shape)} bytes, {k} kept entries need "
+                               f"{(k + 7) // 8}")
     signs = torch.from_numpy(unpack_bits(tensors["signs"], k)) if with_signs else None
     return torch.from_numpy(pos.astype(np.int64, copy=False)), signs
 

@@ -56,7 +56,7 @@ def quantize(w: Tensor, bits: int, group_size: int = 128) -> tuple[Tensor, Tenso
     w32 = w.to(torch.float32)
     if not torch.isfinite(w32).all() or w32.abs().max() > _FP16_MAX / 2:
         raise ValueError("rtn: values must be finite and within fp16 range for fp16 scales/zeros")
-    grouped = _grouped(w32, group_size)
+    grouped = _grouped(w32, min(group_size, k))  # one group: the row itself (a huge group size pads nothing)
     lo, hi = grouped.amin(-1), grouped.amax(-1)
     zero = lo.to(torch.float16)
     zero = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -float("inf"))), zero)
@@ -80,6 +80,7 @@ def dequantize(codes: Tensor, scale: Tensor, zero: Tensor, group_size: int = 128
     if scale.shape != (rows, g) or zero.shape != (rows, g):
         raise ValueError(f"rtn: scale/zero must have shape {(rows, g)}, got {tuple(scale.shape)}, "
                          f"{tuple(zero.shape)}")
-    s = scale.float().repeat_interleave(group_size, dim=1)[:, :k]
-    z = zero.float().repeat_interleave(group_size, dim=1)[:, :k]
+    rep = min(group_size, max(k, 1))  # one group spans at most the row: a huge group size costs no memory
+    s = scale.float().repeat_interleave(rep, dim=1)[:, :k]
+    z = zero.float().repeat_interleave(rep, dim=1)[:, :k]
     return z + codes.float() * s

@@ -3,11 +3,13 @@ one batch in which each prompt names its delta (``deltacomp generate``)."""
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from typing import Sequence
 
 import torch
 
+from ..checkpoint import hf_folder
 from ..errors import DeltacompError, SettingsError
 from .patch import patch_model_multi, set_delta_index
 
@@ -39,7 +41,8 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
     from transformers import AutoModelForCausalLM
 
     if bits is None:
-        return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
+        with hf_folder(base, "model"):
+            return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
     if bits not in BASE_BITS:
         raise SettingsError(f"load_base: bits must be one of {BASE_BITS} (or None: the base as stored), got {bits}")
     try:
@@ -56,7 +59,8 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
             log.addFilter(_Once())
     else:
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quant).eval()
+    with hf_folder(base, "model"):
+        return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quant).eval()
 
 
 def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], prompts: Sequence[str],
@@ -70,12 +74,16 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
     (``patch_model_multi``); the whole batch is one ``generate`` call, left-padded. ``model`` /
     ``tokenizer``: already loaded base objects to use instead of loading ``base`` (the model is patched
     in place). Returns the generated text of each prompt, prompt excluded."""
-    if not prompts:
-        raise SettingsError("generate: give at least one prompt")
-    if max_new_tokens < 1:
-        raise SettingsError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise SettingsError(f"generate: give a list of prompt strings, got {prompts!r}"[:200])
+    if isinstance(deltas, (str, os.PathLike)):
+        raise SettingsError(f"generate: give a list of delta files, got one path {deltas!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+        raise SettingsError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if prompt_delta is None:
         prompt_delta = [0 if deltas else -1] * len(prompts)
+    if any(isinstance(i, bool) or not isinstance(i, numbers.Integral) for i in prompt_delta):
+        raise SettingsError(f"generate: delta indices must be integers, got {list(prompt_delta)!r}")
     prompt_delta = [int(i) for i in prompt_delta]
     if len(prompt_delta) != len(prompts):
         raise SettingsError(f"generate: {len(prompts)} prompts but {len(prompt_delta)} delta indices; give one "
@@ -91,7 +99,10 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
                             "loaded quantized (deltacomp.serve.load_base) instead")
     from transformers import AutoTokenizer
 
-    tok = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(base))
+    if tokenizer is None:
+        with hf_folder(base, "tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(base))
+    tok = tokenizer
     if model is None:
         model = load_base(base, dtype, base_bits)
     model.eval()

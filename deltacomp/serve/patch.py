@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..basecheck import BaseChecker
-from ..codecs import get_codec
+from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
 from ..errors import DeltacompError
 from ..modelnames import checkpoint_aliases, not_in_model
@@ -87,6 +87,7 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
     (``force`` applies a mismatching delta anyway, with a warning). ``fused``: None = automatic."""
     from .. import api  # api imports nothing from serve; local to keep ``import deltacomp.serve`` light
 
+    api.check_module(model, "patch_model")
     _not_patched(model)
     df = load_delta(delta)
     wrap, skip = _wrapped_linears(model, df, BaseChecker(df, force))
@@ -98,7 +99,8 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
               if df.params[n].tied_to is None and alias.get(n, n) in state}
     api.apply_delta_(model, df, force=force, names=rest)
     for mname, (mod, wname) in wrap.items():
-        _set_module(model, mname, DeltaLinear(mod, df.encoded(wname), fused=fused))
+        enc = df.encoded(wname)
+        _set_module(model, mname, _served(lambda: DeltaLinear(mod, enc, fused=fused), [(df, wname, enc)]))
     setattr(model, _PATCH_ATTR, {"backup": backup, "deltas": 1})
     return model
 
@@ -118,7 +120,12 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
     Deltas that add tokens (a larger vocabulary) or new tensors cannot share one base and are refused.
     ``verify_base=False`` skips hashing the base tensors against each delta's fingerprint, for a caller
     that has already checked these deltas against this model (the server re-patches as deltas come and go)."""
+    from ..api import check_module
+
+    check_module(model, "patch_model_multi")
     _not_patched(model)
+    if isinstance(deltas, (str, os.PathLike)):
+        raise DeltacompError(f"patch_model_multi: give a list of delta files, got one path {deltas!r}")
     dfs = [load_delta(d) for d in deltas]
     if not dfs:
         raise DeltacompError("patch_model_multi: give at least one delta")
@@ -159,7 +166,8 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
         if isinstance(mod, nn.Linear) and set(full) <= {"weight", "bias"}:
             encs = [df.encoded(s["weight"]) if s["weight"] else None for df, s in zip(dfs, src)]
             biases = [df.decode(s["bias"]) if s.get("bias") else None for df, s in zip(dfs, src)]
-            plan.append((mname, MultiDeltaLinear(mod, encs, biases)))
+            plan.append((mname, _served(lambda: MultiDeltaLinear(mod, encs, biases),
+                                        [(df, s["weight"], e) for df, s, e in zip(dfs, src, encs)])))
         else:
             bad = [f for n, f in full.items() if is_quantized(state[f]) and any(s.get(n) for s in src)]
             if bad:
@@ -180,12 +188,35 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
     return model
 
 
+_CODEC_ERRORS = (DeltacompError, RuntimeError, ValueError, IndexError, KeyError, TypeError, OverflowError,
+                 ZeroDivisionError, MemoryError)
+
+
+def _served(make, parts: list[tuple[Delta, str | None, Encoded | None]]) -> nn.Module:
+    """``make()``, the module serving several deltas' packed forms; when it fails, the part at fault is
+    found by building each term alone under its file's guard, so the error names the file and tensor."""
+    try:
+        return make()
+    except _CODEC_ERRORS:
+        for df, name, enc in parts:
+            if enc is not None:
+                with df.guard(name, "serve"):
+                    get_codec(enc.codec).serving_term(enc)
+        raise
+
+
 def set_delta_index(model: nn.Module, index: Tensor | Sequence[int]) -> nn.Module:
     """Which delta each batch row uses in the next forward passes (int, -1 = the base alone)."""
     patch = getattr(model, _PATCH_ATTR, None)
     if patch is None:
         raise DeltacompError(f"{type(model).__name__} is not patched; call patch_model_multi first")
-    index = torch.as_tensor(index, dtype=torch.int64).reshape(-1)
+    try:
+        raw = torch.as_tensor(index)
+    except (TypeError, ValueError, RuntimeError):
+        raise DeltacompError(f"set_delta_index: give integer delta indices, got {index!r}") from None
+    if raw.is_floating_point() or raw.is_complex() or raw.dtype == torch.bool:
+        raise DeltacompError(f"set_delta_index: give integer delta indices, got {raw.tolist()}")
+    index = raw.to(torch.int64).reshape(-1)
     t = patch["deltas"]
     if index.numel() and (int(index.min()) < -1 or int(index.max()) >= t):
         raise DeltacompError(f"set_delta_index: values must be in [-1, {t}) ({t} deltas patched; -1 = base), "

@@ -31,6 +31,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..checkpoint import hf_folder
 from ..errors import DeltacompError, SettingsError
 from .engine import Engine, GenRequest
 from .openai_api import (AddDeltaRequest, ChatRequest, CompletionRequest, Reply, error_body, model_card,
@@ -268,7 +269,8 @@ def build_app(base: str | os.PathLike, deltas: Mapping[str, str | os.PathLike] =
     model = load_base(base, dtype or torch.float32, base_bits)
     if device and base_bits is None:
         model.to(device)
-    tokenizer = AutoTokenizer.from_pretrained(str(base))
+    with hf_folder(base, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(str(base))
     gen_file = Path(base) / "generation_config.json"
     gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
     registry = Registry(model, base_name or Path(base).resolve().name, tokenizer, gen)

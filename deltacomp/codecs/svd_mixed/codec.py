@@ -25,7 +25,7 @@ from torch import Tensor
 
 from . import allocation as al
 from ... import ops
-from ...errors import SettingsError
+from ...errors import DeltaFormatError, SettingsError
 from ...linalg import single_threaded
 from ...quant.bitpack import pack_bits, packed_nbytes, unpack_bits
 from ...quant.rtn import dequantize, n_groups, quantize
@@ -161,17 +161,28 @@ class SvdMixedCodec(Codec):
         on the singular values)."""
         if len(shape) != 2 or settings["allocation"] != "default":
             return None
-        n, k = shape
-        gs = settings["group_size"]
-        out = {}
-        for b, c in self.allocation_for(tuple(shape), settings):
-            for side, length in (("u", n), ("v", k)):
-                out[f"{side}_q{b}"] = torch.empty(packed_nbytes(c * length, b), dtype=torch.uint8, device="meta")
-                for f in ("scale", "zero"):
-                    out[f"{side}_{f}{b}"] = torch.empty(c, n_groups(length, gs), dtype=torch.float16, device="meta")
-        r = sum(c for _, c in self.allocation_for(tuple(shape), settings))
-        out["s"] = torch.empty(r, dtype=torch.float32, device="meta")
-        return out
+        return _alloc_meta(tuple(shape), self.allocation_for(tuple(shape), settings), settings["group_size"])
+
+    def check_stored(self, enc: Encoded) -> None:
+        """Finite values (the default), and fields exactly as the stored allocation ("alloc", which decode
+        and serving follow) says: no group without its codes, no codes no group reads."""
+        super().check_stored(enc)
+        text = enc.params.get("alloc")
+        try:
+            if len(enc.shape) != 2 or not isinstance(text, (str, type(None))):
+                raise ValueError("not a 2-D delta with an allocation text")
+            alloc = alloc_groups(text)
+            if any(c is None for _, c in alloc):
+                raise ValueError("a group without a count")
+            want = _alloc_meta(tuple(enc.shape), alloc, int(enc.params["group_size"]))
+        except (SettingsError, ValueError, TypeError, KeyError) as exc:
+            raise DeltaFormatError(f"{self.name}: stored allocation {text!r} is malformed ({exc})") from None
+        got = {f: (t.dtype, tuple(t.shape)) for f, t in enc.tensors.items()}
+        for f in sorted(set(want) | set(got)):
+            w = (want[f].dtype, tuple(want[f].shape)) if f in want else None
+            if got.get(f) != w:
+                raise DeltaFormatError(f"{self.name}: field {f} is {got.get(f) or 'missing'}, the stored allocation "
+                                       f"{text!r} needs {w or 'no such field'}; the file is damaged or was edited")
 
     def lora_factors(self, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
         """The dequantized factors, groups in order."""
@@ -220,6 +231,19 @@ class SvdMixedCodec(Codec):
     def serving_term(self, enc: Encoded):
         """One op call per layer, its arguments gathered once (serving.py)."""
         return SvdMixedTerm(self, enc)
+
+
+def _alloc_meta(shape: tuple[int, int], alloc, gs: int) -> dict[str, Tensor]:
+    """The fields (on ``meta``) of a delta of ``shape`` quantized with allocation ``alloc`` [(bits, count)]."""
+    n, k = shape
+    out = {}
+    for b, c in alloc:
+        for side, length in (("u", n), ("v", k)):
+            out[f"{side}_q{b}"] = torch.empty(packed_nbytes(c * length, b), dtype=torch.uint8, device="meta")
+            for f in ("scale", "zero"):
+                out[f"{side}_{f}{b}"] = torch.empty(c, n_groups(length, gs), dtype=torch.float16, device="meta")
+    out["s"] = torch.empty(sum(c for _, c in alloc), dtype=torch.float32, device="meta")
+    return out
 
 
 def best_candidate(candidates, quantize):
