@@ -53,8 +53,9 @@ def _windows(text_ids: torch.Tensor, tokens: int, window: int) -> list[torch.Ten
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = Path(args.base) if args.base else zoo.cache_dir() / "zoo" / "smollm2-135m-instruct"
-    ft = Path(args.finetuned) if args.finetuned else zoo.cache_dir() / "zoo" / "smollm2-135m-instruct-shakespeare-6fca8143e7"
+    zdir = zoo.cache_dir() / "zoo"
+    base = Path(args.base) if args.base else zdir / "smollm2-135m-instruct"
+    ft = Path(args.finetuned) if args.finetuned else zdir / "smollm2-135m-instruct-shakespeare-6fca8143e7"
     tok = AutoTokenizer.from_pretrained(str(base))
     text = zoo.corpus_text(args.corpus, split="heldout")
     ids = torch.tensor(tok(text)["input_ids"], dtype=torch.long)
@@ -91,7 +92,8 @@ def run(args) -> dict:
     n = sums["tokens"]
     res = {
         "delta": str(args.delta), "corpus": args.corpus, "split": "heldout", "tokens": n, "window": args.window,
-        "cpu_isa": ops.cpu_isa(), "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
+        "cpu_isa": ops.cpu_isa(), "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
         "kl_exact_vs_int8": sums["kl_exact_int8"] / n, "kl_exact_vs_int8_max": kl_max,
         "kl_finetune_vs_exact": sums["kl_ft_exact"] / n, "kl_finetune_vs_int8": sums["kl_ft_int8"] / n,
         "top1_agreement_exact_int8": sums["top1_exact_int8"] / n,

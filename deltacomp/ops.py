@@ -468,6 +468,18 @@ def kbit_lowrank_matmul_groups(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_
     return (x2.new_zeros(x.shape[0], n) if y is None else y).to(x.dtype)
 
 
+def kbit_lowrank_matmul_groups_tl(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits, n: int,
+                                  k: int, group_size: int, v_tl, v_tl_scale, u_tl, u_tl_scale, u_tl_zero) -> Tensor:
+    """``kbit_lowrank_matmul_groups`` with the TL4 repacks of ``quant.tl4`` (five lists, see the op in
+    csrc/ops.cpp): the CPU kernel with them (int8 tables at one x row on AVX2, inexact), else the exact op."""
+    if x.device.type in ("cpu", "meta") and _ext_on(x, s) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES:
+        return torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero,
+                                                                 s.to(torch.float32).contiguous(), bits, n, k,
+                                                                 group_size, v_tl, v_tl_scale, u_tl, u_tl_scale,
+                                                                 u_tl_zero)
+    return kbit_lowrank_matmul_groups(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k, group_size)
+
+
 if HAS_EXTENSION:
     @torch.library.register_fake("deltacomp::kbit_lowrank_matmul_groups")
     def _kbit_lowrank_matmul_groups_fake(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits,

@@ -85,7 +85,8 @@ def _tables(x: torch.Tensor, c0: int, n: int):
     xx[:n] = x[c0:c0 + n]
     xx = xx.reshape(npg, 4)
     bit = torch.stack([(torch.arange(16) >> t) & 1 for t in range(4)], 1).float()
-    t = ((xx[:, None, 0] * bit[:, 0] + xx[:, None, 1] * bit[:, 1]) + xx[:, None, 2] * bit[:, 2]) + xx[:, None, 3] * bit[:, 3]
+    x0, x1, x2, x3 = (xx[:, None, i] * bit[:, i] for i in range(4))
+    t = ((x0 + x1) + x2) + x3
     d = t.abs().max() / torch.tensor(127.0)
     inv = 1.0 / d if d > 0 else torch.tensor(0.0)
     return torch.round(t * inv).clamp(-128, 127).double(), float(d)
@@ -151,8 +152,8 @@ def _bound(x, args, n, k, gs, tl):
             continue
         vc, v64 = _dequant(vq, vs, vz, b, r, k, gs)
         uc, u64 = _dequant(uq, us, uz, b, r, n, gs)
-        vmag = (vz.double().abs().repeat_interleave(gs, 1)[:, :k] + vc * vs.double().abs().repeat_interleave(gs, 1)[:, :k])
-        umag = (uz.double().abs().repeat_interleave(gs, 1)[:, :n] + uc * us.double().abs().repeat_interleave(gs, 1)[:, :n])
+        rep = lambda t, length: t.double().abs().repeat_interleave(gs, 1)[:, :length]  # noqa: E731
+        vmag, umag = rep(vz, k) + vc * rep(vs, k), rep(uz, n) + uc * rep(us, n)
         t = (v64 @ x64) * s
         e = torch.zeros(r, dtype=torch.float64)
         if tl[0][g].numel():
@@ -166,7 +167,8 @@ def _bound(x, args, n, k, gs, tl):
         if tl[2][g].numel():
             a = (t.abs() + e + 1e-5 * tmag)[:, None] * us.double().abs()  # |t'| * |scale|, (r, groups of n)
             for c0, m in _chunks(r, r):
-                d = torch.nn.functional.pad(a[c0:c0 + m], (0, 0, 0, (-m) % 4)).reshape(-1, 4, a.shape[1]).sum(1).max(0).values / 127
+                part = torch.nn.functional.pad(a[c0:c0 + m], (0, 0, 0, (-m) % 4))
+                d = part.reshape(-1, 4, a.shape[1]).sum(1).max(0).values / 127
                 bound += (d * 0.5001 * (2 ** b - 1) * ((m + 3) // 4)).repeat_interleave(gs)[:n]
     return bound
 
@@ -274,3 +276,26 @@ def test_serving_term_takes_the_tables(avx2, monkeypatch):
     assert calls == [1]  # gathered with the exact kernel asked for: the plain op
     assert torch.equal(term(x), want)  # the kernel reads the variable per call too
     torch.testing.assert_close(y, want, rtol=0.05, atol=0.05 * float(want.abs().max()))
+
+
+@needs_ext
+def test_wrapper(avx2):
+    args, parts = _groups((8, 2), (2, 40), 64, 100, 32, seed=6)
+    tl = _lists(args, 64, 100, 32)
+    x = torch.randn(1, 100, generator=_gen(6))
+    assert torch.equal(ops.kbit_lowrank_matmul_groups_tl(x, *args, 64, 100, 32, *tl),
+                       torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, *args, 64, 100, 32, *tl))
+    y64 = ops.kbit_lowrank_matmul_groups_tl(x.double(), *args, 64, 100, 32, *tl)  # float64: the exact reference
+    torch.testing.assert_close(y64, ops.kbit_lowrank_matmul_groups_ref(x.double(), *args, 64, 100, 32))
+
+
+@needs_ext
+@pytest.mark.parametrize("bad", (float("nan"), float("inf")))
+def test_nonfinite_x_is_not_hidden(avx2, bad):
+    """A NaN or infinite x entry makes every output NaN (the exact kernel gives NaN or inf there), rather
+    than the zero tables a non-finite table scale would give."""
+    args, _ = _groups((2, 1), (40, 3), 64, 256, 32, seed=3)
+    tl = _lists(args, 64, 256, 32)
+    x = torch.randn(1, 256, generator=_gen(3))
+    x[0, 100] = bad
+    assert torch.isnan(torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, *args, 64, 256, 32, *tl)).all()

@@ -17,6 +17,9 @@
 //            group_size multiples of 16); otherwise a few rows are decoded and scaled into a small panel and
 //            acc += t^T panel runs in register tiles, accumulators loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
+// At one x row on AVX2, a 1- or 2-bit group that carries its TL4 repack (KbitGroup::v_tl / u_tl, built
+// at load time by svd-mixed's serving term) takes stages 1 and 3 through int8 lookup tables instead
+// (lowrank_tl_avx2.cpp; inexact, DELTACOMP_LOWRANK_KERNEL=exact turns it off).
 //
 // This file: the driver (stages, threads, the choice of code path) and the portable inner loops;
 // lowrank_simd.cpp: the AVX-512 loops; lowrank_avx2.cpp: the AVX2 ones (each says how it decodes codes).
@@ -182,16 +185,16 @@ const Isa& pick_isa() {
 
 inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }
 
-// Stage 1 at one x row (DELTACOMP_LOWRANK_KERNEL, read per call like DELTACOMP_ISA): int8 (unset, or
-// any other value) = the int8 tables where a group carries its TL4 repack, else as exact; exact = the
-// exact fp32 lookup tables (1-2 bits) or the byte-direct dot; direct = the byte-direct dot everywhere
-// (for measurements and tests).
-enum class Stage1 { kInt8, kExact, kDirect };
-Stage1 stage1_mode() {
+// Stages 1 and 3 at one x row (DELTACOMP_LOWRANK_KERNEL, read per call like DELTACOMP_ISA): int8 (unset,
+// or any other value) = the int8 tables where a group carries its TL4 repack, else as exact; exact = stage
+// 1 by the exact fp32 lookup tables (1-2 bits) or the byte-direct dot, stage 3 by the direct axpy;
+// direct = as exact with the byte-direct dot everywhere (for measurements and tests).
+enum class TableMode { kInt8, kExact, kDirect };
+TableMode table_mode() {
   const char* v = std::getenv("DELTACOMP_LOWRANK_KERNEL");
-  if (v && std::strcmp(v, "direct") == 0) return Stage1::kDirect;
-  if (v && std::strcmp(v, "exact") == 0) return Stage1::kExact;
-  return Stage1::kInt8;
+  if (v && std::strcmp(v, "direct") == 0) return TableMode::kDirect;
+  if (v && std::strcmp(v, "exact") == 0) return TableMode::kExact;
+  return TableMode::kInt8;
 }
 
 // The int8 tables of x (one x row) for every TL4 group of a call, built on first use.
@@ -239,9 +242,9 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, const KbitGro
   const uint8_t* v_q = grp.v_q;
   const uint16_t *v_scale = grp.v_scale, *v_zero = grp.v_zero;
   const float* s = grp.s;
-  const Stage1 mode = m == 1 ? stage1_mode() : Stage1::kDirect;
-  const bool int8 = tl != nullptr && mode == Stage1::kInt8 && grp.v_tl != nullptr && bits <= 2 && gs % 4 == 0;
-  const bool lut = isa.row_dots != nullptr && mode != Stage1::kDirect && bits <= kLutMaxBits && k * bits % 32 == 0 &&
+  const TableMode mode = m == 1 ? table_mode() : TableMode::kDirect;
+  const bool int8 = tl != nullptr && mode == TableMode::kInt8 && grp.v_tl != nullptr && bits <= 2 && gs % 4 == 0;
+  const bool lut = isa.row_dots != nullptr && mode != TableMode::kDirect && bits <= kLutMaxBits && k * bits % 32 == 0 &&
                    gs * bits % 32 == 0;
   if (m == 1 && (int8 || lut)) {  // one x row by lookup tables: every row's scaled dot, then the zero terms
     std::vector<float> dots(static_cast<size_t>(r)), zr(static_cast<size_t>(gk));
@@ -405,7 +408,7 @@ void kbit_lowrank_matmul_groups_f32(const float* x, int64_t m, int64_t k, int64_
   const std::vector<float> xsum = lowrank::group_sums(x, m, k, group_size);
   std::vector<float> t(static_cast<size_t>(r_total * m));
   // the int8 tables: the AVX2 path only (the AVX-512 and portable paths stay exact)
-  const bool int8 = m == 1 && active_isa() == Isa::kAvx2 && lowrank::stage1_mode() == lowrank::Stage1::kInt8;
+  const bool int8 = m == 1 && active_isa() == Isa::kAvx2 && lowrank::table_mode() == lowrank::TableMode::kInt8;
   lowrank::TlState tl{int8 ? lowrank::tl_loops() : lowrank::TlLoops{nullptr, nullptr, nullptr}, k, group_size};
   float* tg = t.data();
   for (int64_t q = 0; q < count; ++q) {

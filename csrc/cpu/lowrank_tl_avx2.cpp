@@ -22,6 +22,7 @@
 // add ~1e-7 relative), so per row and chunk |error| <= scale * delta / 2 * (2^B - 1) * (position groups).
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "lowrank_isa.h"
@@ -54,7 +55,7 @@ void chunk_tables(const float* x, int64_t c0, int64_t len, int64_t npp, int8_t* 
                                                     _mm256_set1_epi32(1 << i)));
   const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
   alignas(32) float buf[kTlChunk / 4][16];  // the chunk's fp32 tables (entries 0..7, then 8..15)
-  __m256 vmax = _mm256_setzero_ps();
+  __m256 vmax = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
   const int64_t full = len / 4;
   for (int64_t p = 0; p < (len + 3) / 4; ++p) {
     float q[4] = {0.f, 0.f, 0.f, 0.f};  // the last group of a row may be partial: missing x are 0
@@ -69,10 +70,15 @@ void chunk_tables(const float* x, int64_t c0, int64_t len, int64_t npp, int8_t* 
     lo = _mm256_add_ps(lo, _mm256_and_ps(_mm256_set1_ps(q[2]), bit[2]));
     const __m256 hi = _mm256_add_ps(lo, _mm256_set1_ps(q[3]));
     vmax = _mm256_max_ps(vmax, _mm256_max_ps(_mm256_and_ps(lo, absmask), _mm256_and_ps(hi, absmask)));
+    bad = _mm256_or_ps(bad, _mm256_cmp_ps(hi, hi, _CMP_UNORD_Q));  // entry 15 sums all 4: NaN if any x is
     _mm256_store_ps(buf[p], lo);
     _mm256_store_ps(buf[p] + 8, hi);
   }
-  const float d = hmax(vmax) / 127.f;
+  float d = hmax(vmax) / 127.f;
+  // a NaN or infinite x: delta NaN, so every dot of the chunk comes out NaN (as the exact sums would
+  // be NaN or inf), not the zero tables that 1 / delta would give
+  if (_mm256_movemask_ps(bad) != 0 || !(d <= std::numeric_limits<float>::max()))
+    d = std::numeric_limits<float>::quiet_NaN();
   *delta = d;
   const __m256 inv = _mm256_set1_ps(d > 0.f ? 1.f / d : 0.f);
   for (int64_t p = 0; p < (len + 3) / 4; ++p) {
@@ -110,6 +116,11 @@ inline void flush(__m256i a, __m256i b, const uint16_t* sc, float delta, __m256*
   }
 }
 
+// one 16-entry table in both 128-bit lanes
+inline __m256i table(const int8_t* p) {
+  return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+
 // The 32 rows of one tile: src its TL4 bytes, sc its scales (gk, 32) fp16; out: 32 dots.
 template <int B>
 void tl_tile(const uint8_t* src, const uint16_t* sc, int64_t k, int64_t gs, const int8_t* tab, const float* delta,
@@ -126,7 +137,7 @@ void tl_tile(const uint8_t* src, const uint16_t* sc, int64_t k, int64_t gs, cons
       if constexpr (B == 2) {
         for (int64_t p = 0; p < npp; ++p) {
           _mm_prefetch(reinterpret_cast<const char*>(src + 32 * p + kTlPrefetch), _MM_HINT_T0);
-          const __m256i t = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + 16 * p)));
+          const __m256i t = table(tab + 16 * p);
           const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * p));
           const __m256i lo = _mm256_and_si256(w, nib), hi = _mm256_and_si256(_mm256_srli_epi16(w, 4), nib);
           a = _mm256_add_epi16(a, _mm256_maddubs_epi16(wts, _mm256_shuffle_epi8(t, lo)));
@@ -136,9 +147,7 @@ void tl_tile(const uint8_t* src, const uint16_t* sc, int64_t k, int64_t gs, cons
       } else {
         for (int64_t p = 0; p < npp; p += 2) {
           _mm_prefetch(reinterpret_cast<const char*>(src + 16 * p + kTlPrefetch), _MM_HINT_T0);
-          const __m256i t0 = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + 16 * p)));
-          const __m256i t1 =
-              _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(tab + 16 * p + 16)));
+          const __m256i t0 = table(tab + 16 * p), t1 = table(tab + 16 * p + 16);
           const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16 * p));
           const __m256i v0 = _mm256_shuffle_epi8(t0, _mm256_and_si256(w, nib));
           const __m256i v1 = _mm256_shuffle_epi8(t1, _mm256_and_si256(_mm256_srli_epi16(w, 4), nib));
@@ -177,10 +186,10 @@ void tl_dots_avx2(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int
 // positions (one RTN group of r): per column group G, the tables of a[j] = t[j] scale[j][G].
 void tl_axpy_avx2(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* zero_t, int bits, int64_t r,
                   int64_t n, int64_t gs, const float* t, float* y) {
-  alignas(16) static const uint16_t kOnes[kTlRows] = {0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00,
-                                                      0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00,
-                                                      0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00,
-                                                      0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00};  // fp16 1.0
+  alignas(16) static const uint16_t kOnes[kTlRows] = {  // fp16 1.0: stage 3's rows (columns) have no scale here
+      0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00,
+      0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00,
+      0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00, 0x3c00};
   int64_t chunks = 0;
   const int64_t pg = tl_groups(r, r, &chunks), gn = (n + gs - 1) / gs, tiles = (n + kTlRows - 1) / kTlRows;
   const int64_t tile_bytes = pg * 16 * bits, per_group = gs / kTlRows;
