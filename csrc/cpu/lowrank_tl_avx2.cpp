@@ -36,9 +36,10 @@ namespace {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,f16c")
 
-// Bytes ahead of the lookups the loops prefetch (the tiles are one contiguous stream: the hardware
-// prefetcher alone left stage 1 at about half the read bandwidth).
-constexpr int64_t kTlPrefetch = 1024;
+// Bytes ahead of the lookups the loops prefetch (the tiles are one contiguous stream, but the hardware
+// prefetcher alone left stage 1 at about half the read bandwidth; 4 KiB ahead read 3.5 MB from memory
+// in 0.28-0.34 ms against 0.34-0.41 at 1 KiB, noisy runs on the Zen 3 machine).
+constexpr int64_t kTlPrefetch = 4096;
 
 inline float hmax(__m256 v) {
   __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -217,6 +218,12 @@ void tl_axpy_avx2(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* 
         a[j] = t[j] * half_to_float(sc[j]);
         z += t[j] * half_to_float(zr[j]);
       }
+      // this group's tiles (per_group * tile_bytes, one run of the stream) prefetched into L2 while the
+      // tables are built: without it, no load is in flight during that time (0.77 against 0.30 ms hot,
+      // 8192 x 8192, rank 1711)
+      const int64_t t0 = g * per_group, t1 = std::min(tiles, (g + 1) * per_group);
+      for (int64_t b = t0 * tile_bytes, e = t1 * tile_bytes; b < e; b += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(u_tl + b), _MM_HINT_T1);
       tl_tables_avx2(a.data(), r, r, tab.data(), delta.data());
       for (int64_t ti = g * per_group; ti < std::min(tiles, (g + 1) * per_group); ++ti) {
         if (bits == 2) tl_tile<2>(u_tl + ti * tile_bytes, kOnes, r, r, tab.data(), delta.data(), out);
