@@ -62,8 +62,9 @@ class SvdMixedTerm(DeltaTerm):
     """``x2 @ delta^T`` by one ``kbit_lowrank_matmul_groups`` call. On the CPU with the extension the op
     is called straight (no wrapper, no per-call tensor calls: x2 may be strided, the op copies it once);
     elsewhere (CUDA, float64 x, no extension) through ``ops.kbit_lowrank_matmul_groups``. On the AVX2
-    path the 1- and 2-bit groups' V is also repacked once (``tl4_lists``: as many bytes again as those V
-    codes) for ``kbit_lowrank_matmul_groups_tl``, whose stage 1 at one x row looks x up in int8 tables."""
+    path the 1- and 2-bit groups' V and U^T are also repacked once (``tl4_lists``: as many bytes again as
+    those codes) for ``kbit_lowrank_matmul_groups_tl``, whose stages 1 and 3 at one x row go through int8
+    lookup tables (inexact; DELTACOMP_LOWRANK_KERNEL=exact keeps the exact kernels)."""
 
     def __init__(self, codec, enc: Encoded):
         super().__init__(codec, enc)
