@@ -299,3 +299,24 @@ def test_nonfinite_x_is_not_hidden(avx2, bad):
     x = torch.randn(1, 256, generator=_gen(3))
     x[0, 100] = bad
     assert torch.isnan(torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, *args, 64, 256, 32, *tl)).all()
+
+
+@needs_ext
+def test_large_one_row_threads(avx2):
+    """Past the parallel threshold (tiles and column groups over the OpenMP threads): the same bits with
+    one thread and with two, and within the table bound of the float64 reference."""
+    args, _ = _groups((8, 3, 2, 1), (2, 7, 300, 40), 4160, 4096, 128, seed=3)
+    tl = _lists(args, 4160, 4096, 128)
+    x = torch.randn(1, 4096, generator=_gen(1))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        y1 = torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, *args, 4160, 4096, 128, *tl)
+        torch.set_num_threads(2)
+        y2 = torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, *args, 4160, 4096, 128, *tl)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(y1, y2)
+    want = ops.kbit_lowrank_matmul_groups_ref(x.double(), *args, 4160, 4096, 128)[0]
+    err = (y1[0].double() - want).abs()
+    assert bool((err <= _bound(x, args, 4160, 4096, 128, tl) * (1 + 1e-6)).all())
