@@ -321,6 +321,8 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
     dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
     dense16 = [w.bfloat16() for w in dense]
     terms = [codec.serving_term(e) for e in encs]  # what serving runs per layer (no copies of the tensors)
+    for term in terms:  # a term gathers its arguments (and repacks, see SvdMixedTerm) on its first call
+        term(torch.zeros(1, k))
     ne, nd = len(encs), len(dense)
     rows = []
     for m in ms:

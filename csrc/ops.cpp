@@ -41,6 +41,13 @@ TORCH_LIBRARY(deltacomp, m) {
   // its width, s fp32 (sum r_g,) the groups' singular values in order. x may be strided.
   m.def("kbit_lowrank_matmul_groups(Tensor x, Tensor[] v_q, Tensor[] v_scale, Tensor[] v_zero, Tensor[] u_q, "
         "Tensor[] u_scale, Tensor[] u_zero, Tensor s, int[] bits, int n, int k, int group_size) -> Tensor");
+  // The same, with the 1- and 2-bit groups' V and U^T also repacked at load time in the TL4 layout
+  // (deltacomp/quant/tl4.py; an empty tensor for a group without one): at one x row on AVX2, stages 1 and
+  // 3 of those groups then go through int8 tables (inexact; DELTACOMP_LOWRANK_KERNEL=exact keeps the exact
+  // path).
+  m.def("kbit_lowrank_matmul_groups_tl(Tensor x, Tensor[] v_q, Tensor[] v_scale, Tensor[] v_zero, Tensor[] u_q, "
+        "Tensor[] u_scale, Tensor[] u_zero, Tensor s, int[] bits, int n, int k, int group_size, Tensor[] v_tl, "
+        "Tensor[] v_tl_scale, Tensor[] u_tl, Tensor[] u_tl_scale, Tensor[] u_tl_zero) -> Tensor");
   // The CPU code path the kernels take now ("avx512", "avx2", "neon", "portable"; DELTACOMP_ISA forces
   // one, see csrc/cpu/common.h). No tensor arguments, so one kernel for every backend.
   m.def("cpu_isa() -> str", []() -> std::string { return deltacomp::cpu::isa_name(deltacomp::cpu::active_isa()); });

@@ -17,6 +17,10 @@ Layouts (shared by every implementation, references included):
       ``u_q`` likewise r*N codes, row j of U^T = codes [j*N, (j+1)*N); ``v_scale``/``v_zero`` fp16
       (r, ceil(K / group_size)), ``u_scale``/``u_zero`` fp16 (r, ceil(N / group_size)): element c of a
       row is zero[g] + code * scale[g] with g = c // group_size; ``s`` fp32 (r,).
+  TL4 (run-time form of the V codes of a 1- or 2-bit group, built at load time by
+      ``quant.tl4``; layout in deltacomp/quant/tl4.py), and of U^T with the output columns as its rows:
+      taken by ``kbit_lowrank_matmul_groups_tl`` for stages 1 and 3 at one x row by int8 tables on AVX2
+      (inexact: x, and the stage-1 result times U's scales, are quantized through their tables).
 
 The reference functions below are the specification: every kernel is tested against them.
 """
@@ -465,6 +469,18 @@ def kbit_lowrank_matmul_groups(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_
     return (x2.new_zeros(x.shape[0], n) if y is None else y).to(x.dtype)
 
 
+def kbit_lowrank_matmul_groups_tl(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits, n: int,
+                                  k: int, group_size: int, v_tl, v_tl_scale, u_tl, u_tl_scale, u_tl_zero) -> Tensor:
+    """``kbit_lowrank_matmul_groups`` with the TL4 repacks of ``quant.tl4`` (five lists, see the op in
+    csrc/ops.cpp): the CPU kernel with them (int8 tables at one x row on AVX2, inexact), else the exact op."""
+    if x.device.type in ("cpu", "meta") and _ext_on(x, s) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES:
+        return torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero,
+                                                                 s.to(torch.float32).contiguous(), bits, n, k,
+                                                                 group_size, v_tl, v_tl_scale, u_tl, u_tl_scale,
+                                                                 u_tl_zero)
+    return kbit_lowrank_matmul_groups(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k, group_size)
+
+
 if HAS_EXTENSION:
     @torch.library.register_fake("deltacomp::kbit_lowrank_matmul_groups")
     def _kbit_lowrank_matmul_groups_fake(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits,
@@ -476,3 +492,12 @@ if HAS_EXTENSION:
         torch._check(s.dim() == 1 and s.shape[0] == sum(t.shape[0] for t in v_scale),
                      lambda: f"{op}: s must hold the groups' {sum(t.shape[0] for t in v_scale)} values")
         return x.new_empty((x.shape[0], n))
+
+    @torch.library.register_fake("deltacomp::kbit_lowrank_matmul_groups_tl")
+    def _kbit_lowrank_matmul_groups_tl_fake(x: Tensor, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s: Tensor, bits,
+                                            n: int, k: int, group_size: int, v_tl, v_tl_scale, u_tl, u_tl_scale,
+                                            u_tl_zero) -> Tensor:
+        torch._check(all(len(t) == len(bits) for t in (v_tl, v_tl_scale, u_tl, u_tl_scale, u_tl_zero)),
+                     lambda: f"kbit_lowrank_matmul_groups_tl: {len(bits)} bit widths but {len(v_tl)} v_tl tensors")
+        return _kbit_lowrank_matmul_groups_fake(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k,
+                                                group_size)

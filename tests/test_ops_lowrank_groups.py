@@ -182,6 +182,9 @@ def _encoded(shape=(48, 64), groups="8:2+3:5+2:rest"):
 
 
 def test_serving_term_one_call_per_forward(monkeypatch):
+    # the exact kernels asked for: on AVX2 the term would otherwise repack its 2-bit group and call
+    # kbit_lowrank_matmul_groups_tl (tests/test_ops_lowrank_tl.py)
+    monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", "exact")
     codec, enc = _encoded()
     term = codec.serving_term(enc)
     dense = codec.decode(enc).double()

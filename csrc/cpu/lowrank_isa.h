@@ -3,6 +3,7 @@
 #pragma once
 #include <cstdint>
 #include <cstring>
+#include <algorithm>
 
 #include "common.h"
 
@@ -92,6 +93,37 @@ struct Avx2Loops {
   decltype(Isa::row_dots) row_dots;  // F16C too (nullptr without it)
 };
 Avx2Loops avx2_loops();
+
+// ---- stage 1 at one x row by int8 tables (TL4 layout, deltacomp/ops.py; lowrank_tl_avx2.cpp) ----------
+constexpr int64_t kTlRows = 32;    // V rows per tile
+constexpr int64_t kTlChunk = 128;  // positions per table scale (a chunk never crosses an RTN group)
+// Position groups (of 4 positions) a chunk of len positions takes: rounded up to even (1 bit: pairs).
+inline int64_t tl_chunk_groups(int64_t len) { return ((len + 3) / 4 + 1) / 2 * 2; }
+// Position groups of a row of k positions (every RTN group of gs cut into chunks of <= kTlChunk), and
+// its chunks.
+inline int64_t tl_groups(int64_t k, int64_t gs, int64_t* chunks = nullptr) {
+  int64_t p = 0, c = 0;
+  for (int64_t g0 = 0; g0 < k; g0 += gs)
+    for (int64_t c0 = g0, g1 = std::min(k, g0 + gs); c0 < g1; c0 += kTlChunk, ++c)
+      p += tl_chunk_groups(std::min(kTlChunk, g1 - c0));
+  if (chunks != nullptr) *chunks = c;
+  return p;
+}
+struct TlLoops {
+  // tab int8 (tl_groups(k, gs), 16): the quantized tables of x (k,), delta (chunks,) their scales
+  void (*tables)(const float* x, int64_t k, int64_t gs, int8_t* tab, float* delta);
+  // dots[j] ~ sum over the RTN groups g of scale[j][g] * <codes of V row j in group g, x>, j < r, from the
+  // TL4 bytes v_tl and scales v_tl_scale (tiles, ceil(k / gs), kTlRows) fp16 of a group of `bits` (1, 2)
+  void (*dots)(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int64_t r, int64_t k, int64_t gs,
+               const int8_t* tab, const float* delta, float* dots);
+  // y[c] += sum_j t[j] (scale[j][c / gs] code(j, c) + zero[j][c / gs]), c < n, j < r: stage 3 of one group
+  // from U^T in the TL4 layout (output columns as rows, the rank as positions; gs % 32 == 0) and its
+  // scales / zeros transposed, fp16 (ceil(n / gs), r)
+  void (*axpy)(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* zero_t, int bits, int64_t r, int64_t n,
+               int64_t gs, const float* t, float* y);
+};
+// The AVX2 + F16C loops, or nullptrs (not compiled in, or the CPU lacks them).
+TlLoops tl_loops();
 
 }  // namespace lowrank
 }  // namespace cpu

@@ -17,6 +17,9 @@
 //            group_size multiples of 16); otherwise a few rows are decoded and scaled into a small panel and
 //            acc += t^T panel runs in register tiles, accumulators loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
+// At one x row on AVX2, a 1- or 2-bit group that carries its TL4 repack (KbitGroup::v_tl / u_tl, built
+// at load time by svd-mixed's serving term) takes stages 1 and 3 through int8 lookup tables instead
+// (lowrank_tl_avx2.cpp; inexact, DELTACOMP_LOWRANK_KERNEL=exact turns it off).
 //
 // This file: the driver (stages, threads, the choice of code path) and the portable inner loops;
 // lowrank_simd.cpp: the AVX-512 loops; lowrank_avx2.cpp: the AVX2 ones (each says how it decodes codes).
@@ -182,12 +185,34 @@ const Isa& pick_isa() {
 
 inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }
 
-// DELTACOMP_LOWRANK_KERNEL=direct (read per call, like DELTACOMP_ISA): stage 1 at one x row dots the V
-// rows straight from the bytes even where the lookup tables apply (for measurements and tests).
-bool lookup_allowed() {
+// Stages 1 and 3 at one x row (DELTACOMP_LOWRANK_KERNEL, read per call like DELTACOMP_ISA): int8 (unset,
+// or any other value) = the int8 tables where a group carries its TL4 repack, else as exact; exact = stage
+// 1 by the exact fp32 lookup tables (1-2 bits) or the byte-direct dot, stage 3 by the direct axpy;
+// direct = as exact with the byte-direct dot everywhere (for measurements and tests).
+enum class TableMode { kInt8, kExact, kDirect };
+TableMode table_mode() {
   const char* v = std::getenv("DELTACOMP_LOWRANK_KERNEL");
-  return !(v && std::strcmp(v, "direct") == 0);
+  if (v && std::strcmp(v, "direct") == 0) return TableMode::kDirect;
+  if (v && std::strcmp(v, "exact") == 0) return TableMode::kExact;
+  return TableMode::kInt8;
 }
+
+// The int8 tables of x (one x row) for every TL4 group of a call, built on first use.
+struct TlState {
+  TlLoops loops;
+  int64_t k, gs;
+  bool built = false;
+  std::vector<int8_t> tab;
+  std::vector<float> delta;
+  void build(const float* x) {
+    if (built) return;
+    int64_t chunks = 0;
+    tab.resize(static_cast<size_t>(16 * tl_groups(k, gs, &chunks)));
+    delta.resize(static_cast<size_t>(chunks));
+    loops.tables(x, k, gs, tab.data(), delta.data());
+    built = true;
+  }
+};
 
 // Sum of x over each group of gs columns (the zero term of stage 1), (m, ceil(k / gs)).
 std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t gs) {
@@ -210,14 +235,25 @@ std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t gs) 
 
 // Stage 1 + 2 of one group: t (r, m) = s * (V x^T), t stored row j = the m values of V row j (stage 3
 // reads them so); xsum from group_sums.
-void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, int64_t r, int bits, int64_t gs,
-             const uint8_t* v_q, const uint16_t* v_scale, const uint16_t* v_zero, const float* s,
-             const std::vector<float>& xsum, float* t) {
-  const int64_t gk = n_groups(k, gs);
-  if (m == 1 && isa.row_dots != nullptr && lookup_allowed() && bits <= kLutMaxBits && k * bits % 32 == 0 &&
-      gs * bits % 32 == 0) {  // one x row by lookup tables: every row's scaled dot, then the zero terms
+void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, const KbitGroup& grp, int64_t gs,
+             const std::vector<float>& xsum, TlState* tl, float* t) {
+  const int64_t gk = n_groups(k, gs), r = grp.r;
+  const int bits = grp.bits;
+  const uint8_t* v_q = grp.v_q;
+  const uint16_t *v_scale = grp.v_scale, *v_zero = grp.v_zero;
+  const float* s = grp.s;
+  const TableMode mode = m == 1 ? table_mode() : TableMode::kDirect;
+  const bool int8 = tl != nullptr && mode == TableMode::kInt8 && grp.v_tl != nullptr && bits <= 2 && gs % 4 == 0;
+  const bool lut = isa.row_dots != nullptr && mode != TableMode::kDirect && bits <= kLutMaxBits && k * bits % 32 == 0 &&
+                   gs * bits % 32 == 0;
+  if (m == 1 && (int8 || lut)) {  // one x row by lookup tables: every row's scaled dot, then the zero terms
     std::vector<float> dots(static_cast<size_t>(r)), zr(static_cast<size_t>(gk));
-    isa.row_dots(v_q, bits, r, k, x, gs, v_scale, dots.data());
+    if (int8) {
+      tl->build(x);
+      tl->loops.dots(grp.v_tl, grp.v_tl_scale, bits, r, k, gs, tl->tab.data(), tl->delta.data(), dots.data());
+    } else {
+      isa.row_dots(v_q, bits, r, k, x, gs, v_scale, dots.data());
+    }
     const float one = 1.f;
     for (int64_t j = 0; j < r; ++j) {
       isa.halves(v_zero + j * gk, gk, zr.data());
@@ -319,9 +355,9 @@ void block_u(const Isa& isa, const float* t, int64_t m, int64_t n, const KbitGro
 // block; t holds the groups' t (r_g, m) one after the other. Each block's accumulators take every
 // group's rows before y is written.
 void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, const KbitGroup* groups,
-             int64_t count, float* y) {
+             int64_t count, const std::vector<char>& skip, float* y) {
   int64_t r_total = 0;
-  for (int64_t q = 0; q < count; ++q) r_total += groups[q].r;
+  for (int64_t q = 0; q < count; ++q) r_total += skip[q] ? 0 : groups[q].r;
   const bool parallel = m * r_total * n >= kParallelMinWork;
   const int64_t block = block_columns(n, m, parallel ? omp_get_max_threads() : 1);
   const int64_t panel_rows = std::max<int64_t>(1, std::min(kMaxPanelRows, kPanelFloats / block));
@@ -341,7 +377,7 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, c
       zr.resize(static_cast<size_t>(ng));
       const float* tg = t;
       for (int64_t q = 0; q < count; ++q) {
-        if (groups[q].r > 0)
+        if (groups[q].r > 0 && !skip[q])
           block_u(isa, tg, m, n, groups[q], gs, n0, len, g0, ng, panel_rows, fused, panel.data(), sc.data(),
                   zr.data(), acc.data(), zsum.data());
         tg += groups[q].r * m;
@@ -371,14 +407,28 @@ void kbit_lowrank_matmul_groups_f32(const float* x, int64_t m, int64_t k, int64_
   const lowrank::Isa& isa = lowrank::pick_isa();
   const std::vector<float> xsum = lowrank::group_sums(x, m, k, group_size);
   std::vector<float> t(static_cast<size_t>(r_total * m));
+  // the int8 tables: the AVX2 path only (the AVX-512 and portable paths stay exact)
+  const bool int8 = m == 1 && active_isa() == Isa::kAvx2 && lowrank::table_mode() == lowrank::TableMode::kInt8;
+  lowrank::TlState tl{int8 ? lowrank::tl_loops() : lowrank::TlLoops{nullptr, nullptr, nullptr}, k, group_size};
   float* tg = t.data();
   for (int64_t q = 0; q < count; ++q) {
     const KbitGroup& g = groups[q];
-    if (g.r > 0)
-      lowrank::stage_v(isa, x, m, k, g.r, g.bits, group_size, g.v_q, g.v_scale, g.v_zero, g.s, xsum, tg);
+    if (g.r > 0) lowrank::stage_v(isa, x, m, k, g, group_size, xsum, tl.loops.dots ? &tl : nullptr, tg);
     tg += g.r * m;
   }
-  lowrank::stage_u(isa, t.data(), m, n, group_size, groups, count, y);
+  // stage 3 of the groups with a TL4 U^T by int8 tables, added after the others' blocks wrote y
+  std::vector<char> skip(static_cast<size_t>(count), 0);
+  for (int64_t q = 0; q < count; ++q) {
+    const KbitGroup& g = groups[q];
+    skip[q] = tl.loops.axpy != nullptr && g.r > 0 && g.u_tl != nullptr && g.bits <= 2 && group_size % 32 == 0;
+  }
+  lowrank::stage_u(isa, t.data(), m, n, group_size, groups, count, skip, y);
+  tg = t.data();
+  for (int64_t q = 0; q < count; ++q) {
+    const KbitGroup& g = groups[q];
+    if (skip[q]) tl.loops.axpy(g.u_tl, g.u_tl_scale, g.u_tl_zero, g.bits, g.r, n, group_size, tg, y);
+    tg += g.r;
+  }
 }
 
 void kbit_lowrank_matmul_f32(const float* x, int64_t m, int64_t k, int64_t n, int64_t r, int bits,

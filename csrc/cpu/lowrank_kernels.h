@@ -33,6 +33,17 @@ struct KbitGroup {
   const uint16_t* u_scale;
   const uint16_t* u_zero;
   const float* s;  // this group's r singular values
+  // Optional, 1- and 2-bit groups: V repacked once at load time in the TL4 layout (deltacomp/ops.py,
+  // ops.pack_tl4) and its scales (tiles, ceil(k / group_size), 32) fp16; with them, stage 1 at one x row
+  // on AVX2 goes through int8 tables of x (inexact, see lowrank_tl_avx2.cpp) unless
+  // DELTACOMP_LOWRANK_KERNEL is exact or direct. nullptr: the exact paths.
+  const uint8_t* v_tl = nullptr;
+  const uint16_t* v_tl_scale = nullptr;
+  // The same for stage 3 (group_size % 32 == 0): U^T in the TL4 layout with the output columns as rows
+  // and u_scale / u_zero transposed, fp16 (ceil(n / group_size), r).
+  const uint8_t* u_tl = nullptr;
+  const uint16_t* u_tl_scale = nullptr;
+  const uint16_t* u_tl_zero = nullptr;
 };
 
 // Every group of an svd-mixed delta in one call: y (m, n) = sum over the groups of x @ (U_g diag(s_g) V_g)^T.

@@ -6,8 +6,10 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <string>
 #include <vector>
 
+#include "lowrank_isa.h"
 #include "lowrank_kernels.h"
 
 namespace deltacomp {
@@ -70,14 +72,67 @@ at::Tensor kbit_lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& v_q, c
   return xt == at::kFloat ? y : y.to(xt);
 }
 
+// The TL4 repacks of the groups (kbit_lowrank_matmul_groups_tl), per group: v_tl / v_tl_scale empty, or,
+// for 1 and 2 bits and group_size % 4 == 0, uint8 (tiles(r) * tl_groups(k, gs) * 16 * bits,) and fp16
+// (tiles(r), ceil(k / gs), 32); u_tl / u_tl_scale / u_tl_zero empty, or, for 1 and 2 bits and
+// group_size % 32 == 0, uint8 (tiles(n) * tl_groups(r, r) * 16 * bits,) and fp16 (ceil(n / gs), r) twice.
+struct TlLists {
+  at::TensorList v_tl, v_tl_scale, u_tl, u_tl_scale, u_tl_zero;
+};
+
+void check_tl(const char* op, const TlLists& tl, at::IntArrayRef bits, std::vector<cpu::KbitGroup>& groups, int64_t n,
+              int64_t k, int64_t gs) {
+  namespace lr = cpu::lowrank;
+  const size_t count = bits.size();
+  TORCH_CHECK(tl.v_tl.size() == count && tl.v_tl_scale.size() == count && tl.u_tl.size() == count &&
+                  tl.u_tl_scale.size() == count && tl.u_tl_zero.size() == count,
+              op, ": bits has ", count, " groups, but the TL4 lists have ", tl.v_tl.size(), ", ", tl.v_tl_scale.size(),
+              ", ", tl.u_tl.size(), ", ", tl.u_tl_scale.size(), ", ", tl.u_tl_zero.size(), " entries");
+  const auto name = [](const char* what, size_t g) { return std::string(what) + "[" + std::to_string(g) + "]"; };
+  const auto check_half = [&](const at::Tensor& t, const std::string& nm, std::vector<int64_t> shape) {
+    check_cpu(t, nm.c_str(), static_cast<int64_t>(shape.size()), op);
+    TORCH_CHECK(t.scalar_type() == at::kHalf && t.sizes() == at::IntArrayRef(shape), op, ": ", nm,
+                " must be float16 of shape ", at::IntArrayRef(shape), ", got ", t.scalar_type(), " ", t.sizes(),
+                "; repack with quant.tl4");
+  };
+  const auto check_codes = [&](const at::Tensor& t, const std::string& nm, int64_t need) {
+    check_cpu(t, nm.c_str(), 1, op);
+    TORCH_CHECK(t.scalar_type() == at::kByte && t.numel() == need, op, ": ", nm, " must be uint8 of ", need,
+                " bytes, got ", t.scalar_type(), " of ", t.numel(), "; repack with quant.tl4");
+  };
+  for (size_t g = 0; g < count; ++g) {
+    const int64_t r = groups[g].r, b = bits[g];
+    if (tl.v_tl[g].numel() != 0 || tl.v_tl_scale[g].numel() != 0) {
+      TORCH_CHECK((b == 1 || b == 2) && gs % 4 == 0, op, ": group ", g, " (", b, " bits, group_size ", gs,
+                  ") has no TL4 layout of V (1 or 2 bits, group_size % 4 == 0); pass empty tensors");
+      const int64_t tiles = (r + lr::kTlRows - 1) / lr::kTlRows;
+      check_codes(tl.v_tl[g], name("v_tl", g), tiles * lr::tl_groups(k, gs) * 16 * b);
+      check_half(tl.v_tl_scale[g], name("v_tl_scale", g), {tiles, (k + gs - 1) / gs, lr::kTlRows});
+      groups[g].v_tl = tl.v_tl[g].data_ptr<uint8_t>();
+      groups[g].v_tl_scale = reinterpret_cast<const uint16_t*>(tl.v_tl_scale[g].data_ptr<at::Half>());
+    }
+    if (tl.u_tl[g].numel() != 0 || tl.u_tl_scale[g].numel() != 0 || tl.u_tl_zero[g].numel() != 0) {
+      TORCH_CHECK((b == 1 || b == 2) && gs % 32 == 0 && r > 0, op, ": group ", g, " (", b, " bits, group_size ", gs,
+                  ", rank ", r, ") has no TL4 layout of U (1 or 2 bits, group_size % 32 == 0); pass empty tensors");
+      const int64_t tiles = (n + lr::kTlRows - 1) / lr::kTlRows;
+      check_codes(tl.u_tl[g], name("u_tl", g), tiles * lr::tl_groups(r, r) * 16 * b);
+      check_half(tl.u_tl_scale[g], name("u_tl_scale", g), {(n + gs - 1) / gs, r});
+      check_half(tl.u_tl_zero[g], name("u_tl_zero", g), {(n + gs - 1) / gs, r});
+      groups[g].u_tl = tl.u_tl[g].data_ptr<uint8_t>();
+      groups[g].u_tl_scale = reinterpret_cast<const uint16_t*>(tl.u_tl_scale[g].data_ptr<at::Half>());
+      groups[g].u_tl_zero = reinterpret_cast<const uint16_t*>(tl.u_tl_zero[g].data_ptr<at::Half>());
+    }
+  }
+}
+
 // Every bit-width group of a layer: list entry g is group g (its rank r_g = v_scale[g].size(0), 0 for
 // an empty group), s the groups' singular values one after the other. x may be strided (copied once
 // here, so the caller makes no Python-side tensor call).
-at::Tensor kbit_lowrank_matmul_groups_cpu(const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
-                                          at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale,
-                                          at::TensorList u_zero, const at::Tensor& s, at::IntArrayRef bits,
-                                          int64_t n, int64_t k, int64_t group_size) {
-  constexpr const char* op = "kbit_lowrank_matmul_groups";
+// tl: nullptr, or the TL4 repacks (v_tl, v_tl_scale) of kbit_lowrank_matmul_groups_tl.
+at::Tensor groups_impl(const char* op, const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
+                       at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale, at::TensorList u_zero,
+                       const at::Tensor& s, at::IntArrayRef bits, int64_t n, int64_t k, int64_t group_size,
+                       const TlLists* tl) {
   TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
   const auto xt = x.scalar_type();
@@ -108,6 +163,7 @@ at::Tensor kbit_lowrank_matmul_groups_cpu(const at::Tensor& x, at::TensorList v_
   }
   TORCH_CHECK(s.size(0) == r_total, op, ": the groups have ", r_total, " rows in all (v_scale sizes), but s has ",
               s.size(0));
+  if (tl != nullptr) check_tl(op, *tl, bits, groups, n, k, group_size);
   int64_t off = 0;
   for (auto& g : groups) {
     g.s = s.data_ptr<float>() + off;
@@ -121,10 +177,32 @@ at::Tensor kbit_lowrank_matmul_groups_cpu(const at::Tensor& x, at::TensorList v_
   return xt == at::kFloat ? y : y.to(xt);
 }
 
+at::Tensor kbit_lowrank_matmul_groups_cpu(const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
+                                          at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale,
+                                          at::TensorList u_zero, const at::Tensor& s, at::IntArrayRef bits,
+                                          int64_t n, int64_t k, int64_t group_size) {
+  return groups_impl("kbit_lowrank_matmul_groups", x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k,
+                     group_size, nullptr);
+}
+
+// The same with the TL4 repacks (quant.tl4) of the 1- and 2-bit groups: entry g of each list is group g's,
+// or an empty tensor for a group without one.
+at::Tensor kbit_lowrank_matmul_groups_tl_cpu(const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
+                                             at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale,
+                                             at::TensorList u_zero, const at::Tensor& s, at::IntArrayRef bits,
+                                             int64_t n, int64_t k, int64_t group_size, at::TensorList v_tl,
+                                             at::TensorList v_tl_scale, at::TensorList u_tl, at::TensorList u_tl_scale,
+                                             at::TensorList u_tl_zero) {
+  const TlLists tl{v_tl, v_tl_scale, u_tl, u_tl_scale, u_tl_zero};
+  return groups_impl("kbit_lowrank_matmul_groups_tl", x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k,
+                     group_size, &tl);
+}
+
 }  // namespace
 }  // namespace deltacomp
 
 TORCH_LIBRARY_IMPL(deltacomp, CPU, m) {
   m.impl("kbit_lowrank_matmul", &deltacomp::kbit_lowrank_matmul_cpu);
   m.impl("kbit_lowrank_matmul_groups", &deltacomp::kbit_lowrank_matmul_groups_cpu);
+  m.impl("kbit_lowrank_matmul_groups_tl", &deltacomp::kbit_lowrank_matmul_groups_tl_cpu);
 }

@@ -3,12 +3,14 @@ with the op's arguments (the groups' tensor lists, bit widths, shape) gathered o
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 from torch import Tensor
 
 from . import allocation as al
 from ... import ops
+from ...quant import tl4
 from ..base import Encoded
 from ..term import DeltaTerm
 
@@ -34,15 +36,41 @@ def group_args(enc: Encoded, get=None) -> tuple:
     return (*lists, s, bits, int(n), int(k), int(enc.params["group_size"]))
 
 
+def tl4_lists(args: tuple) -> tuple | None:
+    """The TL4 repacks (``quant.tl4``) of the 1- and 2-bit groups' V and U^T: the five extra lists of
+    ``kbit_lowrank_matmul_groups_tl`` (empty tensors for the other groups), or None when no group has one
+    or the kernels would not use them: only the AVX2 path takes them, and DELTACOMP_LOWRANK_KERNEL=exact
+    or direct asks for the exact path (both read here once, when the term gathers its arguments)."""
+    v_q, v_scale, v_zero, u_q, u_scale, u_zero = args[:6]
+    bits, n, k, gs = args[7:]
+    if (ops.cpu_isa() != "avx2" or os.environ.get("DELTACOMP_LOWRANK_KERNEL") in ("exact", "direct")
+            or not any(tl4.supports(b, gs) and vs.shape[0] for b, vs in zip(bits, v_scale))):
+        return None
+    codes, halves = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 0, dtype=torch.float16)
+    out = tuple([] for _ in range(5))
+    for g, b in enumerate(bits):
+        r = v_scale[g].shape[0]
+        v = tl4.pack_tl4(v_q[g], v_scale[g], b, k, gs) if tl4.supports(b, gs) and r else (codes, halves[None])
+        u = (tl4.pack_tl4_u(u_q[g], u_scale[g], u_zero[g], b, n, gs) if tl4.supports_u(b, gs, r)
+             else (codes, halves, halves))
+        for lst, t in zip(out, (*v, *u)):
+            lst.append(t)
+    return out
+
+
 class SvdMixedTerm(DeltaTerm):
     """``x2 @ delta^T`` by one ``kbit_lowrank_matmul_groups`` call. On the CPU with the extension the op
     is called straight (no wrapper, no per-call tensor calls: x2 may be strided, the op copies it once);
-    elsewhere (CUDA, float64 x, no extension) through ``ops.kbit_lowrank_matmul_groups``."""
+    elsewhere (CUDA, float64 x, no extension) through ``ops.kbit_lowrank_matmul_groups``. On the AVX2
+    path the 1- and 2-bit groups' V and U^T are also repacked once (``tl4_lists``: as many bytes again as
+    those codes) for ``kbit_lowrank_matmul_groups_tl``, whose stages 1 and 3 at one x row go through int8
+    lookup tables (inexact; DELTACOMP_LOWRANK_KERNEL=exact keeps the exact kernels)."""
 
     def __init__(self, codec, enc: Encoded):
         super().__init__(codec, enc)
         self._args: tuple | None = None  # group_args of the buffers, until they move (_apply)
         self._direct = False  # every buffer on the CPU with the dtypes the op takes
+        self._tl: tuple | None = None  # tl4_lists of the buffers (direct only)
 
     def _apply(self, fn, *args, **kwargs):
         self._args = None
@@ -56,6 +84,7 @@ class SvdMixedTerm(DeltaTerm):
                         and all(t.dtype == torch.uint8 for t in (*lists[0], *lists[3]))
                         and all(t.dtype == torch.float16 for ts in (lists[1], lists[2], lists[4], lists[5])
                                 for t in ts))
+        self._tl = tl4_lists(args) if self._direct and ops._ext_on() else None
         self._args = args
         return args
 
@@ -64,5 +93,7 @@ class SvdMixedTerm(DeltaTerm):
         if args is None:
             args = self._prepare()
         if self._direct and x2.dtype in ops._MATMUL_DTYPES and x2.device.type == "cpu" and ops._ext_on():
+            if self._tl is not None:
+                return torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x2, *args, *self._tl)
             return torch.ops.deltacomp.kbit_lowrank_matmul_groups(x2, *args)
         return ops.kbit_lowrank_matmul_groups(x2, *args).to(x2.dtype)
