@@ -347,10 +347,17 @@ def _sign_fake_checks(op: str, x: Tensor, k: int) -> None:
     torch._check(x.shape[1] == k, lambda: f"{op}: x has {x.shape[1]} columns but k={k}")
 
 
+_CPU_FUSED_W = (torch.float32, torch.bfloat16)
+
+
 def sign_matmul_fused(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:
     """``x @ (w_base + scale * sign)^T`` in one pass over the base weight and the signs (a base linear
     layer and its BitDelta term together). w_base fp32/bf16 (N, K), fp16 too on CUDA; the rest as
     ``sign_matmul``."""
+    if (HAS_EXTENSION and x.is_cpu and w_base.is_cpu and packed.is_cpu and scale.is_cpu and x.dim() == 2
+            and x.dtype in _MATMUL_DTYPES and w_base.dtype in _CPU_FUSED_W and packed.dtype == torch.uint8
+            and scale.dtype == torch.float32):  # the decode path, checked in as few steps as it can
+        return _FUSED_OP(x.contiguous(), w_base.contiguous(), packed.contiguous(), scale.contiguous(), k)
     # fp16 bases have a CUDA kernel; the CPU kernels take fp32/bf16 (fp16 goes to the reference there)
     w_ok = w_base.dtype in (torch.float32, torch.bfloat16) or (w_base.dtype == torch.float16 and w_base.is_cuda)
     if (_ext_on(x, w_base, packed, scale) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES and w_ok

@@ -63,10 +63,17 @@ class DeltaLinear(nn.Module):
         # can (the submodules looked up once, no reshape of a 2-D x): at SmolLM2-135M's shapes the rest of
         # the step is about 0.1 ms per layer, the same order as this method's own work
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        if self.fused and (not self.fused_measured or dispatch.prefer_fused(
-                x2, self.base.weight, lambda: self._fused(x2), lambda: self._unfused(x2))):
-            y = self._fused(x2)
-        else:
+        y = None
+        if self.fused:
+            base = self.base
+            weight = base.weight
+            if not self.fused_measured or dispatch.prefer_fused(
+                    x2, weight, lambda: self._fused(x2), lambda: self._unfused(x2)):
+                y = self.delta.fused(x2, weight)
+                bias = base.bias
+                if bias is not None:
+                    y = y + bias
+        if y is None:
             y = self._unfused(x2)
         return y if x2 is x else _out(y, x.shape[:-1])
 
@@ -167,11 +174,12 @@ class MultiDeltaLinear(nn.Module):
         only = self._uniform(_batch_index(self, x))
         if only == -1 or only in self._unchanged:  # every row on the base alone, or on a delta without a term
             return self.base(x)
-        if only is not None and self._can_fuse(only):
+        weight = self._fusable(only) if only is not None else None
+        if weight is not None:
             x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            if dispatch.prefer_fused(x2, self.base.weight, lambda: self._fused_one(x2, only),
+            if dispatch.prefer_fused(x2, weight, lambda: self._fused_one(x2, only),
                                      lambda: self._general(x), kind="multi"):
-                y = self._fused_one(x2, only)
+                y = self._fused_one(x2, only, weight)
                 return y if x2 is x else _out(y, x.shape[:-1])
         elif only is not None and str(only) in self.others:  # one tenant's own term on every row
             return self._one_term(x, only)
@@ -186,14 +194,21 @@ class MultiDeltaLinear(nn.Module):
             y2 = y2 + getattr(self, f"bias_delta{t}").to(y2.dtype)
         return y2.reshape(y.shape)
 
-    def _can_fuse(self, t: int) -> bool:
-        """Tenant t's term fuses with this plain nn.Linear base in one pass (and t has no other term)."""
+    def _fusable(self, t: int) -> Tensor | None:
+        """The base weight when tenant t's term fuses with this plain nn.Linear base in one pass (and t has
+        no other term), else None."""
         i = self._term_of[t] if 0 <= t < len(self._term_of) else -1
-        return i >= 0 and type(self.base) is nn.Linear and self._fusers[i].fuses_one(t, self.base.weight)
-
-    def _fused_one(self, x2: Tensor, t: int) -> Tensor:
+        if i < 0:
+            return None
         base = self.base
-        y = self._fusers[self._term_of[t]].fused_one(x2, base.weight, t)
+        if type(base) is not nn.Linear:
+            return None
+        weight = base.weight
+        return weight if self._fusers[i].fuses_one(t, weight) else None
+
+    def _fused_one(self, x2: Tensor, t: int, weight: Tensor | None = None) -> Tensor:
+        base = self.base
+        y = self._fusers[self._term_of[t]].fused_one(x2, base.weight if weight is None else weight, t)
         bias = base.bias
         if bias is not None:
             y = y + bias
