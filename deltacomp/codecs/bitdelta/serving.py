@@ -79,6 +79,10 @@ class SignStacks(nn.Module):
             kept = self._views[t] = (*stacks, stacks[0][slot], stacks[1][slot])
         return kept[2], kept[3]
 
+    def _apply(self, fn, *args, **kwargs):
+        self._views = {}  # .to() and the like replace the stacks: drop the views (and the old tensors they hold)
+        return super()._apply(fn, *args, **kwargs)
+
     def forward(self, x2: Tensor, idx: Tensor) -> Tensor | None:
         """x2 (M, K), idx (M,) tenant per row (-1: none) -> (M, N), or None when no row has a mask."""
         out = None
