@@ -258,3 +258,23 @@ def test_multi_index_changed_in_place_is_seen(monkeypatch):
     index.fill_(-1)
     torch.testing.assert_close(layer(x).double(), _multi_want(layer, encs, bias, x, -1), rtol=1e-4, atol=1e-4)
 
+
+
+def test_multi_fused_one_follows_replaced_and_changed_stacks(monkeypatch):
+    """The decode path keeps a tenant's views of the sign stacks between calls: they must follow .to()
+    (new tensors) and in-place changes of the stacks."""
+    monkeypatch.setenv("DELTACOMP_FUSED", "always")
+    layer, encs, bias = _multi_layer()
+    _set_index(layer, [0])
+    x = torch.randn(1, 37)
+    y = layer(x).double()
+    torch.testing.assert_close(y, _multi_want(layer, encs, bias, x, 0), rtol=1e-4, atol=1e-4)
+    plain = x.double() @ layer.base.weight.double().T + layer.base.bias.double()
+    layer.shared[0].scales0.mul_(2)  # in place: the kept views see it
+    torch.testing.assert_close(layer(x).double() - plain, 2 * (y - plain), rtol=1e-4, atol=1e-4)
+    layer.shared[0].scales0.div_(2)
+    layer._apply(lambda t: t.clone())  # new tensors (what .to() gives): the views are built again from them
+    torch.testing.assert_close(layer(x).double(), y, rtol=1e-4, atol=1e-4)
+    layer.shared[0].scales0.zero_()  # ... and the new stacks are the ones read: tenant 0 now adds nothing
+    torch.testing.assert_close(layer(x).double(), plain, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(y, plain, rtol=1e-4, atol=1e-4)

@@ -36,7 +36,10 @@ _records: list[dict] = []
 
 def mode() -> str:
     """The DELTACOMP_FUSED setting; an unknown value is an error that lists the valid ones."""
-    value = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    value = os.environ.get(_ENV)
+    if value is None:
+        return "auto"
+    value = value.strip().lower() or "auto"
     if value not in _MODES:
         raise ValueError(f"{_ENV}={value!r}: expected one of {', '.join(_MODES)}")
     return value
@@ -64,9 +67,13 @@ def _cpu_path() -> str:
 
 
 def _key(x2: Tensor, weight: Tensor, kind: str) -> tuple:
-    path = _cpu_path() if x2.device.type == "cpu" else x2.device.type
-    return (x2.device.type, path, torch.get_num_threads(), weight.dtype, x2.dtype,
-            tuple(weight.shape), row_bucket(x2.shape[0]), kind)
+    if x2.is_cpu:  # (is_cpu: no device object built; this runs for every patched layer of a decode step)
+        device, path = "cpu", _cpu_path()
+    else:
+        device = path = x2.device.type
+    m = x2.shape[0]
+    return (device, path, torch.get_num_threads(), weight.dtype, x2.dtype,
+            weight.shape, 1 if m == 1 else row_bucket(m), kind)
 
 
 def _sync(device: torch.device) -> None:

@@ -29,7 +29,8 @@ class BitDeltaTerm(DeltaTerm):
         return weight.dtype in _FUSED_DTYPES and int(self.params.get("masks", 1)) == 1
 
     def fused(self, x2: Tensor, weight: Tensor) -> Tensor:
-        return ops.sign_matmul_fused(x2, weight, self.tensor("signs"), self.tensor("scale"), self.shape[1])
+        buffers = self._buffers  # (not getattr: nn.Module's lookup costs more than the dict's, per layer per token)
+        return ops.sign_matmul_fused(x2, weight, buffers["t_signs"], buffers["t_scale"], self.shape[1])
 
 
 class SignStacks(nn.Module):
@@ -42,6 +43,7 @@ class SignStacks(nn.Module):
         self.n, self.k = first.shape
         self.levels = max(int(e.params.get("masks", 1)) for e in encs if e is not None)
         # slot of tenant t in level 0's stack when t has exactly one mask (fused_one serves it), else -1
+        self._views: dict[int, tuple[Tensor, ...]] = {}  # tenant -> (stacks, views) for fused_one
         self._one = [t_slot if e is not None and int(e.params.get("masks", 1)) == 1 else -1
                      for e, t_slot in zip(encs, _slots(encs))]
         for lv in range(self.levels):
@@ -64,8 +66,22 @@ class SignStacks(nn.Module):
 
     def fused_one(self, x2: Tensor, weight: Tensor, t: int) -> Tensor:
         """``x2 @ (weight + delta_t)^T`` in one pass (every row of x2 is tenant t; see ``fuses_one``)."""
-        slot = self._one[t]
-        return ops.sign_matmul_fused(x2, weight, self.signs0[slot], self.scales0[slot], self.k)
+        signs, scales = self._one_tensors(t)
+        return ops.sign_matmul_fused(x2, weight, signs, scales, self.k)
+
+    def _one_tensors(self, t: int) -> tuple[Tensor, Tensor]:
+        """Tenant t's signs and scale in level 0's stacks, the views kept between calls (a decode step asks
+        for them in every layer) for as long as the stacks are the same tensors (``.to()`` replaces them)."""
+        stacks = (self._buffers["signs0"], self._buffers["scales0"])
+        kept = self._views.get(t)
+        if kept is None or kept[0] is not stacks[0] or kept[1] is not stacks[1]:
+            slot = self._one[t]
+            kept = self._views[t] = (*stacks, stacks[0][slot], stacks[1][slot])
+        return kept[2], kept[3]
+
+    def _apply(self, fn, *args, **kwargs):
+        self._views = {}  # .to() and the like replace the stacks: drop the views (and the old tensors they hold)
+        return super()._apply(fn, *args, **kwargs)
 
     def forward(self, x2: Tensor, idx: Tensor) -> Tensor | None:
         """x2 (M, K), idx (M,) tenant per row (-1: none) -> (M, N), or None when no row has a mask."""
