@@ -139,3 +139,16 @@ def test_atomic_text_write_leaves_no_temporary(tmp_path):
     with pytest.raises(OSError):
         write_text_atomic(target, "{}")  # no such folder
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+
+
+@pytest.mark.parametrize("below", ["x.delta.safetensors", "sub/x.delta.safetensors"])
+def test_output_inside_a_file_names_that_file(made, tmp_path, capsys, below):
+    base, ft, delta = made
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    assert main(["compress", str(base), str(ft), "-o", str(blocker / below), "-q"]) == 2
+    assert main(["reconstruct", str(base), str(delta), "-o", str(blocker / "rec"), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"deltacomp {c}: error: {blocker}: is a file, so the output cannot be a folder or go inside "
+                   "it; choose another output path" for c in ("compress", "reconstruct")]
+    assert blocker.read_text() == "not a folder"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import re
 import sys
 import traceback
@@ -283,7 +284,21 @@ def os_error_line(exc: OSError) -> str:
     where = exc.filename if exc.filename is not None else "(unknown path)"
     what = exc.strerror or str(exc)
     hint = _OS_HINTS.get(exc.errno)
+    blocking = _file_on_the_way(exc)
+    if blocking is not None:
+        where, what, hint = blocking, "is a file, so the output cannot be a folder or go inside it", "choose another output path"
     return f"{where}: {what}" + (f"; {hint}" if hint else "")
+
+
+def _file_on_the_way(exc: OSError) -> str | None:
+    """The file standing where an output needs a folder (``-o FILE/x``), for "exists" / "not a directory"
+    errors; None otherwise."""
+    if exc.errno not in (errno.EEXIST, errno.ENOTDIR) or exc.filename is None:
+        return None
+    path = os.fspath(exc.filename)
+    while path and not os.path.exists(path):
+        path = os.path.dirname(path.rstrip(os.sep))
+    return path if path and os.path.isfile(path) else None
 
 
 INTERACTIVE = {"generate", "serve"}  # hot loops keep glibc's adaptive allocator
