@@ -19,14 +19,14 @@ ARCHS = {
     "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "gemma2": {}, "phi3": {},
     "phi": {}, "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=512),
     "gpt_neox": {}, "opt": dict(ffn_dim=160, word_embed_proj_dim=64),
-    "falcon": {}, "bloom": dict(n_layer=2, n_head=4), "starcoder2": {}, "olmo2": {},
+    "falcon": dict(head_dim=None), "bloom": dict(n_layer=2, n_head=4), "starcoder2": {}, "olmo2": {},
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
     "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=64),
     "granite": {}, "stablelm": {}, "gptj": dict(n_embd=64, n_layer=2, n_head=4, rotary_dim=8),
 }
 
 def build(arch, out: Path, tie=None):
-    kw = {**COMMON, **ARCHS[arch]}
+    kw = {k: v for k, v in {**COMMON, **ARCHS[arch]}.items() if v is not None}  # None: not a setting here
     if tie is not None:
         kw["tie_word_embeddings"] = tie
     cfg = AutoConfig.for_model(arch, **kw)
