@@ -17,7 +17,8 @@ from deltacomp.plan import Plan  # noqa: E402
 
 TINY = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64, head_dim=8)
-FAMILY = {"gpt_neox": {}, "mixtral": dict(num_local_experts=4, num_experts_per_tok=2), "bloom": dict(n_layer=2, n_head=4),
+FAMILY = {"gpt_neox": {}, "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+          "bloom": dict(n_layer=2, n_head=4),
           "gpt2": dict(n_embd=32, n_layer=2, n_head=4, n_positions=64), "opt": dict(ffn_dim=64, word_embed_proj_dim=32)}
 
 

@@ -286,7 +286,8 @@ def os_error_line(exc: OSError) -> str:
     hint = _OS_HINTS.get(exc.errno)
     blocking = _file_on_the_way(exc)
     if blocking is not None:
-        where, what, hint = blocking, "is a file, so the output cannot be a folder or go inside it", "choose another output path"
+        where, what = blocking, "is a file, so the output cannot be a folder or go inside it"
+        hint = "choose another output path"
     return f"{where}: {what}" + (f"; {hint}" if hint else "")
 
 
