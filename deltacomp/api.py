@@ -129,7 +129,7 @@ def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan:
 
     w = weights or {}
     chosen, plan.auto_report = choose(items(), device, progress, w.get("grams"), w.get("fishers"),
-                                      codecs=plan.auto_codecs)
+                                      codecs=plan.codecs_for_auto(data_free=not w))
     if "sensitivity" in w:
         plan.auto_report["sensitivity"] = w["sensitivity"]
     plan.choices = {n: Assignment(c.codec, dict(c.settings), "auto", dict(c.settings)) for n, c in chosen.items()}

@@ -28,6 +28,11 @@ from .errors import SettingsError
 DEFAULT_METHOD = CodecName.SVD_MIXED.value
 # The pseudo-method that chooses a codec per tensor under one budget (auto.py).
 AUTO = "auto"
+# The codecs auto weighs without calibration data (unless --method auto:codecs= names others): with no data
+# its distortion is the weight error, which ranks one tensor's candidates of different codecs no better
+# than chance against the measured KL (README, "--method auto"), so without data auto spends the budget
+# over tensors within one codec: svd-mixed's ladder, the default method's.
+DATA_FREE_AUTO_CODECS = (CodecName.SVD_MIXED.value,)
 # The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).
 WHOLE = CodecName.RAW.value
 
@@ -132,7 +137,8 @@ class Plan:
                  bits: float | None = None):
         self.auto = isinstance(method, str) and normalize(re.split(r"[:,]", method.strip())[0]) == AUTO
         self.method, self.method_settings = (AUTO, parse_auto(method)) if self.auto else parse_method(method)
-        # --method auto:codecs=A+B: the codecs whose candidates auto weighs (None: every registered one)
+        # --method auto:codecs=A+B: the codecs whose candidates auto weighs (None: every registered one with
+        # calibration data, DATA_FREE_AUTO_CODECS without; ``codecs_for_auto``)
         self.auto_codecs = tuple(self.method_settings["codecs"].split("+")) if "codecs" in self.method_settings else None
         ratio, bits = _number(ratio, "--ratio"), _number(bits, "--bits")
         if ratio is not None and not (ratio > 1 and math.isfinite(ratio)):
@@ -159,6 +165,13 @@ class Plan:
         return {"method": self.method, "settings": self.method_settings, "ratio": self.ratio, **auto,
                 "rules": [f"{r.pattern}={r.method}" + "".join(f":{k}={v}" for k, v in r.settings.items())
                           for r in self.rules]}
+
+    def codecs_for_auto(self, data_free: bool) -> tuple[str, ...] | None:
+        """The codecs auto weighs: those of ``auto:codecs=``, else DATA_FREE_AUTO_CODECS without calibration
+        data, else None (every registered codec)."""
+        if self.auto_codecs is not None:
+            return self.auto_codecs
+        return DATA_FREE_AUTO_CODECS if data_free else None
 
     def budget_hint(self, shape: tuple[int, ...], itemsize: int) -> float:
         """This tensor's even share of the --method auto budget, in bytes (fractional: summed first)."""
