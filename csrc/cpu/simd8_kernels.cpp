@@ -356,6 +356,14 @@ void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const uint
   DELTACOMP_SIMD8_CALL(isa, fused_bf16, x, m, k, w, packed, n, scale, per_row, y);
 }
 
+void dense_m1(Isa isa, const float* x, int64_t k, const float* w, int64_t n, float* y) {
+  DELTACOMP_SIMD8_CALL(isa, dense_m1_f32, x, k, w, n, y);
+}
+
+void dense_m1(Isa isa, const float* x, int64_t k, const uint16_t* w, int64_t n, float* y) {
+  DELTACOMP_SIMD8_CALL(isa, dense_m1_bf16, x, k, w, n, y);
+}
+
 }  // namespace simd8
 }  // namespace cpu
 }  // namespace deltacomp
