@@ -112,13 +112,15 @@ def test_edge_cases(avx2):
     tl = tl4.pack_tl4_signs(packed, k)
     x = torch.randn(1, k, generator=_gen(4))
     w = torch.randn(n, k, generator=_gen(5))
-    assert torch.equal(ops.sign_matmul_tl(x, w, tl, torch.zeros(n), n, k), ops.sign_matmul_tl(x, w, tl, torch.zeros(()), n, k))
+    zero_row, zero_tensor = (ops.sign_matmul_tl(x, w, tl, s, n, k) for s in (torch.zeros(n), torch.zeros(())))
+    assert torch.equal(zero_row, zero_tensor)
     torch.testing.assert_close(ops.sign_matmul_tl(x, w, tl, torch.zeros(n), n, k), x @ w.T, rtol=1e-5, atol=1e-5)
     assert not ops.sign_matmul_tl(torch.zeros(1, k), None, tl, torch.ones(n), n, k).any()
     xn = x.clone()
     xn[0, 7] = float("nan")
     assert ops.sign_matmul_tl(xn, None, tl, torch.ones(n), n, k).isnan().all()
-    assert ops.sign_matmul_tl(x, torch.zeros(0, k), torch.zeros(0, dtype=torch.uint8), torch.ones(0), 0, k).shape == (1, 0)
+    empty = ops.sign_matmul_tl(x, torch.zeros(0, k), torch.zeros(0, dtype=torch.uint8), torch.ones(0), 0, k)
+    assert empty.shape == (1, 0)
     y16 = ops.sign_matmul_tl(x.bfloat16(), w, tl, torch.ones(n), n, k)
     assert y16.dtype == torch.bfloat16 and y16.shape == (1, n)
     for t in (1, 2):  # threads split the row tiles and the dense pass: the same sums
@@ -184,7 +186,8 @@ def test_tables_follow_changed_signs(avx2):
         layer(x)
         layer.delta.t_signs.bitwise_not_()  # in place: the repack must follow
         signs = layer.delta.t_signs
-        want = base.weight.double() @ x[0].double() + base.bias.double() + _emulated(x[0], signs, enc.tensors["scale"], 128)
+        want = (base.weight.double() @ x[0].double() + base.bias.double()
+                + _emulated(x[0], signs, enc.tensors["scale"], 128))
         torch.testing.assert_close(layer(x)[0].double(), want, rtol=1e-5, atol=1e-5)
 
 

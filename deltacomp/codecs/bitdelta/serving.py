@@ -34,7 +34,8 @@ class BitDeltaTerm(DeltaTerm):
 
     def __init__(self, codec, enc: Encoded, tensors: dict[str, Tensor] | None = None):
         super().__init__(codec, enc, tensors)
-        self._tl_on = int(self.params.get("masks", 1)) == 1 and tl4.supports_signs(self.shape[1]) and ops.sign_tl_wanted()
+        one_mask = int(self.params.get("masks", 1)) == 1
+        self._tl_on = one_mask and tl4.supports_signs(self.shape[1]) and ops.sign_tl_wanted()
         self._tl_kept: tuple[Tensor, int, Tensor] | None = None  # (signs, their version, their TL4 repack)
 
     def fuses_with(self, weight: Tensor) -> bool:
