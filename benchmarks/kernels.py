@@ -52,6 +52,7 @@ from deltacomp.serve import dispatch as serve_dispatch
 from deltacomp.codecs import get_codec
 from deltacomp.codecs.base import Encoded
 from deltacomp.quant.rtn import n_groups
+from deltacomp.quant import tl4
 
 LAYER_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "14336x4096", "28672x8192")
 CACHE_BYTES = 64 << 20  # rotate through at least this many bytes per implementation (> LLC here)
@@ -127,6 +128,10 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
                 impls[f"sign_matmul_{variant}"] = _with_env("DELTACOMP_SIGN_KERNEL", variant, impls["sign_matmul"])
                 _check(impls[f"sign_matmul_{variant}"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k),
                        f"sign_matmul ({variant})")
+        if m == 1 and ops.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (bitdelta's decode default)
+            tls = [tl4.pack_tl4_signs(p, k) for p in packed]
+            impls["sign_matmul_tl"] = lambda i: ops.sign_matmul_tl(xs[i % 8], None, tls[i % len(tls)], scale, n, k)
+            _check_tables(impls["sign_matmul_tl"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k), "sign_matmul_tl")
         if naive:
             impls["naive_unpack_matmul"] = lambda i: ops.sign_matmul_ref(xs[i % 8], packed[i % len(packed)], scale, k)
         # correctness guard: a fast wrong kernel must not produce a table
@@ -141,6 +146,10 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
                "speedup_vs_dense_fp32": med["dense_fp32"] / med["sign_matmul"],
                "speedup_vs_dense_fp32_min": low["dense_fp32"] / low["sign_matmul"],
                "speedup_vs_dense_bf16": med["dense_bf16"] / med["sign_matmul"]}
+        if "sign_matmul_tl" in med:
+            row["tl_speedup_vs_dense_fp32"] = med["dense_fp32"] / med["sign_matmul_tl"]
+            row["tl_speedup_vs_dense_fp32_min"] = low["dense_fp32"] / low["sign_matmul_tl"]
+            row["tl_over_bytes_bound"] = med["sign_matmul_tl"] / bound_ms
         if "sign_matmul_lut8" in med:  # each variant's time over the default kernel's
             row["simd_over_default"] = med["sign_matmul_simd"] / med["sign_matmul"]
             row["lut8_over_default"] = med["sign_matmul_lut8"] / med["sign_matmul"]
@@ -151,7 +160,9 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
               + f"  dense/sign={row['speedup_vs_dense_fp32']:6.1f}x (min: {row['speedup_vs_dense_fp32_min']:.1f}x)"
               + f"  bf16/sign={row['speedup_vs_dense_bf16']:5.1f}x"
               + (f"  naive/sign={row['speedup_vs_naive']:6.1f}x" if naive else "")
-              + f"  sign/bound={row['op_over_bytes_bound']:5.1f}", flush=True)
+              + f"  sign/bound={row['op_over_bytes_bound']:5.1f}"
+              + (f"  dense/tl={row['tl_speedup_vs_dense_fp32']:5.1f}x  tl/bound={row['tl_over_bytes_bound']:4.1f}"
+                 if "sign_matmul_tl" in med else ""), flush=True)
     return rows
 
 
@@ -176,6 +187,13 @@ def _check(got, want, what: str) -> None:
     # correctness guard: a fast wrong kernel must not produce a table
     tol = 1e-2 * float(want.float().abs().max()) + 1e-3
     assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=tol), f"{what} disagrees with its reference"
+
+
+def _check_tables(got, want, what: str) -> None:
+    # the int8-table ops are inexact (x quantized through its tables, ~1-3% of the delta term per row):
+    # a guard against a wrong kernel, not a bound (tests/test_ops_sign_tl.py checks the bound)
+    rel = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
+    assert rel < 0.05, f"{what} disagrees with its reference (relative error {rel:.3g})"
 
 
 def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -> list[dict]:
@@ -203,6 +221,11 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -
                 "dense_fp32": lambda i: xs[i % 8] @ ws[torch.float32][i % c].T,
                 "dense_bf16": lambda i: xs16[i % 8] @ ws[torch.bfloat16][i % c].T,
             }
+            if m == 1 and ops.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (the decode default)
+                tls = [tl4.pack_tl4_signs(p, k) for p in ps]
+                impls["fused_tl"] = lambda i: ops.sign_matmul_tl(xw[i % 8], wl[i % c], tls[i % c], scale, n, k)
+                _check_tables(impls["fused_tl"](0) - xw[0].float() @ wl[0].float().T,
+                              ops.sign_matmul_ref(xw[0].float(), ps[0], scale, k), "fused_tl's delta term")
             _check(fused(0), ops.sign_matmul_fused_ref(xw[0], wl[0], ps[0], scale, k), "sign_matmul_fused")
             # what DeltaLinear's measured dispatch picks for this shape (it times both paths once)
             chosen = "fused" if serve_dispatch.prefer_fused(xw[0], wl[0], lambda: fused(1), lambda: unfused(1)) \
@@ -220,11 +243,16 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -
                    "speedup_fused_vs_unfused": med["dense_plus_sign"] / med["fused"],
                    "deltalinear_path": chosen, "deltalinear_over_dense": med[chosen] / med[base],
                    "deltalinear_over_best": med[chosen] / min(med["fused"], med["dense_plus_sign"])}
+            if "fused_tl" in med:
+                row["fused_tl_over_dense"] = med["fused_tl"] / med[base]
+                row["fused_tl_over_dense_min"] = low["fused_tl"] / low[base]
             rows.append(row)
             print(f"fused {n:>6}x{k:<6} M={m:<3} W={row['w_dtype']:<8} " + "  ".join(
                 f"{nm}={t:8.3f}ms" for nm, t in med.items())
                 + f"  fused/dense={row['fused_over_dense']:5.2f}  unfused/dense={row['unfused_over_dense']:5.2f}"
-                + f"  fused/bound={row['fused_over_bytes_bound']:5.2f}  DeltaLinear: {chosen}"
+                + f"  fused/bound={row['fused_over_bytes_bound']:5.2f}"
+                + (f"  fused_tl/dense={row['fused_tl_over_dense']:5.2f}" if "fused_tl" in med else "")
+                + f"  DeltaLinear: {chosen}"
                 + f" ({row['deltalinear_over_best']:.2f}x the faster)", flush=True)
     return rows
 

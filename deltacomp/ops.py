@@ -387,6 +387,36 @@ if HAS_EXTENSION:
         return x.new_empty((x.shape[0], w_base.shape[0]))
 
 
+# -- the sign delta at one x row by int8 lookup tables (inexact, AVX2) -------------------------------------
+_SIGN_EXACT = ("exact", "simd", "lut8")  # DELTACOMP_SIGN_KERNEL values that keep the exact kernels
+
+
+def sign_tl_wanted() -> bool:
+    """Whether bitdelta's serving terms take ``sign_matmul_tl`` at one x row: the AVX2 path of the extension
+    (DELTACOMP_ISA honoured), unless DELTACOMP_SIGN_KERNEL is ``exact`` (or names another exact kernel).
+    The terms read this when they are built (when a model is patched), not on every call."""
+    return HAS_EXTENSION and cpu_isa() == "avx2" and os.environ.get("DELTACOMP_SIGN_KERNEL") not in _SIGN_EXACT
+
+
+def sign_matmul_tl(x: Tensor, w_base: Tensor | None, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
+    """``x @ (w_base + scale * sign)^T`` (or the delta alone, w_base None) for one x row (1, K), the sign
+    dots by int8 lookup tables (inexact: x is quantized through its tables, as in the svd-mixed int8 path);
+    ``s_tl`` the signs repacked by ``quant.tl4.pack_tl4_signs`` (K % 4 == 0). AVX2 CPUs only
+    (``sign_tl_wanted``); scale fp32 () / (1,) / (N,)."""
+    base = _EMPTY if w_base is None else w_base.contiguous()
+    return torch.ops.deltacomp.sign_matmul_tl(x.contiguous(), base, s_tl, scale.to(torch.float32).contiguous(), n, k)
+
+
+if HAS_EXTENSION:
+    _EMPTY = torch.empty(0)
+
+    @torch.library.register_fake("deltacomp::sign_matmul_tl")
+    def _sign_matmul_tl_fake(x: Tensor, w_base: Tensor, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
+        _sign_fake_checks("sign_matmul_tl", x, k)
+        torch._check(x.shape[0] == 1, lambda: f"sign_matmul_tl: x must have one row, got {tuple(x.shape)}")
+        return x.new_empty((1, n))
+
+
 def sign_matmul_multi(x: Tensor, packed: Tensor, scales: Tensor, index: Tensor, k: int) -> Tensor:
     """Multi-tenant decode (BGMV-style): row i uses delta ``index[i]`` of the SIGNS stack ``packed``
     (T, N, ceil(k/8)) with ``scales`` (T,) or (T, N); -1 gives a zero row. Rows sharing a delta are

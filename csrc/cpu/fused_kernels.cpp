@@ -11,11 +11,13 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <vector>
 
 #include "serve_kernels.h"
 
 #include "common.h"
 #include "simd8.h"
+#include "lowrank_isa.h"
 
 namespace deltacomp {
 namespace cpu {
@@ -135,6 +137,39 @@ void sign_matmul_fused(const float* x, int64_t m, int64_t k, const WT* w, const 
     simd8::sign_matmul_fused(isa, x, m, k, w, packed, n, scale, per_row, y, lookup);
   }
 }
+
+int64_t sign_tl_bytes(int64_t n, int64_t k) {
+  return (n + lowrank::kTlRows - 1) / lowrank::kTlRows * lowrank::tl_groups(k, k) * 16;
+}
+
+template <typename WT>
+bool sign_matmul_tl(const float* x, int64_t k, const WT* w, const uint8_t* s_tl, int64_t n, const float* scale,
+                    bool per_row, float* y) {
+  const lowrank::TlLoops tl = lowrank::tl_loops();
+  if (tl.dots == nullptr) return false;
+  if (n == 0) return true;
+  if (w != nullptr) simd8::dense_m1(Isa::kAvx2, x, k, w, n, y);
+  else std::fill(y, y + n, 0.f);
+  int64_t chunks = 0;
+  const int64_t groups = lowrank::tl_groups(k, k, &chunks), tiles = (n + lowrank::kTlRows - 1) / lowrank::kTlRows;
+  std::vector<int8_t> tab(static_cast<size_t>(16 * groups));
+  std::vector<float> delta(static_cast<size_t>(chunks)), dots(static_cast<size_t>(n));
+  // the TL4 rows' scales: fp16 1.0 (the fp32 sign scale is applied below, unrounded)
+  thread_local std::vector<uint16_t> ones;
+  if (ones.size() < static_cast<size_t>(tiles * lowrank::kTlRows)) ones.assign(tiles * lowrank::kTlRows, 0x3c00);
+  tl.tables(x, k, k, tab.data(), delta.data());
+  tl.dots(s_tl, ones.data(), 1, n, k, k, tab.data(), delta.data(), dots.data());
+  double total = 0.0;  // sign . x = 2 (bits . x) - sum(x)
+  for (int64_t c = 0; c < k; ++c) total += x[c];
+  const float sx = static_cast<float>(total);
+  for (int64_t i = 0; i < n; ++i) y[i] += scale[per_row ? i : 0] * (2.f * dots[i] - sx);
+  return true;
+}
+
+template bool sign_matmul_tl<float>(const float*, int64_t, const float*, const uint8_t*, int64_t, const float*, bool,
+                                    float*);
+template bool sign_matmul_tl<uint16_t>(const float*, int64_t, const uint16_t*, const uint8_t*, int64_t, const float*,
+                                       bool, float*);
 
 template void sign_matmul_fused<float>(const float*, int64_t, int64_t, const float*, const uint8_t*, int64_t,
                                        const float*, bool, float*);

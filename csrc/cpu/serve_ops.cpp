@@ -74,6 +74,42 @@ at::Tensor sign_matmul_fused_cpu(const at::Tensor& x, const at::Tensor& w_base, 
   return finish(y, x);
 }
 
+at::Tensor sign_matmul_tl_cpu(const at::Tensor& x, const at::Tensor& w_base, const at::Tensor& s_tl,
+                              const at::Tensor& scale, int64_t n, int64_t k) {
+  const char* op = "sign_matmul_tl";
+  check_x(x, k, op);
+  TORCH_CHECK(x.size(0) == 1, op, ": x must have one row, got shape ", x.sizes());
+  TORCH_CHECK(k > 0 && k % 4 == 0, op, ": k must be a positive multiple of 4, got ", k);
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  const bool base = w_base.numel() != 0;
+  if (base) {
+    check_cpu(w_base, op, "w_base", 2);
+    TORCH_CHECK(w_base.scalar_type() == at::kFloat || w_base.scalar_type() == at::kBFloat16, op,
+                ": w_base must be float32 or bfloat16, got ", w_base.scalar_type());
+    TORCH_CHECK(w_base.size(0) == n && w_base.size(1) == k, op, ": w_base must have shape (", n, ", ", k,
+                "), got ", w_base.sizes());
+  }
+  check_cpu(s_tl, op, "s_tl", 1);
+  TORCH_CHECK(s_tl.scalar_type() == at::kByte, op, ": s_tl must be uint8, got ", s_tl.scalar_type());
+  TORCH_CHECK(s_tl.numel() == cpu::sign_tl_bytes(n, k), op, ": s_tl must have ", cpu::sign_tl_bytes(n, k),
+              " bytes for n=", n, ", k=", k, ", got ", s_tl.numel());
+  const bool per_row = check_scale(scale, n, op);
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor y = at::empty({1, n}, x.options().dtype(at::kFloat));
+  bool ok;
+  if (!base || w_base.scalar_type() == at::kFloat) {
+    ok = cpu::sign_matmul_tl<float>(xf.data_ptr<float>(), k, base ? w_base.data_ptr<float>() : nullptr,
+                                    s_tl.data_ptr<uint8_t>(), n, scale.data_ptr<float>(), per_row, y.data_ptr<float>());
+  } else {
+    ok = cpu::sign_matmul_tl<uint16_t>(xf.data_ptr<float>(), k,
+                                       reinterpret_cast<const uint16_t*>(w_base.data_ptr<at::BFloat16>()),
+                                       s_tl.data_ptr<uint8_t>(), n, scale.data_ptr<float>(), per_row,
+                                       y.data_ptr<float>());
+  }
+  TORCH_CHECK(ok, op, ": needs AVX2 and F16C, which this CPU or build lacks; use sign_matmul_fused");
+  return finish(y, x);
+}
+
 at::Tensor sign_matmul_multi_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                                  const at::Tensor& index, int64_t k) {
   const char* op = "sign_matmul_multi";
@@ -145,6 +181,7 @@ at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& row_ptr, co
 
 TORCH_LIBRARY_IMPL(deltacomp, CPU, m) {
   m.impl("sign_matmul_fused", &deltacomp::sign_matmul_fused_cpu);
+  m.impl("sign_matmul_tl", &deltacomp::sign_matmul_tl_cpu);
   m.impl("sign_matmul_multi", &deltacomp::sign_matmul_multi_cpu);
   m.impl("ternary_matmul", &deltacomp::ternary_matmul_cpu);
 }

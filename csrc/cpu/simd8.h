@@ -40,6 +40,11 @@ void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const floa
 void sign_matmul_fused(Isa isa, const float* x, int64_t m, int64_t k, const uint16_t* w, const uint8_t* packed,
                        int64_t n, const float* scale, bool per_row, float* y, bool lookup);
 
+// y (n,) = w (n, k) @ x (k,): one x row, fp32 or bf16 bit patterns w, fp32 sums (the dense pass of the
+// fused op alone).
+void dense_m1(Isa isa, const float* x, int64_t k, const float* w, int64_t n, float* y);
+void dense_m1(Isa isa, const float* x, int64_t k, const uint16_t* w, int64_t n, float* y);
+
 }  // namespace simd8
 }  // namespace cpu
 }  // namespace deltacomp

@@ -139,3 +139,20 @@ def unpack_tl4(v_tl: Tensor, bits: int, r: int, k: int, group_size: int) -> Tens
             codes[:, t::4] |= ((planes[b] >> t) & 1) << b
     pos = _positions(k, group_size)
     return codes[:r, pos >= 0]
+
+
+def supports_signs(k: int) -> bool:
+    """Whether signs of rows of k weights have a TL4 layout (``pack_tl4_signs``)."""
+    return k > 0 and k % 4 == 0
+
+
+def pack_tl4_signs(packed: Tensor, k: int) -> Tensor:
+    """The TL4 bytes of a SIGNS matrix (n, ceil(k / 8)) uint8 (bit c % 8 of byte c // 8 set: +1) as 1-bit
+    codes with one RTN group per row (gs = k), for ``sign_matmul_tl``: sign . x = 2 (bits . x) - sum(x)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 7) // 8 or not supports_signs(k):
+        raise ValueError(f"tl4: no TL4 layout of signs of shape {tuple(packed.shape)} ({packed.dtype}) for k={k} "
+                         "(needs uint8 (n, ceil(k / 8)) and k a positive multiple of 4)")
+    shifts = torch.arange(8, dtype=torch.uint8)
+    codes = ((packed.cpu()[:, :, None] >> shifts) & 1).reshape(packed.shape[0], -1)[:, :k]
+    return _pack_codes(codes.contiguous(), 1, k)
+

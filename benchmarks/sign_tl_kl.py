@@ -1,0 +1,112 @@
+"""Model-level effect of the inexact int8-table path of bitdelta at one x row (``sign_matmul_tl``): the
+bundled base patched with a bitdelta file twice (``patch_model``), once with the exact kernels
+(DELTACOMP_SIGN_KERNEL=exact while patching) and once with the int8 tables (the default on AVX2), run
+token by token with a KV cache over windows of held-out text, against the dense fine-tune on the same
+windows. Reported as by ``lowrank_tl_kl.py``: KL(exact || int8) and top-1 agreement between the two, next
+to the file's own KL(fine-tune || exact), so the tables' share of the error can be read off.
+
+    deltacomp compress BASE FT --method bitdelta -o bitdelta.delta.safetensors
+    PYTHONPATH=. taskset -c 1 python benchmarks/sign_tl_kl.py --delta bitdelta.delta.safetensors \\
+        --tokens 4096 --out benchmarks/results/sign_tl_kl_shakespeare.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from deltacomp import ops, zoo  # noqa: E402
+from deltacomp.serve.generate import load_base  # noqa: E402
+from deltacomp.serve.patch import patch_model  # noqa: E402
+from lowrank_tl_kl import _kl, _stepwise_logprobs, _windows  # noqa: E402
+
+
+def _patched(base: Path, delta: str, exact: bool):
+    old = os.environ.get("DELTACOMP_SIGN_KERNEL")
+    os.environ["DELTACOMP_SIGN_KERNEL"] = "exact" if exact else "tl"  # read when the terms are built
+    try:
+        return patch_model(load_base(base, torch.float32), delta)
+    finally:
+        if old is None:
+            os.environ.pop("DELTACOMP_SIGN_KERNEL")
+        else:
+            os.environ["DELTACOMP_SIGN_KERNEL"] = old
+
+
+def run(args) -> dict:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    zdir = zoo.cache_dir() / "zoo"
+    base = Path(args.base) if args.base else zdir / "smollm2-135m-instruct"
+    ft = Path(args.finetuned) if args.finetuned else zdir / "smollm2-135m-instruct-shakespeare-6fca8143e7"
+    tok = AutoTokenizer.from_pretrained(str(base))
+    ids = torch.tensor(tok(zoo.corpus_text(args.corpus, split="heldout"))["input_ids"], dtype=torch.long)
+    dense = AutoModelForCausalLM.from_pretrained(str(ft), dtype=torch.float32).eval()
+    models = {"exact": _patched(base, args.delta, True), "int8": _patched(base, args.delta, False)}
+    sums = dict.fromkeys(("kl_exact_int8", "kl_ft_exact", "kl_ft_int8"), 0.0)
+    agree = dict.fromkeys(("exact_int8", "ft_exact", "ft_int8"), 0)
+    kl_max, secs, n = 0.0, {"exact": 0.0, "int8": 0.0}, 0
+    for w in _windows(ids, args.tokens, args.window):
+        with torch.no_grad():
+            ft_log = torch.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].double(), -1)
+        logs = {}
+        for mode, model in models.items():
+            t0 = time.perf_counter()
+            logs[mode] = _stepwise_logprobs(model, w)
+            secs[mode] += time.perf_counter() - t0
+        kl = _kl(logs["exact"], logs["int8"])
+        kl_max = max(kl_max, float(kl.max()))
+        sums["kl_exact_int8"] += float(kl.sum())
+        sums["kl_ft_exact"] += float(_kl(ft_log, logs["exact"]).sum())
+        sums["kl_ft_int8"] += float(_kl(ft_log, logs["int8"]).sum())
+        top = {m: v.argmax(-1) for m, v in (("ft", ft_log), *logs.items())}
+        for a, b in (("exact", "int8"), ("ft", "exact"), ("ft", "int8")):
+            agree[f"{a}_{b}"] += int((top[a] == top[b]).sum())
+        n += w.numel()
+        print(f"{n:>5} tokens: KL(exact||int8) {sums['kl_exact_int8'] / n:.3g}, "
+              f"KL(ft||exact) {sums['kl_ft_exact'] / n:.4g}", flush=True)
+    terms = [m for m in models["int8"].modules() if hasattr(m, "_tl_on")]
+    res = {
+        "delta": str(args.delta), "corpus": args.corpus, "split": "heldout", "tokens": n, "window": args.window,
+        "cpu_isa": ops.cpu_isa(), "threads": torch.get_num_threads(),
+        "machine": platform.processor() or platform.machine(),
+        "kl_exact_vs_int8": sums["kl_exact_int8"] / n, "kl_exact_vs_int8_max": kl_max,
+        "kl_finetune_vs_exact": sums["kl_ft_exact"] / n, "kl_finetune_vs_int8": sums["kl_ft_int8"] / n,
+        **{f"top1_agreement_{k}": v / n for k, v in agree.items()},
+        "seconds_stepwise": secs, "bitdelta_terms": len(terms),
+        "terms_with_tables": sum(bool(m._tl_on) for m in terms),
+    }
+    res["int8_kl_share_of_file_kl"] = res["kl_exact_vs_int8"] / res["kl_finetune_vs_exact"]
+    return res
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--delta", required=True, help="a bitdelta file of the bundled pair")
+    ap.add_argument("--base", default=None, help="base model folder (default: the bundled base in the zoo cache)")
+    ap.add_argument("--finetuned", default=None, help="fine-tune folder (default: the bundled shakespeare one)")
+    ap.add_argument("--corpus", default="shakespeare")
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    res = run(args)
+    print(json.dumps(res, indent=2))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
