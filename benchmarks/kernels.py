@@ -224,8 +224,9 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -
             if m == 1 and ops.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (the decode default)
                 tls = [tl4.pack_tl4_signs(p, k) for p in ps]
                 impls["fused_tl"] = lambda i: ops.sign_matmul_tl(xw[i % 8], wl[i % c], tls[i % c], scale, n, k)
-                _check_tables(impls["fused_tl"](0) - xw[0].float() @ wl[0].float().T,
-                              ops.sign_matmul_ref(xw[0].float(), ps[0], scale, k), "fused_tl's delta term")
+                # its delta term, on fp32 x (the kernel widens x; a bf16 result's rounding would hide the term)
+                got = ops.sign_matmul_tl(xs[0], wl[0], tls[0], scale, n, k) - xs[0] @ wl[0].float().T
+                _check_tables(got, ops.sign_matmul_ref(xs[0], ps[0], scale, k), "fused_tl's delta term")
             _check(fused(0), ops.sign_matmul_fused_ref(xw[0], wl[0], ps[0], scale, k), "sign_matmul_fused")
             # what DeltaLinear's measured dispatch picks for this shape (it times both paths once)
             chosen = "fused" if serve_dispatch.prefer_fused(xw[0], wl[0], lambda: fused(1), lambda: unfused(1)) \
