@@ -106,9 +106,10 @@ def run(args) -> dict:
     return res
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--delta", required=True, help="an svd-mixed delta file of the bundled pair")
+def main(argv=None, run=run, doc: str = __doc__, what: str = "an svd-mixed") -> None:
+    """The command line of this script and of sign_tl_kl.py (``run`` measures, ``what`` names the file)."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--delta", required=True, help=f"{what} delta file of the bundled pair")
     ap.add_argument("--base", default=None, help="base model folder (default: the bundled base in the zoo cache)")
     ap.add_argument("--finetuned", default=None, help="fine-tune folder (default: the bundled shakespeare one)")
     ap.add_argument("--corpus", default="shakespeare")

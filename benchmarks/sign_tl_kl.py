@@ -11,8 +11,6 @@ to the file's own KL(fine-tune || exact), so the tables' share of the error can 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import platform
 import sys
@@ -27,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from deltacomp import ops, zoo  # noqa: E402
 from deltacomp.serve.generate import load_base  # noqa: E402
 from deltacomp.serve.patch import patch_model  # noqa: E402
+import lowrank_tl_kl  # noqa: E402
 from lowrank_tl_kl import _kl, _stepwise_logprobs, _windows  # noqa: E402
 
 
@@ -89,24 +88,5 @@ def run(args) -> dict:
     return res
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--delta", required=True, help="a bitdelta file of the bundled pair")
-    ap.add_argument("--base", default=None, help="base model folder (default: the bundled base in the zoo cache)")
-    ap.add_argument("--finetuned", default=None, help="fine-tune folder (default: the bundled shakespeare one)")
-    ap.add_argument("--corpus", default="shakespeare")
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--window", type=int, default=512)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    res = run(args)
-    print(json.dumps(res, indent=2))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(res, indent=2) + "\n")
-
-
 if __name__ == "__main__":
-    main()
+    lowrank_tl_kl.main(run=run, doc=__doc__, what="a bitdelta")
