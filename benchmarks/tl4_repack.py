@@ -5,9 +5,10 @@ per layer at svd-mixed's default allocation for --ratio (random codes: the time 
 the two outputs are compared byte for byte once per shape). Medians (and minima) of --repeats runs of
 the torch version and --cpp-repeats of the op; each op call allocates its output, as at load time.
 
-    PYTHONPATH=. taskset -c 0 python benchmarks/tl4_repack.py --out benchmarks/results/tl4_repack_cpu_s9.json
+    PYTHONPATH=. taskset -c 0,1 python benchmarks/tl4_repack.py --delta svd16.delta.safetensors \
+        --out benchmarks/results/tl4_repack_cpu_s9.json
 
-(taskset -c 0,1 with --threads 1,2 for the two-thread figure to have two cores.)
+(two cores for the two-thread figure; --delta: every svd-mixed tensor of that file too, at one thread.)
 """
 from __future__ import annotations
 
