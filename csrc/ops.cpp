@@ -52,6 +52,13 @@ TORCH_LIBRARY(deltacomp, m) {
   m.def("kbit_lowrank_matmul_groups_tl(Tensor x, Tensor[] v_q, Tensor[] v_scale, Tensor[] v_zero, Tensor[] u_q, "
         "Tensor[] u_scale, Tensor[] u_zero, Tensor s, int[] bits, int n, int k, int group_size, Tensor[] v_tl, "
         "Tensor[] v_tl_scale, Tensor[] u_tl, Tensor[] u_tl_scale, Tensor[] u_tl_zero) -> Tensor");
+  // The TL4 bytes (deltacomp/quant/tl4.py, whose torch version is the reference) of the (rows, length)
+  // matrix of `bits`-bit codes (1, 2) in the KBITS stream q (uint8, ceil(rows * length * bits / 8) bytes),
+  // its rows cut into RTN groups of group_size (>= 1) positions: element (j, x) is code j * length + x
+  // (V: rows = r, length = k), or with transposed code x * rows + j (U^T stored (r, n): rows = n,
+  // length = group_size = r). -> uint8 (ceil(rows / 32) * tl4.row_groups(length, group_size) * 16 * bits,).
+  // The scales' TL4 forms are small transposes, left to quant.tl4.
+  m.def("tl4_pack(Tensor q, int bits, int rows, int length, int group_size, bool transposed) -> Tensor");
   // The CPU code path the kernels take now ("avx512", "avx2", "neon", "portable"; DELTACOMP_ISA forces
   // one, see csrc/cpu/common.h). No tensor arguments, so one kernel for every backend.
   m.def("cpu_isa() -> str", []() -> std::string { return deltacomp::cpu::isa_name(deltacomp::cpu::active_isa()); });

@@ -1,7 +1,7 @@
-// Torch-facing CPU wrappers of kbit_lowrank_matmul (svd-mixed, one bit-width group) and
-// kbit_lowrank_matmul_groups (every group of a layer in one call): check the inputs
-// (messages carry the actual values), then calls the raw kernel in lowrank_kernels.cpp. Schema in
-// csrc/ops.cpp, layouts in deltacomp/ops.py.
+// Torch-facing CPU wrappers of kbit_lowrank_matmul (svd-mixed, one bit-width group),
+// kbit_lowrank_matmul_groups (every group of a layer in one call), its _tl variant and tl4_pack (the TL4
+// repack, tl4_pack.cpp): check the inputs (messages carry the actual values), then call the raw kernels
+// in lowrank_kernels.cpp and tl4_pack.cpp. Schemas in csrc/ops.cpp, layouts in deltacomp/ops.py.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
@@ -11,6 +11,7 @@
 
 #include "lowrank_isa.h"
 #include "lowrank_kernels.h"
+#include "tl4_pack.h"
 
 namespace deltacomp {
 namespace {
@@ -198,6 +199,26 @@ at::Tensor kbit_lowrank_matmul_groups_tl_cpu(const at::Tensor& x, at::TensorList
                      group_size, &tl);
 }
 
+// The TL4 repack of one group's V (or, transposed, U^T) codes at load time (tl4_pack.h).
+at::Tensor tl4_pack_cpu(const at::Tensor& q, int64_t bits, int64_t rows, int64_t length, int64_t group_size,
+                        bool transposed) {
+  const char* op = "tl4_pack";
+  check_cpu(q, "q", 1, op);
+  TORCH_CHECK(q.scalar_type() == at::kByte, op, ": q must be uint8, got ", q.scalar_type());
+  TORCH_CHECK(bits == 1 || bits == 2, op, ": no TL4 layout for ", bits, "-bit codes (1 or 2 bits)");
+  TORCH_CHECK(rows >= 0 && length >= 0, op, ": rows and length must be >= 0, got rows=", rows, " length=", length);
+  TORCH_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
+  const int64_t need = (rows * length * bits + 7) / 8;
+  TORCH_CHECK(q.numel() == need, op, ": ", rows, " x ", length, " codes of ", bits, " bits need ", need,
+              " bytes, but q has ", q.numel());
+  namespace lr = cpu::lowrank;
+  const int64_t tiles = (rows + lr::kTlRows - 1) / lr::kTlRows;
+  at::Tensor out = at::empty({tiles * lr::tl_groups(length, group_size) * 16 * bits}, q.options());
+  cpu::tl4_pack(q.data_ptr<uint8_t>(), q.numel(), static_cast<int>(bits), rows, length, group_size, transposed,
+                out.data_ptr<uint8_t>());
+  return out;
+}
+
 }  // namespace
 }  // namespace deltacomp
 
@@ -205,4 +226,5 @@ TORCH_LIBRARY_IMPL(deltacomp, CPU, m) {
   m.impl("kbit_lowrank_matmul", &deltacomp::kbit_lowrank_matmul_cpu);
   m.impl("kbit_lowrank_matmul_groups", &deltacomp::kbit_lowrank_matmul_groups_cpu);
   m.impl("kbit_lowrank_matmul_groups_tl", &deltacomp::kbit_lowrank_matmul_groups_tl_cpu);
+  m.impl("tl4_pack", &deltacomp::tl4_pack_cpu);
 }

@@ -1,6 +1,7 @@
 """TL4: a run-time layout of svd-mixed's V codes (1 and 2 bits) for stage 1 at one x row by int8 lookup
 tables and ``vpshufb`` (csrc/cpu/lowrank_tl_avx2.cpp). Built once per layer at load time from the
-stored KBITS stream (``pack_tl4``); never written to a file.
+stored KBITS stream (``pack_tl4``: the torch reference; serving calls ``ops.pack_tl4``, the same bytes by
+the C++ op ``tl4_pack``, csrc/cpu/tl4_pack.cpp); never written to a file.
 
 Layout, for r V rows of k codes of B bits (B = 1, 2) and RTN group size gs (a multiple of 4):
 
@@ -56,7 +57,8 @@ def _positions(k: int, gs: int) -> Tensor:
 
 def row_groups(k: int, gs: int) -> int:
     """P: the position groups of one row."""
-    return _positions(k, gs).numel() // 4
+    return sum(chunk_groups(min(CHUNK, min(k, g0 + gs) - c0)) for g0 in range(0, k, gs)
+               for c0 in range(g0, min(k, g0 + gs), CHUNK))
 
 
 def _codes(q: Tensor, bits: int, count: int) -> Tensor:
@@ -74,36 +76,44 @@ def _pack_codes(codes: Tensor, bits: int, gs: int) -> Tensor:
     padded = torch.zeros(tiles * ROWS, k + 1, dtype=torch.uint8)  # column k: the code-0 padding slot
     padded[:rows, :k] = codes
     pos = _positions(k, gs)
-    slots = padded[:, torch.where(pos < 0, k, pos)].reshape(tiles, ROWS, -1, 4)  # (tiles, 32, P, 4)
+    p = pos.numel() // 4  # explicit (not -1): no rows or no positions make empty tensors
+    slots = padded[:, torch.where(pos < 0, k, pos)].reshape(tiles, ROWS, p, 4)  # (tiles, 32, P, 4)
     w = torch.tensor([1, 2, 4, 8], dtype=torch.uint8)
     nib = [((slots >> b) & 1).mul(w).sum(-1, dtype=torch.uint8) for b in range(bits)]  # (tiles, 32, P) each
     if bits == 2:  # rows 32 = (half a, lane L, e); bytes (P, L, e, h), half a=0 low nibble, a=1 high
-        n = torch.stack(nib).reshape(2, tiles, 2, 2, 8, -1)  # (h, tile, a, L, e, P)
+        n = torch.stack(nib).reshape(2, tiles, 2, 2, 8, p)  # (h, tile, a, L, e, P)
         byte = n[:, :, 0] | (n[:, :, 1] << 4)  # (h, tile, L, e, P)
         out = byte.permute(1, 4, 2, 3, 0)  # (tile, P, L, e, h)
     else:  # rows 32 = (h, L, e); P = (s, pair): low nibble group 2s, high 2s + 1
-        n = nib[0].reshape(tiles, 2, 2, 8, -1, 2)  # (tile, h, L, e, s, pair)
+        n = nib[0].reshape(tiles, 2, 2, 8, p // 2, 2)  # (tile, h, L, e, s, pair)
         byte = n[..., 0] | (n[..., 1] << 4)  # (tile, h, L, e, s)
         out = byte.permute(0, 4, 2, 3, 1)  # (tile, s, L, e, h)
     return out.contiguous().reshape(-1)
 
 
-def _check(what: str, bits: int, group_size: int, ok: bool) -> None:
+def check(what: str, bits: int, group_size: int, ok: bool) -> None:
+    """The ValueError of a group with no TL4 layout of ``what`` ("V" or "U"; ``ok``: ``supports``/``supports_u``)."""
     if not ok:
         raise ValueError(f"tl4: no TL4 layout of {what} for {bits}-bit codes with group_size {group_size} (needs "
                          f"1 or 2 bits and group_size % {4 if what == 'V' else 32} == 0)")
 
 
-def pack_tl4(v_q: Tensor, v_scale: Tensor, bits: int, k: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """(v_tl, v_tl_scale) of one group's V (KBITS ``v_q`` of r * k codes, fp16 ``v_scale`` (r, groups))."""
-    _check("V", bits, group_size, supports(bits, group_size))
-    r = v_scale.shape[0]
+def tile_scales(v_scale: Tensor) -> Tensor:
+    """v_tl_scale: fp16 (tiles, groups, 32) of ``v_scale`` (r, groups), rows past r zero."""
+    r, groups = v_scale.shape
     tiles = (r + ROWS - 1) // ROWS
-    codes = _codes(v_q.cpu(), bits, r * k).reshape(r, k)
-    scale = torch.zeros(tiles * ROWS, v_scale.shape[1], dtype=torch.float16)
+    scale = torch.zeros(tiles * ROWS, groups, dtype=torch.float16)
     scale[:r] = v_scale.cpu()
-    return (_pack_codes(codes, bits, group_size).to(v_q.device),
-            scale.reshape(tiles, ROWS, -1).transpose(1, 2).contiguous().to(v_scale.device))
+    return scale.reshape(tiles, ROWS, groups).transpose(1, 2).contiguous().to(v_scale.device)
+
+
+def pack_tl4(v_q: Tensor, v_scale: Tensor, bits: int, k: int, group_size: int) -> tuple[Tensor, Tensor]:
+    """(v_tl, v_tl_scale) of one group's V (KBITS ``v_q`` of r * k codes, fp16 ``v_scale`` (r, groups)).
+    In torch: the reference of the C++ repack ``ops.pack_tl4``, which serving uses."""
+    check("V", bits, group_size, supports(bits, group_size))
+    r = v_scale.shape[0]
+    codes = _codes(v_q.cpu(), bits, r * k).reshape(r, k)
+    return _pack_codes(codes, bits, group_size).to(v_q.device), tile_scales(v_scale)
 
 
 def supports_u(bits: int, group_size: int, r: int) -> bool:
@@ -115,9 +125,10 @@ def pack_tl4_u(u_q: Tensor, u_scale: Tensor, u_zero: Tensor, bits: int, n: int,
                group_size: int) -> tuple[Tensor, Tensor, Tensor]:
     """(u_tl, u_tl_scale, u_tl_zero) of one group's U^T (KBITS ``u_q`` of r * n codes, fp16 (r, groups)
     scales and zeros): the TL4 bytes of the (n, r) matrix U (the output columns as rows, the rank as the
-    positions, one RTN group of r), and the scales and zeros transposed to (groups, r)."""
+    positions, one RTN group of r), and the scales and zeros transposed to (groups, r). In torch: the
+    reference of ``ops.pack_tl4_u``."""
     r = u_scale.shape[0]
-    _check("U", bits, group_size, supports_u(bits, group_size, r))
+    check("U", bits, group_size, supports_u(bits, group_size, r))
     codes = _codes(u_q.cpu(), bits, r * n).reshape(r, n).T
     return (_pack_codes(codes, bits, r).to(u_q.device), u_scale.T.contiguous(), u_zero.T.contiguous())
 

@@ -37,10 +37,11 @@ def group_args(enc: Encoded, get=None) -> tuple:
 
 
 def tl4_lists(args: tuple) -> tuple | None:
-    """The TL4 repacks (``quant.tl4``) of the 1- and 2-bit groups' V and U^T: the five extra lists of
-    ``kbit_lowrank_matmul_groups_tl`` (empty tensors for the other groups), or None when no group has one
-    or the kernels would not use them: only the AVX2 path takes them, and DELTACOMP_LOWRANK_KERNEL=exact
-    or direct asks for the exact path (both read here once, when the term gathers its arguments)."""
+    """The TL4 repacks (``quant.tl4``, by the C++ op: ``ops.pack_tl4``) of the 1- and 2-bit groups' V and
+    U^T: the five extra lists of ``kbit_lowrank_matmul_groups_tl`` (empty tensors for the other groups), or
+    None when no group has one or the kernels would not use them: only the AVX2 path takes them, and
+    DELTACOMP_LOWRANK_KERNEL=exact or direct asks for the exact path (both read here once, when the term
+    gathers its arguments)."""
     v_q, v_scale, v_zero, u_q, u_scale, u_zero = args[:6]
     bits, n, k, gs = args[7:]
     if (ops.cpu_isa() != "avx2" or os.environ.get("DELTACOMP_LOWRANK_KERNEL") in ("exact", "direct")
@@ -50,8 +51,8 @@ def tl4_lists(args: tuple) -> tuple | None:
     out = tuple([] for _ in range(5))
     for g, b in enumerate(bits):
         r = v_scale[g].shape[0]
-        v = tl4.pack_tl4(v_q[g], v_scale[g], b, k, gs) if tl4.supports(b, gs) and r else (codes, halves[None])
-        u = (tl4.pack_tl4_u(u_q[g], u_scale[g], u_zero[g], b, n, gs) if tl4.supports_u(b, gs, r)
+        v = ops.pack_tl4(v_q[g], v_scale[g], b, k, gs) if tl4.supports(b, gs) and r else (codes, halves[None])
+        u = (ops.pack_tl4_u(u_q[g], u_scale[g], u_zero[g], b, n, gs) if tl4.supports_u(b, gs, r)
              else (codes, halves, halves))
         for lst, t in zip(out, (*v, *u)):
             lst.append(t)
