@@ -46,7 +46,7 @@ import time
 
 import torch
 
-from deltacomp import ops
+from deltacomp import ops, ops_tl
 from deltacomp.codecs.svd_mixed import allocation as al
 from deltacomp.serve import dispatch as serve_dispatch
 from deltacomp.codecs import get_codec
@@ -128,9 +128,9 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
                 impls[f"sign_matmul_{variant}"] = _with_env("DELTACOMP_SIGN_KERNEL", variant, impls["sign_matmul"])
                 _check(impls[f"sign_matmul_{variant}"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k),
                        f"sign_matmul ({variant})")
-        if m == 1 and ops.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (bitdelta's decode default)
-            tls = [tl4.pack_tl4_signs(p, k) for p in packed]
-            impls["sign_matmul_tl"] = lambda i: ops.sign_matmul_tl(xs[i % 8], None, tls[i % len(tls)], scale, n, k)
+        if m == 1 and ops_tl.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (bitdelta's decode default)
+            tls = [ops_tl.pack_tl4_signs(p, k) for p in packed]
+            impls["sign_matmul_tl"] = lambda i: ops_tl.sign_matmul_tl(xs[i % 8], None, tls[i % len(tls)], scale, n, k)
             _check_tables(impls["sign_matmul_tl"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k), "sign_matmul_tl")
         if naive:
             impls["naive_unpack_matmul"] = lambda i: ops.sign_matmul_ref(xs[i % 8], packed[i % len(packed)], scale, k)
@@ -221,11 +221,11 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -
                 "dense_fp32": lambda i: xs[i % 8] @ ws[torch.float32][i % c].T,
                 "dense_bf16": lambda i: xs16[i % 8] @ ws[torch.bfloat16][i % c].T,
             }
-            if m == 1 and ops.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (the decode default)
-                tls = [tl4.pack_tl4_signs(p, k) for p in ps]
-                impls["fused_tl"] = lambda i: ops.sign_matmul_tl(xw[i % 8], wl[i % c], tls[i % c], scale, n, k)
+            if m == 1 and ops_tl.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (the decode default)
+                tls = [ops_tl.pack_tl4_signs(p, k) for p in ps]
+                impls["fused_tl"] = lambda i: ops_tl.sign_matmul_tl(xw[i % 8], wl[i % c], tls[i % c], scale, n, k)
                 # its delta term, on fp32 x (the kernel widens x; a bf16 result's rounding would hide the term)
-                got = ops.sign_matmul_tl(xs[0], wl[0], tls[0], scale, n, k) - xs[0] @ wl[0].float().T
+                got = ops_tl.sign_matmul_tl(xs[0], wl[0], tls[0], scale, n, k) - xs[0] @ wl[0].float().T
                 _check_tables(got, ops.sign_matmul_ref(xs[0], ps[0], scale, k), "fused_tl's delta term")
             _check(fused(0), ops.sign_matmul_fused_ref(xw[0], wl[0], ps[0], scale, k), "sign_matmul_fused")
             # what DeltaLinear's measured dispatch picks for this shape (it times both paths once)

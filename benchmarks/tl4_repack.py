@@ -1,6 +1,6 @@
 """Load-time cost of the TL4 repack (svd-mixed's 1- and 2-bit V and U^T codes, built once per layer at a
 serving term's first call on AVX2): quant/tl4.py's torch version against the C++ op ``tl4_pack``
-(``ops.pack_tl4`` / ``ops.pack_tl4_u``, what serving calls), in the same run, at one and two threads,
+(``ops_tl.pack_tl4`` / ``ops_tl.pack_tl4_u``, what serving calls), in the same run, at one and two threads,
 per layer at svd-mixed's default allocation for --ratio (random codes: the time does not depend on them;
 the two outputs are compared byte for byte once per shape). Medians (and minima) of --repeats runs of
 the torch version and --cpp-repeats of the op; each op call allocates its output, as at load time.
@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from deltacomp import ops  # noqa: E402
+from deltacomp import ops, ops_tl  # noqa: E402
 from deltacomp.codecs.svd_mixed import allocation as al  # noqa: E402
 from deltacomp.quant import tl4  # noqa: E402
 
@@ -102,7 +102,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if not ops.HAS_EXTENSION:
         sys.exit(f"tl4_repack: the C++ extension is not built ({ops._EXT_ERROR})")
-    impls = {"torch": (tl4.pack_tl4, tl4.pack_tl4_u), "cpp": (ops.pack_tl4, ops.pack_tl4_u)}
+    impls = {"torch": (tl4.pack_tl4, tl4.pack_tl4_u), "cpp": (ops_tl.pack_tl4, ops_tl.pack_tl4_u)}
     rows, gs = [], args.group_size
     for shape in args.shapes.split(","):
         n, k = (int(v) for v in shape.lower().split("x"))

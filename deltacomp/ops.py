@@ -17,7 +17,7 @@ Layouts (shared by every implementation, references included):
       ``u_q`` likewise r*N codes, row j of U^T = codes [j*N, (j+1)*N); ``v_scale``/``v_zero`` fp16
       (r, ceil(K / group_size)), ``u_scale``/``u_zero`` fp16 (r, ceil(N / group_size)): element c of a
       row is zero[g] + code * scale[g] with g = c // group_size; ``s`` fp32 (r,).
-  TL4 (run-time form of the V codes of a 1- or 2-bit group, built at load time by ``pack_tl4`` below,
+  TL4 (run-time form of the V codes of a 1- or 2-bit group, built at load time by ``ops_tl.pack_tl4``,
       the C++ op ``tl4_pack``; layout and torch reference in deltacomp/quant/tl4.py), and of U^T with the
       output columns as its rows: taken by ``kbit_lowrank_matmul_groups_tl`` for stages 1 and 3 at one x
       row by int8 tables on AVX2 (inexact: x, and the stage-1 result times U's scales, are quantized
@@ -33,7 +33,6 @@ import warnings
 import torch
 from torch import Tensor
 
-from .quant import tl4
 from .quant.bitpack import unpack_bits
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -389,36 +388,6 @@ if HAS_EXTENSION:
         return x.new_empty((x.shape[0], w_base.shape[0]))
 
 
-# -- the sign delta at one x row by int8 lookup tables (inexact, AVX2) -------------------------------------
-_SIGN_EXACT = ("exact", "simd", "lut8")  # DELTACOMP_SIGN_KERNEL values that keep the exact kernels
-
-
-def sign_tl_wanted() -> bool:
-    """Whether bitdelta's serving terms take ``sign_matmul_tl`` at one x row: the AVX2 path of the extension
-    (DELTACOMP_ISA honoured), unless DELTACOMP_SIGN_KERNEL is ``exact`` (or names another exact kernel).
-    The terms read this when they are built (when a model is patched), not on every call."""
-    return HAS_EXTENSION and cpu_isa() == "avx2" and os.environ.get("DELTACOMP_SIGN_KERNEL") not in _SIGN_EXACT
-
-
-def sign_matmul_tl(x: Tensor, w_base: Tensor | None, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
-    """``x @ (w_base + scale * sign)^T`` (or the delta alone, w_base None) for one x row (1, K), the sign
-    dots by int8 lookup tables (inexact: x is quantized through its tables, as in the svd-mixed int8 path);
-    ``s_tl`` the signs repacked by ``quant.tl4.pack_tl4_signs`` (K % 4 == 0). AVX2 CPUs only
-    (``sign_tl_wanted``); scale fp32 () / (1,) / (N,)."""
-    base = _EMPTY if w_base is None else w_base.contiguous()
-    return torch.ops.deltacomp.sign_matmul_tl(x.contiguous(), base, s_tl, scale.to(torch.float32).contiguous(), n, k)
-
-
-if HAS_EXTENSION:
-    _EMPTY = torch.empty(0)
-
-    @torch.library.register_fake("deltacomp::sign_matmul_tl")
-    def _sign_matmul_tl_fake(x: Tensor, w_base: Tensor, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
-        _sign_fake_checks("sign_matmul_tl", x, k)
-        torch._check(x.shape[0] == 1, lambda: f"sign_matmul_tl: x must have one row, got {tuple(x.shape)}")
-        return x.new_empty((1, n))
-
-
 def sign_matmul_multi(x: Tensor, packed: Tensor, scales: Tensor, index: Tensor, k: int) -> Tensor:
     """Multi-tenant decode (BGMV-style): row i uses delta ``index[i]`` of the SIGNS stack ``packed``
     (T, N, ceil(k/8)) with ``scales`` (T,) or (T, N); -1 gives a zero row. Rows sharing a delta are
@@ -550,42 +519,3 @@ if HAS_EXTENSION:
                      lambda: f"kbit_lowrank_matmul_groups_tl: {len(bits)} bit widths but {len(v_tl)} v_tl tensors")
         return _kbit_lowrank_matmul_groups_fake(x, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k,
                                                 group_size)
-
-
-def _tl4_native(q: Tensor, bits: int, count: int) -> bool:
-    """Whether the C++ repack takes this code stream (else quant.tl4's torch version: other devices, and
-    a stream of the wrong size or dtype, which it refuses with its own error)."""
-    return (q.device.type == "cpu" and _ext_on(q) and q.dtype == torch.uint8 and q.dim() == 1
-            and q.numel() == (count * bits + 7) // 8)
-
-
-def pack_tl4(v_q: Tensor, v_scale: Tensor, bits: int, k: int, group_size: int) -> tuple[Tensor, Tensor]:
-    """``quant.tl4.pack_tl4`` (the torch reference; the same bytes, the same errors) by the C++ op
-    ``tl4_pack`` for CPU codes: (v_tl, v_tl_scale) of one group's V, at load time."""
-    r = v_scale.shape[0]
-    if not _tl4_native(v_q, bits, r * k):
-        return tl4.pack_tl4(v_q, v_scale, bits, k, group_size)
-    tl4.check("V", bits, group_size, tl4.supports(bits, group_size))
-    return torch.ops.deltacomp.tl4_pack(v_q.contiguous(), bits, r, k, group_size, False), tl4.tile_scales(v_scale)
-
-
-def pack_tl4_u(u_q: Tensor, u_scale: Tensor, u_zero: Tensor, bits: int, n: int,
-               group_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """``quant.tl4.pack_tl4_u`` by the C++ op ``tl4_pack`` (transposed) for CPU codes, as ``pack_tl4``."""
-    r = u_scale.shape[0]
-    if not _tl4_native(u_q, bits, r * n):
-        return tl4.pack_tl4_u(u_q, u_scale, u_zero, bits, n, group_size)
-    tl4.check("U", bits, group_size, tl4.supports_u(bits, group_size, r))
-    return (torch.ops.deltacomp.tl4_pack(u_q.contiguous(), bits, n, r, r, True), u_scale.T.contiguous(),
-            u_zero.T.contiguous())
-
-
-if HAS_EXTENSION:
-    @torch.library.register_fake("deltacomp::tl4_pack")
-    def _tl4_pack_fake(q: Tensor, bits: int, rows: int, length: int, group_size: int, transposed: bool) -> Tensor:
-        torch._check(bits in (1, 2), lambda: f"tl4_pack: no TL4 layout for {bits}-bit codes (1 or 2 bits)")
-        torch._check(group_size >= 1, lambda: f"tl4_pack: group_size must be >= 1, got {group_size}")
-        torch._check(q.dim() == 1 and q.shape[0] == (rows * length * bits + 7) // 8,
-                     lambda: f"tl4_pack: q must hold {rows} x {length} codes of {bits} bits, got {tuple(q.shape)}")
-        tiles = (rows + tl4.ROWS - 1) // tl4.ROWS
-        return q.new_empty((tiles * tl4.row_groups(length, group_size) * 16 * bits,))

@@ -16,7 +16,7 @@ import itertools
 import pytest
 import torch
 
-from deltacomp import ops
+from deltacomp import ops, ops_tl
 from deltacomp.codecs import get_codec
 from deltacomp.quant import tl4
 from deltacomp.serve.modules import DeltaLinear
@@ -49,6 +49,15 @@ def test_pack_round_trip():
         tl = tl4.pack_tl4_signs(packed, k)
         assert tl.dtype == torch.uint8 and tl.numel() == (n + 31) // 32 * tl4.row_groups(k, k) * 16
         assert torch.equal(tl4.unpack_tl4(tl, 1, n, k, k).long(), _bits(packed, k))
+
+
+@needs_ext
+def test_native_repack_equals_the_reference():
+    """ops_tl.pack_tl4_signs (the C++ tl4_pack where rows are one stream: k % 8 == 0) gives the torch
+    reference's bytes; other k take the reference."""
+    for (n, k) in ((1, 8), (31, 96), (33, 1024), (70, 264), (5, 12), (40, 100)):
+        packed = _signs(n, k, n * k)
+        assert torch.equal(ops_tl.pack_tl4_signs(packed, k), tl4.pack_tl4_signs(packed, k)), (n, k)
 
 
 def test_pack_refuses():
@@ -91,7 +100,7 @@ def test_kernel_against_emulation_and_bound(avx2, per_row, w_dtype):
         scale = torch.rand(n if per_row else 1, generator=_gen(i)) + 0.1
         x = torch.randn(1, k, generator=_gen(100 + i))
         w = None if w_dtype is None else torch.randn(n, k, generator=_gen(200 + i)).to(w_dtype)
-        y = ops.sign_matmul_tl(x, w, tl4.pack_tl4_signs(packed, k), scale, n, k)[0].double()
+        y = ops_tl.sign_matmul_tl(x, w, tl4.pack_tl4_signs(packed, k), scale, n, k)[0].double()
         base = torch.zeros(n, dtype=torch.float64) if w is None else w.double() @ x[0].double()
         base_mag = 0.0 if w is None else w.double().abs() @ x[0].double().abs()
         term_mag = scale.double().abs().reshape(-1) * x.double().abs().sum()
@@ -112,20 +121,20 @@ def test_edge_cases(avx2):
     tl = tl4.pack_tl4_signs(packed, k)
     x = torch.randn(1, k, generator=_gen(4))
     w = torch.randn(n, k, generator=_gen(5))
-    zero_row, zero_tensor = (ops.sign_matmul_tl(x, w, tl, s, n, k) for s in (torch.zeros(n), torch.zeros(())))
+    zero_row, zero_tensor = (ops_tl.sign_matmul_tl(x, w, tl, s, n, k) for s in (torch.zeros(n), torch.zeros(())))
     assert torch.equal(zero_row, zero_tensor)
-    torch.testing.assert_close(ops.sign_matmul_tl(x, w, tl, torch.zeros(n), n, k), x @ w.T, rtol=1e-5, atol=1e-5)
-    assert not ops.sign_matmul_tl(torch.zeros(1, k), None, tl, torch.ones(n), n, k).any()
+    torch.testing.assert_close(ops_tl.sign_matmul_tl(x, w, tl, torch.zeros(n), n, k), x @ w.T, rtol=1e-5, atol=1e-5)
+    assert not ops_tl.sign_matmul_tl(torch.zeros(1, k), None, tl, torch.ones(n), n, k).any()
     xn = x.clone()
     xn[0, 7] = float("nan")
-    assert ops.sign_matmul_tl(xn, None, tl, torch.ones(n), n, k).isnan().all()
-    empty = ops.sign_matmul_tl(x, torch.zeros(0, k), torch.zeros(0, dtype=torch.uint8), torch.ones(0), 0, k)
+    assert ops_tl.sign_matmul_tl(xn, None, tl, torch.ones(n), n, k).isnan().all()
+    empty = ops_tl.sign_matmul_tl(x, torch.zeros(0, k), torch.zeros(0, dtype=torch.uint8), torch.ones(0), 0, k)
     assert empty.shape == (1, 0)
-    y16 = ops.sign_matmul_tl(x.bfloat16(), w, tl, torch.ones(n), n, k)
+    y16 = ops_tl.sign_matmul_tl(x.bfloat16(), w, tl, torch.ones(n), n, k)
     assert y16.dtype == torch.bfloat16 and y16.shape == (1, n)
     for t in (1, 2):  # threads split the row tiles and the dense pass: the same sums
         torch.set_num_threads(t)
-        big = ops.sign_matmul_tl(torch.randn(1, 4096, generator=_gen(9)), torch.randn(300, 4096, generator=_gen(8)),
+        big = ops_tl.sign_matmul_tl(torch.randn(1, 4096, generator=_gen(9)), torch.randn(300, 4096, generator=_gen(8)),
                                  tl4.pack_tl4_signs(_signs(300, 4096, 6), 4096), torch.ones(300), 300, 4096)
         if t == 1:
             one = big
@@ -138,15 +147,15 @@ def test_checks(avx2):
     tl = tl4.pack_tl4_signs(_signs(n, k, 1), k)
     x, s = torch.randn(1, k), torch.ones(n)
     with pytest.raises(RuntimeError, match="x must have one row"):
-        ops.sign_matmul_tl(torch.randn(2, k), None, tl, s, n, k)
+        ops_tl.sign_matmul_tl(torch.randn(2, k), None, tl, s, n, k)
     with pytest.raises(RuntimeError, match="k must be a positive multiple of 4"):
-        ops.sign_matmul_tl(torch.randn(1, 6), None, tl, s, n, 6)
+        ops_tl.sign_matmul_tl(torch.randn(1, 6), None, tl, s, n, 6)
     with pytest.raises(RuntimeError, match=r"s_tl must have \d+ bytes for n=8, k=64, got 5"):
-        ops.sign_matmul_tl(x, None, tl[:5], s, n, k)
+        ops_tl.sign_matmul_tl(x, None, tl[:5], s, n, k)
     with pytest.raises(RuntimeError, match=r"w_base must have shape \(8, 64\)"):
-        ops.sign_matmul_tl(x, torch.randn(9, k), tl, s, n, k)
+        ops_tl.sign_matmul_tl(x, torch.randn(9, k), tl, s, n, k)
     with pytest.raises(RuntimeError, match="scale must have shape"):
-        ops.sign_matmul_tl(x, None, tl, torch.ones(3), n, k)
+        ops_tl.sign_matmul_tl(x, None, tl, torch.ones(3), n, k)
 
 
 def _layer(n, k, seed):

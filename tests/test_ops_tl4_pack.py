@@ -1,5 +1,5 @@
-"""tl4_pack: the TL4 repack of 1- and 2-bit codes in C++ (csrc/cpu/tl4_pack.cpp, ``ops.pack_tl4``,
-``ops.pack_tl4_u``) against quant/tl4.py's torch version, byte for byte: random streams (their padding
+"""tl4_pack: the TL4 repack of 1- and 2-bit codes in C++ (csrc/cpu/tl4_pack.cpp, ``ops_tl.pack_tl4``,
+``ops_tl.pack_tl4_u``) against quant/tl4.py's torch version, byte for byte: random streams (their padding
 bits random too), both bit widths, ranks 0, 1 and across tiles of 32, K across chunks of 128 and RTN groups
 (odd group and chunk counts, a group wider than the row), U^T across chunks of the rank, a layer of a 7B
 model's width, one and two threads; the errors of unsupported groups unchanged; the op's own checks;
@@ -9,7 +9,7 @@ import itertools
 import pytest
 import torch
 
-from deltacomp import ops
+from deltacomp import ops, ops_tl
 from deltacomp.codecs.svd_mixed import allocation as al
 from deltacomp.codecs.svd_mixed.serving import tl4_lists
 from deltacomp.quant import tl4
@@ -39,7 +39,7 @@ def test_v_matches_reference(bits):
                                       (4, 8, 12, 100, 128, 132, 1024)):
         seed = r * 1000 + k * 7 + gs
         vq, vs = _stream(r * k, bits, seed), _scales(r, (k + gs - 1) // gs, seed)
-        _same(ops.pack_tl4(vq, vs, bits, k, gs), tl4.pack_tl4(vq, vs, bits, k, gs),
+        _same(ops_tl.pack_tl4(vq, vs, bits, k, gs), tl4.pack_tl4(vq, vs, bits, k, gs),
               f"V {bits} bits r={r} k={k} gs={gs}")
 
 
@@ -50,7 +50,7 @@ def test_u_matches_reference(bits):
         seed = n * 1000 + r * 7 + gs
         groups = (n + gs - 1) // gs
         uq, us, uz = _stream(r * n, bits, seed), _scales(r, groups, seed), _scales(r, groups, seed + 1)
-        _same(ops.pack_tl4_u(uq, us, uz, bits, n, gs), tl4.pack_tl4_u(uq, us, uz, bits, n, gs),
+        _same(ops_tl.pack_tl4_u(uq, us, uz, bits, n, gs), tl4.pack_tl4_u(uq, us, uz, bits, n, gs),
               f"U {bits} bits n={n} r={r} gs={gs}")
 
 
@@ -68,13 +68,13 @@ def test_layer_of_7b_width_and_threads(bits):
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            _same(ops.pack_tl4(vq, vs, bits, k, gs), want[0], f"V, {t} threads")
-            _same(ops.pack_tl4_u(uq, us, uz, bits, n, gs), want[1], f"U, {t} threads")
+            _same(ops_tl.pack_tl4(vq, vs, bits, k, gs), want[0], f"V, {t} threads")
+            _same(ops_tl.pack_tl4_u(uq, us, uz, bits, n, gs), want[1], f"U, {t} threads")
     finally:
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("pack", (ops.pack_tl4, tl4.pack_tl4))
+@pytest.mark.parametrize("pack", (ops_tl.pack_tl4, tl4.pack_tl4))
 def test_errors_unchanged(pack):
     """The wrapper refuses what the reference refuses, with the same errors (before the op sees it)."""
     args, _ = _groups((3,), (4,), 5, 16, 8, seed=1)
@@ -85,7 +85,7 @@ def test_errors_unchanged(pack):
         pack(args[0][0], args[1][0], 2, 16, 6)
     with pytest.raises(ValueError, match=r"unpack_bits: 64 codes of 2 bits need 16 bytes, got 15"):
         pack(args[0][0][:-1], args[1][0], 2, 16, 8)
-    pack_u = ops.pack_tl4_u if pack is ops.pack_tl4 else tl4.pack_tl4_u
+    pack_u = ops_tl.pack_tl4_u if pack is ops_tl.pack_tl4 else tl4.pack_tl4_u
     with pytest.raises(ValueError, match="no TL4 layout of U for 2-bit codes with group_size 16"):
         pack_u(args[3][0], args[4][0], args[5][0], 2, 5, 16)
     empty, _ = _groups((2,), (0,), 5, 16, 32, seed=1)
@@ -120,12 +120,12 @@ def test_opcheck():
 def test_other_devices_take_the_reference(monkeypatch):
     """Only CPU codes go to the op (CUDA has no TL path): anything else is the torch version's."""
     q = _stream(64, 2, 0)
-    assert not ops._tl4_native(q.to("meta"), 2, 64)
-    assert not ops._tl4_native(q[:-1], 2, 64)  # the wrong size: the reference's error
-    assert ops._tl4_native(q, 2, 64) == ops.HAS_EXTENSION
+    assert not ops_tl._tl4_native(q.to("meta"), 2, 64)
+    assert not ops_tl._tl4_native(q[:-1], 2, 64)  # the wrong size: the reference's error
+    assert ops_tl._tl4_native(q, 2, 64) == ops.HAS_EXTENSION
     if torch.cuda.is_available():
         vs = _scales(4, 2, 0)
-        got = ops.pack_tl4(q.cuda(), vs.cuda(), 2, 16, 8)
+        got = ops_tl.pack_tl4(q.cuda(), vs.cuda(), 2, 16, 8)
         assert got[0].is_cuda and got[1].is_cuda
         _same(tuple(t.cpu() for t in got), tl4.pack_tl4(q, vs, 2, 16, 8), "CUDA")
 

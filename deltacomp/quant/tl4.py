@@ -1,6 +1,6 @@
 """TL4: a run-time layout of svd-mixed's V codes (1 and 2 bits) for stage 1 at one x row by int8 lookup
 tables and ``vpshufb`` (csrc/cpu/lowrank_tl_avx2.cpp). Built once per layer at load time from the
-stored KBITS stream (``pack_tl4``: the torch reference; serving calls ``ops.pack_tl4``, the same bytes by
+stored KBITS stream (``pack_tl4``: the torch reference; serving calls ``ops_tl.pack_tl4``, the same bytes by
 the C++ op ``tl4_pack``, csrc/cpu/tl4_pack.cpp); never written to a file.
 
 Layout, for r V rows of k codes of B bits (B = 1, 2) and RTN group size gs (a multiple of 4):
@@ -109,7 +109,7 @@ def tile_scales(v_scale: Tensor) -> Tensor:
 
 def pack_tl4(v_q: Tensor, v_scale: Tensor, bits: int, k: int, group_size: int) -> tuple[Tensor, Tensor]:
     """(v_tl, v_tl_scale) of one group's V (KBITS ``v_q`` of r * k codes, fp16 ``v_scale`` (r, groups)).
-    In torch: the reference of the C++ repack ``ops.pack_tl4``, which serving uses."""
+    In torch: the reference of the C++ repack ``ops_tl.pack_tl4``, which serving uses."""
     check("V", bits, group_size, supports(bits, group_size))
     r = v_scale.shape[0]
     codes = _codes(v_q.cpu(), bits, r * k).reshape(r, k)
@@ -126,7 +126,7 @@ def pack_tl4_u(u_q: Tensor, u_scale: Tensor, u_zero: Tensor, bits: int, n: int,
     """(u_tl, u_tl_scale, u_tl_zero) of one group's U^T (KBITS ``u_q`` of r * n codes, fp16 (r, groups)
     scales and zeros): the TL4 bytes of the (n, r) matrix U (the output columns as rows, the rank as the
     positions, one RTN group of r), and the scales and zeros transposed to (groups, r). In torch: the
-    reference of ``ops.pack_tl4_u``."""
+    reference of ``ops_tl.pack_tl4_u``."""
     r = u_scale.shape[0]
     check("U", bits, group_size, supports_u(bits, group_size, r))
     codes = _codes(u_q.cpu(), bits, r * n).reshape(r, n).T

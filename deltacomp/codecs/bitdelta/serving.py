@@ -4,8 +4,8 @@ every row is one single-mask tenant, that tenant fused with the base weight: ``f
 
 At one x row (a decode step) on the AVX2 path, a single-mask term takes ``sign_matmul_tl`` instead: the
 sign dots by int8 lookup tables (T-MAC style, inexact), on the signs repacked once, at the first such
-call, into the TL4 layout (``quant.tl4.pack_tl4_signs``: as many bytes again as the signs). Whether a term
-does is decided when it is built (``ops.sign_tl_wanted``: DELTACOMP_SIGN_KERNEL=exact keeps the exact
+call, into the TL4 layout (``ops_tl.pack_tl4_signs``: as many bytes again as the signs). Whether a term
+does is decided when it is built (``ops_tl.sign_tl_wanted``: DELTACOMP_SIGN_KERNEL=exact keeps the exact
 kernels)."""
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ... import ops
+from ... import ops, ops_tl
 from ...quant import tl4
 from ..base import Encoded
 from ..term import DeltaTerm
@@ -35,7 +35,7 @@ class BitDeltaTerm(DeltaTerm):
     def __init__(self, codec, enc: Encoded, tensors: dict[str, Tensor] | None = None):
         super().__init__(codec, enc, tensors)
         one_mask = int(self.params.get("masks", 1)) == 1
-        self._tl_on = one_mask and tl4.supports_signs(self.shape[1]) and ops.sign_tl_wanted()
+        self._tl_on = one_mask and tl4.supports_signs(self.shape[1]) and ops_tl.sign_tl_wanted()
         self._tl_kept: tuple[Tensor, int, Tensor] | None = None  # (signs, their version, their TL4 repack)
 
     def fuses_with(self, weight: Tensor) -> bool:
@@ -44,12 +44,13 @@ class BitDeltaTerm(DeltaTerm):
     def fused(self, x2: Tensor, weight: Tensor) -> Tensor:
         buffers = self._buffers  # (not getattr: nn.Module's lookup costs more than the dict's, per layer per token)
         if self._tl_on and x2.shape[0] == 1 and x2.is_cpu:
-            return ops.sign_matmul_tl(x2, weight, self._tl_signs(), buffers["t_scale"], self.shape[0], self.shape[1])
+            n, k = self.shape
+            return ops_tl.sign_matmul_tl(x2, weight, self._tl_signs(), buffers["t_scale"], n, k)
         return ops.sign_matmul_fused(x2, weight, buffers["t_signs"], buffers["t_scale"], self.shape[1])
 
     def forward(self, x2: Tensor) -> Tensor:
         if self._tl_on and x2.shape[0] == 1 and x2.is_cpu:
-            return ops.sign_matmul_tl(x2, None, self._tl_signs(), self._buffers["t_scale"], self.shape[0],
+            return ops_tl.sign_matmul_tl(x2, None, self._tl_signs(), self._buffers["t_scale"], self.shape[0],
                                       self.shape[1])
         return super().forward(x2)
 
@@ -58,7 +59,7 @@ class BitDeltaTerm(DeltaTerm):
         unchanged (``.to()`` replaces it; an in-place write bumps its version)."""
         kept, signs = self._tl_kept, self._buffers["t_signs"]
         if kept is None or kept[0] is not signs or kept[1] != signs._version:
-            kept = self._tl_kept = (signs, signs._version, tl4.pack_tl4_signs(signs, self.shape[1]))
+            kept = self._tl_kept = (signs, signs._version, ops_tl.pack_tl4_signs(signs, self.shape[1]))
         return kept[2]
 
     def _apply(self, fn, *args, **kwargs):
@@ -78,7 +79,7 @@ class SignStacks(nn.Module):
         # slot of tenant t in level 0's stack when t has exactly one mask (fused_one serves it), else -1
         self._views: dict[int, tuple[Tensor, ...]] = {}  # tenant -> (stacks, views) for fused_one
         self._tl: dict[int, tuple[Tensor, int, Tensor]] = {}  # tenant -> (its signs view, version, TL4 repack)
-        self._tl_on = tl4.supports_signs(self.k) and ops.sign_tl_wanted()
+        self._tl_on = tl4.supports_signs(self.k) and ops_tl.sign_tl_wanted()
         self._one = [t_slot if e is not None and int(e.params.get("masks", 1)) == 1 else -1
                      for e, t_slot in zip(encs, _slots(encs))]
         for lv in range(self.levels):
@@ -106,8 +107,8 @@ class SignStacks(nn.Module):
         if self._tl_on and x2.shape[0] == 1 and x2.is_cpu:
             tl = self._tl.get(t)
             if tl is None or tl[0] is not signs or tl[1] != signs._version:  # replaced or written in place
-                tl = self._tl[t] = (signs, signs._version, tl4.pack_tl4_signs(signs, self.k))
-            return ops.sign_matmul_tl(x2, weight, tl[2], scales, self.n, self.k)
+                tl = self._tl[t] = (signs, signs._version, ops_tl.pack_tl4_signs(signs, self.k))
+            return ops_tl.sign_matmul_tl(x2, weight, tl[2], scales, self.n, self.k)
         return ops.sign_matmul_fused(x2, weight, signs, scales, self.k)
 
     def _one_tensors(self, t: int) -> tuple[Tensor, Tensor]:

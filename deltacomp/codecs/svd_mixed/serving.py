@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import allocation as al
-from ... import ops
+from ... import ops, ops_tl
 from ...quant import tl4
 from ..base import Encoded
 from ..term import DeltaTerm
@@ -37,7 +37,7 @@ def group_args(enc: Encoded, get=None) -> tuple:
 
 
 def tl4_lists(args: tuple) -> tuple | None:
-    """The TL4 repacks (``quant.tl4``, by the C++ op: ``ops.pack_tl4``) of the 1- and 2-bit groups' V and
+    """The TL4 repacks (``quant.tl4``, by the C++ op: ``ops_tl.pack_tl4``) of the 1- and 2-bit groups' V and
     U^T: the five extra lists of ``kbit_lowrank_matmul_groups_tl`` (empty tensors for the other groups), or
     None when no group has one or the kernels would not use them: only the AVX2 path takes them, and
     DELTACOMP_LOWRANK_KERNEL=exact or direct asks for the exact path (both read here once, when the term
@@ -51,8 +51,8 @@ def tl4_lists(args: tuple) -> tuple | None:
     out = tuple([] for _ in range(5))
     for g, b in enumerate(bits):
         r = v_scale[g].shape[0]
-        v = ops.pack_tl4(v_q[g], v_scale[g], b, k, gs) if tl4.supports(b, gs) and r else (codes, halves[None])
-        u = (ops.pack_tl4_u(u_q[g], u_scale[g], u_zero[g], b, n, gs) if tl4.supports_u(b, gs, r)
+        v = ops_tl.pack_tl4(v_q[g], v_scale[g], b, k, gs) if tl4.supports(b, gs) and r else (codes, halves[None])
+        u = (ops_tl.pack_tl4_u(u_q[g], u_scale[g], u_zero[g], b, n, gs) if tl4.supports_u(b, gs, r)
              else (codes, halves, halves))
         for lst, t in zip(out, (*v, *u)):
             lst.append(t)
