@@ -93,8 +93,10 @@ def _quant_wrapped(model, cls=dnn.DeltaLinear):
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("key", list(METHODS))
 def test_patched_quantized_equals_base_output_plus_delta(pair, key, bits, monkeypatch):
-    # the exact kernels (svd-mixed's one-row int8 lookup tables on AVX2 are inexact, see test_ops_lowrank_tl.py)
+    # the exact kernels (the one-row int8 lookup tables of svd-mixed and bitdelta on AVX2 are inexact, see
+    # test_ops_lowrank_tl.py and test_ops_sign_tl.py)
     monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", "exact")
+    monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", "exact")
     base_logits = _logits(_quantized(pair["dir"] / "base", bits), IDS)
     with pytest.warns(UserWarning, match="stored quantized .*fingerprint cannot be checked"):
         model = dnn.patch_model(_quantized(pair["dir"] / "base", bits), pair[key])

@@ -72,9 +72,11 @@ IDS = torch.tensor([[1, 5, 9, 13, 40, 77, 8], [1, 90, 4, 33, 33, 12, 6]])
 
 @pytest.mark.parametrize("key", ["bit", "tern", "svd", "bit2", "bitrow"])
 def test_patched_logits_equal_reconstructed(pair, key, monkeypatch):
-    # the exact kernels: at one row on AVX2, svd-mixed's default int8 lookup tables are inexact (their
-    # error is tested in test_ops_lowrank_tl.py; the decode shape with them is checked below)
+    # the exact kernels: at one row on AVX2, svd-mixed's and bitdelta's default int8 lookup tables are
+    # inexact (their error is tested in test_ops_lowrank_tl.py and test_ops_sign_tl.py; the decode shape
+    # with them is checked below)
     monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", "exact")
+    monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", "exact")
     model = dnn.patch_model(_load(pair["dir"] / "base"), pair[key])
     wrapped = [m for m in model.modules() if isinstance(m, dnn.DeltaLinear)]
     assert len(wrapped) == 14  # 7 projections x 2 layers; embeddings and norms applied in place
@@ -83,6 +85,7 @@ def test_patched_logits_equal_reconstructed(pair, key, monkeypatch):
     for row in range(2):  # one row, one token: the decode shape
         torch.testing.assert_close(_logits(model, IDS[row:row + 1, :1]), want[row:row + 1, :1], rtol=1e-4, atol=1e-4)
     monkeypatch.delenv("DELTACOMP_LOWRANK_KERNEL")
+    monkeypatch.delenv("DELTACOMP_SIGN_KERNEL")
     model = dnn.patch_model(_load(pair["dir"] / "base"), pair[key])  # the default kernels
     for row in range(2):
         torch.testing.assert_close(_logits(model, IDS[row:row + 1, :1]), want[row:row + 1, :1], rtol=1e-2, atol=1e-2)
@@ -129,7 +132,10 @@ def test_unpatch_restores_base(pair):
     assert torch.equal(_logits(model, IDS), base_logits)
 
 
-def test_multi_tenant_rows_equal_single_delta_models(pair):
+def test_multi_tenant_rows_equal_single_delta_models(pair, monkeypatch):
+    # the exact kernels: a single delta's decode row would take bitdelta's inexact int8 tables on AVX2,
+    # which rows of several tenants never do (test_ops_sign_tl.py checks the tables on the multi path)
+    monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", "exact")
     keys = ["bit", "tern", "svd", "bitrow", "bit2"]
     model = dnn.patch_model_multi(_load(pair["dir"] / "base"), [pair[k] for k in keys])
     assert any(isinstance(m, dnn.MultiDeltaModule) for m in model.modules())  # A's norms and embeddings
