@@ -198,3 +198,43 @@ def test_svd_mixed_term_follows_moved_buffers_and_dtype():
     x = torch.randn(1, K, generator=g)
     term._apply(lambda t: torch.zeros_like(t) if t.is_floating_point() else t.clone())  # new, zero scales
     assert torch.equal(term(x), torch.zeros(1, N))
+
+
+# -- MultiDeltaModule ----------------------------------------------------------------------------------
+def test_multi_delta_module_follows_index_and_moved_tensors():
+    norm = nn.LayerNorm(6)
+    d0 = {"weight": torch.randn(6), "bias": torch.randn(6)}
+    mod = dnn.MultiDeltaModule(norm, [d0, None])
+    x = torch.randn(3, 6)
+
+    def want(t, x=x):
+        return torch.nn.functional.layer_norm(x, (6,), d0["weight"], d0["bias"]) if t == 0 else norm(x)
+
+    for t in (0, 0, 1, -1, 0, 1, 0):  # a new index tensor each time, one shape
+        mod.delta_index = torch.tensor([t] * 3)
+        torch.testing.assert_close(mod(x), want(t))
+        torch.testing.assert_close(mod(x), want(t))
+    index = torch.tensor([0] * 3)
+    mod.delta_index = index
+    mod(x)
+    index[1] = -1  # changed in place: row 1 is on the base now
+    y = mod(x)
+    torch.testing.assert_close(y[1], norm(x[1:2])[0])
+    torch.testing.assert_close(y[0], want(0)[0])
+    index.fill_(0)
+    mod(x)
+    with pytest.raises(DeltacompError, match="the delta index has 3 entries but the batch has 2 rows"):
+        mod(x[:2])
+    w2 = 2 * mod.d0_0
+    with torch.no_grad():
+        mod.d0_0.mul_(2)  # in place: the kept copy holds the same tensors
+    torch.testing.assert_close(mod(x), torch.nn.functional.layer_norm(x, (6,), w2, mod.d0_1))
+    mod._apply(lambda t: torch.zeros_like(t))  # new tensors: the copy is built again from them
+    torch.testing.assert_close(mod(x), torch.zeros(3, 6))
+    mod.delta_index = torch.tensor([-1] * 3)
+    mod(x)
+    other = nn.LayerNorm(6)
+    with torch.no_grad():
+        other.weight.mul_(3)
+    mod.module = other  # the wrapped module replaced, same index: rows on the base run the new one
+    torch.testing.assert_close(mod(x), other(x))
