@@ -244,12 +244,14 @@ class MultiDeltaLinear(nn.Module):
 
     def _one_term(self, x: Tensor, t: int) -> Tensor:
         """base(x) + tenant t's term (+ its bias delta): every row is t's, no row gather or scatter."""
-        y = self.base(x)
-        y2 = y.reshape(-1, y.shape[-1])
-        y2 = y2 + self.others[str(t)](x.reshape(-1, x.shape[-1])).to(y2.dtype)
+        y = self._modules["base"](x)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y2 = y if y.dim() == 2 else y.reshape(-1, y.shape[-1])
+        d = self._modules["others"]._modules[str(t)](x2)
+        y2 = y2 + (d if d.dtype == y2.dtype else d.to(y2.dtype))
         if t in self.bias_deltas:
             y2 = y2 + getattr(self, f"bias_delta{t}").to(y2.dtype)
-        return y2.reshape(y.shape)
+        return y2 if y.dim() == 2 else y2.reshape(y.shape)
 
     def _fusable(self, t: int) -> Tensor | None:
         """The base weight when tenant t's term fuses with this plain nn.Linear base in one pass (and t has
@@ -303,7 +305,7 @@ class MultiDeltaModule(nn.Module):
     with delta t's full tensors (``torch.func.functional_call``), the others the base module. The
     module must treat batch rows (dim 0) independently."""
 
-    _plan: tuple | None = None
+    _plan: tuple | None = None  # (index, its version, x's rows, module or None) of the last call: see forward
 
     def __init__(self, module: nn.Module, per_delta: Sequence[dict[str, Tensor] | None]):
         super().__init__()
@@ -320,7 +322,7 @@ class MultiDeltaModule(nn.Module):
             self._names.append(names)
         self._uniform = _Uniform()
         self._clones: dict[int, nn.Module | None] = {}
-        self._plan: tuple | None = None  # see forward
+        self._plan = None
 
     def forward(self, x: Tensor, *args, **kwargs):
         # a decode step: the module that served every row last time (``_plan``: the index tensor, its
