@@ -362,7 +362,8 @@ def sign_matmul_fused(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, 
     if (HAS_EXTENSION and x.is_cpu and w_base.is_cpu and packed.is_cpu and scale.is_cpu and x.dim() == 2
             and x.dtype in _MATMUL_DTYPES and w_base.dtype in _CPU_FUSED_W and packed.dtype == torch.uint8
             and scale.dtype == torch.float32):  # the decode path, checked in as few steps as it can
-        return _FUSED_OP(x.contiguous(), w_base.contiguous(), packed.contiguous(), scale.contiguous(), k)
+        op = _FUSED_OP if torch.compiler.is_compiling() else _FUSED_OP_CALL
+        return op(x.contiguous(), w_base.contiguous(), packed.contiguous(), scale.contiguous(), k)
     # fp16 bases have a CUDA kernel; the CPU kernels take fp32/bf16 (fp16 goes to the reference there)
     w_ok = w_base.dtype in (torch.float32, torch.bfloat16) or (w_base.dtype == torch.float16 and w_base.is_cuda)
     if (_ext_on(x, w_base, packed, scale) and x.dim() == 2 and x.dtype in _MATMUL_DTYPES and w_ok
@@ -374,8 +375,10 @@ def sign_matmul_fused(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, 
 
 if HAS_EXTENSION:
     # the overload itself: calling it skips the packet's overload resolution (a few microseconds a call,
-    # which a 135M model's decode step pays 210 times)
+    # which a 135M model's decode step pays 210 times); outside a torch.compile trace, the overload's own
+    # callable (what OpOverload.__call__ calls: 1.7 us less a call), traced code keeps the OpOverload
     _FUSED_OP = torch.ops.deltacomp.sign_matmul_fused.default
+    _FUSED_OP_CALL = getattr(_FUSED_OP, "_op", _FUSED_OP)
 
     @torch.library.register_fake("deltacomp::sign_matmul_fused")
     def _sign_matmul_fused_fake(x: Tensor, w_base: Tensor, packed: Tensor, scale: Tensor, k: int) -> Tensor:

@@ -11,6 +11,8 @@ call's own tensors (interleaved, best of ``REPEATS``; timed again, up to ``ROUND
 the two are within ``CLOSE`` of each other, where one preempted call on a shared machine would decide)
 and caches the winner for the process; later calls look it up.
 Decisions and their timings are listed by ``decisions()`` (benchmarks/kernels.py records them).
+A module may keep the decision for the last input it saw (serve/modules.py) while ``plan_state()``, the
+rest of what the decision depends on (the settings below, the thread count, ``reset``), stays the same.
 
     DELTACOMP_FUSED=auto (default) | always | never     # overrides the measurement for every layer
 """
@@ -32,6 +34,7 @@ _ENV = "DELTACOMP_FUSED"
 _MODES = ("auto", "always", "never")
 _cache: dict[tuple, bool] = {}
 _records: list[dict] = []
+_generation = 0  # counts reset() calls: decisions kept by modules (plan_state) from before one are dropped
 
 
 def mode() -> str:
@@ -64,6 +67,26 @@ def _cpu_path() -> str:
     if path is None:
         path = _isa_by_env[env] = ops.cpu_isa()
     return path
+
+
+# os.environ's own dict (what os.environ.get reads, its keys encoded): a lookup in it costs 0.1 us where
+# os.environ.get costs 1 us (the key encoded, a KeyError raised and caught when unset), and plan_state runs
+# for every patched layer of a decode step. os.environ.get where the platform's os.environ has no such dict.
+try:
+    _ENV_DATA, _ENV_KEYS = os.environ._data, (os.environ.encodekey(_ENV), os.environ.encodekey("DELTACOMP_ISA"))
+    if not isinstance(_ENV_DATA, dict):
+        raise AttributeError("os.environ._data")
+except AttributeError:  # pragma: no cover - CPython's os.environ has both
+    _ENV_DATA, _ENV_KEYS = os.environ, (_ENV, "DELTACOMP_ISA")
+
+
+def plan_state() -> tuple:
+    """What every decision depends on besides the module and its input: the DELTACOMP_FUSED and
+    DELTACOMP_ISA settings (as set, unparsed), torch's thread count and the number of ``reset`` calls so
+    far. A module that keeps the path it took for its last input (shape, dtype) takes it again while this
+    is unchanged; otherwise it asks ``prefer_fused`` again (which parses the setting and may measure)."""
+    get = _ENV_DATA.get
+    return get(_ENV_KEYS[0]), get(_ENV_KEYS[1]), torch.get_num_threads(), _generation
 
 
 def _key(x2: Tensor, weight: Tensor, kind: str) -> tuple:
@@ -131,6 +154,8 @@ def decisions() -> list[dict]:
 
 
 def reset() -> None:
-    """Forget every decision (the next call of each key measures again)."""
+    """Forget every decision (the next call of each key measures again, the modules' kept ones too)."""
+    global _generation
+    _generation += 1
     _cache.clear()
     _records.clear()

@@ -38,6 +38,8 @@ class DeltaLinear(nn.Module):
     """``base(x) + x @ delta^T`` with the delta kept packed. ``base`` is any linear module (an
     ``nn.Linear`` or a quantized one that computes its own output)."""
 
+    _plan: tuple | None = None  # (key, fused, x2 size, output size) of the last CPU call: see forward
+
     def __init__(self, base: nn.Module, encoded: Encoded, fused: bool | None = None):
         super().__init__()
         n, k = encoded.shape if len(encoded.shape) == 2 else (None, None)
@@ -57,35 +59,50 @@ class DeltaLinear(nn.Module):
                              f"({getattr(getattr(base, 'weight', None), 'dtype', '?')}) does not")
         self.fused = can_fuse if fused is None else bool(fused)
         self.fused_measured = fused is None  # the fused path is taken where measured faster
+        self._plan = None
 
     def forward(self, x: Tensor) -> Tensor:
-        # a decode step calls every patched layer once per token, so this path does as little Python as it
-        # can (the submodules looked up once, no reshape of a 2-D x): at SmolLM2-135M's shapes the rest of
-        # the step is about 0.1 ms per layer, the same order as this method's own work
+        # A decode step calls every patched layer once per token with an input of one shape, and at
+        # SmolLM2-135M's shapes the rest of the step is about 0.1 ms per layer, the same order as this
+        # method's own work. So a CPU call keeps the path it took and the sizes it reshaped to (``_plan``)
+        # with what they were decided on: x's shape and dtype, the flags and the base weight's dtype, and
+        # ``dispatch.plan_state()`` (settings, threads, resets); the next call with all of them unchanged
+        # takes that path again without asking the dispatch, and reshapes with the kept sizes.
+        if not x.is_cpu or torch.compiler.is_compiling():
+            return self._forward(x)
+        fused = self.fused
+        key = (x.shape, x.dtype, dispatch.plan_state(), fused, self.fused_measured,
+               self._modules["base"]._parameters["weight"].dtype if fused else None)
+        plan = self._plan
+        if plan is None or plan[0] != key:
+            y, self._plan = self._forward(x, key)
+            return y
+        _, fused, in2, out = plan
+        x2 = x if in2 is None else x.reshape(*in2)
+        y = self._fused(x2) if fused else self._unfused(x2)
+        return y if out is None else y.reshape(*out)
+
+    def _forward(self, x: Tensor, key: tuple | None = None):
+        """The output, deciding the path (and with ``key``, also the plan that keeps it for the next call)."""
         x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-        y = None
-        if self.fused:  # base is a plain nn.Linear: its tensors read from the dicts, not nn.Module's getattr
-            base = self._modules["base"]
-            weight = base._parameters["weight"]
-            if not self.fused_measured or dispatch.prefer_fused(
-                    x2, weight, lambda: self._fused(x2), lambda: self._unfused(x2)):
-                y = self._modules["delta"].fused(x2, weight)
-                bias = base._parameters["bias"]
-                if bias is not None:
-                    y = y + bias
-        if y is None:
-            y = self._unfused(x2)
-        return y if x2 is x else _out(y, x.shape[:-1])
+        fused = self.fused and (not self.fused_measured or dispatch.prefer_fused(
+            x2, self._modules["base"]._parameters["weight"], lambda: self._fused(x2), lambda: self._unfused(x2)))
+        y = self._fused(x2) if fused else self._unfused(x2)
+        out = y if x2 is x else _out(y, x.shape[:-1])
+        if key is None:
+            return out
+        return out, (key, fused, None if x2 is x else tuple(x2.shape), None if x2 is x else tuple(out.shape))
 
     def _fused(self, x2: Tensor) -> Tensor:
-        base = self.base
-        y = self.delta.fused(x2, base.weight)
-        bias = base.bias
+        base = self._modules["base"]  # a plain nn.Linear: its tensors read from the dicts, not nn.Module's getattr
+        y = self._modules["delta"].fused(x2, base._parameters["weight"])
+        bias = base._parameters["bias"]
         return y if bias is None else y + bias
 
     def _unfused(self, x2: Tensor) -> Tensor:
-        y = self.base(x2)
-        return y + self.delta(x2).to(y.dtype)
+        y = self._modules["base"](x2)
+        t = self._modules["delta"](x2)
+        return y + (t if t.dtype == y.dtype else t.to(y.dtype))
 
     def extra_repr(self) -> str:
         where = " (where measured faster)" if self.fused and self.fused_measured else ""
@@ -130,9 +147,14 @@ class _Uniform:
         return self._value
 
 
+_BASE, _FUSED, _ONE, _GENERAL = range(4)  # MultiDeltaLinear's paths: base alone, fused, one tenant's term, rows
+
+
 class MultiDeltaLinear(nn.Module):
     """One base linear layer, T deltas (None where a delta leaves this layer unchanged). Batch row i
     adds the term of delta ``delta_index[i]`` (set by ``set_delta_index``; -1 adds nothing)."""
+
+    _plan: tuple | None = None  # the path of the last CPU call: see forward
 
     def __init__(self, base: nn.Module, encoded: Sequence[Encoded | None], bias_deltas: Sequence[Tensor | None] = ()):
         super().__init__()
@@ -171,28 +193,65 @@ class MultiDeltaLinear(nn.Module):
         self._uniform = _Uniform()
 
     def forward(self, x: Tensor) -> Tensor:
-        only = self._uniform(_batch_index(self, x))
+        # As DeltaLinear.forward: a CPU call keeps the path it took (``_plan``) with what it was decided on,
+        # here also the delta index (the same tensor, unchanged in place: its version counter)
+        index = self.delta_index
+        if index is None or not x.is_cpu or torch.compiler.is_compiling():
+            return self._forward(x)
+        weight = self._modules["base"]._parameters.get("weight")
+        key = (x.shape, x.dtype, index._version, dispatch.plan_state(), None if weight is None else weight.dtype)
+        plan = self._plan
+        if plan is None or plan[1] is not index or plan[0] != key:
+            y, self._plan = self._forward(x, key)
+            return y
+        _, _, path, t, in2, out = plan
+        if path == _FUSED:
+            y = self._fused_one(x if in2 is None else x.reshape(*in2), t)
+            return y if out is None else y.reshape(*out)
+        return self._run(path, x, t)
+
+    def _forward(self, x: Tensor, key: tuple | None = None):
+        """The output, deciding the path (and with ``key``, also the plan that keeps it for the next call:
+        key, index, path, tenant, x2 size, output size)."""
+        index = _batch_index(self, x)
+        only = self._uniform(index)
+        path = _GENERAL
         if only == -1 or only in self._unchanged:  # every row on the base alone, or on a delta without a term
-            return self.base(x)
-        weight = self._fusable(only) if only is not None else None
-        if weight is not None:
-            x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-            if dispatch.prefer_fused(x2, weight, lambda: self._fused_one(x2, only),
-                                     lambda: self._general(x), kind="multi"):
-                y = self._fused_one(x2, only, weight)
-                return y if x2 is x else _out(y, x.shape[:-1])
-        elif only is not None and str(only) in self.others:  # one tenant's own term on every row
-            return self._one_term(x, only)
+            path = _BASE
+        elif only is not None:
+            weight = self._fusable(only)
+            if weight is not None:
+                x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+                if dispatch.prefer_fused(x2, weight, lambda: self._fused_one(x2, only), lambda: self._general(x),
+                                         kind="multi"):
+                    y = self._fused_one(x2, only, weight)
+                    y = y if x2 is x else _out(y, x.shape[:-1])
+                    if key is None:
+                        return y
+                    return y, (key, index, _FUSED, only, None if x2 is x else tuple(x2.shape),
+                               None if x2 is x else tuple(y.shape))
+            elif str(only) in self.others:  # one tenant's own term on every row
+                path = _ONE
+        y = self._run(path, x, only)
+        return y if key is None else (y, (key, index, path, only, None, None))
+
+    def _run(self, path: int, x: Tensor, t: int | None) -> Tensor:
+        if path == _BASE:
+            return self._modules["base"](x)
+        if path == _ONE:
+            return self._one_term(x, t)
         return self._general(x)
 
     def _one_term(self, x: Tensor, t: int) -> Tensor:
         """base(x) + tenant t's term (+ its bias delta): every row is t's, no row gather or scatter."""
-        y = self.base(x)
-        y2 = y.reshape(-1, y.shape[-1])
-        y2 = y2 + self.others[str(t)](x.reshape(-1, x.shape[-1])).to(y2.dtype)
+        y = self._modules["base"](x)
+        x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
+        y2 = y if y.dim() == 2 else y.reshape(-1, y.shape[-1])
+        d = self._modules["others"]._modules[str(t)](x2)
+        y2 = y2 + (d if d.dtype == y2.dtype else d.to(y2.dtype))
         if t in self.bias_deltas:
             y2 = y2 + getattr(self, f"bias_delta{t}").to(y2.dtype)
-        return y2.reshape(y.shape)
+        return y2 if y.dim() == 2 else y2.reshape(y.shape)
 
     def _fusable(self, t: int) -> Tensor | None:
         """The base weight when tenant t's term fuses with this plain nn.Linear base in one pass (and t has
@@ -246,6 +305,8 @@ class MultiDeltaModule(nn.Module):
     with delta t's full tensors (``torch.func.functional_call``), the others the base module. The
     module must treat batch rows (dim 0) independently."""
 
+    _plan: tuple | None = None  # (index, its version, x's rows, module or None) of the last call: see forward
+
     def __init__(self, module: nn.Module, per_delta: Sequence[dict[str, Tensor] | None]):
         super().__init__()
         self.module = module
@@ -261,18 +322,30 @@ class MultiDeltaModule(nn.Module):
             self._names.append(names)
         self._uniform = _Uniform()
         self._clones: dict[int, nn.Module | None] = {}
+        self._plan = None
 
     def forward(self, x: Tensor, *args, **kwargs):
+        # a decode step: the module that served every row last time (``_plan``: the index tensor, its
+        # version, x's rows, the module) serves them again while the index is that tensor, unchanged
+        plan = self._plan
+        index = self.delta_index
+        if plan is not None and plan[0] is index and plan[1] == index._version and x.shape[:1] == plan[2]:
+            mod = plan[3]  # None: the wrapped module itself, looked up each time
+            return (self._modules["module"] if mod is None else mod)(x, *args, **kwargs)
+        return self._forward(x, args, kwargs)
+
+    def _forward(self, x: Tensor, args: tuple, kwargs: dict):
         idx = _batch_index(self, x)
         only = self._uniform(idx)
-        if only == -1:
-            return self.module(x, *args, **kwargs)
-        if only is not None and 0 <= only < self.num_deltas:  # every row of one delta: that delta's module alone
-            if not self._names[only]:
-                return self.module(x, *args, **kwargs)
-            mod = self._as_delta(only)
-            if mod is not None:
-                return mod(x, *args, **kwargs)
+        self._plan = None
+        if only == -1 or (only is not None and 0 <= only < self.num_deltas and not self._names[only]):
+            self._plan = (idx, idx._version, x.shape[:1], None)  # every row on the base, or on a delta
+            return self._modules["module"](x, *args, **kwargs)  # that leaves this module as it is
+        mod = self._as_delta(only) if only is not None and 0 <= only < self.num_deltas else None
+        if mod is not None:  # every row of one delta: its module alone
+            self._plan = (idx, idx._version, x.shape[:1], mod)
+            return mod(x, *args, **kwargs)
+        if only is not None and 0 <= only < self.num_deltas:
             params = {name: getattr(self, buf) for name, buf in self._names[only].items()}
             return torch.func.functional_call(self.module, params, (x, *args), kwargs)
         y = self.module(x, *args, **kwargs)
@@ -301,9 +374,9 @@ class MultiDeltaModule(nn.Module):
         return mod
 
     def _apply(self, fn, *args, **kwargs):
-        self._clones = {}  # .to() and the like replace the tensors the copies hold
+        self._clones, self._plan = {}, None  # .to() and the like replace the tensors the copies hold
         return super()._apply(fn, *args, **kwargs)
 
     def train(self, mode: bool = True):
-        self._clones = {}
+        self._clones, self._plan = {}, None
         return super().train(mode)

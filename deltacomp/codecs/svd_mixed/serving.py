@@ -70,11 +70,12 @@ class SvdMixedTerm(DeltaTerm):
     def __init__(self, codec, enc: Encoded):
         super().__init__(codec, enc)
         self._args: tuple | None = None  # group_args of the buffers, until they move (_apply)
-        self._direct = False  # every buffer on the CPU with the dtypes the op takes
+        self._direct = False  # every buffer on the CPU with the dtypes the op takes, and the extension built
         self._tl: tuple | None = None  # tl4_lists of the buffers (direct only)
+        self._call: tuple | None = None  # (the op's own callable, every argument after x): direct only
 
     def _apply(self, fn, *args, **kwargs):
-        self._args = None
+        self._args = self._call = None
         return super()._apply(fn, *args, **kwargs)
 
     def _prepare(self) -> tuple:
@@ -84,16 +85,28 @@ class SvdMixedTerm(DeltaTerm):
         self._direct = (s.device.type == "cpu" and all(t.device.type == "cpu" for ts in lists for t in ts)
                         and all(t.dtype == torch.uint8 for t in (*lists[0], *lists[3]))
                         and all(t.dtype == torch.float16 for ts in (lists[1], lists[2], lists[4], lists[5])
-                                for t in ts))
-        self._tl = tl4_lists(args) if self._direct and ops._ext_on() else None
+                                for t in ts)
+                        and ops._ext_on())
+        self._tl = tl4_lists(args) if self._direct else None
         self._args = args
+        if self._direct:
+            # the overload's own callable (what OpOverload.__call__ calls): a Python frame and the packet's
+            # lookup less per call, which a decode step pays in every layer; a torch.compile trace keeps
+            # the packet (forward)
+            packet = (torch.ops.deltacomp.kbit_lowrank_matmul_groups if self._tl is None
+                      else torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl)
+            op = getattr(getattr(packet, "default", None), "_op", packet)
+            self._call = (op, args if self._tl is None else (*args, *self._tl))
         return args
 
     def forward(self, x2: Tensor) -> Tensor:
         args = self._args
         if args is None:
             args = self._prepare()
-        if self._direct and x2.dtype in ops._MATMUL_DTYPES and x2.device.type == "cpu" and ops._ext_on():
+        call = self._call
+        if call is not None and x2.is_cpu and x2.dtype in ops._MATMUL_DTYPES:
+            if not torch.compiler.is_compiling():
+                return call[0](x2, *call[1])
             if self._tl is not None:
                 return torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x2, *args, *self._tl)
             return torch.ops.deltacomp.kbit_lowrank_matmul_groups(x2, *args)
