@@ -50,6 +50,42 @@ def _windows(text_ids: torch.Tensor, tokens: int, window: int) -> list[torch.Ten
     return [text_ids[i * window:(i + 1) * window] for i in range(n)]
 
 
+def compare(wins: list[torch.Tensor], dense, logprobs, modes: tuple[str, str]) -> dict:
+    """Over the windows: the dense fine-tune's log-probs and ``logprobs(mode, window)`` for the exact and the
+    int8 mode (in the order of ``modes``), summed into KL(exact || int8), KL(fine-tune || each) and top-1
+    agreements per token; with the machine and the seconds each mode took."""
+    sums = dict.fromkeys(("kl_exact_int8", "kl_ft_exact", "kl_ft_int8"), 0.0)
+    agree = dict.fromkeys(("exact_int8", "ft_exact", "ft_int8"), 0)
+    kl_max, secs, n = 0.0, dict.fromkeys(modes, 0.0), 0
+    for w in wins:
+        with torch.no_grad():
+            ft_log = torch.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].double(), -1)
+        logs = {}
+        for mode in modes:
+            t0 = time.perf_counter()
+            logs[mode] = logprobs(mode, w)
+            secs[mode] += time.perf_counter() - t0
+        kl = _kl(logs["exact"], logs["int8"])
+        kl_max = max(kl_max, float(kl.max()))
+        sums["kl_exact_int8"] += float(kl.sum())
+        sums["kl_ft_exact"] += float(_kl(ft_log, logs["exact"]).sum())
+        sums["kl_ft_int8"] += float(_kl(ft_log, logs["int8"]).sum())
+        top = {m: v.argmax(-1) for m, v in (("ft", ft_log), *logs.items())}
+        for a, b in (("exact", "int8"), ("ft", "exact"), ("ft", "int8")):
+            agree[f"{a}_{b}"] += int((top[a] == top[b]).sum())
+        n += w.numel()
+        print(f"{n:>5} tokens: KL(exact||int8) {sums['kl_exact_int8'] / n:.3g}, "
+              f"KL(ft||exact) {sums['kl_ft_exact'] / n:.4g}", flush=True)
+    res = {"tokens": n, "cpu_isa": ops.cpu_isa(), "threads": torch.get_num_threads(),
+           "machine": platform.processor() or platform.machine(),
+           "kl_exact_vs_int8": sums["kl_exact_int8"] / n, "kl_exact_vs_int8_max": kl_max,
+           "kl_finetune_vs_exact": sums["kl_ft_exact"] / n, "kl_finetune_vs_int8": sums["kl_ft_int8"] / n,
+           **{f"top1_agreement_{k.replace('ft_', 'finetune_')}": v / n for k, v in agree.items()},
+           "seconds_stepwise": secs}
+    res["int8_kl_share_of_file_kl"] = res["kl_exact_vs_int8"] / res["kl_finetune_vs_exact"]
+    return res
+
+
 def run(args) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -62,47 +98,17 @@ def run(args) -> dict:
     wins = _windows(ids, args.tokens, args.window)
     dense = AutoModelForCausalLM.from_pretrained(str(ft), dtype=torch.float32).eval()
     patched = patch_model(load_base(base, torch.float32), args.delta)
-    sums = {"kl_exact_int8": 0.0, "kl_ft_exact": 0.0, "kl_ft_int8": 0.0, "top1_exact_int8": 0, "top1_ft_exact": 0,
-            "top1_ft_int8": 0, "tokens": 0}
-    kl_max, secs = 0.0, {"exact": 0.0, "int8": 0.0}
-    for w in wins:
-        with torch.no_grad():
-            ft_log = torch.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].double(), -1)
-        logs = {}
-        # int8 first: the serving terms repack (TL4) on their first call unless the variable says exact
-        for mode in ("int8", "exact"):
-            os.environ["DELTACOMP_LOWRANK_KERNEL"] = mode  # read by the kernel on every call
-            t0 = time.perf_counter()
-            logs[mode] = _stepwise_logprobs(patched, w)
-            secs[mode] += time.perf_counter() - t0
-        kl = _kl(logs["exact"], logs["int8"])
-        kl_max = max(kl_max, float(kl.max()))
-        sums["kl_exact_int8"] += float(kl.sum())
-        sums["kl_ft_exact"] += float(_kl(ft_log, logs["exact"]).sum())
-        sums["kl_ft_int8"] += float(_kl(ft_log, logs["int8"]).sum())
-        top = {m: v.argmax(-1) for m, v in (("ft", ft_log), *logs.items())}
-        sums["top1_exact_int8"] += int((top["exact"] == top["int8"]).sum())
-        sums["top1_ft_exact"] += int((top["ft"] == top["exact"]).sum())
-        sums["top1_ft_int8"] += int((top["ft"] == top["int8"]).sum())
-        sums["tokens"] += w.numel()
-        print(f"{sums['tokens']:>5} tokens: KL(exact||int8) {sums['kl_exact_int8'] / sums['tokens']:.3g}, "
-              f"KL(ft||exact) {sums['kl_ft_exact'] / sums['tokens']:.4g}", flush=True)
+
+    def logprobs(mode: str, w: torch.Tensor) -> torch.Tensor:
+        os.environ["DELTACOMP_LOWRANK_KERNEL"] = mode  # read by the kernel on every call
+        return _stepwise_logprobs(patched, w)
+
+    # int8 first: the serving terms repack (TL4) on their first call unless the variable says exact
+    res = compare(wins, dense, logprobs, ("int8", "exact"))
     os.environ.pop("DELTACOMP_LOWRANK_KERNEL", None)
     terms = [m for m in patched.modules() if hasattr(m, "_tl") and hasattr(m, "_direct")]
-    n = sums["tokens"]
-    res = {
-        "delta": str(args.delta), "corpus": args.corpus, "split": "heldout", "tokens": n, "window": args.window,
-        "cpu_isa": ops.cpu_isa(), "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "kl_exact_vs_int8": sums["kl_exact_int8"] / n, "kl_exact_vs_int8_max": kl_max,
-        "kl_finetune_vs_exact": sums["kl_ft_exact"] / n, "kl_finetune_vs_int8": sums["kl_ft_int8"] / n,
-        "top1_agreement_exact_int8": sums["top1_exact_int8"] / n,
-        "top1_agreement_finetune_exact": sums["top1_ft_exact"] / n,
-        "top1_agreement_finetune_int8": sums["top1_ft_int8"] / n,
-        "seconds_stepwise": secs, "svd_mixed_terms": len(terms),
-        "terms_with_tables": sum(m._tl is not None for m in terms),
-    }
-    res["int8_kl_share_of_file_kl"] = res["kl_exact_vs_int8"] / res["kl_finetune_vs_exact"]
+    res.update({"delta": str(args.delta), "corpus": args.corpus, "split": "heldout", "window": args.window,
+                "svd_mixed_terms": len(terms), "terms_with_tables": sum(m._tl is not None for m in terms)})
     return res
 
 

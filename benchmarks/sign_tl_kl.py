@@ -12,9 +12,7 @@ to the file's own KL(fine-tune || exact), so the tables' share of the error can 
 from __future__ import annotations
 
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -22,11 +20,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from deltacomp import ops, zoo  # noqa: E402
+from deltacomp import zoo  # noqa: E402
 from deltacomp.serve.generate import load_base  # noqa: E402
 from deltacomp.serve.patch import patch_model  # noqa: E402
 import lowrank_tl_kl  # noqa: E402
-from lowrank_tl_kl import _kl, _stepwise_logprobs, _windows  # noqa: E402
+from lowrank_tl_kl import _stepwise_logprobs, _windows  # noqa: E402
 
 
 def _patched(base: Path, delta: str, exact: bool):
@@ -51,40 +49,11 @@ def run(args) -> dict:
     ids = torch.tensor(tok(zoo.corpus_text(args.corpus, split="heldout"))["input_ids"], dtype=torch.long)
     dense = AutoModelForCausalLM.from_pretrained(str(ft), dtype=torch.float32).eval()
     models = {"exact": _patched(base, args.delta, True), "int8": _patched(base, args.delta, False)}
-    sums = dict.fromkeys(("kl_exact_int8", "kl_ft_exact", "kl_ft_int8"), 0.0)
-    agree = dict.fromkeys(("exact_int8", "ft_exact", "ft_int8"), 0)
-    kl_max, secs, n = 0.0, {"exact": 0.0, "int8": 0.0}, 0
-    for w in _windows(ids, args.tokens, args.window):
-        with torch.no_grad():
-            ft_log = torch.log_softmax(dense(input_ids=w[None], use_cache=False).logits[0].double(), -1)
-        logs = {}
-        for mode, model in models.items():
-            t0 = time.perf_counter()
-            logs[mode] = _stepwise_logprobs(model, w)
-            secs[mode] += time.perf_counter() - t0
-        kl = _kl(logs["exact"], logs["int8"])
-        kl_max = max(kl_max, float(kl.max()))
-        sums["kl_exact_int8"] += float(kl.sum())
-        sums["kl_ft_exact"] += float(_kl(ft_log, logs["exact"]).sum())
-        sums["kl_ft_int8"] += float(_kl(ft_log, logs["int8"]).sum())
-        top = {m: v.argmax(-1) for m, v in (("ft", ft_log), *logs.items())}
-        for a, b in (("exact", "int8"), ("ft", "exact"), ("ft", "int8")):
-            agree[f"{a}_{b}"] += int((top[a] == top[b]).sum())
-        n += w.numel()
-        print(f"{n:>5} tokens: KL(exact||int8) {sums['kl_exact_int8'] / n:.3g}, "
-              f"KL(ft||exact) {sums['kl_ft_exact'] / n:.4g}", flush=True)
+    res = lowrank_tl_kl.compare(_windows(ids, args.tokens, args.window), dense,
+                                lambda mode, w: _stepwise_logprobs(models[mode], w), ("exact", "int8"))
     terms = [m for m in models["int8"].modules() if hasattr(m, "_tl_on")]
-    res = {
-        "delta": str(args.delta), "corpus": args.corpus, "split": "heldout", "tokens": n, "window": args.window,
-        "cpu_isa": ops.cpu_isa(), "threads": torch.get_num_threads(),
-        "machine": platform.processor() or platform.machine(),
-        "kl_exact_vs_int8": sums["kl_exact_int8"] / n, "kl_exact_vs_int8_max": kl_max,
-        "kl_finetune_vs_exact": sums["kl_ft_exact"] / n, "kl_finetune_vs_int8": sums["kl_ft_int8"] / n,
-        **{f"top1_agreement_{k}": v / n for k, v in agree.items()},
-        "seconds_stepwise": secs, "bitdelta_terms": len(terms),
-        "terms_with_tables": sum(bool(m._tl_on) for m in terms),
-    }
-    res["int8_kl_share_of_file_kl"] = res["kl_exact_vs_int8"] / res["kl_finetune_vs_exact"]
+    res.update({"delta": str(args.delta), "corpus": args.corpus, "split": "heldout", "window": args.window,
+                "bitdelta_terms": len(terms), "terms_with_tables": sum(bool(m._tl_on) for m in terms)})
     return res
 
 
