@@ -8,7 +8,8 @@ the torch version and --cpp-repeats of the op; each op call allocates its output
     PYTHONPATH=. taskset -c 0,1 python benchmarks/tl4_repack.py --delta svd16.delta.safetensors \
         --out benchmarks/results/tl4_repack_cpu_s9.json
 
-(two cores for the two-thread figure; --delta: every svd-mixed tensor of that file too, at one thread.)
+(two cores for the two-thread figure; --delta: every svd-mixed tensor of that file too, at one thread;
+--signs: bitdelta's signs of each shape too, ``pack_tl4_signs``.)
 """
 from __future__ import annotations
 
@@ -75,6 +76,24 @@ def _whole_file(path: str, impls: dict, repeats: int) -> dict:
     return row
 
 
+def _signs(n: int, k: int, threads: list[int], repeats: int, cpp_repeats: int) -> list[dict]:
+    """bitdelta's signs of one n x k layer repacked (``pack_tl4_signs``): torch against the C++ op."""
+    signs = torch.randint(0, 256, (n, (k + 7) // 8), generator=torch.Generator().manual_seed(n * k),
+                          dtype=torch.uint8)
+    same = torch.equal(tl4.pack_tl4_signs(signs, k), ops_tl.pack_tl4_signs(signs, k))
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        ts = _time(lambda: tl4.pack_tl4_signs(signs, k), repeats)
+        tc = _time(lambda: ops_tl.pack_tl4_signs(signs, k), cpp_repeats)
+        rows.append({"what": "bitdelta signs", "n": n, "k": k, "threads": t, "identical": same,
+                     "torch_s": statistics.median(ts), "cpp_s": statistics.median(tc),
+                     "speedup": statistics.median(ts) / statistics.median(tc)})
+        print(f"signs {n}x{k} threads {t}: torch {rows[-1]['torch_s']:.3f} s  C++ {rows[-1]['cpp_s'] * 1e3:.1f} ms "
+              f" ({rows[-1]['speedup']:.0f}x)  identical={same}", flush=True)
+    return rows
+
+
 def _repack(groups: list[tuple], n: int, k: int, gs: int, impl) -> list[tuple]:
     pack, pack_u = impl
     return [(*pack(vq, vs, b, k, gs), *pack_u(uq, us, uz, b, n, gs)) for b, vq, vs, uq, us, uz in groups]
@@ -98,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3, help="timings of the torch version (median and min reported)")
     ap.add_argument("--cpp-repeats", type=int, default=20, help="timings of the C++ op")
     ap.add_argument("--delta", default=None, help="also every svd-mixed tensor of this delta file (one thread)")
+    ap.add_argument("--signs", action="store_true", help="also bitdelta's signs of each shape (pack_tl4_signs)")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if not ops.HAS_EXTENSION:
@@ -124,6 +144,9 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"{n}x{k} groups {row['groups']} threads {threads}: torch {med['torch']:.3f} s  "
                   f"C++ {med['cpp'] * 1e3:.1f} ms  ({row['speedup']:.0f}x)  identical={same}", flush=True)
+    for shape in args.shapes.split(",") if args.signs else ():
+        n, k = (int(v) for v in shape.lower().split("x"))
+        rows += _signs(n, k, [int(t) for t in args.threads.split(",")], args.repeats, args.cpp_repeats)
     files = []
     if args.delta:
         torch.set_num_threads(1)
