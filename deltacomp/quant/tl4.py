@@ -163,7 +163,7 @@ def pack_tl4_signs(packed: Tensor, k: int) -> Tensor:
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != (k + 7) // 8 or not supports_signs(k):
         raise ValueError(f"tl4: no TL4 layout of signs of shape {tuple(packed.shape)} ({packed.dtype}) for k={k} "
                          "(needs uint8 (n, ceil(k / 8)) and k a positive multiple of 4)")
-    shifts = torch.arange(8, dtype=torch.uint8)
-    codes = ((packed.cpu()[:, :, None] >> shifts) & 1).reshape(packed.shape[0], -1)[:, :k]
+    n, nb = packed.shape
+    codes = _codes(packed.cpu().reshape(-1), 1, n * nb * 8).reshape(n, nb * 8)[:, :k]  # each row's padding cut
     return _pack_codes(codes.contiguous(), 1, k)
 

@@ -22,6 +22,19 @@ from ..term import DeltaTerm
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 
 
+def _tables_wanted(k: int) -> bool:
+    """Whether terms of rows of k weights take the int8 tables at one x row (``ops_tl.sign_tl_wanted``)."""
+    return tl4.supports_signs(k) and ops_tl.sign_tl_wanted()
+
+
+def _repacked(kept: tuple[Tensor, int, Tensor] | None, signs: Tensor, k: int) -> tuple[Tensor, int, Tensor]:
+    """``kept`` (signs, their version, their TL4 repack) while it is of this signs tensor, unchanged (``.to()``
+    replaces it; an in-place write bumps its version), else a new repack."""
+    if kept is None or kept[0] is not signs or kept[1] != signs._version:
+        kept = (signs, signs._version, ops_tl.pack_tl4_signs(signs, k))
+    return kept
+
+
 def field(base: str, i: int) -> str:
     """Tensor field of mask i: ``signs``/``scale`` for the first, ``signs_i``/``scale_i`` after."""
     return base if i == 0 else f"{base}_{i}"
@@ -34,8 +47,7 @@ class BitDeltaTerm(DeltaTerm):
 
     def __init__(self, codec, enc: Encoded, tensors: dict[str, Tensor] | None = None):
         super().__init__(codec, enc, tensors)
-        one_mask = int(self.params.get("masks", 1)) == 1
-        self._tl_on = one_mask and tl4.supports_signs(self.shape[1]) and ops_tl.sign_tl_wanted()
+        self._tl_on = int(self.params.get("masks", 1)) == 1 and _tables_wanted(self.shape[1])
         self._tl_kept: tuple[Tensor, int, Tensor] | None = None  # (signs, their version, their TL4 repack)
 
     def fuses_with(self, weight: Tensor) -> bool:
@@ -55,12 +67,9 @@ class BitDeltaTerm(DeltaTerm):
         return super().forward(x2)
 
     def _tl_signs(self) -> Tensor:
-        """The signs' TL4 repack, built at the first call and kept while the signs buffer is the same tensor,
-        unchanged (``.to()`` replaces it; an in-place write bumps its version)."""
-        kept, signs = self._tl_kept, self._buffers["t_signs"]
-        if kept is None or kept[0] is not signs or kept[1] != signs._version:
-            kept = self._tl_kept = (signs, signs._version, ops_tl.pack_tl4_signs(signs, self.shape[1]))
-        return kept[2]
+        """The signs' TL4 repack, built at the first call and kept (``_repacked``)."""
+        self._tl_kept = _repacked(self._tl_kept, self._buffers["t_signs"], self.shape[1])
+        return self._tl_kept[2]
 
     def _apply(self, fn, *args, **kwargs):
         self._tl_kept = None
@@ -79,7 +88,7 @@ class SignStacks(nn.Module):
         # slot of tenant t in level 0's stack when t has exactly one mask (fused_one serves it), else -1
         self._views: dict[int, tuple[Tensor, ...]] = {}  # tenant -> (stacks, views) for fused_one
         self._tl: dict[int, tuple[Tensor, int, Tensor]] = {}  # tenant -> (its signs view, version, TL4 repack)
-        self._tl_on = tl4.supports_signs(self.k) and ops_tl.sign_tl_wanted()
+        self._tl_on = _tables_wanted(self.k)
         self._one = [t_slot if e is not None and int(e.params.get("masks", 1)) == 1 else -1
                      for e, t_slot in zip(encs, _slots(encs))]
         for lv in range(self.levels):
@@ -105,9 +114,7 @@ class SignStacks(nn.Module):
         x row on the AVX2 path, by int8 tables on tenant t's signs repacked at its first such call."""
         signs, scales = self._one_tensors(t)
         if self._tl_on and x2.shape[0] == 1 and x2.is_cpu:
-            tl = self._tl.get(t)
-            if tl is None or tl[0] is not signs or tl[1] != signs._version:  # replaced or written in place
-                tl = self._tl[t] = (signs, signs._version, ops_tl.pack_tl4_signs(signs, self.k))
+            tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
             return ops_tl.sign_matmul_tl(x2, weight, tl[2], scales, self.n, self.k)
         return ops.sign_matmul_fused(x2, weight, signs, scales, self.k)
 
