@@ -36,7 +36,7 @@ def _extensions():
               "first, then `pip install --no-build-isolation -e .`", file=sys.stderr)
         return [], {}
 
-    sources = _rel("csrc/ops.cpp") + _rel("csrc/cpu/*.cpp")
+    sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")  # ops.cpp: schemas, plans.cpp: module init
     cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
     cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None

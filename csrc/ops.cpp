@@ -3,7 +3,6 @@
 //
 // Layouts are documented in deltacomp/ops.py. SIGNS: uint8 (N, ceil(K/8)); bit i (LSB = 0) of byte j
 // is element 8*j + i of the row; 1 means value >= 0 (+1), 0 means value < 0 (-1); pad bits are 0.
-#include <Python.h>
 #include <torch/library.h>
 
 #include <string>
@@ -64,10 +63,5 @@ TORCH_LIBRARY(deltacomp, m) {
   m.def("cpu_isa() -> str", []() -> std::string { return deltacomp::cpu::isa_name(deltacomp::cpu::active_isa()); });
 }
 
-// `from deltacomp import _C` only has to load this library (which runs the registrations above); the
-// module itself is empty, so no pybind11 is needed.
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef def = {PyModuleDef_HEAD_INIT, "_C", "deltacomp native ops (torch.ops.deltacomp)",
-                                   -1, nullptr, nullptr, nullptr, nullptr, nullptr};
-  return PyModule_Create(&def);
-}
+// The extension module's init (PYBIND11_MODULE) is in csrc/plans.cpp; importing it loads this library,
+// which runs the registrations above.

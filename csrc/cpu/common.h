@@ -2,6 +2,8 @@
 // of code path (Isa, active_isa), the threading threshold, and the SIGNS row size. Raw pointers only,
 // no torch (the files build for aarch64 too: tests/arm/).
 #pragma once
+#include <omp.h>
+
 #include <cstdint>
 #include <cstring>
 
@@ -33,6 +35,35 @@ const char* isa_name(Isa isa);
 
 // Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
+
+// Whether a call of `work` multiply-adds splits over OpenMP threads: enough work, and more than one thread
+// (torch.set_num_threads sets OpenMP's). Even with `if (false)`, entering an `omp parallel` region costs
+// libgomp a team start and a futex call (a decode step paid 9 of them per svd-mixed layer), so the helpers
+// below enter one only when this is true, and otherwise run the same code on this thread.
+inline bool parallel_worth(int64_t work) { return work >= kParallelMinWork && omp_get_max_threads() > 1; }
+
+// body(i) for i in [0, count): over the threads in dynamic chunks of `chunk` where parallel_worth(work).
+template <typename F>
+inline void for_each_index(int64_t count, int64_t chunk, int64_t work, const F& body) {
+  if (parallel_worth(work)) {
+#pragma omp parallel for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < count; ++i) body(i);
+  } else {
+    for (int64_t i = 0; i < count; ++i) body(i);
+  }
+}
+
+// body() in a parallel region where parallel_worth(work) (its orphaned `omp for` loops split over the
+// team), else once on this thread (the same `omp for` loops then run here whole).
+template <typename F>
+inline void region(int64_t work, const F& body) {
+  if (parallel_worth(work)) {
+#pragma omp parallel
+    body();
+  } else {
+    body();
+  }
+}
 
 // A weight widened to fp32: fp32 as is, a bf16 bit pattern (uint16_t) exactly.
 inline float widen(float v) { return v; }

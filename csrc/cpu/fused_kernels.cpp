@@ -89,8 +89,7 @@ void fused_avx512(const float* x, int64_t m, int64_t k, const WT* w, const uint8
   constexpr int kMaxMB = 4;
   const int R = (m == 1) ? 8 : 4;  // as sign_kernels.cpp: 8 chains for one x row, 4 x MB otherwise
   const int64_t tiles = (n + R - 1) / R;
-#pragma omp parallel for schedule(dynamic, 4) if (m * n * k >= kParallelMinWork)
-  for (int64_t t = 0; t < tiles; ++t) {
+  for_each_index(tiles, 4, m * n * k, [&](int64_t t) {
     const int64_t n0 = t * R;
     const int rows = static_cast<int>(std::min<int64_t>(R, n - n0));
     float s[8], out[8 * kMaxMB];
@@ -111,7 +110,7 @@ void fused_avx512(const float* x, int64_t m, int64_t k, const WT* w, const uint8
       for (int r = 0; r < rows; ++r)
         for (int mm = 0; mm < mb; ++mm) y[(m0 + mm) * n + n0 + r] = out[r * mb + mm];
     }
-  }
+  });
 }
 
 #pragma GCC diagnostic pop

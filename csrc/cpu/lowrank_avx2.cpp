@@ -315,8 +315,7 @@ void row_dots_lut_avx2(const uint8_t* v_q, int bits, int64_t r, int64_t k, const
     for (int w = 0; w < bits; ++w) coef[c * bits + w] = x[c] * static_cast<float>(1 << w);
   lut_tables(coef.data(), lanes, t.data());
   const int64_t tiles = (r + 7) / 8;
-#pragma omp parallel for schedule(dynamic, 4) if (r * k >= kParallelMinWork)
-  for (int64_t ti = 0; ti < tiles; ++ti) {
+  for_each_index(tiles, 4, r * k, [&](int64_t ti) {
     const int64_t j0 = 8 * ti;
     const int rows = static_cast<int>(std::min<int64_t>(8, r - j0));
     const uint8_t* row[8];
@@ -328,7 +327,7 @@ void row_dots_lut_avx2(const uint8_t* v_q, int bits, int64_t r, int64_t k, const
     }
     const int64_t next = std::min(r, j0 + 8), next_end = std::min(r, j0 + 16);
     lut_rows(row, rows, lanes, gs * bits / 32, t.data(), scale, v_q + next * nb, (next_end - next) * nb, dots + j0);
-  }
+  });
 }
 #pragma GCC pop_options
 

@@ -268,8 +268,7 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, const KbitGro
   const int64_t nbytes = (r * k * bits + 7) / 8;
   // one x row, whole blocks of codes per row and group: the codes are dotted straight from the bytes
   const bool direct = m == 1 && isa.dot_codes != nullptr && k % isa.dot_block == 0 && gs % isa.dot_block == 0;
-#pragma omp parallel if (m * r * k >= kParallelMinWork)
-  {
+  region(m * r * k, [&] {
     std::vector<float> panel(static_cast<size_t>(tile * k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
     std::vector<float> dots(static_cast<size_t>(tile * m));
     const float one = 1.f;
@@ -301,7 +300,7 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, const KbitGro
         }
       }
     }
-  }
+  });
 }
 
 // Stage 3 of one group over one block of output columns [n0, n0 + len): acc (m, len) += t^T U^T and
@@ -364,8 +363,7 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, c
   const int64_t blocks = (n + block - 1) / block;
   // block is a multiple of 16, so n % 16 == 0 makes every block start and length one too
   const bool fused = m == 1 && isa.axpy_codes != nullptr && n % 16 == 0 && gs % 16 == 0;
-#pragma omp parallel if (parallel)
-  {
+  region(parallel ? kParallelMinWork : 0, [&] {
     std::vector<float> panel(static_cast<size_t>(panel_rows * block)), acc, zsum, sc, zr;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
@@ -389,7 +387,7 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, c
           for (int64_t c = c0; c < c1; ++c) y[i * n + n0 + c] = acc[i * len + c] + z;
         }
     }
-  }
+  });
 }
 
 }  // namespace

@@ -11,6 +11,7 @@
 
 #include "lowrank_isa.h"
 #include "lowrank_kernels.h"
+#include "lowrank_ops.h"
 #include "tl4_pack.h"
 
 namespace deltacomp {
@@ -73,14 +74,7 @@ at::Tensor kbit_lowrank_matmul_cpu(const at::Tensor& x, const at::Tensor& v_q, c
   return xt == at::kFloat ? y : y.to(xt);
 }
 
-// The TL4 repacks of the groups (kbit_lowrank_matmul_groups_tl), per group: v_tl / v_tl_scale empty, or,
-// for 1 and 2 bits and group_size % 4 == 0, uint8 (tiles(r) * tl_groups(k, gs) * 16 * bits,) and fp16
-// (tiles(r), ceil(k / gs), 32); u_tl / u_tl_scale / u_tl_zero empty, or, for 1 and 2 bits and
-// group_size % 32 == 0, uint8 (tiles(n) * tl_groups(r, r) * 16 * bits,) and fp16 (ceil(n / gs), r) twice.
-struct TlLists {
-  at::TensorList v_tl, v_tl_scale, u_tl, u_tl_scale, u_tl_zero;
-};
-
+// The TL4 lists' checks (TlLists: lowrank_ops.h).
 void check_tl(const char* op, const TlLists& tl, at::IntArrayRef bits, std::vector<cpu::KbitGroup>& groups, int64_t n,
               int64_t k, int64_t gs) {
   namespace lr = cpu::lowrank;
@@ -126,22 +120,14 @@ void check_tl(const char* op, const TlLists& tl, at::IntArrayRef bits, std::vect
   }
 }
 
-// Every bit-width group of a layer: list entry g is group g (its rank r_g = v_scale[g].size(0), 0 for
-// an empty group), s the groups' singular values one after the other. x may be strided (copied once
-// here, so the caller makes no Python-side tensor call).
-// tl: nullptr, or the TL4 repacks (v_tl, v_tl_scale) of kbit_lowrank_matmul_groups_tl.
-at::Tensor groups_impl(const char* op, const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
-                       at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale, at::TensorList u_zero,
-                       const at::Tensor& s, at::IntArrayRef bits, int64_t n, int64_t k, int64_t group_size,
-                       const TlLists* tl) {
-  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
-  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
-  const auto xt = x.scalar_type();
-  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, op,
-              ": x must be float32, bfloat16 or float16, got ", xt);
+}  // namespace
+
+std::vector<cpu::KbitGroup> checked_groups(const char* op, at::TensorList v_q, at::TensorList v_scale,
+                                           at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale,
+                                           at::TensorList u_zero, const at::Tensor& s, at::IntArrayRef bits,
+                                           int64_t n, int64_t k, int64_t group_size, const TlLists* tl) {
   TORCH_CHECK(n >= 0 && k >= 0, op, ": n and k must be >= 0, got n=", n, " k=", k);
   TORCH_CHECK(group_size >= 1, op, ": group_size must be >= 1, got ", group_size);
-  TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " columns (shape ", x.sizes(), ") but k=", k);
   const size_t count = bits.size();
   TORCH_CHECK(v_q.size() == count && v_scale.size() == count && v_zero.size() == count && u_q.size() == count &&
                   u_scale.size() == count && u_zero.size() == count,
@@ -170,13 +156,33 @@ at::Tensor groups_impl(const char* op, const at::Tensor& x, at::TensorList v_q, 
     g.s = s.data_ptr<float>() + off;
     off += g.r;
   }
+  return groups;
+}
+
+namespace {
+
+// Every bit-width group of a layer in one call (checked_groups); x may be strided (copied once here, so the
+// caller makes no Python-side tensor call).
+at::Tensor groups_impl(const char* op, const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
+                       at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale, at::TensorList u_zero,
+                       const at::Tensor& s, at::IntArrayRef bits, int64_t n, int64_t k, int64_t group_size,
+                       const TlLists* tl) {
+  TORCH_CHECK(x.device().is_cpu(), op, ": x must be on the CPU, got ", x.device());
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D, got shape ", x.sizes());
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(xt == at::kFloat || xt == at::kBFloat16 || xt == at::kHalf, op,
+              ": x must be float32, bfloat16 or float16, got ", xt);
+  TORCH_CHECK(x.size(1) == k, op, ": x has ", x.size(1), " columns (shape ", x.sizes(), ") but k=", k);
+  const std::vector<cpu::KbitGroup> groups =
+      checked_groups(op, v_q, v_scale, v_zero, u_q, u_scale, u_zero, s, bits, n, k, group_size, tl);
   // bf16/fp16 x: widened once (M x K is small next to the factors); the kernel accumulates in fp32.
   const at::Tensor xf = (xt == at::kFloat ? x : x.to(at::kFloat)).contiguous();
   at::Tensor y = at::empty({x.size(0), n}, x.options().dtype(at::kFloat));
   cpu::kbit_lowrank_matmul_groups_f32(xf.data_ptr<float>(), x.size(0), k, n, group_size, groups.data(),
-                                      static_cast<int64_t>(count), y.data_ptr<float>());
+                                      static_cast<int64_t>(groups.size()), y.data_ptr<float>());
   return xt == at::kFloat ? y : y.to(xt);
 }
+
 
 at::Tensor kbit_lowrank_matmul_groups_cpu(const at::Tensor& x, at::TensorList v_q, at::TensorList v_scale,
                                           at::TensorList v_zero, at::TensorList u_q, at::TensorList u_scale,

@@ -170,8 +170,7 @@ void tl_dots_avx2(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int
                   const int8_t* tab, const float* delta, float* dots) {
   const int64_t tiles = (r + kTlRows - 1) / kTlRows, gk = (k + gs - 1) / gs;
   const int64_t tile_bytes = tl_groups(k, gs) * 16 * bits;
-#pragma omp parallel for schedule(dynamic, 2) if (r * k >= kParallelMinWork)
-  for (int64_t ti = 0; ti < tiles; ++ti) {
+  for_each_index(tiles, 2, r * k, [&](int64_t ti) {
     alignas(32) float out[kTlRows];
     const uint8_t* src = v_tl + ti * tile_bytes;
     const uint16_t* sc = v_tl_scale + ti * gk * kTlRows;
@@ -179,7 +178,7 @@ void tl_dots_avx2(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int
     else tl_tile<1>(src, sc, k, gs, tab, delta, out);
     const int64_t rows = std::min<int64_t>(kTlRows, r - ti * kTlRows);
     std::memcpy(dots + ti * kTlRows, out, static_cast<size_t>(rows) * sizeof(float));
-  }
+  });
 }
 
 // Stage 3 of one group at one x row: y[c] += sum_j t[j] (scale[j][G] code(j, c) + zero[j][G]), G = c / gs,
@@ -194,8 +193,7 @@ void tl_axpy_avx2(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* 
   int64_t chunks = 0;
   const int64_t pg = tl_groups(r, r, &chunks), gn = (n + gs - 1) / gs, tiles = (n + kTlRows - 1) / kTlRows;
   const int64_t tile_bytes = pg * 16 * bits, per_group = gs / kTlRows;
-#pragma omp parallel if (r * n >= kParallelMinWork)
-  {
+  region(r * n, [&] {
     std::vector<float> a(static_cast<size_t>(r)), delta(static_cast<size_t>(chunks));
     std::vector<int8_t> tab(static_cast<size_t>(16 * pg));
     alignas(32) float out[kTlRows];
@@ -233,7 +231,7 @@ void tl_axpy_avx2(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* 
         for (int64_t c = 0; c < cols; ++c) y[c0 + c] += out[c] + z;
       }
     }
-  }
+  });
 }
 #pragma GCC pop_options
 #endif  // DELTACOMP_X86_GCC

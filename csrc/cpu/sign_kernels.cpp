@@ -101,8 +101,7 @@ void sign_matmul_avx512(const float* x, int64_t m, int64_t k, const uint8_t* pac
   const int64_t tiles = (n + R - 1) / R;
   // dynamic: when a thread is descheduled (a busy or shared machine), the others take its tiles
   // instead of waiting for its static share; 4 tiles per grab keep the bookkeeping negligible.
-#pragma omp parallel for schedule(dynamic, 4) if (m * n * k >= kParallelMinWork)
-  for (int64_t t = 0; t < tiles; ++t) {
+  for_each_index(tiles, 4, m * n * k, [&](int64_t t) {
     const int64_t n0 = t * R;
     const int rows = static_cast<int>(std::min<int64_t>(R, n - n0));
     float pos[8 * kMaxMB];
@@ -122,7 +121,7 @@ void sign_matmul_avx512(const float* x, int64_t m, int64_t k, const uint8_t* pac
         for (int mm = 0; mm < mb; ++mm) y[(m0 + mm) * n + n0 + r] = finish(pos[r * mb + mm], totals[m0 + mm], s);
       }
     }
-  }
+  });
 }
 
 void sign_matmul_multi_avx512(const float* xs, int64_t k, const uint8_t* packed, int64_t n,
@@ -132,8 +131,7 @@ void sign_matmul_multi_avx512(const float* xs, int64_t k, const uint8_t* packed,
   constexpr int R = 8, kMaxMB = 4;
   const int64_t tiles = (n + R - 1) / R;
   const int64_t nseg = static_cast<int64_t>(sg.seg_t.size());
-#pragma omp parallel for schedule(dynamic, 4) if (work >= kParallelMinWork)
-  for (int64_t tile = 0; tile < tiles; ++tile) {
+  for_each_index(tiles, 4, work, [&](int64_t tile) {
     const int64_t n0 = tile * R;
     const int rows = static_cast<int>(std::min<int64_t>(R, n - n0));
     float pos[R * kMaxMB];
@@ -158,7 +156,7 @@ void sign_matmul_multi_avx512(const float* xs, int64_t k, const uint8_t* packed,
         }
       }
     }
-  }
+  });
 }
 
 #pragma GCC diagnostic pop
@@ -188,8 +186,7 @@ void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n
     tj[0] = 0.f;
     for (int b = 1; b < 256; ++b) tj[b] = tj[b & (b - 1)] + x[8 * j + __builtin_ctz(b)];  // drop the low bit
   }
-#pragma omp parallel for schedule(dynamic, 32) if (n * k >= kParallelMinWork)
-  for (int64_t r = 0; r < n; ++r) {
+  for_each_index(n, 32, n * k, [&](int64_t r) {
     const uint8_t* pr = packed + r * nb;
     float a0 = 0.f, a1 = 0.f, a2 = 0.f, a3 = 0.f;  // four chains hide the add latency
     int64_t j = 0;
@@ -204,7 +201,7 @@ void sign_matmul_lut(const float* x, int64_t k, const uint8_t* packed, int64_t n
     for (int64_t t = 8 * full; t < k; ++t)
       if ((pr[full] >> (t - 8 * full)) & 1u) pos += x[t];
     y[r] = finish(pos, total, scale[per_row ? r : 0]);
-  }
+  });
 }
 
 // DELTACOMP_SIGN_KERNEL (read per call, like DELTACOMP_ISA): "simd" = the plain SIMD loops everywhere,

@@ -179,8 +179,7 @@ void sign_lut_m1(const float* x, int64_t k, const uint8_t* packed, int64_t n, co
   const int64_t nb = bytes_per_row(k), blocks = k / 32;
   lut_tables(x, blocks, tables);
   const int64_t tiles = (n + 7) / 8;
-#pragma omp parallel for schedule(dynamic, 4) if (n * k >= kParallelMinWork)
-  for (int64_t ti = 0; ti < tiles; ++ti) {
+  for_each_index(tiles, 4, n * k, [&](int64_t ti) {
     const int64_t n0 = 8 * ti;
     const int rows = static_cast<int>(std::min<int64_t>(8, n - n0));
     const int64_t next = std::min(n, n0 + 8), next_end = std::min(n, n0 + 16);  // the next tile's rows
@@ -192,7 +191,7 @@ void sign_lut_m1(const float* x, int64_t k, const uint8_t* packed, int64_t n, co
       for (int64_t c = 32 * blocks; c < k; ++c) v += ((pr[c >> 3] >> (c & 7)) & 1u) ? x[c] : -x[c];
       y[n0 + r] = scale[per_row ? n0 + r : 0] * v;
     }
-  }
+  });
 }
 
 // ---- fused base + signs at one x row: the dense pass, then the lookup-table sign pass ----------------
@@ -219,8 +218,7 @@ void fused_lut_m1(const float* x, int64_t k, const WT* w, const uint8_t* packed,
   const int64_t nb = bytes_per_row(k), blocks = k / 32;
   lut_tables(x, blocks, tables);
   const int64_t tiles = (n + 7) / 8;
-#pragma omp parallel for schedule(dynamic, 4) if (n * k >= kParallelMinWork)
-  for (int64_t ti = 0; ti < tiles; ++ti) {
+  for_each_index(tiles, 4, n * k, [&](int64_t ti) {
     const int64_t n0 = 8 * ti;
     const int rows = static_cast<int>(std::min<int64_t>(8, n - n0));
     const WT* wt = w + n0 * k;
@@ -247,7 +245,7 @@ void fused_lut_m1(const float* x, int64_t k, const WT* w, const uint8_t* packed,
       for (int64_t c = 32 * blocks; c < k; ++c) v += ((pr[c >> 3] >> (c & 7)) & 1u) ? x[c] : -x[c];
       y[n0 + r] = dense[r] + scale[per_row ? n0 + r : 0] * v;
     }
-  }
+  });
 }
 }  // namespace
 }  // namespace avx2

@@ -38,16 +38,14 @@ void ternary_matmul_f32(const float* xt, int64_t m, int64_t k, const int64_t* ro
   if (m == 0 || n == 0) return;
   const int64_t work = m * row_ptr[n];
   if (m == 1) {
-#pragma omp parallel for schedule(dynamic, 64) if (work >= kParallelMinWork)
-    for (int64_t r = 0; r < n; ++r) {
+    for_each_index(n, 64, work, [&](int64_t r) {
       const float pos = gather_sum(xt, cols, row_ptr[r], neg_start[r]);
       const float neg = gather_sum(xt, cols, neg_start[r], row_ptr[r + 1]);
       y[r] = scale[per_row ? r : 0] * (pos - neg);
-    }
+    });
     return;
   }
-#pragma omp parallel if (work >= kParallelMinWork)
-  {
+  region(work, [&] {
     std::vector<float> acc(static_cast<size_t>(m));  // one accumulator per x row, per thread
 #pragma omp for schedule(dynamic, 16)
     for (int64_t r = 0; r < n; ++r) {
@@ -64,7 +62,7 @@ void ternary_matmul_f32(const float* xt, int64_t m, int64_t k, const int64_t* ro
       const float s = scale[per_row ? r : 0];
       for (int64_t i = 0; i < m; ++i) y[i * n + r] = s * a[i];
     }
-  }
+  });
 }
 
 }  // namespace cpu

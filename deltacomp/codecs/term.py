@@ -61,3 +61,10 @@ class DeltaTerm(nn.Module):
 
     def fused(self, x2: Tensor, weight: Tensor) -> Tensor:
         raise NotImplementedError(f"{self.codec}: no fused path")
+
+    # -- a layer plan: the base layer and this term in one native call (deltacomp/plans.py) ---------------
+    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, rows: int):
+        """A ``plans`` plan of ``fused(x2, weight) + bias`` (fused) or ``linear(x2, weight, bias) + self(x2)``,
+        then ``+ extra``, for inputs of ``rows`` rows on the CPU, or None (the default: no plan; the caller
+        takes its Python path)."""
+        return None

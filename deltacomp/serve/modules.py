@@ -34,11 +34,25 @@ def _out(y: Tensor, lead: torch.Size) -> Tensor:
     return y.reshape(*lead, y.shape[-1])
 
 
+def _native(module: nn.Module, native, weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor | None:
+    """``native(x)``, the module's kept layer plan (``plans``), while its base holds the weight and bias the
+    plan was built on; None where the plan does not serve x. A plan that no longer can (a replaced weight
+    or bias, a source tensor changed in place) is dropped with the path it was kept with: the next call
+    decides again."""
+    params = module._modules["base"]._parameters
+    if params["weight"] is weight and params["bias"] is bias:
+        y = native(x)
+        if y is not None or native.current():
+            return y
+    module._plan = None
+    return None
+
+
 class DeltaLinear(nn.Module):
     """``base(x) + x @ delta^T`` with the delta kept packed. ``base`` is any linear module (an
     ``nn.Linear`` or a quantized one that computes its own output)."""
 
-    _plan: tuple | None = None  # (key, fused, x2 size, output size) of the last CPU call: see forward
+    _plan: tuple | None = None  # (key, fused, x2 size, output size, layer plan, weight, bias): see forward
 
     def __init__(self, base: nn.Module, encoded: Encoded, fused: bool | None = None):
         super().__init__()
@@ -67,7 +81,9 @@ class DeltaLinear(nn.Module):
         # method's own work. So a CPU call keeps the path it took and the sizes it reshaped to (``_plan``)
         # with what they were decided on: x's shape and dtype, the flags and the base weight's dtype, and
         # ``dispatch.plan_state()`` (settings, threads, resets); the next call with all of them unchanged
-        # takes that path again without asking the dispatch, and reshapes with the kept sizes.
+        # takes that path again without asking the dispatch, and reshapes with the kept sizes; where the
+        # term built a layer plan for that path (``plans``: the base and the term in one native call) and
+        # the base's weight and bias are the tensors it holds, the plan serves the call.
         if not x.is_cpu or torch.compiler.is_compiling():
             return self._forward(x)
         fused = self.fused
@@ -77,7 +93,11 @@ class DeltaLinear(nn.Module):
         if plan is None or plan[0] != key:
             y, self._plan = self._forward(x, key)
             return y
-        _, fused, in2, out = plan
+        _, fused, in2, out, native, weight, bias = plan
+        if native is not None:
+            y = _native(self, native, weight, bias, x)
+            if y is not None:
+                return y
         x2 = x if in2 is None else x.reshape(*in2)
         y = self._fused(x2) if fused else self._unfused(x2)
         return y if out is None else y.reshape(*out)
@@ -91,7 +111,13 @@ class DeltaLinear(nn.Module):
         out = y if x2 is x else _out(y, x.shape[:-1])
         if key is None:
             return out
-        return out, (key, fused, None if x2 is x else tuple(x2.shape), None if x2 is x else tuple(out.shape))
+        native = weight = bias = None
+        base = self._modules["base"]
+        if type(base) is nn.Linear:
+            weight, bias = base._parameters["weight"], base._parameters["bias"]
+            native = self._modules["delta"].layer_plan(weight, bias, None, fused, x2.shape[0])
+        return out, (key, fused, None if x2 is x else tuple(x2.shape), None if x2 is x else tuple(out.shape),
+                     native, weight, bias)
 
     def _fused(self, x2: Tensor) -> Tensor:
         base = self._modules["base"]  # a plain nn.Linear: its tensors read from the dicts, not nn.Module's getattr
@@ -103,6 +129,10 @@ class DeltaLinear(nn.Module):
         y = self._modules["base"](x2)
         t = self._modules["delta"](x2)
         return y + (t if t.dtype == y.dtype else t.to(y.dtype))
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None  # .to() and the like replace the term's tensors, which a layer plan holds
+        return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self) -> str:
         where = " (where measured faster)" if self.fused and self.fused_measured else ""
@@ -204,7 +234,11 @@ class MultiDeltaLinear(nn.Module):
         if plan is None or plan[1] is not index or plan[0] != key:
             y, self._plan = self._forward(x, key)
             return y
-        _, _, path, t, in2, out = plan
+        _, _, path, t, in2, out, native, weight, bias = plan
+        if native is not None:
+            y = _native(self, native, weight, bias, x)
+            if y is not None:
+                return y
         if path == _FUSED:
             y = self._fused_one(x if in2 is None else x.reshape(*in2), t)
             return y if out is None else y.reshape(*out)
@@ -212,7 +246,7 @@ class MultiDeltaLinear(nn.Module):
 
     def _forward(self, x: Tensor, key: tuple | None = None):
         """The output, deciding the path (and with ``key``, also the plan that keeps it for the next call:
-        key, index, path, tenant, x2 size, output size)."""
+        key, index, path, tenant, x2 size, output size, and ``_layer_plan``'s plan, weight and bias)."""
         index = _batch_index(self, x)
         only = self._uniform(index)
         path = _GENERAL
@@ -229,11 +263,33 @@ class MultiDeltaLinear(nn.Module):
                     if key is None:
                         return y
                     return y, (key, index, _FUSED, only, None if x2 is x else tuple(x2.shape),
-                               None if x2 is x else tuple(y.shape))
+                               None if x2 is x else tuple(y.shape), *self._layer_plan(_FUSED, only, x2.shape[0]))
             elif str(only) in self.others:  # one tenant's own term on every row
                 path = _ONE
         y = self._run(path, x, only)
-        return y if key is None else (y, (key, index, path, only, None, None))
+        if key is None:
+            return y
+        native = self._layer_plan(path, only, x.numel() // x.shape[-1]) if path == _ONE else (None, None, None)
+        return y, (key, index, path, only, None, None, *native)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None  # as DeltaLinear._apply
+        return super()._apply(fn, *args, **kwargs)
+
+    def _layer_plan(self, path: int, t: int, rows: int) -> tuple:
+        """(plan, weight, bias): tenant t's layer plan (``plans``) for the fused or one-term path over a plain
+        nn.Linear base, with the weight and bias it holds; Nones where its term builds none."""
+        base = self._modules["base"]
+        if type(base) is not nn.Linear:
+            return None, None, None
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        extra = self._buffers[f"bias_delta{t}"] if t in self.bias_deltas else None
+        if path == _FUSED:
+            make = getattr(self._fusers[self._term_of[t]], "layer_plan_one", None)
+            native = None if make is None else make(t, weight, bias, extra, rows)
+        else:
+            native = self._modules["others"]._modules[str(t)].layer_plan(weight, bias, extra, False, rows)
+        return native, weight, bias
 
     def _run(self, path: int, x: Tensor, t: int | None) -> Tensor:
         if path == _BASE:

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from ... import ops, ops_tl
+from ... import ops, ops_tl, plans
 from ...quant import tl4
 from ..base import Encoded
 from ..term import DeltaTerm
@@ -65,6 +65,16 @@ class BitDeltaTerm(DeltaTerm):
             return ops_tl.sign_matmul_tl(x2, None, self._tl_signs(), self._buffers["t_scale"], self.shape[0],
                                       self.shape[1])
         return super().forward(x2)
+
+    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, rows: int):
+        """``plans.sign_tl`` at one x row where this term takes the int8 tables (``_tl_on``)."""
+        signs = self._buffers["t_signs"]
+        if (rows != 1 or not self._tl_on or not signs.is_cpu or not plans.enabled()
+                or (fused and not self.fuses_with(weight))):
+            return None
+        scale = self._buffers["t_scale"]
+        return plans.sign_tl(weight, bias, extra, fused, self._tl_signs(), scale.to(torch.float32).contiguous(),
+                             [signs, scale], self.shape[0], self.shape[1])
 
     def _tl_signs(self) -> Tensor:
         """The signs' TL4 repack, built at the first call and kept (``_repacked``)."""
@@ -117,6 +127,17 @@ class SignStacks(nn.Module):
             tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
             return ops_tl.sign_matmul_tl(x2, weight, tl[2], scales, self.n, self.k)
         return ops.sign_matmul_fused(x2, weight, signs, scales, self.k)
+
+    def layer_plan_one(self, t: int, weight: Tensor, bias: Tensor | None, extra: Tensor | None, rows: int):
+        """``plans.sign_tl`` of ``fused_one(x2, weight, t) + bias (+ extra)`` at one x row where this layer
+        takes the int8 tables, else None."""
+        if rows != 1 or not self._tl_on or not self.fuses_one(t, weight) or not plans.enabled():
+            return None
+        signs, scales = self._one_tensors(t)
+        if not signs.is_cpu:
+            return None
+        tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
+        return plans.sign_tl(weight, bias, extra, True, tl[2], scales.contiguous(), [signs, scales], self.n, self.k)
 
     def _one_tensors(self, t: int) -> tuple[Tensor, Tensor]:
         """Tenant t's signs and scale in level 0's stacks, the views kept between calls (a decode step asks

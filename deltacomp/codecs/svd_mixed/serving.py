@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from . import allocation as al
-from ... import ops, ops_tl
+from ... import ops, ops_tl, plans
 from ...quant import tl4
 from ..base import Encoded
 from ..term import DeltaTerm
@@ -98,6 +98,14 @@ class SvdMixedTerm(DeltaTerm):
             op = getattr(getattr(packet, "default", None), "_op", packet)
             self._call = (op, args if self._tl is None else (*args, *self._tl))
         return args
+
+    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, rows: int):
+        """``plans.lowrank`` of the kept arguments (any number of rows), where the op is called straight."""
+        if fused or not plans.enabled():
+            return None
+        if self._args is None:
+            self._prepare()
+        return plans.lowrank(weight, bias, extra, self._args, self._tl) if self._direct else None
 
     def forward(self, x2: Tensor) -> Tensor:
         args = self._args
