@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define DELTACOMP_X86_GCC 1  // GCC on x86-64: target attributes and __builtin_cpu_supports
@@ -64,6 +65,31 @@ inline void region(int64_t work, const F& body) {
     body();
   }
 }
+
+// Scratch memory of one call site that a thread keeps between calls: `thread_local std::vector<T> buf;` at
+// the site, then `Kept<T> s(buf, n)` sizes it (its contents are unspecified: the site writes before it
+// reads) and, when s ends, gives back a buffer over kKeptBytes (a many-row call's; a decode step's stay).
+// A decode step calls each kernel once per layer and token: fresh vectors cost a malloc and a free each
+// time, and in glibc a malloc of 1 KB or more after small frees also consolidates the free lists. A site
+// must not be re-entered on its thread while its Kept lives (no kernel here recurses).
+constexpr size_t kKeptBytes = size_t{1} << 20;
+
+template <typename T>
+class Kept {
+ public:
+  Kept(std::vector<T>& buf, size_t n) : buf_(buf) { buf_.resize(n); }
+  ~Kept() {
+    if (buf_.capacity() * sizeof(T) > kKeptBytes) std::vector<T>().swap(buf_);
+  }
+  Kept(const Kept&) = delete;
+  Kept& operator=(const Kept&) = delete;
+  std::vector<T>& vec() { return buf_; }
+  T* data() { return buf_.data(); }
+  T& operator[](size_t i) { return buf_[i]; }
+
+ private:
+  std::vector<T>& buf_;
+};
 
 // A weight widened to fp32: fp32 as is, a bf16 bit pattern (uint16_t) exactly.
 inline float widen(float v) { return v; }

@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include <omp.h>
@@ -201,23 +202,37 @@ TableMode table_mode() {
 struct TlState {
   TlLoops loops;
   int64_t k, gs;
+  TlState(TlLoops l, int64_t k_, int64_t gs_) : loops(l), k(k_), gs(gs_) {}
   bool built = false;
-  std::vector<int8_t> tab;
-  std::vector<float> delta;
+  int8_t* tab = nullptr;  // this thread's kept buffers (Kept), valid while the state lives
+  float* delta = nullptr;
   void build(const float* x) {
     if (built) return;
     int64_t chunks = 0;
-    tab.resize(static_cast<size_t>(16 * tl_groups(k, gs, &chunks)));
-    delta.resize(static_cast<size_t>(chunks));
-    loops.tables(x, k, gs, tab.data(), delta.data());
+    tab_.emplace(tab_buf(), static_cast<size_t>(16 * tl_groups(k, gs, &chunks)));
+    delta_.emplace(delta_buf(), static_cast<size_t>(chunks));
+    tab = tab_->data();
+    delta = delta_->data();
+    loops.tables(x, k, gs, tab, delta);
     built = true;
   }
+
+ private:
+  static std::vector<int8_t>& tab_buf() {
+    thread_local std::vector<int8_t> buf;
+    return buf;
+  }
+  static std::vector<float>& delta_buf() {
+    thread_local std::vector<float> buf;
+    return buf;
+  }
+  std::optional<Kept<int8_t>> tab_;
+  std::optional<Kept<float>> delta_;
 };
 
 // Sum of x over each group of gs columns (the zero term of stage 1), (m, ceil(k / gs)).
-std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t gs) {
+void group_sums(const float* x, int64_t m, int64_t k, int64_t gs, std::vector<float>& xsum) {
   const int64_t gk = n_groups(k, gs);
-  std::vector<float> xsum(static_cast<size_t>(m * gk));
   for (int64_t i = 0; i < m; ++i)
     for (int64_t g = 0; g < gk; ++g) {
       // four double chains: with one, the add latency bounds the loop (one call per bit width of each
@@ -230,7 +245,6 @@ std::vector<float> group_sums(const float* x, int64_t m, int64_t k, int64_t gs) 
       for (; c < c1; ++c) acc[0] += x[i * k + c];
       xsum[i * gk + g] = static_cast<float>((acc[0] + acc[1]) + (acc[2] + acc[3]));
     }
-  return xsum;
 }
 
 // Stage 1 + 2 of one group: t (r, m) = s * (V x^T), t stored row j = the m values of V row j (stage 3
@@ -247,17 +261,22 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, const KbitGro
   const bool lut = isa.row_dots != nullptr && mode != TableMode::kDirect && bits <= kLutMaxBits && k * bits % 32 == 0 &&
                    gs * bits % 32 == 0;
   if (m == 1 && (int8 || lut)) {  // one x row by lookup tables: every row's scaled dot, then the zero terms
-    std::vector<float> dots(static_cast<size_t>(r)), zr(static_cast<size_t>(gk));
+    thread_local std::vector<float> dots_buf, zr_buf;
+    Kept<float> dots(dots_buf, static_cast<size_t>(r)), zr(zr_buf, static_cast<size_t>(r * gk));
     if (int8) {
       tl->build(x);
-      tl->loops.dots(grp.v_tl, grp.v_tl_scale, bits, r, k, gs, tl->tab.data(), tl->delta.data(), dots.data());
+      tl->loops.dots(grp.v_tl, grp.v_tl_scale, bits, r, k, gs, tl->tab, tl->delta, dots.data());
     } else {
       isa.row_dots(v_q, bits, r, k, x, gs, v_scale, dots.data());
     }
-    const float one = 1.f;
+    // the zero terms of every row: v_zero (r, gk) widened in one call, each row's gk products summed in
+    // order (gk = ceil(k / gs) is small: one call per row cost more than the sum)
+    isa.halves(v_zero, r * gk, zr.data());
     for (int64_t j = 0; j < r; ++j) {
-      isa.halves(v_zero + j * gk, gk, zr.data());
-      t[j] = (dots[j] + isa.scaled_dot(zr.data(), xsum.data(), gk, gk, &one)) * s[j];
+      const float* z = zr.data() + j * gk;
+      float zero_term = 0.f;
+      for (int64_t g = 0; g < gk; ++g) zero_term += z[g] * xsum[g];
+      t[j] = (dots[j] + zero_term) * s[j];
     }
     return;
   }
@@ -269,8 +288,9 @@ void stage_v(const Isa& isa, const float* x, int64_t m, int64_t k, const KbitGro
   // one x row, whole blocks of codes per row and group: the codes are dotted straight from the bytes
   const bool direct = m == 1 && isa.dot_codes != nullptr && k % isa.dot_block == 0 && gs % isa.dot_block == 0;
   region(m * r * k, [&] {
-    std::vector<float> panel(static_cast<size_t>(tile * k)), sc(static_cast<size_t>(gk)), zr(static_cast<size_t>(gk));
-    std::vector<float> dots(static_cast<size_t>(tile * m));
+    thread_local std::vector<float> panel_buf, sc_buf, zr_buf, dots_buf;
+    Kept<float> panel(panel_buf, static_cast<size_t>(tile * k)), sc(sc_buf, static_cast<size_t>(gk));
+    Kept<float> zr(zr_buf, static_cast<size_t>(gk)), dots(dots_buf, static_cast<size_t>(tile * m));
     const float one = 1.f;
 #pragma omp for schedule(dynamic, 2)
     for (int64_t j0 = 0; j0 < r; j0 += tile) {
@@ -364,7 +384,11 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, c
   // block is a multiple of 16, so n % 16 == 0 makes every block start and length one too
   const bool fused = m == 1 && isa.axpy_codes != nullptr && n % 16 == 0 && gs % 16 == 0;
   region(parallel ? kParallelMinWork : 0, [&] {
-    std::vector<float> panel(static_cast<size_t>(panel_rows * block)), acc, zsum, sc, zr;
+    // the panel of decoded U^T rows: only without the one-row axpy (which adds codes straight into acc)
+    thread_local std::vector<float> panel_buf, acc_buf, zsum_buf, sc_buf, zr_buf;
+    Kept<float> panel(panel_buf, static_cast<size_t>(fused ? 0 : panel_rows * block)), acc_k(acc_buf, 0);
+    Kept<float> zsum_k(zsum_buf, 0), sc_k(sc_buf, 0), zr_k(zr_buf, 0);
+    std::vector<float>&acc = acc_k.vec(), &zsum = zsum_k.vec(), &sc = sc_k.vec(), &zr = zr_k.vec();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t b = 0; b < blocks; ++b) {
       const int64_t n0 = b * block, len = std::min(block, n - n0);
@@ -403,15 +427,17 @@ void kbit_lowrank_matmul_groups_f32(const float* x, int64_t m, int64_t k, int64_
     return;
   }
   const lowrank::Isa& isa = lowrank::pick_isa();
-  const std::vector<float> xsum = lowrank::group_sums(x, m, k, group_size);
-  std::vector<float> t(static_cast<size_t>(r_total * m));
+  thread_local std::vector<float> xsum_buf, t_buf;
+  Kept<float> xsum(xsum_buf, static_cast<size_t>(m * lowrank::n_groups(k, group_size)));
+  Kept<float> t(t_buf, static_cast<size_t>(r_total * m));
+  lowrank::group_sums(x, m, k, group_size, xsum.vec());
   // the int8 tables: the AVX2 path only (the AVX-512 and portable paths stay exact)
   const bool int8 = m == 1 && active_isa() == Isa::kAvx2 && lowrank::table_mode() == lowrank::TableMode::kInt8;
   lowrank::TlState tl{int8 ? lowrank::tl_loops() : lowrank::TlLoops{nullptr, nullptr, nullptr}, k, group_size};
   float* tg = t.data();
   for (int64_t q = 0; q < count; ++q) {
     const KbitGroup& g = groups[q];
-    if (g.r > 0) lowrank::stage_v(isa, x, m, k, g, group_size, xsum, tl.loops.dots ? &tl : nullptr, tg);
+    if (g.r > 0) lowrank::stage_v(isa, x, m, k, g, group_size, xsum.vec(), tl.loops.dots ? &tl : nullptr, tg);
     tg += g.r * m;
   }
   // stage 3 of the groups with a TL4 U^T by int8 tables, added after the others' blocks wrote y

@@ -194,8 +194,10 @@ void tl_axpy_avx2(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* 
   const int64_t pg = tl_groups(r, r, &chunks), gn = (n + gs - 1) / gs, tiles = (n + kTlRows - 1) / kTlRows;
   const int64_t tile_bytes = pg * 16 * bits, per_group = gs / kTlRows;
   region(r * n, [&] {
-    std::vector<float> a(static_cast<size_t>(r)), delta(static_cast<size_t>(chunks));
-    std::vector<int8_t> tab(static_cast<size_t>(16 * pg));
+    thread_local std::vector<float> a_buf, delta_buf;
+    thread_local std::vector<int8_t> tab_buf;
+    Kept<float> a(a_buf, static_cast<size_t>(r)), delta(delta_buf, static_cast<size_t>(chunks));
+    Kept<int8_t> tab(tab_buf, static_cast<size_t>(16 * pg));
     alignas(32) float out[kTlRows];
 #pragma omp for schedule(dynamic, 1)
     for (int64_t g = 0; g < gn; ++g) {
