@@ -6,13 +6,16 @@
 // further op calls. A LayerPlan checks the layer's tensors once, when it is built, keeps them (and the raw
 // pointers into them), and then serves x (..., K) -> y (..., N) with one Python call:
 //
-//   base + term:  y = linear(x, weight, bias) + term(x)   (the base by torch's own at::linear, as the
-//                 nn.Linear it replaces computes it; the term by the op's raw kernel)
-//   fused:        y = x @ (weight + delta)^T + bias       (bitdelta's sign_matmul_tl, one x row)
-//   then          y += extra                              (a tenant's bias delta, MultiDeltaLinear)
+//   "torch":  y = linear(x, weight, bias) + term(x)   (the base by torch's at::linear, as the nn.Linear it
+//             replaces computes it; the term by the op's raw kernel)
+//   "own":    y = (x @ weight^T + bias) + term(x)     (one x row; the base by this extension's SIMD matvec,
+//             simd8::dense_m1, which streams the weight faster than MKL's generic path on some CPUs)
+//   "fused":  y = x @ (weight + delta)^T + bias       (bitdelta's sign_matmul_tl, one x row)
+//   then      y += extra                              (a tenant's bias delta, MultiDeltaLinear)
 //
-// The same arithmetic as the Python path (serve/modules.py with the term's op), so a call through a plan
-// returns the same values. A call the plan does not serve returns None and the caller takes its Python
+// "torch" and "fused" do the Python path's arithmetic (serve/modules.py with the term's op), so a call
+// through such a plan returns the same values; "own" sums the base in another order (the serving module
+// takes it where measured faster, as it takes a fused kernel). A call the plan does not serve returns None and the caller takes its Python
 // path: x not a contiguous CPU tensor of K columns and a dtype the plan takes, autograd recording, a
 // source tensor changed in place since the plan was built (a repack derived from it would be stale), or
 // (fused, sign terms) more than one x row.
@@ -33,6 +36,7 @@
 #include "cpu/lowrank_kernels.h"
 #include "cpu/lowrank_ops.h"
 #include "cpu/serve_kernels.h"
+#include "cpu/simd8.h"
 
 namespace deltacomp {
 namespace {
@@ -43,15 +47,25 @@ using OptTensor = std::optional<at::Tensor>;
 class LayerPlan {
  public:
   enum class Term { kLowrank, kSignTl };
+  enum class Base { kTorch, kOwn, kFused };
+
+  static Base base_mode(const char* op, const std::string& mode) {
+    if (mode == "torch") return Base::kTorch;
+    if (mode == "own") return Base::kOwn;
+    TORCH_CHECK(mode == "fused", op, ": mode must be torch, own or fused, got '", mode, "'");
+    return Base::kFused;
+  }
 
   // svd-mixed: the arguments of kbit_lowrank_matmul_groups(_tl) after x (tl: the five TL4 lists, or none)
-  static std::shared_ptr<LayerPlan> lowrank(at::Tensor weight, OptTensor bias, OptTensor extra,
+  static std::shared_ptr<LayerPlan> lowrank(at::Tensor weight, OptTensor bias, OptTensor extra, std::string mode,
                                             std::vector<std::vector<at::Tensor>> lists, at::Tensor s,
                                             std::vector<int64_t> bits, int64_t n, int64_t k, int64_t group_size,
                                             std::optional<std::vector<std::vector<at::Tensor>>> tl) {
     const char* op = "LayerPlan.lowrank";
     TORCH_CHECK(lists.size() == 6, op, ": expected the six factor lists, got ", lists.size());
-    auto plan = std::make_shared<LayerPlan>(op, Term::kLowrank, false, std::move(weight), std::move(bias),
+    const Base base = base_mode(op, mode);
+    TORCH_CHECK(base != Base::kFused, op, ": a low-rank term has no fused pass (mode torch or own)");
+    auto plan = std::make_shared<LayerPlan>(op, Term::kLowrank, base, std::move(weight), std::move(bias),
                                             std::move(extra), n, k);
     TlLists tls{};
     if (tl) {
@@ -71,11 +85,11 @@ class LayerPlan {
 
   // bitdelta, one mask: s_tl the signs' TL4 repack (sign_tl_bytes(n, k) bytes) and scale, made from
   // `sources` (the SIGNS and the stored scale, whose in-place changes end the plan)
-  static std::shared_ptr<LayerPlan> sign_tl(at::Tensor weight, OptTensor bias, OptTensor extra, bool fused,
+  static std::shared_ptr<LayerPlan> sign_tl(at::Tensor weight, OptTensor bias, OptTensor extra, std::string mode,
                                             at::Tensor s_tl, at::Tensor scale, std::vector<at::Tensor> sources,
                                             int64_t n, int64_t k) {
     const char* op = "LayerPlan.sign_tl";
-    auto plan = std::make_shared<LayerPlan>(op, Term::kSignTl, fused, std::move(weight), std::move(bias),
+    auto plan = std::make_shared<LayerPlan>(op, Term::kSignTl, base_mode(op, mode), std::move(weight), std::move(bias),
                                             std::move(extra), n, k);
     TORCH_CHECK(k > 0 && k % 4 == 0, op, ": k must be a positive multiple of 4, got ", k);
     TORCH_CHECK(s_tl.device().is_cpu() && s_tl.scalar_type() == at::kByte && s_tl.dim() == 1 && s_tl.is_contiguous()
@@ -93,15 +107,15 @@ class LayerPlan {
     return plan;
   }
 
-  LayerPlan(const char* op, Term term, bool fused, at::Tensor weight, OptTensor bias, OptTensor extra, int64_t n,
+  LayerPlan(const char* op, Term term, Base base, at::Tensor weight, OptTensor bias, OptTensor extra, int64_t n,
             int64_t k)
-      : term_(term), fused_(fused), weight_(std::move(weight)), n_(n), k_(k) {
+      : term_(term), base_(base), weight_(std::move(weight)), n_(n), k_(k) {
     TORCH_CHECK(n >= 0 && k >= 0, op, ": n and k must be >= 0, got n=", n, " k=", k);
     const auto wt = weight_.scalar_type();
     TORCH_CHECK(weight_.device().is_cpu() && weight_.dim() == 2 && weight_.size(0) == n && weight_.size(1) == k,
                 op, ": weight must be a CPU (", n, ", ", k, ") tensor, got ", weight_.device(), " ", weight_.sizes());
-    TORCH_CHECK(!fused || ((wt == at::kFloat || wt == at::kBFloat16) && weight_.is_contiguous()), op,
-                ": the fused pass takes a contiguous float32 or bfloat16 weight, got ", wt);
+    TORCH_CHECK(base == Base::kTorch || ((wt == at::kFloat || wt == at::kBFloat16) && weight_.is_contiguous()), op,
+                ": modes own and fused take a contiguous float32 or bfloat16 weight, got ", wt);
     for (auto* t : {&bias, &extra}) {
       TORCH_CHECK(!*t || ((*t)->device().is_cpu() && (*t)->dim() == 1 && (*t)->numel() == n), op,
                   ": bias and extra must be CPU (", n, ",) tensors, got ", (*t)->sizes());
@@ -117,13 +131,20 @@ class LayerPlan {
     const at::Tensor x2 = x.view({m, k_});
     const auto xt = x.scalar_type();
     at::Tensor y;
-    if (fused_) {
+    if (base_ == Base::kFused) {
       y = at::empty({1, n_}, x.options().dtype(at::kFloat));
       if (!sign_pass(x2, true, y)) return std::nullopt;
       if (xt != at::kFloat) y = y.to(xt);
       if (bias_.defined()) add(y, bias_);
     } else {
-      y = at::linear(x2, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
+      if (base_ == Base::kOwn) {
+        y = at::empty({1, n_}, x.options().dtype(at::kFloat));
+        own_base(x2, y);
+        if (bias_.defined()) add(y, bias_);
+        if (xt != at::kFloat) y = y.to(xt);
+      } else {
+        y = at::linear(x2, weight_, bias_.defined() ? std::optional<at::Tensor>(bias_) : std::nullopt);
+      }
       at::Tensor t = at::empty({m, n_}, x.options().dtype(at::kFloat));
       if (!term(x2, t)) return std::nullopt;
       add(y, xt == at::kFloat ? t : t.to(xt));
@@ -143,8 +164,9 @@ class LayerPlan {
   }
 
   std::string repr() const {
-    return std::string("LayerPlan(") + (term_ == Term::kLowrank ? "lowrank" : "sign_tl") +
-           (fused_ ? ", fused" : ", base + term") + ", n=" + std::to_string(n_) + ", k=" + std::to_string(k_) + ")";
+    static const char* const kModes[] = {"torch", "own", "fused"};
+    return std::string("LayerPlan(") + (term_ == Term::kLowrank ? "lowrank" : "sign_tl") + ", " +
+           kModes[static_cast<int>(base_)] + ", n=" + std::to_string(n_) + ", k=" + std::to_string(k_) + ")";
   }
 
  private:
@@ -153,9 +175,11 @@ class LayerPlan {
         x.numel() == 0)
       return false;
     const auto xt = x.scalar_type();
-    if (fused_ ? (xt != at::kFloat && xt != at::kBFloat16 && xt != at::kHalf) : xt != weight_.scalar_type())
+    if (base_ == Base::kFused ? (xt != at::kFloat && xt != at::kBFloat16 && xt != at::kHalf)
+                              : xt != weight_.scalar_type())
       return false;
-    if ((fused_ || term_ == Term::kSignTl) && x.numel() != k_) return false;  // sign_matmul_tl: one x row
+    // sign_matmul_tl and the own matvec: one x row
+    if ((base_ != Base::kTorch || term_ == Term::kSignTl) && x.numel() != k_) return false;
     if (at::GradMode::is_enabled() &&
         (x.requires_grad() || weight_.requires_grad() || (bias_.defined() && bias_.requires_grad())))
       return false;  // autograd records the Python path's ops
@@ -169,6 +193,19 @@ class LayerPlan {
     cpu::kbit_lowrank_matmul_groups_f32(xf.data_ptr<float>(), x2.size(0), k_, n_, group_size_, groups_.data(),
                                         static_cast<int64_t>(groups_.size()), t.data_ptr<float>());
     return true;
+  }
+
+  // y (1, n) fp32 = x2 (1, k) @ weight^T by simd8::dense_m1 on the active code path
+  void own_base(const at::Tensor& x2, at::Tensor& y) const {
+    const at::Tensor xf = x2.scalar_type() == at::kFloat ? x2 : x2.to(at::kFloat);
+    const cpu::Isa active = cpu::active_isa();  // (simd8 has no AVX-512 body: AVX-512 CPUs take the AVX2 one)
+    const cpu::Isa isa = active == cpu::Isa::kAvx512 ? cpu::Isa::kAvx2 : active;
+    if (weight_.scalar_type() == at::kBFloat16) {
+      const auto* w = reinterpret_cast<const uint16_t*>(weight_.data_ptr<at::BFloat16>());
+      cpu::simd8::dense_m1(isa, xf.data_ptr<float>(), k_, w, n_, y.data_ptr<float>());
+    } else {
+      cpu::simd8::dense_m1(isa, xf.data_ptr<float>(), k_, weight_.data_ptr<float>(), n_, y.data_ptr<float>());
+    }
   }
 
   // sign_matmul_tl into y (1, n) fp32: with the base weight (fused) or the delta alone
@@ -200,7 +237,7 @@ class LayerPlan {
   }
 
   Term term_;
-  bool fused_;
+  Base base_;
   at::Tensor weight_, bias_, extra_;
   int64_t n_, k_;
   // lowrank
@@ -223,10 +260,10 @@ PYBIND11_MODULE(_C, m) {
   py::class_<LayerPlan, std::shared_ptr<LayerPlan>>(
       m, "LayerPlan", "One patched linear layer's CPU forward in one call (csrc/plans.cpp; built by deltacomp.plans)")
       .def_static("lowrank", &LayerPlan::lowrank, py::arg("weight"), py::arg("bias"), py::arg("extra"),
-                  py::arg("lists"), py::arg("s"), py::arg("bits"), py::arg("n"), py::arg("k"),
+                  py::arg("mode"), py::arg("lists"), py::arg("s"), py::arg("bits"), py::arg("n"), py::arg("k"),
                   py::arg("group_size"), py::arg("tl"))
       .def_static("sign_tl", &LayerPlan::sign_tl, py::arg("weight"), py::arg("bias"), py::arg("extra"),
-                  py::arg("fused"), py::arg("s_tl"), py::arg("scale"), py::arg("sources"), py::arg("n"),
+                  py::arg("mode"), py::arg("s_tl"), py::arg("scale"), py::arg("sources"), py::arg("n"),
                   py::arg("k"))
       .def("__call__", &LayerPlan::run, py::arg("x"), py::call_guard<py::gil_scoped_release>())
       .def("current", &LayerPlan::current)

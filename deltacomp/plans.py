@@ -4,12 +4,18 @@
 A decode step calls each patched layer once per token. At small widths the Python around the kernels costs
 as much as the kernels do (the svd-mixed op converts 33 tensor arguments per call; the module then adds
 and reshapes with further op calls). A plan checks a layer's tensors once, keeps them, and serves
-``x (..., K) -> y (..., N)`` in one call with the same arithmetic as the Python path:
+``x (..., K) -> y (..., N)`` in one call, its base by one of three modes:
 
-- base + term: ``linear(x, weight, bias) + term(x)``, the base by torch's ``at::linear`` (what the
+- ``"torch"``: ``linear(x, weight, bias) + term(x)``, the base by torch's ``at::linear`` (what the
   ``nn.Linear`` it wraps computes), the term by the op's raw kernel;
-- fused (bitdelta at one x row): ``sign_matmul_tl(x, weight, ...) + bias``;
+- ``"own"`` (one x row): ``(x @ weight^T + bias) + term(x)``, the base by the extension's SIMD matvec
+  (``simd8::dense_m1``), which on some CPUs streams the weight faster than torch's BLAS (MKL takes a generic
+  path on AMD CPUs); the serving modules take it where measured faster (serve/dispatch.py);
+- ``"fused"`` (bitdelta at one x row): ``sign_matmul_tl(x, weight, ...) + bias``;
 - then ``+ extra`` (a tenant's bias delta).
+
+"torch" and "fused" do the Python path's arithmetic, so their outputs equal it; "own" sums the base in
+another order.
 
 A codec's serving term builds its plan (``DeltaTerm.layer_plan``); the serving modules (serve/modules.py)
 keep it with the path they keep for an input shape. A plan answers None for a call it does not serve (not
@@ -32,6 +38,7 @@ else:  # pragma: no cover - depends on the build
     _LayerPlan = None
 
 ENV = "DELTACOMP_LAYER_PLANS"
+MODES = ("torch", "own", "fused")
 
 
 def enabled() -> bool:
@@ -39,18 +46,20 @@ def enabled() -> bool:
     return _LayerPlan is not None and os.environ.get(ENV, "1").strip() != "0"
 
 
-def lowrank(weight: Tensor, bias: Tensor | None, extra: Tensor | None, args: tuple, tl: tuple | None):
-    """A plan of ``linear(x, weight, bias) + kbit_lowrank_matmul_groups(x, *args) (+ extra)``; ``args`` the
-    op's arguments after x (six lists, s, bits, n, k, group size), ``tl`` its five TL4 lists or None."""
+def lowrank(weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, args: tuple, tl: tuple | None):
+    """A plan of ``base(x) + kbit_lowrank_matmul_groups(x, *args) (+ extra)``, the base by ``mode`` ("torch" or
+    "own"); ``args`` the op's arguments after x (six lists, s, bits, n, k, group size), ``tl`` its five TL4
+    lists or None."""
     lists, s, bits, n, k, gs = args[:6], args[6], args[7], args[8], args[9], args[10]
-    return _LayerPlan.lowrank(weight, bias, extra, [list(t) for t in lists], s, list(bits), n, k, gs,
+    return _LayerPlan.lowrank(weight, bias, extra, mode, [list(t) for t in lists], s, list(bits), n, k, gs,
                               None if tl is None else [list(t) for t in tl])
 
 
-def sign_tl(weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, s_tl: Tensor, scale: Tensor,
+def sign_tl(weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, s_tl: Tensor, scale: Tensor,
             sources: list[Tensor], n: int, k: int):
-    """A plan of ``x @ (weight + scale * sign)^T + bias`` (fused) or ``linear(x, weight, bias) + x @ (scale *
-    sign)^T`` at one x row by ``sign_matmul_tl`` (``+ extra``); ``s_tl`` the TL4 repack of the signs and
+    """A plan of ``x @ (weight + scale * sign)^T + bias`` (mode "fused") or ``base(x) + x @ (scale * sign)^T``
+    (the base by mode "torch" or "own") at one x row by ``sign_matmul_tl`` (``+ extra``); ``s_tl`` the TL4
+    repack of the signs and
     ``scale`` (fp32) made from ``sources`` (the stored signs and scale), whose in-place changes end the plan
     (``plan.current()`` turns False)."""
-    return _LayerPlan.sign_tl(weight, bias, extra, fused, s_tl, scale, sources, n, k)
+    return _LayerPlan.sign_tl(weight, bias, extra, mode, s_tl, scale, sources, n, k)

@@ -1,12 +1,14 @@
 """Layer plans (deltacomp/plans.py, csrc/plans.cpp): a patched layer's CPU forward in one native call.
 
-A plan computes what the module's Python path computes with the same ops in the same order, so every
-output through a plan is compared for exact equality with the same module's output with plans off
-(DELTACOMP_LAYER_PLANS=0), and with a float64 reference within the kernel's tolerance. Checked: svd-mixed
-(base + term, 1 and several rows, 2-D and 3-D x, fp32 and bf16, with and without bias), bitdelta at one x
-row (fused and base + term, per-tensor and per-row scales), the multi-tenant decode paths with a bias
-delta; the calls a plan hands back to the Python path (a non-contiguous x, autograd recording, a replaced
-weight, signs changed in place, a moved module); the plan's own argument checks.
+A plan of mode "torch" or "fused" computes what the module's Python path computes with the same ops in
+the same order, so its output is compared for exact equality with the same module's output with plans off
+(DELTACOMP_LAYER_PLANS=0), and with a float64 reference within the kernel's tolerance; mode "own" (the
+extension's matvec for the base, taken where measured faster; DELTACOMP_FUSED=always forces it, never
+forces "torch") sums the base in another order and is compared within fp32 rounding. Checked: svd-mixed
+(1 and several rows, 2-D and 3-D x, fp32 and bf16, with and without bias), bitdelta at one x row (fused,
+torch and own base, per-tensor and per-row scales), the multi-tenant decode paths with a bias delta; the
+calls a plan hands back to the Python path (a non-contiguous x, autograd recording, a replaced weight, signs
+changed in place, a moved module); the plan's own argument checks.
 """
 import pytest
 import torch
@@ -86,6 +88,7 @@ def _ref(base, enc, x):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [True, False])
 def test_svd_mixed_plan_equals_python_path(monkeypatch, shape, dtype, bias):
+    monkeypatch.setenv("DELTACOMP_FUSED", "never")  # the torch base: the Python path's arithmetic
     n, k = 70, shape[-1]
     enc = _svd_enc(n, k)
     layer = dnn.DeltaLinear(_base(n, k, bias, dtype), enc)
@@ -133,6 +136,7 @@ def test_multi_tenant_plans_with_bias_delta(monkeypatch):
     layer = dnn.MultiDeltaLinear(_base(n, k), encs, bias)
     x = torch.randn(1, 1, k, generator=_gen(7))
     for t in (0, 1):
+        monkeypatch.setenv("DELTACOMP_FUSED", "never" if t == 0 else "always")  # svd: torch base; bitdelta: fused
         layer.delta_index = torch.tensor([t])
         with torch.no_grad():
             if t == 1 and not ops_tl.sign_tl_wanted():
@@ -146,7 +150,35 @@ def test_multi_tenant_plans_with_bias_delta(monkeypatch):
 
 
 @needs_plans
-def test_plan_hands_back_what_it_does_not_serve():
+@pytest.mark.parametrize("codec", ["svd-mixed", "bitdelta"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_own_base_plan_within_rounding_of_python_path(monkeypatch, codec, dtype):
+    """DELTACOMP_FUSED=always: the base + term paths take the extension's matvec for the base (mode "own") at
+    one x row; its output is the Python path's within fp32 rounding (bf16: one bf16 rounding), and several
+    rows keep the torch base."""
+    if codec == "bitdelta" and not ops_tl.sign_tl_wanted():
+        pytest.skip("bitdelta's terms take no int8 tables on this CPU: no sign plans")
+    monkeypatch.setenv("DELTACOMP_FUSED", "always")
+    n, k = 72, 100
+    enc = _svd_enc(n, k) if codec == "svd-mixed" else _bd_enc(n, k)
+    base = _base(n, k, True, dtype)
+    layer = dnn.DeltaLinear(base, enc, fused=False)  # bitdelta: base + term, not its fused pass
+    x = torch.randn(1, 1, k, generator=_gen(3)).to(dtype)
+    with torch.no_grad():
+        y = _served(layer, x)
+        assert "own" in repr(layer._plan[-3])
+        want = _without_plans(monkeypatch, layer, x)
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        assert (y.double() - want.double()).abs().max() <= tol * want.double().abs().max()
+        if codec == "svd-mixed":
+            x3 = torch.randn(3, k, generator=_gen(4)).to(dtype)
+            layer(x3)
+            assert "torch" in repr(layer._plan[-3])
+
+
+@needs_plans
+def test_plan_hands_back_what_it_does_not_serve(monkeypatch):
+    monkeypatch.setenv("DELTACOMP_FUSED", "never")
     n, k = 40, 64
     layer = dnn.DeltaLinear(_base(n, k), _svd_enc(n, k))
     x = torch.randn(2, k, generator=_gen(1))
@@ -194,13 +226,20 @@ def test_plan_follows_replaced_weight_moved_module_and_changed_signs():
 
 
 @needs_plans
-def test_plans_off_builds_none(monkeypatch):
-    monkeypatch.setenv(plans.ENV, "0")
+def test_plans_setting_is_followed_mid_process(monkeypatch):
+    """DELTACOMP_LAYER_PLANS=0 set after a plan was kept: the next call decides again and keeps none; unset,
+    the next call builds one again."""
+    monkeypatch.setenv("DELTACOMP_FUSED", "never")
     n, k = 40, 64
     layer = dnn.DeltaLinear(_base(n, k), _svd_enc(n, k))
+    x = torch.randn(1, k)
     with torch.no_grad():
-        layer(torch.randn(1, k))
-    assert layer._plan[-3] is None and not plans.enabled()
+        y = _served(layer, x)
+        monkeypatch.setenv(plans.ENV, "0")
+        assert torch.equal(layer(x), y)
+        assert layer._plan[-3] is None and not plans.enabled()
+        monkeypatch.delenv(plans.ENV)
+        assert torch.equal(_served(layer, x), y)
 
 
 @needs_plans
@@ -209,15 +248,21 @@ def test_plan_checks_its_arguments():
     w = torch.randn(n, k)
     s_tl = torch.zeros(1, dtype=torch.uint8)
     with pytest.raises(RuntimeError, match="weight must be a CPU"):
-        plans.sign_tl(torch.randn(n, k + 1), None, None, True, s_tl, torch.ones(1), [], n, k)
+        plans.sign_tl(torch.randn(n, k + 1), None, None, "fused", s_tl, torch.ones(1), [], n, k)
     with pytest.raises(RuntimeError, match="s_tl must be contiguous CPU uint8"):
-        plans.sign_tl(w, None, None, True, s_tl, torch.ones(1), [], n, k)
+        plans.sign_tl(w, None, None, "fused", s_tl, torch.ones(1), [], n, k)
     with pytest.raises(RuntimeError, match="bias and extra"):
-        plans.sign_tl(w, torch.zeros(n + 1), None, True, s_tl, torch.ones(1), [], n, k)
+        plans.sign_tl(w, torch.zeros(n + 1), None, "fused", s_tl, torch.ones(1), [], n, k)
+    with pytest.raises(RuntimeError, match="mode must be torch, own or fused"):
+        plans.sign_tl(w, None, None, "fast", s_tl, torch.ones(1), [], n, k)
+    with pytest.raises(RuntimeError, match="take a contiguous float32 or bfloat16 weight"):
+        plans.sign_tl(w.double(), None, None, "own", s_tl, torch.ones(1), [], n, k)
     term = get_codec("svd-mixed").serving_term(_svd_enc(n, k))
     term(torch.randn(1, k))
     if term._args is not None and term._direct:
         bad = (*term._args[:8], n + 1, *term._args[9:])
         with pytest.raises(RuntimeError, match="LayerPlan.lowrank"):
-            plans.lowrank(w, None, None, bad, term._tl)
+            plans.lowrank(w, None, None, "torch", bad, term._tl)
+        with pytest.raises(RuntimeError, match="no fused pass"):
+            plans.lowrank(w, None, None, "fused", term._args, term._tl)
     assert ops.HAS_EXTENSION

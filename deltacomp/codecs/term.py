@@ -63,8 +63,8 @@ class DeltaTerm(nn.Module):
         raise NotImplementedError(f"{self.codec}: no fused path")
 
     # -- a layer plan: the base layer and this term in one native call (deltacomp/plans.py) ---------------
-    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, rows: int):
-        """A ``plans`` plan of ``fused(x2, weight) + bias`` (fused) or ``linear(x2, weight, bias) + self(x2)``,
-        then ``+ extra``, for inputs of ``rows`` rows on the CPU, or None (the default: no plan; the caller
-        takes its Python path)."""
+    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, rows: int):
+        """A ``plans`` plan of ``base(x2) + self(x2)`` (the base by ``mode``: "torch" or "own", see
+        deltacomp/plans.py) or, mode "fused", ``fused(x2, weight) + bias``, then ``+ extra``, for inputs of
+        ``rows`` rows on the CPU; or None (the default: no plan; the caller takes its Python path)."""
         return None

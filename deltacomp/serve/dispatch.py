@@ -69,24 +69,27 @@ def _cpu_path() -> str:
     return path
 
 
+_PLAN_ENV = (_ENV, "DELTACOMP_ISA", "DELTACOMP_LAYER_PLANS")  # the settings a kept path depends on (plan_state)
 # os.environ's own dict (what os.environ.get reads, its keys encoded): a lookup in it costs 0.1 us where
 # os.environ.get costs 1 us (the key encoded, a KeyError raised and caught when unset), and plan_state runs
 # for every patched layer of a decode step. os.environ.get where the platform's os.environ has no such dict.
 try:
-    _ENV_DATA, _ENV_KEYS = os.environ._data, (os.environ.encodekey(_ENV), os.environ.encodekey("DELTACOMP_ISA"))
+    _ENV_DATA, _ENV_KEYS = os.environ._data, tuple(os.environ.encodekey(k) for k in _PLAN_ENV)
     if not isinstance(_ENV_DATA, dict):
         raise AttributeError("os.environ._data")
 except AttributeError:  # pragma: no cover - CPython's os.environ has both
-    _ENV_DATA, _ENV_KEYS = os.environ, (_ENV, "DELTACOMP_ISA")
+    _ENV_DATA, _ENV_KEYS = os.environ, _PLAN_ENV
 
 
 def plan_state() -> tuple:
-    """What every decision depends on besides the module and its input: the DELTACOMP_FUSED and
-    DELTACOMP_ISA settings (as set, unparsed), torch's thread count and the number of ``reset`` calls so
-    far. A module that keeps the path it took for its last input (shape, dtype) takes it again while this
-    is unchanged; otherwise it asks ``prefer_fused`` again (which parses the setting and may measure)."""
+    """What every decision depends on besides the module and its input: the DELTACOMP_FUSED, DELTACOMP_ISA
+    and DELTACOMP_LAYER_PLANS settings (as set, unparsed), torch's thread count and the number of ``reset``
+    calls so far. A module that keeps the path it took for its last input (shape, dtype), and the layer plan
+    built for it, takes them again while this is unchanged; otherwise it asks ``prefer_fused`` again (which
+    parses the setting and may measure)."""
     get = _ENV_DATA.get
-    return get(_ENV_KEYS[0]), get(_ENV_KEYS[1]), torch.get_num_threads(), _generation
+    keys = _ENV_KEYS
+    return get(keys[0]), get(keys[1]), get(keys[2]), torch.get_num_threads(), _generation
 
 
 def _key(x2: Tensor, weight: Tensor, kind: str) -> tuple:

@@ -34,6 +34,21 @@ def _out(y: Tensor, lead: torch.Size) -> Tensor:
     return y.reshape(*lead, y.shape[-1])
 
 
+def _base_plan(make, x2: Tensor, weight: Tensor, kind: str):
+    """The layer plan (``plans``) of a base + term path: ``make(mode)`` builds one (mode "torch" or "own") or
+    None. At one x row both, and the one measured faster on this call's tensors is kept (``dispatch.prefer_fused``
+    under ``kind + "-base"``, as for a fused kernel: DELTACOMP_FUSED=always takes "own", never "torch")."""
+    torch_plan = make("torch")
+    if torch_plan is None or x2.shape[0] != 1:
+        return torch_plan
+    own = make("own")
+    x = x2.contiguous()
+    if own is None or own(x) is None:  # (a call the plans do not serve, such as one autograd records)
+        return torch_plan
+    return own if dispatch.prefer_fused(x, weight, lambda: own(x), lambda: torch_plan(x), kind=kind + "-base") \
+        else torch_plan
+
+
 def _native(module: nn.Module, native, weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor | None:
     """``native(x)``, the module's kept layer plan (``plans``), while its base holds the weight and bias the
     plan was built on; None where the plan does not serve x. A plan that no longer can (a replaced weight
@@ -115,7 +130,10 @@ class DeltaLinear(nn.Module):
         base = self._modules["base"]
         if type(base) is nn.Linear:
             weight, bias = base._parameters["weight"], base._parameters["bias"]
-            native = self._modules["delta"].layer_plan(weight, bias, None, fused, x2.shape[0])
+            term = self._modules["delta"]
+            native = (term.layer_plan(weight, bias, None, "fused", x2.shape[0]) if fused else
+                      _base_plan(lambda mode: term.layer_plan(weight, bias, None, mode, x2.shape[0]), x2, weight,
+                                 "single"))
         return out, (key, fused, None if x2 is x else tuple(x2.shape), None if x2 is x else tuple(out.shape),
                      native, weight, bias)
 
@@ -263,22 +281,22 @@ class MultiDeltaLinear(nn.Module):
                     if key is None:
                         return y
                     return y, (key, index, _FUSED, only, None if x2 is x else tuple(x2.shape),
-                               None if x2 is x else tuple(y.shape), *self._layer_plan(_FUSED, only, x2.shape[0]))
+                               None if x2 is x else tuple(y.shape), *self._layer_plan(_FUSED, only, x2))
             elif str(only) in self.others:  # one tenant's own term on every row
                 path = _ONE
         y = self._run(path, x, only)
         if key is None:
             return y
-        native = self._layer_plan(path, only, x.numel() // x.shape[-1]) if path == _ONE else (None, None, None)
+        native = self._layer_plan(path, only, x.reshape(-1, x.shape[-1])) if path == _ONE else (None, None, None)
         return y, (key, index, path, only, None, None, *native)
 
     def _apply(self, fn, *args, **kwargs):
         self._plan = None  # as DeltaLinear._apply
         return super()._apply(fn, *args, **kwargs)
 
-    def _layer_plan(self, path: int, t: int, rows: int) -> tuple:
+    def _layer_plan(self, path: int, t: int, x2: Tensor) -> tuple:
         """(plan, weight, bias): tenant t's layer plan (``plans``) for the fused or one-term path over a plain
-        nn.Linear base, with the weight and bias it holds; Nones where its term builds none."""
+        nn.Linear base (x2: the call's rows), with the weight and bias it holds; Nones where its term builds none."""
         base = self._modules["base"]
         if type(base) is not nn.Linear:
             return None, None, None
@@ -286,9 +304,11 @@ class MultiDeltaLinear(nn.Module):
         extra = self._buffers[f"bias_delta{t}"] if t in self.bias_deltas else None
         if path == _FUSED:
             make = getattr(self._fusers[self._term_of[t]], "layer_plan_one", None)
-            native = None if make is None else make(t, weight, bias, extra, rows)
+            native = None if make is None else make(t, weight, bias, extra, x2.shape[0])
         else:
-            native = self._modules["others"]._modules[str(t)].layer_plan(weight, bias, extra, False, rows)
+            term = self._modules["others"]._modules[str(t)]
+            native = _base_plan(lambda mode: term.layer_plan(weight, bias, extra, mode, x2.shape[0]), x2, weight,
+                                "multi")
         return native, weight, bias
 
     def _run(self, path: int, x: Tensor, t: int | None) -> Tensor:

@@ -66,14 +66,14 @@ class BitDeltaTerm(DeltaTerm):
                                       self.shape[1])
         return super().forward(x2)
 
-    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, rows: int):
+    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, rows: int):
         """``plans.sign_tl`` at one x row where this term takes the int8 tables (``_tl_on``)."""
         signs = self._buffers["t_signs"]
         if (rows != 1 or not self._tl_on or not signs.is_cpu or not plans.enabled()
-                or (fused and not self.fuses_with(weight))):
+                or (mode == "fused" and not self.fuses_with(weight))):
             return None
         scale = self._buffers["t_scale"]
-        return plans.sign_tl(weight, bias, extra, fused, self._tl_signs(), scale.to(torch.float32).contiguous(),
+        return plans.sign_tl(weight, bias, extra, mode, self._tl_signs(), scale.to(torch.float32).contiguous(),
                              [signs, scale], self.shape[0], self.shape[1])
 
     def _tl_signs(self) -> Tensor:
@@ -137,7 +137,8 @@ class SignStacks(nn.Module):
         if not signs.is_cpu:
             return None
         tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
-        return plans.sign_tl(weight, bias, extra, True, tl[2], scales.contiguous(), [signs, scales], self.n, self.k)
+        return plans.sign_tl(weight, bias, extra, "fused", tl[2], scales.contiguous(), [signs, scales], self.n,
+                             self.k)
 
     def _one_tensors(self, t: int) -> tuple[Tensor, Tensor]:
         """Tenant t's signs and scale in level 0's stacks, the views kept between calls (a decode step asks

@@ -99,13 +99,14 @@ class SvdMixedTerm(DeltaTerm):
             self._call = (op, args if self._tl is None else (*args, *self._tl))
         return args
 
-    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, fused: bool, rows: int):
-        """``plans.lowrank`` of the kept arguments (any number of rows), where the op is called straight."""
-        if fused or not plans.enabled():
+    def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, rows: int):
+        """``plans.lowrank`` of the kept arguments (mode "torch": any number of rows; "own": one), where the op
+        is called straight."""
+        if mode == "fused" or (mode == "own" and rows != 1) or not plans.enabled():
             return None
         if self._args is None:
             self._prepare()
-        return plans.lowrank(weight, bias, extra, self._args, self._tl) if self._direct else None
+        return plans.lowrank(weight, bias, extra, mode, self._args, self._tl) if self._direct else None
 
     def forward(self, x2: Tensor) -> Tensor:
         args = self._args
