@@ -266,3 +266,33 @@ def test_plan_checks_its_arguments():
         with pytest.raises(RuntimeError, match="no fused pass"):
             plans.lowrank(w, None, None, "fused", term._args, term._tl)
     assert ops.HAS_EXTENSION
+
+
+def test_modules_keep_paths_of_alternating_shapes(monkeypatch):
+    """A prompt's shape and the decode step's alternate in generation: each module keeps the paths of its
+    last few keys (``modules._KEPT``), so alternating shapes decide (and build plans) once per shape; a
+    key pushed out by newer ones is decided again. Outputs are unchanged by it."""
+    from deltacomp.serve import modules
+
+    monkeypatch.setenv("DELTACOMP_FUSED", "never")  # the torch base: the first (Python) call's arithmetic
+    n, k = 40, 64
+    layer = dnn.DeltaLinear(_base(n, k), _svd_enc(n, k))
+    multi = dnn.MultiDeltaLinear(_base(n, k), [_svd_enc(n, k)])
+    multi.delta_index = torch.tensor([0])
+    decided = []
+    for cls in (dnn.DeltaLinear, dnn.MultiDeltaLinear):
+        real = cls._forward
+        monkeypatch.setattr(cls, "_forward", lambda self, x, key=None, _r=real: decided.append(x.shape) or _r(self, x, key))
+    a, b = torch.randn(1, 1, k, generator=_gen(1)), torch.randn(1, 5, k, generator=_gen(2))
+    with torch.no_grad():
+        for mod in (layer, multi):
+            decided.clear()
+            first = [mod(a), mod(b)]
+            for _ in range(3):
+                assert torch.equal(mod(a), first[0]) and torch.equal(mod(b), first[1])
+            assert len(decided) == 2
+            for rows in range(2, 2 + modules._KEPT):  # newer keys push a and b out
+                mod(torch.randn(1, rows * 7, k))
+            decided.clear()
+            assert torch.equal(mod(a), first[0])
+            assert len(decided) == 1

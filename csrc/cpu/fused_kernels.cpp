@@ -151,8 +151,10 @@ bool sign_matmul_tl(const float* x, int64_t k, const WT* w, const uint8_t* s_tl,
   else std::fill(y, y + n, 0.f);
   int64_t chunks = 0;
   const int64_t groups = lowrank::tl_groups(k, k, &chunks), tiles = (n + lowrank::kTlRows - 1) / lowrank::kTlRows;
-  std::vector<int8_t> tab(static_cast<size_t>(16 * groups));
-  std::vector<float> delta(static_cast<size_t>(chunks)), dots(static_cast<size_t>(n));
+  thread_local std::vector<int8_t> tab_buf;
+  thread_local std::vector<float> delta_buf, dots_buf;
+  Kept<int8_t> tab(tab_buf, static_cast<size_t>(16 * groups));
+  Kept<float> delta(delta_buf, static_cast<size_t>(chunks)), dots(dots_buf, static_cast<size_t>(n));
   // the TL4 rows' scales: fp16 1.0 (the fp32 sign scale is applied below, unrounded)
   thread_local std::vector<uint16_t> ones;
   if (ones.size() < static_cast<size_t>(tiles * lowrank::kTlRows)) ones.assign(tiles * lowrank::kTlRows, 0x3c00);
