@@ -17,7 +17,6 @@ environment (DELTACOMP_ISA, DELTACOMP_FUSED, DELTACOMP_LAYER_PLANS, ...) apply t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -30,10 +29,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from deltacomp import ops, zoo  # noqa: E402
-from deltacomp.serve import dispatch  # noqa: E402
 from deltacomp.serve.patch import set_delta_index  # noqa: E402
 
-from generate import _models  # noqa: E402  (benchmarks/generate.py: the same three models)
+from generate import _models, common_args, finish, start  # noqa: E402  (the same three models)
 
 
 def _timed(fn) -> float:
@@ -83,19 +81,12 @@ def bench_method(pair, method: str, args, tmp: Path) -> dict:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pair", default="shakespeare", help="the bundled pair (deltacomp.zoo)")
-    ap.add_argument("--methods", default="bitdelta,svd-mixed", help="comma separated method specs")
+    common_args(ap)
     ap.add_argument("--prompt-tokens", type=int, default=12)
     ap.add_argument("--steps", type=int, default=3, help="decode steps per timing (the cache cropped back after)")
     ap.add_argument("--rounds", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    if not ops.HAS_EXTENSION:
-        raise SystemExit(f"the C++ extension is not built ({ops._EXT_ERROR}); build it first")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     pair = zoo.ensure_pair(args.pair, progress=False)
     info = {"threads": torch.get_num_threads(), "torch": torch.__version__, "pair": args.pair,
             "dtype": args.dtype, "cpu_isa": ops.cpu_isa(), "rounds": args.rounds, "steps": args.steps,
@@ -105,12 +96,7 @@ def main(argv=None) -> None:
           flush=True)
     with tempfile.TemporaryDirectory(prefix="deltacomp-decode-") as tmp:
         rows = [bench_method(pair, m, args, Path(tmp)) for m in args.methods.split(",")]
-    info["loadavg_after"] = os.getloadavg()
-    info["decisions"] = dispatch.decisions()
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"info": info, "results": rows}, f, indent=1)
-        print(f"# wrote {args.out}")
+    finish(args, info, rows)
 
 
 if __name__ == "__main__":

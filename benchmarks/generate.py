@@ -104,23 +104,44 @@ def bench_method(pair, method: str, isas: list[str], args, tmp: Path) -> list[di
     return rows
 
 
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """The options this script shares with benchmarks/decode_step.py."""
     ap.add_argument("--pair", default="shakespeare", help="the bundled pair (deltacomp.zoo)")
     ap.add_argument("--methods", default="bitdelta,svd-mixed", help="comma separated method specs")
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+def start(args) -> None:
+    """Refuse to run without the extension; set the thread count."""
+    if not ops.HAS_EXTENSION:
+        raise SystemExit(f"the C++ extension is not built ({ops._EXT_ERROR}); build it first")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+
+def finish(args, info: dict, rows: list) -> None:
+    """The load after and the dispatch's decisions into ``info``; the JSON written where --out asks."""
+    info["loadavg_after"] = os.getloadavg()
+    info["deltalinear_decisions"] = dispatch.decisions()
+    print(f"# load after {info['loadavg_after']}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"info": info, "results": rows}, f, indent=1)
+        print(f"# wrote {args.out}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_args(ap)
     ap.add_argument("--isas", default=None, help="CPU code paths to force, comma separated (default: avx512, "
                     "avx2, neon, portable, those this CPU runs)")
     ap.add_argument("--batch", type=int, default=1, help="prompts decoded together (rows per step)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=5, help="timed rounds (every path and model once per round)")
-    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
-    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
-    if not ops.HAS_EXTENSION:
-        raise SystemExit(f"the C++ extension is not built ({ops._EXT_ERROR}); build it first")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    start(args)
     isas = args.isas.split(",") if args.isas else []
     if not isas:  # the paths this CPU runs: forcing one it lacks would time the best one again
         for isa in ("avx512", "avx2", "neon", "portable"):
@@ -136,13 +157,7 @@ def main(argv=None) -> None:
     with tempfile.TemporaryDirectory(prefix="deltacomp-generate-") as tmp:
         for method in args.methods.split(","):
             rows += bench_method(pair, method, isas, args, Path(tmp))
-    info["loadavg_after"] = os.getloadavg()
-    info["deltalinear_decisions"] = dispatch.decisions()
-    print(f"# load after {info['loadavg_after']}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"info": info, "results": rows}, f, indent=1)
-        print(f"# wrote {args.out}")
+    finish(args, info, rows)
 
 
 if __name__ == "__main__":
