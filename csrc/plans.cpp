@@ -11,6 +11,8 @@
 //   "own":    y = (x @ weight^T + bias) + term(x)     (one x row; the base by this extension's SIMD matvec,
 //             simd8::dense_m1, which streams the weight faster than MKL's generic path on some CPUs)
 //   "fused":  y = x @ (weight + delta)^T + bias       (bitdelta's sign_matmul_tl, one x row)
+//   "rows":   as "torch", the term computed x row by x row (several rows: each row then takes the int8
+//             tables, which serve one row; a few rows on small layers run faster so than the exact kernels)
 //   then      y += extra                              (a tenant's bias delta, MultiDeltaLinear)
 //
 // "torch" and "fused" do the Python path's arithmetic (serve/modules.py with the term's op), so a call
@@ -50,9 +52,9 @@ class LayerPlan {
   enum class Base { kTorch, kOwn, kFused };
 
   static Base base_mode(const char* op, const std::string& mode) {
-    if (mode == "torch") return Base::kTorch;
+    if (mode == "torch" || mode == "rows") return Base::kTorch;
     if (mode == "own") return Base::kOwn;
-    TORCH_CHECK(mode == "fused", op, ": mode must be torch, own or fused, got '", mode, "'");
+    TORCH_CHECK(mode == "fused", op, ": mode must be torch, own, fused or rows, got '", mode, "'");
     return Base::kFused;
   }
 
@@ -75,6 +77,7 @@ class LayerPlan {
     plan->groups_ = checked_groups(op, lists[0], lists[1], lists[2], lists[3], lists[4], lists[5], s, bits, n, k,
                                    group_size, tl ? &tls : nullptr);
     plan->group_size_ = group_size;
+    plan->term_rows_ = mode == "rows";
     for (auto* ls : {&lists, tl ? &*tl : nullptr}) {
       if (ls == nullptr) continue;
       for (auto& l : *ls) plan->keep_.insert(plan->keep_.end(), l.begin(), l.end());
@@ -101,6 +104,7 @@ class LayerPlan {
                 op, ": scale must be contiguous CPU float32 of shape () / (1,) / (", n, ",), got ",
                 scale.scalar_type(), " ", scale.sizes());
     plan->per_row_ = scale.numel() == n && scale.numel() != 1;
+    plan->term_rows_ = mode == "rows";
     plan->s_tl_ = std::move(s_tl);
     plan->scale_ = std::move(scale);
     for (auto& t : sources) plan->sources_.emplace_back(t, t._version());
@@ -133,7 +137,7 @@ class LayerPlan {
     at::Tensor y;
     if (base_ == Base::kFused) {
       y = at::empty({1, n_}, x.options().dtype(at::kFloat));
-      if (!sign_pass(x2, true, y)) return std::nullopt;
+      if (!sign_fused(x2, y)) return std::nullopt;
       if (xt != at::kFloat) y = y.to(xt);
       if (bias_.defined()) add(y, bias_);
     } else {
@@ -166,7 +170,8 @@ class LayerPlan {
   std::string repr() const {
     static const char* const kModes[] = {"torch", "own", "fused"};
     return std::string("LayerPlan(") + (term_ == Term::kLowrank ? "lowrank" : "sign_tl") + ", " +
-           kModes[static_cast<int>(base_)] + ", n=" + std::to_string(n_) + ", k=" + std::to_string(k_) + ")";
+           (term_rows_ ? "rows" : kModes[static_cast<int>(base_)]) + ", n=" + std::to_string(n_) +
+           ", k=" + std::to_string(k_) + ")";
   }
 
  private:
@@ -178,8 +183,8 @@ class LayerPlan {
     if (base_ == Base::kFused ? (xt != at::kFloat && xt != at::kBFloat16 && xt != at::kHalf)
                               : xt != weight_.scalar_type())
       return false;
-    // sign_matmul_tl and the own matvec: one x row
-    if ((base_ != Base::kTorch || term_ == Term::kSignTl) && x.numel() != k_) return false;
+    // sign_matmul_tl (but row by row) and the own matvec: one x row
+    if ((base_ != Base::kTorch || (term_ == Term::kSignTl && !term_rows_)) && x.numel() != k_) return false;
     if (at::GradMode::is_enabled() &&
         (x.requires_grad() || weight_.requires_grad() || (bias_.defined() && bias_.requires_grad())))
       return false;  // autograd records the Python path's ops
@@ -188,10 +193,21 @@ class LayerPlan {
 
   // the term alone into t (m, n) fp32
   bool term(const at::Tensor& x2, at::Tensor& t) const {
-    if (term_ == Term::kSignTl) return sign_pass(x2, false, t);
+    const int64_t m = x2.size(0), rows = term_rows_ ? m : 1, per = m / rows;  // kernel calls, rows per call
+    if (term_ == Term::kSignTl && per != 1) return false;
     const at::Tensor xf = x2.scalar_type() == at::kFloat ? x2 : x2.to(at::kFloat);
-    cpu::kbit_lowrank_matmul_groups_f32(xf.data_ptr<float>(), x2.size(0), k_, n_, group_size_, groups_.data(),
-                                        static_cast<int64_t>(groups_.size()), t.data_ptr<float>());
+    const float* xp = xf.data_ptr<float>();
+    float* tp = t.data_ptr<float>();
+    for (int64_t i = 0; i < rows; ++i) {
+      if (term_ == Term::kSignTl) {
+        if (!cpu::sign_matmul_tl<float>(xp + i * k_, k_, nullptr, s_tl_.data_ptr<uint8_t>(), n_,
+                                        scale_.data_ptr<float>(), per_row_, tp + i * n_))
+          return false;
+      } else {
+        cpu::kbit_lowrank_matmul_groups_f32(xp + i * per * k_, per, k_, n_, group_size_, groups_.data(),
+                                            static_cast<int64_t>(groups_.size()), tp + i * per * n_);
+      }
+    }
     return true;
   }
 
@@ -208,18 +224,17 @@ class LayerPlan {
     }
   }
 
-  // sign_matmul_tl into y (1, n) fp32: with the base weight (fused) or the delta alone
-  bool sign_pass(const at::Tensor& x2, bool with_base, at::Tensor& y) const {
+  // the fused pass: sign_matmul_tl with the base weight into y (1, n) fp32
+  bool sign_fused(const at::Tensor& x2, at::Tensor& y) const {
     const at::Tensor xf = x2.scalar_type() == at::kFloat ? x2 : x2.to(at::kFloat);
     const float* xp = xf.data_ptr<float>();
     const uint8_t* s = s_tl_.data_ptr<uint8_t>();
     const float* sc = scale_.data_ptr<float>();
-    if (with_base && weight_.scalar_type() == at::kBFloat16) {
+    if (weight_.scalar_type() == at::kBFloat16) {
       const auto* w = reinterpret_cast<const uint16_t*>(weight_.data_ptr<at::BFloat16>());
       return cpu::sign_matmul_tl<uint16_t>(xp, k_, w, s, n_, sc, per_row_, y.data_ptr<float>());
     }
-    return cpu::sign_matmul_tl<float>(xp, k_, with_base ? weight_.data_ptr<float>() : nullptr, s, n_, sc, per_row_,
-                                      y.data_ptr<float>());
+    return cpu::sign_matmul_tl<float>(xp, k_, weight_.data_ptr<float>(), s, n_, sc, per_row_, y.data_ptr<float>());
   }
 
   // y (m, n) += v, v (m, n) or (n,) (broadcast over the rows): y + v as torch computes it
@@ -247,6 +262,7 @@ class LayerPlan {
   // sign_tl
   at::Tensor s_tl_, scale_;
   bool per_row_ = false;
+  bool term_rows_ = false;  // mode "rows": the term x row by x row
   std::vector<std::pair<at::Tensor, uint32_t>> sources_;  // (tensor, its version when the plan was built)
 };
 

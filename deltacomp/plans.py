@@ -12,10 +12,13 @@ and reshapes with further op calls). A plan checks a layer's tensors once, keeps
   (``simd8::dense_m1``), which on some CPUs streams the weight faster than torch's BLAS (MKL takes a generic
   path on AMD CPUs); the serving modules take it where measured faster (serve/dispatch.py);
 - ``"fused"`` (bitdelta at one x row): ``sign_matmul_tl(x, weight, ...) + bias``;
+- ``"rows"`` (several x rows): as "torch", the term computed row by row, so each row takes the int8 tables
+  (which serve one row; inexact); for a few rows on small layers faster than the exact multi-row kernels,
+  and taken where measured so;
 - then ``+ extra`` (a tenant's bias delta).
 
 "torch" and "fused" do the Python path's arithmetic, so their outputs equal it; "own" sums the base in
-another order.
+another order; "rows" takes the int8 tables where the Python path, at several rows, is exact.
 
 A codec's serving term builds its plan (``DeltaTerm.layer_plan``); the serving modules (serve/modules.py)
 keep it with the path they keep for an input shape. A plan answers None for a call it does not serve (not
@@ -38,7 +41,6 @@ else:  # pragma: no cover - depends on the build
     _LayerPlan = None
 
 ENV = "DELTACOMP_LAYER_PLANS"
-MODES = ("torch", "own", "fused")
 
 
 def enabled() -> bool:

@@ -119,9 +119,9 @@ def test_bitdelta_plan_equals_python_path(monkeypatch, n, k, fused, per_row):
     with torch.no_grad():
         y = _served(layer, x)
         assert torch.equal(y, _without_plans(monkeypatch, layer, x))
-        x3 = torch.randn(3, k, generator=_gen(1))  # three rows: the sign kernel takes one, no plan
-        layer(x3)
-        assert layer._plan[-3] is None
+        x3 = torch.randn(3, k, generator=_gen(1))  # three rows: "always" takes the term row by row, "never"
+        layer(x3)                                  # the Python path (sign plans serve one row or row by row)
+        assert (layer._plan[-3] is None) == (fused == "never")
     ref = _ref(layer.base, enc, x)
     assert (y.double() - ref).abs().max() <= 2e-2 * ref.abs().max()
 
@@ -154,8 +154,9 @@ def test_multi_tenant_plans_with_bias_delta(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_own_base_plan_within_rounding_of_python_path(monkeypatch, codec, dtype):
     """DELTACOMP_FUSED=always: the base + term paths take the extension's matvec for the base (mode "own") at
-    one x row; its output is the Python path's within fp32 rounding (bf16: one bf16 rounding), and several
-    rows keep the torch base."""
+    one x row, its output the Python path's within fp32 rounding (bf16: one bf16 rounding); at several rows
+    the term row by row by the int8 tables (mode "rows"), within their error of the exact kernels; never:
+    the torch plan (svd-mixed) or none (bitdelta, whose sign plans serve one row or row by row)."""
     if codec == "bitdelta" and not ops_tl.sign_tl_wanted():
         pytest.skip("bitdelta's terms take no int8 tables on this CPU: no sign plans")
     monkeypatch.setenv("DELTACOMP_FUSED", "always")
@@ -170,10 +171,15 @@ def test_own_base_plan_within_rounding_of_python_path(monkeypatch, codec, dtype)
         want = _without_plans(monkeypatch, layer, x)
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         assert (y.double() - want.double()).abs().max() <= tol * want.double().abs().max()
-        if codec == "svd-mixed":
-            x3 = torch.randn(3, k, generator=_gen(4)).to(dtype)
-            layer(x3)
-            assert "torch" in repr(layer._plan[-3])
+        x3 = torch.randn(3, k, generator=_gen(4)).to(dtype)  # several rows: the term row by row ("rows")
+        y3 = layer(x3)
+        y3 = layer(x3)
+        assert "rows" in repr(layer._plan[-3])
+        want3 = _without_plans(monkeypatch, layer, x3)  # the exact multi-row kernels
+        assert (y3.double() - want3.double()).abs().max() <= 3e-2 * want3.double().abs().max()
+        monkeypatch.setenv("DELTACOMP_FUSED", "never")
+        y3 = layer(x3)
+        assert layer._plan[-3] is None if codec == "bitdelta" else "torch" in repr(layer._plan[-3])
 
 
 @needs_plans
@@ -253,7 +259,7 @@ def test_plan_checks_its_arguments():
         plans.sign_tl(w, None, None, "fused", s_tl, torch.ones(1), [], n, k)
     with pytest.raises(RuntimeError, match="bias and extra"):
         plans.sign_tl(w, torch.zeros(n + 1), None, "fused", s_tl, torch.ones(1), [], n, k)
-    with pytest.raises(RuntimeError, match="mode must be torch, own or fused"):
+    with pytest.raises(RuntimeError, match="mode must be torch, own, fused or rows"):
         plans.sign_tl(w, None, None, "fast", s_tl, torch.ones(1), [], n, k)
     with pytest.raises(RuntimeError, match="take a contiguous float32 or bfloat16 weight"):
         plans.sign_tl(w.double(), None, None, "own", s_tl, torch.ones(1), [], n, k)
@@ -270,9 +276,9 @@ def test_plan_checks_its_arguments():
 
 def test_modules_keep_paths_of_alternating_shapes(monkeypatch):
     """A prompt's shape and the decode step's alternate in generation: each module keeps the paths of its
-    last few keys (``modules._KEPT``), so alternating shapes decide (and build plans) once per shape; a
+    last few keys (``kept.KEPT``), so alternating shapes decide (and build plans) once per shape; a
     key pushed out by newer ones is decided again. Outputs are unchanged by it."""
-    from deltacomp.serve import modules
+    from deltacomp.serve import kept
 
     monkeypatch.setenv("DELTACOMP_FUSED", "never")  # the torch base: the first (Python) call's arithmetic
     n, k = 40, 64
@@ -291,7 +297,7 @@ def test_modules_keep_paths_of_alternating_shapes(monkeypatch):
             for _ in range(3):
                 assert torch.equal(mod(a), first[0]) and torch.equal(mod(b), first[1])
             assert len(decided) == 2
-            for rows in range(2, 2 + modules._KEPT):  # newer keys push a and b out
+            for rows in range(2, 2 + kept.KEPT):  # newer keys push a and b out
                 mod(torch.randn(1, rows * 7, k))
             decided.clear()
             assert torch.equal(mod(a), first[0])

@@ -28,53 +28,11 @@ from torch import Tensor, nn
 from ..codecs import Encoded, get_codec
 from ..errors import DeltacompError
 from . import dispatch
+from .kept import base_plan, call_plan, fused_plan, keep
 
 
 def _out(y: Tensor, lead: torch.Size) -> Tensor:
     return y.reshape(*lead, y.shape[-1])
-
-
-def _base_plan(make, x2: Tensor, weight: Tensor, kind: str):
-    """The layer plan (``plans``) of a base + term path: ``make(mode)`` builds one (mode "torch" or "own") or
-    None. At one x row both, and the one measured faster on this call's tensors is kept (``dispatch.prefer_fused``
-    under ``kind + "-base"``, as for a fused kernel: DELTACOMP_FUSED=always takes "own", never "torch")."""
-    torch_plan = make("torch")
-    if torch_plan is None or x2.shape[0] != 1:
-        return torch_plan
-    own = make("own")
-    x = x2.contiguous()
-    if own is None or own(x) is None:  # (a call the plans do not serve, such as one autograd records)
-        return torch_plan
-    return own if dispatch.prefer_fused(x, weight, lambda: own(x), lambda: torch_plan(x), kind=kind + "-base") \
-        else torch_plan
-
-
-def _native(module: nn.Module, native, weight: Tensor, bias: Tensor | None, x: Tensor) -> Tensor | None:
-    """``native(x)``, the module's kept layer plan (``plans``), while its base holds the weight and bias the
-    plan was built on; None where the plan does not serve x. A plan that no longer can (a replaced weight
-    or bias, a source tensor changed in place) is dropped with the path it was kept with: the next call
-    decides again."""
-    params = module._modules["base"]._parameters
-    if params["weight"] is weight and params["bias"] is bias:
-        y = native(x)
-        if y is not None or native.current():
-            return y
-    module._plan = None
-    module._kept.clear()
-    return None
-
-
-_KEPT = 4  # paths (with their layer plans) a serving module keeps, by key: a prompt's shape and the decode
-# step's alternate in generation, and deciding again costs 0.1-0.4 ms a layer (measured, plans built)
-
-
-def _keep(module: nn.Module, plan: tuple) -> tuple:
-    """Keep ``plan`` (key first) among the module's last ``_KEPT`` paths and as its current one."""
-    kept = module._kept
-    if len(kept) >= _KEPT:
-        kept.pop(next(iter(kept)))
-    kept[plan[0]] = module._plan = plan
-    return plan
 
 
 class DeltaLinear(nn.Module):
@@ -103,7 +61,7 @@ class DeltaLinear(nn.Module):
         self.fused = can_fuse if fused is None else bool(fused)
         self.fused_measured = fused is None  # the fused path is taken where measured faster
         self._plan = None
-        self._kept: dict[tuple, tuple] = {}  # key -> plan, the last _KEPT keys (see forward)
+        self._kept: dict[tuple, tuple] = {}  # key -> plan, the last kept.KEPT keys (see forward)
 
     def forward(self, x: Tensor) -> Tensor:
         # A decode step calls every patched layer once per token with an input of one shape, and at
@@ -124,12 +82,12 @@ class DeltaLinear(nn.Module):
             plan = self._kept.get(key)  # a path kept for this key before (a prompt, then decode steps)
             if plan is None:
                 y, plan = self._forward(x, key)
-                _keep(self, plan)
+                keep(self, plan)
                 return y
             self._plan = plan
         _, fused, in2, out, native, weight, bias = plan
         if native is not None:
-            y = _native(self, native, weight, bias, x)
+            y = call_plan(self, native, weight, bias, x)
             if y is not None:
                 return y
         x2 = x if in2 is None else x.reshape(*in2)
@@ -150,9 +108,12 @@ class DeltaLinear(nn.Module):
         if type(base) is nn.Linear:
             weight, bias = base._parameters["weight"], base._parameters["bias"]
             term = self._modules["delta"]
-            native = (term.layer_plan(weight, bias, None, "fused", x2.shape[0]) if fused else
-                      _base_plan(lambda mode: term.layer_plan(weight, bias, None, mode, x2.shape[0]), x2, weight,
-                                 "single"))
+            rows = x2.shape[0]
+            native = (fused_plan(term.layer_plan(weight, bias, None, "fused", rows),
+                                  lambda: term.layer_plan(weight, bias, None, "rows", rows), x2, weight, "single",
+                                  lambda: self._fused(x2)) if fused else
+                      base_plan(lambda mode: term.layer_plan(weight, bias, None, mode, rows), x2, weight,
+                                 "single", lambda: self._unfused(x2)))
         return out, (key, fused, None if x2 is x else tuple(x2.shape), None if x2 is x else tuple(out.shape),
                      native, weight, bias)
 
@@ -259,7 +220,7 @@ class MultiDeltaLinear(nn.Module):
         # tenants that leave this layer as it is (no term, no bias delta)
         self._unchanged = {t for t, e in enumerate(encoded) if e is None and t not in self.bias_deltas}
         self._uniform = _Uniform()
-        self._kept: dict[tuple, tuple] = {}  # key -> plan, the last _KEPT keys (see forward)
+        self._kept: dict[tuple, tuple] = {}  # key -> plan, the last kept.KEPT keys (see forward)
 
     def forward(self, x: Tensor) -> Tensor:
         # As DeltaLinear.forward: a CPU call keeps the path it took (``_plan``) with what it was decided on,
@@ -274,12 +235,12 @@ class MultiDeltaLinear(nn.Module):
             plan = self._kept.get(key)  # as DeltaLinear.forward
             if plan is None or plan[1] is not index:
                 y, plan = self._forward(x, key)
-                _keep(self, plan)
+                keep(self, plan)
                 return y
             self._plan = plan
         _, _, path, t, in2, out, native, weight, bias = plan
         if native is not None:
-            y = _native(self, native, weight, bias, x)
+            y = call_plan(self, native, weight, bias, x)
             if y is not None:
                 return y
         if path == _FUSED:
@@ -330,11 +291,14 @@ class MultiDeltaLinear(nn.Module):
         extra = self._buffers[f"bias_delta{t}"] if t in self.bias_deltas else None
         if path == _FUSED:
             make = getattr(self._fusers[self._term_of[t]], "layer_plan_one", None)
-            native = None if make is None else make(t, weight, bias, extra, x2.shape[0])
+            rows = x2.shape[0]
+            native = None if make is None else fused_plan(
+                make(t, weight, bias, extra, rows), lambda: make(t, weight, bias, extra, rows, "rows"), x2, weight,
+                "multi", lambda: self._fused_one(x2, t))
         else:
             term = self._modules["others"]._modules[str(t)]
-            native = _base_plan(lambda mode: term.layer_plan(weight, bias, extra, mode, x2.shape[0]), x2, weight,
-                                "multi")
+            native = base_plan(lambda mode: term.layer_plan(weight, bias, extra, mode, x2.shape[0]), x2, weight,
+                                "multi", lambda: self._one_term(x2, t))
         return native, weight, bias
 
     def _run(self, path: int, x: Tensor, t: int | None) -> Tensor:

@@ -67,9 +67,10 @@ class BitDeltaTerm(DeltaTerm):
         return super().forward(x2)
 
     def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, rows: int):
-        """``plans.sign_tl`` at one x row where this term takes the int8 tables (``_tl_on``)."""
+        """``plans.sign_tl`` where this term takes the int8 tables (``_tl_on``): at one x row (modes "torch",
+        "own", "fused"), or row by row at several (mode "rows")."""
         signs = self._buffers["t_signs"]
-        if (rows != 1 or not self._tl_on or not signs.is_cpu or not plans.enabled()
+        if ((rows > 1) != (mode == "rows") or not self._tl_on or not signs.is_cpu or not plans.enabled()
                 or (mode == "fused" and not self.fuses_with(weight))):
             return None
         scale = self._buffers["t_scale"]
@@ -128,17 +129,19 @@ class SignStacks(nn.Module):
             return ops_tl.sign_matmul_tl(x2, weight, tl[2], scales, self.n, self.k)
         return ops.sign_matmul_fused(x2, weight, signs, scales, self.k)
 
-    def layer_plan_one(self, t: int, weight: Tensor, bias: Tensor | None, extra: Tensor | None, rows: int):
-        """``plans.sign_tl`` of ``fused_one(x2, weight, t) + bias (+ extra)`` at one x row where this layer
-        takes the int8 tables, else None."""
-        if rows != 1 or not self._tl_on or not self.fuses_one(t, weight) or not plans.enabled():
+    def layer_plan_one(self, t: int, weight: Tensor, bias: Tensor | None, extra: Tensor | None, rows: int,
+                       mode: str = "fused"):
+        """``plans.sign_tl`` of tenant t's ``fused_one(x2, weight, t) + bias (+ extra)`` at one x row (mode
+        "fused"), or of base + its term row by row at several (mode "rows"), where this layer takes the int8
+        tables; else None."""
+        if ((rows > 1) != (mode == "rows") or not self._tl_on or not self.fuses_one(t, weight)
+                or not plans.enabled()):
             return None
         signs, scales = self._one_tensors(t)
         if not signs.is_cpu:
             return None
         tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
-        return plans.sign_tl(weight, bias, extra, "fused", tl[2], scales.contiguous(), [signs, scales], self.n,
-                             self.k)
+        return plans.sign_tl(weight, bias, extra, mode, tl[2], scales.contiguous(), [signs, scales], self.n, self.k)
 
     def _one_tensors(self, t: int) -> tuple[Tensor, Tensor]:
         """Tenant t's signs and scale in level 0's stacks, the views kept between calls (a decode step asks

@@ -100,13 +100,16 @@ class SvdMixedTerm(DeltaTerm):
         return args
 
     def layer_plan(self, weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, rows: int):
-        """``plans.lowrank`` of the kept arguments (mode "torch": any number of rows; "own": one), where the op
-        is called straight."""
+        """``plans.lowrank`` of the kept arguments, where the op is called straight: mode "torch" at any number
+        of rows, "own" at one, "rows" at several where the term has TL4 repacks (each row then takes the int8
+        tables)."""
         if mode == "fused" or (mode == "own" and rows != 1) or not plans.enabled():
             return None
         if self._args is None:
             self._prepare()
-        return plans.lowrank(weight, bias, extra, mode, self._args, self._tl) if self._direct else None
+        if not self._direct or (mode == "rows" and (rows < 2 or self._tl is None)):
+            return None
+        return plans.lowrank(weight, bias, extra, mode, self._args, self._tl)
 
     def forward(self, x2: Tensor) -> Tensor:
         args = self._args
