@@ -39,7 +39,9 @@ from torch import Tensor
 from .ops import HAS_EXTENSION
 
 if HAS_EXTENSION:
-    from ._C import LayerPlan as _LayerPlan
+    from . import _C
+
+    _LayerPlan = getattr(_C, "LayerPlan", None)  # None: a build from before the plans (no plans, same results)
 else:  # pragma: no cover - depends on the build
     _LayerPlan = None
 
