@@ -61,7 +61,7 @@ def call_plan(module: nn.Module, plan, weight: Tensor, bias: Tensor | None, x: T
 
 
 KEPT = 4  # paths (with their layer plans) a serving module keeps, by key: a prompt's shape and the decode
-# step's alternate in generation, and deciding again costs 0.1-0.4 ms a layer (measured, plans built)
+# step's alternate in generation, and deciding again cost 0.12-0.39 ms on one gate_proj (measured, plans built)
 
 
 def keep(module: nn.Module, plan: tuple) -> tuple:
