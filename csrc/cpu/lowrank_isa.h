@@ -80,6 +80,15 @@ struct Isa {
 // 11008, rank 256: 1 bit 0.17 against 0.26 ms, 2 bits 0.23 against 0.27, 3 bits 0.29 against 0.27).
 constexpr int kLutMaxBits = 2;
 
+// The portable decode, one-row axpy_codes and one-row dot_codes (lowrank_generic.cpp: byte tables and GCC
+// vector extensions; dot_block 8), which every path without its own loops takes.
+struct GenericLoops {
+  decltype(Isa::decode) decode;
+  decltype(Isa::axpy_codes) axpy_codes;
+  decltype(Isa::dot_codes) dot_codes;
+};
+GenericLoops generic_loops();
+
 // The AVX-512 (F + BW + VL) table, or nullptr when not compiled in (lowrank_simd.cpp).
 const Isa* avx512_isa();
 // The AVX2 + FMA loops (lowrank_avx2.cpp): decode, one-row axpy_codes and dot_codes, and halves and

@@ -68,37 +68,6 @@ inline void mul8(const float* a, const float* b, V8& out) {
   out += x * y;
 }
 
-// Whole groups of 8 codes from code index i (a multiple of 8 past `first`): 8 codes = B whole bytes.
-template <int B>
-inline void decode8(const uint8_t* stream, int64_t first, int64_t& i, int64_t count, float* out) {
-  constexpr uint64_t mask = (1u << B) - 1u;
-  for (; i + 8 <= count; i += 8) {
-    uint64_t w = 0;
-    std::memcpy(&w, stream + ((first + i) >> 3) * B, B);  // little-endian host
-    for (int t = 0; t < 8; ++t) out[i + t] = static_cast<float>((w >> (t * B)) & mask);
-  }
-}
-
-#if DELTACOMP_X86_GCC
-__attribute__((target_clones("avx2", "default")))
-#endif
-void decode_generic(const uint8_t* stream, int64_t /*nbytes: reads only the codes' bytes*/, int bits, int64_t first,
-                    int64_t count, float* out) {
-  int64_t i = 0;
-  for (; i < count && ((first + i) & 7); ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-  switch (bits) {  // a constant width: the 8-code loop unrolls, its copy is a plain load
-    case 1: decode8<1>(stream, first, i, count, out); break;
-    case 2: decode8<2>(stream, first, i, count, out); break;
-    case 3: decode8<3>(stream, first, i, count, out); break;
-    case 4: decode8<4>(stream, first, i, count, out); break;
-    case 5: decode8<5>(stream, first, i, count, out); break;
-    case 6: decode8<6>(stream, first, i, count, out); break;
-    case 7: decode8<7>(stream, first, i, count, out); break;
-    default: decode8<8>(stream, first, i, count, out); break;
-  }
-  for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, bits, first + i));
-}
-
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
 #endif
@@ -157,8 +126,15 @@ void panel_dots_generic(const float* panel, int64_t rows, int64_t k, const float
     for (int64_t i = 0; i < m; ++i) out[q * m + i] = scaled_dot_generic(panel + q * k, x + i * k, k, k, &one);
 }
 
-constexpr Isa kGeneric{decode_generic, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
-                       panel_dots_generic, nullptr, nullptr, 0, nullptr};
+// The portable path: the loops above, with lowrank_generic.cpp's decode and one-row loops.
+const Isa& generic_isa() {
+  static const Isa table = [] {
+    const GenericLoops g = generic_loops();
+    return Isa{g.decode, scaled_dot_generic, halves_generic, scale_groups_generic, panel_gemm_generic,
+               panel_dots_generic, g.axpy_codes, g.dot_codes, 8, nullptr};
+  }();
+  return table;
+}
 
 // The path active_isa() (common.h) names, read per call so tests can switch: avx512 = the AVX-512
 // table; avx2 = the portable loops (AVX2 clones) with the AVX2 decode, one-row axpy, one-row dot and
@@ -168,7 +144,7 @@ const Isa& pick_isa() {
 #if DELTACOMP_X86_GCC
   static const Avx2Loops loops = avx2_loops();
   static const Isa kAvx2 = [] {
-    Isa t = kGeneric;
+    Isa t = generic_isa();
     t.decode = loops.decode;
     t.axpy_codes = loops.axpy_codes;
     t.dot_codes = loops.dot_codes;
@@ -181,7 +157,7 @@ const Isa& pick_isa() {
   if (want == cpu::Isa::kAvx512 && avx512_isa() != nullptr) return *avx512_isa();
   if (want == cpu::Isa::kAvx2 && loops.decode != nullptr) return kAvx2;
 #endif
-  return kGeneric;
+  return generic_isa();
 }
 
 inline int64_t n_groups(int64_t len, int64_t gs) { return (len + gs - 1) / gs; }

@@ -4,7 +4,8 @@
 // tests/test_arm.py, so the NEON path is checked on an x86 machine; it builds natively as well:
 //
 //   aarch64-linux-gnu-g++ -std=c++17 -O2 -fopenmp -static -Icsrc/cpu tests/arm/kernel_check.cpp
-//       csrc/cpu/{isa,sign_kernels,simd8_kernels,fused_kernels,ternary_kernels,lowrank_kernels,lowrank_simd}.cpp
+//       csrc/cpu/{isa,sign_kernels,simd8_kernels,fused_kernels,ternary_kernels,lowrank_kernels,lowrank_generic,
+//         lowrank_simd,lowrank_avx2,lowrank_tl_avx2}.cpp
 //       -o /tmp/kernel_check && qemu-aarch64 /tmp/kernel_check neon portable
 // (one command line; tests/test_arm.py runs exactly this)
 //
@@ -224,10 +225,12 @@ int main(int argc, char** argv) {
     check_sign(4, 9, 40, true, true);  // all-zero delta (scale 0): y = the base alone
     for (int64_t m : {1, 4, 9}) check_multi(m, 11, 45, 3);
     for (int64_t m : {1, 3}) check_ternary(m, 7, 37);
-    for (int bits : {1, 2, 3, 4, 8})
+    for (int bits = 1; bits <= 8; ++bits)
       for (int64_t m : {1, 3}) {
-        check_lowrank(m, 64, 48, 3, bits, 16);  // n, gs multiples of 16: the one-row axpy path
-        check_lowrank(m, 37, 29, 2, bits, 5);   // odd sizes and groups
+        check_lowrank(m, 64, 48, 3, bits, 16);   // n, gs multiples of 16: the one-row axpy path
+        check_lowrank(m, 37, 29, 2, bits, 5);    // odd sizes and groups
+        check_lowrank(m, 96, 200, 5, bits, 8);   // k, gs multiples of 8: the one-row dot, groups of 8 codes
+        check_lowrank(m, 160, 264, 4, bits, 32); // several groups each way, a group of 8 codes past 16s
       }
     for (int64_t k : {1, 9, 64}) check_pack(3, k);
     std::printf("%s: path %s, %s\n", path.c_str(), isa_name(active_isa()),
