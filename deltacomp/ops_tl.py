@@ -61,21 +61,31 @@ def pack_tl4_signs(signs: Tensor, k: int) -> Tensor:
     return tl4.pack_tl4_signs(signs, k)
 
 
-# -- the sign delta at one x row by int8 lookup tables (inexact, AVX2) -------------------------------------
+# -- the sign delta at one x row by int8 lookup tables (inexact; AVX2, NEON, portable) ---------------------
 _SIGN_EXACT = ("exact", "simd", "lut8")  # DELTACOMP_SIGN_KERNEL values that keep the exact kernels
 
 
+TABLE_PATHS = ("avx2", "neon", "portable")  # the extension's code paths with int8-table kernels
+
+
+def tables_path() -> bool:
+    """Whether the kernels' code path now (``ops.cpu_isa``, DELTACOMP_ISA honoured) has the int8-table
+    kernels of one x row: AVX2 (vpshufb), NEON and portable (a 16-byte table lookup: tbl, pshufb); the
+    AVX-512 path keeps its exact kernels."""
+    return HAS_EXTENSION and cpu_isa() in TABLE_PATHS
+
+
 def sign_tl_wanted() -> bool:
-    """Whether bitdelta's serving terms take ``sign_matmul_tl`` at one x row: the AVX2 path of the extension
-    (DELTACOMP_ISA honoured), unless DELTACOMP_SIGN_KERNEL is ``exact`` (or names another exact kernel).
+    """Whether bitdelta's serving terms take ``sign_matmul_tl`` at one x row: a path with the int8 tables
+    (``tables_path``), unless DELTACOMP_SIGN_KERNEL is ``exact`` (or names another exact kernel).
     The terms read this when they are built (when a model is patched), not on every call."""
-    return HAS_EXTENSION and cpu_isa() == "avx2" and os.environ.get("DELTACOMP_SIGN_KERNEL") not in _SIGN_EXACT
+    return tables_path() and os.environ.get("DELTACOMP_SIGN_KERNEL") not in _SIGN_EXACT
 
 
 def sign_matmul_tl(x: Tensor, w_base: Tensor | None, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
     """``x @ (w_base + scale * sign)^T`` (or the delta alone, w_base None) for one x row (1, K), the sign
     dots by int8 lookup tables (inexact: x is quantized through its tables, as in the svd-mixed int8 path);
-    ``s_tl`` the signs repacked by ``quant.tl4.pack_tl4_signs`` (K % 4 == 0). AVX2 CPUs only
+    ``s_tl`` the signs repacked by ``quant.tl4.pack_tl4_signs`` (K % 4 == 0). The AVX2, NEON and portable paths only
     (``sign_tl_wanted``); scale fp32 () / (1,) / (N,)."""
     base = _EMPTY if w_base is None else w_base.contiguous()
     op = _TL_OP if torch.compiler.is_compiling() else _TL_OP_CALL  # (see ops._FUSED_OP_CALL)

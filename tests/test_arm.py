@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 KERNELS = ("isa", "sign_kernels", "simd8_kernels", "fused_kernels", "ternary_kernels", "lowrank_kernels",
-           "lowrank_generic", "lowrank_simd", "lowrank_avx2", "lowrank_tl_avx2")
+           "lowrank_generic", "lowrank_simd", "lowrank_avx2", "lowrank_tl_avx2", "lowrank_tl_generic", "tl4_pack")
 
 
 def _build(compiler: str, out: Path, static: bool) -> None:

@@ -1,9 +1,9 @@
 """kbit_lowrank_matmul_groups_tl: svd-mixed at one x row with the 1- and 2-bit groups' V and U^T in the TL4
-layout (quant/tl4.py), stages 1 and 3 by int8 lookup tables on AVX2 (inexact). Checked: the layout round
-trip; the kernel against a float64 emulation of its int8 tables (tight: only fp32 rounding apart); the
-kernel against the float64 reference within the bound the table quantization allows (below); odd K, one
-row, rank 0 and 1, all-zero codes, every bit width; the exact fallbacks (other paths, M > 1, the
-environment variable); the wrapper checks; svd-mixed's serving term.
+layout (quant/tl4.py), stages 1 and 3 by int8 lookup tables on the AVX2 and portable paths (inexact).
+Checked: the layout round trip; the kernel against a float64 emulation of its int8 tables (tight: only fp32
+rounding apart); the kernel against the float64 reference within the bound the table quantization allows
+(below); odd K, one row, rank 0 and 1, all-zero codes, every bit width; the exact fallbacks (AVX-512, M > 1,
+the environment variable); the wrapper checks; svd-mixed's serving term.
 
 Error bound (the kernel's comment in csrc/cpu/lowrank_tl_avx2.cpp): the tables of one chunk (<= 128
 positions of one RTN group) have the scale delta = max |T| / 127 <= max over its position groups p of
@@ -26,12 +26,15 @@ from test_ops_lowrank import EPS, _gen, needs_ext
 from test_ops_lowrank_groups import _groups
 
 
-@pytest.fixture
-def avx2(monkeypatch):
-    monkeypatch.setenv("DELTACOMP_ISA", "avx2")
+@pytest.fixture(params=("avx2", "portable"))
+def avx2(request, monkeypatch):
+    """Each path with int8-table kernels: AVX2 (lowrank_tl_avx2.cpp) and portable (lowrank_tl_generic.cpp,
+    the loops NEON builds too; tests/test_arm.py runs them on aarch64)."""
+    monkeypatch.setenv("DELTACOMP_ISA", request.param)
     monkeypatch.delenv("DELTACOMP_LOWRANK_KERNEL", raising=False)
-    if ops.cpu_isa() != "avx2":
-        pytest.skip("no AVX2 on this CPU")
+    if ops.cpu_isa() != request.param:
+        pytest.skip(f"no {request.param} path on this CPU")
+    return request.param
 
 
 def _lists(args, n, k, gs):
@@ -210,14 +213,14 @@ def test_zero_codes_rank_zero_and_zero_x(avx2):
 
 
 @needs_ext
-@pytest.mark.parametrize("path", ("avx512", "portable", "exact", "direct", "rows"))
+@pytest.mark.parametrize("path", ("avx512", "exact", "direct", "rows"))
 def test_exact_fallbacks(avx2, monkeypatch, path):
-    """The same lists on the other paths, with the exact kernels asked for, or at M > 1: the plain op's
+    """The same lists on the AVX-512 path, with the exact kernels asked for, or at M > 1: the plain op's
     result, bit for bit."""
     args, _ = _groups((8, 3, 2, 1), (2, 5, 40, 9), 64, 1000, 32, seed=4)
     tl = _lists(args, 64, 1000, 32)
     x = torch.randn(3 if path == "rows" else 1, 1000, generator=_gen(4))
-    if path in ("avx512", "portable"):
+    if path == "avx512":
         monkeypatch.setenv("DELTACOMP_ISA", path)
         if ops.cpu_isa() != path:
             pytest.skip(f"no {path} path on this CPU")
@@ -225,7 +228,7 @@ def test_exact_fallbacks(avx2, monkeypatch, path):
         monkeypatch.setenv("DELTACOMP_LOWRANK_KERNEL", path)
     want = torch.ops.deltacomp.kbit_lowrank_matmul_groups(x, *args, 64, 1000, 32)
     assert torch.equal(torch.ops.deltacomp.kbit_lowrank_matmul_groups_tl(x, *args, 64, 1000, 32, *tl), want)
-    if path in ("exact", "direct", "portable"):  # and the serving term then repacks nothing
+    if path in ("exact", "direct", "avx512"):  # and the serving term then repacks nothing
         assert _lists(args, 64, 1000, 32) is None
 
 

@@ -27,12 +27,15 @@ from test_ops_lowrank_tl import _chunks, _tables
 SHAPES = ((1, 4), (31, 100), (33, 132), (64, 1028), (70, 260), (5, 12), (96, 4100))
 
 
-@pytest.fixture
-def avx2(monkeypatch):
-    monkeypatch.setenv("DELTACOMP_ISA", "avx2")
+@pytest.fixture(params=("avx2", "portable"))
+def avx2(request, monkeypatch):
+    """Each path with int8-table kernels: AVX2 (lowrank_tl_avx2.cpp) and portable (lowrank_tl_generic.cpp,
+    the loops NEON builds too; tests/test_arm.py runs them on aarch64)."""
+    monkeypatch.setenv("DELTACOMP_ISA", request.param)
     monkeypatch.delenv("DELTACOMP_SIGN_KERNEL", raising=False)
-    if ops.cpu_isa() != "avx2":
-        pytest.skip("no AVX2 on this CPU")
+    if ops.cpu_isa() != request.param:
+        pytest.skip(f"no {request.param} path on this CPU")
+    return request.param
 
 
 def _signs(n, k, seed):

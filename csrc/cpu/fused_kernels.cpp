@@ -144,10 +144,11 @@ int64_t sign_tl_bytes(int64_t n, int64_t k) {
 template <typename WT>
 bool sign_matmul_tl(const float* x, int64_t k, const WT* w, const uint8_t* s_tl, int64_t n, const float* scale,
                     bool per_row, float* y) {
-  const lowrank::TlLoops tl = lowrank::tl_loops();
+  const Isa isa = active_isa();
+  const lowrank::TlLoops tl = lowrank::tl_loops(isa);
   if (tl.dots == nullptr) return false;
   if (n == 0) return true;
-  if (w != nullptr) simd8::dense_m1(Isa::kAvx2, x, k, w, n, y);
+  if (w != nullptr) simd8::dense_m1(isa, x, k, w, n, y);
   else std::fill(y, y + n, 0.f);
   int64_t chunks = 0;
   const int64_t groups = lowrank::tl_groups(k, k, &chunks), tiles = (n + lowrank::kTlRows - 1) / lowrank::kTlRows;

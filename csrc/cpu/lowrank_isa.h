@@ -29,6 +29,24 @@ inline float half_to_float(uint16_t h) {
   return f;
 }
 
+// out[i] = fp16 bit pattern h[i] as float, i < count: the same values as half_to_float, branch-free (one
+// select per case) so the compiler vectorizes it on every target.
+inline void halves_to_floats(const uint16_t* h, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const uint32_t sign = static_cast<uint32_t>(h[i] & 0x8000u) << 16, em = h[i] & 0x7fffu;
+    uint32_t normal = (em << 13) + (112u << 23);  // exponent rebiased 15 -> 127
+    normal = em >= 0x7c00u ? (em << 13) | 0x7f800000u : normal;  // inf / nan
+    const float sub = static_cast<float>(static_cast<int32_t>(em)) * 5.9604644775390625e-8f;  // em * 2^-24
+    float f;
+    std::memcpy(&f, &normal, sizeof f);
+    f = em < 0x400u ? sub : f;  // zero and subnormals
+    uint32_t bits;
+    std::memcpy(&bits, &f, sizeof bits);
+    bits |= sign;
+    std::memcpy(out + i, &bits, sizeof bits);
+  }
+}
+
 // Code `idx` of a KBITS stream, reading no byte past the one holding its last bit.
 inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
   const int64_t p = idx * bits;
@@ -131,8 +149,12 @@ struct TlLoops {
   void (*axpy)(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* zero_t, int bits, int64_t r, int64_t n,
                int64_t gs, const float* t, float* y);
 };
-// The AVX2 + F16C loops, or nullptrs (not compiled in, or the CPU lacks them).
-TlLoops tl_loops();
+// The loops of code path `isa`: AVX2 + F16C (lowrank_tl_avx2.cpp; nullptrs where not compiled in or the CPU
+// lacks them), NEON and portable (lowrank_tl_generic.cpp); nullptrs for AVX-512, whose one-row kernels stay
+// exact.
+TlLoops tl_loops(cpu::Isa isa);
+TlLoops tl_loops_avx2();
+TlLoops tl_loops_generic();
 
 }  // namespace lowrank
 }  // namespace cpu

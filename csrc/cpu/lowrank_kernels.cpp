@@ -17,9 +17,10 @@
 //            group_size multiples of 16); otherwise a few rows are decoded and scaled into a small panel and
 //            acc += t^T panel runs in register tiles, accumulators loaded/stored once per panel.
 // Either way each packed byte is read once per call; no dense U or V exists at any point.
-// At one x row on AVX2, a 1- or 2-bit group that carries its TL4 repack (KbitGroup::v_tl / u_tl, built
-// at load time by svd-mixed's serving term) takes stages 1 and 3 through int8 lookup tables instead
-// (lowrank_tl_avx2.cpp; inexact, DELTACOMP_LOWRANK_KERNEL=exact turns it off).
+// At one x row on the AVX2, NEON and portable paths, a 1- or 2-bit group that carries its TL4 repack
+// (KbitGroup::v_tl / u_tl, built at load time by svd-mixed's serving term) takes stages 1 and 3 through int8
+// lookup tables instead (lowrank_tl_avx2.cpp, lowrank_tl_generic.cpp; inexact, DELTACOMP_LOWRANK_KERNEL=exact
+// turns it off).
 //
 // This file: the driver (stages, threads, the choice of code path) and the portable inner loops;
 // lowrank_simd.cpp: the AVX-512 loops; lowrank_avx2.cpp: the AVX2 ones (each says how it decodes codes).
@@ -90,9 +91,10 @@ float scaled_dot_generic(const float* a, const float* b, int64_t len, int64_t gs
   return tot;
 }
 
-void halves_generic(const uint16_t* h, int64_t count, float* out) {
-  for (int64_t i = 0; i < count; ++i) out[i] = half_to_float(h[i]);
-}
+#if DELTACOMP_X86_GCC
+__attribute__((target_clones("avx2", "default")))
+#endif
+void halves_generic(const uint16_t* h, int64_t count, float* out) { halves_to_floats(h, count, out); }
 
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
@@ -407,9 +409,10 @@ void kbit_lowrank_matmul_groups_f32(const float* x, int64_t m, int64_t k, int64_
   Kept<float> xsum(xsum_buf, static_cast<size_t>(m * lowrank::n_groups(k, group_size)));
   Kept<float> t(t_buf, static_cast<size_t>(r_total * m));
   lowrank::group_sums(x, m, k, group_size, xsum.vec());
-  // the int8 tables: the AVX2 path only (the AVX-512 and portable paths stay exact)
-  const bool int8 = m == 1 && active_isa() == Isa::kAvx2 && lowrank::table_mode() == lowrank::TableMode::kInt8;
-  lowrank::TlState tl{int8 ? lowrank::tl_loops() : lowrank::TlLoops{nullptr, nullptr, nullptr}, k, group_size};
+  // the int8 tables: the AVX2, NEON and portable paths (the AVX-512 path stays exact)
+  const bool int8 = m == 1 && lowrank::table_mode() == lowrank::TableMode::kInt8;
+  lowrank::TlState tl{int8 ? lowrank::tl_loops(active_isa()) : lowrank::TlLoops{nullptr, nullptr, nullptr}, k,
+                      group_size};
   float* tg = t.data();
   for (int64_t q = 0; q < count; ++q) {
     const KbitGroup& g = groups[q];

@@ -241,13 +241,21 @@ void tl_axpy_avx2(const uint8_t* u_tl, const uint16_t* scale_t, const uint16_t* 
 }  // namespace
 
 #if DELTACOMP_X86_GCC
-TlLoops tl_loops() {
+TlLoops tl_loops_avx2() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
   return ok ? TlLoops{tl_tables_avx2, tl_dots_avx2, tl_axpy_avx2} : TlLoops{nullptr, nullptr, nullptr};
 }
 #else
-TlLoops tl_loops() { return {nullptr, nullptr, nullptr}; }
+TlLoops tl_loops_avx2() { return {nullptr, nullptr, nullptr}; }
 #endif
+
+TlLoops tl_loops(cpu::Isa isa) {
+  switch (isa) {
+    case cpu::Isa::kAvx2: return tl_loops_avx2();
+    case cpu::Isa::kAvx512: return {nullptr, nullptr, nullptr};
+    default: return tl_loops_generic();
+  }
+}
 
 }  // namespace lowrank
 }  // namespace cpu

@@ -106,7 +106,8 @@ at::Tensor sign_matmul_tl_cpu(const at::Tensor& x, const at::Tensor& w_base, con
                                        s_tl.data_ptr<uint8_t>(), n, scale.data_ptr<float>(), per_row,
                                        y.data_ptr<float>());
   }
-  TORCH_CHECK(ok, op, ": needs AVX2 and F16C, which this CPU or build lacks; use sign_matmul_fused");
+  TORCH_CHECK(ok, op, ": the AVX-512 path has no int8 tables (DELTACOMP_ISA=avx512, or the CPU's best); use "
+              "sign_matmul_fused");
   return finish(y, x);
 }
 

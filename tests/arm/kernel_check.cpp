@@ -22,6 +22,7 @@
 #include "lowrank_kernels.h"
 #include "serve_kernels.h"
 #include "sign_kernels.h"
+#include "tl4_pack.h"
 
 using namespace deltacomp::cpu;
 
@@ -195,6 +196,100 @@ void check_lowrank(int64_t m, int64_t n, int64_t k, int64_t r, int bits, int64_t
          " bits=" + std::to_string(bits), y, want, mag, k + n);
 }
 
+// y vs want (a kernel through int8 tables: inexact) within 5% of want's RMS, RMS over the outputs; and, where
+// the path has the tables, not bit-equal to the exact kernel's exact (the tables were taken).
+void expect_tables(const char* what, const std::string& where, const std::vector<float>& y,
+                   const std::vector<double>& want, const std::vector<float>& exact) {
+  double err = 0, ref = 0;
+  bool same = true;
+  for (size_t i = 0; i < y.size(); ++i) {
+    err += (y[i] - want[i]) * (y[i] - want[i]);
+    ref += want[i] * want[i];
+    same = same && y[i] == exact[i];
+  }
+  const bool tables = active_isa() != Isa::kAvx512;  // the AVX-512 path stays exact
+  if (!(err <= 0.0025 * ref) || same == tables) {
+    if (++failures <= 20)
+      std::printf("FAIL %s %s: rms error %.3g of rms %.3g, equal to the exact kernel: %d\n", what, where.c_str(),
+                  std::sqrt(err / y.size()), std::sqrt(ref / y.size()), same);
+  }
+}
+
+// svd-mixed at one x row with V and U^T in the TL4 layout (tl4_pack), against the float64 reference
+void check_lowrank_tables(int64_t n, int64_t k, int64_t r, int bits, int64_t gs) {
+  const int64_t gk = (k + gs - 1) / gs, gn = (n + gs - 1) / gs, tr = (r + 31) / 32, tn = (n + 31) / 32;
+  auto vq = rand_bytes((r * k * bits + 7) / 8), uq = rand_bytes((r * n * bits + 7) / 8);
+  std::vector<uint16_t> vs(r * gk), vz(r * gk), us(r * gn), uz(r * gn);
+  for (auto* a : {&vs, &us})
+    for (auto& h : *a) h = rand_half(10, 14);
+  for (auto* a : {&vz, &uz})
+    for (auto& h : *a) h = rand_half(8, 13);
+  auto s = randn(r);
+  auto x = randn(k);
+  int64_t pk = 0, pr = 0;  // position groups of a V row, of a U^T column
+  for (int64_t g0 = 0; g0 < k; g0 += gs)
+    for (int64_t c0 = g0; c0 < std::min(k, g0 + gs); c0 += 128) pk += ((std::min<int64_t>(128, std::min(k, g0 + gs) - c0) + 3) / 4 + 1) / 2 * 2;
+  for (int64_t c0 = 0; c0 < r; c0 += 128) pr += ((std::min<int64_t>(128, r - c0) + 3) / 4 + 1) / 2 * 2;
+  std::vector<uint8_t> v_tl(tr * pk * 16 * bits), u_tl(tn * pr * 16 * bits);
+  tl4_pack(vq.data(), static_cast<int64_t>(vq.size()), bits, r, k, gs, false, v_tl.data());
+  tl4_pack(uq.data(), static_cast<int64_t>(uq.size()), bits, n, r, r, true, u_tl.data());
+  std::vector<uint16_t> v_tl_scale(tr * gk * 32, 0), u_tl_scale(gn * r), u_tl_zero(gn * r);
+  for (int64_t j = 0; j < r; ++j) {
+    for (int64_t g = 0; g < gk; ++g) v_tl_scale[((j / 32) * gk + g) * 32 + j % 32] = vs[j * gk + g];
+    for (int64_t g = 0; g < gn; ++g) u_tl_scale[g * r + j] = us[j * gn + g], u_tl_zero[g * r + j] = uz[j * gn + g];
+  }
+  KbitGroup grp{bits, r, vq.data(), vs.data(), vz.data(), uq.data(), us.data(), uz.data(), s.data()};
+  std::vector<float> exact(n), y(n);
+  kbit_lowrank_matmul_groups_f32(x.data(), 1, k, n, gs, &grp, 1, exact.data());
+  grp.v_tl = v_tl.data(), grp.v_tl_scale = v_tl_scale.data();
+  grp.u_tl = u_tl.data(), grp.u_tl_scale = u_tl_scale.data(), grp.u_tl_zero = u_tl_zero.data();
+  kbit_lowrank_matmul_groups_f32(x.data(), 1, k, n, gs, &grp, 1, y.data());
+  std::vector<double> want(n, 0.0);
+  for (int64_t j = 0; j < r; ++j) {
+    double t = 0;
+    for (int64_t c = 0; c < k; ++c)
+      t += x[c] * (half(vz[j * gk + c / gs]) + code_at(vq.data(), bits, j * k + c) * half(vs[j * gk + c / gs]));
+    for (int64_t c = 0; c < n; ++c)
+      want[c] += s[j] * t * (half(uz[j * gn + c / gs]) + code_at(uq.data(), bits, j * n + c) * half(us[j * gn + c / gs]));
+  }
+  expect_tables("kbit_lowrank_matmul (int8 tables)", "n=" + std::to_string(n) + " k=" + std::to_string(k) +
+                " r=" + std::to_string(r) + " bits=" + std::to_string(bits), y, want, exact);
+}
+
+// the 1-bit sign delta at one x row through the int8 tables, with an fp32 base
+void check_sign_tables(int64_t n, int64_t k, bool per_row) {
+  auto x = randn(k);
+  auto p = rand_bytes(n * k / 8);  // k % 8 == 0: the SIGNS rows are one stream of 1-bit codes
+  auto w = randn(n * k);
+  std::vector<float> sc(per_row ? n : 1);
+  for (auto& v : sc) v = 0.1f + std::fabs(randn(1)[0]);
+  int64_t pk = 0;
+  for (int64_t c0 = 0; c0 < k; c0 += 128) pk += ((std::min<int64_t>(128, k - c0) + 3) / 4 + 1) / 2 * 2;
+  std::vector<uint8_t> s_tl(((n + 31) / 32) * pk * 16);
+  tl4_pack(p.data(), static_cast<int64_t>(p.size()), 1, n, k, k, false, s_tl.data());
+  std::vector<float> y(n), exact(n);
+  const bool ran = sign_matmul_tl<float>(x.data(), k, w.data(), s_tl.data(), n, sc.data(), per_row, y.data());
+  sign_matmul_fused<float>(x.data(), 1, k, w.data(), p.data(), n, sc.data(), per_row, exact.data());
+  const std::string where = "n=" + std::to_string(n) + " k=" + std::to_string(k);
+  if (ran != (active_isa() != Isa::kAvx512)) {
+    if (++failures <= 20) std::printf("FAIL sign_matmul_tl %s: ran %d on path %s\n", where.c_str(), ran,
+                                      isa_name(active_isa()));
+    return;
+  }
+  if (!ran) return;
+  std::vector<double> want(n);  // the base's part is exact: the bound is on the delta's
+  for (int64_t i = 0; i < n; ++i) {
+    double d = 0, b = 0;
+    for (int64_t t = 0; t < k; ++t) {
+      d += x[t] * sign_at(p.data() + i * (k / 8), t);
+      b += x[t] * w[i * k + t];
+    }
+    want[i] = sc[per_row ? i : 0] * d;
+    y[i] -= static_cast<float>(b), exact[i] -= static_cast<float>(b);
+  }
+  expect_tables("sign_matmul_tl", where, y, want, exact);
+}
+
 void check_pack(int64_t n, int64_t k) {
   auto x = randn(n * k);
   std::vector<uint8_t> p((n * ((k + 7) / 8)));
@@ -232,6 +327,14 @@ int main(int argc, char** argv) {
         check_lowrank(m, 96, 200, 5, bits, 8);   // k, gs multiples of 8: the one-row dot, groups of 8 codes
         check_lowrank(m, 160, 264, 4, bits, 32); // several groups each way, a group of 8 codes past 16s
       }
+    for (int bits : {1, 2}) {
+      check_lowrank_tables(96, 200, 40, bits, 8);    // V tables only (U^T needs groups of 32)
+      check_lowrank_tables(160, 264, 70, bits, 32);  // both stages, partial tiles and chunks
+    }
+    for (bool per_row : {false, true}) {
+      check_sign_tables(70, 264, per_row);
+      check_sign_tables(32, 1024, per_row);
+    }
     for (int64_t k : {1, 9, 64}) check_pack(3, k);
     std::printf("%s: path %s, %s\n", path.c_str(), isa_name(active_isa()),
                 failures == before ? "all kernels match" : "MISMATCHES");

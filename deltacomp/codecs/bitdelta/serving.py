@@ -2,8 +2,8 @@
 pass (``sign_matmul_fused``), and every tenant of a batch in one ``sign_matmul_multi`` call (or, when
 every row is one single-mask tenant, that tenant fused with the base weight: ``fused_one``).
 
-At one x row (a decode step) on the AVX2 path, a single-mask term takes ``sign_matmul_tl`` instead: the
-sign dots by int8 lookup tables (T-MAC style, inexact), on the signs repacked once, at the first such
+At one x row (a decode step) on the AVX2, NEON and portable paths, a single-mask term takes
+``sign_matmul_tl`` instead: the sign dots by int8 lookup tables (T-MAC style, inexact), on the signs repacked once, at the first such
 call, into the TL4 layout (``ops_tl.pack_tl4_signs``: as many bytes again as the signs). Whether a term
 does is decided when it is built (``ops_tl.sign_tl_wanted``: DELTACOMP_SIGN_KERNEL=exact keeps the exact
 kernels)."""
@@ -122,7 +122,7 @@ class SignStacks(nn.Module):
 
     def fused_one(self, x2: Tensor, weight: Tensor, t: int) -> Tensor:
         """``x2 @ (weight + delta_t)^T`` in one pass (every row of x2 is tenant t; see ``fuses_one``); at one
-        x row on the AVX2 path, by int8 tables on tenant t's signs repacked at its first such call."""
+        x row on a path with int8 tables, by int8 tables on tenant t's signs repacked at its first such call."""
         signs, scales = self._one_tensors(t)
         if self._tl_on and x2.shape[0] == 1 and x2.is_cpu:
             tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)

@@ -39,12 +39,13 @@ def group_args(enc: Encoded, get=None) -> tuple:
 def tl4_lists(args: tuple) -> tuple | None:
     """The TL4 repacks (``quant.tl4``, by the C++ op: ``ops_tl.pack_tl4``) of the 1- and 2-bit groups' V and
     U^T: the five extra lists of ``kbit_lowrank_matmul_groups_tl`` (empty tensors for the other groups), or
-    None when no group has one or the kernels would not use them: only the AVX2 path takes them, and
+    None when no group has one or the kernels would not use them: the paths with the int8 tables take
+    them (``ops_tl.tables_path``: AVX2, NEON, portable), and
     DELTACOMP_LOWRANK_KERNEL=exact or direct asks for the exact path (both read here once, when the term
     gathers its arguments)."""
     v_q, v_scale, v_zero, u_q, u_scale, u_zero = args[:6]
     bits, n, k, gs = args[7:]
-    if (ops.cpu_isa() != "avx2" or os.environ.get("DELTACOMP_LOWRANK_KERNEL") in ("exact", "direct")
+    if (not ops_tl.tables_path() or os.environ.get("DELTACOMP_LOWRANK_KERNEL") in ("exact", "direct")
             or not any(tl4.supports(b, gs) and vs.shape[0] for b, vs in zip(bits, v_scale))):
         return None
     codes, halves = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 0, dtype=torch.float16)
@@ -62,9 +63,9 @@ def tl4_lists(args: tuple) -> tuple | None:
 class SvdMixedTerm(DeltaTerm):
     """``x2 @ delta^T`` by one ``kbit_lowrank_matmul_groups`` call. On the CPU with the extension the op
     is called straight (no wrapper, no per-call tensor calls: x2 may be strided, the op copies it once);
-    elsewhere (CUDA, float64 x, no extension) through ``ops.kbit_lowrank_matmul_groups``. On the AVX2
-    path the 1- and 2-bit groups' V and U^T are also repacked once (``tl4_lists``: as many bytes again as
-    those codes) for ``kbit_lowrank_matmul_groups_tl``, whose stages 1 and 3 at one x row go through int8
+    elsewhere (CUDA, float64 x, no extension) through ``ops.kbit_lowrank_matmul_groups``. On the AVX2, NEON
+    and portable paths the 1- and 2-bit groups' V and U^T are also repacked once (``tl4_lists``: as many
+    bytes again as those codes) for ``kbit_lowrank_matmul_groups_tl``, whose stages 1 and 3 at one x row go through int8
     lookup tables (inexact; DELTACOMP_LOWRANK_KERNEL=exact keeps the exact kernels)."""
 
     def __init__(self, codec, enc: Encoded):
