@@ -217,3 +217,36 @@ def test_multi_tenant_decode_takes_tables(avx2):
             want = (base.weight.double() @ x[0].double() + base.bias.double()
                     + _emulated(x[0], enc.tensors["signs"], enc.tensors["scale"], 132))
             torch.testing.assert_close(layer(x)[0].double(), want, rtol=1e-5, atol=1e-5)
+
+
+@needs_ext
+def test_mixed_tenant_rows_take_tables(avx2, monkeypatch):
+    """Rows of several single-mask tenants (and rows of none): each row's sign dots through the int8 tables
+    when measured faster (forced here: DELTACOMP_FUSED=always), the exact multi-tenant kernel otherwise
+    (never), and always where a row's tenant has two masks."""
+    from deltacomp.serve.modules import MultiDeltaLinear
+
+    base, enc0 = _layer(64, 132, 3)
+    _, enc1 = _layer(64, 132, 4)
+    enc2 = get_codec("bitdelta").encode(torch.randn(64, 132, generator=_gen(5)), masks=2)
+    layer = MultiDeltaLinear(base, [enc0, enc1, None, enc2])
+    x = torch.randn(5, 132, generator=_gen(6))
+    idx = torch.tensor([1, 0, -1, 1, 0])
+    layer.delta_index = idx
+    with torch.no_grad():
+        monkeypatch.setenv("DELTACOMP_FUSED", "never")
+        exact = layer(x)
+        monkeypatch.setenv("DELTACOMP_FUSED", "always")
+        got = layer(x)
+        assert not torch.equal(got, exact)  # the tables (inexact) were taken
+        for i, t in enumerate(idx.tolist()):
+            want = base.weight.double() @ x[i].double() + base.bias.double()
+            if t >= 0:
+                enc = (enc0, enc1)[t]
+                want = want + _emulated(x[i], enc.tensors["signs"], enc.tensors["scale"], 132)
+            torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5)
+        layer.delta_index = torch.tensor([0, 3, 1, -1, 0])  # tenant 3 has two masks: the exact kernel
+        monkeypatch.setenv("DELTACOMP_FUSED", "never")
+        exact = layer(x)
+        monkeypatch.setenv("DELTACOMP_FUSED", "always")
+        assert torch.equal(layer(x), exact)

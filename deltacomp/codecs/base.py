@@ -280,7 +280,9 @@ class Codec:
         codec) in one call, ``forward(x2, row_index) -> (M, N) or None``; None when the codec has no
         multi-tenant kernel (each tenant's ``serving_term`` then runs on its own rows). The module may also
         offer ``fuses_one(t, weight) -> bool`` and ``fused_one(x2, weight, t) -> x2 @ (weight + delta_t)^T``:
-        a batch whose rows are all tenant t's then takes that one pass where measured faster."""
+        a batch whose rows are all tenant t's then takes that one pass where measured faster. And
+        ``tables_serve(x2, row_index) -> bool`` with ``tables_rows(x2, row_index)``: ``forward``'s result by
+        another kernel (bitdelta: each row through int8 tables), taken where it serves and measured faster."""
         return None
 
     # -- export ---------------------------------------------------------------------------------------

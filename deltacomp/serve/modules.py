@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..codecs import Encoded, get_codec
 from ..errors import DeltacompError
 from . import dispatch
-from .kept import base_plan, call_plan, fused_plan, keep
+from .kept import ROWS_MAX, base_plan, call_plan, fused_plan, keep
 
 
 def _out(y: Tensor, lead: torch.Size) -> Tensor:
@@ -341,6 +341,20 @@ class MultiDeltaLinear(nn.Module):
             y = y + getattr(self, f"bias_delta{t}").to(y.dtype)
         return y
 
+    def _shared_term(self, multi: nn.Module, x2: Tensor, idx: Tensor) -> Tensor | None:
+        """``multi(x2, idx)``, or its ``tables_rows`` where that serves the batch (2..ROWS_MAX rows, no autograd)
+        and is measured faster on this call's tensors (``dispatch.prefer_fused``, kind "multi-tables-rows")."""
+        serve = getattr(multi, "tables_serve", None)
+        weight = self._modules["base"]._parameters.get("weight")
+        if (serve is None or weight is None or not 1 < x2.shape[0] <= ROWS_MAX
+                or (torch.is_grad_enabled() and x2.requires_grad) or not serve(x2, idx)):
+            return multi(x2, idx)
+        x = x2.contiguous()
+        if dispatch.prefer_fused(x, weight, lambda: multi.tables_rows(x, idx), lambda: multi(x, idx),
+                                 kind="multi-tables-rows"):
+            return multi.tables_rows(x, idx)
+        return multi(x, idx)
+
     def _general(self, x: Tensor) -> Tensor:
         """Base matmul, then each row's delta term (shared multi-tenant terms, per-tenant segments)."""
         idx = _row_index(self, x)
@@ -350,7 +364,7 @@ class MultiDeltaLinear(nn.Module):
         y2 = y.reshape(-1, y.shape[-1])
         extra = None
         for multi in self.shared:
-            term = multi(x2, idx)
+            term = self._shared_term(multi, x2, idx)
             if term is not None:
                 extra = term if extra is None else extra + term
         extra = torch.zeros_like(y2) if extra is None else extra.to(y2.dtype)

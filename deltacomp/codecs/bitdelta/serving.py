@@ -1,6 +1,7 @@
 """bitdelta's serving terms: the packed signs (``sign_matmul``), fused with a dense base weight in one
 pass (``sign_matmul_fused``), and every tenant of a batch in one ``sign_matmul_multi`` call (or, when
-every row is one single-mask tenant, that tenant fused with the base weight: ``fused_one``).
+every row is one single-mask tenant, that tenant fused with the base weight: ``fused_one``; or, rows of
+several single-mask tenants, each row through the int8 tables: ``tables_rows``).
 
 At one x row (a decode step) on the AVX2, NEON and portable paths, a single-mask term takes
 ``sign_matmul_tl`` instead: the sign dots by int8 lookup tables (T-MAC style, inexact), on the signs repacked once, at the first such
@@ -156,6 +157,28 @@ class SignStacks(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         self._views, self._tl = {}, {}  # .to() and the like replace the stacks: drop the views and repacks
         return super()._apply(fn, *args, **kwargs)
+
+    def tables_serve(self, x2: Tensor, idx: Tensor) -> bool:
+        """Whether ``tables_rows`` serves this batch: this layer takes the int8 tables, x2 is on the CPU, at
+        least one row has a tenant, and every row's tenant has one mask (or none: -1)."""
+        if not self._tl_on or not x2.is_cpu or x2.dim() != 2:
+            return False
+        one = self._one
+        tenants = idx.tolist()
+        return (any(t >= 0 for t in tenants)
+                and all(t < 0 or (t < len(one) and one[t] >= 0) for t in tenants))
+
+    def tables_rows(self, x2: Tensor, idx: Tensor) -> Tensor:
+        """``forward(x2, idx)`` with each row's sign dots through the int8 tables: ``sign_matmul_tl`` on its
+        tenant's signs (repacked at that tenant's first such call), row by row; rows of tenant -1 are zero.
+        Only where ``tables_serve``; inexact, as at one x row."""
+        out = torch.zeros(x2.shape[0], self.n, dtype=x2.dtype)
+        for i, t in enumerate(idx.tolist()):
+            if t >= 0:
+                signs, scales = self._one_tensors(t)
+                tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
+                out[i] = ops_tl.sign_matmul_tl(x2[i:i + 1], None, tl[2], scales, self.n, self.k)[0]
+        return out
 
     def forward(self, x2: Tensor, idx: Tensor) -> Tensor | None:
         """x2 (M, K), idx (M,) tenant per row (-1: none) -> (M, N), or None when no row has a mask."""
