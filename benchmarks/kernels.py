@@ -281,8 +281,14 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
             "dense_fp32_loop": lambda i: torch.cat([xs[i % 8][t:t + 1] @ dense_sets[i % nd][t].T
                                                     for t in range(t_count)]),
         }
-        _check(impls["sign_matmul_multi"](0), ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k),
-               "sign_matmul_multi")
+        if ops_tl.sign_tl_wanted() and tl4.supports_signs(k):  # each row through the int8 tables (tables_rows)
+            tls = [[ops_tl.pack_tl4_signs(st[t], k) for t in range(t_count)] for st in stacks]
+            impls["sign_matmul_tl_loop"] = lambda i: torch.cat([ops_tl.sign_matmul_tl(
+                xs[i % 8][t:t + 1], None, tls[i % ns][t], scales[t], n, k) for t in range(t_count)])
+        want = ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k)
+        _check(impls["sign_matmul_multi"](0), want, "sign_matmul_multi")
+        if "sign_matmul_tl_loop" in impls:
+            _check_tables(impls["sign_matmul_tl_loop"](0), want, "sign_matmul_tl (row by row)")
         med, low = _time(impls, repeats)
         bound_ms = _bound_ms(stack.nbytes, bandwidth)
         row = {"op": "sign_matmul_multi", "n": n, "k": k, "tenants": t_count, "m": t_count,

@@ -250,3 +250,29 @@ def test_mixed_tenant_rows_take_tables(avx2, monkeypatch):
         exact = layer(x)
         monkeypatch.setenv("DELTACOMP_FUSED", "always")
         assert torch.equal(layer(x), exact)
+
+
+@needs_ext
+def test_one_tenant_rows_plan_where_the_fused_kernel_loses(avx2, monkeypatch):
+    """Several rows, all one tenant's: where the fused kernel measures slower than the general path, the
+    "rows" layer plan (base + the term row by row through the tables) is still a candidate, and is kept."""
+    from deltacomp.serve import dispatch
+    from deltacomp.serve.modules import MultiDeltaLinear
+
+    base, enc = _layer(64, 132, 3)
+    layer = MultiDeltaLinear(base, [enc])
+    layer.delta_index = torch.zeros(5, dtype=torch.long)
+    x = torch.randn(5, 132, generator=_gen(7))
+    kinds = []
+    monkeypatch.setattr(dispatch, "prefer_fused",
+                        lambda x2, w, f, u, kind="single": kinds.append(kind) or kind != "multi")
+    with torch.no_grad():
+        got = layer(x)
+        again = layer(x)
+    assert kinds == ["multi", "multi-tables-rows", "multi-general-rows"], kinds  # decided once, then kept
+    assert layer._plan[6] is not None
+    assert torch.equal(again, got)
+    for i in range(5):
+        want = (base.weight.double() @ x[i].double() + base.bias.double()
+                + _emulated(x[i], enc.tensors["signs"], enc.tensors["scale"], 132))
+        torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5)

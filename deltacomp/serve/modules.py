@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from ..codecs import Encoded, get_codec
 from ..errors import DeltacompError
 from . import dispatch
-from .kept import ROWS_MAX, base_plan, call_plan, fused_plan, keep
+from .kept import ROWS_MAX, base_plan, call_plan, challenge, fused_plan, keep
 
 
 def _out(y: Tensor, lead: torch.Size) -> Tensor:
@@ -273,8 +273,26 @@ class MultiDeltaLinear(nn.Module):
         y = self._run(path, x, only)
         if key is None:
             return y
-        native = self._layer_plan(path, only, x.reshape(-1, x.shape[-1])) if path == _ONE else (None, None, None)
+        x2 = x.reshape(-1, x.shape[-1])
+        if path == _ONE:
+            native = self._layer_plan(path, only, x2)
+        elif path == _GENERAL and only is not None:  # one fusable tenant on every row, the fused kernel slower
+            native = self._rows_plan(only, x2, lambda: self._general(x))
+        else:
+            native = (None, None, None)
         return y, (key, index, path, only, None, None, *native)
+
+    def _rows_plan(self, t: int, x2: Tensor, general) -> tuple:
+        """(plan, weight, bias): tenant t's "rows" layer plan (base + its term row by row, 2..ROWS_MAX rows)
+        where measured faster than the general path (``general()``; kind "multi-general-rows"), else Nones."""
+        weight = self._fusable(t)
+        make = None if weight is None else getattr(self._fusers[self._term_of[t]], "layer_plan_one", None)
+        if make is None or not 1 < x2.shape[0] <= ROWS_MAX:
+            return None, None, None
+        bias = self._modules["base"]._parameters["bias"]
+        extra = self._buffers[f"bias_delta{t}"] if t in self.bias_deltas else None
+        native = challenge(make(t, weight, bias, extra, x2.shape[0], "rows"), x2, weight, "multi-general-rows", general)
+        return (native, weight, bias) if native is not None else (None, None, None)
 
     def _apply(self, fn, *args, **kwargs):
         self._plan = None  # as DeltaLinear._apply
