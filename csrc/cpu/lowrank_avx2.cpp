@@ -344,18 +344,6 @@ void halves_f16c(const uint16_t* h, int64_t count, float* out) {
 }
 #pragma GCC pop_options
 
-// One switch over the width per call: the loops above see B as a constant.
-#define DELTACOMP_BY_WIDTH(fn, ...)                \
-  switch (bits) {                                  \
-    case 1: return fn<1>(__VA_ARGS__);             \
-    case 2: return fn<2>(__VA_ARGS__);             \
-    case 3: return fn<3>(__VA_ARGS__);             \
-    case 4: return fn<4>(__VA_ARGS__);             \
-    case 5: return fn<5>(__VA_ARGS__);             \
-    case 6: return fn<6>(__VA_ARGS__);             \
-    case 7: return fn<7>(__VA_ARGS__);             \
-    default: return fn<8>(__VA_ARGS__);            \
-  }
 
 float dot_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t len, const float* x,
                      int64_t gs, const float* scale) {
@@ -370,7 +358,6 @@ void axpy_codes_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t fi
 void decode_avx2(const uint8_t* stream, int64_t nbytes, int bits, int64_t first, int64_t count, float* out) {
   DELTACOMP_BY_WIDTH(decode_b, stream, nbytes, first, count, out)
 }
-#undef DELTACOMP_BY_WIDTH
 #endif  // DELTACOMP_X86_GCC
 
 }  // namespace

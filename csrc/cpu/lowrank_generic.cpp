@@ -145,24 +145,13 @@ inline __attribute__((always_inline)) void decode_b(const uint8_t* stream, int64
   for (; i < count; ++i) out[i] = static_cast<float>(code_at(stream, B, first + i));
 }
 
-#define DELTACOMP_GENERIC_BY_WIDTH(fn, ...)   \
-  switch (bits) {                             \
-    case 1: return fn<1>(__VA_ARGS__);        \
-    case 2: return fn<2>(__VA_ARGS__);        \
-    case 3: return fn<3>(__VA_ARGS__);        \
-    case 4: return fn<4>(__VA_ARGS__);        \
-    case 5: return fn<5>(__VA_ARGS__);        \
-    case 6: return fn<6>(__VA_ARGS__);        \
-    case 7: return fn<7>(__VA_ARGS__);        \
-    default: return fn<8>(__VA_ARGS__);       \
-  }
 
 #if DELTACOMP_X86_GCC
 __attribute__((target_clones("avx2", "default")))
 #endif
 void decode_generic(const uint8_t* stream, int64_t /*nbytes: reads only the codes' bytes*/, int bits, int64_t first,
                     int64_t count, float* out) {
-  DELTACOMP_GENERIC_BY_WIDTH(decode_b, stream, first, count, out)
+  DELTACOMP_BY_WIDTH(decode_b, stream, first, count, out)
 }
 
 #if DELTACOMP_X86_GCC
@@ -170,7 +159,7 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 float dot_codes_generic(const uint8_t* stream, int64_t /*nbytes*/, int bits, int64_t first, int64_t len,
                         const float* x, int64_t gs, const float* scale) {
-  DELTACOMP_GENERIC_BY_WIDTH(dot_b, stream, first, len, x, gs, scale)
+  DELTACOMP_BY_WIDTH(dot_b, stream, first, len, x, gs, scale)
 }
 
 #if DELTACOMP_X86_GCC
@@ -178,10 +167,9 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 void axpy_codes_generic(const uint8_t* stream, int64_t /*nbytes*/, int bits, int64_t first, int64_t stride, int rows,
                         int64_t len, int64_t off, int64_t gs, const float* coef, int64_t cstride, float* acc) {
-  DELTACOMP_GENERIC_BY_WIDTH(axpy_b, stream, first, stride, rows, len, off, gs, coef, cstride, acc)
+  DELTACOMP_BY_WIDTH(axpy_b, stream, first, stride, rows, len, off, gs, coef, cstride, acc)
 }
 
-#undef DELTACOMP_GENERIC_BY_WIDTH
 
 }  // namespace
 

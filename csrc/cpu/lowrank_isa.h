@@ -57,6 +57,19 @@ inline uint32_t code_at(const uint8_t* stream, int bits, int64_t idx) {
   return (v >> sh) & ((1u << bits) - 1u);
 }
 
+// One switch over the code width per call (`bits`, 1..8 in scope): fn<B> sees B as a constant.
+#define DELTACOMP_BY_WIDTH(fn, ...)    \
+  switch (bits) {                      \
+    case 1: return fn<1>(__VA_ARGS__); \
+    case 2: return fn<2>(__VA_ARGS__); \
+    case 3: return fn<3>(__VA_ARGS__); \
+    case 4: return fn<4>(__VA_ARGS__); \
+    case 5: return fn<5>(__VA_ARGS__); \
+    case 6: return fn<6>(__VA_ARGS__); \
+    case 7: return fn<7>(__VA_ARGS__); \
+    default: return fn<8>(__VA_ARGS__); \
+  }
+
 // U^T rows one axpy_codes call adds at most.
 constexpr int kAxpyRows = 4;
 
@@ -126,15 +139,25 @@ constexpr int64_t kTlRows = 32;    // V rows per tile
 constexpr int64_t kTlChunk = 128;  // positions per table scale (a chunk never crosses an RTN group)
 // Position groups (of 4 positions) a chunk of len positions takes: rounded up to even (1 bit: pairs).
 inline int64_t tl_chunk_groups(int64_t len) { return ((len + 3) / 4 + 1) / 2 * 2; }
-// Position groups of a row of k positions (every RTN group of gs cut into chunks of <= kTlChunk), and
-// its chunks.
-inline int64_t tl_groups(int64_t k, int64_t gs, int64_t* chunks = nullptr) {
+// f(c0, len, npp, p, c) for every chunk of a row of k positions (every RTN group of gs cut into chunks of
+// <= kTlChunk), in order: its first position c0, its length, its position groups npp, and the position
+// groups p and chunks c before it.
+template <typename F>
+inline void for_each_tl_chunk(int64_t k, int64_t gs, const F& f) {
   int64_t p = 0, c = 0;
   for (int64_t g0 = 0; g0 < k; g0 += gs)
-    for (int64_t c0 = g0, g1 = std::min(k, g0 + gs); c0 < g1; c0 += kTlChunk, ++c)
-      p += tl_chunk_groups(std::min(kTlChunk, g1 - c0));
-  if (chunks != nullptr) *chunks = c;
-  return p;
+    for (int64_t c0 = g0, g1 = std::min(k, g0 + gs); c0 < g1; c0 += kTlChunk, ++c) {
+      const int64_t len = std::min(kTlChunk, g1 - c0), npp = tl_chunk_groups(len);
+      f(c0, len, npp, p, c);
+      p += npp;
+    }
+}
+// Position groups of a row of k positions, and its chunks.
+inline int64_t tl_groups(int64_t k, int64_t gs, int64_t* chunks = nullptr) {
+  int64_t groups = 0, count = 0;
+  for_each_tl_chunk(k, gs, [&](int64_t, int64_t, int64_t npp, int64_t, int64_t) { groups += npp, ++count; });
+  if (chunks != nullptr) *chunks = count;
+  return groups;
 }
 struct TlLoops {
   // tab int8 (tl_groups(k, gs), 16): the quantized tables of x (k,), delta (chunks,) their scales

@@ -78,15 +78,9 @@ void chunk_tables(const float* x, int64_t c0, int64_t len, int64_t npp, int8_t* 
 }
 
 void tl_tables_generic(const float* x, int64_t k, int64_t gs, int8_t* tab, float* delta) {
-  int64_t p = 0, c = 0;
-  for (int64_t g0 = 0; g0 < k; g0 += gs) {
-    const int64_t g1 = std::min(k, g0 + gs);
-    for (int64_t c0 = g0; c0 < g1; c0 += kTlChunk, ++c) {
-      const int64_t len = std::min(kTlChunk, g1 - c0), npp = tl_chunk_groups(len);
-      chunk_tables(x, c0, len, npp, tab + 16 * p, delta + c);
-      p += npp;
-    }
-  }
+  for_each_tl_chunk(k, gs, [&](int64_t c0, int64_t len, int64_t npp, int64_t p, int64_t c) {
+    chunk_tables(x, c0, len, npp, tab + 16 * p, delta + c);
+  });
 }
 
 DELTACOMP_INLINE S8x16 load16(const void* p) {

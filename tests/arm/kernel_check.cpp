@@ -164,34 +164,53 @@ void check_ternary(int64_t m, int64_t n, int64_t k) {
   expect("ternary_matmul", "m=" + std::to_string(m) + " k=" + std::to_string(k), y, want, mag, k);
 }
 
+// One random svd-mixed group of rank r (V (r, k), U^T (r, n) as KBITS codes, fp16 scales and zeros per
+// group of gs) and its float64 product with x (m, k): want, and mag (the sums of |terms|, for expect).
+struct RandGroup {
+  int64_t n, k, r, gs, gk, gn;
+  int bits;
+  std::vector<uint8_t> vq, uq;
+  std::vector<uint16_t> vs, vz, us, uz;
+  std::vector<float> s;
+  RandGroup(int64_t n_, int64_t k_, int64_t r_, int bits_, int64_t gs_)
+      : n(n_), k(k_), r(r_), gs(gs_), gk((k_ + gs_ - 1) / gs_), gn((n_ + gs_ - 1) / gs_), bits(bits_),
+        vq(rand_bytes((r_ * k_ * bits_ + 7) / 8)), uq(rand_bytes((r_ * n_ * bits_ + 7) / 8)), vs(r_ * gk),
+        vz(r_ * gk), us(r_ * gn), uz(r_ * gn), s(randn(r_)) {
+    for (auto* a : {&vs, &us})
+      for (auto& h : *a) h = rand_half(10, 14);
+    for (auto* a : {&vz, &uz})
+      for (auto& h : *a) h = rand_half(8, 13);
+  }
+  KbitGroup group() const {
+    return {bits, r, vq.data(), vs.data(), vz.data(), uq.data(), us.data(), uz.data(), s.data()};
+  }
+  void reference(const std::vector<float>& x, int64_t m, std::vector<double>& want, std::vector<double>& mag) const {
+    want.assign(m * n, 0.0), mag.assign(m * n, 0.0);
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < r; ++j) {
+        double t = 0, tm = 0;
+        for (int64_t c = 0; c < k; ++c) {
+          const double v = half(vz[j * gk + c / gs]) + code_at(vq.data(), bits, j * k + c) * half(vs[j * gk + c / gs]);
+          t += x[i * k + c] * v;
+          tm += std::fabs(x[i * k + c] * v);
+        }
+        for (int64_t c = 0; c < n; ++c) {
+          const double u = half(uz[j * gn + c / gs]) + code_at(uq.data(), bits, j * n + c) * half(us[j * gn + c / gs]);
+          want[i * n + c] += s[j] * t * u;
+          mag[i * n + c] += std::fabs(s[j] * u) * (tm + std::fabs(t));
+        }
+      }
+  }
+};
+
 void check_lowrank(int64_t m, int64_t n, int64_t k, int64_t r, int bits, int64_t gs) {
-  const int64_t gk = (k + gs - 1) / gs, gn = (n + gs - 1) / gs;
-  auto vq = rand_bytes((r * k * bits + 7) / 8), uq = rand_bytes((r * n * bits + 7) / 8);
-  std::vector<uint16_t> vs(r * gk), vz(r * gk), us(r * gn), uz(r * gn);
-  for (auto* a : {&vs, &us})
-    for (auto& h : *a) h = rand_half(10, 14);
-  for (auto* a : {&vz, &uz})
-    for (auto& h : *a) h = rand_half(8, 13);
-  auto s = randn(r);
+  const RandGroup g(n, k, r, bits, gs);
   auto x = randn(m * k);
   std::vector<float> y(m * n);
-  kbit_lowrank_matmul_f32(x.data(), m, k, n, r, bits, gs, vq.data(), vs.data(), vz.data(), uq.data(), us.data(),
-                          uz.data(), s.data(), y.data());
-  std::vector<double> want(m * n, 0.0), mag(m * n, 0.0);
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < r; ++j) {
-      double t = 0, tm = 0;
-      for (int64_t c = 0; c < k; ++c) {
-        const double v = half(vz[j * gk + c / gs]) + code_at(vq.data(), bits, j * k + c) * half(vs[j * gk + c / gs]);
-        t += x[i * k + c] * v;
-        tm += std::fabs(x[i * k + c] * v);
-      }
-      for (int64_t c = 0; c < n; ++c) {
-        const double u = half(uz[j * gn + c / gs]) + code_at(uq.data(), bits, j * n + c) * half(us[j * gn + c / gs]);
-        want[i * n + c] += s[j] * t * u;
-        mag[i * n + c] += std::fabs(s[j] * u) * (tm + std::fabs(t));
-      }
-    }
+  kbit_lowrank_matmul_f32(x.data(), m, k, n, r, bits, gs, g.vq.data(), g.vs.data(), g.vz.data(), g.uq.data(),
+                          g.us.data(), g.uz.data(), g.s.data(), y.data());
+  std::vector<double> want, mag;
+  g.reference(x, m, want, mag);
   expect("kbit_lowrank_matmul", "m=" + std::to_string(m) + " n=" + std::to_string(n) + " k=" + std::to_string(k) +
          " bits=" + std::to_string(bits), y, want, mag, k + n);
 }
@@ -217,41 +236,30 @@ void expect_tables(const char* what, const std::string& where, const std::vector
 
 // svd-mixed at one x row with V and U^T in the TL4 layout (tl4_pack), against the float64 reference
 void check_lowrank_tables(int64_t n, int64_t k, int64_t r, int bits, int64_t gs) {
-  const int64_t gk = (k + gs - 1) / gs, gn = (n + gs - 1) / gs, tr = (r + 31) / 32, tn = (n + 31) / 32;
-  auto vq = rand_bytes((r * k * bits + 7) / 8), uq = rand_bytes((r * n * bits + 7) / 8);
-  std::vector<uint16_t> vs(r * gk), vz(r * gk), us(r * gn), uz(r * gn);
-  for (auto* a : {&vs, &us})
-    for (auto& h : *a) h = rand_half(10, 14);
-  for (auto* a : {&vz, &uz})
-    for (auto& h : *a) h = rand_half(8, 13);
-  auto s = randn(r);
+  const RandGroup g(n, k, r, bits, gs);
+  const int64_t gk = g.gk, gn = g.gn, tr = (r + 31) / 32, tn = (n + 31) / 32;
   auto x = randn(k);
   int64_t pk = 0, pr = 0;  // position groups of a V row, of a U^T column
   for (int64_t g0 = 0; g0 < k; g0 += gs)
-    for (int64_t c0 = g0; c0 < std::min(k, g0 + gs); c0 += 128) pk += ((std::min<int64_t>(128, std::min(k, g0 + gs) - c0) + 3) / 4 + 1) / 2 * 2;
+    for (int64_t c0 = g0; c0 < std::min(k, g0 + gs); c0 += 128)
+      pk += ((std::min<int64_t>(128, std::min(k, g0 + gs) - c0) + 3) / 4 + 1) / 2 * 2;
   for (int64_t c0 = 0; c0 < r; c0 += 128) pr += ((std::min<int64_t>(128, r - c0) + 3) / 4 + 1) / 2 * 2;
   std::vector<uint8_t> v_tl(tr * pk * 16 * bits), u_tl(tn * pr * 16 * bits);
-  tl4_pack(vq.data(), static_cast<int64_t>(vq.size()), bits, r, k, gs, false, v_tl.data());
-  tl4_pack(uq.data(), static_cast<int64_t>(uq.size()), bits, n, r, r, true, u_tl.data());
+  tl4_pack(g.vq.data(), static_cast<int64_t>(g.vq.size()), bits, r, k, gs, false, v_tl.data());
+  tl4_pack(g.uq.data(), static_cast<int64_t>(g.uq.size()), bits, n, r, r, true, u_tl.data());
   std::vector<uint16_t> v_tl_scale(tr * gk * 32, 0), u_tl_scale(gn * r), u_tl_zero(gn * r);
   for (int64_t j = 0; j < r; ++j) {
-    for (int64_t g = 0; g < gk; ++g) v_tl_scale[((j / 32) * gk + g) * 32 + j % 32] = vs[j * gk + g];
-    for (int64_t g = 0; g < gn; ++g) u_tl_scale[g * r + j] = us[j * gn + g], u_tl_zero[g * r + j] = uz[j * gn + g];
+    for (int64_t q = 0; q < gk; ++q) v_tl_scale[((j / 32) * gk + q) * 32 + j % 32] = g.vs[j * gk + q];
+    for (int64_t q = 0; q < gn; ++q) u_tl_scale[q * r + j] = g.us[j * gn + q], u_tl_zero[q * r + j] = g.uz[j * gn + q];
   }
-  KbitGroup grp{bits, r, vq.data(), vs.data(), vz.data(), uq.data(), us.data(), uz.data(), s.data()};
+  KbitGroup grp = g.group();
   std::vector<float> exact(n), y(n);
   kbit_lowrank_matmul_groups_f32(x.data(), 1, k, n, gs, &grp, 1, exact.data());
   grp.v_tl = v_tl.data(), grp.v_tl_scale = v_tl_scale.data();
   grp.u_tl = u_tl.data(), grp.u_tl_scale = u_tl_scale.data(), grp.u_tl_zero = u_tl_zero.data();
   kbit_lowrank_matmul_groups_f32(x.data(), 1, k, n, gs, &grp, 1, y.data());
-  std::vector<double> want(n, 0.0);
-  for (int64_t j = 0; j < r; ++j) {
-    double t = 0;
-    for (int64_t c = 0; c < k; ++c)
-      t += x[c] * (half(vz[j * gk + c / gs]) + code_at(vq.data(), bits, j * k + c) * half(vs[j * gk + c / gs]));
-    for (int64_t c = 0; c < n; ++c)
-      want[c] += s[j] * t * (half(uz[j * gn + c / gs]) + code_at(uq.data(), bits, j * n + c) * half(us[j * gn + c / gs]));
-  }
+  std::vector<double> want, mag;
+  g.reference(x, 1, want, mag);
   expect_tables("kbit_lowrank_matmul (int8 tables)", "n=" + std::to_string(n) + " k=" + std::to_string(k) +
                 " r=" + std::to_string(r) + " bits=" + std::to_string(bits), y, want, exact);
 }
