@@ -253,26 +253,33 @@ def test_mixed_tenant_rows_take_tables(avx2, monkeypatch):
 
 
 @needs_ext
-def test_one_tenant_rows_plan_where_the_fused_kernel_loses(avx2, monkeypatch):
-    """Several rows, all one tenant's: where the fused kernel measures slower than the general path, the
-    "rows" layer plan (base + the term row by row through the tables) is still a candidate, and is kept."""
+@pytest.mark.parametrize("rows", (1, 5))
+def test_one_tenant_plan_where_the_fused_kernel_loses(avx2, monkeypatch, rows):
+    """Rows all of one tenant's, the fused kernel and its plans measured slower: base + the term's layer plan
+    (at one row the "torch" plan, at several the "rows" plan: the term row by row through the tables) is
+    taken and kept, not the general Python path."""
     from deltacomp.serve import dispatch
-    from deltacomp.serve.modules import MultiDeltaLinear
+    from deltacomp.serve.modules import _GENERAL, MultiDeltaLinear
 
     base, enc = _layer(64, 132, 3)
     layer = MultiDeltaLinear(base, [enc])
-    layer.delta_index = torch.zeros(5, dtype=torch.long)
-    x = torch.randn(5, 132, generator=_gen(7))
+    layer.delta_index = torch.zeros(rows, dtype=torch.long)
+    x = torch.randn(rows, 132, generator=_gen(7))
     kinds = []
+    slower = ("multi", "multi-fused-rows", "multi-plans")  # the fused candidates lose every measurement
     monkeypatch.setattr(dispatch, "prefer_fused",
-                        lambda x2, w, f, u, kind="single": kinds.append(kind) or kind != "multi")
+                        lambda x2, w, f, u, kind="single": kinds.append(kind) or kind not in slower)
     with torch.no_grad():
         got = layer(x)
         again = layer(x)
-    assert kinds == ["multi", "multi-tables-rows", "multi-general-rows"], kinds  # decided once, then kept
-    assert layer._plan[6] is not None
+    # one row: the fused plan (no measurement) against base + term's; several: the fused path's rows plan
+    # lost to the fused kernel, so only base + term's is left to measure against the general path
+    want_kinds = (["multi", "multi-general-base", "multi-plans"] if rows == 1 else
+                  ["multi", "multi-fused-rows", "multi-general-rows"])
+    assert kinds == want_kinds, kinds  # decided once, then kept
+    assert layer._plan[2] == _GENERAL and layer._plan[6] is not None
     assert torch.equal(again, got)
-    for i in range(5):
+    for i in range(rows):
         want = (base.weight.double() @ x[i].double() + base.bias.double()
                 + _emulated(x[i], enc.tensors["signs"], enc.tensors["scale"], 132))
         torch.testing.assert_close(got[i].double(), want, rtol=1e-5, atol=1e-5)

@@ -1,8 +1,8 @@
 // The int8 lookup-table loops of the low-rank kernel at one x row (stage 1 dots, stage 3 axpy, and the
 // tables of x) in plain C++ and GCC vector extensions of 16 bytes: the NEON and portable paths' version of
 // lowrank_tl_avx2.cpp (which has the math, the TL4 layout and the error bound; this file computes the same
-// numbers: the same fp32 table sums and int8 rounding, the same int16 sums). The byte lookup is
-// __builtin_shuffle on 16 int8 lanes: tbl on aarch64, pshufb on x86-64 (compiled as SSSE3 and AVX2 clones;
+// numbers: the same fp32 table sums and int8 rounding, the same int16 sums). The byte lookup takes 16 int8
+// lanes at a time (lookup16): tbl on aarch64, pshufb on x86-64 with GCC (compiled as SSSE3 and AVX2 clones;
 // the baseline clone, for x86 CPUs without SSSE3, emulates it). Where AVX2 handles 32 rows of a tile in
 // one 32-byte register, this handles its two 16-byte halves (rows 8L + e and 16 + 8L + e, L = 0, 1) apart.
 #include <algorithm>
@@ -88,6 +88,20 @@ DELTACOMP_INLINE S8x16 load16(const void* p) {
   std::memcpy(&v, p, sizeof v);
   return v;
 }
+// t[idx[i]] in lane i (idx < 16): tbl on aarch64, GCC's __builtin_shuffle elsewhere (pshufb on x86 SSSE3 /
+// AVX2), a plain loop for compilers without it (Clang has no variable-index shuffle builtin)
+DELTACOMP_INLINE S8x16 lookup16(const S8x16& t, const U8x16& idx) {
+#if defined(__aarch64__)
+  return (S8x16)vqtbl1q_s8((int8x16_t)t, (uint8x16_t)idx);
+#elif defined(__clang__)
+  S8x16 out;
+  for (int i = 0; i < 16; ++i) out[i] = t[idx[i] & 15];
+  return out;
+#else
+  return __builtin_shuffle(t, idx);
+#endif
+}
+
 // the low bytes of each int16 lane, sign-extended; the high bytes
 DELTACOMP_INLINE S16x8 even_bytes(const S16x8& v) { return (v << 8) >> 8; }
 DELTACOMP_INLINE S16x8 odd_bytes(const S16x8& v) { return v >> 8; }
@@ -119,9 +133,9 @@ DELTACOMP_INLINE void tile_b(const uint8_t* src, const uint16_t* sc, int64_t k, 
         for (int64_t p = 0; p < npp; ++p) {
           const S8x16 t = load16(tab + 16 * p);
           for (int h = 0; h < 2; ++h) {
-            const U8x16 w = reinterpret_cast<U8x16>(load16(src + 32 * p + 16 * h));
-            const S16x8 lo = reinterpret_cast<S16x8>(__builtin_shuffle(t, w & nib));
-            const S16x8 hi = reinterpret_cast<S16x8>(__builtin_shuffle(t, (w >> 4) & nib));
+            const U8x16 w = (U8x16)(load16(src + 32 * p + 16 * h));
+            const S16x8 lo = (S16x8)(lookup16(t, w & nib));
+            const S16x8 hi = (S16x8)(lookup16(t, (w >> 4) & nib));
             const S16x8 lo2 = odd_bytes(lo), hi2 = odd_bytes(hi);
             acc[h] += even_bytes(lo) + lo2 + lo2;
             acc[2 + h] += even_bytes(hi) + hi2 + hi2;
@@ -132,9 +146,9 @@ DELTACOMP_INLINE void tile_b(const uint8_t* src, const uint16_t* sc, int64_t k, 
         for (int64_t p = 0; p < npp; p += 2) {
           const S8x16 t0 = load16(tab + 16 * p), t1 = load16(tab + 16 * p + 16);
           for (int h = 0; h < 2; ++h) {
-            const U8x16 w = reinterpret_cast<U8x16>(load16(src + 16 * p + 16 * h));
-            const S16x8 v0 = reinterpret_cast<S16x8>(__builtin_shuffle(t0, w & nib));
-            const S16x8 v1 = reinterpret_cast<S16x8>(__builtin_shuffle(t1, (w >> 4) & nib));
+            const U8x16 w = (U8x16)(load16(src + 16 * p + 16 * h));
+            const S16x8 v0 = (S16x8)(lookup16(t0, w & nib));
+            const S16x8 v1 = (S16x8)(lookup16(t1, (w >> 4) & nib));
             acc[h] += even_bytes(v0) + even_bytes(v1);
             acc[2 + h] += odd_bytes(v0) + odd_bytes(v1);
           }

@@ -260,38 +260,57 @@ class MultiDeltaLinear(nn.Module):
             weight = self._fusable(only)
             if weight is not None:
                 x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
-                if dispatch.prefer_fused(x2, weight, lambda: self._fused_one(x2, only), lambda: self._general(x),
-                                         kind="multi"):
+                fused = dispatch.prefer_fused(x2, weight, lambda: self._fused_one(x2, only),
+                                              lambda: self._general(x), kind="multi")
+                if key is not None:
+                    return self._one_tenant(only, x, x2, fused, key, index)
+                if fused:
                     y = self._fused_one(x2, only, weight)
-                    y = y if x2 is x else _out(y, x.shape[:-1])
-                    if key is None:
-                        return y
-                    return y, (key, index, _FUSED, only, None if x2 is x else tuple(x2.shape),
-                               None if x2 is x else tuple(y.shape), *self._layer_plan(_FUSED, only, x2))
+                    return y if x2 is x else _out(y, x.shape[:-1])
             elif str(only) in self.others:  # one tenant's own term on every row
                 path = _ONE
         y = self._run(path, x, only)
         if key is None:
             return y
-        x2 = x.reshape(-1, x.shape[-1])
-        if path == _ONE:
-            native = self._layer_plan(path, only, x2)
-        elif path == _GENERAL and only is not None:  # one fusable tenant on every row, the fused kernel slower
-            native = self._rows_plan(only, x2, lambda: self._general(x))
-        else:
-            native = (None, None, None)
+        native = self._layer_plan(path, only, x.reshape(-1, x.shape[-1])) if path == _ONE else (None, None, None)
         return y, (key, index, path, only, None, None, *native)
 
-    def _rows_plan(self, t: int, x2: Tensor, general) -> tuple:
-        """(plan, weight, bias): tenant t's "rows" layer plan (base + its term row by row, 2..ROWS_MAX rows)
-        where measured faster than the general path (``general()``; kind "multi-general-rows"), else Nones."""
-        weight = self._fusable(t)
+    def _one_tenant(self, t: int, x: Tensor, x2: Tensor, fused: bool, key: tuple, index: Tensor) -> tuple:
+        """The output and the kept plan of a batch all of tenant t's, t fusing with the base: the fused path's
+        layer plan and the general path's (base + t's term) where both exist, the faster one as measured
+        (kind "multi-plans": DELTACOMP_FUSED=always takes the fused one); else the path ``fused`` says (the
+        Python paths as measured) with its plan if it has one."""
+        f = self._layer_plan(_FUSED, t, x2)
+        g = self._general_plan(t, x2, lambda: self._general(x))
+        if f[0] is not None and g[0] is not None:
+            fused = challenge(f[0], x2, f[1], "multi-plans", lambda: g[0](x2.contiguous())) is not None
+        native = f if fused else g
+        y = None if native[0] is None else native[0](x)
+        if y is None and fused:
+            y = self._fused_one(x2, t)
+            y = y if x2 is x else _out(y, x.shape[:-1])
+        elif y is None:
+            y = self._general(x)
+        reshaped = fused and x2 is not x
+        return y, (key, index, _FUSED if fused else _GENERAL, t, tuple(x2.shape) if reshaped else None,
+                   tuple(y.shape) if reshaped else None, *native)
+
+    def _general_plan(self, t: int, x2: Tensor, general) -> tuple:
+        """(plan, weight, bias): a layer plan of base + tenant t's term (t fuses, every row is t's): at one x
+        row the "torch" plan or the "own" one where measured faster (``base_plan``, kind "multi-general"), at
+        2..ROWS_MAX rows the "rows" plan where measured faster than the general path (``general()``; kind
+        "multi-general-rows"); Nones where there is none."""
+        weight, m = self._fusable(t), x2.shape[0]
         make = None if weight is None else getattr(self._fusers[self._term_of[t]], "layer_plan_one", None)
-        if make is None or not 1 < x2.shape[0] <= ROWS_MAX:
+        if make is None or m > ROWS_MAX:
             return None, None, None
         bias = self._modules["base"]._parameters["bias"]
         extra = self._buffers[f"bias_delta{t}"] if t in self.bias_deltas else None
-        native = challenge(make(t, weight, bias, extra, x2.shape[0], "rows"), x2, weight, "multi-general-rows", general)
+        if m == 1:
+            native = base_plan(lambda mode: make(t, weight, bias, extra, 1, mode), x2, weight, "multi-general",
+                               general)
+        else:
+            native = challenge(make(t, weight, bias, extra, m, "rows"), x2, weight, "multi-general-rows", general)
         return (native, weight, bias) if native is not None else (None, None, None)
 
     def _apply(self, fn, *args, **kwargs):
@@ -360,11 +379,11 @@ class MultiDeltaLinear(nn.Module):
         return y
 
     def _shared_term(self, multi: nn.Module, x2: Tensor, idx: Tensor) -> Tensor | None:
-        """``multi(x2, idx)``, or its ``tables_rows`` where that serves the batch (2..ROWS_MAX rows, no autograd)
+        """``multi(x2, idx)``, or its ``tables_rows`` where that serves the batch (1..ROWS_MAX rows, no autograd)
         and is measured faster on this call's tensors (``dispatch.prefer_fused``, kind "multi-tables-rows")."""
         serve = getattr(multi, "tables_serve", None)
         weight = self._modules["base"]._parameters.get("weight")
-        if (serve is None or weight is None or not 1 < x2.shape[0] <= ROWS_MAX
+        if (serve is None or weight is None or x2.shape[0] > ROWS_MAX
                 or (torch.is_grad_enabled() and x2.requires_grad) or not serve(x2, idx)):
             return multi(x2, idx)
         x = x2.contiguous()

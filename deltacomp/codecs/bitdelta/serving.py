@@ -133,8 +133,8 @@ class SignStacks(nn.Module):
     def layer_plan_one(self, t: int, weight: Tensor, bias: Tensor | None, extra: Tensor | None, rows: int,
                        mode: str = "fused"):
         """``plans.sign_tl`` of tenant t's ``fused_one(x2, weight, t) + bias (+ extra)`` at one x row (mode
-        "fused"), or of base + its term row by row at several (mode "rows"), where this layer takes the int8
-        tables; else None."""
+        "fused"), of base + its term at one x row (the base by mode "torch" or "own"), or of base + its term
+        row by row at several (mode "rows"), where this layer takes the int8 tables; else None."""
         if ((rows > 1) != (mode == "rows") or not self._tl_on or not self.fuses_one(t, weight)
                 or not plans.enabled()):
             return None
