@@ -52,3 +52,20 @@ def test_kernels_host_build(tmp_path):
     _build(cxx, exe, static=False)
     out = _run([str(exe), "avx512", "avx2", "neon", "portable"])  # paths this CPU lacks run its best one
     assert out.count("all kernels match") == 4, out
+
+
+@pytest.mark.arm
+def test_kernels_clang_build(tmp_path):
+    """The kernels built by Clang (Apple's compiler on Apple silicon): no GCC-only builtins on the paths Clang
+    compiles (the portable loops, the table lookup), every kernel against the float64 references."""
+    cxx = shutil.which("clang++") or shutil.which("clang++-14")
+    if cxx is None:
+        pytest.skip("needs clang++ (apt-get install clang libomp-dev)")
+    probe = subprocess.run([cxx, "-fopenmp", "-x", "c++", "-E", "-"], input="#include <omp.h>\n", capture_output=True,
+                           text=True, timeout=60)
+    if probe.returncode != 0:
+        pytest.skip("clang++ has no OpenMP headers (apt-get install libomp-dev)")
+    exe = tmp_path / "kernel_check_clang"
+    _build(cxx, exe, static=False)
+    out = _run([str(exe), "neon", "portable"])  # Clang builds get the portable path on x86 (no target clones)
+    assert out.count("all kernels match") == 2, out
