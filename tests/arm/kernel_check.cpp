@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "common.h"
+#include "lowrank_isa.h"
 #include "lowrank_kernels.h"
 #include "serve_kernels.h"
 #include "sign_kernels.h"
@@ -298,6 +299,21 @@ void check_sign_tables(int64_t n, int64_t k, bool per_row) {
   expect_tables("sign_matmul_tl", where, y, want, exact);
 }
 
+// every fp16 bit pattern: the branch-free widening (halves_to_floats) equals the scalar one, bit for bit
+void check_halves() {
+  std::vector<uint16_t> h(65536);
+  std::vector<float> out(65536);
+  for (int i = 0; i < 65536; ++i) h[i] = static_cast<uint16_t>(i);
+  lowrank::halves_to_floats(h.data(), 65536, out.data());
+  for (int i = 0; i < 65536; ++i) {
+    const float want = lowrank::half_to_float(h[i]);
+    if (std::memcmp(&want, &out[i], 4) != 0 && !(std::isnan(want) && std::isnan(out[i]))) {
+      if (++failures <= 20) std::printf("FAIL halves_to_floats %04x: got %g want %g\n", i, out[i], want);
+      return;
+    }
+  }
+}
+
 void check_pack(int64_t n, int64_t k) {
   auto x = randn(n * k);
   std::vector<uint8_t> p((n * ((k + 7) / 8)));
@@ -343,6 +359,7 @@ int main(int argc, char** argv) {
       check_sign_tables(70, 264, per_row);
       check_sign_tables(32, 1024, per_row);
     }
+    check_halves();
     for (int64_t k : {1, 9, 64}) check_pack(3, k);
     std::printf("%s: path %s, %s\n", path.c_str(), isa_name(active_isa()),
                 failures == before ? "all kernels match" : "MISMATCHES");
