@@ -281,14 +281,14 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
             "dense_fp32_loop": lambda i: torch.cat([xs[i % 8][t:t + 1] @ dense_sets[i % nd][t].T
                                                     for t in range(t_count)]),
         }
-        if ops_tl.sign_tl_wanted() and tl4.supports_signs(k):  # each row through the int8 tables (tables_rows)
+        if ops_tl.sign_tl_wanted() and tl4.supports_signs(k) and ops_tl.rows_op_built():  # each row by tables
             tls = [[ops_tl.pack_tl4_signs(st[t], k) for t in range(t_count)] for st in stacks]
-            impls["sign_matmul_tl_loop"] = lambda i: torch.cat([ops_tl.sign_matmul_tl(
-                xs[i % 8][t:t + 1], None, tls[i % ns][t], scales[t], n, k) for t in range(t_count)])
+            row_scales = list(scales.unbind())
+            impls["sign_matmul_tl_rows"] = lambda i: ops_tl.sign_matmul_tl_rows(xs[i % 8], tls[i % ns], row_scales, n, k)
         want = ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k)
         _check(impls["sign_matmul_multi"](0), want, "sign_matmul_multi")
-        if "sign_matmul_tl_loop" in impls:
-            _check_tables(impls["sign_matmul_tl_loop"](0), want, "sign_matmul_tl (row by row)")
+        if "sign_matmul_tl_rows" in impls:
+            _check_tables(impls["sign_matmul_tl_rows"](0), want, "sign_matmul_tl_rows")
         med, low = _time(impls, repeats)
         bound_ms = _bound_ms(stack.nbytes, bandwidth)
         row = {"op": "sign_matmul_multi", "n": n, "k": k, "tenants": t_count, "m": t_count,

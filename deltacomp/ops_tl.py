@@ -85,15 +85,39 @@ def sign_tl_wanted() -> bool:
 def sign_matmul_tl(x: Tensor, w_base: Tensor | None, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:
     """``x @ (w_base + scale * sign)^T`` (or the delta alone, w_base None) for one x row (1, K), the sign
     dots by int8 lookup tables (inexact: x is quantized through its tables, as in the svd-mixed int8 path);
-    ``s_tl`` the signs repacked by ``quant.tl4.pack_tl4_signs`` (K % 4 == 0). The AVX2, NEON and portable paths only
-    (``sign_tl_wanted``); scale fp32 () / (1,) / (N,)."""
+    ``s_tl`` the signs repacked by ``quant.tl4.pack_tl4_signs`` (K % 4 == 0). The AVX2, NEON and portable paths
+    only (``sign_tl_wanted``); scale fp32 () / (1,) / (N,)."""
     base = _EMPTY if w_base is None else w_base.contiguous()
     op = _TL_OP if torch.compiler.is_compiling() else _TL_OP_CALL  # (see ops._FUSED_OP_CALL)
     return op(x.contiguous(), base, s_tl, scale.to(torch.float32).contiguous(), n, k)
 
 
+def rows_op_built() -> bool:
+    """Whether the extension has ``sign_matmul_tl_rows`` (a build from before it has not)."""
+    return _TL_ROWS is not None
+
+
+def sign_matmul_tl_rows(x: Tensor, s_tl: list[Tensor], scale: list[Tensor], n: int, k: int) -> Tensor:
+    """``sign_matmul_tl``'s delta for each row of x (M, K) on its own signs: row i with ``s_tl[i]`` (a TL4 repack,
+    or an empty tensor for a zero row) and ``scale[i]`` (fp32, () / (1,) / (N,)), in one call -> (M, N). Needs
+    the op in the build (``rows_op_built``)."""
+    return _TL_ROWS_OP(x.contiguous(), s_tl, scale, n, k)
+
+
+# None: an extension built before the op (tables_rows is then not offered; SignStacks.tables_serve)
+_TL_ROWS = getattr(torch.ops.deltacomp, "sign_matmul_tl_rows", None) if HAS_EXTENSION else None
+
+if _TL_ROWS is not None:
+    _TL_ROWS_OP = _TL_ROWS.default
+
+    @torch.library.register_fake("deltacomp::sign_matmul_tl_rows")
+    def _sign_matmul_tl_rows_fake(x: Tensor, s_tl: list[Tensor], scale: list[Tensor], n: int, k: int) -> Tensor:
+        _sign_fake_checks("sign_matmul_tl_rows", x, k)
+        return x.new_empty((x.shape[0], n))
+
 if HAS_EXTENSION:
     _EMPTY = torch.empty(0)
+
     _TL_OP = torch.ops.deltacomp.sign_matmul_tl.default
     _TL_OP_CALL = getattr(_TL_OP, "_op", _TL_OP)
 

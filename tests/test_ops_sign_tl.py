@@ -161,6 +161,33 @@ def test_checks(avx2):
         ops_tl.sign_matmul_tl(x, None, tl, torch.ones(3), n, k)
 
 
+@needs_ext
+@pytest.mark.parametrize("xdtype", (torch.float32, torch.bfloat16), ids=str)
+def test_rows_op_equals_the_one_row_op(avx2, xdtype):
+    """sign_matmul_tl_rows: each row as sign_matmul_tl computes it alone (bit for bit), per-row and tensor
+    scales mixed in one call, zero rows where s_tl is empty; and its checks."""
+    n, k = 70, 260
+    tls = [tl4.pack_tl4_signs(_signs(n, k, seed), k) for seed in (1, 2)]
+    scales = [torch.rand(n) + 0.5, torch.tensor(0.7)]
+    x = torch.randn(4, k, generator=_gen(3)).to(xdtype)
+    rows = [(0, 0), (None, None), (1, 1), (0, 1)]  # (signs, scale) per row; None: no tenant
+    s_tl = [torch.empty(0, dtype=torch.uint8) if a is None else tls[a] for a, _ in rows]
+    sc = [torch.empty(0) if b is None else scales[b] for _, b in rows]
+    got = ops_tl.sign_matmul_tl_rows(x, s_tl, sc, n, k)
+    assert got.dtype == xdtype and got.shape == (4, n)
+    for i, (a, b) in enumerate(rows):
+        want = torch.zeros(1, n, dtype=xdtype) if a is None else ops_tl.sign_matmul_tl(
+            x[i:i + 1], None, tls[a], scales[b], n, k)
+        assert torch.equal(got[i:i + 1], want), i
+    torch.library.opcheck(torch.ops.deltacomp.sign_matmul_tl_rows.default, (x.float(), s_tl, sc, n, k))
+    with pytest.raises(RuntimeError, match="x has 4 rows, but s_tl and scale have 3 and 4 entries"):
+        ops_tl.sign_matmul_tl_rows(x, s_tl[:3], sc, n, k)
+    with pytest.raises(RuntimeError, match=r"s_tl\[2\] must be uint8 of \d+ bytes for n=70, k=260, got Byte of 5"):
+        ops_tl.sign_matmul_tl_rows(x, [s_tl[0], s_tl[1], tls[1][:5], s_tl[3]], sc, n, k)
+    with pytest.raises(RuntimeError, match="scale must have shape"):
+        ops_tl.sign_matmul_tl_rows(x, s_tl, [sc[0], sc[1], torch.ones(3), sc[3]], n, k)
+
+
 def _layer(n, k, seed):
     torch.manual_seed(seed)
     base = torch.nn.Linear(k, n, bias=True)

@@ -1,6 +1,8 @@
 // Torch-facing CPU wrappers of the serving ops (fused base + signs, multi-tenant signs, ternary CSR):
 // check inputs (messages carry the actual values), then call the raw kernels in sign_kernels.cpp,
 // fused_kernels.cpp and ternary_kernels.cpp. Schemas are in csrc/ops.cpp, layouts in deltacomp/ops.py.
+#include <vector>
+
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
@@ -111,6 +113,36 @@ at::Tensor sign_matmul_tl_cpu(const at::Tensor& x, const at::Tensor& w_base, con
   return finish(y, x);
 }
 
+at::Tensor sign_matmul_tl_rows_cpu(const at::Tensor& x, at::TensorList s_tl, at::TensorList scale, int64_t n,
+                                   int64_t k) {
+  const char* op = "sign_matmul_tl_rows";
+  check_x(x, k, op);
+  const int64_t m = x.size(0);
+  TORCH_CHECK(k > 0 && k % 4 == 0, op, ": k must be a positive multiple of 4, got ", k);
+  TORCH_CHECK(n >= 0, op, ": n must be >= 0, got ", n);
+  TORCH_CHECK(static_cast<int64_t>(s_tl.size()) == m && static_cast<int64_t>(scale.size()) == m, op, ": x has ",
+              m, " rows, but s_tl and scale have ", s_tl.size(), " and ", scale.size(), " entries");
+  std::vector<char> per_row(static_cast<size_t>(m), 0);
+  for (int64_t i = 0; i < m; ++i) {
+    if (s_tl[i].numel() == 0) continue;
+    check_cpu(s_tl[i], op, "s_tl", 1);
+    TORCH_CHECK(s_tl[i].scalar_type() == at::kByte && s_tl[i].numel() == cpu::sign_tl_bytes(n, k), op, ": s_tl[",
+                i, "] must be uint8 of ", cpu::sign_tl_bytes(n, k), " bytes for n=", n, ", k=", k, ", got ",
+                s_tl[i].scalar_type(), " of ", s_tl[i].numel());
+    per_row[i] = check_scale(scale[i], n, op);
+  }
+  const at::Tensor xf = (x.scalar_type() == at::kFloat ? x : x.to(at::kFloat)).contiguous();
+  at::Tensor y = at::zeros({m, n}, x.options().dtype(at::kFloat));
+  for (int64_t i = 0; i < m; ++i) {
+    if (s_tl[i].numel() == 0 || n == 0) continue;
+    const bool ok = cpu::sign_matmul_tl<float>(xf.data_ptr<float>() + i * k, k, nullptr, s_tl[i].data_ptr<uint8_t>(),
+                                               n, scale[i].data_ptr<float>(), per_row[i], y.data_ptr<float>() + i * n);
+    TORCH_CHECK(ok, op, ": the AVX-512 path has no int8 tables (DELTACOMP_ISA=avx512, or the CPU's best); use "
+                "sign_matmul_multi");
+  }
+  return finish(y, x);
+}
+
 at::Tensor sign_matmul_multi_cpu(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scales,
                                  const at::Tensor& index, int64_t k) {
   const char* op = "sign_matmul_multi";
@@ -183,6 +215,7 @@ at::Tensor ternary_matmul_cpu(const at::Tensor& x, const at::Tensor& row_ptr, co
 TORCH_LIBRARY_IMPL(deltacomp, CPU, m) {
   m.impl("sign_matmul_fused", &deltacomp::sign_matmul_fused_cpu);
   m.impl("sign_matmul_tl", &deltacomp::sign_matmul_tl_cpu);
+  m.impl("sign_matmul_tl_rows", &deltacomp::sign_matmul_tl_rows_cpu);
   m.impl("sign_matmul_multi", &deltacomp::sign_matmul_multi_cpu);
   m.impl("ternary_matmul", &deltacomp::ternary_matmul_cpu);
 }

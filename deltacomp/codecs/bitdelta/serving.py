@@ -21,6 +21,7 @@ from ..base import Encoded
 from ..term import DeltaTerm
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
+_EMPTY_U8, _EMPTY_F32 = torch.empty(0, dtype=torch.uint8), torch.empty(0)  # a row of no tenant (tables_rows)
 
 
 def _tables_wanted(k: int) -> bool:
@@ -161,7 +162,7 @@ class SignStacks(nn.Module):
     def tables_serve(self, x2: Tensor, idx: Tensor) -> bool:
         """Whether ``tables_rows`` serves this batch: this layer takes the int8 tables, x2 is on the CPU, at
         least one row has a tenant, and every row's tenant has one mask (or none: -1)."""
-        if not self._tl_on or not x2.is_cpu or x2.dim() != 2:
+        if not self._tl_on or not x2.is_cpu or x2.dim() != 2 or not ops_tl.rows_op_built():
             return False
         one = self._one
         tenants = idx.tolist()
@@ -169,16 +170,20 @@ class SignStacks(nn.Module):
                 and all(t < 0 or (t < len(one) and one[t] >= 0) for t in tenants))
 
     def tables_rows(self, x2: Tensor, idx: Tensor) -> Tensor:
-        """``forward(x2, idx)`` with each row's sign dots through the int8 tables: ``sign_matmul_tl`` on its
-        tenant's signs (repacked at that tenant's first such call), row by row; rows of tenant -1 are zero.
-        Only where ``tables_serve``; inexact, as at one x row."""
-        out = torch.zeros(x2.shape[0], self.n, dtype=x2.dtype)
-        for i, t in enumerate(idx.tolist()):
-            if t >= 0:
-                signs, scales = self._one_tensors(t)
-                tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
-                out[i] = ops_tl.sign_matmul_tl(x2[i:i + 1], None, tl[2], scales, self.n, self.k)[0]
-        return out
+        """``forward(x2, idx)`` with each row's sign dots through the int8 tables, on its tenant's signs
+        (repacked at that tenant's first such call), in one ``sign_matmul_tl_rows`` call; rows of tenant -1 are
+        zero. Only where ``tables_serve``; inexact, as at one x row."""
+        s_tl, scale = [], []
+        for t in idx.tolist():
+            if t < 0:
+                s_tl.append(_EMPTY_U8)
+                scale.append(_EMPTY_F32)
+                continue
+            signs, scales = self._one_tensors(t)
+            tl = self._tl[t] = _repacked(self._tl.get(t), signs, self.k)
+            s_tl.append(tl[2])
+            scale.append(scales)
+        return ops_tl.sign_matmul_tl_rows(x2, s_tl, scale, self.n, self.k)
 
     def forward(self, x2: Tensor, idx: Tensor) -> Tensor | None:
         """x2 (M, K), idx (M,) tenant per row (-1: none) -> (M, N), or None when no row has a mask."""
