@@ -284,7 +284,8 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
         if ops_tl.sign_tl_wanted() and tl4.supports_signs(k) and ops_tl.rows_op_built():  # each row by tables
             tls = [[ops_tl.pack_tl4_signs(st[t], k) for t in range(t_count)] for st in stacks]
             row_scales = list(scales.unbind())
-            impls["sign_matmul_tl_rows"] = lambda i: ops_tl.sign_matmul_tl_rows(xs[i % 8], tls[i % ns], row_scales, n, k)
+            impls["sign_matmul_tl_rows"] = lambda i: ops_tl.sign_matmul_tl_rows(xs[i % 8], tls[i % ns], row_scales,
+                                                                                n, k)
         want = ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k)
         _check(impls["sign_matmul_multi"](0), want, "sign_matmul_multi")
         if "sign_matmul_tl_rows" in impls:

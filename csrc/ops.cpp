@@ -21,9 +21,9 @@ TORCH_LIBRARY(deltacomp, m) {
   // fp32/bf16 (N, K) (bf16 widened on the fly; the effective weight is fp32, never rounded), packed
   // SIGNS (N, ceil(k/8)), scale fp32 () / (1,) / (N,); x and y as in sign_matmul
   m.def("sign_matmul_fused(Tensor x, Tensor w_base, Tensor packed, Tensor scale, int k) -> Tensor");
-  // one x row, inexact (int8 lookup tables; AVX2, NEON, portable): y (1, N) = x (1, K) @ (w_base + scale * sign)^T, or the
-  // delta alone when w_base is empty; s_tl the signs as 1-bit codes in the TL4 layout (quant/tl4.py,
-  // pack_tl4_signs; K % 4 == 0); w_base fp32/bf16 (N, K); scale and x as in sign_matmul
+  // one x row, inexact (int8 lookup tables; AVX2, NEON, portable): y (1, N) = x (1, K) @ (w_base + scale *
+  // sign)^T, or the delta alone when w_base is empty; s_tl the signs as 1-bit codes in the TL4 layout
+  // (quant/tl4.py, pack_tl4_signs; K % 4 == 0); w_base fp32/bf16 (N, K); scale and x as in sign_matmul
   m.def("sign_matmul_tl(Tensor x, Tensor w_base, Tensor s_tl, Tensor scale, int n, int k) -> Tensor");
   // the delta of sign_matmul_tl for several x rows, each its own: y[i] (N,) = x[i] @ (scale[i] * sign_i)^T
   // from the TL4 signs s_tl[i], zeros where s_tl[i] is empty (one entry per row in each list; a mixed-tenant

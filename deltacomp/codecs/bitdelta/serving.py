@@ -5,9 +5,9 @@ several single-mask tenants, each row through the int8 tables: ``tables_rows``).
 
 At one x row (a decode step) on the AVX2, NEON and portable paths, a single-mask term takes
 ``sign_matmul_tl`` instead: the sign dots by int8 lookup tables (T-MAC style, inexact), on the signs
-repacked once, at the first such call, into the TL4 layout (``ops_tl.pack_tl4_signs``: as many bytes again as the signs). Whether a term
-does is decided when it is built (``ops_tl.sign_tl_wanted``: DELTACOMP_SIGN_KERNEL=exact keeps the exact
-kernels)."""
+repacked once, at the first such call, into the TL4 layout (``ops_tl.pack_tl4_signs``: as many bytes again
+as the signs). Whether a term does is decided when it is built (``ops_tl.sign_tl_wanted``:
+DELTACOMP_SIGN_KERNEL=exact keeps the exact kernels)."""
 from __future__ import annotations
 
 from typing import Sequence
