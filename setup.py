@@ -2,7 +2,10 @@
 
     pip install --no-build-isolation -e .       # builds against the torch already installed
 
-- CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp) always, with -O3 and OpenMP.
+- CPU kernels (csrc/ops.cpp + csrc/cpu/*.cpp) always, with -O3 and OpenMP (GCC's -fopenmp / libgomp).
+  DELTACOMP_OPENMP=0 builds them without OpenMP (single-threaded kernels, every `omp` pragma ignored); that
+  is the default on macOS, whose Apple clang has no -fopenmp (DELTACOMP_OPENMP=1 there asks for it, for a
+  compiler that has it).
 - CUDA kernels (csrc/cuda/*.cu, torch-free bodies, + csrc/cuda/cuda_ops.cpp, their torch wrappers) only
   when the installed torch is a CUDA build and CUDA_HOME exists; architectures from TORCH_CUDA_ARCH_LIST,
   default sm_90. (tests/test_cuda_build.py compiles every .cu file with plain nvcc, GPU or not.)
@@ -37,7 +40,11 @@ def _extensions():
         return [], {}
 
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")  # ops.cpp: schemas, plans.cpp: module init
-    cxx = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
+    openmp = os.environ.get("DELTACOMP_OPENMP", "0" if sys.platform == "darwin" else "1") != "0"
+    cxx = ["-O3", "-fopenmp"] if openmp else ["-O3", "-Wno-unknown-pragmas"]  # torch adds the C++ standard
+    link = ["-lgomp"] if openmp else []
+    if not openmp:
+        print("deltacomp: building the C++ extension without OpenMP (single-threaded CPU kernels)", file=sys.stderr)
     cuda_sources = _rel("csrc/cuda/*.cu") + _rel("csrc/cuda/*.cpp")
     use_cuda = bool(cuda_sources) and torch.version.cuda is not None and CUDA_HOME is not None
     if use_cuda:
@@ -46,10 +53,9 @@ def _extensions():
             "deltacomp._C", sources + cuda_sources,
             extra_compile_args={"cxx": cxx + ["-DDELTACOMP_WITH_CUDA"],
                                 "nvcc": ["-O3", "-DDELTACOMP_WITH_CUDA", "--use_fast_math"]},
-            extra_link_args=["-lgomp"])
+            extra_link_args=link)
     else:
-        ext = CppExtension("deltacomp._C", sources, extra_compile_args={"cxx": cxx},
-                           extra_link_args=["-lgomp"])
+        ext = CppExtension("deltacomp._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=link)
 
     class OptionalBuildExtension(BuildExtension):
         """Reports a failed compile and goes on, so the package still installs (pure-torch ops)."""

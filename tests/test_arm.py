@@ -19,8 +19,9 @@ KERNELS = ("isa", "sign_kernels", "simd8_kernels", "fused_kernels", "ternary_ker
            "lowrank_generic", "lowrank_simd", "lowrank_avx2", "lowrank_tl_avx2", "lowrank_tl_generic", "tl4_pack")
 
 
-def _build(compiler: str, out: Path, static: bool) -> None:
-    cmd = [compiler, "-std=c++17", "-O2", "-fopenmp", *(["-static"] if static else []), f"-I{ROOT / 'csrc/cpu'}",
+def _build(compiler: str, out: Path, static: bool, openmp: bool = True) -> None:
+    cmd = [compiler, "-std=c++17", "-O2", "-fopenmp" if openmp else "-Wno-unknown-pragmas",
+           *(["-static"] if static else []), f"-I{ROOT / 'csrc/cpu'}",
            str(ROOT / "tests/arm/kernel_check.cpp"), *(str(ROOT / f"csrc/cpu/{k}.cpp") for k in KERNELS), "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
@@ -69,3 +70,16 @@ def test_kernels_clang_build(tmp_path):
     _build(cxx, exe, static=False)
     out = _run([str(exe), "neon", "portable"])  # Clang builds get the portable path on x86 (no target clones)
     assert out.count("all kernels match") == 2, out
+
+
+@pytest.mark.arm
+def test_kernels_without_openmp(tmp_path):
+    """The kernels built without OpenMP (setup.py's DELTACOMP_OPENMP=0, the macOS default): single-threaded,
+    every path this CPU has against the float64 references."""
+    cxx = shutil.which("g++")
+    if cxx is None:
+        pytest.skip("needs g++ on the PATH")
+    exe = tmp_path / "kernel_check_no_openmp"
+    _build(cxx, exe, static=False, openmp=False)
+    out = _run([str(exe), "avx512", "avx2", "neon", "portable"])
+    assert out.count("all kernels match") == 4, out

@@ -2,7 +2,9 @@
 // of code path (Isa, active_isa), the threading threshold, and the SIGNS row size. Raw pointers only,
 // no torch (the files build for aarch64 too: tests/arm/).
 #pragma once
+#if defined(_OPENMP)
 #include <omp.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -34,6 +36,17 @@ Isa active_isa();
 // "avx512", "avx2", "neon", "portable"
 const char* isa_name(Isa isa);
 
+// OpenMP's thread count (torch.set_num_threads sets it); 1 in a build without OpenMP (setup.py: macOS's
+// Apple clang has no -fopenmp, or DELTACOMP_OPENMP=0), where every `omp` pragma is ignored and the kernels
+// run on the calling thread.
+inline int max_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+
 // Below this many multiply-adds a call runs on one thread: waking the OpenMP team costs more.
 constexpr int64_t kParallelMinWork = 1 << 16;
 
@@ -41,7 +54,7 @@ constexpr int64_t kParallelMinWork = 1 << 16;
 // (torch.set_num_threads sets OpenMP's). Even with `if (false)`, entering an `omp parallel` region costs
 // libgomp a team start and a futex call (a decode step paid 9 of them per svd-mixed layer), so the helpers
 // below enter one only when this is true, and otherwise run the same code on this thread.
-inline bool parallel_worth(int64_t work) { return work >= kParallelMinWork && omp_get_max_threads() > 1; }
+inline bool parallel_worth(int64_t work) { return work >= kParallelMinWork && max_threads() > 1; }
 
 // body(i) for i in [0, count): over the threads in dynamic chunks of `chunk` where parallel_worth(work).
 template <typename F>

@@ -32,8 +32,6 @@
 #include <optional>
 #include <vector>
 
-#include <omp.h>
-
 #include "lowrank_isa.h"
 
 namespace deltacomp {
@@ -356,7 +354,7 @@ void stage_u(const Isa& isa, const float* t, int64_t m, int64_t n, int64_t gs, c
   int64_t r_total = 0;
   for (int64_t q = 0; q < count; ++q) r_total += skip[q] ? 0 : groups[q].r;
   const bool parallel = m * r_total * n >= kParallelMinWork;
-  const int64_t block = block_columns(n, m, parallel ? omp_get_max_threads() : 1);
+  const int64_t block = block_columns(n, m, parallel ? max_threads() : 1);
   const int64_t panel_rows = std::max<int64_t>(1, std::min(kMaxPanelRows, kPanelFloats / block));
   const int64_t blocks = (n + block - 1) / block;
   // block is a multiple of 16, so n % 16 == 0 makes every block start and length one too
