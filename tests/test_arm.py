@@ -1,8 +1,9 @@
 """The raw CPU kernels (csrc/cpu/*.cpp, no torch) against scalar double references in a standalone
 driver (tests/arm/kernel_check.cpp): built for aarch64 and run under qemu-user, so the NEON and portable
-paths are checked on an x86 machine; and built for the host, checking every path it has.
+paths are checked on an x86 machine; built for the host, checking every path it has; and built by Clang
+(for the host, and for aarch64 without OpenMP as a Mac builds it) and without OpenMP.
 
-    apt-get install g++-aarch64-linux-gnu qemu-user      # Debian / Ubuntu
+    apt-get install g++-aarch64-linux-gnu qemu-user clang libomp-dev   # Debian / Ubuntu
     python -m pytest -q -m arm tests/test_arm.py
 
 Skips (with the reason) when the cross compiler or qemu-aarch64 is missing."""
@@ -19,10 +20,10 @@ KERNELS = ("isa", "sign_kernels", "simd8_kernels", "fused_kernels", "ternary_ker
            "lowrank_generic", "lowrank_simd", "lowrank_avx2", "lowrank_tl_avx2", "lowrank_tl_generic", "tl4_pack")
 
 
-def _build(compiler: str, out: Path, static: bool, openmp: bool = True) -> None:
-    cmd = [compiler, "-std=c++17", "-O2", "-fopenmp" if openmp else "-Wno-unknown-pragmas",
-           *(["-static"] if static else []), f"-I{ROOT / 'csrc/cpu'}",
-           str(ROOT / "tests/arm/kernel_check.cpp"), *(str(ROOT / f"csrc/cpu/{k}.cpp") for k in KERNELS), "-o", str(out)]
+def _build(compiler: str, out: Path, static: bool, openmp: bool = True, extra: tuple[str, ...] = ()) -> None:
+    cmd = [compiler, *extra, "-std=c++17", "-O2", "-fopenmp" if openmp else "-Wno-unknown-pragmas",
+           *(["-static"] if static else []), f"-I{ROOT / 'csrc/cpu'}", str(ROOT / "tests/arm/kernel_check.cpp"),
+           *(str(ROOT / f"csrc/cpu/{k}.cpp") for k in KERNELS), "-o", str(out)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)} failed:\n{done.stderr[-4000:]}"
 
@@ -83,3 +84,16 @@ def test_kernels_without_openmp(tmp_path):
     _build(cxx, exe, static=False, openmp=False)
     out = _run([str(exe), "avx512", "avx2", "neon", "portable"])
     assert out.count("all kernels match") == 4, out
+
+
+@pytest.mark.arm
+def test_kernels_clang_aarch64_under_qemu(tmp_path):
+    """What an Apple silicon build compiles: Clang for aarch64 without OpenMP (the macOS default), the NEON
+    and portable paths under qemu against the float64 references (linked with the aarch64 GNU sysroot)."""
+    cxx, qemu = shutil.which("clang++") or shutil.which("clang++-14"), shutil.which("qemu-aarch64")
+    if cxx is None or qemu is None or shutil.which("aarch64-linux-gnu-g++") is None:
+        pytest.skip("needs clang++, qemu-aarch64 and the aarch64 GNU toolchain (its sysroot)")
+    exe = tmp_path / "kernel_check_clang_aarch64"
+    _build(cxx, exe, static=True, openmp=False, extra=("--target=aarch64-linux-gnu",))
+    out = _run([qemu, str(exe), "neon", "portable"])
+    assert "neon: path neon, all kernels match" in out and "portable: path portable, all kernels match" in out, out
