@@ -159,6 +159,20 @@ inline int64_t tl_groups(int64_t k, int64_t gs, int64_t* chunks = nullptr) {
   if (chunks != nullptr) *chunks = count;
   return groups;
 }
+// dots[j], j < r, from the 32-row tiles of V in the TL4 layout (v_tl, scales v_tl_scale): tile(src, sc, out)
+// writes one tile's 32 dots; the tiles split over the threads (for_each_index). The dots loop of every path.
+template <typename Tile>
+inline void tl_dots_tiles(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int64_t r, int64_t k,
+                          int64_t gs, float* dots, const Tile& tile) {
+  const int64_t tiles = (r + kTlRows - 1) / kTlRows, gk = (k + gs - 1) / gs;
+  const int64_t tile_bytes = tl_groups(k, gs) * 16 * bits;
+  for_each_index(tiles, 2, r * k, [&](int64_t ti) {
+    alignas(32) float out[kTlRows];
+    tile(v_tl + ti * tile_bytes, v_tl_scale + ti * gk * kTlRows, out);
+    const int64_t rows = std::min<int64_t>(kTlRows, r - ti * kTlRows);
+    std::memcpy(dots + ti * kTlRows, out, static_cast<size_t>(rows) * sizeof(float));
+  });
+}
 struct TlLoops {
   // tab int8 (tl_groups(k, gs), 16): the quantized tables of x (k,), delta (chunks,) their scales
   void (*tables)(const float* x, int64_t k, int64_t gs, int8_t* tab, float* delta);

@@ -162,16 +162,9 @@ void tl_tile(const uint8_t* src, const uint16_t* sc, int64_t k, int64_t gs, cons
 
 void tl_dots_avx2(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int64_t r, int64_t k, int64_t gs,
                   const int8_t* tab, const float* delta, float* dots) {
-  const int64_t tiles = (r + kTlRows - 1) / kTlRows, gk = (k + gs - 1) / gs;
-  const int64_t tile_bytes = tl_groups(k, gs) * 16 * bits;
-  for_each_index(tiles, 2, r * k, [&](int64_t ti) {
-    alignas(32) float out[kTlRows];
-    const uint8_t* src = v_tl + ti * tile_bytes;
-    const uint16_t* sc = v_tl_scale + ti * gk * kTlRows;
+  tl_dots_tiles(v_tl, v_tl_scale, bits, r, k, gs, dots, [&](const uint8_t* src, const uint16_t* sc, float* out) {
     if (bits == 2) tl_tile<2>(src, sc, k, gs, tab, delta, out);
     else tl_tile<1>(src, sc, k, gs, tab, delta, out);
-    const int64_t rows = std::min<int64_t>(kTlRows, r - ti * kTlRows);
-    std::memcpy(dots + ti * kTlRows, out, static_cast<size_t>(rows) * sizeof(float));
   });
 }
 

@@ -171,13 +171,8 @@ void tile_generic(int bits, const uint8_t* src, const uint16_t* sc, int64_t k, i
 
 void tl_dots_generic(const uint8_t* v_tl, const uint16_t* v_tl_scale, int bits, int64_t r, int64_t k, int64_t gs,
                      const int8_t* tab, const float* delta, float* dots) {
-  const int64_t tiles = (r + kTlRows - 1) / kTlRows, gk = (k + gs - 1) / gs;
-  const int64_t tile_bytes = tl_groups(k, gs) * 16 * bits;
-  for_each_index(tiles, 2, r * k, [&](int64_t ti) {
-    alignas(32) float out[kTlRows];
-    tile_generic(bits, v_tl + ti * tile_bytes, v_tl_scale + ti * gk * kTlRows, k, gs, tab, delta, out);
-    const int64_t rows = std::min<int64_t>(kTlRows, r - ti * kTlRows);
-    std::memcpy(dots + ti * kTlRows, out, static_cast<size_t>(rows) * sizeof(float));
+  tl_dots_tiles(v_tl, v_tl_scale, bits, r, k, gs, dots, [&](const uint8_t* src, const uint16_t* sc, float* out) {
+    tile_generic(bits, src, sc, k, gs, tab, delta, out);
   });
 }
 

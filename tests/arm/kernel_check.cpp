@@ -240,11 +240,7 @@ void check_lowrank_tables(int64_t n, int64_t k, int64_t r, int bits, int64_t gs)
   const RandGroup g(n, k, r, bits, gs);
   const int64_t gk = g.gk, gn = g.gn, tr = (r + 31) / 32, tn = (n + 31) / 32;
   auto x = randn(k);
-  int64_t pk = 0, pr = 0;  // position groups of a V row, of a U^T column
-  for (int64_t g0 = 0; g0 < k; g0 += gs)
-    for (int64_t c0 = g0; c0 < std::min(k, g0 + gs); c0 += 128)
-      pk += ((std::min<int64_t>(128, std::min(k, g0 + gs) - c0) + 3) / 4 + 1) / 2 * 2;
-  for (int64_t c0 = 0; c0 < r; c0 += 128) pr += ((std::min<int64_t>(128, r - c0) + 3) / 4 + 1) / 2 * 2;
+  const int64_t pk = lowrank::tl_groups(k, gs), pr = lowrank::tl_groups(r, r);  // of a V row, of a U^T column
   std::vector<uint8_t> v_tl(tr * pk * 16 * bits), u_tl(tn * pr * 16 * bits);
   tl4_pack(g.vq.data(), static_cast<int64_t>(g.vq.size()), bits, r, k, gs, false, v_tl.data());
   tl4_pack(g.uq.data(), static_cast<int64_t>(g.uq.size()), bits, n, r, r, true, u_tl.data());
@@ -272,9 +268,7 @@ void check_sign_tables(int64_t n, int64_t k, bool per_row) {
   auto w = randn(n * k);
   std::vector<float> sc(per_row ? n : 1);
   for (auto& v : sc) v = 0.1f + std::fabs(randn(1)[0]);
-  int64_t pk = 0;
-  for (int64_t c0 = 0; c0 < k; c0 += 128) pk += ((std::min<int64_t>(128, k - c0) + 3) / 4 + 1) / 2 * 2;
-  std::vector<uint8_t> s_tl(((n + 31) / 32) * pk * 16);
+  std::vector<uint8_t> s_tl(sign_tl_bytes(n, k));
   tl4_pack(p.data(), static_cast<int64_t>(p.size()), 1, n, k, k, false, s_tl.data());
   std::vector<float> y(n), exact(n);
   const bool ran = sign_matmul_tl<float>(x.data(), k, w.data(), s_tl.data(), n, sc.data(), per_row, y.data());
