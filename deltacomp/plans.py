@@ -25,8 +25,8 @@ keep it with the path they keep for an input shape. A plan answers None for a ca
 a contiguous CPU tensor of its dtype, autograd recording, a source tensor changed in place, more than one
 row where the kernel takes one), and the module takes its Python path.
 
-Moving a serving module or its model (``.to()``, ``.half()``, ...) drops the plans it keeps; moving a term
-alone, without its layer, leaves a kept plan holding the tensors it had.
+Moving a serving module, its model or a term alone (``.to()``, ``.half()``, ...) drops the plans kept on
+the tensors it replaces (a term's move is part of ``serve.dispatch.plan_state``).
 
     DELTACOMP_LAYER_PLANS=0     # no plans: every call takes the Python path (the modules' kept paths follow)
 """

@@ -132,6 +132,56 @@ def test_deltalinear_follows_replaced_weight_and_moved_delta():
     torch.testing.assert_close(layer(x).double(), x.double() @ other.weight.double().T, rtol=1e-4, atol=1e-4)
 
 
+def _zeroed(t):
+    return torch.zeros_like(t) if t.is_floating_point() else t.clone()
+
+
+@pytest.mark.parametrize("codec", ["bitdelta", "svd-mixed"])
+@pytest.mark.parametrize("fused", [True, None, False])
+@torch.no_grad()  # (serving: a call recording autograd takes no layer plan)
+def test_deltalinear_follows_a_term_moved_alone(codec, fused, monkeypatch):
+    """``layer.delta.to(...)`` without the layer: the path and layer plan the layer kept hold the term's old
+    tensors; the next call reads the new ones (here zero scales: the layer adds nothing to its base)."""
+    monkeypatch.setenv("DELTACOMP_SIGN_KERNEL", "tables")  # the plans' int8 paths where the build has them
+    g = torch.Generator().manual_seed(11)
+    k = 64  # (the int8 tables take rows of whole groups)
+    base = nn.Linear(k, N)
+    delta = torch.randn(N, k, generator=g) * 0.05
+    enc = get_codec(codec).encode(delta)
+    layer = dnn.DeltaLinear(base, enc, fused=fused if codec == "bitdelta" else (fused and None))
+    for shape in ((1, 1, k), (1, 3, k)):
+        x = torch.randn(*shape, generator=g)
+        for _ in range(3):  # the path kept, then taken again
+            y = layer(x)
+        assert not torch.allclose(y, base(x), atol=1e-4)
+    layer.delta._apply(_zeroed)  # the term alone: new tensors, zero scales
+    for shape in ((1, 1, k), (1, 3, k)):
+        x = torch.randn(*shape, generator=g)
+        for _ in range(2):
+            torch.testing.assert_close(layer(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tenant", [0, 1])
+@torch.no_grad()
+def test_multidelta_follows_a_term_moved_alone(tenant):
+    """As for DeltaLinear: tenant 0 bitdelta (the shared stacks' fused plan), 1 svd-mixed (its own term)."""
+    g = torch.Generator().manual_seed(12)
+    k = 64
+    base = nn.Linear(k, N)
+    encs = [get_codec("bitdelta").encode(torch.randn(N, k, generator=g) * 0.05),
+            get_codec("svd-mixed").encode(torch.randn(N, k, generator=g) * 0.05)]
+    mod = dnn.MultiDeltaLinear(base, encs)
+    mod.delta_index = torch.tensor([tenant])  # one index tensor throughout: the kept path stays keyed on it
+    x = torch.randn(1, 1, k, generator=g)
+    for _ in range(3):
+        y = mod(x)
+    assert not torch.allclose(y, base(x), atol=1e-4)
+    for term in [*mod.shared, *mod.others.values()]:
+        term._apply(_zeroed)  # each term alone
+    for _ in range(2):
+        torch.testing.assert_close(mod(x), base(x), rtol=1e-5, atol=1e-5)
+
+
 # -- MultiDeltaLinear ----------------------------------------------------------------------------------
 def _multi():
     """Tenants: 0 one mask, 1 two masks, 2 nothing in this layer, 3 one mask plus a bias delta."""

@@ -15,6 +15,15 @@ from .base import Encoded
 if TYPE_CHECKING:
     from .base import Codec
 
+moves = 0  # serving terms moved so far (``moved``): part of serve.dispatch.plan_state, which a serving module's
+# kept paths are keyed on, so a term moved alone (``layer.delta.to(...)``) drops the layer plans holding its tensors
+
+
+def moved() -> None:
+    """Note that a serving term's tensors were replaced (its ``_apply``: ``.to()``, ``.half()``, ...)."""
+    global moves
+    moves += 1
+
 
 class DeltaTerm(nn.Module):
     """``x2 (M, K) -> x2 @ delta^T (M, N)`` in x2's dtype. The tensors are buffers (``.to()`` moves them);
@@ -38,6 +47,7 @@ class DeltaTerm(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._enc = None  # .to() / .half() / ... replace the buffers: build the Encoded view again
+        moved()
         return super()._apply(fn, *args, **kwargs)
 
     def tensor(self, name: str) -> Tensor:

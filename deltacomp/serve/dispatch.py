@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..codecs import term as _term
 
 REPEATS = 5  # timed calls per path after one warm-up each; the minimum is kept (noise only adds time)
 CLOSE = 1.10  # best times within this factor of each other are timed again ...
@@ -83,13 +84,14 @@ except AttributeError:  # pragma: no cover - CPython's os.environ has both
 
 def plan_state() -> tuple:
     """What every decision depends on besides the module and its input: the DELTACOMP_FUSED, DELTACOMP_ISA
-    and DELTACOMP_LAYER_PLANS settings (as set, unparsed), torch's thread count and the number of ``reset``
-    calls so far. A module that keeps the path it took for its last input (shape, dtype), and the layer plan
-    built for it, takes them again while this is unchanged; otherwise it asks ``prefer_fused`` again (which
-    parses the setting and may measure)."""
+    and DELTACOMP_LAYER_PLANS settings (as set, unparsed), torch's thread count, the number of ``reset``
+    calls so far and of serving terms moved (``codecs.term.moved``: a term moved alone, without its layer,
+    leaves the layer plans its layer keeps holding its old tensors). A module that keeps the path it took
+    for its last input (shape, dtype), and the layer plan built for it, takes them again while this is
+    unchanged; otherwise it asks ``prefer_fused`` again (which parses the setting and may measure)."""
     get = _ENV_DATA.get
     keys = _ENV_KEYS
-    return get(keys[0]), get(keys[1]), get(keys[2]), torch.get_num_threads(), _generation
+    return get(keys[0]), get(keys[1]), get(keys[2]), torch.get_num_threads(), _generation, _term.moves
 
 
 def _key(x2: Tensor, weight: Tensor, kind: str) -> tuple:

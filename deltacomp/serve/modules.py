@@ -68,8 +68,8 @@ class DeltaLinear(nn.Module):
         # SmolLM2-135M's shapes the rest of the step is about 0.1 ms per layer, the same order as this
         # method's own work. So a CPU call keeps the path it took and the sizes it reshaped to (``_plan``)
         # with what they were decided on: x's shape and dtype, the flags and the base weight's dtype, and
-        # ``dispatch.plan_state()`` (settings, threads, resets); the next call with all of them unchanged
-        # takes that path again without asking the dispatch, and reshapes with the kept sizes; where the
+        # ``dispatch.plan_state()`` (settings, threads, resets, terms moved); the next call with all of them
+        # unchanged takes that path again without asking the dispatch, and reshapes with the kept sizes; where the
         # term built a layer plan for that path (``plans``: the base and the term in one native call) and
         # the base's weight and bias are the tensors it holds, the plan serves the call.
         if not x.is_cpu or torch.compiler.is_compiling():

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ... import ops, ops_tl, plans
 from ...quant import tl4
 from ..base import Encoded
-from ..term import DeltaTerm
+from ..term import DeltaTerm, moved
 
 _FUSED_DTYPES = (torch.float32, torch.bfloat16)
 _EMPTY_U8, _EMPTY_F32 = torch.empty(0, dtype=torch.uint8), torch.empty(0)  # a row of no tenant (tables_rows)
@@ -157,6 +157,7 @@ class SignStacks(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._views, self._tl = {}, {}  # .to() and the like replace the stacks: drop the views and repacks
+        moved()
         return super()._apply(fn, *args, **kwargs)
 
     def tables_serve(self, x2: Tensor, idx: Tensor) -> bool:
