@@ -40,9 +40,7 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
-import time
 
 import torch
 
@@ -53,66 +51,20 @@ from deltacomp.codecs import get_codec
 from deltacomp.codecs.base import Encoded
 from deltacomp.quant.rtn import n_groups
 from deltacomp.quant import tl4
+from kernel_timing import (bytes_bound_ms, check, check_tables, copies_for, cpu_flags, cpu_name, read_bandwidth,
+                           time_interleaved, with_env)
 
 LAYER_SHAPES = ("4096x4096", "11008x4096", "4096x11008", "8192x8192", "14336x4096", "28672x8192")
-CACHE_BYTES = 64 << 20  # rotate through at least this many bytes per implementation (> LLC here)
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-_SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_bf16",
-               "avx512_vnni", "amx_bf16", "asimd", "asimddp", "sve", "sve2", "bf16", "i8mm")
-
-
-def _cpu_flags() -> list[str]:
-    """The SIMD-related flags of the CPU (x86 "flags", Arm "Features" in /proc/cpuinfo)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    have = set(line.split(":", 1)[1].split())
-                    return [fl for fl in _SIMD_FLAGS if fl in have]
-    except OSError:
-        pass
-    return []
-
-
-def _copies(nbytes: int, max_copies: int = 64) -> int:
-    return max(2, min(max_copies, -(-CACHE_BYTES // max(nbytes, 1))))
-
-
-def _with_env(name: str, value: str, fn):
-    """fn run with environment variable ``name`` set to ``value`` (the kernels read it on every call)."""
-    def run(i):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return fn(i)
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return run
 
 
 def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: bool,
                 bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     w0 = torch.randn(n, k, generator=g)
-    dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]  # 4 x 180 MB at most
+    dense = [w0] + [w0.clone() for _ in range(copies_for(w0.nbytes, 4) - 1)]  # 4 x 180 MB at most
     dense16 = [w.bfloat16() for w in dense]
     p0 = ops.pack_signs_ref(w0)
-    packed = [p0] + [p0.clone() for _ in range(_copies(p0.nbytes) - 1)]
+    packed = [p0] + [p0.clone() for _ in range(copies_for(p0.nbytes) - 1)]
     scale = torch.rand(n, generator=g)
     rows = []
     for m in ms:
@@ -125,21 +77,21 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
         }
         if lut and m == 1:  # the other kernels of one x row (csrc/cpu/sign_kernels.h): plain SIMD, byte tables
             for variant in ("simd", "lut8"):
-                impls[f"sign_matmul_{variant}"] = _with_env("DELTACOMP_SIGN_KERNEL", variant, impls["sign_matmul"])
-                _check(impls[f"sign_matmul_{variant}"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k),
+                impls[f"sign_matmul_{variant}"] = with_env("DELTACOMP_SIGN_KERNEL", variant, impls["sign_matmul"])
+                check(impls[f"sign_matmul_{variant}"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k),
                        f"sign_matmul ({variant})")
         if m == 1 and ops_tl.sign_tl_wanted() and tl4.supports_signs(k):  # int8 tables (bitdelta's decode default)
             tls = [ops_tl.pack_tl4_signs(p, k) for p in packed]
             impls["sign_matmul_tl"] = lambda i: ops_tl.sign_matmul_tl(xs[i % 8], None, tls[i % len(tls)], scale, n, k)
-            _check_tables(impls["sign_matmul_tl"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k), "sign_matmul_tl")
+            check_tables(impls["sign_matmul_tl"](0), ops.sign_matmul_ref(xs[0], packed[0], scale, k), "sign_matmul_tl")
         if naive:
             impls["naive_unpack_matmul"] = lambda i: ops.sign_matmul_ref(xs[i % 8], packed[i % len(packed)], scale, k)
         # correctness guard: a fast wrong kernel must not produce a table
         want = ops.sign_matmul_ref(xs[0], packed[0], scale, k)
         got = impls["sign_matmul"](0)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-3 * float(want.abs().max())), "sign_matmul disagrees"
-        med, low = _time(impls, repeats)
-        bound_ms = _bound_ms(p0.nbytes + scale.nbytes, bandwidth)
+        med, low = time_interleaved(impls, repeats)
+        bound_ms = bytes_bound_ms(p0.nbytes + scale.nbytes, bandwidth)
         row = {"op": "sign_matmul", "n": n, "k": k, "m": m, "median_ms": med, "min_ms": low,
                "packed_bytes": p0.nbytes, "bytes_bound_ms": bound_ms,
                "op_over_bytes_bound": med["sign_matmul"] / bound_ms,
@@ -166,42 +118,12 @@ def bench_shape(n: int, k: int, ms: list[int], repeats: int, naive: bool, lut: b
     return rows
 
 
-def _time(impls: dict, repeats: int) -> tuple[dict, dict]:
-    """Median and min ms per implementation, interleaved call by call (after one warm-up call each).
-    The min is reported beside the median: on a shared machine the median carries other processes' noise."""
-    times = {name: [] for name in impls}
-    for fn in impls.values():
-        fn(0)
-    for i in range(repeats):
-        for j, (name, fn) in enumerate(impls.items()):
-            t0 = time.perf_counter()
-            # a different copy index per call: implementations sharing weights (the signs of sign_matmul and
-            # its variants, of fused and base + term) must not find the copy the previous one just read in cache
-            fn(1 + i * len(impls) + j)
-            times[name].append(time.perf_counter() - t0)
-    return ({name: statistics.median(ts) * 1e3 for name, ts in times.items()},
-            {name: min(ts) * 1e3 for name, ts in times.items()})
-
-
-def _check(got, want, what: str) -> None:
-    # correctness guard: a fast wrong kernel must not produce a table
-    tol = 1e-2 * float(want.float().abs().max()) + 1e-3
-    assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=tol), f"{what} disagrees with its reference"
-
-
-def _check_tables(got, want, what: str) -> None:
-    # the int8-table ops are inexact (x quantized through its tables, ~1-3% of the delta term per row):
-    # a guard against a wrong kernel, not a bound (tests/test_ops_sign_tl.py checks the bound)
-    rel = float((got.double() - want.double()).norm() / want.double().norm().clamp_min(1e-30))
-    assert rel < 0.05, f"{what} disagrees with its reference (relative error {rel:.3g})"
-
-
 def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -> list[dict]:
     g = torch.Generator().manual_seed(1)
     w0 = torch.randn(n, k, generator=g)
     p0 = ops.pack_signs_ref(torch.randn(n, k, generator=g))
     scale = torch.rand((), generator=g)
-    copies = _copies(w0.nbytes + p0.nbytes, 8)
+    copies = copies_for(w0.nbytes + p0.nbytes, 8)
     ws = {torch.float32: [w0] + [w0.clone() for _ in range(copies - 1)]}
     ws[torch.bfloat16] = [w.bfloat16() for w in ws[torch.float32]]
     ps = [p0] + [p0.clone() for _ in range(copies - 1)]
@@ -226,14 +148,14 @@ def bench_fused(n: int, k: int, ms: list[int], repeats: int, bandwidth: float) -
                 impls["fused_tl"] = lambda i: ops_tl.sign_matmul_tl(xw[i % 8], wl[i % c], tls[i % c], scale, n, k)
                 # its delta term, on fp32 x (the kernel widens x; a bf16 result's rounding would hide the term)
                 got = ops_tl.sign_matmul_tl(xs[0], wl[0], tls[0], scale, n, k) - xs[0] @ wl[0].float().T
-                _check_tables(got, ops.sign_matmul_ref(xs[0], ps[0], scale, k), "fused_tl's delta term")
-            _check(fused(0), ops.sign_matmul_fused_ref(xw[0], wl[0], ps[0], scale, k), "sign_matmul_fused")
+                check_tables(got, ops.sign_matmul_ref(xs[0], ps[0], scale, k), "fused_tl's delta term")
+            check(fused(0), ops.sign_matmul_fused_ref(xw[0], wl[0], ps[0], scale, k), "sign_matmul_fused")
             # what DeltaLinear's measured dispatch picks for this shape (it times both paths once)
             chosen = "fused" if serve_dispatch.prefer_fused(xw[0], wl[0], lambda: fused(1), lambda: unfused(1)) \
                 else "dense_plus_sign"
-            med, low = _time(impls, repeats)
+            med, low = time_interleaved(impls, repeats)
             base = "dense_fp32" if wdtype == torch.float32 else "dense_bf16"
-            bound_ms = _bound_ms(wl[0].nbytes + p0.nbytes, bandwidth)
+            bound_ms = bytes_bound_ms(wl[0].nbytes + p0.nbytes, bandwidth)
             row = {"op": "sign_matmul_fused", "n": n, "k": k, "m": m, "w_dtype": str(wdtype).split(".")[-1],
                    "median_ms": med, "min_ms": low, "bytes_bound_ms": bound_ms,
                    "fused_over_bytes_bound": med["fused"] / bound_ms,
@@ -265,10 +187,10 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
     for t_count in tenants:
         w_base = torch.randn(n, k, generator=g)
         dense = [w_base + 0.01 * torch.randn(n, k, generator=g) for _ in range(t_count)]  # T fine-tunes
-        d_sets = max(1, _copies(t_count * w_base.nbytes, 4) // 1) if t_count == 1 else 1
+        d_sets = max(1, copies_for(t_count * w_base.nbytes, 4) // 1) if t_count == 1 else 1
         dense_sets = [dense] + [[w.clone() for w in dense] for _ in range(d_sets - 1)]
         stack = ops.pack_signs_ref(torch.randn(t_count, n, k, generator=g))
-        stacks = [stack] + [stack.clone() for _ in range(_copies(stack.nbytes) - 1)]
+        stacks = [stack] + [stack.clone() for _ in range(copies_for(stack.nbytes) - 1)]
         scales = torch.rand(t_count, generator=g)
         index = torch.arange(t_count)
         xs = [torch.randn(t_count, k, generator=g) for _ in range(8)]
@@ -287,11 +209,11 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
             impls["sign_matmul_tl_rows"] = lambda i: ops_tl.sign_matmul_tl_rows(xs[i % 8], tls[i % ns], row_scales,
                                                                                 n, k)
         want = ops.sign_matmul_multi_ref(xs[0], stacks[0], scales, index, k)
-        _check(impls["sign_matmul_multi"](0), want, "sign_matmul_multi")
+        check(impls["sign_matmul_multi"](0), want, "sign_matmul_multi")
         if "sign_matmul_tl_rows" in impls:
-            _check_tables(impls["sign_matmul_tl_rows"](0), want, "sign_matmul_tl_rows")
-        med, low = _time(impls, repeats)
-        bound_ms = _bound_ms(stack.nbytes, bandwidth)
+            check_tables(impls["sign_matmul_tl_rows"](0), want, "sign_matmul_tl_rows")
+        med, low = time_interleaved(impls, repeats)
+        bound_ms = bytes_bound_ms(stack.nbytes, bandwidth)
         row = {"op": "sign_matmul_multi", "n": n, "k": k, "tenants": t_count, "m": t_count,
                "median_ms": med, "min_ms": low, "bytes_bound_ms": bound_ms,
                "multi_over_bytes_bound": med["sign_matmul_multi"] / bound_ms,
@@ -304,25 +226,6 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
               + f"  multi/bound={row['multi_over_bytes_bound']:5.1f}", flush=True)
         del dense, dense_sets, stacks
     return rows
-
-
-def _read_bandwidth() -> float:
-    """Bytes per second of one streaming read (``sum`` of a 256 MB fp32 tensor), best of 5."""
-    a = torch.ones(64 << 20)
-    a.sum()
-    best = min(_timed(a.sum) for _ in range(5))
-    return a.nbytes / best
-
-
-def _bound_ms(nbytes: int, bandwidth: float) -> float:
-    """The bytes-moved bound: ``nbytes`` read once at the measured read bandwidth, in ms."""
-    return nbytes / bandwidth * 1e3
-
-
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def _random_svd_mixed(n: int, k: int, ratio: float, gs: int, g: torch.Generator) -> Encoded:
@@ -352,9 +255,9 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
     codec = get_codec("svd-mixed")
     enc0 = _random_svd_mixed(n, k, ratio, 128, g)
     encs = [enc0] + [Encoded(enc0.codec, enc0.shape, {f: v.clone() for f, v in enc0.tensors.items()}, enc0.params)
-                     for _ in range(_copies(enc0.nbytes) - 1)]
+                     for _ in range(copies_for(enc0.nbytes) - 1)]
     w0 = torch.randn(n, k, generator=g)
-    dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
+    dense = [w0] + [w0.clone() for _ in range(copies_for(w0.nbytes, 4) - 1)]
     dense16 = [w.bfloat16() for w in dense]
     terms = [codec.serving_term(e) for e in encs]  # what serving runs per layer (no copies of the tensors)
     for term in terms:  # a term gathers its arguments (and repacks, see SvdMixedTerm) on its first call
@@ -370,9 +273,9 @@ def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, ban
             "dense_fp32": lambda i: xs[i % 8] @ dense[i % nd].T,
             "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % nd].T,
         }
-        _check(impls["lowrank_op"](0), _dequant_matmul(codec, xs[0], encs[0]), "kbit_lowrank_matmul")
-        med, low = _time(impls, repeats)
-        bound_ms = _bound_ms(enc0.nbytes, bandwidth)
+        check(impls["lowrank_op"](0), _dequant_matmul(codec, xs[0], encs[0]), "kbit_lowrank_matmul")
+        med, low = time_interleaved(impls, repeats)
+        bound_ms = bytes_bound_ms(enc0.nbytes, bandwidth)
         row = {"op": "kbit_lowrank_matmul", "n": n, "k": k, "m": m, "ratio": ratio, "alloc": enc0.params["alloc"],
                "packed_bytes": enc0.nbytes, "dense_fp32_bytes": w0.nbytes, "bytes_bound_ms": bound_ms,
                "median_ms": med, "min_ms": low,
@@ -395,10 +298,10 @@ def bench_ternary(n: int, k: int, ms: list[int], repeats: int, density: float, b
     pos = (torch.rand(n * k, generator=g) < density).nonzero().reshape(-1)
     signs = torch.rand(pos.numel(), generator=g) < 0.5
     rt0 = ops.ternary_runtime(pos, signs, (n, k))
-    rts = [rt0] + [tuple(t.clone() for t in rt0) for _ in range(_copies(sum(t.nbytes for t in rt0)) - 1)]
+    rts = [rt0] + [tuple(t.clone() for t in rt0) for _ in range(copies_for(sum(t.nbytes for t in rt0)) - 1)]
     scale = torch.rand((), generator=g)
     w0 = torch.randn(n, k, generator=g)
-    dense = [w0] + [w0.clone() for _ in range(_copies(w0.nbytes, 4) - 1)]
+    dense = [w0] + [w0.clone() for _ in range(copies_for(w0.nbytes, 4) - 1)]
     dense16 = [w.bfloat16() for w in dense]
     nr, nd = len(rts), len(dense)
     rows = []
@@ -410,9 +313,9 @@ def bench_ternary(n: int, k: int, ms: list[int], repeats: int, density: float, b
             "dense_fp32": lambda i: xs[i % 8] @ dense[i % nd].T,
             "dense_bf16": lambda i: xs16[i % 8] @ dense16[i % nd].T,
         }
-        _check(impls["ternary"](0), ops.ternary_matmul_ref(xs[0], *rts[0], scale, k), "ternary_matmul")
-        med, low = _time(impls, repeats)
-        bound_ms = _bound_ms(sum(t.nbytes for t in rt0), bandwidth)
+        check(impls["ternary"](0), ops.ternary_matmul_ref(xs[0], *rts[0], scale, k), "ternary_matmul")
+        med, low = time_interleaved(impls, repeats)
+        bound_ms = bytes_bound_ms(sum(t.nbytes for t in rt0), bandwidth)
         row = {"op": "ternary_matmul", "n": n, "k": k, "m": m, "density": density, "median_ms": med, "min_ms": low,
                "bytes_bound_ms": bound_ms, "op_over_bytes_bound": med["ternary"] / bound_ms,
                "speedup_vs_dense_fp32": med["dense_fp32"] / med["ternary"],
@@ -468,11 +371,11 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",")]
     ms = [int(v) for v in args.ms.split(",")]
-    info = {"device": "cpu", "cpu": _cpu_name(), "threads": torch.get_num_threads(),
+    info = {"device": "cpu", "cpu": cpu_name(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "avx512f": "avx512f" in open("/proc/cpuinfo").read()
             if os.path.exists("/proc/cpuinfo") else None,
             "loadavg_before": os.getloadavg(), "repeats": args.repeats,
-            "isa_requested": args.isa, "isa": ops.cpu_isa(), "cpu_flags": _cpu_flags(), "machine": platform.machine(),
+            "isa_requested": args.isa, "isa": ops.cpu_isa(), "cpu_flags": cpu_flags(), "machine": platform.machine(),
             # the torch baselines' own ISA limits (set them to emulate a CPU without AVX-512, see README)
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_isa_env": {v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
@@ -484,7 +387,7 @@ def main(argv=None) -> None:
     print(f"# {info['cpu']} ({' '.join(info['cpu_flags'])}), deltacomp path {info['isa']}, {info['threads']} threads, "
           f"torch {info['torch']}, load {info['loadavg_before']}")
     only = set(args.only.split(","))
-    bw = _read_bandwidth()
+    bw = read_bandwidth()
     print(f"# read bandwidth {bw / 1e9:.2f} GB/s (sum over 256 MB): the bytes-moved bounds use it")
     info["read_bandwidth_gb_s"] = bw / 1e9
     rows = []
