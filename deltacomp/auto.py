@@ -26,7 +26,7 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor
 
-from .codecs import available, get_codec
+from .codecs import auto_defaults, get_codec
 from .codecs.base import Encoded, Rung
 from .errors import SettingsError
 from .progress import progress_bar
@@ -104,14 +104,14 @@ def tensor_table(delta: Tensor, budget_hint: float, device: torch.device | None 
                  codecs: Iterable[str] | None = None) -> list[Candidate]:
     """Every codec's offers for ``delta`` (float32, 2-D), encoded and measured (weight error, or output
     error with ``gram``, the layer's input Gram matrix, weighted per output channel by ``fisher``, its
-    output Fisher diagonal); the Pareto front. ``codecs``: only these codecs' offers (default: all)."""
+    output Fisher diagonal); the Pareto front. ``codecs``: only these codecs' offers (default: ``auto_defaults()``)."""
     shape = tuple(delta.shape)
     if fisher is not None and fisher.dim() != 3 and gram is None:
         raise SettingsError("--method auto: a per-channel output Fisher needs the layer's input Gram too")
     rungs = []
     # the distortion is the weight error: what the ladders know of it prunes (see _Beaten, _undominated)
     beaten = _Beaten() if gram is None and fisher is None else None
-    names = available() if codecs is None else list(codecs)
+    names = auto_defaults() if codecs is None else list(codecs)
     for codec in sorted((get_codec(n) for n in names), key=lambda c: (c.LADDER_PASS, c.name)):
         dev = device if device is not None and device.type in codec.encode_devices else torch.device("cpu")
         # the codec's whole ladder from shared work (one SVD, one sort, ...): the same bytes and
@@ -284,7 +284,7 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
               "distortion": (DISTORTION_SEQUENCE if sequence else DISTORTION if grams is None else
                              DISTORTION_CALIB if fishers is None else DISTORTION_FISHER),
               "predicted_distortion": sum(c.distortion for c in chosen.values()),
-              "tensors": len(chosen), "codecs": sorted(available() if codecs is None else codecs),
+              "tensors": len(chosen), "codecs": sorted(auto_defaults() if codecs is None else codecs),
               "by_codec": {c: sum(1 for x in chosen.values() if x.codec == c)
                            for c in sorted({x.codec for x in chosen.values()})}}
     return chosen, report

@@ -33,6 +33,7 @@ class CodecName(str, enum.Enum):
     SVD_MIXED = "svd-mixed"  # SVD factors quantized with more bits for larger singular values
     TERNARY = "ternary"      # top-k magnitudes stored as sign x scale (ComPEFT)
     DARE = "dare"            # random drop + rescale (DARE), fp16 values at kept positions
+    SVD_SPARSE = "svd-sparse"  # svd-mixed's factors plus a sparse ternary residual, in one budget
 
 
 @dataclass
@@ -153,6 +154,8 @@ class Codec:
     # copies of (a 70B model's embedding) are then compressed and reconstructed block by block (api.py);
     # other codecs get them whole.
     row_blocks: ClassVar[bool] = False
+    # False: ``--method auto`` weighs this codec only when named (``auto:codecs=A+B``), not by default.
+    auto_default: ClassVar[bool] = True
 
     # -- settings -----------------------------------------------------------------------------------
     @classmethod
@@ -366,3 +369,8 @@ def unregister(name: str) -> None:
 
 def available() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def auto_defaults() -> list[str]:
+    """The codecs ``--method auto`` weighs when none are named (``Codec.auto_default``)."""
+    return sorted(n for n, cls in _REGISTRY.items() if cls.auto_default)
