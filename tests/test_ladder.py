@@ -14,6 +14,7 @@ import torch
 
 from deltacomp import auto
 from deltacomp.codecs import get_codec
+from deltacomp.codecs.ternary import codec as ternary_codec
 from deltacomp.errors import SettingsError
 
 SHAPES = [(67, 130), (130, 67), (1, 257), (257, 1), (96, 96)]
@@ -98,6 +99,18 @@ def test_ternary_ties_keep_the_lowest_indices_as_encode_does():
     codec = get_codec("ternary")
     delta = torch.tensor([[0.5, -0.5, 0.25, 0.5], [-0.25, 0.0, 0.5, -0.0]])
     _check(codec, delta, [{"density": d} for d in (0.125, 0.25, 0.375, 0.5, 0.75, 1.0)])
+
+
+def test_ternary_small_densities_sort_only_the_top_and_match_encode():
+    # rungs all under a quarter of the entries take the partial sort (_leading): many ties at the cut
+    codec = get_codec("ternary")
+    g = torch.Generator().manual_seed(9)
+    delta = (torch.randint(-6, 7, (64, 90), generator=g) * 0.125).float()  # 13 values: ties everywhere
+    _check(codec, delta, [{"density": d} for d in (0.01, 0.05, 0.1, 0.2)])
+    mags = delta.reshape(-1).abs()
+    full = torch.sort(mags, descending=True, stable=True).indices.numpy()
+    for kmax in (0, 1, 7, 100, 1000, 1439):
+        assert (ternary_codec._leading(mags, kmax) == full[:kmax]).all()
 
 
 def test_svd_mixed_prune_floor_is_below_every_error_and_prunes():

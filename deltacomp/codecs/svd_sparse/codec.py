@@ -21,7 +21,7 @@ from ..svd_mixed import SvdMixedCodec
 from ..ternary import TernaryCodec
 
 PREFIX = "sp_"  # the residual's fields and params
-GRID = 12  # densities tried per search round for the residual (one shared sort of |R|: ternary's ladder)
+GRID = 11  # densities the residual's search encodes (one shared sort of |R|: ternary's ladder)
 
 
 def _own_settings() -> tuple[Setting, ...]:
@@ -48,28 +48,22 @@ def join(lr: Encoded, sp: Encoded, sparse: float) -> Encoded:
 
 
 def fit_residual(residual: Tensor, nbytes: int) -> Encoded:
-    """The ternary encoding of ``residual`` keeping the most entries within ``nbytes`` (its real bytes:
-    positions are entropy-coded, so the size is searched, on a grid of densities then a finer one between
-    the last that fits and the first that does not); none kept when not one entry fits."""
+    """The ternary encoding of ``residual`` keeping the most entries within ``nbytes``, by its real bytes
+    (positions are entropy-coded). Ternary's own sizing gives the largest density guaranteed to fit (a
+    bound on the rANS bytes); the real size there is a little lower, so densities up to 1.5x it are
+    encoded too (one shared sort of |R|: ternary's ladder) and the largest that fits is kept. Without rANS,
+    a geometric grid from one entry to 2/3. None kept when not one entry fits."""
     codec = TernaryCodec()
     numel = residual.numel()
-    fits, lo, hi = None, 0.0, 2 / 3  # sizes grow with the density up to 2/3 (then the positions cheapen)
-    for _ in range(2):
-        low = max(lo, 1 / numel)
-        grid = sorted({low * (hi / low) ** (i / (GRID - 1)) for i in range(GRID)}) if hi > low else [low]
-        rungs = list(codec.ladder(residual, [{"density": d} for d in grid]))
-        fitting = [r for r in rungs if r.nbytes <= nbytes]
-        if not fitting:
-            break
-        best = max(fitting, key=lambda r: r.settings["density"])
-        if fits is None or best.settings["density"] > fits.settings["density"]:
-            fits = best
-        above = [r.settings["density"] for r in rungs if r.settings["density"] > best.settings["density"]]
-        lo, hi = best.settings["density"], min(above) if above else best.settings["density"]
-        if hi <= lo:
-            break
-    if fits is not None:
-        return fits.pack()
+    try:
+        d0 = codec.settings_for_budget(tuple(residual.shape), nbytes, {})["density"]
+        grid = [d0] if d0 >= 2 / 3 else sorted({min(2 / 3, d0 * (1 + 0.5 * i / (GRID - 1))) for i in range(GRID)})
+    except SettingsError:  # no rANS, or not one entry within the bound: measure a wide grid
+        low, high = 1 / numel, 2 / 3
+        grid = sorted({low * (high / low) ** (i / (GRID - 1)) for i in range(GRID)})
+    fitting = [r for r in codec.ladder(residual, [{"density": d} for d in grid]) if r.nbytes <= nbytes]
+    if fitting:
+        return max(fitting, key=lambda r: r.settings["density"]).pack()
     return codec.encode(torch.zeros_like(residual), density=1 / numel)  # nothing kept: 4 bytes of scale
 
 
