@@ -126,3 +126,18 @@ def test_compress_reconstruct_inspect(tmp_path):
         assert enc.nbytes <= b[n].numel() * b[n].element_size() / 4  # (--ratio: of the stored bytes)
     rec = deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False)
     assert (rec / "config.json").is_file()
+
+
+def test_auto_weighs_it_only_when_named(tmp_path):
+    from deltacomp.codecs import auto_defaults
+
+    assert "svd-sparse" not in auto_defaults() and "svd-mixed" in auto_defaults()
+    b = llama_tensors(2, dtype=torch.float32)
+    base, ft = write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", finetune_of(b, 3))
+    out = tmp_path / "auto.delta.safetensors"
+    deltacomp.compress(base, ft, out, method="auto:codecs=svd-mixed+svd-sparse", ratio=4, progress=False)
+    df = deltacomp.load_delta(out)
+    chosen = {p.codec for p in df.params.values()}
+    assert chosen & {"svd-mixed", "svd-sparse"}
+    assert chosen <= {"svd-mixed", "svd-sparse", "raw", "zero"}
+    assert df.source["auto"]["codecs"] == ["svd-mixed", "svd-sparse"]
