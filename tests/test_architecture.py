@@ -17,7 +17,8 @@ LAYERS = [
     {"quant", "ops", "ops_tl", "plans", "zoo"},                         # shared primitives, bundled data
     {"delta_file", "checkpoint", "integrity"},                 # the file/format layer: knows no codec
     {"codecs"},                                                # everything about each method
-    {"delta", "basecheck", "pairing", "plan", "auto", "summary", "modelnames"},  # reading deltas, pairing, planning
+    {"delta", "basecheck", "pairing", "plan", "auto", "summary",
+     "modelnames", "modelcheck"},                              # reading deltas, pairing, planning, config vs weights
     {"api", "rowblocks", "lora", "calibrate", "many", "distributed"},  # compress/reconstruct/apply, export, calibration, compress-many (+ Ray)
     {"serve", "eval"},                                         # serving, evaluation
     {"cli"},                                                   # argument parsing and printing

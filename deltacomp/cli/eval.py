@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ..errors import SettingsError
 from .options import add_calibration_options, calibration_from_args
+from .serve import positive_int
 
 _DTYPES = ("float32", "bfloat16", "float16", "float64")
 
@@ -56,11 +57,13 @@ def _ratio(text: str) -> float:
 
 def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text", metavar="FILE", help="held-out text to score (UTF-8; default: the bundled one)")
-    p.add_argument("--ctx", type=int, default=256, help="tokens per window (default 256)")
-    p.add_argument("--stride", type=int, default=None,
+    p.add_argument("--ctx", type=positive_int, default=None,
+                   help="tokens per window (default 256, or the models' max_position_embeddings when smaller; "
+                        "more than that is refused)")
+    p.add_argument("--stride", type=positive_int, default=None,
                    help="window step, 1..ctx (default ctx: non-overlapping); smaller gives every token more context")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of the text")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass (default 8)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto",
                    help="where models run and (sweep) deltas are compressed: auto, cpu, cuda, cuda:N (default auto: "
                         "the CPU until a GPU run has checked the CUDA path; see README)")

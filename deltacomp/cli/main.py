@@ -8,8 +8,9 @@ import os
 import re
 import sys
 import traceback
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from .. import api
 from ..codecs import available
@@ -17,6 +18,7 @@ from ..dtypes import DTYPES
 from ..plan import DEFAULT_METHOD
 from ..summary import summary_text
 from .options import add_calibration_options, calibration_from_args
+from .serve import positive_int
 from .._version import __version__
 from ..delta_file import FORMAT
 from ..errors import DeltacompError, SettingsError
@@ -217,7 +219,10 @@ def _add_generate(sub) -> None:
     p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
     p.add_argument("--prompt-delta", action="append", type=int, default=None,
                    help="delta index for each --prompt, in order (-1 = the base); default: every prompt uses delta 0")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=positive_int, default=32,
+                   help="tokens generated per prompt (default 32; prompt + these at most the model's "
+                        "max_position_embeddings)")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars while the model loads")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
                    help="quantize the base's linear layers on load with bitsandbytes (8: LLM.int8, 4: NF4 computing "
@@ -303,6 +308,31 @@ def _file_on_the_way(exc: OSError) -> str | None:
 
 
 INTERACTIVE = {"generate", "serve"}  # hot loops keep glibc's adaptive allocator
+LOADS_MODELS = {"eval", "sweep", "generate", "serve", "demo"}  # build transformers models (its progress bars)
+
+
+@contextmanager
+def _quiet_transformers(args: argparse.Namespace) -> Iterator[None]:
+    """-q also hides transformers' own progress bars ("Loading weights") and notices for the command (restored
+    after it, for callers that run several commands in one process)."""
+    quiet = getattr(args, "quiet", False) and (args.command in LOADS_MODELS or getattr(args, "calib", None))
+    try:
+        from transformers.utils import logging as tf_logging
+    except ImportError:  # the command itself says what is missing
+        quiet = False
+    if not quiet:
+        yield
+        return
+
+    bars, level = tf_logging.is_progress_bar_enabled(), tf_logging.get_verbosity()
+    tf_logging.disable_progress_bar()
+    tf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        if bars:
+            tf_logging.enable_progress_bar()
+        tf_logging.set_verbosity(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command not in INTERACTIVE:
         bounded_malloc()  # batch jobs: memory flat over the layers (deltacomp/memory.py)
     try:
-        return args.func(args)
+        with _quiet_transformers(args):
+            return args.func(args)
     except DeltacompError as exc:
         error, line, code = exc, f"{cmd}: error: {exc}", 2
     except OSError as exc:

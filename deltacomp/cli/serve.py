@@ -17,7 +17,8 @@ def _named_delta(text: str) -> tuple[str, str]:
     return name.strip(), path.strip()
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
     try:
         value = int(text)
     except ValueError:
@@ -68,15 +69,16 @@ def add_serve_parser(sub) -> None:
     p.add_argument("--base-name", default=None, help="the model name of the base itself (default: its folder name)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_port, default=8000)
-    p.add_argument("--max-batch", type=_positive, default=8, help="rows decoded together at most (default 8)")
-    p.add_argument("--max-queue", type=_positive, default=64,
+    p.add_argument("--max-batch", type=positive_int, default=8, help="rows decoded together at most (default 8)")
+    p.add_argument("--max-queue", type=positive_int, default=64,
                    help="requests waiting for a batch row at most; more are answered 429 (default 64)")
-    p.add_argument("--max-model-len", type=_positive, default=None,
+    p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="context length: prompt + max_tokens at most (default: the model's max_position_embeddings)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:N (default: where the base loads, the CPU)")
     p.add_argument("--base-bits", type=int, choices=(8, 4), default=None,
                    help="quantize the base's linear layers on load with bitsandbytes and serve every delta as a "
                         "term over them (needs pip install 'deltacomp[bnb]')")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars while the model loads")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     p.set_defaults(func=run_serve)

@@ -44,9 +44,11 @@ from torch import Tensor
 from ..checkpoint import hf_folder
 from ..devices import resolve_device
 from ..errors import CheckpointError, ModelLayoutError, SettingsError
+from ..modelcheck import check_folder
 from ..storage import write_text_atomic
 
 CACHE_VERSION = 1
+DEFAULT_CTX = 256  # tokens per window unless the models hold fewer positions
 SAME_LOSS_TOL = 1e-9  # |L_base - L_ft| at or below this: gain recovered is undefined
 
 
@@ -142,6 +144,7 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, delt
     before moving: only this one model is ever in RAM)."""
     from transformers import AutoModelForCausalLM
 
+    check_folder(path)  # config.json against the weights: no model built from a config that lies about them
     with hf_folder(path, "model"):
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     if delta is not None:
@@ -331,8 +334,31 @@ def check_base(base, delta) -> None:
 
 
 # -------------------------------------------------------------------------------------- evaluate
+def eval_context(base, finetuned, ctx: int | None = None) -> int:
+    """Checks both model folders against their weights (``check_folder``) and returns the window length:
+    ``ctx``, or DEFAULT_CTX capped at the models' max_position_embeddings when None. A ``ctx`` above that
+    limit is refused (the models have no positions for the tokens past it)."""
+    if ctx is not None and (isinstance(ctx, bool) or not isinstance(ctx, int) or ctx < 1):
+        raise SettingsError(f"ctx must be an integer >= 1, got {ctx!r}")
+    limits = []
+    for path in (finetuned, base):
+        config = check_folder(path)
+        limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            limits.append((limit, Path(path) / "config.json"))
+    if not limits:
+        return DEFAULT_CTX if ctx is None else ctx
+    limit, where = min(limits, key=lambda x: x[0])
+    if ctx is None:
+        return min(DEFAULT_CTX, limit)
+    if ctx > limit:
+        raise SettingsError(f"ctx {ctx} is above the model's max_position_embeddings {limit} ({where}); "
+                            f"use --ctx {limit} or less")
+    return ctx
+
+
 def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | Sequence[int] | Tensor,
-             ctx: int = 256, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None, *,
+             ctx: int | None = None, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None, *,
              stride: int | None = None, dtype: torch.dtype = torch.float32,
              cache_dir: str | os.PathLike | None = None, weight_metrics: bool = True,
              progress: bool = True) -> dict[str, Any]:
@@ -340,7 +366,9 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
 
     ``text`` is a str (tokenized with the fine-tune's tokenizer) or already tokenized ids. Models are
     loaded in ``dtype`` one at a time. ``cache_dir`` keeps the fine-tune's log-probs and the base's
-    summary for later calls (default: a temporary folder removed on return). Returns a JSON-able dict:
+    summary for later calls (default: a temporary folder removed on return). ``ctx``: tokens per window
+    (default 256, or the models' max_position_embeddings when smaller; above it is refused, see
+    ``eval_context``). Returns a JSON-able dict:
     ``text``, ``base``, ``finetuned`` and one entry per delta in ``deltas``."""
     from ..delta import load_delta
 
@@ -350,6 +378,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
         raise SettingsError(f"batch_size must be >= 1, got {batch_size}")
     if max_tokens is not None and max_tokens < 2:
         raise SettingsError(f"max_tokens must be >= 2, got {max_tokens}")
+    ctx = eval_context(base, finetuned, ctx)
     deltas = [Path(p) for p in deltas]
     for p in deltas:  # fail on a missing, corrupt or wrong-base delta before minutes of model runs
         check_base(base, p)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import DeltacompError, SettingsError
-from .metrics import evaluate, format_table, write_json
+from .metrics import eval_context, evaluate, format_table, write_json
 
 if TYPE_CHECKING:
     from ..calibrate.options import CalibrationOptions
@@ -22,7 +22,7 @@ def delta_name(method: str, ratio: float) -> str:
 
 
 def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_dir: str | os.PathLike,
-          text, *, ctx: int = 256, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None,
+          text, *, ctx: int | None = None, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None,
           stride: int | None = None, cache_dir: str | os.PathLike | None = None, plot: bool = True,
           calibration: "CalibrationOptions | None" = None,
           progress: bool = True, **eval_kwargs: Any) -> dict[str, Any]:
@@ -39,6 +39,7 @@ def sweep(base, finetuned, methods: Sequence[str], ratios: Sequence[float], out_
 
     if not methods or not ratios:
         raise SettingsError("sweep needs at least one method and one ratio")
+    ctx = eval_context(base, finetuned, ctx)  # a config that lies or a --ctx too long fails before compressing
     out = Path(out_dir)
     (out / "deltas").mkdir(parents=True, exist_ok=True)
     points, skipped = [], []

@@ -46,6 +46,22 @@ class ShuttingDownError(DeltacompError):
     """The engine is stopping or stopped and takes no more requests (HTTP 503)."""
 
 
+def model_context(config, context: int | None = None, source: str = "the model") -> int:
+    """Prompt + generated tokens at most: ``context`` (--max-model-len), which may not exceed the model's
+    max_position_embeddings, or that limit itself (2048 for a config that names none). ``source`` names the
+    config in the error."""
+    limit = getattr(config, "max_position_embeddings", None)
+    limit = limit if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0 else None
+    if context is None:
+        return limit or 2048
+    if isinstance(context, bool) or not isinstance(context, int) or context < 1:
+        raise SettingsError(f"context (--max-model-len) must be an integer >= 1, got {context!r}")
+    if limit is not None and context > limit:
+        raise SettingsError(f"--max-model-len {context} is above the max_position_embeddings {limit} of {source}; "
+                            f"give {limit} or less")
+    return context
+
+
 @dataclass(eq=False)
 class GenRequest:
     tenant: Tenant
@@ -72,7 +88,7 @@ class Engine:
             raise SettingsError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.model, self.registry = model.eval(), registry
         self.max_batch, self.max_queue = max_batch, max_queue
-        self.context = context or int(getattr(model.config, "max_position_embeddings", 0) or 2048)
+        self.context = model_context(model.config, context)
         self.device = next(model.parameters()).device
         self.batch = KVBatch(ModelRunner(model))
         self.rows: list[GenRequest] = []

@@ -11,6 +11,7 @@ import torch
 
 from ..checkpoint import hf_folder
 from ..errors import DeltacompError, SettingsError
+from ..modelcheck import check_folder
 from .patch import patch_model_multi, set_delta_index
 
 
@@ -40,6 +41,7 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
     terms over the quantized layers (``deltacomp.serve.modules``); the base itself is never dequantized."""
     from transformers import AutoModelForCausalLM
 
+    check_folder(base)  # config.json against the weights, before transformers allocates what it describes
     if bits is None:
         with hf_folder(base, "model"):
             return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype).eval()
@@ -63,6 +65,25 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
         return AutoModelForCausalLM.from_pretrained(str(base), dtype=dtype, quantization_config=quant).eval()
 
 
+def _check_lengths(tok, prompts: Sequence[str], max_new_tokens: int, config, base) -> None:
+    """Every prompt is at least one token, and the longest one plus ``max_new_tokens`` fits the model's
+    max_position_embeddings (when its config names one)."""
+    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    empty = [i for i, n in enumerate(lengths) if n == 0]
+    if empty:
+        raise SettingsError(f"generate: prompt {empty[0]} ({prompts[empty[0]]!r:.60}) is 0 tokens for the tokenizer "
+                            f"of {base}; give text it encodes")
+    limit = getattr(config, "max_position_embeddings", None) if config is not None else None
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        return
+    longest = max(lengths)
+    if longest + max_new_tokens > limit:
+        room = limit - longest
+        fix = f"use --max-new-tokens {room} or less" if room > 0 else "shorten the prompt"
+        raise SettingsError(f"generate: a {longest}-token prompt + max_new_tokens {max_new_tokens} is above the "
+                            f"max_position_embeddings {limit} of {base}; {fix}")
+
+
 def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], prompts: Sequence[str],
              max_new_tokens: int = 32, *, prompt_delta: Sequence[int] | None = None,
              dtype: torch.dtype = torch.float32, force: bool = False, model=None, tokenizer=None,
@@ -76,6 +97,9 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
     in place). Returns the generated text of each prompt, prompt excluded."""
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
         raise SettingsError(f"generate: give a list of prompt strings, got {prompts!r}"[:200])
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty:
+        raise SettingsError(f"generate: prompt {empty[0]} is empty; give text to continue")
     if isinstance(deltas, (str, os.PathLike)):
         raise SettingsError(f"generate: give a list of delta files, got one path {deltas!r}")
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
@@ -103,6 +127,8 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
         with hf_folder(base, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(str(base))
     tok = tokenizer
+    config = model.config if model is not None else check_folder(base)
+    _check_lengths(tok, prompts, max_new_tokens, config, base)
     if model is None:
         model = load_base(base, dtype, base_bits)
     model.eval()

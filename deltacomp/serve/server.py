@@ -33,7 +33,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..checkpoint import hf_folder
 from ..errors import DeltacompError, SettingsError
-from .engine import Engine, GenRequest
+from ..modelcheck import check_folder
+from .engine import Engine, GenRequest, model_context
 from .openai_api import (AddDeltaRequest, ChatRequest, CompletionRequest, Reply, error_body, model_card,
                          sampling_params, status_of)
 from .tenants import Registry, Tenant, vocab_size
@@ -266,6 +267,9 @@ def build_app(base: str | os.PathLike, deltas: Mapping[str, str | os.PathLike] =
 
     from .generate import load_base
 
+    config = check_folder(base)  # config.json against the weights, and --max-model-len, before the model loads
+    if config is not None:
+        model_context(config, context, str(Path(base) / "config.json"))
     model = load_base(base, dtype or torch.float32, base_bits)
     if device and base_bits is None:
         model.to(device)
