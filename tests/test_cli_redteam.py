@@ -85,6 +85,17 @@ def test_generate_and_serve_refuse_a_config_that_does_not_describe_the_weights(m
     assert "num_hidden_layers=3 names model.layers.2.*" in _one_line(capsys)
 
 
+def test_compress_calib_refuses_a_config_that_does_not_describe_the_weights(made, tmp_path, capsys):
+    """compress --calib runs the fine-tune: the same check before it is built."""
+    base, ft, _, text = made
+    bad = _lying_copy(ft, tmp_path / "ft", num_hidden_layers=3)
+    out = tmp_path / "x.delta.safetensors"
+    assert main(["compress", str(base), str(bad), "-o", str(out), "--method", "svd-mixed", "--ratio", "4",
+                 "--calib", str(text), "--calib-samples", "2", "--calib-len", "8", "-q"]) == 2
+    assert "num_hidden_layers=3 names model.layers.2.*" in _one_line(capsys)
+    assert not out.exists()
+
+
 def test_untied_head_present_and_tied_head_absent_both_load(tmp_path):
     """The check knows tied embeddings: a tied model lacks lm_head legitimately, an untied one has it."""
     from deltacomp.modelcheck import check_folder

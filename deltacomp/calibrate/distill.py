@@ -36,6 +36,7 @@ from ..delta_file import DEFAULT_MAX_SHARD_BYTES, NEW_ROWS, DeltaWriter
 from ..errors import CheckpointError, ModelLayoutError, SettingsError
 from ..modelnames import checkpoint_aliases, converted_on_load, not_in_model
 from ..memory import training_heap
+from ..modelcheck import check_folder
 from ..progress import progress_bar
 from .data import CalibData
 
@@ -80,6 +81,7 @@ def _load_model(path: str | os.PathLike, config_json: bytes | None, dtype: torch
 
     p = Path(path)
     if p.is_dir() and (p / "config.json").is_file():
+        check_folder(p)  # config.json against the weights, before transformers allocates what it describes
         model = transformers.AutoModelForCausalLM.from_pretrained(str(p), dtype=dtype)
     else:
         if config_json is None:
