@@ -162,15 +162,16 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     if isinstance(rules, str):
         raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
     _refuse_inputs(out, base, finetuned)
+    out = Path(out)
+    for p in (out, index_path(out)):  # before any work (lexists: a dangling link is there too)
+        if os.path.lexists(p) and not overwrite:
+            raise OutputExistsError(f"{p}: {'exists' if p.exists() else 'is a link to nothing'}; pass --overwrite "
+                                    "to replace it")
     if calibration is None:
         return _compress(base, finetuned, out, method=method, ratio=ratio, rules=rules, overwrite=overwrite,
                          max_shard_bytes=max_shard_bytes, progress=progress, device=device, **checks)
     from .calibrate.options import load_data, run_stages
 
-    out = Path(out)
-    for p in (out, index_path(out)):
-        if p.exists() and not overwrite:
-            raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
     data = load_data(calibration, finetuned, progress)  # fail fast on bad data
     plan = Plan(method, list(rules), ratio, bits)
     stages: list[Path] = []

@@ -309,3 +309,11 @@ def same_tensor(a: Checkpoint, name_a: str, b: Checkpoint, name_b: str) -> bool:
 def iter_tensors(ckpt: Checkpoint) -> Iterator[tuple[str, Tensor]]:
     for name in ckpt.names():
         yield name, ckpt.get(name)
+
+
+def block_rows(shape: tuple[int, ...], block_elems: int | None = None) -> int | None:
+    """Rows per block for a tensor of ``shape``, or None when it is small enough to be processed whole."""
+    limit = BLOCK_ELEMS if block_elems is None else block_elems
+    if len(shape) != 2 or math.prod(shape) <= limit or shape[0] < 2:
+        return None
+    return max(1, limit // math.prod(shape[1:]))

@@ -2,10 +2,12 @@
 
 ``load_delta(path)`` returns a ``Delta``: on open (after the container's schema, integrity and consistency
 checks), every parameter's codec must be registered, every stored field must be in that codec's
-vocabulary, every stored setting the codec declares must have its type and range, and where the codec
-knows its exact encoded shapes from (shape, settings) the stored tensors must have them, so a forged
-shape is refused before any tensor is read (``inspect`` included); ``encoded``, ``decode`` and ``apply``
-then turn the stored tensors back into a float32 delta or the fine-tune's tensor.
+vocabulary, a compressing codec's recorded dtype must be a floating-point one, every stored setting the
+codec declares must have its type and range, and where the codec knows its exact encoded shapes from
+(shape, settings) the stored tensors must have them, so a forged shape is refused before any tensor is
+read (``inspect`` included); ``encoded``, ``decode`` and ``apply`` then turn the stored tensors back into
+a float32 delta or the fine-tune's tensor: the codec's ``check_stored`` first (``verify`` runs it on every
+parameter), then a decoded delta must be finite and base + delta may hold no NaN or Inf the base did not.
 """
 from __future__ import annotations
 
@@ -16,9 +18,10 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor
 
+from .checkpoint import block_rows
 from .codecs import Codec, Encoded, available, get_codec
 from .delta_file import NEW_ROWS, DeltaFile, ParamInfo
-from .dtypes import DTYPES, SAFETENSORS_DTYPES
+from .dtypes import DTYPES, SAFETENSORS_DTYPES, dtype_name
 from .errors import BaseMismatchError, DeltacompError, DeltaFormatError, SettingsError
 
 _TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,)}
@@ -40,8 +43,18 @@ class Delta(DeltaFile):
             for f in info.fields:
                 if f != NEW_ROWS and not codec.field_allowed(f):
                     raise DeltaFormatError(f"{self.path}: {info.name} holds field {f!r}, not one of codec {info.codec}'s")
+            self._check_dtype(codec, info)
             self._check_settings(codec, info)
             self._check_shapes(codec, info)
+
+    def _check_dtype(self, codec: Codec, info: ParamInfo) -> None:
+        """A compressing codec's delta is rebuilt in float32 and cast to the recorded dtype: an integer or
+        bool dtype there (which no encoder records: such tensors have no delta) would silently turn the
+        weight into all True or all zeros. Pass-through codecs may hold a fine-tune's own integer buffers."""
+        if codec.compresses and not DTYPES[info.dtype].is_floating_point:
+            raise DeltaFormatError(f"{self.path}: {info.name}: codec {info.codec} with dtype {info.dtype}; a "
+                                   "compressed delta rebuilds a floating-point weight only; the file is damaged "
+                                   "or was edited")
 
     def _check_settings(self, codec: Codec, info: ParamInfo) -> None:
         """Each stored value of a setting the codec declares has its type (2.5 is no group size) and range."""
@@ -98,17 +111,66 @@ class Delta(DeltaFile):
                 get_codec(enc.codec).check_stored(enc)
         return enc
 
+    def verify(self) -> None:
+        """Every stored tensor checksummed, then each parameter's stored values checked by its codec
+        (``check_stored``, as every decoding path does), so that ``inspect`` refuses what ``reconstruct``
+        refuses. A tensor stored whole is only checksummed (streamed); a parameter too large to hold whose
+        codec works on row blocks is checked a block of rows at a time."""
+        for name, info in self.params.items():
+            if info.tied_to is not None:
+                continue
+            step = block_rows(info.encoded_shape) if self.row_blocked(name) else None
+            if not info.has_base or step is not None:
+                self.verify_param(name)  # streamed, whatever the size
+            if not info.has_base:
+                continue
+            if step is None:
+                self.encoded(name)  # reads, checksums and checks the stored values
+                continue
+            rows, rest = info.encoded_shape[0], info.encoded_shape[1:]
+            for start in range(0, rows, step):
+                stop = min(start + step, rows)
+                self._checked(name, Encoded(info.codec, (stop - start, *rest),
+                                            {f: self.field_rows(name, f, start, stop) for f in info.fields
+                                             if f != NEW_ROWS}, dict(info.settings)))
+
     def decode(self, name: str) -> Tensor:
-        """The float32 delta over the base rows (shape ``encoded_shape``)."""
+        """The float32 delta over the base rows (shape ``encoded_shape``). A delta applied to the base is
+        finite: stored values that are each finite can still overflow together (a singular value of 3e38
+        times factors of 65504). A tensor stored whole is the fine-tune's own (NaN allowed on request)."""
         info = self.param(name)
         if info.tied_to is not None:
             return self.decode(info.tied_to)
+        out = self._decode(name, info)
+        if info.has_base and not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise DeltaFormatError(f"{self.path}: {name}: the decoded delta holds {bad} NaN or Inf value(s): "
+                                   "its stored values overflow; the file is damaged or was edited")
+        return out
+
+    def _decode(self, name: str, info: ParamInfo) -> Tensor:
+        """``decode`` without the finiteness pass (``apply`` checks its result instead)."""
         enc = self.encoded(name)
         with self.guard(name, "decode"):
             out = get_codec(enc.codec).decode(enc)
         if tuple(out.shape) != info.encoded_shape:
             raise DeltaFormatError(f"{self.path}: {name} decodes to shape {tuple(out.shape)}, "
                                    f"metadata says {info.encoded_shape}")
+        return out
+
+    def _applied(self, what: str, base: Tensor, delta: Tensor, dtype: torch.dtype) -> Tensor:
+        """``(base + delta)`` in float32 cast to ``dtype``, refused when it holds more NaN or Inf values than
+        the base did: a delta decoded to Inf, or a sum beyond ``dtype``'s range, would be written silently.
+        (A base may hold its own NaN/Inf when the user allowed it; those pass through.) One isfinite pass;
+        the base is counted only when the result is not all finite."""
+        out = (base.to(torch.float32) + delta).to(dtype)
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            had = int((~torch.isfinite(base)).sum()) if base.is_floating_point() else 0
+            if bad > had:
+                raise DeltaFormatError(f"{self.path}: {what}: base + delta holds {bad} NaN or Inf value(s) in "
+                                       f"{dtype_name(dtype)}, the base holds {had}: the stored values overflow; "
+                                       "the file is damaged or was edited (or the base is not this delta's)")
         return out
 
     @contextmanager
@@ -156,10 +218,9 @@ class Delta(DeltaFile):
         if base is None:
             raise DeltaFormatError(f"{self.path}: {name} needs its base tensor")
         self._check_base_shape(name, base, info.encoded_shape)
-        delta = self.decode(name)
+        shared = self._applied(name, base, self._decode(name, info), out_dtype)
         if info.base_rows is None:
-            return (base.to(torch.float32) + delta).to(out_dtype)
-        shared = (base.to(torch.float32) + delta).to(out_dtype)
+            return shared
         new_rows = self.raw_tensors(name)[NEW_ROWS].to(out_dtype)
         return torch.cat([shared, new_rows], dim=0)
 
@@ -198,7 +259,7 @@ class Delta(DeltaFile):
             delta = get_codec(info.codec).decode(enc)
         if tuple(delta.shape) != enc.shape:
             raise DeltaFormatError(f"{self.path}: {name} rows {start}:{stop} decode to shape {tuple(delta.shape)}")
-        return (base.to(torch.float32) + delta).to(out_dtype)
+        return self._applied(f"{name} rows {start}:{stop}", base, delta, out_dtype)
 
     def __enter__(self) -> "Delta":
         return self

@@ -43,7 +43,7 @@ from ._version import __version__
 from .dtypes import SAFETENSORS_DTYPES, dtype_name
 from .errors import ChecksumError, DeltaFormatError, OutputExistsError, UnknownTensorError
 from .integrity import (MAX_METADATA_BYTES, SAFETENSORS_CODES, Manifest, check_consistency, check_integrity,
-                        decode_embedded, fingerprint_all, integrity_digest, validate_schema)
+                        decode_embedded, finite_json_hooks, fingerprint_all, integrity_digest, validate_schema)
 from .storage import OutputLock, ShardBuffer, as_path, check_shard_size, publish_file, refuse_special
 from .tensorio import TensorReader, unique_keys
 
@@ -166,8 +166,9 @@ class DeltaWriter:
 
     def _check_free(self) -> None:
         for p in (self.path, index_path(self.path)):
-            if p.exists() and not self.overwrite:
-                raise OutputExistsError(f"{p}: exists; pass --overwrite to replace it")
+            if os.path.lexists(p) and not self.overwrite:  # (lexists: a dangling link is there too)
+                what = "is a link to nothing" if not p.exists() else "exists"
+                raise OutputExistsError(f"{p}: {what}; pass --overwrite to replace it")
 
     def add(self, info: ParamInfo, tensors: dict[str, Tensor] | None, new_rows: Tensor | None = None) -> None:
         """One parameter: its encoded tensors by field (None for a tied alias) and added rows, if any."""
@@ -293,7 +294,7 @@ class DeltaFile:
         if len(meta_json) > MAX_METADATA_BYTES:
             raise DeltaFormatError(f"{where}: metadata is {len(meta_json)} bytes, above the bound {MAX_METADATA_BYTES}")
         try:
-            meta = json.loads(meta_json, object_pairs_hook=unique_keys)
+            meta = json.loads(meta_json, object_pairs_hook=unique_keys, **finite_json_hooks(where))
         except (ValueError, RecursionError) as exc:
             raise DeltaFormatError(f"{where}: metadata is not valid JSON ({exc}); the file is corrupted") from None
         fmt = meta.get("format") if isinstance(meta, dict) else None
@@ -346,7 +347,7 @@ class DeltaFile:
         if idx.stat().st_size > MAX_METADATA_BYTES + 2**20 * 64:  # the metadata plus a weight map
             raise DeltaFormatError(f"{idx}: index is {idx.stat().st_size} bytes, above the bound; refused")
         try:
-            index = json.loads(idx.read_bytes(), object_pairs_hook=unique_keys)
+            index = json.loads(idx.read_bytes(), object_pairs_hook=unique_keys, **finite_json_hooks(str(idx), "index"))
             meta, weight_map = index["metadata"][META_KEY], index["weight_map"]
             if not isinstance(meta, str) or not isinstance(weight_map, dict):
                 raise TypeError("metadata.deltacomp must be a string and weight_map an object")

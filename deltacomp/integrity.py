@@ -81,6 +81,22 @@ def validate_schema(meta: Any, where: str) -> None:
                            "(see docs/format.md)")
 
 
+def finite_json_hooks(where: str, what: str = "metadata") -> dict[str, Any]:
+    """``json.loads`` hooks that refuse NaN, Infinity and -Infinity (Python's JSON extensions) and numbers
+    beyond a float's range (1e400 parses to inf): no writer produces them, a check comparing them is
+    meaningless, and a summary that prints them is not JSON."""
+    def constant(text: str) -> Any:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise DeltaFormatError(f"{where}: {what} holds the non-finite number {shown}, which no "
+                               "writer produces; the file is damaged or was edited")
+
+    def number(text: str) -> float:
+        value = float(text)
+        return value if math.isfinite(value) else constant(text)
+
+    return {"parse_constant": constant, "parse_float": number}
+
+
 # -- 2. integrity record ------------------------------------------------------------------------------------
 def canonical_bytes(meta: dict[str, Any], manifest: Manifest) -> bytes:
     """One byte string for the metadata (``integrity`` left out) and manifest: sorted keys, no spaces, ASCII."""

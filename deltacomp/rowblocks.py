@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .basecheck import BaseChecker
-from .checkpoint import BLOCK_ELEMS, Checkpoint, ShardedWriter
+from .checkpoint import Checkpoint, ShardedWriter, block_rows
 from .codecs import get_codec
 from .delta import Delta
 from .delta_file import NEW_ROWS, DeltaWriter, ParamInfo
@@ -31,14 +31,6 @@ from .dtypes import DTYPES, dtype_name
 from .errors import NonFiniteError, SettingsError
 from .pairing import PairKind, Pairing
 from .plan import WHOLE, Plan
-
-
-def block_rows(shape: tuple[int, ...], block_elems: int | None = None) -> int | None:
-    """Rows per block for a tensor of ``shape``, or None when it is small enough to be processed whole."""
-    limit = BLOCK_ELEMS if block_elems is None else block_elems
-    if len(shape) != 2 or math.prod(shape) <= limit or shape[0] < 2:
-        return None
-    return max(1, limit // math.prod(shape[1:]))
 
 
 def _ranges(start: int, stop: int, step: int) -> Iterator[tuple[int, int]]:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import deltacomp
-from deltacomp import api, rowblocks
+from deltacomp import api, checkpoint, rowblocks
 from deltacomp.errors import BaseMismatchError, ChecksumError, NonFiniteError
 from tests.conftest import finetune_of, llama_config, llama_tensors, write_folder
 
@@ -44,8 +44,8 @@ def _both(tmp_path, monkeypatch, spy, base, ft, *, streamed_min=1, **kw) -> tupl
     """Compress and reconstruct with the default block size (whole path for these small tensors) and
     with TINY; assert identical outputs; return the whole path's delta and folder."""
     out = {}
-    for label, block in (("whole", rowblocks.BLOCK_ELEMS), ("blocks", TINY)):
-        monkeypatch.setattr(rowblocks, "BLOCK_ELEMS", block)
+    for label, block in (("whole", checkpoint.BLOCK_ELEMS), ("blocks", TINY)):
+        monkeypatch.setattr(checkpoint, "BLOCK_ELEMS", block)
         before = dict(spy)
         delta = tmp_path / f"{label}.delta.safetensors"
         deltacomp.compress(base, ft, delta, progress=False, **kw)
@@ -142,8 +142,8 @@ def test_nonfinite_stored_whole_or_refused(tmp_path, monkeypatch, spy):
     with deltacomp.load_delta(delta) as df:
         assert not df.params["lm_head.weight"].has_base
     messages = []
-    for block in (rowblocks.BLOCK_ELEMS, TINY):
-        monkeypatch.setattr(rowblocks, "BLOCK_ELEMS", block)
+    for block in (checkpoint.BLOCK_ELEMS, TINY):
+        monkeypatch.setattr(checkpoint, "BLOCK_ELEMS", block)
         with pytest.raises(NonFiniteError) as err:
             deltacomp.compress(base_dir, ft_dir, tmp_path / "x.delta.safetensors", progress=False)
         messages.append(str(err.value))
@@ -155,7 +155,7 @@ def test_wrong_base_and_corruption_caught(tmp_path, monkeypatch):
     ft = finetune_of(base, 1)
     ft["lm_head.weight"] = _ulps(base["lm_head.weight"], 7)
     base_dir, ft_dir = _pair(tmp_path, base, ft, llama_config(59, tied=False))
-    monkeypatch.setattr(rowblocks, "BLOCK_ELEMS", TINY)
+    monkeypatch.setattr(checkpoint, "BLOCK_ELEMS", TINY)
     delta = tmp_path / "d.delta.safetensors"
     deltacomp.compress(base_dir, ft_dir, delta, progress=False)
     other = dict(base)

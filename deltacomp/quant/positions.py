@@ -30,6 +30,12 @@ the same order as the SIGNS layout in ops.py; padding bits are 0):
 
 Entropy bound (``bound_bits``): a support of k of n entries chosen uniformly needs log2 C(n, k) ~
 n H(k/n) bits; each sign adds one. Per parameter: H(p) + p; per kept entry: H(p)/p + 1.
+
+Reading (``check_support``, then ``decode_support``): every stream's length is bounded from (kept,
+numel, the storage's parameters) before it is unpacked or decompressed: golomb ``rice_q`` at most
+ceil((kept + ((numel - kept) >> rice)) / 8) bytes and ``rice_r`` exactly ceil(kept * rice / 8); ``rans``
+at most 24 bits per symbol plus two words of coder state; ``mask`` exactly ceil(numel / 8); ``zmask``
+at most zstd's compress bound of the mask. Once decoded, no stream may hold bytes past its last code.
 """
 from __future__ import annotations
 
@@ -134,13 +140,16 @@ def _golomb_encode(pos: np.ndarray) -> tuple[dict[str, Tensor], dict[str, Any]]:
 
 
 def _golomb_decode(tensors: dict[str, Tensor], params: dict[str, Any], k: int) -> np.ndarray:
-    r = params.get("rice")
-    if not isinstance(r, int) or not 0 <= r <= 62:
-        raise DeltaFormatError(f"golomb storage: Rice parameter {r!r} is not an integer in [0, 62]")
+    """Streams whose lengths ``_check_sizes`` bounded; the unary one may not run past its last code."""
+    r = params["rice"]
     qbytes = _bytes(tensors["rice_q"], "rice_q")
     ends = np.flatnonzero(np.unpackbits(qbytes, bitorder="little") == 0)[:k]
     if ends.size < k:
         raise DeltaFormatError(f"golomb storage: unary stream ends after {ends.size} of {k} gaps")
+    used = (int(ends[-1]) + 8) // 8 if k else 0  # bytes up to the one holding the last terminating zero
+    if qbytes.size != used:
+        raise DeltaFormatError(f"golomb storage: field rice_q holds {qbytes.size} bytes, its {k} codes end in "
+                               f"byte {used} (trailing data)")
     gaps = (np.diff(ends, prepend=-1) - 1) << r
     if r:
         gaps |= _bits_to_fields(unpack_bits(tensors["rice_r"], k * r).astype(np.uint8), k, r)
@@ -177,16 +186,19 @@ def _rans_encode(pos: np.ndarray, numel: int) -> tuple[dict[str, Tensor], dict[s
 def _rans_decode(tensors: dict[str, Tensor], params: dict[str, Any], k: int, numel: int) -> np.ndarray:
     import constriction
 
-    nsym = int(params.get("rans_symbols", -1))
     if k == 0:
         return np.zeros(0, dtype=np.int64)
+    nsym = params["rans_symbols"]
     data = _bytes(tensors["rans"], "rans")
-    if data.size % 4 or not k <= nsym <= numel + k:
-        raise DeltaFormatError(f"rans storage: {data.size} bytes / {params.get('rans_symbols')!r} symbols "
-                               f"do not describe {k} kept entries")
     model, m = _rans_model(k, numel)
-    coder = constriction.stream.stack.AnsCoder(data.view("<u4").astype(np.uint32))
-    symbols = coder.decode(model, nsym).astype(np.int64)
+    try:
+        coder = constriction.stream.stack.AnsCoder(data.view("<u4").astype(np.uint32))
+        symbols = coder.decode(model, nsym).astype(np.int64)
+    except ValueError as exc:
+        raise DeltaFormatError(f"rans storage: field rans cannot be decoded ({exc})") from None
+    if not coder.is_empty():  # the encoder's stack holds exactly its symbols
+        raise DeltaFormatError(f"rans storage: field rans holds {coder.num_words()} words beyond its {nsym} "
+                               "symbols (trailing data)")
     ends = np.flatnonzero(symbols != m)
     if ends.size != k:
         raise DeltaFormatError(f"rans storage: decoded {ends.size} gaps, expected {k}")
@@ -229,6 +241,12 @@ def _zstd_decode(tensors: dict[str, Tensor], numel: int) -> Tensor:
             chunks.append(chunk)
             got += len(chunk)
         raw = b"".join(chunks)
+        if len(raw) == nbytes:  # the frame holds exactly the mask, so a second pass is bounded
+            rest = zstandard.ZstdDecompressor().decompressobj()
+            rest.decompress(blob)
+            if rest.unused_data or not rest.eof:
+                raise DeltaFormatError(f"zstd storage: field zmask holds {len(rest.unused_data)} bytes after its "
+                                       "frame (trailing data)")
     except zstandard.ZstdError as exc:
         raise DeltaFormatError(f"zstd storage: cannot decompress the mask ({exc})") from None
     if len(raw) != nbytes:
@@ -238,6 +256,46 @@ def _zstd_decode(tensors: dict[str, Tensor], numel: int) -> Tensor:
 
 def _mask_positions(mask: Tensor, numel: int) -> np.ndarray:
     return np.flatnonzero(unpack_bits(mask, numel))
+
+
+def _zstd_bound(nbytes: int) -> int:
+    """zstd's ZSTD_COMPRESSBOUND (+ slack for the frame header): no frame of ``nbytes`` is longer."""
+    return nbytes + (nbytes >> 8) + (((128 << 10) - nbytes) >> 11 if nbytes < (128 << 10) else 0) + 32
+
+
+def _check_sizes(name: str, tensors: dict[str, Tensor], params: dict[str, Any], k: int, numel: int) -> None:
+    """Each stream's byte count against what ``k`` of ``numel`` positions allow under the storage's own
+    parameters, before anything is unpacked or decompressed (a Golomb-Rice unary stream unpacks to a bool
+    and an int64 index per bit, ~75x its bytes): memory stays bounded by the tensor, and a stream longer
+    than any encoding carries trailing data. Where the exact length is known only once decoded (Golomb's
+    unary stream, rANS, zstd), the decoder checks that no bytes are left over."""
+    if name == "golomb":
+        r = params.get("rice")
+        if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r <= 62:
+            raise DeltaFormatError(f"golomb storage: Rice parameter {r!r} is not an integer in [0, 62]")
+        # k terminating zeros plus the quotients gap >> r, whose sum is at most (sum of gaps) >> r; the k
+        # gaps of positions below numel sum to at most numel - k
+        limits = {"rice_q": ((k + ((numel - k) >> r) + 7) // 8, "at most"),
+                  "rice_r": ((k * r + 7) // 8, "exactly")}
+        why = f"{k} of {numel} positions at Rice parameter {r}"
+    elif name == "rans":
+        nsym = params.get("rans_symbols") if k else 0  # no support: nothing is decoded
+        if not isinstance(nsym, int) or isinstance(nsym, bool) or not k <= nsym <= numel + k:
+            raise DeltaFormatError(f"rans storage: {nsym!r} symbols do not describe {k} kept entries")
+        # a symbol has a probability of at least 2^-24 (24-bit leaky quantization): at most 24 bits each,
+        # and the coder's final state adds two words
+        limits = {"rans": (4 * (-(-24 * nsym // 32) + 2) if nsym else 0, "at most")}
+        why = f"{nsym} symbols"
+    elif name == "bitmap":
+        limits, why = {"mask": ((numel + 7) // 8, "exactly")}, f"a mask of {numel} entries"
+    else:
+        limits, why = {"zmask": (_zstd_bound((numel + 7) // 8), "at most")}, f"a mask of {numel} entries"
+    for fld, (most, how) in limits.items():
+        size = _bytes(tensors[fld], fld).size
+        words = fld != "rans" or size % 4 == 0  # rANS stores whole 32-bit words
+        if size > most or (how == "exactly" and size != most) or not words:
+            raise DeltaFormatError(f"{name} storage: field {fld} holds {size} bytes, {why} take {how} {most}"
+                                   + (" (trailing data)" if size > most else "" if words else " in 4-byte words"))
 
 
 # -- public API ------------------------------------------------------------------------------------
@@ -298,9 +356,12 @@ def encode_support(positions: Tensor | np.ndarray, numel: int, signs: Tensor | n
     return tensors, {"storage": name, "kept": int(pos.size), **params}
 
 
-def decode_support(tensors: dict[str, Tensor], params: dict[str, Any], numel: int,
-                   with_signs: bool = True) -> tuple[Tensor, Tensor | None]:
-    """Inverse of encode_support: (int64 positions, bool signs or None). Vectorized throughout."""
+def check_support(tensors: dict[str, Tensor], params: dict[str, Any], numel: int,
+                  with_signs: bool = True) -> tuple[str, int]:
+    """(storage, kept) after what ``decode_support`` checks before decoding: the storage and its fields,
+    the kept count, one sign bit per kept entry, and each stream's length against its bound from
+    (kept, numel, the storage's parameters). Nothing is unpacked or decompressed, so it is cheap enough
+    for a codec's ``check_stored`` (``inspect``'s verification) as well."""
     name = params.get("storage")
     if name not in STORAGES:
         raise DeltaFormatError(f"unknown position storage {name!r} (known: {', '.join(STORAGES)})")
@@ -310,6 +371,18 @@ def decode_support(tensors: dict[str, Tensor], params: dict[str, Any], numel: in
     k = params.get("kept")
     if not isinstance(k, int) or not 0 <= k <= numel:
         raise DeltaFormatError(f"kept count {k!r} is not an integer in [0, {numel}]")
+    if with_signs and tuple(tensors["signs"].shape) != ((k + 7) // 8,):  # one bit per kept entry, no more
+        raise DeltaFormatError(f"signs: {tuple(tensors['signs'].shape)} bytes, {k} kept entries need "
+                               f"{(k + 7) // 8}")
+    _check_sizes(name, tensors, params, k, numel)
+    return name, k
+
+
+def decode_support(tensors: dict[str, Tensor], params: dict[str, Any], numel: int,
+                   with_signs: bool = True) -> tuple[Tensor, Tensor | None]:
+    """Inverse of encode_support: (int64 positions, bool signs or None). Vectorized throughout; every
+    stream's length is bounded (``check_support``) before it is unpacked, and none may carry trailing data."""
+    name, k = check_support(tensors, params, numel, with_signs)
     if name == "golomb":
         pos = _golomb_decode(tensors, params, k)
     elif name == "rans":
@@ -320,9 +393,6 @@ def decode_support(tensors: dict[str, Tensor], params: dict[str, Any], numel: in
         pos = _mask_positions(_zstd_decode(tensors, numel), numel)
     if pos.size != k or (k and (pos[0] < 0 or pos[-1] >= numel)):
         raise DeltaFormatError(f"{name} storage: decoded {pos.size} positions in range, expected {k} in [0, {numel})")
-    if with_signs and tuple(tensors["signs"].shape) != ((k + 7) // 8,):  # one bit per kept entry, no more
-        raise DeltaFormatError(f"signs: {tuple(tensors['signs'].shape)} bytes, {k} kept entries need "
-                               f"{(k + 7) // 8}")
     signs = torch.from_numpy(unpack_bits(tensors["signs"], k)) if with_signs else None
     return torch.from_numpy(pos.astype(np.int64, copy=False)), signs
 
