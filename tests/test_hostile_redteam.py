@@ -133,6 +133,7 @@ def test_position_stream_with_trailing_bytes_refused(made, tmp_path, capsys, mon
     assert all(n < pad for n in unpacked), unpacked
     monkeypatch.undo()
     _cli_refuses(["reconstruct", str(base), str(path), "-o", str(tmp_path / "rec"), "-q"], capsys, match)
+    _cli_refuses(["inspect", str(path)], capsys, match)  # the codec's check_stored bounds it without decoding
 
 
 @pytest.mark.parametrize("key", sorted(STORED))

@@ -83,6 +83,11 @@ class DareCodec(Codec):
         tensors["values"] = values.to(torch.float16).contiguous()
         return Encoded(self.name, tuple(delta.shape), tensors, {**s, **pparams})
 
+    def check_stored(self, enc: Encoded) -> None:
+        """Finite values (the default), and the position streams within their bounds (as ternary's)."""
+        super().check_stored(enc)
+        P.check_support(enc.tensors, enc.params, enc.numel, with_signs=False)
+
     def decode(self, enc: Encoded) -> Tensor:
         pos, _ = P.decode_support(enc.tensors, enc.params, enc.numel, with_signs=False)
         values = enc.tensors.get("values")

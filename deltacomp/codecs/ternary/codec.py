@@ -359,6 +359,12 @@ class TernaryCodec(Codec):
         count = torch.bincount(row, minlength=rows).to(torch.float64)
         return torch.where(count > 0, total / count.clamp(min=1), 0.0).to(torch.float32)
 
+    def check_stored(self, enc: Encoded) -> None:
+        """Finite values (the default), and the position streams' lengths within their bounds from the kept
+        count (``positions.check_support``: nothing unpacked), so ``inspect`` refuses a padded stream."""
+        super().check_stored(enc)
+        P.check_support(enc.tensors, enc.params, enc.numel)
+
     def decode(self, enc: Encoded) -> Tensor:
         numel = enc.numel
         pos, signs = P.decode_support(enc.tensors, enc.params, numel)
