@@ -82,14 +82,21 @@ OVERFLOW = {
 
 @pytest.mark.parametrize("method", sorted(OVERFLOW))
 def test_finite_factors_that_overflow_refused(made, tmp_path, capsys, method):
-    """Each stored value is finite (check_stored passes), their product is not: reconstruct wrote Inf."""
+    """Each stored value is finite, their product is not: reconstruct wrote Inf, serving computed Inf. The
+    codec's check_stored bounds the factors' product, so every path refuses it (inspect and serving too)."""
     base, path = _copy(made, tmp_path, method)
     rewrite_tensors(path, OVERFLOW[method])
-    match = f"{path.name}: {UP}: .*NaN or Inf"
+    match = f"{path.name}: {UP}: .*beyond float32's range"
     with deltacomp.load_delta(path) as df, pytest.raises(DeltaFormatError, match=match):
         df.decode(UP)
     _cli_refuses(["reconstruct", str(base), str(path), "-o", str(tmp_path / "rec"), "-q"], capsys, match)
     assert not (tmp_path / "rec").exists()
+    _cli_refuses(["inspect", str(path)], capsys, match)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    with pytest.raises(DeltaFormatError, match=match):
+        deltacomp.patch_model(model, path)
 
 
 def test_apply_refuses_new_nonfinite_values_but_keeps_the_base_own(made):

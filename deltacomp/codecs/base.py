@@ -316,6 +316,16 @@ class Codec:
                                        "writes; the file is damaged or was edited")
 
     # -- helpers for subclasses ---------------------------------------------------------------------
+    def check_factor_bound(self, s: Tensor, u_max: Tensor, v_max: Tensor) -> None:
+        """Refuse low-rank factors whose product can overflow float32: every entry of ``sum_i s_i u_i v_i^T``
+        is at most ``sum_i |s_i| max|u_i| max|v_i|`` (``u_max``, ``v_max``: each vector's largest magnitude).
+        Stored values that are each finite (a singular value of 3e38, factors of 65504) would otherwise
+        decode, or serve, as Inf. Genuine factors sit many orders of magnitude below the bound."""
+        bound = float((s.double().abs() * u_max.double() * v_max.double()).sum()) if s.numel() else 0.0
+        if not bound <= torch.finfo(torch.float32).max:
+            raise DeltaFormatError(f"{self.name}: the stored factors can reach {bound:.3g}, beyond float32's range "
+                                   "(their product overflows to Inf); the file is damaged or was edited")
+
     def check_input(self, delta: Tensor) -> None:
         """Raises unless ``delta`` is a float32 1-D or 2-D tensor (what encode accepts)."""
         if not isinstance(delta, Tensor):

@@ -162,6 +162,16 @@ class LowRankCodec(Codec):
         t = enc.tensors
         return t["u"].float(), t["s"].float(), t["v"].float()
 
+    def check_stored(self, enc: Encoded) -> None:
+        """Finite values (the default), and factors whose product stays within float32 (``check_factor_bound``)."""
+        super().check_stored(enc)
+        t = enc.tensors
+        u, s, v = t.get("u"), t.get("s"), t.get("v")
+        if u is None or s is None or v is None or u.dim() != 2 or v.dim() != 2 or s.dim() != 1:
+            return  # (the reader's shape checks name what is wrong)
+        if u.shape[1] == s.numel() == v.shape[0] and s.numel():
+            self.check_factor_bound(s, u.float().abs().amax(0), v.float().abs().amax(1))
+
     def decode(self, enc: Encoded) -> Tensor:
         t = enc.tensors
         return (t["u"].float() * t["s"]) @ t["v"].float()

@@ -183,6 +183,11 @@ class SvdMixedCodec(Codec):
             if got.get(f) != w:
                 raise DeltaFormatError(f"{self.name}: field {f} is {got.get(f) or 'missing'}, the stored allocation "
                                        f"{text!r} needs {w or 'no such field'}; the file is damaged or was edited")
+        t = enc.tensors
+        if alloc:  # |u| <= |zero| + (2^b - 1) |scale| per group, the same for v: the product within float32
+            top = {side: torch.cat([(t[f"{side}_zero{b}"].float().abs() + (2 ** b - 1) * t[f"{side}_scale{b}"].float()
+                                     .abs()).amax(1) for b, _ in alloc]) for side in "uv"}
+            self.check_factor_bound(t["s"], top["u"], top["v"])
 
     def lora_factors(self, enc: Encoded) -> tuple[Tensor, Tensor, Tensor]:
         """The dequantized factors, groups in order."""
