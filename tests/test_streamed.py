@@ -96,17 +96,29 @@ def test_layerwise_calibration_streamed_is_identical_and_holds_one_layer(folders
         torch.testing.assert_close(a.decode(name), b.decode(name), rtol=0, atol=0)
 
 
-def test_renamed_checkpoint_falls_back_to_whole_load(folders, tmp_path):
+@pytest.mark.parametrize("rename", ["bare", "prefixed"])
+def test_renamed_checkpoint_falls_back_to_whole_load(folders, tmp_path, rename):
+    """Names the streamed loader does not know: a base-model checkpoint (no "model." prefix, which
+    transformers maps) loads the transformers way; names transformers cannot map either ("transformer."
+    in front) are refused in one line, where transformers would initialise every parameter at random."""
     _, ft = folders
     odd = tmp_path / "odd"
     odd.mkdir()
     ref = load_causal_lm(ft)
-    save_file({f"transformer.{n}": p.detach().clone() for n, p in ref.state_dict().items()
-               if n != "lm_head.weight" or not ref.config.tie_word_embeddings},
-              str(odd / "model.safetensors"))
+    kept = {n: p.detach().clone() for n, p in ref.state_dict().items()
+            if n != "lm_head.weight" or not ref.config.tie_word_embeddings}
+    names = ({n.removeprefix("model."): p for n, p in kept.items()} if rename == "bare"
+             else {f"transformer.{n}": p for n, p in kept.items()})
+    save_file(names, str(odd / "model.safetensors"))
     (odd / "config.json").write_text((ft / "config.json").read_text())
+    if rename == "prefixed":
+        with pytest.raises(deltacomp.DeltacompError, match="would initialise them at random"):
+            streamed.open_layered(odd, None, torch.float32)
+        return
     with streamed.open_layered(odd, None, torch.float32) as lm:
         assert not lm.streamed  # names differ: loaded the transformers way instead of streamed
+        torch.testing.assert_close(dict(lm.model.named_parameters())["model.embed_tokens.weight"],
+                                   ref.model.embed_tokens.weight)
 
 
 def test_config_is_required_for_a_single_file(tmp_path, folders):
