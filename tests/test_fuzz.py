@@ -33,7 +33,8 @@ def corpus(tmp_path_factory):
     f = finetune_of(b, 1, touch=lambda n: True)
     base, ft = write_folder(root / "base", b), write_folder(root / "ft", f)
     files = {}
-    for method, shard in (("bitdelta", None), ("svd-mixed", None), ("ternary", None), ("lowrank", 4000)):
+    for method, shard in (("bitdelta", None), ("svd-mixed", None), ("ternary", None), ("lowrank", 4000),
+                          ("svd-sparse", None)):
         path = root / f"{method}.delta.safetensors"
         deltacomp.compress(base, ft, path, method=method, progress=False,
                            **({"max_shard_bytes": shard} if shard else {}))
@@ -135,7 +136,7 @@ def _damage(rng, path, kind):
         write_header(target, header, data)
 
 
-@pytest.mark.parametrize("method", ["bitdelta", "svd-mixed", "ternary", "lowrank"])
+@pytest.mark.parametrize("method", ["bitdelta", "svd-mixed", "ternary", "lowrank", "svd-sparse"])
 def test_fuzz(corpus, tmp_path, method):
     root, base, files, want = corpus
     rng = random.Random(f"deltacomp-fuzz-{method}")
