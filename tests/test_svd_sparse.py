@@ -141,3 +141,32 @@ def test_auto_weighs_it_only_when_named(tmp_path):
     assert chosen & {"svd-mixed", "svd-sparse"}
     assert chosen <= {"svd-mixed", "svd-sparse", "raw", "zero"}
     assert df.source["auto"]["codecs"] == ["svd-mixed", "svd-sparse"]
+
+
+def test_tune_student_is_the_layer_and_writes_the_same_fields():
+    """The tune stage's student computes base + low-rank + sparse as decode does; after a step on a loss it
+    writes new scales into the same fields (codes, support and signs byte-identical, same bytes)."""
+    from torch import nn
+
+    codec = get_codec("svd-sparse")
+    d = _low_rank_plus_spikes(48, 80, seed=6)
+    enc = codec.encode(d, ratio=4.0)
+    base = nn.Linear(80, 48)
+    student = codec.calibrator().student(base, enc)
+    x = torch.randn(7, 80, generator=torch.Generator().manual_seed(7))
+    want = x.double() @ (base.weight.double() + codec.decode(enc).double()).T + base.bias.double()
+    torch.testing.assert_close(student(x).double(), want, rtol=1e-4, atol=1e-5)
+    assert codec.calibrator().encoded(student, enc).tensors.keys() == enc.tensors.keys()
+    opt = torch.optim.SGD([p for p in student.parameters() if p.requires_grad], lr=0.1)
+    (student(x) - x @ (base.weight + d).T - base.bias).pow(2).sum().backward()
+    opt.step()
+    new = codec.calibrator().encoded(student, enc)
+    assert new.nbytes == enc.nbytes and new.params == enc.params
+    changed = [f for f in enc.tensors if not torch.equal(new.tensors[f], enc.tensors[f])]
+    assert PREFIX + "scale" in changed and "s" in changed
+    assert all("scale" in f or "zero" in f or f == "s" for f in changed), changed
+    with torch.no_grad():  # the written values are the trained ones (fp32 fields exactly; fp16 ones rounded)
+        assert torch.equal(new.tensors[PREFIX + "scale"], student.scale().clamp_min(0))
+        assert torch.equal(new.tensors["s"], student.lowrank.s())
+        got = x.double() @ (base.weight.double() + codec.decode(new).double()).T + base.bias.double()
+        torch.testing.assert_close(got, student(x).double(), rtol=1e-2, atol=1e-2)

@@ -1,20 +1,68 @@
-"""svd-sparse's calibrator (layerwise stage), in the same bytes: the sparse part's scale refitted by least
-squares on the layer outputs (its support and signs stay), once over the stored low-rank part and once
-over GPTQ's low-rank part for what the sparse part leaves (D - S, in the stored groups); whichever of the
-two has the lower output error trace((D - D^) H (D - D^)^T) is kept. The stored pair was chosen together
-(the sparse part holds the largest entries of what the low-rank part leaves), so GPTQ's part, fitted with
-the sparse part fixed, does not always win. Not tuned end to end."""
+"""svd-sparse's calibrator, in the same bytes.
+
+- Layerwise: the sparse part's scale refitted by least squares on the layer outputs (its support and signs
+  stay), once over the stored low-rank part and once over GPTQ's low-rank part for what the sparse part
+  leaves (D - S, in the stored groups); whichever of the two has the lower output error
+  trace((D - D^) H (D - D^)^T) is kept. The stored pair was chosen together (the sparse part holds the
+  largest entries of what the low-rank part leaves), so GPTQ's part, fitted with the sparse part fixed,
+  does not always win.
+- Tune (end to end, on the logits): svd-mixed's student for the low-rank part (its scales, zeros and
+  singular values) plus the sparse part's scale, alpha = alpha_0 (1 + a), trained together.
+"""
 from __future__ import annotations
 
-from torch import Tensor
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from ..base import Encoded
 from ..calibrator import Calibrator, LayerwiseOptions, output_error
 
 
+class LowRankSparseTuned(nn.Module):
+    """``x @ (W_base + U diag(s) V + alpha T)^T + b``: svd-mixed's ``LowRankTunedLinear`` over the base, plus
+    the sparse part's sign pattern T (fixed) times its trainable scale."""
+
+    def __init__(self, base: nn.Linear, enc: Encoded):
+        from ..svd_mixed.tune import LowRankTunedLinear
+        from ..ternary.calibrate import sign_pattern
+        from .codec import parts
+
+        super().__init__()
+        lr, sp = parts(enc)
+        self.lowrank = LowRankTunedLinear(base, lr)
+        self.register_buffer("pattern", sign_pattern(sp).to(base.weight.dtype), persistent=False)
+        self.register_buffer("scale0", sp.tensors["scale"].float(), persistent=False)
+        self.a = nn.Parameter(torch.zeros_like(self.scale0))
+
+    def scale(self) -> Tensor:
+        return self.scale0 * (1 + self.a)
+
+    def forward(self, x: Tensor) -> Tensor:
+        s = self.scale().to(self.pattern.dtype)
+        return self.lowrank(x) + F.linear(x, self.pattern * (s[:, None] if s.dim() else s))
+
+    def encoded(self, enc: Encoded) -> Encoded:
+        """``enc`` with the tuned values (codes, support and signs byte-identical, dtypes as stored)."""
+        from .codec import join, parts
+
+        lr, sp = parts(enc)
+        scale = self.scale().detach().cpu().clamp_min(0).to(sp.tensors["scale"].dtype)
+        sp = Encoded(sp.codec, sp.shape, {**sp.tensors, "scale": scale.reshape(sp.tensors["scale"].shape)},
+                     dict(sp.params))
+        return join(self.lowrank.encoded(lr), sp, float(enc.params["sparse"]))
+
+
 class LowRankThenScale(Calibrator):
     stage = "layerwise"
-    description = "least-squares scale of the sparse part, over the stored or GPTQ's low-rank part"
+    description = "least-squares scale of the sparse part, over the stored or GPTQ's low-rank part; then tuned"
+    tunes = True
+
+    def student(self, linear: nn.Linear, enc: Encoded) -> nn.Module:
+        return LowRankSparseTuned(linear, enc)
+
+    def encoded(self, student: nn.Module, enc: Encoded) -> Encoded:
+        return student.encoded(enc)
 
     def calibrate(self, delta: Tensor, enc: Encoded, h: Tensor, options: LayerwiseOptions) -> Encoded:
         from ..svd_mixed import SvdMixedCodec

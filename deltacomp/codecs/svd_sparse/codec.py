@@ -75,8 +75,9 @@ class SvdSparseCodec(Codec):
     reference = "https://arxiv.org/abs/2406.08903 + https://arxiv.org/abs/2310.13191"
     fields = (*SvdMixedCodec.fields, *(PREFIX + f for f in TernaryCodec.fields))
     settings = _own_settings()
-    # auto weighs it only when named (auto:codecs=svd-mixed+svd-sparse): its calibrator does not tune end
-    # to end, and its rungs share no work (an SVD and a residual search each)
+    # auto weighs it only when named (auto:codecs=svd-mixed+svd-sparse): it loses to svd-mixed at 32x on
+    # both bundled pairs (README "Low rank + sparse"), and its rungs share no work (an SVD and a residual
+    # search each)
     auto_default = False
 
     def settings_for_budget(self, shape, nbytes, given):

@@ -13,7 +13,7 @@ from ..base import Encoded
 from ..calibrator import Calibrator, LayerwiseOptions
 
 
-def _pattern(enc: Encoded) -> Tensor:
+def sign_pattern(enc: Encoded) -> Tensor:
     """The stored sign pattern T (+-1 on the support, 0 elsewhere) as a dense float32 (N, K)."""
     from .codec import TernaryCodec
 
@@ -27,7 +27,7 @@ class ScaledPatternLinear(nn.Module):
     def __init__(self, base: nn.Linear, enc: Encoded):
         super().__init__()
         self.base = base.requires_grad_(False)
-        self.register_buffer("pattern", _pattern(enc).to(base.weight.dtype), persistent=False)
+        self.register_buffer("pattern", sign_pattern(enc).to(base.weight.dtype), persistent=False)
         self.register_buffer("scale0", enc.tensors["scale"].float(), persistent=False)
         self.a = nn.Parameter(torch.zeros_like(self.scale0))
 
@@ -45,7 +45,7 @@ def ternary_ls_scale(delta: Tensor, enc: Encoded, h: Tensor) -> Encoded:
     tensor) whose pattern has no output energy keeps its stored scale; a negative fit (the pattern points
     against the delta on this data) is clamped to 0."""
     scale = enc.tensors["scale"].to(h.device)  # enc may live on the CPU while delta and H are on a GPU
-    t = _pattern(enc).to(h.device, torch.float64)
+    t = sign_pattern(enc).to(h.device, torch.float64)
     if t.dim() != 2:
         raise ValueError(f"ternary_ls_scale: a linear weight is 2-D, got shape {tuple(t.shape)}")
     th = t @ h.to(torch.float64)
