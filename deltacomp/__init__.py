@@ -9,15 +9,36 @@ Public API (mirrors the CLI)::
     deltacomp.apply_delta_(model, delta)          # model loaded from the base, turned into the fine-tune
     deltacomp.patch_model(model, delta)           # or: serve the delta packed (DeltaLinear), no dense copy
 """
-from ._version import __version__
-from .api import apply_delta_, compress, iter_reconstructed, load_delta, reconstruct, summarize
-from .codecs import available as available_methods
-from .many import compress_many
-from .serve import (DeltaLinear, MultiDeltaLinear, generate, patch_model, patch_model_multi, set_delta_index,
-                    unpatch_model)
-from .delta_file import FORMAT
-from .errors import (BaseMismatchError, CheckpointError, ChecksumError, DeltacompError,
-                     DeltaFormatError, OutputExistsError, SettingsError)
+import os as _os
+import signal as _signal
+import sys as _sys
+import threading as _threading
+
+
+def _interrupted_while_starting(signum, frame):  # pragma: no cover - exercised in a subprocess (tests)
+    """Ctrl-C while the ``deltacomp`` command imports torch and the rest (a second or two, before the
+    command's own handler exists): one line and exit 130, as an interrupt later in the run gives."""
+    _sys.stderr.write("deltacomp: interrupted while starting; nothing was written\n")
+    raise SystemExit(130)
+
+
+# only for the command (not a library import, which keeps Python's KeyboardInterrupt), main thread only
+_COMMAND = (bool(_sys.argv) and _os.path.basename(_sys.argv[0]) in ("deltacomp", "deltacomp.exe")
+            and _threading.current_thread() is _threading.main_thread())
+_previous = _signal.signal(_signal.SIGINT, _interrupted_while_starting) if _COMMAND else None
+try:
+    from ._version import __version__
+    from .api import apply_delta_, compress, iter_reconstructed, load_delta, reconstruct, summarize
+    from .codecs import available as available_methods
+    from .many import compress_many
+    from .serve import (DeltaLinear, MultiDeltaLinear, generate, patch_model, patch_model_multi, set_delta_index,
+                        unpatch_model)
+    from .delta_file import FORMAT
+    from .errors import (BaseMismatchError, CheckpointError, ChecksumError, DeltacompError,
+                         DeltaFormatError, OutputExistsError, SettingsError)
+finally:
+    if _COMMAND:
+        _signal.signal(_signal.SIGINT, _previous)
 
 __all__ = [
     "__version__", "FORMAT", "compress", "compress_many", "reconstruct", "load_delta", "apply_delta_", "iter_reconstructed",

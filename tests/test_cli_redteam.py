@@ -210,3 +210,33 @@ def test_quiet_hides_transformers_progress_bars(made, tmp_path, capsys, monkeypa
     assert tf_logging.is_progress_bar_enabled() == before  # restored for the next command in this process
     if before:
         assert "Loading weights" in shown  # the check above means something
+
+
+# ------------------------------------------------------------------------ 5. Ctrl-C while starting
+@pytest.mark.parametrize("after", [0.2, 0.6])
+def test_interrupt_while_starting_is_one_line(made, tmp_path, after):
+    """Ctrl-C in the first second, while the command imports torch (before its own handler exists), used to
+    print a KeyboardInterrupt traceback (rc -2). Now one line and 130, as an interrupt later in the run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    exe = Path(sys.executable).with_name("deltacomp")
+    if not exe.is_file():
+        pytest.skip("no deltacomp command beside this interpreter")
+    base, ft, _, _ = made
+    out = tmp_path / "x.delta.safetensors"
+    proc = subprocess.Popen([str(exe), "compress", str(base), str(ft), "-o", str(out), "-q"],
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=tmp_path,
+                            env={**os.environ, "PYTHONPATH": ""})
+    time.sleep(after)
+    proc.send_signal(signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert proc.returncode in (130, 0), (proc.returncode, err)  # 0: the run finished before the signal
+    if proc.returncode == 130:
+        assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.delta")]
