@@ -166,7 +166,7 @@ def test_tune_student_is_the_layer_and_writes_the_same_fields():
     assert PREFIX + "scale" in changed and "s" in changed
     assert all("scale" in f or "zero" in f or f == "s" for f in changed), changed
     with torch.no_grad():  # the written values are the trained ones (fp32 fields exactly; fp16 ones rounded)
-        assert torch.equal(new.tensors[PREFIX + "scale"], student.scale().clamp_min(0))
+        assert torch.equal(new.tensors[PREFIX + "scale"], student.sparse.scale().clamp_min(0))
         assert torch.equal(new.tensors["s"], student.lowrank.s())
         got = x.double() @ (base.weight.double() + codec.decode(new).double()).T + base.bias.double()
         torch.testing.assert_close(got, student(x).double(), rtol=1e-2, atol=1e-2)

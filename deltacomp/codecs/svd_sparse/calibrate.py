@@ -11,8 +11,6 @@
 """
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..base import Encoded
@@ -21,36 +19,28 @@ from ..calibrator import Calibrator, LayerwiseOptions, output_error
 
 class LowRankSparseTuned(nn.Module):
     """``x @ (W_base + U diag(s) V + alpha T)^T + b``: svd-mixed's ``LowRankTunedLinear`` over the base, plus
-    the sparse part's sign pattern T (fixed) times its trainable scale."""
+    ternary's ``ScaledPattern`` (the sparse part's sign pattern fixed, its scale trainable)."""
 
     def __init__(self, base: nn.Linear, enc: Encoded):
         from ..svd_mixed.tune import LowRankTunedLinear
-        from ..ternary.calibrate import sign_pattern
+        from ..ternary.calibrate import ScaledPattern
         from .codec import parts
 
         super().__init__()
         lr, sp = parts(enc)
         self.lowrank = LowRankTunedLinear(base, lr)
-        self.register_buffer("pattern", sign_pattern(sp).to(base.weight.dtype), persistent=False)
-        self.register_buffer("scale0", sp.tensors["scale"].float(), persistent=False)
-        self.a = nn.Parameter(torch.zeros_like(self.scale0))
-
-    def scale(self) -> Tensor:
-        return self.scale0 * (1 + self.a)
+        self.sparse = ScaledPattern(sp, base.weight.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        s = self.scale().to(self.pattern.dtype)
-        return self.lowrank(x) + F.linear(x, self.pattern * (s[:, None] if s.dim() else s))
+        return self.lowrank(x) + self.sparse(x)
 
     def encoded(self, enc: Encoded) -> Encoded:
         """``enc`` with the tuned values (codes, support and signs byte-identical, dtypes as stored)."""
+        from ..ternary.calibrate import LeastSquaresScale
         from .codec import join, parts
 
         lr, sp = parts(enc)
-        scale = self.scale().detach().cpu().clamp_min(0).to(sp.tensors["scale"].dtype)
-        sp = Encoded(sp.codec, sp.shape, {**sp.tensors, "scale": scale.reshape(sp.tensors["scale"].shape)},
-                     dict(sp.params))
-        return join(self.lowrank.encoded(lr), sp, float(enc.params["sparse"]))
+        return join(self.lowrank.encoded(lr), LeastSquaresScale().encoded(self.sparse, sp), float(enc.params["sparse"]))
 
 
 class LowRankThenScale(Calibrator):

@@ -21,22 +21,36 @@ def sign_pattern(enc: Encoded) -> Tensor:
     return TernaryCodec().decode(ones)
 
 
-class ScaledPatternLinear(nn.Module):
-    """``x @ (W_base + alpha T)^T + b`` with T fixed and alpha = alpha_0 (1 + a) (one, or one per row)."""
+class ScaledPattern(nn.Module):
+    """``x @ (alpha T)^T``: the stored sign pattern T fixed, alpha = alpha_0 (1 + a) trainable (one, or one
+    per row). Also the sparse part of svd-sparse's student."""
 
-    def __init__(self, base: nn.Linear, enc: Encoded):
+    def __init__(self, enc: Encoded, dtype: torch.dtype):
         super().__init__()
-        self.base = base.requires_grad_(False)
-        self.register_buffer("pattern", sign_pattern(enc).to(base.weight.dtype), persistent=False)
+        self.register_buffer("pattern", sign_pattern(enc).to(dtype), persistent=False)
         self.register_buffer("scale0", enc.tensors["scale"].float(), persistent=False)
         self.a = nn.Parameter(torch.zeros_like(self.scale0))
 
     def scale(self) -> Tensor:
         return self.scale0 * (1 + self.a)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def weight(self) -> Tensor:
         s = self.scale().to(self.pattern.dtype)
-        return F.linear(x, self.base.weight + self.pattern * (s[:, None] if s.dim() else s), self.base.bias)
+        return self.pattern * (s[:, None] if s.dim() else s)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.weight())
+
+
+class ScaledPatternLinear(ScaledPattern):
+    """``x @ (W_base + alpha T)^T + b``: the base layer with ``ScaledPattern`` added to its weight."""
+
+    def __init__(self, base: nn.Linear, enc: Encoded):
+        super().__init__(enc, base.weight.dtype)
+        self.base = base.requires_grad_(False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.base.weight + self.weight(), self.base.bias)
 
 
 def ternary_ls_scale(delta: Tensor, enc: Encoded, h: Tensor) -> Encoded:
@@ -68,7 +82,8 @@ class LeastSquaresScale(Calibrator):
 
     def encoded(self, student: nn.Module, enc: Encoded) -> Encoded:
         """``enc`` with the tuned scale(s), kept >= 0 (support and signs byte-identical)."""
-        new = student.scale().detach().cpu().clamp_min(0).to(enc.tensors["scale"].dtype).reshape(enc.tensors["scale"].shape)
+        stored = enc.tensors["scale"]
+        new = student.scale().detach().cpu().clamp_min(0).to(stored.dtype).reshape(stored.shape)
         return Encoded(enc.codec, enc.shape, {**enc.tensors, "scale": new.contiguous()}, dict(enc.params))
 
     def calibrate(self, delta: Tensor, enc: Encoded, h: Tensor, options: LayerwiseOptions) -> Encoded:
