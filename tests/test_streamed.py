@@ -96,29 +96,34 @@ def test_layerwise_calibration_streamed_is_identical_and_holds_one_layer(folders
         torch.testing.assert_close(a.decode(name), b.decode(name), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("rename", ["bare", "prefixed"])
-def test_renamed_checkpoint_falls_back_to_whole_load(folders, tmp_path, rename):
-    """Names the streamed loader does not know: a base-model checkpoint (no "model." prefix, which
-    transformers maps) loads the transformers way; names transformers cannot map either ("transformer."
-    in front) are refused in one line, where transformers would initialise every parameter at random."""
-    _, ft = folders
+def _renamed(ft, tmp_path, rename) -> tuple:
+    """A copy of ``ft`` whose tensor names ``rename`` changes; (its folder, the reference model)."""
     odd = tmp_path / "odd"
     odd.mkdir()
     ref = load_causal_lm(ft)
     kept = {n: p.detach().clone() for n, p in ref.state_dict().items()
             if n != "lm_head.weight" or not ref.config.tie_word_embeddings}
-    names = ({n.removeprefix("model."): p for n, p in kept.items()} if rename == "bare"
-             else {f"transformer.{n}": p for n, p in kept.items()})
-    save_file(names, str(odd / "model.safetensors"))
+    save_file({rename(n): p for n, p in kept.items()}, str(odd / "model.safetensors"))
     (odd / "config.json").write_text((ft / "config.json").read_text())
-    if rename == "prefixed":
-        with pytest.raises(deltacomp.DeltacompError, match="would initialise them at random"):
-            streamed.open_layered(odd, None, torch.float32)
-        return
+    return odd, ref
+
+
+def test_renamed_checkpoint_falls_back_to_whole_load(folders, tmp_path):
+    """A base-model checkpoint (no "model." prefix, which transformers maps) is not streamed: it loads the
+    transformers way, with the checkpoint's weights."""
+    odd, ref = _renamed(folders[1], tmp_path, lambda n: n.removeprefix("model."))
     with streamed.open_layered(odd, None, torch.float32) as lm:
         assert not lm.streamed  # names differ: loaded the transformers way instead of streamed
         torch.testing.assert_close(dict(lm.model.named_parameters())["model.embed_tokens.weight"],
                                    ref.model.embed_tokens.weight)
+
+
+def test_unmappable_checkpoint_names_are_refused(folders, tmp_path):
+    """Names transformers cannot map either ("transformer." in front) are refused in one line, where
+    transformers would initialise every parameter at random."""
+    odd, _ = _renamed(folders[1], tmp_path, lambda n: f"transformer.{n}")
+    with pytest.raises(deltacomp.DeltacompError, match="would initialise them at random"):
+        streamed.open_layered(odd, None, torch.float32)
 
 
 def test_config_is_required_for_a_single_file(tmp_path, folders):

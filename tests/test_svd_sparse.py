@@ -34,11 +34,7 @@ def test_budget_and_parts(shape, ratio):
     codec = get_codec("svd-sparse")
     d = _low_rank_plus_spikes(*shape)
     before = d.clone()
-    try:
-        enc = codec.encode(d, ratio=ratio)
-    except SettingsError as exc:  # a budget holding no singular vector: refused as svd-mixed refuses it
-        assert "holds no singular vector" in str(exc) or "budget" in str(exc)
-        return
+    enc = codec.encode(d, ratio=ratio)
     assert torch.equal(d, before)
     assert enc.nbytes <= shape[0] * shape[1] * 2 / ratio
     assert all(codec.field_allowed(f) for f in enc.tensors)
