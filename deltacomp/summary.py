@@ -60,8 +60,30 @@ def summarize(df: Delta, stats: bool = True) -> dict[str, Any]:
                                "bits_per_param": 8 * comp_nbytes / sum(c["params"] for c in compressed)
                                if compressed and any(c["params"] for c in compressed) else None},
         "by_codec": by_codec, "tensors": tensors, "base_fingerprint": df.base_fingerprint,
-        "source": df.source, "files": sorted(df.files),
+        "source": df.source, "files": sorted(df.files), "oversized": _oversized(tensors),
     }
+
+
+def _oversized(tensors: list[dict[str, Any]]) -> list[str]:
+    """Compressed tensors stored in more bytes than the fine-tune holds them in: settings given
+    explicitly that cost more than the tensor (e.g. ``lowrank:rank=100000``), largest excess first."""
+    rows = [t for t in tensors if t["finetuned_bytes"] and t["nbytes"] > t["finetuned_bytes"]
+            and get_codec(t["codec"]).compresses]
+    return [t["name"] for t in sorted(rows, key=lambda t: t["finetuned_bytes"] - t["nbytes"])]
+
+
+def _size_notes(s: dict[str, Any]) -> list[str]:
+    """Lines that warn when the compression costs more than it saves."""
+    notes = []
+    if over := s.get("oversized"):
+        t = next(t for t in s["tensors"] if t["name"] == over[0])
+        notes.append(f"note: {len(over)} compressed tensor(s) take more bytes than in the fine-tune (largest excess: "
+                     f"{t['name']}, {t['codec']} {human_bytes(t['nbytes'])} vs {human_bytes(t['finetuned_bytes'])}); "
+                     "lower their settings, or store them whole with --rule 'PATTERN=raw'")
+    if s["file_bytes"] > s["finetuned_bytes"]:
+        notes.append(f"note: the delta file ({human_bytes(s['file_bytes'])}) is larger than the fine-tune's weights "
+                     f"({human_bytes(s['finetuned_bytes'])})")
+    return notes
 
 
 def human_bytes(n: float) -> str:
@@ -119,6 +141,7 @@ def summary_text(s: dict[str, Any], per_tensor: bool = False) -> str:
                         else ""))
     if calib := _calibration_line(s["source"].get("calibration")):
         lines.append(calib)
+    lines += _size_notes(s)
     for codec, c in s["by_codec"].items():
         if "bound_bits_per_param" in c:
             bnz = f"{c['bits_per_nonzero']:.2f} bits/nonzero, " if c.get("bits_per_nonzero") else ""

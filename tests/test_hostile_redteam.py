@@ -250,3 +250,23 @@ def test_dangling_link_at_the_output_is_refused_up_front(made, tmp_path, capsys,
         monkeypatch.setattr("deltacomp.calibrate.options.load_data", lambda *a, **k: pytest.fail("data loaded"))
     _cli_refuses(argv, capsys, "is a link to nothing; pass --overwrite")
     assert out.is_symlink() and not out.exists()
+
+
+# -- explicit settings that cost more than the tensor itself ---------------------------------------------
+def test_settings_larger_than_the_tensor_are_noted(made, tmp_path, capsys):
+    """lowrank:rank=100000 is clamped to the tensor's full rank, which stores more bytes than the fine-tune's
+    own tensor: compress (and inspect) say so in a note naming the largest offender; a normal file has none."""
+    base, files = made
+    ft = files["raw"].parent / "ft"
+    out = tmp_path / "big.delta.safetensors"
+    assert main(["compress", str(base), str(ft), "-o", str(out), "--method", "lowrank:rank=100000", "-q"]) == 0
+    text = capsys.readouterr().out
+    notes = [line for line in text.splitlines() if line.startswith("note:")]
+    assert len(notes) == 2, text
+    assert re.match(r"note: \d+ compressed tensor\(s\) take more bytes than in the fine-tune \(largest excess: "
+                    r"model\.layers\.\d+\.\S+, lowrank ", notes[0]), notes[0]
+    assert "delta file" in notes[1] and "larger than the fine-tune" in notes[1]
+    s = deltacomp.summarize(deltacomp.load_delta(out))
+    assert s["oversized"] and all(t["nbytes"] > t["finetuned_bytes"] for t in s["tensors"] if t["name"] in s["oversized"])
+    assert main(["inspect", str(files["bitdelta"])]) == 0
+    assert "note:" not in capsys.readouterr().out
