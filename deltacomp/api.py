@@ -116,10 +116,11 @@ def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan:
     from .auto import choose
     from .plan import Assignment
 
+    targets = [p for p in pairs
+               if p.kind == PairKind.DELTA and plan.auto_target(p.name, tuple(bck.shape(p.name)), False)]
+
     def items():
-        for p in pairs:
-            if p.kind != PairKind.DELTA or not plan.auto_target(p.name, tuple(bck.shape(p.name)), False):
-                continue
+        for p in targets:
             ft, b = fck.get(p.name), bck.get(p.name)
             if _nonfinite(ft) or _nonfinite(b):
                 continue
@@ -129,7 +130,7 @@ def _auto_allocate(bck: Checkpoint, fck: Checkpoint, pairs: list[Pairing], plan:
 
     w = weights or {}
     chosen, plan.auto_report = choose(items(), device, progress, w.get("grams"), w.get("fishers"),
-                                      codecs=plan.codecs_for_auto(data_free=not w))
+                                      codecs=plan.codecs_for_auto(data_free=not w), total=len(targets))
     if "sensitivity" in w:
         plan.auto_report["sensitivity"] = w["sensitivity"]
     plan.choices = {n: Assignment(c.codec, dict(c.settings), "auto", dict(c.settings)) for n, c in chosen.items()}

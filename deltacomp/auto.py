@@ -251,16 +251,19 @@ def choose(items: Iterable[tuple[str, Tensor, float]], device: torch.device | No
            progress: bool = False,
            grams: dict[str, Tensor] | None = None,
            fishers: dict[str, Tensor] | None = None,
-           codecs: Iterable[str] | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
+           codecs: Iterable[str] | None = None,
+           total: int | None = None) -> tuple[dict[str, Candidate], dict[str, Any]]:
     """``items`` yields (tensor name, float32 delta, its even share of the budget in bytes), one at a time.
     ``grams``: the input Gram matrix per tensor name (--calib; every item needs one); ``fishers``: the
     output Fisher diagonal per tensor name (with ``grams``), or without ``grams`` a mapping to each tensor's
     per-window weight gradients (calibrate/seqfisher.py); every item needs one. ``codecs``: the codecs
-    whose offers are weighed (default: every registered one). Returns the chosen
+    whose offers are weighed (default: every registered one); ``total``: the most items, for the progress
+    bar. Returns the chosen
     candidate per tensor and a report for the file's ``source``."""
     sequence = fishers is not None and grams is None  # per-window weight gradients: no Gram needed
     names, fronts, budget = [], [], 0.0
-    for name, delta, hint in progress_bar(items, desc="auto: candidates", unit="tensor", enable=progress):
+    for name, delta, hint in progress_bar(items, desc="auto: candidates", unit="tensor", enable=progress,
+                                           total=total):
         if grams is not None and name not in grams:
             raise SettingsError(f"{name}: --method auto --calib found no linear layer for it in the model")
         if fishers is not None and name not in fishers:

@@ -8,10 +8,12 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
-def progress_bar(items: Iterable[T], desc: str, unit: str = "it", enable: bool = True) -> Iterable[T]:
+def progress_bar(items: Iterable[T], desc: str, unit: str = "it", enable: bool = True,
+                 total: int | None = None) -> Iterable[T]:
+    """``total``: how many items at most, for a generator (a sized ``items`` gives its own)."""
     if not enable:
         return items
-    return tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+    return tqdm(items, desc=desc, unit=unit, leave=False, dynamic_ncols=True, total=total)
 
 
 class _Silent:
