@@ -15,7 +15,7 @@
 Every op is also timed against torch bf16 dense ``x @ W.T`` (bf16 x and W). ``--isa avx512|avx2|neon|
 portable`` forces the CPU code path of the deltacomp kernels (it sets DELTACOMP_ISA; the torch baselines
 are unchanged); the JSON records the path taken, the CPU model and its SIMD flags. One run per path
-gives the README's per-path columns. The fused rows also record which path DeltaLinear's measured
+gives the per-path columns of docs/cpu-kernels.md. The fused rows also record which path DeltaLinear's measured
 dispatch (deltacomp/serve/dispatch.py) picks for that shape, and its time over the dense base.
 
     PYTHONPATH=. python benchmarks/kernels.py --out kernels_cpu.json
@@ -376,7 +376,7 @@ def main(argv=None) -> None:
             if os.path.exists("/proc/cpuinfo") else None,
             "loadavg_before": os.getloadavg(), "repeats": args.repeats,
             "isa_requested": args.isa, "isa": ops.cpu_isa(), "cpu_flags": cpu_flags(), "machine": platform.machine(),
-            # the torch baselines' own ISA limits (set them to emulate a CPU without AVX-512, see README)
+            # the torch baselines' own ISA limits (set them to emulate a CPU without AVX-512, see docs/cpu-kernels.md)
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "torch_isa_env": {v: os.environ.get(v) for v in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA",
                                                              "MKL_ENABLE_INSTRUCTIONS")}}

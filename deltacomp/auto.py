@@ -15,8 +15,7 @@ The distortion, data-free: the weight-space squared error ||D - D^||_F^2 of the 
 tensor weighted the same. With an input Gram matrix H per tensor (--calib): the layer's output error
 trace((D - D^) H (D - D^)^T). With H and the diagonal Fisher f of the layer's outputs (--calib; see
 calibrate/sensitivity.py): the predicted KL to the fine-tune, 1/2 sum_i f_i ((D - D^) H (D - D^)^T)_ii, in
-nats per token. All are additive over tensors, so the Lagrangian is exact on the hulls (README: "--method
-auto").
+nats per token. All are additive over tensors, so the Lagrangian is exact on the hulls (docs/auto.md).
 """
 from __future__ import annotations
 

@@ -30,7 +30,7 @@ DEFAULT_METHOD = CodecName.SVD_MIXED.value
 AUTO = "auto"
 # The codecs auto weighs without calibration data (unless --method auto:codecs= names others): with no data
 # its distortion is the weight error, which ranks one tensor's candidates of different codecs no better
-# than chance against the measured KL (README, "--method auto"), so without data auto spends the budget
+# than chance against the measured KL (docs/auto.md), so without data auto spends the budget
 # over tensors within one codec: svd-mixed's ladder, the default method's.
 DATA_FREE_AUTO_CODECS = (CodecName.SVD_MIXED.value,)
 # The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).

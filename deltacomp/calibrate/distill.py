@@ -47,7 +47,7 @@ DEFAULT_STEPS = 20
 DEFAULT_LR = 1e-4
 DEFAULT_BATCH = 4
 # The tune stage trains dimensionless offsets (the tuning codecs' students), with KL as loss. On the bundled
-# pair (the README's default method @16x after its layerwise pass, 32 windows of 128 tokens) 40 steps took
+# pair (docs/quality.md: the default method @16x after its layerwise pass, 32 windows of 128 tokens) 40 steps took
 # held-out KL from 0.00169 to 0.00102 at lr 1e-3, 0.00062 at 5e-3 and 0.00065 at 1e-2.
 DEFAULT_TUNE_STEPS = 40
 DEFAULT_TUNE_LR = 5e-3

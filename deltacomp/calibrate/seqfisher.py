@@ -7,7 +7,7 @@ reads the outputs of every earlier position, so an error that moves many positio
 sign or sparse code leaves when it drops the delta's common direction) adds up coherently, and the
 per-token sum misses it. On the bundled pair, for single tensors at the same bytes, the per-channel
 estimate was 1.4-3.8x under the measured KL for svd-mixed and lowrank but 3-11x under for bitdelta and
-ternary, so auto bought signs and sparse codes that cost more KL than it predicted (README: "--method auto").
+ternary, so auto bought signs and sparse codes that cost more KL than it predicted (docs/auto.md).
 
 The same second-order expansion without that assumption: with labels sampled from the fine-tune at every
 position of a window w, the scores of different positions are uncorrelated with mean zero, so

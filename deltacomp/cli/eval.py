@@ -66,7 +66,7 @@ def _add_eval_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
     p.add_argument("--device", default="auto",
                    help="where models run and (sweep) deltas are compressed: auto, cpu, cuda, cuda:N (default auto: "
-                        "the CPU until a GPU run has checked the CUDA path; see README)")
+                        "the CPU until a GPU run has checked the CUDA path; see docs/gpu.md)")
     p.add_argument("--dtype", choices=_DTYPES, default="float32", help="dtype the models run in (default float32)")
     p.add_argument("--cache-dir", default=None,
                    help="keep the fine-tune's log-probs here for later runs (4 bytes x vocab per token)")

@@ -167,7 +167,7 @@ def _add_compress_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="shard the file above this")
     p.add_argument("--device", default="auto",
                    help="where the codecs' math (and --calib) runs: auto, cpu, cuda, cuda:N (default auto: the CPU "
-                        "until a GPU run has checked the CUDA path; see README)")
+                        "until a GPU run has checked the CUDA path; see docs/gpu.md)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.add_argument("--allow-nonfinite", action="store_true",
                    help="store tensors holding NaN/Inf whole (uncompressed) instead of refusing them")

@@ -76,7 +76,7 @@ class SvdSparseCodec(Codec):
     fields = (*SvdMixedCodec.fields, *(PREFIX + f for f in TernaryCodec.fields))
     settings = _own_settings()
     # auto weighs it only when named (auto:codecs=svd-mixed+svd-sparse): it loses to svd-mixed at 32x on
-    # both bundled pairs (README "Low rank + sparse"), and its rungs share no work (an SVD and a residual
+    # both bundled pairs (docs/svd-sparse.md), and its rungs share no work (an SVD and a residual
     # search each)
     auto_default = False
 
