@@ -66,7 +66,7 @@ def summarize(df: Delta, stats: bool = True) -> dict[str, Any]:
 
 def _oversized(tensors: list[dict[str, Any]]) -> list[str]:
     """Compressed tensors stored in more bytes than the fine-tune holds them in: settings given
-    explicitly that cost more than the tensor (e.g. ``lowrank:rank=100000``), largest excess first."""
+    explicitly that cost more than the tensor (a rank above what the bytes of the tensor buy), largest excess first."""
     rows = [t for t in tensors if t["finetuned_bytes"] and t["nbytes"] > t["finetuned_bytes"]
             and get_codec(t["codec"]).compresses]
     return [t["name"] for t in sorted(rows, key=lambda t: t["finetuned_bytes"] - t["nbytes"])]
