@@ -27,6 +27,7 @@ from torch import Tensor
 
 from .. import ops
 from ..codecs import term as _term
+from ..errors import SettingsError
 
 REPEATS = 5  # timed calls per path after one warm-up each; the minimum is kept (noise only adds time)
 CLOSE = 1.10  # best times within this factor of each other are timed again ...
@@ -39,13 +40,14 @@ _generation = 0  # counts reset() calls: decisions kept by modules (plan_state) 
 
 
 def mode() -> str:
-    """The DELTACOMP_FUSED setting; an unknown value is an error that lists the valid ones."""
+    """The DELTACOMP_FUSED setting; an unknown value is a SettingsError (a ValueError) that lists the
+    valid ones."""
     value = os.environ.get(_ENV)
     if value is None:
         return "auto"
     value = value.strip().lower() or "auto"
     if value not in _MODES:
-        raise ValueError(f"{_ENV}={value!r}: expected one of {', '.join(_MODES)}")
+        raise SettingsError(f"{_ENV}={value!r}: expected one of {', '.join(_MODES)} (or unset)")
     return value
 
 

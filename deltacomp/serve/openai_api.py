@@ -71,7 +71,7 @@ def sampling_params(body: _Request, max_tokens: int) -> SamplingParams:
     used += ["best_of"] if extra.get("best_of") not in (None, 1) else []
     if used:
         raise SettingsError(f"{used[0]} is not supported by this server; leave it out")
-    if (body.n or 1) != 1:
+    if body.n not in (None, 1):
         raise SettingsError(f"n must be 1 (got {body.n}); send separate requests, the server batches them")
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     return SamplingParams(max_tokens=max_tokens, temperature=1.0 if body.temperature is None else body.temperature,

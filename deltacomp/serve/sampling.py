@@ -14,6 +14,7 @@ from torch import Tensor
 from ..errors import SettingsError
 
 MAX_STOPS = 4  # the OpenAI API's limit on stop sequences
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed takes: int64 or uint64
 
 
 @dataclass(frozen=True)
@@ -32,7 +33,11 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise SettingsError(f"top_p must be in (0, 1], got {self.top_p}")
         if len(self.stop) > MAX_STOPS or any(not isinstance(s, str) or not s for s in self.stop):
-            raise SettingsError(f"stop must be up to {MAX_STOPS} non-empty strings, got {list(self.stop)!r}")
+            empty = sum(isinstance(s, str) and not s for s in self.stop)
+            raise SettingsError(f"stop must be up to {MAX_STOPS} non-empty strings, got {len(self.stop)} "
+                                f"({empty} empty)")
+        if self.seed is not None and not SEED_RANGE[0] <= self.seed < SEED_RANGE[1]:
+            raise SettingsError(f"seed must be an integer in [-2**63, 2**64), got {self.seed}")
 
     def generator(self) -> torch.Generator | None:
         """The request's own random stream (None for greedy decoding, which needs none)."""
@@ -50,7 +55,11 @@ def sample(logits: Tensor, params: SamplingParams, gen: torch.Generator | None) 
     """The next token from one row of logits (V,)."""
     if params.temperature == 0.0 or gen is None:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
+    # the largest logit subtracted first and the temperature kept a normal float32: a temperature near 0
+    # (1e-45, or 1e-300, which is 0 in float32) then sends the others to -inf, never to inf or 0 / 0 = NaN,
+    # and samples the greedy choice
+    z = logits.float()
+    probs = torch.softmax((z - z.max()) / max(params.temperature, torch.finfo(torch.float32).tiny), dim=-1)
     if params.top_p < 1.0:
         p_sorted, order = torch.sort(probs, descending=True)
         # keep the smallest prefix whose mass reaches top_p (the first token always stays)
@@ -93,7 +102,10 @@ class TextTracker:
         """Text not yet sent that no stop string can still claim (all of it when ``final``)."""
         end = len(self.text)
         if not final:
-            hold = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            # only a prefix no longer than the text can be its tail: a stop string of a megabyte costs
+            # the text's length per token, not the string's length squared (which stalled the engine)
+            hold = max((k for s in self.stops for k in range(1, min(len(s), len(self.text) + 1))
+                        if self.text.endswith(s[:k])), default=0)
             end -= hold
         if end <= self.sent:
             return ""

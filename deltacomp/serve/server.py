@@ -60,8 +60,10 @@ def _validation_message(exc: RequestValidationError) -> str:
 
 
 class BodyLimit:
-    """Refuses a body whose declared length is over ``limit`` before it is read (413). A plain ASGI
-    middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from the handlers."""
+    """Refuses a body whose declared length is over ``limit`` before it is read (413). A body sent without
+    a length (chunked) is read here up to ``limit`` and refused as soon as it passes it, then handed on
+    whole. A plain ASGI middleware: Starlette's BaseHTTPMiddleware would hide a client's disconnect from
+    the handlers."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
@@ -73,7 +75,35 @@ class BodyLimit:
                 msg = f"request body of {size} bytes is over the limit of {self.limit}"
                 await _error(413, msg, "body_too_large")(scope, receive, send)
                 return
+            if not size and scope.get("method") not in ("GET", "HEAD", "DELETE", "OPTIONS"):
+                bounded = await self._read_bounded(receive)
+                if bounded is None:
+                    msg = f"request body (sent without a length) is over the limit of {self.limit} bytes"
+                    await _error(413, msg, "body_too_large")(scope, receive, send)
+                    return
+                receive = bounded
         await self.app(scope, receive, send)
+
+    async def _read_bounded(self, receive):
+        """The whole body, read up to the limit, as a receive that gives it in one message and then
+        whatever the client sends next (a disconnect); None when the body passes the limit."""
+        parts, seen = [], 0
+        while True:
+            msg = await receive()
+            if msg["type"] != "http.request":  # the client left: the app sees it as it would have
+                return _replay([msg], receive)
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                return None
+            parts.append(msg.get("body", b""))
+            if not msg.get("more_body", False):
+                return _replay([{"type": "http.request", "body": b"".join(parts), "more_body": False}], receive)
+
+
+def _replay(messages: list[dict], receive):
+    async def replayed():
+        return messages.pop(0) if messages else await receive()
+    return replayed
 
 
 class Server:
@@ -267,6 +297,9 @@ def build_app(base: str | os.PathLike, deltas: Mapping[str, str | os.PathLike] =
 
     from .generate import load_base
 
+    from . import dispatch
+
+    dispatch.mode()  # a bad DELTACOMP_FUSED fails here, not as a 500 on every request
     config = check_folder(base)  # config.json against the weights, and --max-model-len, before the model loads
     if config is not None:
         model_context(config, context, str(Path(base) / "config.json"))
