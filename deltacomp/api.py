@@ -160,8 +160,7 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
     ``bits`` (per parameter of those tensors); see auto.py."""
     checks = {"allow_nonfinite": allow_nonfinite, "allow_mismatch": allow_mismatch, "bits": bits}
     out = as_path(out, "the output delta file")
-    if isinstance(rules, str):
-        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
+    rules = check_rules(rules)
     _refuse_inputs(out, base, finetuned)
     out = Path(out)
     for p in (out, index_path(out)):  # before any work (lexists: a dangling link is there too)
@@ -201,6 +200,15 @@ def compress(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | o
             _remove_delta(p)
     with load_delta(out) as df:
         return {**summarize(df), "calibration": reports}
+
+
+def check_rules(rules: Any) -> list[str]:
+    """``rules`` as a list (each rule is checked by Plan), or a SettingsError when it is not a list."""
+    if isinstance(rules, (str, bytes)):
+        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
+    if not isinstance(rules, Iterable):
+        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got {rules!r}"[:300])
+    return list(rules)
 
 
 def check_module(model: Any, where: str) -> None:

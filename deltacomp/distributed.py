@@ -44,6 +44,15 @@ def _encode_task(plan, p: Pairing, ft: torch.Tensor, ft_path: str, base, shared:
     return encode_param(plan, p, ft, ft_path, base, shared, device, allow_nonfinite)
 
 
+def check_options(cpus: int | None, retries: int, threads: int | None) -> None:
+    """The Ray settings' ranges, checked before any work (compress_many calls this up front)."""
+    for flag, value, least in (("--ray-cpus", cpus, 1), ("--ray-retries", retries, 0), ("--ray-threads", threads, 1)):
+        if value is None and flag != "--ray-retries":
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SettingsError(f"{flag} must be an integer, {least} or more, got {value!r}")
+
+
 class RayRunner:
     """Submits each DELTA pair's encoding as a Ray task (others, which need no work, run here)."""
 
@@ -51,10 +60,7 @@ class RayRunner:
                  allow_nonfinite: bool, threads: int | None = None):
         if device.type != "cpu":
             raise SettingsError(f"--device {device} with Ray: the tasks ask Ray for CPUs only; use --device cpu")
-        if retries < 0:
-            raise SettingsError(f"--ray-retries must be 0 or more, got {retries}")
-        if threads is not None and threads < 1:
-            raise SettingsError(f"--ray-threads must be 1 or more, got {threads}")
+        check_options(cpus, retries, threads)
         ray = self.ray = _import_ray()
         self.started = not ray.is_initialized()
         if self.started:

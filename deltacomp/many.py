@@ -27,7 +27,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from .api import EncodedParam, add_encoded, encode_param, file_metadata, model_files, prepare_pairs, read_base
+from .api import (EncodedParam, add_encoded, check_rules, encode_param, file_metadata, model_files, prepare_pairs,
+                  read_base)
 from .checkpoint import Checkpoint, open_checkpoint
 from .delta import load_delta
 from .delta_file import DEFAULT_MAX_SHARD_BYTES, DeltaWriter, index_path
@@ -199,8 +200,11 @@ def compress_many(base: str | os.PathLike, finetuned: Sequence[str | os.PathLike
     compress's (no calibration). ``ray``: True starts a local Ray (``ray_cpus`` CPUs), a string joins
     the cluster at that address; ``retries``: times a Ray task is re-run when its worker dies;
     ``ray_threads``: torch threads per task (default this process's; see distributed.py)."""
-    if isinstance(rules, str):
-        raise SettingsError(f"rules must be a list of REGEX=METHOD strings, got the string {rules!r}")
+    rules = check_rules(rules)
+    if ray:
+        from .distributed import check_options
+
+        check_options(ray_cpus, retries, ray_threads)
     named = named_finetunes(finetuned)
     if not named:
         raise SettingsError("compress-many: no fine-tune given")

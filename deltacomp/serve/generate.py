@@ -102,6 +102,8 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
         raise SettingsError(f"generate: prompt {empty[0]} is empty; give text to continue")
     if isinstance(deltas, (str, os.PathLike)):
         raise SettingsError(f"generate: give a list of delta files, got one path {deltas!r}")
+    if not isinstance(deltas, Sequence):
+        raise SettingsError(f"generate: give a list of delta files ([] for the base alone), got {deltas!r}"[:200])
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise SettingsError(f"generate: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if prompt_delta is None:

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from ..basecheck import BaseChecker
 from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
-from ..errors import DeltacompError
+from ..errors import DeltacompError, SettingsError
 from ..modelnames import checkpoint_aliases, not_in_model
 from .modules import DeltaLinear, MultiDeltaLinear, MultiDeltaModule
 from .quantized import backend_of, check_base, is_quantized
@@ -88,6 +88,8 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
     from .. import api  # api imports nothing from serve; local to keep ``import deltacomp.serve`` light
 
     api.check_module(model, "patch_model")
+    if fused is not None and not isinstance(fused, bool):
+        raise SettingsError(f"patch_model: fused must be True, False or None (automatic), got {fused!r}")
     _not_patched(model)
     df = load_delta(delta)
     wrap, skip = _wrapped_linears(model, df, BaseChecker(df, force))
