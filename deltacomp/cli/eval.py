@@ -94,6 +94,7 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--ratios", type=_csv(_ratio), required=True, help="comma-separated ratios, e.g. 8,16,32,64")
     p.add_argument("-o", "--output", required=True, help="folder for deltas/, results.json, results.md, "
                                                           "rate_distortion.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier sweep in that folder")
     _add_eval_options(p)
     add_calibration_options(p, "also run every point calibrated on this text (lines labelled METHOD+calib)")
     p.set_defaults(func=run_sweep)
@@ -158,7 +159,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     result = sweep(base, finetuned, args.methods, args.ratios, args.output, text,
                    ctx=args.ctx, batch_size=args.batch_size, device=args.device, max_tokens=args.max_tokens,
                    stride=args.stride, cache_dir=args.cache_dir, dtype=_torch_dtype(args.dtype),
-                   calibration=calibration_from_args(args),
+                   calibration=calibration_from_args(args), overwrite=args.overwrite,
                    progress=not args.quiet)
     print(format_sweep(result), end="")
     print(f"wrote {Path(args.output) / 'results.json'}, results.md, rate_distortion.png")

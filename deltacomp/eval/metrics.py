@@ -357,6 +357,22 @@ def eval_context(base, finetuned, ctx: int | None = None) -> int:
     return ctx
 
 
+def check_eval_settings(base, finetuned, ctx: int | None, batch_size: int, max_tokens: int | None,
+                        stride: int | None, cache_dir: str | os.PathLike | None) -> int:
+    """evaluate's settings, checked before any model runs (sweep checks them before it compresses);
+    returns the window length (``eval_context``)."""
+    if batch_size < 1:
+        raise SettingsError(f"batch_size must be >= 1, got {batch_size}")
+    if max_tokens is not None and max_tokens < 2:
+        raise SettingsError(f"max_tokens must be >= 2, got {max_tokens}")
+    ctx = eval_context(base, finetuned, ctx)
+    if stride is not None and not 1 <= stride <= ctx:
+        raise SettingsError(f"stride must be in 1..ctx={ctx}, got {stride}: a larger stride skips tokens")
+    if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+        raise SettingsError(f"--cache-dir {cache_dir}: exists and is not a folder")
+    return ctx
+
+
 def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | Sequence[int] | Tensor,
              ctx: int | None = None, batch_size: int = 8, device: str = "cpu", max_tokens: int | None = None, *,
              stride: int | None = None, dtype: torch.dtype = torch.float32,
@@ -374,11 +390,7 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
 
     t0 = time.perf_counter()
     device = resolve_device(device)
-    if batch_size < 1:
-        raise SettingsError(f"batch_size must be >= 1, got {batch_size}")
-    if max_tokens is not None and max_tokens < 2:
-        raise SettingsError(f"max_tokens must be >= 2, got {max_tokens}")
-    ctx = eval_context(base, finetuned, ctx)
+    ctx = check_eval_settings(base, finetuned, ctx, batch_size, max_tokens, stride, cache_dir)
     deltas = [Path(p) for p in deltas]
     for p in deltas:  # fail on a missing, corrupt or wrong-base delta before minutes of model runs
         check_base(base, p)
