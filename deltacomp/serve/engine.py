@@ -248,6 +248,10 @@ class Engine:
             except DeltacompError as exc:
                 req.fail(400, f"model {req.tenant.name!r} cannot be served: {exc}")
                 continue
+            except Exception as exc:  # a bug or an OSError: this request's answer, not a client left waiting
+                log.exception("loading a delta failed")
+                req.fail(500, f"internal error loading model {req.tenant.name!r} ({type(exc).__name__}: {exc})")
+                continue
             try:
                 self._start(req)
             except Exception as exc:
