@@ -22,10 +22,12 @@ from .checkpoint import open_checkpoint
 from .codecs import get_codec
 from .quant.svd import truncated_svd
 from .delta import load_delta
-from .errors import NoFactorsError, SettingsError
-from .pairing import PairKind, pair_checkpoints
+from .dtypes import dtype_name
+from .errors import NoFactorsError, NonFiniteError, SettingsError
+from .pairing import PairKind, check_pair, pair_checkpoints
 from .plan import DEFAULT_RULES
 from .progress import progress_bar
+from .rowblocks import count_nonfinite
 from .storage import output_dir, refuse_inputs, save_tensors
 
 _NOT_LINEAR = re.compile("|".join(p for p, _ in DEFAULT_RULES))
@@ -64,17 +66,32 @@ def _write_adapter(out: str | os.PathLike, tensors: dict[str, Tensor], ranks: di
     return Path(out)
 
 
-def _add(tensors: dict[str, Tensor], ranks: dict[str, int], param: str, u, s, vh, dtype) -> None:
+def _add(tensors: dict[str, Tensor], ranks: dict[str, int], param: str, u, s, vh, dtype, source: str) -> None:
     a, b = lora_pair(u, s, vh, dtype)
+    bad = count_nonfinite(a) + count_nonfinite(b)
+    if bad:  # a delta beyond the dtype's range: the adapter would hold Inf (and PEFT would compute NaN)
+        raise SettingsError(f"{source}: {param}: its LoRA factors hold {bad} values beyond {dtype_name(dtype)}'s "
+                            "range; export with --dtype float32")
     key = f"base_model.model.{_module(param)}"
     tensors[f"{key}.lora_A.weight"] = a
     tensors[f"{key}.lora_B.weight"] = b
     ranks[_module(param)] = int(s.numel())
 
 
+def _check_finite(name: str, *tensors: tuple[str, Tensor]) -> None:
+    for path, t in tensors:
+        n = count_nonfinite(t)
+        if n:
+            raise NonFiniteError(f"{path}: {name}: {n} of {t.numel()} values are NaN or Inf; its LoRA factors would "
+                                 "be NaN; fix the checkpoint")
+
+
 def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str | os.PathLike, *, rank: int = 64,
-                dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Truncated SVD of each linear weight's delta -> a PEFT LoRA adapter of rank ``rank`` at ``out``."""
+                dtype: torch.dtype = torch.bfloat16, overwrite: bool = False, progress: bool = True,
+                allow_mismatch: bool = False) -> dict[str, Any]:
+    """Truncated SVD of each linear weight's delta -> a PEFT LoRA adapter of rank ``rank`` at ``out``. A pair
+    that does not look like a base and its fine-tune is refused (pairing.check_pair) unless
+    ``allow_mismatch``; a NaN or Inf in a weight it exports is refused."""
     if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
         raise SettingsError(f"--rank must be >= 1 (an integer), got {rank!r}")
     tensors: dict[str, Tensor] = {}
@@ -83,21 +100,25 @@ def export_lora(base: str | os.PathLike, finetuned: str | os.PathLike, out: str 
     with open_checkpoint(base) as bck, open_checkpoint(finetuned) as fck:
         inputs = bck.files() + fck.files()
         refuse_inputs(out, inputs, folder=True)  # before the work
-        for p in progress_bar(pair_checkpoints(bck, fck), desc="export-lora", unit="tensor", enable=progress):
+        pairs = list(pair_checkpoints(bck, fck))
+        check_pair(bck, fck, pairs, allow_mismatch)
+        for p in progress_bar(pairs, desc="export-lora", unit="tensor", enable=progress):
             if p.kind == PairKind.TIED:
                 continue
             ft = fck.get(p.name)
             if p.kind != PairKind.DELTA or p.base_rows is not None:
                 skipped.append(p.name)
                 continue
-            delta = ft.float() - bck.get(p.name).float()
+            b = bck.get(p.name)
+            delta = ft.float() - b.float()
             if not torch.count_nonzero(delta):
                 continue
             if ft.dim() != 2 or not p.name.endswith(".weight") or _NOT_LINEAR.search(p.name):
                 skipped.append(p.name)
                 continue
+            _check_finite(p.name, (str(fck.path), ft), (str(bck.path), b))
             u, s, vh = truncated_svd(delta, rank)
-            _add(tensors, ranks, p.name, u, s, vh, dtype)
+            _add(tensors, ranks, p.name, u, s, vh, dtype, str(fck.path))
     path = _write_adapter(out, tensors, ranks, str(base), overwrite, inputs)
     return {"path": str(path), "modules": len(ranks), "ranks": ranks, "not_carried": skipped}
 
@@ -121,7 +142,7 @@ def export_lora_from_delta(delta: str | os.PathLike, out: str | os.PathLike, *, 
             except NoFactorsError:
                 skipped.append(name)
                 continue
-            _add(tensors, ranks, name, *f, dtype)
+            _add(tensors, ranks, name, *f, dtype, str(delta))
         base_name = base_name or str(df.source.get("base", ""))
     path = _write_adapter(out, tensors, ranks, base_name, overwrite, inputs)
     return {"path": str(path), "modules": len(ranks), "ranks": ranks, "not_carried": skipped}
