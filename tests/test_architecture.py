@@ -27,7 +27,7 @@ RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 # packages and modules that must not name a codec (they ask the codec instead)
 CODEC_FREE = ["serve", "eval", "cli", "api.py", "rowblocks.py", "many.py", "distributed.py", "summary.py", "pairing.py", "basecheck.py", "delta.py",
               "delta_file.py", "checkpoint.py", "integrity.py", "calibrate/distill.py", "calibrate/layerwise.py",
-              "calibrate/options.py"]
+              "calibrate/options.py", "calibrate/blocktune.py"]
 CODEC_NAMES = re.compile(r"\b(bitdelta|svd[-_]mixed|ternary|lowrank|dare|CodecName)\b|[\"'](raw|zero)[\"']")
 
 

@@ -172,9 +172,11 @@ def test_ternary_student_and_encoded(per_row):
             assert torch.equal(new.tensors[key], enc.tensors[key])
 
 
-def test_tune_is_skipped_with_a_note_when_the_model_does_not_fit(tmp_path, llama_pair, monkeypatch, capsys):  # noqa: F811
-    """Where the whole model in float32 would not fit, the tune stage is skipped (the layerwise file is
-    the output) with a one-line note, and the report says why."""
+@pytest.mark.parametrize("scope", ["model", "auto"])
+def test_tune_where_the_model_does_not_fit(tmp_path, llama_pair, monkeypatch, capsys, scope):  # noqa: F811
+    """Where the whole model in float32 would not fit: asked for the whole model, the tune stage is skipped
+    (the layerwise file is the output) with a one-line note, and the report says why; by default (auto) it
+    runs one decoder layer at a time instead, and says so."""
     import deltacomp.memory
 
     monkeypatch.setattr(deltacomp.memory, "available_bytes", lambda device="cpu": 10 * 1024**2)
@@ -182,11 +184,22 @@ def test_tune_is_skipped_with_a_note_when_the_model_does_not_fit(tmp_path, llama
     text.write_text(_text(3000, seed=5))
     out = tmp_path / "t.delta.safetensors"
     s = deltacomp.compress(llama_pair / "base", llama_pair / "ft", out, method="svd-mixed:ratio=4", progress=False,
-                           calibration=CalibrationOptions(text, samples=4, seq_len=16, tune_steps=3))
-    assert "tune stage skipped" in s["calibration"]["tune"]["skipped"]
-    assert "tune stage skipped" in capsys.readouterr().err
-    assert [c["method"] for c in deltacomp.load_delta(out).source["calibration"]] == ["layerwise"]
+                           calibration=CalibrationOptions(text, samples=4, seq_len=16, tune_steps=3, tune_scope=scope))
+    err = capsys.readouterr().err
+    methods = [c["method"] for c in deltacomp.load_delta(out).source["calibration"]]
+    if scope == "model":
+        assert "tune stage skipped" in s["calibration"]["tune"]["skipped"]
+        assert "tune stage skipped: training the whole model in float32 needs" in err
+        assert methods == ["layerwise"]
+    else:
+        assert "tune stage runs one decoder layer at a time: training the whole model" in err
+        assert methods == ["layerwise", "tune-blockwise"] and s["calibration"]["tune"]["steps"] == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["calib.txt", "t.delta.safetensors"]
+
+
+def test_tune_scope_checked():
+    with pytest.raises(deltacomp.SettingsError, match="tune_scope 'layer' must be one of auto, model, layers"):
+        CalibrationOptions("x.txt", tune_scope="layer")
 
 
 def test_held_out_split():
@@ -223,3 +236,17 @@ def test_training_heap_restores_the_fixed_threshold():
         assert calls[:2] == [(mem.M_MMAP_THRESHOLD, mem.TRAINING_MMAP_THRESHOLD),
                              (mem.M_TRIM_THRESHOLD, mem.TRAINING_TRIM_THRESHOLD)]
         assert calls[2:] == [(mem.M_MMAP_THRESHOLD, mem.THRESHOLD), (mem.M_TRIM_THRESHOLD, mem.THRESHOLD)]
+
+
+def test_a_diverging_tune_keeps_the_stored_values(tmp_path, llama_pair):  # noqa: F811
+    """A learning rate that makes the loss NaN: the tune stage keeps the layerwise values (NaN is not "lower")
+    and writes a valid file, instead of failing on the NaN it would have recorded."""
+    text = tmp_path / "calib.txt"
+    text.write_text(_text(3000, seed=5))
+    out = tmp_path / "t.delta.safetensors"
+    s = deltacomp.compress(llama_pair / "base", llama_pair / "ft", out, method="svd-mixed:ratio=4", progress=False,
+                           calibration=CalibrationOptions(text, samples=4, seq_len=16, tune_steps=3, tune_lr=1e6,
+                                                          tune_scope="model"))
+    rep = s["calibration"]["tune"]
+    assert rep["kept_data_free_scales"] and rep["loss_after"] is None
+    assert deltacomp.load_delta(out).source["calibration"][-1]["kept_data_free_scales"]

@@ -329,7 +329,8 @@ def distill_scales(base: str | os.PathLike, finetuned: str | os.PathLike, delta_
         modules = dict(model.named_modules())
         # never worse than no distillation: when training raised the loss on the calibration windows (too
         # large a learning rate for this data), the data-free scales stay
-        kept = loss_after > loss_before
+        kept = not loss_after <= loss_before  # higher, or not a number (training diverged)
+        loss_after = loss_after if math.isfinite(loss_after) else None  # (the file records no NaN)
         replaced = {} if kept else {name: _trained(_distilled(df, name, stage), stage, modules[name.rsplit(".", 1)[0]],
                                                    df.encoded(name)) for name in distilled}
     finally:

@@ -19,6 +19,9 @@ from .selfgen import SELF, sample_windows
 from .sensitivity import LABELS
 
 SENSITIVITIES = ("sequence", *LABELS, "none")  # --auto-sensitivity choices, the default first
+# where the tune stage trains: the whole model on KL (distill.py) or one decoder layer at a time on its
+# outputs (blocktune.py); "auto": the whole model where it fits in memory, else layer by layer
+TUNE_SCOPES = ("auto", "model", "layers")
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,8 @@ class CalibrationOptions:
     """Calibration on data for ``compress``. ``data``: a text file, or a bundled corpus name (its
     training split). The distill stage uses steps/lr/loss; the layerwise stage (GPTQ, least-squares
     scales) damp/act_order/whiten/allocation; the final tune stage tune_steps/tune_lr (KL as the loss;
-    ``tune_steps=0`` skips it)."""
+    ``tune_steps=0`` skips it) and tune_scope (the whole model, or one decoder layer at a time with
+    ``tune_steps`` per layer)."""
 
     data: str | os.PathLike
     samples: int = DEFAULT_SAMPLES       # calibration sequences
@@ -36,6 +40,7 @@ class CalibrationOptions:
     loss: str = "mse"                    # distillation loss on the logits: mse or kl
     tune_steps: int = DEFAULT_TUNE_STEPS # end-to-end tuning steps after the layerwise pass (0: none)
     tune_lr: float = DEFAULT_TUNE_LR     # its learning rate (on dimensionless offsets)
+    tune_scope: str = "auto"             # TUNE_SCOPES: end to end ("model"), per decoder layer ("layers")
     damp: float = 0.01                   # GPTQ damping
     act_order: bool = False              # GPTQ: columns by decreasing Hessian diagonal
     whiten: bool = True                  # GPTQ: singular vectors of the input-whitened delta
@@ -52,6 +57,8 @@ class CalibrationOptions:
                                 f"{', '.join(SENSITIVITIES)}")
         if not (isinstance(self.tune_steps, int) and self.tune_steps >= 0):
             raise SettingsError(f"calibration: tune_steps must be a non-negative integer, got {self.tune_steps!r}")
+        if self.tune_scope not in TUNE_SCOPES:
+            raise SettingsError(f"calibration: tune_scope {self.tune_scope!r} must be one of {', '.join(TUNE_SCOPES)}")
         if not self.tune_lr > 0:
             raise SettingsError(f"calibration: tune_lr must be positive, got {self.tune_lr!r}")
         self.layerwise  # validates allocation and damp
@@ -84,7 +91,7 @@ _TUNE_OVERHEAD_BYTES = 3 * 1024**3
 
 
 def _no_room_to_tune(finetuned, device: str) -> str | None:
-    """Why the tune stage would not fit in memory on ``device`` (a one-line reason), or None."""
+    """Why the end-to-end tune stage would not fit in memory on ``device`` (a one-line reason), or None."""
     from ..checkpoint import open_checkpoint
     from ..memory import available_bytes
 
@@ -96,9 +103,8 @@ def _no_room_to_tune(finetuned, device: str) -> str | None:
     need = 8 * numel + _TUNE_OVERHEAD_BYTES
     if need <= have:
         return None
-    return (f"tune stage skipped: it trains on the whole model in float32 (~{need / 1e9:.1f} GB for "
-            f"{numel / 1e9:.2f} B parameters) and {device} has {have / 1e9:.1f} GB available; the file keeps "
-            f"the layerwise calibration (--calib-tune-steps 0 skips it without this note)")
+    return (f"training the whole model in float32 needs ~{need / 1e9:.1f} GB for {numel / 1e9:.2f} B parameters "
+            f"and {device} has {have / 1e9:.1f} GB available")
 
 
 def load_data(options: CalibrationOptions, finetuned, progress: bool = False) -> CalibData:
@@ -114,6 +120,7 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
                data: CalibData, scratch: Callable[[], Path], progress: bool = True) -> dict[str, Any]:
     """Run each needed stage on ``src``, the last one writing ``out`` (the others ``scratch()`` files);
     returns the stage reports by stage name."""
+    from .blocktune import tune_blockwise
     from .distill import check_end_to_end, distill_scales
     from .layerwise import calibrate_layerwise
 
@@ -128,15 +135,36 @@ def run_stages(base, finetuned, src: Path, out: Path, codecs: Iterable[str], opt
                                             device=device, stage="tune"),
     }
     stages = stages_for(codecs, tune=options.tune_steps > 0)
-    reports = {}
-    if "tune" in stages and (skip := _no_room_to_tune(finetuned, device)):
+    reports: dict[str, Any] = {}
+    scope = _tune_scope(options.tune_scope, finetuned, device, reports) if "tune" in stages else None
+    if "tune" in stages and scope is None:
         stages.remove("tune")
-        reports["tune"] = {"skipped": skip}
-        print(f"deltacomp: {skip}", file=sys.stderr)
-    for stage in {"distill", "tune"} & set(stages):
+    elif scope == "layers":
+        runs["tune"] = lambda s, d: tune_blockwise(base, finetuned, s, d, data, steps=options.tune_steps,
+                                                   lr=options.tune_lr, overwrite=True, progress=progress,
+                                                   device=device)
+    end_to_end = {"distill"} | ({"tune"} if scope == "model" else set())
+    for stage in end_to_end & set(stages):
         check_end_to_end(finetuned, src, stage)
     for i, stage in enumerate(stages):
         dst = out if i == len(stages) - 1 else scratch()
         reports[stage] = runs[stage](src, dst)
         src = dst
     return reports
+
+
+def _tune_scope(asked: str, finetuned, device, reports: dict[str, Any]) -> str | None:
+    """Where the tune stage runs: "model" (end to end) or "layers"; None to skip it (``asked`` is "model"
+    and the model does not fit: the note says so, in ``reports`` and on stderr)."""
+    if asked == "layers":
+        return "layers"
+    why = _no_room_to_tune(finetuned, device)
+    if why is None:
+        return "model"
+    if asked == "auto":
+        print(f"deltacomp: tune stage runs one decoder layer at a time: {why}", file=sys.stderr)
+        return "layers"
+    reports["tune"] = {"skipped": f"tune stage skipped: {why}; the file keeps the layerwise calibration "
+                                  "(--calib-tune-scope layers tunes one decoder layer at a time)"}
+    print(f"deltacomp: {reports['tune']['skipped']}", file=sys.stderr)
+    return None

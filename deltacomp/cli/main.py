@@ -50,6 +50,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         extra = f": loss {before:.4g} -> {after:.4g}" if before is not None and after is not None else ""
         if rep.get("kept_data_free_scales"):
             extra += " (higher: the data-free scales were kept)"
+        if "kept_layers" in rep:  # the tune stage one decoder layer at a time
+            kept = f"; {rep['kept_layers']} kept their stored values" if rep["kept_layers"] else ""
+            extra = (f", one decoder layer at a time: {rep['layers']} layers, output error on {rep['checked_on']} "
+                     f"{before:.4g} -> {after:.4g}{kept}")
         if "output_error_calibrated" in rep:
             extra = (f": {rep['tensors']} tensors, output error on the calibration data "
                      f"{rep['output_error_data_free']:.4g} -> {rep['output_error_calibrated']:.4g}")
@@ -114,7 +118,7 @@ def cmd_export_lora(args: argparse.Namespace) -> int:
         rep = lora.export_lora_from_delta(args.delta, args.output, dtype=dtype, overwrite=args.overwrite)
     elif len(args.models) == 2:
         rep = lora.export_lora(*args.models, args.output, rank=args.rank, dtype=dtype, overwrite=args.overwrite,
-                               progress=not args.quiet)
+                               progress=not args.quiet, allow_mismatch=args.allow_mismatch)
     else:
         raise SettingsError(f"export-lora needs BASE FINETUNED (got {len(args.models)} paths) or --delta FILE")
     ranks = sorted(set(rep["ranks"].values()))
@@ -208,6 +212,8 @@ def _add_export_lora(sub) -> None:
     p.add_argument("--rank", type=int, default=64, help="LoRA rank (with BASE FINETUNED; default 64)")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--allow-mismatch", action="store_true",
+                   help="accept a fine-tune of another architecture or one missing base tensors (warns)")
     p.add_argument("--quiet", "-q", action="store_true")
     p.set_defaults(func=cmd_export_lora)
 

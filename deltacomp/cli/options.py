@@ -5,7 +5,7 @@ import argparse
 from dataclasses import fields
 
 from ..calibrate.distill import training_codecs
-from ..calibrate.options import SENSITIVITIES, CalibrationOptions
+from ..calibrate.options import SENSITIVITIES, TUNE_SCOPES, CalibrationOptions
 
 _DEFAULTS = {f.name: f.default for f in fields(CalibrationOptions) if f.name not in ("data", "device")}
 
@@ -24,6 +24,11 @@ def add_calibration_options(p: argparse.ArgumentParser, what: str) -> None:
                         f"the fine-tune after the layerwise pass (0: none; default {d['tune_steps']})")
     p.add_argument("--calib-tune-lr", type=float, default=d["tune_lr"],
                    help=f"learning rate of those steps (default {d['tune_lr']})")
+    p.add_argument("--calib-tune-scope", choices=TUNE_SCOPES, default=d["tune_scope"],
+                   help="where the tune stage trains: the whole model on KL (model), one decoder layer at a time on "
+                        "the fine-tune's layer outputs with --calib-tune-steps steps per layer, in the memory of "
+                        "one layer (layers), or the whole model where it fits in memory, else layers (auto, the "
+                        "default)")
     p.add_argument("--gptq-act-order", action="store_true", help="GPTQ: quantize columns by decreasing Hessian diag")
     p.add_argument("--gptq-no-whiten", action="store_true",
                    help="GPTQ: singular vectors from the delta's own SVD (Delta-CoMe) instead of the SVD of the "
@@ -43,6 +48,7 @@ def calibration_from_args(args: argparse.Namespace) -> CalibrationOptions | None
         return None
     return CalibrationOptions(args.calib, samples=args.calib_samples, seq_len=args.calib_len, steps=args.calib_steps,
                               lr=args.calib_lr, loss=args.calib_loss, tune_steps=args.calib_tune_steps,
+                              tune_scope=args.calib_tune_scope,
                               tune_lr=args.calib_tune_lr, act_order=args.gptq_act_order,
                               whiten=not args.gptq_no_whiten, allocation=args.gptq_allocation,
                               device=getattr(args, "device", "auto"), sensitivity=args.auto_sensitivity)
