@@ -94,3 +94,26 @@ def load_causal_lm(path, dtype=torch.float32):
     import transformers
 
     return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).eval()
+
+
+WORD_TEXT = " ".join(f"w{4 + (i * 7) % 120}" for i in range(300))  # 300 tokens of word_tokenizer(128)
+
+
+def word_model(folder: Path, tensors: dict[str, torch.Tensor], config: dict | None = None) -> Path:
+    """A tiny model folder with a word tokenizer (what eval, generate and serve need)."""
+    write_folder(folder, tensors, config)
+    word_tokenizer(128).save_pretrained(folder)
+    return folder
+
+
+def word_pair(root: Path) -> tuple[Path, Path, Path, Path]:
+    """(base, fine-tune, bitdelta delta, held-out text file): tiny tied Llamas of 128 positions."""
+    import deltacomp
+
+    b = llama_tensors(0)
+    base, ft = word_model(root / "base", b), word_model(root / "ft", finetune_of(b, 1))
+    delta = root / "bitdelta.delta.safetensors"
+    deltacomp.compress(base, ft, delta, method="bitdelta", progress=False)
+    text = root / "words.txt"
+    text.write_text(WORD_TEXT)
+    return base, ft, delta, text

@@ -13,30 +13,14 @@ import pytest
 import deltacomp
 from deltacomp.cli import main
 from deltacomp.errors import CheckpointError, SettingsError
-from conftest import finetune_of, llama_config, llama_tensors, word_tokenizer, write_folder
+from conftest import llama_config, llama_tensors, word_pair, write_folder
 
 transformers = pytest.importorskip("transformers")
-
-WORDS = " ".join(f"w{4 + (i * 7) % 120}" for i in range(300))  # 300 tokens of the word tokenizer
-
-
-def _model(folder, tensors, config=None):
-    write_folder(folder, tensors, config)
-    word_tokenizer(128).save_pretrained(folder)
-    return folder
-
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """(base, fine-tune, bitdelta delta, held-out text file): tiny tied Llamas of 128 positions."""
-    root = tmp_path_factory.mktemp("redteam")
-    b = llama_tensors(0)
-    base, ft = _model(root / "base", b), _model(root / "ft", finetune_of(b, 1))
-    delta = root / "bitdelta.delta.safetensors"
-    deltacomp.compress(base, ft, delta, method="bitdelta", progress=False)
-    text = root / "words.txt"
-    text.write_text(WORDS)
-    return base, ft, delta, text
+    return word_pair(tmp_path_factory.mktemp("redteam"))
 
 
 def _one_line(capsys) -> str:

@@ -17,31 +17,19 @@ from deltacomp import lora
 from deltacomp.cli import main
 from deltacomp.errors import NonFiniteError, SettingsError
 from deltacomp.serve.sampling import SamplingParams, TextTracker, sample
-from conftest import finetune_of, llama_config, llama_tensors, word_tokenizer, write_folder
+from conftest import finetune_of, llama_config, llama_tensors, word_model, word_pair, word_tokenizer
 
 transformers = pytest.importorskip("transformers")
 
 UP = "model.layers.1.mlp.up_proj.weight"
-WORDS = " ".join(f"w{4 + (i * 7) % 120}" for i in range(300))
-
-
-def _model(folder, tensors, config=None):
-    write_folder(folder, tensors, config)
-    word_tokenizer(128).save_pretrained(folder)
-    return folder
+_model = word_model
 
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """(root, base, fine-tune, bitdelta delta, held-out text): tiny tied Llamas with a word tokenizer."""
     root = tmp_path_factory.mktemp("redteam2")
-    b = llama_tensors(0)
-    base, ft = _model(root / "base", b), _model(root / "ft", finetune_of(b, 1))
-    delta = root / "bd.delta.safetensors"
-    deltacomp.compress(base, ft, delta, method="bitdelta", progress=False)
-    text = root / "words.txt"
-    text.write_text(WORDS)
-    return root, base, ft, delta, text
+    return (root, *word_pair(root))
 
 
 def _one_line(capsys) -> str:
