@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deltacomp import zoo
-from deltacomp.errors import CheckpointError, DeltacompError
+from deltacomp.errors import CheckpointError, DeltacompError, SettingsError
 
 PLAYS = ["hamlet", "macbeth", "tempest", *zoo.SHAKESPEARE_HELDOUT]
 
@@ -54,6 +54,10 @@ def test_cache_dir_honours_env(tmp_path, monkeypatch):
     assert zoo.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("DELTACOMP_CACHE")
     assert zoo.cache_dir() == Path.home() / ".cache" / "deltacomp"
+    (tmp_path / "f").write_text("")
+    monkeypatch.setenv("DELTACOMP_CACHE", str(tmp_path / "f"))
+    with pytest.raises(SettingsError, match=r"\$DELTACOMP_CACHE is .*/f, which is not a folder"):
+        zoo.cache_dir()
 
 
 def test_extraction_keeps_modern_plays_only_and_cleans(sdist):
