@@ -114,7 +114,8 @@ def _calibration_line(steps: Any) -> str | None:
         if isinstance(st.get("loss_before"), (int, float)) and isinstance(st.get("loss_after"), (int, float)):
             kept = ", stored values kept" if st.get("kept_data_free_scales") else ""
             where = f" on {st['checked_on']}" if st.get("checked_on") else ""
-            part += (f" ({st.get('steps')} steps, {st.get('loss')} {st['loss_before']:.3g} -> "
+            per = " per layer" if "kept_layers" in st else ""  # the tune stage one decoder layer at a time
+            part += (f" ({st.get('steps')} steps{per}, {st.get('loss')} {st['loss_before']:.3g} -> "
                      f"{st['loss_after']:.3g}{where}{kept})")
         parts.append(part)
     return "calibration: " + ", then ".join(parts) if parts else None

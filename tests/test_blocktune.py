@@ -74,6 +74,9 @@ def test_codes_and_bytes_stay_and_the_step_is_recorded(files):
     assert changed > 0 and report["tensors"] > 0
     step = b.source["calibration"][-1]
     assert step["method"] == METHOD and step["steps"] == 40 and step["checked_on"] == "held-out windows"
+    from deltacomp.summary import summary_text
+
+    assert f"calibration: {METHOD} (40 steps per layer, mse " in summary_text(deltacomp.summarize(b))  # inspect
 
 
 def test_a_layer_that_gets_worse_keeps_its_encodings(llama_pair, tmp_path):  # noqa: F811
