@@ -27,8 +27,17 @@ def _rel(pattern):
     return sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, pattern)))
 
 
+def _flag(name, default="0"):
+    """A build switch: "0" or "1" (unset or empty: ``default``); anything else stops the build in one line."""
+    value = os.environ.get(name, "").strip() or default
+    if value not in ("0", "1"):
+        sys.exit(f"deltacomp: environment variable {name}={os.environ[name]!r}: expected 0 or 1, or unset")
+    return value == "1"
+
+
 def _extensions():
-    if os.environ.get("DELTACOMP_NO_EXT") == "1":
+    require = _flag("DELTACOMP_REQUIRE_EXT")
+    if _flag("DELTACOMP_NO_EXT"):
         print("deltacomp: DELTACOMP_NO_EXT=1, not building the C++ extension", file=sys.stderr)
         return [], {}
     try:
@@ -40,7 +49,7 @@ def _extensions():
         return [], {}
 
     sources = _rel("csrc/*.cpp") + _rel("csrc/cpu/*.cpp")  # ops.cpp: schemas, plans.cpp: module init
-    openmp = os.environ.get("DELTACOMP_OPENMP", "0" if sys.platform == "darwin" else "1") != "0"
+    openmp = _flag("DELTACOMP_OPENMP", "0" if sys.platform == "darwin" else "1")
     cxx = ["-O3", "-fopenmp"] if openmp else ["-O3", "-Wno-unknown-pragmas"]  # torch adds the C++ standard
     link = ["-lgomp"] if openmp else []
     if not openmp:
@@ -64,7 +73,7 @@ def _extensions():
             try:
                 super().run()
             except Exception as exc:  # noqa: BLE001 - any compiler/linker/toolchain failure
-                if os.environ.get("DELTACOMP_REQUIRE_EXT") == "1":
+                if require:
                     raise
                 print(f"\n*** deltacomp: building deltacomp._C failed ({type(exc).__name__}: {exc}); "
                       "installing without it. Set DELTACOMP_REQUIRE_EXT=1 to make this an error.\n",

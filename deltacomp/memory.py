@@ -12,8 +12,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
-import os
 import sys
+
+from . import environment
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter numbers
 M_TRIM_THRESHOLD = -1
@@ -31,7 +32,7 @@ def bounded_malloc() -> bool:
     global _done
     if _done:
         return True
-    if not sys.platform.startswith("linux") or os.environ.get("DELTACOMP_MALLOC") == "default":
+    if not sys.platform.startswith("linux") or environment.choice("DELTACOMP_MALLOC") == "default":
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

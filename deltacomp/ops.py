@@ -33,6 +33,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from . import environment
 from .quant.bitpack import unpack_bits
 
 _BIT_WEIGHTS = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
@@ -264,8 +265,8 @@ CUDA_KERNELS_BUILT = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatc
 
 def cuda_kernels_enabled() -> bool:
     """True when CUDA tensors go to the extension's CUDA kernels (built, and not switched off)."""
-    flag = os.environ.get("DELTACOMP_CUDA_KERNELS", "").strip()
-    return CUDA_KERNELS_BUILT and (flag == "1" if flag in ("0", "1") else _CUDA_KERNELS_DEFAULT)
+    flag = environment.choice("DELTACOMP_CUDA_KERNELS")
+    return CUDA_KERNELS_BUILT and (flag == "1" if flag else _CUDA_KERNELS_DEFAULT)
 
 
 def _ext_devices() -> tuple[str, ...]:

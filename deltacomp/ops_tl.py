@@ -4,11 +4,11 @@ and bitdelta's sign delta at one x row (``sign_matmul_tl``). svd-mixed's int8 ma
 ``ops.kbit_lowrank_matmul_groups_tl``. Fake kernels beside each op, as in ops.py."""
 from __future__ import annotations
 
-import os
 
 import torch
 from torch import Tensor
 
+from . import environment
 from .ops import HAS_EXTENSION, _ext_on, _sign_fake_checks, cpu_isa
 from .quant import tl4
 
@@ -79,7 +79,7 @@ def sign_tl_wanted() -> bool:
     """Whether bitdelta's serving terms take ``sign_matmul_tl`` at one x row: a path with the int8 tables
     (``tables_path``), unless DELTACOMP_SIGN_KERNEL is ``exact`` (or names another exact kernel).
     The terms read this when they are built (when a model is patched), not on every call."""
-    return tables_path() and os.environ.get("DELTACOMP_SIGN_KERNEL") not in _SIGN_EXACT
+    return tables_path() and environment.choice("DELTACOMP_SIGN_KERNEL") not in _SIGN_EXACT
 
 
 def sign_matmul_tl(x: Tensor, w_base: Tensor | None, s_tl: Tensor, scale: Tensor, n: int, k: int) -> Tensor:

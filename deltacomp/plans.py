@@ -32,10 +32,10 @@ the tensors it replaces (a term's move is part of ``serve.dispatch.plan_state``)
 """
 from __future__ import annotations
 
-import os
 
 from torch import Tensor
 
+from . import environment
 from .ops import HAS_EXTENSION
 
 if HAS_EXTENSION:
@@ -50,7 +50,7 @@ ENV = "DELTACOMP_LAYER_PLANS"
 
 def enabled() -> bool:
     """Whether serving terms build plans: the extension is built and DELTACOMP_LAYER_PLANS is not 0."""
-    return _LayerPlan is not None and os.environ.get(ENV, "1").strip() != "0"
+    return _LayerPlan is not None and environment.choice(ENV) != "0"
 
 
 def lowrank(weight: Tensor, bias: Tensor | None, extra: Tensor | None, mode: str, args: tuple, tl: tuple | None):

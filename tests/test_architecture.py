@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parent.parent / "deltacomp"
 
 # lowest first; a module may import its own layer and any below it, never one above
 LAYERS = [
-    {"errors", "_version", "dtypes", "progress", "linalg", "storage", "tensorio", "devices", "memory"},  # leaves
+    {"errors", "_version", "dtypes", "progress", "linalg", "storage", "tensorio", "devices", "memory",
+     "environment"},  # leaves
     {"quant", "ops", "ops_tl", "plans", "zoo"},                         # shared primitives, bundled data
     {"delta_file", "checkpoint", "integrity"},                 # the file/format layer: knows no codec
     {"codecs"},                                                # everything about each method

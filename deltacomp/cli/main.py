@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from .. import api
+from .. import api, environment, ops
 from ..codecs import available
 from ..dtypes import DTYPES
 from ..plan import DEFAULT_METHOD
@@ -351,9 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     cmd = f"deltacomp {args.command}"
-    if args.command not in INTERACTIVE:
-        bounded_malloc()  # batch jobs: memory flat over the layers (deltacomp/memory.py)
     try:
+        for note in environment.check(isa_now=ops.cpu_isa):  # a bad DELTACOMP_* value: one line, before any work
+            print(f"{cmd}: {note}", file=sys.stderr)
+        if args.command not in INTERACTIVE:
+            bounded_malloc()  # batch jobs: memory flat over the layers (deltacomp/memory.py)
         with _quiet_transformers(args):
             return args.func(args)
     except DeltacompError as exc:

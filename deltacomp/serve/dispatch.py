@@ -25,15 +25,13 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from .. import ops
+from .. import environment, ops
 from ..codecs import term as _term
-from ..errors import SettingsError
 
 REPEATS = 5  # timed calls per path after one warm-up each; the minimum is kept (noise only adds time)
 CLOSE = 1.10  # best times within this factor of each other are timed again ...
 ROUNDS = 3  # ... up to this many rounds of REPEATS in all (the minimum over all of them is kept)
 _ENV = "DELTACOMP_FUSED"
-_MODES = ("auto", "always", "never")
 _cache: dict[tuple, bool] = {}
 _records: list[dict] = []
 _generation = 0  # counts reset() calls: decisions kept by modules (plan_state) from before one are dropped
@@ -42,13 +40,7 @@ _generation = 0  # counts reset() calls: decisions kept by modules (plan_state) 
 def mode() -> str:
     """The DELTACOMP_FUSED setting; an unknown value is a SettingsError (a ValueError) that lists the
     valid ones."""
-    value = os.environ.get(_ENV)
-    if value is None:
-        return "auto"
-    value = value.strip().lower() or "auto"
-    if value not in _MODES:
-        raise SettingsError(f"{_ENV}={value!r}: expected one of {', '.join(_MODES)} (or unset)")
-    return value
+    return environment.choice(_ENV) or "auto"
 
 
 def row_bucket(m: int) -> int:

@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import environment
 from ..basecheck import BaseChecker
 from ..codecs import Encoded, get_codec
 from ..delta import Delta, load_delta
@@ -88,6 +89,7 @@ def patch_model(model: nn.Module, delta: str | os.PathLike | Delta, *, force: bo
     from .. import api  # api imports nothing from serve; local to keep ``import deltacomp.serve`` light
 
     api.check_module(model, "patch_model")
+    environment.check()  # a bad DELTACOMP_* value fails here, not in the first forward pass
     if fused is not None and not isinstance(fused, bool):
         raise SettingsError(f"patch_model: fused must be True, False or None (automatic), got {fused!r}")
     _not_patched(model)
@@ -125,6 +127,7 @@ def patch_model_multi(model: nn.Module, deltas: Sequence[str | os.PathLike | Del
     from ..api import check_module
 
     check_module(model, "patch_model_multi")
+    environment.check()
     _not_patched(model)
     if isinstance(deltas, (str, os.PathLike)):
         raise DeltacompError(f"patch_model_multi: give a list of delta files, got one path {deltas!r}")

