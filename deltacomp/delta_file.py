@@ -151,8 +151,7 @@ class DeltaWriter:
         refuse_special(self.path)
         self.overwrite = overwrite
         self._check_free()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = OutputLock(self.path)  # also removes what a killed run on this output left
+        self._lock = OutputLock(self.path)  # creates the missing folders above the file (removed on abort)  # also removes what a killed run on this output left
         try:
             self._check_free()
             self._tmpdir = Path(tempfile.mkdtemp(prefix=f".{self.path.name}.tmp-", dir=self.path.parent))

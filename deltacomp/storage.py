@@ -38,9 +38,9 @@ class OutputLock:
         self.out = Path(out)
         self.path = self.out.with_name(f".{self.out.name}.lock")
         self._fd: int | None = None
+        self.made = make_parents(self.out)  # taken back by release() when the run leaves them empty
         if fcntl is None:
             return
-        self.out.parent.mkdir(parents=True, exist_ok=True)
         while self._fd is None:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -64,6 +64,28 @@ class OutputLock:
             self.path.unlink(missing_ok=True)
             os.close(self._fd)
             self._fd = None
+        remove_empty(self.made)
+        self.made = []
+
+
+def make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above ``path``; return those this call created, outermost first."""
+    missing, p = [], path.parent
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return missing[::-1]
+
+
+def remove_empty(made: list[Path]) -> None:
+    """Take back folders ``make_parents`` created, innermost first, as long as they are empty (a run that
+    wrote nothing leaves no trace; one that wrote its output stops at the folder holding it)."""
+    for p in reversed(made):
+        try:
+            p.rmdir()
+        except OSError:  # not empty (the output, or another program's file), or already gone
+            return
 
 
 def remove_stale(out: Path) -> None:

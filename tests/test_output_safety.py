@@ -44,6 +44,28 @@ def test_nonfinite_refused_naming_tensor(tmp_path, where):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f"]
 
 
+def test_refused_run_takes_back_the_folders_it_made(tmp_path):
+    """A run refused mid-way (a NaN in the second layer) into folders that did not exist leaves no empty
+    folders behind; folders that were there before stay, and a run that writes keeps the ones it made."""
+    b = llama_tensors(0)
+    f = finetune_of(b, 1)
+    f["model.layers.1.mlp.up_proj.weight"] = f["model.layers.1.mlp.up_proj.weight"].clone()
+    f["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    base, ft = write_folder(tmp_path / "b", b), write_folder(tmp_path / "f", f)
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "other.txt").write_text("not ours")
+    for out in (tmp_path / "new" / "deeper" / "d.delta.safetensors",
+                tmp_path / "kept" / "new" / "d.delta.safetensors"):
+        with pytest.raises(NonFiniteError, match="model.layers.1.mlp.up_proj.weight"):
+            deltacomp.compress(base, ft, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b", "f", "kept"]
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["other.txt"]
+    good = write_folder(tmp_path / "g", finetune_of(b, 1))
+    out = tmp_path / "new" / "deeper" / "d.delta.safetensors"
+    deltacomp.compress(base, good, out, progress=False)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["d.delta.safetensors"]
+
+
 @pytest.mark.parametrize("method", ["bitdelta", "ternary:scope=global:scale=std:1.0"])
 def test_allow_nonfinite_stores_whole_and_exact(tmp_path, method):
     b = llama_tensors(0)
