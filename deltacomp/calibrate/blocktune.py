@@ -29,7 +29,7 @@ from ..errors import SettingsError
 from ..memory import training_heap
 from ..progress import progress_bar
 from .data import CalibData
-from .distill import _distilled, rewrite_delta
+from .distill import _distilled, apply_stored, rewrite_delta, swap_in
 from .layerwise import _first, _layer0_inputs, _to
 from .streamed import open_layered
 
@@ -98,19 +98,15 @@ def _student_layer(prefix: str, layer: nn.Module, bck, df: Delta) -> tuple[dict[
         mod_name = n.rsplit(".", 1)[0] if n.endswith(".weight") else None
         module = modules.get(mod_name) if mod_name else None
         cal = _distilled(df, name, "tune")
-        with torch.no_grad():
-            if cal is not None and isinstance(module, nn.Linear) and len(info.shape) == 2 and b is not None:
+        if cal is not None and isinstance(module, nn.Linear) and len(info.shape) == 2 and b is not None:
+            with torch.no_grad():
                 p.copy_(b.reshape(p.shape))
-                parent_name, _, child = mod_name.rpartition(".")
-                parent = modules[parent_name] if parent_name else layer
-                enc = df.encoded(name)
-                student = cal.tune_student(module, enc).to(p.device)
-                setattr(parent, child, student)
-                students[name] = (cal, enc, student)
-                originals[mod_name] = (parent, child, module)
-                continue
-            new = df.apply(name, b.cpu().reshape(info.encoded_shape) if b is not None else None)
-            p.copy_(new.reshape(p.shape).to(p.device, p.dtype))
+            enc = df.encoded(name)
+            student = cal.tune_student(module, enc).to(p.device)
+            originals[mod_name] = swap_in(layer, modules, mod_name, student)
+            students[name] = (cal, enc, student)
+            continue
+        apply_stored(df, name, p, b)
     return students, originals
 
 

@@ -164,16 +164,29 @@ def build_student(model: nn.Module, df: Delta, stage: str = "distill") -> list[s
             checker.check(name, p, "calibration", hint=" — wrong base?")
         cal = _distilled(df, name, stage)
         if cal is not None and len(info.shape) == 2 and isinstance(module, nn.Linear):
-            parent_name, _, child = mod_name.rpartition(".")
-            parent = modules[parent_name] if parent_name else model
             make = cal.tune_student if stage == "tune" else cal.student
-            setattr(parent, child, make(module, df.encoded(name)))
+            swap_in(model, modules, mod_name, make(module, df.encoded(name)))
             distilled.append(name)
             continue
-        with torch.no_grad():
-            new = df.apply(name, p.detach().cpu().reshape(info.encoded_shape) if info.has_base else None)
-            p.copy_(new.reshape(p.shape).to(p.dtype))
+        apply_stored(df, name, p, p.detach() if info.has_base else None)
     return distilled
+
+
+def swap_in(root: nn.Module, modules: dict[str, nn.Module], mod_name: str, student: nn.Module) -> tuple:
+    """Put ``student`` where the linear ``mod_name`` of ``root`` stood; returns (parent, attribute, the linear)
+    to put it back."""
+    parent_name, _, child = mod_name.rpartition(".")
+    parent = modules[parent_name] if parent_name else root
+    setattr(parent, child, student)
+    return parent, child, modules[mod_name]
+
+
+@torch.no_grad()
+def apply_stored(df: Delta, name: str, p: Tensor, base: Tensor | None) -> None:
+    """Set the fixed (not trained) parameter ``p`` to ``base`` + the file's stored delta of ``name``."""
+    info = df.params[name]
+    new = df.apply(name, base.cpu().reshape(info.encoded_shape) if base is not None else None)
+    p.copy_(new.reshape(p.shape).to(p.device, p.dtype))
 
 
 def _merged_message(stage: str, name: str, model: nn.Module) -> str:
