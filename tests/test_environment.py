@@ -132,3 +132,17 @@ def test_setup_refuses_a_bad_build_switch(value):
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1] == (
         f"deltacomp: environment variable DELTACOMP_OPENMP={value!r}: expected 0 or 1, or unset")
+
+
+def test_readme_lists_every_setting_with_its_values():
+    """The README's table names every variable users set (not the tests' own) with exactly its values."""
+    import re
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = open(os.path.join(root, "README.md")).read()
+    rows = dict(re.findall(r"^\| `(DELTACOMP_\w+)` \| (.*?) \| .* \|$", text, flags=re.M))
+    wanted = {v.name: v for v in environment.VARIABLES.values() if not v.what.startswith("tests:")}
+    assert set(rows) == set(wanted)
+    for name, cell in rows.items():
+        values = wanted[name].values
+        assert (sorted(re.findall(r"`([^`]+)`", cell)) == sorted(values)) if values else "`" not in cell, name
