@@ -228,10 +228,12 @@ def bench_multi(n: int, k: int, tenants: list[int], repeats: int, bandwidth: flo
     return rows
 
 
-def _random_svd_mixed(n: int, k: int, ratio: float, gs: int, g: torch.Generator) -> Encoded:
-    """An svd-mixed Encoded of the default allocation at ``ratio``, with random codes (timings do not
-    depend on the values; an SVD of a 4096 x 11008 delta would take minutes here)."""
-    alloc = al.default_allocation((n, k), int(n * k * 2 / ratio), gs)
+def _random_svd_mixed(n: int, k: int, ratio: float, gs: int, g: torch.Generator, groups: str | None = None) -> Encoded:
+    """An svd-mixed Encoded of the default allocation at ``ratio`` (or of ``groups``, "bits:rank+..."), with
+    random codes (timings do not depend on the values; an SVD of a 4096 x 11008 delta would take minutes here)."""
+    budget = int(n * k * 2 / ratio)
+    alloc = (al.resolve_groups((n, k), al.parse_groups(groups), budget, gs) if groups
+             else al.default_allocation((n, k), budget, gs))
     t: dict[str, torch.Tensor] = {}
     for b, c in alloc:
         for f, length in (("v", k), ("u", n)):
@@ -250,10 +252,11 @@ def _dequant_matmul(codec, x: torch.Tensor, enc: Encoded) -> torch.Tensor:
     return y
 
 
-def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, bandwidth: float) -> list[dict]:
+def bench_lowrank(n: int, k: int, ms: list[int], repeats: int, ratio: float, bandwidth: float,
+                  groups: str | None = None) -> list[dict]:
     g = torch.Generator().manual_seed(3)
     codec = get_codec("svd-mixed")
-    enc0 = _random_svd_mixed(n, k, ratio, 128, g)
+    enc0 = _random_svd_mixed(n, k, ratio, 128, g, groups)
     encs = [enc0] + [Encoded(enc0.codec, enc0.shape, {f: v.clone() for f, v in enc0.tensors.items()}, enc0.params)
                      for _ in range(copies_for(enc0.nbytes) - 1)]
     w0 = torch.randn(n, k, generator=g)
@@ -360,6 +363,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tenants", default="1,4,16,64", help="deltas in one decode batch (one row each)")
     ap.add_argument("--lowrank-shapes", default=None, help="N x K for the svd-mixed op (default: --shapes)")
     ap.add_argument("--lowrank-ratio", type=float, default=16.0, help="svd-mixed compression ratio vs fp16")
+    ap.add_argument("--lowrank-groups", default=None,
+                    help="svd-mixed bit groups instead of the default allocation, e.g. 3:64 or 8:2+3:32+2:rest")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
     if not ops.HAS_EXTENSION:
@@ -403,7 +408,7 @@ def main(argv=None) -> None:
     if "lowrank" in only:
         for spec in (args.lowrank_shapes or args.shapes).split(","):
             n, k = (int(v) for v in spec.lower().split("x"))
-            rows += bench_lowrank(n, k, ms, args.repeats, args.lowrank_ratio, bw)
+            rows += bench_lowrank(n, k, ms, args.repeats, args.lowrank_ratio, bw, args.lowrank_groups)
     if "ternary" in only:
         for n, k in shapes:
             rows += bench_ternary(n, k, ms, args.repeats, args.ternary_density, bw)
