@@ -53,7 +53,7 @@ _CONVERT_HINT = (
 MAX_INDEX_BYTES = 256 * 2**20  # a weight map of millions of tensors; read whole, so bounded first
 
 
-def _bounded(f: Path, limit: int) -> None:
+def bounded_file(f: Path, limit: int) -> None:
     size = f.stat().st_size
     if size > limit:
         raise CheckpointError(f"{f}: {size} bytes, above the {limit} bytes deltacomp reads for such a file; "
@@ -86,6 +86,9 @@ class Checkpoint:
             raise CheckpointError(f"{file}: not a .safetensors file; give a model folder or a .safetensors file")
 
     def _add_file(self, file: Path, names: list[str] | None = None) -> None:
+        if not file.is_file():  # a pipe or device: opening one to read it blocks until a writer comes
+            raise CheckpointError(f"{file}: not a regular file (a pipe, device or folder); give a model folder or "
+                                  "a .safetensors file")
         try:
             handle = self._stack.enter_context(TensorReader(file))
         except Exception as exc:  # safetensors raises its own types for corrupt headers
@@ -97,8 +100,11 @@ class Checkpoint:
     def _index_folder(self) -> None:
         folder = self.path
         index = folder / INDEX_NAME
+        if index.is_file() and (folder / SINGLE_NAME).exists():  # transformers would load the single file
+            raise CheckpointError(f"{folder}: holds both {SINGLE_NAME} and {INDEX_NAME} (with its shards), so which "
+                                  "weights are the model is ambiguous; remove the one that is not")
         if index.is_file():
-            _bounded(index, MAX_INDEX_BYTES)
+            bounded_file(index, MAX_INDEX_BYTES)
             try:
                 weight_map = json.loads(index.read_text(), object_pairs_hook=unique_keys)["weight_map"]
                 if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -112,10 +118,11 @@ class Checkpoint:
                 by_file.setdefault(fname, []).append(name)
             for fname, names in by_file.items():
                 shard = folder / fname
-                if not shard.is_file():
+                if not shard.exists():
                     raise CheckpointError(f"{index}: names shard {fname}, which is missing from {folder}")
                 self._check_file(shard)
                 self._add_file(shard, names)
+            self._check_shards(index)
             return
         if (folder / SINGLE_NAME).is_file():
             self._add_file(folder / SINGLE_NAME)
@@ -130,6 +137,18 @@ class Checkpoint:
                 f"{folder}: holds only pickled weights ({', '.join(sorted(pickles)[:3])}), which are refused; "
                 + _CONVERT_HINT)
         raise CheckpointError(f"{folder}: no {SINGLE_NAME}, {INDEX_NAME} or single .safetensors file found")
+
+    def _check_shards(self, index: Path) -> None:
+        """Every tensor of a shard is the one the index maps there: transformers loads every tensor of every
+        shard (the last shard wins a name given twice), so a tensor the index leaves out, or maps to another
+        shard, would be read from one place here and from another there."""
+        for shard, handle in self._handles.items():
+            for name in handle.keys():
+                if self._where.get(name) != shard:
+                    other = self._where.get(name)
+                    said = f"maps it to {other.name}" if other is not None else "does not name it"
+                    raise CheckpointError(f"{shard}: holds tensor {name}, but {index.name} {said}; the index and its "
+                                          "shards disagree")
 
     # -- access -------------------------------------------------------------------------------------
     def names(self) -> list[str]:
@@ -196,7 +215,7 @@ class Checkpoint:
     def config(self) -> dict | None:
         if self.folder is None or not (self.folder / "config.json").is_file():
             return None
-        _bounded(self.folder / "config.json", MAX_EMBEDDED_FILE_BYTES)
+        bounded_file(self.folder / "config.json", MAX_EMBEDDED_FILE_BYTES)
         try:
             config = json.loads((self.folder / "config.json").read_text())
         except (ValueError, RecursionError) as exc:
@@ -214,7 +233,7 @@ class Checkpoint:
             f = self.folder / n
             if not f.is_file():
                 continue
-            _bounded(f, MAX_EMBEDDED_FILE_BYTES)  # before reading: the delta file carries it in its header
+            bounded_file(f, MAX_EMBEDDED_FILE_BYTES)  # before reading: the delta file carries it in its header
             out[n] = f.read_bytes()
         return out
 
@@ -240,10 +259,22 @@ def hf_folder(path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     except DeltacompError:
         raise
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 - sorted by folder_error below
+        if not folder_error(exc):
+            raise
         first = " ".join(str(exc).split())[:300]
         raise CheckpointError(f"{path}: cannot load its {what} with transformers ({type(exc).__name__}: {first}); "
                               "give a Hugging Face model folder with config.json and tokenizer files") from None
+
+
+def folder_error(exc: Exception) -> bool:
+    """What transformers raises for a file of the folder it cannot use: Python's errors from parsing and
+    using its values (a JSON nested too deep, a list where an object belongs, a zero number of heads), and
+    huggingface_hub's validation of config fields (a null or a string where an integer belongs)."""
+    if isinstance(exc, (OSError, ValueError, KeyError, TypeError, AttributeError, ArithmeticError, RecursionError)):
+        return True
+    return any(c.__module__.startswith("huggingface_hub") and c.__name__ == "StrictDataclassError"
+               for c in type(exc).__mro__)
 
 
 # -- writing ----------------------------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""Findings of a third red-team pass, over hostile or broken input model folders (the base and fine-tune
+given to compress, reconstruct, eval, generate and serve): a pipe where the weights belong (the run blocked
+forever), an index and its shards that disagree with each other or with a model.safetensors beside them
+(deltacomp read one set of weights, transformers another), a config of zero layers (eval scored a model
+without its layers), config, tokenizer and generation-config values transformers refuses with errors of
+its own types (an "internal error ... this is a bug"), and a generation config the server parsed
+unchecked. Each is now one CheckpointError line naming the file, refused before any work."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+import deltacomp
+from deltacomp import CheckpointError
+from deltacomp.cli import main
+from conftest import finetune_of, llama_tensors, word_pair, write_folder
+
+transformers = pytest.importorskip("transformers")
+INDEX = "model.safetensors.index.json"
+SHARD1, SHARD2 = "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """(root, base, fine-tune, bitdelta delta, held-out text): tiny tied Llamas with a word tokenizer."""
+    root = tmp_path_factory.mktemp("redteam3")
+    return (root, *word_pair(root))
+
+
+def _one_line(capsys, match: str) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1, err
+    assert "internal error" not in err[0] and "Traceback" not in err[0], err[0]
+    assert re.search(match, err[0]), err[0]
+    return err[0]
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+# -- 1. a pipe where the weights belong ---------------------------------------------------------------
+@pytest.mark.parametrize("where", ["file", "folder"])
+def test_a_pipe_as_weights_is_refused_without_blocking(made, tmp_path, where):
+    """Opening a FIFO to read it blocks until a writer comes (holding the GIL, so no signal or thread ended it):
+    compress hung forever. A helper process opens the pipe after 10 s, so the unfixed code ends too."""
+    root, base, _, _, _ = made
+    folder = tmp_path / "ft"
+    folder.mkdir()
+    fifo = folder / "model.safetensors"
+    os.mkfifo(fifo)
+    given = fifo if where == "file" else folder
+    helper = subprocess.Popen(["sh", "-c", f"sleep 10; exec 3<>'{fifo}'; sleep 1"])
+    try:
+        start = time.monotonic()
+        with pytest.raises(CheckpointError, match=f"{fifo}: not a regular file"):
+            deltacomp.compress(base, given, tmp_path / "x.delta.safetensors", method="bitdelta", progress=False)
+        assert time.monotonic() - start < 10
+    finally:
+        helper.kill()
+        helper.wait()
+    assert not (tmp_path / "x.delta.safetensors").exists()
+
+
+def test_a_shard_that_is_a_folder_is_not_called_missing(made, tmp_path):
+    root, base, _, _, _ = made
+    ft = write_folder(tmp_path / "ft", finetune_of(llama_tensors(0), 1), shards=2)
+    (ft / SHARD1).unlink()
+    (ft / SHARD1).mkdir()
+    with pytest.raises(CheckpointError, match=f"{SHARD1}: not a regular file"):
+        deltacomp.compress(base, ft, tmp_path / "x.delta.safetensors", progress=False)
+
+
+# -- 2. the index, its shards and a model.safetensors beside them -------------------------------------------
+def _index(folder) -> dict:
+    return json.loads((folder / INDEX).read_text())
+
+
+def _tensor_in_both_shards(folder):
+    """The first shard's first tensor also in the second shard, with other values (the index names shard 1)."""
+    first = load_file(str(folder / SHARD1))
+    second = load_file(str(folder / SHARD2))
+    name = next(iter(first))
+    second[name] = first[name] * 3
+    save_file(second, str(folder / SHARD2))
+    return name, SHARD1
+
+
+def _tensor_the_index_leaves_out(folder):
+    index = _index(folder)
+    name = next(n for n, f in index["weight_map"].items() if f == SHARD2)
+    del index["weight_map"][name]
+    (folder / INDEX).write_text(json.dumps(index))
+    return name, None
+
+
+@pytest.mark.parametrize("edit", [_tensor_in_both_shards, _tensor_the_index_leaves_out])
+def test_shards_that_disagree_with_their_index_are_refused(made, tmp_path, capsys, edit):
+    """transformers loads every tensor of every shard (the last one wins a name given twice); deltacomp read
+    only what the index names. A tensor in two shards was compressed from one and evaluated from the other; a
+    tensor the index left out was loaded by transformers and silently dropped by deltacomp."""
+    root, base, _, _, _ = made
+    ft = write_folder(tmp_path / "ft", finetune_of(llama_tensors(0), 1), shards=2)
+    name, mapped = edit(ft)
+    said = f"maps it to {mapped}" if mapped else "does not name it"
+    match = f"{ft / SHARD2}: holds tensor {re.escape(name)}, but {INDEX} {said}; the index and its shards disagree"
+    with pytest.raises(CheckpointError, match=match):
+        deltacomp.compress(base, ft, tmp_path / "x.delta.safetensors", progress=False)
+    out = tmp_path / "x.delta.safetensors"
+    assert main(["compress", str(base), str(ft), "-o", str(out), "-q"]) == 2
+    _one_line(capsys, "the index and its shards disagree")
+    assert not out.exists()
+
+
+def test_an_index_and_a_single_file_together_are_refused(made, tmp_path):
+    """transformers loads model.safetensors when both are present; deltacomp read the shards of the index."""
+    root, base, _, _, _ = made
+    t = finetune_of(llama_tensors(0), 1)
+    ft = write_folder(tmp_path / "ft", t, shards=2)
+    save_file({n: v * 2 for n, v in t.items()}, str(ft / "model.safetensors"))
+    with pytest.raises(CheckpointError, match=f"{ft}: holds both model.safetensors and {INDEX}"):
+        deltacomp.compress(base, ft, tmp_path / "x.delta.safetensors", progress=False)
+    with pytest.raises(CheckpointError, match="ambiguous"):
+        deltacomp.reconstruct(ft, made[3], tmp_path / "rec", progress=False)
+    assert not (tmp_path / "rec").exists()
+    (ft / "model.safetensors").unlink()
+    deltacomp.compress(base, ft, tmp_path / "x.delta.safetensors", progress=False)  # the shards alone: fine
