@@ -182,11 +182,26 @@ def _check_unused(folder: Path, config, model, loaded: dict[str, str], want: dic
     for name, key in loaded.items():
         if key in want or _ignored(model, "_keys_to_ignore_on_load_unexpected", key):
             continue
-        if _INDEX.sub(".N", key) in kinds:
+        if _INDEX.sub(".N", key) in kinds or _in_empty_list(model, key):
             layers = getattr(config, "num_hidden_layers", None)
             said = f"num_hidden_layers={layers}" if isinstance(layers, int) else "it"
             raise CheckpointError(f"{folder / 'config.json'}: {said} leaves out {name}, which the weights hold; "
                                   "the config describes a smaller model than the weights")
+
+
+def _in_empty_list(model, key: str) -> bool:
+    """``key`` (``model.layers.0.mlp...``) indexes a module list the model holds empty: a config of zero (or
+    a negative number of) layers, whose kinds of layer parameters are then nowhere in the model."""
+    from torch.nn import ModuleDict, ModuleList
+
+    m = _INDEX.search(key)
+    if m is None:
+        return False
+    try:
+        holder = model.get_submodule(key[:m.start()])
+    except AttributeError:
+        return False
+    return isinstance(holder, (ModuleList, ModuleDict)) and len(holder) == 0
 
 
 def _shape_message(folder: Path, config, key: str, want: tuple, name: str, got: tuple) -> str:

@@ -20,7 +20,8 @@ from safetensors.torch import load_file, save_file
 import deltacomp
 from deltacomp import CheckpointError
 from deltacomp.cli import main
-from conftest import finetune_of, llama_tensors, word_pair, write_folder
+from deltacomp.modelcheck import check_folder
+from conftest import finetune_of, llama_config, llama_tensors, word_pair, write_folder
 
 transformers = pytest.importorskip("transformers")
 INDEX = "model.safetensors.index.json"
@@ -133,3 +134,75 @@ def test_an_index_and_a_single_file_together_are_refused(made, tmp_path):
     assert not (tmp_path / "rec").exists()
     (ft / "model.safetensors").unlink()
     deltacomp.compress(base, ft, tmp_path / "x.delta.safetensors", progress=False)  # the shards alone: fine
+
+
+# -- 3. a config of zero layers -----------------------------------------------------------------------------
+@pytest.mark.parametrize("layers", [0, -1])
+def test_a_config_of_zero_layers_is_refused(made, tmp_path, capsys, layers):
+    """The model built had no layers (an empty ModuleList), so no layer tensor of the weights matched a kind of
+    parameter it holds: eval exited 0 with the scores of a fine-tune without its layers."""
+    root, base, ft, delta, text = made
+    bad = _copy(ft, tmp_path / "ft")
+    (bad / "config.json").write_text(json.dumps({**llama_config(), "num_hidden_layers": layers}))
+    match = f"config.json: num_hidden_layers={layers} leaves out model.layers.0."
+    with pytest.raises(CheckpointError, match=match):
+        check_folder(bad)
+    assert main(["eval", str(base), str(bad), str(delta), "--text", str(text), "--ctx", "32",
+                 "--max-tokens", "40", "-q"]) == 2
+    _one_line(capsys, match)
+
+
+# -- 4. values transformers refuses with errors of its own types ---------------------------------------------
+CONFIGS = {
+    "num_hidden_layers-null": ({"num_hidden_layers": None}, "config.json: .*num_hidden_layers.* expected int"),
+    "tie-as-string": ({"tie_word_embeddings": "false"}, "config.json: .*tie_word_embeddings.* expected bool"),
+    "heads-not-dividing": ({"num_attention_heads": 3}, "config.json: .*not a multiple of the number of attention"),
+    "torch_dtype-garbage": ({"torch_dtype": "float99"}, "config.json: .*float99"),
+}
+
+
+@pytest.mark.parametrize("key", sorted(CONFIGS))
+def test_generate_config_values_are_one_line(made, tmp_path, capsys, key):
+    """generate loaded the tokenizer (which reads config.json) before checking the config: huggingface_hub's
+    StrictDataclassError and transformers' AttributeError were "internal error ... this is a bug"."""
+    root, base, _, delta, _ = made
+    edit, match = CONFIGS[key]
+    bad = _copy(base, tmp_path / "base")
+    (bad / "config.json").write_text(json.dumps({**llama_config(), **edit}))
+    assert main(["generate", str(bad), "--delta", str(delta), "--prompt", "w5 w6", "--max-new-tokens", "2", "-q"]) == 2
+    _one_line(capsys, re.escape(str(bad)) + "/" + match)
+
+
+@pytest.mark.parametrize("fname,text,command,match", [
+    ("config.json", '{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "generate",
+     "RecursionError"),
+    ("tokenizer_config.json", "[1]", "generate", "cannot load its tokenizer .*AttributeError"),
+    ("generation_config.json", '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "eval",
+     "cannot load its model .*RecursionError"),
+    ("tokenizer_config.json", json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": "x"}),
+     "generate", "cannot load its tokenizer .*TypeError"),
+])
+def test_broken_folder_files_are_one_line(made, tmp_path, capsys, fname, text, command, match):
+    """A JSON nested too deep (RecursionError), a list where an object belongs (AttributeError), a string
+    where a number belongs (TypeError, raised only when the tokenizer encodes): each was an internal error."""
+    root, base, ft, delta, words = made
+    bad = _copy(base, tmp_path / "base")
+    (bad / fname).write_text(text)
+    argv = (["generate", str(bad), "--delta", str(delta), "--prompt", "w5 w6", "--max-new-tokens", "2", "-q"]
+            if command == "generate" else
+            ["eval", str(bad), str(ft), str(delta), "--text", str(words), "--ctx", "32", "--max-tokens", "40", "-q"])
+    assert main(argv) == 2
+    _one_line(capsys, re.escape(str(bad)) + ".*" + match)
+
+
+def test_generation_config_token_id_beyond_int64(made, tmp_path, capsys):
+    """An eos_token_id past int64 was an OverflowError from inside transformers' generate (exit 1); LLaMA's
+    original pad_token_id -1 stays accepted."""
+    root, base, _, delta, _ = made
+    bad = _copy(base, tmp_path / "base")
+    (bad / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 10**30}))
+    argv = ["generate", str(bad), "--delta", str(delta), "--prompt", "w5 w6", "--max-new-tokens", "2", "-q"]
+    assert main(argv) == 2
+    _one_line(capsys, f"{bad}: its generation config .* eos_token_id=1000000000000000000000000000000; a token id")
+    (bad / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": -1}))
+    assert main(argv) == 0

@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from ..checkpoint import hf_folder
-from ..errors import DeltacompError, SettingsError
+from ..errors import CheckpointError, DeltacompError, SettingsError
 from ..modelcheck import check_folder
 from .patch import patch_model_multi, set_delta_index
 
@@ -84,6 +84,20 @@ def _check_lengths(tok, prompts: Sequence[str], max_new_tokens: int, config, bas
                             f"max_position_embeddings {limit} of {base}; {fix}")
 
 
+def _check_token_ids(model, base) -> None:
+    """The special token ids ``model.generate`` reads from the generation config (generation_config.json, else
+    config.json) are integers it can hold: one beyond int64 was an OverflowError from inside transformers (LLaMA's
+    original pad_token_id -1 is fine)."""
+    gen = getattr(model, "generation_config", None)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"):
+        value = getattr(gen, key, None)
+        ids = value if isinstance(value, (list, tuple)) else [value]
+        if any(i is not None and (isinstance(i, bool) or not isinstance(i, int) or not -2**63 <= i < 2**63)
+               for i in ids):
+            raise CheckpointError(f"{base}: its generation config (generation_config.json or config.json) has "
+                                  f"{key}={value!r}"[:300] + "; a token id is an integer that fits in int64")
+
+
 def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], prompts: Sequence[str],
              max_new_tokens: int = 32, *, prompt_delta: Sequence[int] | None = None,
              dtype: torch.dtype = torch.float32, force: bool = False, model=None, tokenizer=None,
@@ -125,15 +139,17 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
                             "loaded quantized (deltacomp.serve.load_base) instead")
     from transformers import AutoTokenizer
 
+    config = model.config if model is not None else check_folder(base)  # config.json first: the tokenizer reads it
     if tokenizer is None:
         with hf_folder(base, "tokenizer"):
             tokenizer = AutoTokenizer.from_pretrained(str(base))
     tok = tokenizer
-    config = model.config if model is not None else check_folder(base)
-    _check_lengths(tok, prompts, max_new_tokens, config, base)
+    with hf_folder(base, "tokenizer"):  # its tokenizer_config.json's values are used only when it encodes
+        _check_lengths(tok, prompts, max_new_tokens, config, base)
     if model is None:
         model = load_base(base, dtype, base_bits)
     model.eval()
+    _check_token_ids(model, base)
     if deltas:
         patch_model_multi(model, list(deltas), force=force)
         set_delta_index(model, prompt_delta)
