@@ -206,3 +206,42 @@ def test_generation_config_token_id_beyond_int64(made, tmp_path, capsys):
     _one_line(capsys, f"{bad}: its generation config .* eos_token_id=1000000000000000000000000000000; a token id")
     (bad / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": -1}))
     assert main(argv) == 0
+
+
+# -- 5. serve: the base's generation config, and the fine-tune's files carried in a delta -------------------
+@pytest.mark.parametrize("text,match", [
+    ("garbage", "not valid JSON"),
+    ('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}", "not valid JSON .*RecursionError"),
+    ("[]", "must hold a JSON object, not list"),
+    (json.dumps({"eos_token_id": "x"}), "eos_token_id='x' is not a token id"),
+])
+def test_serve_checks_generation_configs(made, tmp_path, text, match):
+    """The server parsed the base's generation_config.json (transformers only warns about a broken one) and the
+    one a delta carries with a bare json.loads and int(): a JSONDecodeError or ValueError at start-up."""
+    pytest.importorskip("fastapi")
+    from deltacomp.serve.server import build_app
+
+    root, base, ft, _, _ = made
+    bad = _copy(ft, tmp_path / "ft")
+    (bad / "generation_config.json").write_text(text)
+    delta = tmp_path / "d.delta.safetensors"
+    deltacomp.compress(base, bad, delta, method="bitdelta", progress=False)
+    with pytest.raises(CheckpointError, match=f"{delta}: its generation_config.json: {match}"):
+        build_app(base, {"a": delta}, max_batch=2, max_queue=2)
+    if text.startswith(("[", '{"a"')):
+        return  # a list, or nested too deep: transformers refuses the base itself (hf_folder's one line)
+    with pytest.raises(CheckpointError, match=f"{bad}/generation_config.json: {match}"):
+        build_app(bad, {}, max_batch=2, max_queue=2)
+
+
+def test_serve_refuses_a_delta_carrying_a_broken_tokenizer(made, tmp_path):
+    pytest.importorskip("fastapi")
+    from deltacomp.serve.server import build_app
+
+    root, base, ft, _, _ = made
+    bad = _copy(ft, tmp_path / "ft")
+    (bad / "tokenizer.json").write_text("{}")
+    delta = tmp_path / "d.delta.safetensors"
+    deltacomp.compress(base, bad, delta, method="bitdelta", progress=False)
+    with pytest.raises(CheckpointError, match=f"{delta}: the fine-tune's tokenizer files it carries .*KeyError"):
+        build_app(base, {"a": delta}, max_batch=2, max_queue=2)

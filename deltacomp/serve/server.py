@@ -31,13 +31,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..checkpoint import hf_folder
+from ..checkpoint import bounded_file, hf_folder
 from ..errors import DeltacompError, SettingsError
+from ..integrity import MAX_EMBEDDED_FILE_BYTES
 from ..modelcheck import check_folder
 from .engine import Engine, GenRequest, model_context
 from .openai_api import (AddDeltaRequest, ChatRequest, CompletionRequest, Reply, error_body, model_card,
                          sampling_params, status_of)
-from .tenants import Registry, Tenant, vocab_size
+from .tenants import Registry, Tenant, generation_config, vocab_size
 
 log = logging.getLogger("deltacomp.serve")
 MAX_BODY_BYTES = 8 * 2**20  # a request body above this is refused before it is read (413)
@@ -309,7 +310,10 @@ def build_app(base: str | os.PathLike, deltas: Mapping[str, str | os.PathLike] =
     with hf_folder(base, "tokenizer"):
         tokenizer = AutoTokenizer.from_pretrained(str(base))
     gen_file = Path(base) / "generation_config.json"
-    gen = json.loads(gen_file.read_text()) if gen_file.is_file() else None
+    gen = None
+    if gen_file.is_file():
+        bounded_file(gen_file, MAX_EMBEDDED_FILE_BYTES)
+        gen = generation_config(gen_file.read_bytes(), str(gen_file))
     registry = Registry(model, base_name or Path(base).resolve().name, tokenizer, gen)
     for name, path in dict(deltas).items():
         registry.add(name, path)

@@ -19,7 +19,8 @@ from torch import Tensor, nn
 from ..delta import Delta, load_delta
 from ..delta_file import base_digest
 from ..dtypes import DTYPES
-from ..errors import BaseMismatchError, DeltacompError, SettingsError
+from ..checkpoint import folder_error
+from ..errors import BaseMismatchError, CheckpointError, DeltacompError, SettingsError
 from .quantized import is_quantized
 
 # the fine-tune's files a tokenizer is rebuilt from (names only: nothing in a delta file picks a path)
@@ -68,7 +69,24 @@ def _eos_ids(tokenizer, generation_config: dict | None) -> frozenset[int]:
     return frozenset(ids)
 
 
-def _tokenizer_from_files(files: dict[str, bytes]):
+def generation_config(raw: bytes | str, where: str) -> dict:
+    """A generation_config.json's object (a base folder's, or the fine-tune's carried in a delta file), with
+    an eos_token_id that is a token id or a list of them: else one CheckpointError line naming ``where``."""
+    try:
+        gen = json.loads(raw)
+    except (ValueError, RecursionError) as exc:
+        raise CheckpointError(f"{where}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(gen, dict):
+        raise CheckpointError(f"{where}: must hold a JSON object, not {type(gen).__name__}")
+    eos = gen.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if any(i is not None and (isinstance(i, bool) or not isinstance(i, int)) for i in ids):
+        raise CheckpointError(f"{where}: eos_token_id={eos!r}"[:300] + " is not a token id (an integer) or a list "
+                              "of them")
+    return gen
+
+
+def _tokenizer_from_files(files: dict[str, bytes], where: str):
     """The fine-tune's tokenizer rebuilt from the files embedded in its delta (None if it carries none)."""
     from transformers import AutoTokenizer
 
@@ -78,7 +96,14 @@ def _tokenizer_from_files(files: dict[str, bytes]):
     with tempfile.TemporaryDirectory(prefix="deltacomp-tok-") as tmp:
         for n, data in mine.items():
             (Path(tmp) / n).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
+        try:
+            return AutoTokenizer.from_pretrained(tmp)
+        except Exception as exc:  # noqa: BLE001 - sorted by folder_error: what transformers raises for bad files
+            if isinstance(exc, DeltacompError) or not folder_error(exc):
+                raise
+            first = " ".join(str(exc).split())[:200]
+            raise CheckpointError(f"{where}: the fine-tune's tokenizer files it carries ({', '.join(sorted(mine))}) "
+                                  f"cannot be loaded ({type(exc).__name__}: {first})") from None
 
 
 class Registry:
@@ -141,8 +166,10 @@ class Registry:
         df = load_delta(path)
         try:
             self._check_base(df)
-            tok = _tokenizer_from_files(df.files) or self.base_tokenizer
-            gen = json.loads(df.files["generation_config.json"]) if "generation_config.json" in df.files else self.base_gen
+            tok = _tokenizer_from_files(df.files, str(path)) or self.base_tokenizer
+            gen = self.base_gen
+            if "generation_config.json" in df.files:
+                gen = generation_config(df.files["generation_config.json"], f"{path}: its generation_config.json")
         except BaseException:
             df.close()
             raise
