@@ -42,6 +42,19 @@ def check_folder(path: str | os.PathLike):
     return _MEMO[key]
 
 
+def check_token_ids(low: int, high: int, config, folder, source: str) -> None:
+    """Token ids ``low..high`` (from ``source``: a tokenizer, or ids given) are rows of the embedding of the model
+    in ``folder`` (its config's vocab_size, which check_folder holds to the weights); else an IndexError inside
+    the model's forward pass. Raises CheckpointError naming both."""
+    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        return
+    if low < 0 or high >= vocab:
+        bad = low if low < 0 else high
+        raise CheckpointError(f"{source}: token id {bad} is outside the vocab_size {vocab} of "
+                              f"{Path(folder) / 'config.json'}; the tokenizer and the model do not match")
+
+
 def _load_config(folder: Path):
     from transformers import AutoConfig
 

@@ -15,6 +15,7 @@ import subprocess
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 import deltacomp
@@ -245,3 +246,27 @@ def test_serve_refuses_a_delta_carrying_a_broken_tokenizer(made, tmp_path):
     deltacomp.compress(base, bad, delta, method="bitdelta", progress=False)
     with pytest.raises(CheckpointError, match=f"{delta}: the fine-tune's tokenizer files it carries .*KeyError"):
         build_app(base, {"a": delta}, max_batch=2, max_queue=2)
+
+
+# -- 6. a tokenizer whose ids the model has no rows for ------------------------------------------------------
+def test_token_ids_beyond_the_vocab_are_one_line(made, tmp_path, capsys):
+    """A tokenizer of 300 words beside a model of 128 rows: an IndexError from the embedding inside the forward
+    pass ("internal error") in eval and in generate."""
+    from conftest import word_tokenizer
+
+    root, base, ft, delta, _ = made
+    words = tmp_path / "words.txt"
+    words.write_text(" ".join(f"w{4 + (i * 7) % 290}" for i in range(300)))
+    bad_ft, bad_base = _copy(ft, tmp_path / "ft"), _copy(base, tmp_path / "base")
+    word_tokenizer(300).save_pretrained(bad_ft)
+    word_tokenizer(300).save_pretrained(bad_base)
+    assert main(["eval", str(base), str(bad_ft), str(delta), "--text", str(words), "--ctx", "32",
+                 "--max-tokens", "40", "-q"]) == 2
+    _one_line(capsys, f"the tokenizer of {bad_ft}: token id \\d+ is outside the vocab_size 128 of {bad_ft}/config.json")
+    assert main(["generate", str(bad_base), "--delta", str(delta), "--prompt", "w250 w5", "--max-new-tokens", "2",
+                 "-q"]) == 2
+    _one_line(capsys, f"the tokenizer of {bad_base}: token id 250 is outside the vocab_size 128")
+    from deltacomp.eval.metrics import evaluate
+
+    with pytest.raises(CheckpointError, match="the token ids given: token id -1 is outside"):
+        evaluate(base, ft, [delta], [5, 6, -1, 7], ctx=32, progress=False)

@@ -44,7 +44,7 @@ from torch import Tensor
 from ..checkpoint import hf_folder
 from ..devices import resolve_device
 from ..errors import CheckpointError, ModelLayoutError, SettingsError
-from ..modelcheck import check_folder
+from ..modelcheck import check_folder, check_token_ids
 from ..storage import write_text_atomic
 
 CACHE_VERSION = 1
@@ -395,6 +395,9 @@ def evaluate(base, finetuned, deltas: Sequence[str | os.PathLike], text: str | S
     for p in deltas:  # fail on a missing, corrupt or wrong-base delta before minutes of model runs
         check_base(base, p)
     ids = tokenize(finetuned, text)[:max_tokens]
+    for path in (finetuned, base) if len(ids) else ():  # both models run on the fine-tune's tokens
+        check_token_ids(int(ids.min()), int(ids.max()), check_folder(path), path,
+                        f"the tokenizer of {finetuned}" if isinstance(text, str) else "the token ids given")
     windows = plan_windows(len(ids), ctx, stride)
     key = dict(ft=fingerprint(finetuned), tokens=hashlib.sha256(ids.numpy().tobytes()).hexdigest(),
                ctx=ctx, stride=stride or ctx, batch=batch_size, dtype=str(dtype),

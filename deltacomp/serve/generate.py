@@ -11,7 +11,7 @@ import torch
 
 from ..checkpoint import hf_folder
 from ..errors import CheckpointError, DeltacompError, SettingsError
-from ..modelcheck import check_folder
+from ..modelcheck import check_folder, check_token_ids
 from .patch import patch_model_multi, set_delta_index
 
 
@@ -66,9 +66,13 @@ def load_base(base: str | os.PathLike, dtype: torch.dtype = torch.float32, bits:
 
 
 def _check_lengths(tok, prompts: Sequence[str], max_new_tokens: int, config, base) -> None:
-    """Every prompt is at least one token, and the longest one plus ``max_new_tokens`` fits the model's
-    max_position_embeddings (when its config names one)."""
-    lengths = [len(tok(p)["input_ids"]) for p in prompts]
+    """Every prompt is at least one token of the model's vocabulary, and the longest one plus ``max_new_tokens``
+    fits the model's max_position_embeddings (when its config names one)."""
+    encoded = [tok(p)["input_ids"] for p in prompts]
+    lengths = [len(ids) for ids in encoded]
+    if any(lengths):
+        every = [i for ids in encoded for i in ids]
+        check_token_ids(min(every), max(every), config, base, f"the tokenizer of {base}")
     empty = [i for i, n in enumerate(lengths) if n == 0]
     if empty:
         raise SettingsError(f"generate: prompt {empty[0]} ({prompts[empty[0]]!r:.60}) is 0 tokens for the tokenizer "
