@@ -60,6 +60,16 @@ def _validator():
     return jsonschema.validators.extend(cls, type_checker=strict)(schema)
 
 
+def tensor_name_problem(name: str) -> str | None:
+    """Why the schema's ``tensor_name`` (1 to 1024 characters, no control character) refuses ``name``, or None:
+    a writer asks this of a checkpoint's names before it writes anything."""
+    if not 1 <= len(name) <= 1024:
+        return f"is {len(name)} characters long; a delta file holds tensor names of 1 to 1024 characters"
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
+        return "holds a control character, which a delta file's tensor names may not"
+    return None
+
+
 def _short(value: Any, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, same_tensor
 from .errors import CheckpointError
+from .integrity import tensor_name_problem
 
 ALLOW_HINT = "; pass --allow-mismatch (allow_mismatch=True) if this pair is really meant"
 
@@ -43,6 +44,9 @@ def pair_checkpoints(base: Checkpoint, ft: Checkpoint) -> list[Pairing]:
     """Match tensors by name; refuse shape mismatches except added rows of embeddings/heads."""
     out: list[Pairing] = []
     for name in ft.names():
+        problem = tensor_name_problem(name)
+        if problem is not None:
+            raise CheckpointError(f"{ft.path}: tensor name {name[:60]!r}{'...' if len(name) > 60 else ''} {problem}")
         target = _tied_target(name, base, ft)
         if target is not None:
             out.append(Pairing(name, PairKind.TIED, tied_to=target))

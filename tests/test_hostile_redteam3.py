@@ -270,3 +270,19 @@ def test_token_ids_beyond_the_vocab_are_one_line(made, tmp_path, capsys):
 
     with pytest.raises(CheckpointError, match="the token ids given: token id -1 is outside"):
         evaluate(base, ft, [delta], [5, 6, -1, 7], ctx=32, progress=False)
+
+
+# -- 7. tensor names a delta file cannot hold ---------------------------------------------------------------
+@pytest.mark.parametrize("name,match", [("", "is 0 characters long"), ("x" * 2000, "is 2000 characters long"),
+                                        ("model.extra\nweight", "holds a control character")])
+def test_tensor_names_a_delta_cannot_hold_are_refused_naming_the_finetune(made, tmp_path, name, match):
+    """Refused by the writer's check of its own output: "<delta> (being written): metadata params: ...; the file
+    is damaged or was edited", which blamed the delta file for a name in the fine-tune."""
+    root, base, _, _, _ = made
+    t = finetune_of(llama_tensors(0), 1)
+    t[name] = torch.ones(3)
+    ft = write_folder(tmp_path / "ft", t)
+    out = tmp_path / "x.delta.safetensors"
+    with pytest.raises(CheckpointError, match=f"{ft}: tensor name .* {match}"):
+        deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
+    assert not out.exists()
