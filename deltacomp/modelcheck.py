@@ -92,7 +92,8 @@ def _first_line(exc: BaseException) -> str:
 def _check(folder: Path, shapes: dict[str, tuple[int, ...]]):
     config = _load_config(folder)
     if getattr(config, "quantization_config", None):  # weights stored quantized: names and shapes are the
-        return config                                  # quantizer's business
+        _check_prequantized(folder, config.quantization_config, shapes)  # quantizer's business
+        return config
     model = _meta_model(folder, config, len(shapes))
     want = {n: tuple(t.shape) for n, t in model.state_dict(keep_vars=True).items()}
     loaded, converted = _loaded_names(model, list(shapes), want)
@@ -102,6 +103,24 @@ def _check(folder: Path, shapes: dict[str, tuple[int, ...]]):
     _check_missing(folder, config, model, set(loaded.values()) | converted, shapes)
     _check_unused(folder, config, model, loaded, want)
     return config
+
+
+# bitsandbytes' serialized layers: an 8-bit weight keeps its scales in <layer>.SCB, a 4-bit one in <weight>.absmax
+_BNB_MARKERS = {"load_in_8bit": ".SCB", "load_in_4bit": ".absmax"}
+
+
+def _check_prequantized(folder: Path, quant, shapes: dict) -> None:
+    """A config.json saying its weights are bitsandbytes-quantized over weights that are not (no tensor holds
+    the quantizer's scales): transformers loads them as they are and the first forward pass fails inside
+    bitsandbytes (``'Parameter' object has no attribute 'CB'``)."""
+    quant = quant if isinstance(quant, dict) else getattr(quant, "to_dict", lambda: {})()
+    if quant.get("quant_method") != "bitsandbytes":
+        return
+    for flag, marker in _BNB_MARKERS.items():
+        if quant.get(flag) is True and not any(n.endswith(marker) for n in shapes):
+            raise CheckpointError(f"{folder / 'config.json'}: quantization_config says bitsandbytes {flag}, but no "
+                                  f"tensor of the weights holds its scales (*{marker}): they are not quantized; "
+                                  "remove quantization_config from config.json")
 
 
 def _transforms(model) -> tuple[list, list]:

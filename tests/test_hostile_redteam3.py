@@ -286,3 +286,26 @@ def test_tensor_names_a_delta_cannot_hold_are_refused_naming_the_finetune(made, 
     with pytest.raises(CheckpointError, match=f"{ft}: tensor name .* {match}"):
         deltacomp.compress(base, ft, out, method="bitdelta", progress=False)
     assert not out.exists()
+
+
+# -- 8. a config claiming bitsandbytes-quantized weights over plain ones --------------------------------------
+@pytest.mark.parametrize("flag,marker", [("load_in_8bit", "SCB"), ("load_in_4bit", "absmax")])
+def test_a_config_claiming_bnb_weights_over_plain_ones_is_refused(made, tmp_path, capsys, flag, marker):
+    """check_folder left a config with a quantization_config unchecked; over plain bf16 weights the first forward
+    pass failed inside bitsandbytes ("internal error (AttributeError: 'Parameter' object has no attribute
+    'CB')") in eval and generate. A folder transformers saved quantized still passes."""
+    root, base, _, delta, _ = made
+    bad = _copy(base, tmp_path / "base")
+    (bad / "config.json").write_text(json.dumps({**llama_config(), "quantization_config": {
+        "quant_method": "bitsandbytes", flag: True}}))
+    match = (f"quantization_config says bitsandbytes {flag}, but no tensor of the weights holds its scales "
+             f"\\(\\*\\.{marker}\\)")
+    with pytest.raises(CheckpointError, match=match):
+        check_folder(bad)
+    assert main(["generate", str(bad), "--delta", str(delta), "--prompt", "w5", "--max-new-tokens", "2", "-q"]) == 2
+    _one_line(capsys, match)
+    pytest.importorskip("bitsandbytes")
+    quant = transformers.BitsAndBytesConfig(**{flag: True})
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(base), quantization_config=quant, dtype=torch.float32)
+    model.save_pretrained(tmp_path / "quantized")
+    assert check_folder(tmp_path / "quantized") is not None
