@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from .checkpoint import Checkpoint, same_tensor
 from .errors import CheckpointError
-from .integrity import tensor_name_problem
+from .integrity import MAX_NUMEL, tensor_name_problem
 
 ALLOW_HINT = "; pass --allow-mismatch (allow_mismatch=True) if this pair is really meant"
 
@@ -47,6 +47,9 @@ def pair_checkpoints(base: Checkpoint, ft: Checkpoint) -> list[Pairing]:
         problem = tensor_name_problem(name)
         if problem is not None:
             raise CheckpointError(f"{ft.path}: tensor name {name[:60]!r}{'...' if len(name) > 60 else ''} {problem}")
+        if any(d > MAX_NUMEL for d in ft.shape(name)):  # only an empty tensor can claim one: no file is that large
+            raise CheckpointError(f"{ft.path}: {name}: shape {list(ft.shape(name))} has a dimension above the "
+                                  f"{MAX_NUMEL} a delta file holds")
         target = _tied_target(name, base, ft)
         if target is not None:
             out.append(Pairing(name, PairKind.TIED, tied_to=target))
@@ -57,7 +60,9 @@ def pair_checkpoints(base: Checkpoint, ft: Checkpoint) -> list[Pairing]:
         fs, bs = ft.shape(name), base.shape(name)
         if fs == bs:
             floats = ft.dtype(name).is_floating_point and base.dtype(name).is_floating_point
-            out.append(Pairing(name, PairKind.DELTA if floats else PairKind.NEW))
+            # codecs take 1-D or 2-D deltas: a tensor of more dimensions (stacked experts, a convolution's
+            # kernel) is stored whole, as a non-float one is
+            out.append(Pairing(name, PairKind.DELTA if floats and len(fs) <= 2 else PairKind.NEW))
         elif (len(fs) == 2 and len(bs) == 2 and fs[1] == bs[1] and fs[0] > bs[0]
               and re.search(_ROW_GROWABLE, name)):
             out.append(Pairing(name, PairKind.DELTA, base_rows=bs[0]))

@@ -309,3 +309,40 @@ def test_a_config_claiming_bnb_weights_over_plain_ones_is_refused(made, tmp_path
     model = transformers.AutoModelForCausalLM.from_pretrained(str(base), quantization_config=quant, dtype=torch.float32)
     model.save_pretrained(tmp_path / "quantized")
     assert check_folder(tmp_path / "quantized") is not None
+
+
+# -- 9. float tensors of more than two dimensions, and dimensions no delta file holds -------------------------
+@pytest.mark.parametrize("shape", [(4, 3, 5), (2, 2, 3, 5), (0, 3, 5)])
+@pytest.mark.parametrize("changed", [True, False])
+def test_float_tensors_of_three_or_more_dimensions_round_trip(made, tmp_path, shape, changed):
+    """Stacked experts ([experts, out, in]) or a convolution's kernel in both base and fine-tune: every method
+    ended in "internal error (ValueError: raw: delta must be 1-D or 2-D ...)". They are stored whole."""
+    root, base_dir, _, _, _ = made
+    name = "model.layers.0.mlp.experts.weight"
+    b = llama_tensors(0)
+    f = finetune_of(b, 1)
+    b[name] = torch.ones(shape)
+    f[name] = torch.ones(shape) * (2 if changed else 1)
+    base, ft = write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", f)
+    out = tmp_path / "x.delta.safetensors"
+    deltacomp.compress(base, ft, out, method="svd-mixed", progress=False)
+    deltacomp.reconstruct(base, out, tmp_path / "rec", progress=False)
+    got = load_file(str(tmp_path / "rec" / "model.safetensors"))[name]
+    assert got.shape == shape and torch.equal(got, f[name])
+
+
+def test_an_empty_tensor_with_a_dimension_above_the_bound_names_the_finetune(made, tmp_path):
+    """A 0-element tensor may claim any dimension in a safetensors header (it costs no bytes); one above 2**40
+    was refused by the writer's check of its own output, blaming the delta file as damaged."""
+    from forge import read_header, write_header
+
+    root, base, ft, _, _ = made
+    bad = _copy(ft, tmp_path / "ft")
+    header, data = read_header(bad / "model.safetensors")
+    header["model.extra.weight"] = {"dtype": "BF16", "shape": [0, 2**62], "data_offsets": [len(data), len(data)]}
+    write_header(bad / "model.safetensors", header, data)
+    out = tmp_path / "x.delta.safetensors"
+    match = f"{bad}: model.extra.weight: shape \\[0, {2**62}\\] has a dimension above"
+    with pytest.raises(CheckpointError, match=match):
+        deltacomp.compress(base, bad, out, method="bitdelta", progress=False, allow_mismatch=True)
+    assert not out.exists()
