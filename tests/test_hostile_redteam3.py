@@ -346,3 +346,15 @@ def test_an_empty_tensor_with_a_dimension_above_the_bound_names_the_finetune(mad
     with pytest.raises(CheckpointError, match=match):
         deltacomp.compress(base, bad, out, method="bitdelta", progress=False, allow_mismatch=True)
     assert not out.exists()
+
+
+# -- 10. a model whose forward pass is NaN -------------------------------------------------------------------
+def test_eval_refuses_a_model_whose_outputs_are_nan(made, tmp_path, capsys):
+    """A fine-tune config.json with "rms_norm_eps": NaN (valid to transformers) makes every logit NaN: eval exited
+    0 with a NaN perplexity and a KL of 0.00000 and top-1 agreement 0 for the base and every delta."""
+    root, base, ft, delta, text = made
+    bad = _copy(ft, tmp_path / "ft")
+    (bad / "config.json").write_text(json.dumps(llama_config()).replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": NaN'))
+    assert main(["eval", str(base), str(bad), str(delta), "--text", str(text), "--ctx", "32", "--max-tokens", "40",
+                 "-q"]) == 2
+    _one_line(capsys, "eval: the fine-tune model's forward pass gives NaN log-probs on tokens 0:32")

@@ -187,8 +187,11 @@ def iter_logprobs(model, ids: Tensor, windows: list[Window], batch_size: int = 8
             logits = model(input_ids=batch.to(device), use_cache=False).logits
             out_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
             for j, w in enumerate(group):
-                rows = logits[j, w.logit_rows].to(out_dtype)
-                yield w, torch.log_softmax(rows, dim=-1).cpu()
+                lp = torch.log_softmax(logits[j, w.logit_rows].to(out_dtype), dim=-1)
+                if torch.isnan(lp).any():  # else KL and top-1 come out as 0 and 0, silently
+                    raise CheckpointError(f"eval: the {desc} model's forward pass gives NaN log-probs on tokens "
+                                          f"{w.start}:{w.end}; its config.json or weights make it non-finite")
+                yield w, lp.cpu()
             bar.update(len(group))
     bar.close()
 
