@@ -224,3 +224,36 @@ def test_interrupt_while_starting_is_one_line(made, tmp_path, after):
     if proc.returncode == 130:
         assert len(lines) == 1 and "interrupted" in lines[0] and "Traceback" not in err, err
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".x.delta")]
+
+
+def test_an_error_a_ctrl_c_leaves_behind_is_the_interrupt(monkeypatch, capsys, tmp_path):
+    """Ctrl-C inside a library's import (transformers' lazy modules) came out as another error, e.g. a
+    RecursionError, and main reported "internal error ... this is a bug" (the [0.6] case above, now and then).
+    An error that follows a Ctrl-C is the interrupt: one line and 130; without one it is still a bug report.
+    main puts the previous SIGINT handler back."""
+    import os
+    import signal
+    import time
+
+    from deltacomp import environment
+
+    def interrupted_import(isa_now=None):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler runs here
+        except KeyboardInterrupt:
+            raise RecursionError("maximum recursion depth exceeded") from None
+        raise AssertionError("no interrupt arrived")
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(environment, "check", interrupted_import)
+    assert main(["inspect", str(tmp_path / "x.delta.safetensors")]) == 130
+    assert capsys.readouterr().err.strip() == "deltacomp inspect: interrupted; nothing was written at the output path"
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def broken(isa_now=None):
+        raise RecursionError("maximum recursion depth exceeded")
+
+    monkeypatch.setattr(environment, "check", broken)
+    assert main(["inspect", str(tmp_path / "x.delta.safetensors")]) == 1
+    assert "internal error (RecursionError" in capsys.readouterr().err

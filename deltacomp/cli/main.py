@@ -6,7 +6,9 @@ import errno
 import json
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -341,16 +343,39 @@ def _quiet_transformers(args: argparse.Namespace) -> Iterator[None]:
         tf_logging.set_verbosity(level)
 
 
+_interrupts: list[int] = []
+
+
+def _on_interrupt(signum, frame):
+    """Ctrl-C: noted, then Python's own KeyboardInterrupt. A library interrupted half-way through an import
+    (transformers' lazy modules) can turn it into another error on the way up (a RecursionError); with the
+    note, main still reports the interrupt instead of asking for a bug report."""
+    _interrupts.append(signum)
+    signal.default_int_handler(signum, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Exit 0 on success; 2 and one line ``deltacomp CMD: error: ...`` for bad input or
     an environment problem (read-only folder, full disk, size limit); 1 and one line asking for a report
-    for anything else (a bug); ``--debug`` (anywhere on the line) adds the traceback."""
+    for anything else (a bug); 130 and one line for Ctrl-C; ``--debug`` (anywhere on the line) adds the
+    traceback."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     args = parser.parse_args(argv)
-    cmd = f"deltacomp {args.command}"
+    _interrupts.clear()
+    previous = (signal.signal(signal.SIGINT, _on_interrupt)
+                if threading.current_thread() is threading.main_thread() else None)
+    try:
+        return _run(args, f"deltacomp {args.command}", debug)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace, cmd: str, debug: bool) -> int:
+    interrupted = f"{cmd}: interrupted; nothing was written at the output path"
     try:
         for note in environment.check(isa_now=ops.cpu_isa):  # a bad DELTACOMP_* value: one line, before any work
             print(f"{cmd}: {note}", file=sys.stderr)
@@ -358,22 +383,30 @@ def main(argv: list[str] | None = None) -> int:
             bounded_malloc()  # batch jobs: memory flat over the layers (deltacomp/memory.py)
         with _quiet_transformers(args):
             return args.func(args)
-    except DeltacompError as exc:
-        error, line, code = exc, f"{cmd}: error: {exc}", 2
-    except OSError as exc:
-        error, line, code = exc, f"{cmd}: error: {os_error_line(exc)}", 2
-    except MemoryError as exc:
-        error, line, code = exc, f"{cmd}: error: out of memory; free memory or use a smaller model", 2
     except KeyboardInterrupt:
-        print(f"{cmd}: interrupted; nothing was written at the output path", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except Exception as exc:
-        error, line, code = exc, (f"{cmd}: internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug: please "
-                      f"report it with the output of the same command run with --debug"), 1
+        if _interrupts:  # whatever error a Ctrl-C left behind is the interrupt, not a bug or a user error
+            print(interrupted, file=sys.stderr)
+            return 130
+        error, (line, code) = exc, _error_line(cmd, exc)
     if debug:
         traceback.print_exception(type(error), error, error.__traceback__)
     print(" ".join(line.split("\n")), file=sys.stderr)
     return code
+
+
+def _error_line(cmd: str, exc: Exception) -> tuple[str, int]:
+    """The line and exit code of an error: 2 for the user's input and the environment, 1 for a bug."""
+    if isinstance(exc, DeltacompError):
+        return f"{cmd}: error: {exc}", 2
+    if isinstance(exc, OSError):
+        return f"{cmd}: error: {os_error_line(exc)}", 2
+    if isinstance(exc, MemoryError):
+        return f"{cmd}: error: out of memory; free memory or use a smaller model", 2
+    return (f"{cmd}: internal error ({type(exc).__name__}: {str(exc)[:200]}); this is a bug: please report it "
+            "with the output of the same command run with --debug"), 1
 
 
 if __name__ == "__main__":
