@@ -29,10 +29,12 @@ DEFAULT_METHOD = CodecName.SVD_MIXED.value
 # The pseudo-method that chooses a codec per tensor under one budget (auto.py).
 AUTO = "auto"
 # The codecs auto weighs without calibration data (unless --method auto:codecs= names others): with no data
-# its distortion is the weight error, which ranks one tensor's candidates of different codecs no better
-# than chance against the measured KL (docs/auto.md), so without data auto spends the budget
-# over tensors within one codec: svd-mixed's ladder, the default method's.
-DATA_FREE_AUTO_CODECS = (CodecName.SVD_MIXED.value,)
+# its distortion is the weight error. Across codec families (signs, sparse ternary codes, low rank) that
+# ranks one tensor's candidates no better than chance against the measured KL (docs/auto.md), so without
+# data auto weighs the two low-rank codecs only: both store a truncated SVD of the delta (svd-mixed in
+# mixed-precision codes, lowrank in float16 factors), so their errors are alike in kind and the weight
+# error picks between them as KL does (lowrank where the delta has a low rank, as a merged LoRA's).
+DATA_FREE_AUTO_CODECS = (CodecName.SVD_MIXED.value, CodecName.LOWRANK.value)
 # The codec of tensors only the fine-tune has (stored whole, in their own dtype: ``codec.whole(tensor)``).
 WHOLE = CodecName.RAW.value
 

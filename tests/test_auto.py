@@ -84,17 +84,41 @@ def test_no_worse_than_any_single_method_at_the_same_budget(tiny, method):
     assert a_err <= err * (1 + 1e-6)
 
 
-def test_data_free_auto_weighs_one_codec(tiny):
-    """Without calibration data the distortion is the weight error, which cannot compare codecs: auto then
-    spreads the budget within svd-mixed's ladder (plan.DATA_FREE_AUTO_CODECS); auto:codecs= overrides it."""
+def test_data_free_auto_weighs_the_low_rank_codecs(tiny):
+    """Without calibration data the distortion is the weight error, which cannot compare codec families:
+    auto then weighs the two low-rank codecs only (plan.DATA_FREE_AUTO_CODECS); auto:codecs= overrides it."""
     bp, fp, b, f, tmp = tiny
     s = deltacomp.compress(bp, fp, tmp / "df.delta.safetensors", method="auto", ratio=16, progress=False,
                            overwrite=True)
     a = s["source"]["auto"]
-    assert a["codecs"] == ["svd-mixed"] and set(a["by_codec"]) == {"svd-mixed"}
+    assert a["codecs"] == ["lowrank", "svd-mixed"] and set(a["by_codec"]) <= {"lowrank", "svd-mixed"}
     s = deltacomp.compress(bp, fp, tmp / "df-all.delta.safetensors", method="auto:codecs=ternary+svd-mixed",
                            ratio=16, progress=False, overwrite=True)
     assert s["source"]["auto"]["codecs"] == ["svd-mixed", "ternary"]
+
+
+def test_data_free_auto_takes_lowrank_where_the_delta_has_a_low_rank(tmp_path):
+    """A fine-tune whose linear deltas have rank 2 (a merged LoRA): float16 factors of rank 2 are close to
+    exact and cheaper than any svd-mixed rung that gets as close, so data-free auto stores those tensors
+    as lowrank, with less weight error than svd-mixed alone at the same budget; on the full-rank tiny pair
+    (above) it stays with svd-mixed where that is closer."""
+    b = llama_tensors(0)
+    g = torch.Generator().manual_seed(5)
+    f = dict(b)
+    for name, w in b.items():
+        if _linear(name, w.shape):
+            n, k = w.shape
+            low = (torch.randn(n, 2, generator=g) @ torch.randn(2, k, generator=g)) * 0.01
+            f[name] = (w.float() + low).to(w.dtype)
+    bp, fp = write_folder(tmp_path / "base", b), write_folder(tmp_path / "ft", f)
+    s = deltacomp.compress(bp, fp, tmp_path / "auto.delta.safetensors", method="auto", ratio=16, progress=False)
+    linears = sum(1 for n, v in f.items() if _linear(n, v.shape))
+    assert s["source"]["auto"]["by_codec"].get("lowrank", 0) >= linears * 3 // 4
+    deltacomp.compress(bp, fp, tmp_path / "svd.delta.safetensors", method="auto:codecs=svd-mixed", ratio=16,
+                       progress=False)
+    a_bytes, a_err = _weight_error(tmp_path / "auto.delta.safetensors", b, f)
+    s_bytes, s_err = _weight_error(tmp_path / "svd.delta.safetensors", b, f)
+    assert a_err < s_err / 2 and a_bytes <= s_bytes * 1.01
 
 
 def test_codecs_setting_limits_the_choice(tiny, capsys):
@@ -197,7 +221,8 @@ def test_refusals_are_one_line(tiny, capsys):
     bp, fp, b, f, tmp = tiny
     out = str(tmp / "refused.delta.safetensors")
     cases = [(EVERY_CODEC, ["--ratio", "1e9"], "below one byte each"),
-             ("auto", ["--ratio", "1e9"], "no codec of svd-mixed offers any encoding for shape (64, 96)"),
+             ("auto", ["--ratio", "1e9"], "below one byte each"),
+             ("auto:codecs=svd-mixed", ["--ratio", "1e9"], "no codec of svd-mixed offers any encoding for shape (64, 96)"),
              ("auto", [], "needs a budget"),
              ("auto", ["--ratio", "8", "--bits", "2"], "not both")]
     for method, extra, msg in cases:
