@@ -17,9 +17,12 @@ import threading as _threading
 
 def _interrupted_while_starting(signum, frame):  # pragma: no cover - exercised in a subprocess (tests)
     """Ctrl-C while the ``deltacomp`` command imports torch and the rest (a second or two, before the
-    command's own handler exists): one line and exit 130, as an interrupt later in the run gives."""
+    command's own handler exists): one line and exit 130, as an interrupt later in the run gives. The exit
+    is immediate (nothing is open yet): a SystemExit raised here could be swallowed by a library's import
+    guard, leaving a half-imported module for the command to trip on (a RecursionError reported as a bug)."""
     _sys.stderr.write("deltacomp: interrupted while starting; nothing was written\n")
-    raise SystemExit(130)
+    _sys.stderr.flush()
+    _os._exit(130)
 
 
 # only for the command (not a library import, which keeps Python's KeyboardInterrupt), main thread only
