@@ -88,7 +88,7 @@ def _check_lengths(tok, prompts: Sequence[str], max_new_tokens: int, config, bas
                             f"max_position_embeddings {limit} of {base}; {fix}")
 
 
-def _check_token_ids(model, base) -> None:
+def _check_special_token_ids(model, base) -> None:
     """The special token ids ``model.generate`` reads from the generation config (generation_config.json, else
     config.json) are integers it can hold: one beyond int64 was an OverflowError from inside transformers (LLaMA's
     original pad_token_id -1 is fine)."""
@@ -153,7 +153,7 @@ def generate(base: str | os.PathLike, deltas: Sequence[str | os.PathLike], promp
     if model is None:
         model = load_base(base, dtype, base_bits)
     model.eval()
-    _check_token_ids(model, base)
+    _check_special_token_ids(model, base)
     if deltas:
         patch_model_multi(model, list(deltas), force=force)
         set_delta_index(model, prompt_delta)
