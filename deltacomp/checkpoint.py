@@ -259,12 +259,20 @@ def hf_folder(path: str | os.PathLike, what: str) -> Iterator[None]:
         yield
     except DeltacompError:
         raise
-    except Exception as exc:  # noqa: BLE001 - sorted by folder_error below
-        if not folder_error(exc):
+    except Exception as exc:  # noqa: BLE001 - sorted by load_failure below
+        why = load_failure(exc)
+        if why is None:
             raise
-        first = " ".join(str(exc).split())[:300]
-        raise CheckpointError(f"{path}: cannot load its {what} with transformers ({type(exc).__name__}: {first}); "
+        raise CheckpointError(f"{path}: cannot load its {what} with transformers ({why}); "
                               "give a Hugging Face model folder with config.json and tokenizer files") from None
+
+
+def load_failure(exc: Exception) -> str | None:
+    """``Type: message`` (one line, bounded) when ``exc`` is what transformers raises for a file it cannot use
+    (``folder_error``), else None: a bug or a deltacomp error, to be raised as it is."""
+    if isinstance(exc, DeltacompError) or not folder_error(exc):
+        return None
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
 
 
 def folder_error(exc: Exception) -> bool:

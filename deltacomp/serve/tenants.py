@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from ..delta import Delta, load_delta
 from ..delta_file import base_digest
 from ..dtypes import DTYPES
-from ..checkpoint import folder_error
+from ..checkpoint import load_failure
 from ..errors import BaseMismatchError, CheckpointError, DeltacompError, SettingsError
 from .quantized import is_quantized
 
@@ -98,12 +98,12 @@ def _tokenizer_from_files(files: dict[str, bytes], where: str):
             (Path(tmp) / n).write_bytes(data)
         try:
             return AutoTokenizer.from_pretrained(tmp)
-        except Exception as exc:  # noqa: BLE001 - sorted by folder_error: what transformers raises for bad files
-            if isinstance(exc, DeltacompError) or not folder_error(exc):
+        except Exception as exc:  # noqa: BLE001 - sorted by load_failure: what transformers raises for bad files
+            why = load_failure(exc)
+            if why is None:
                 raise
-            first = " ".join(str(exc).split())[:200]
             raise CheckpointError(f"{where}: the fine-tune's tokenizer files it carries ({', '.join(sorted(mine))}) "
-                                  f"cannot be loaded ({type(exc).__name__}: {first})") from None
+                                  f"cannot be loaded ({why})") from None
 
 
 class Registry:
