@@ -36,11 +36,13 @@ struct V {
   V4 lo, hi;
 };
 inline V vzero() { return V{V4{}, V4{}}; }
-inline V vload(const float* p) {
-  V v;
+inline V4 vload4(const float* p) {
+  V4 v;
   std::memcpy(&v, p, sizeof v);  // unaligned
   return v;
 }
+// Half by half: one memcpy into the whole struct made GCC copy the 8 floats through a stack slot.
+inline V vload(const float* p) { return V{vload4(p), vload4(p + 4)}; }
 inline V vload(const uint16_t* p) {
   float f[8];
   for (int i = 0; i < 8; ++i) f[i] = widen(p[i]);
@@ -53,6 +55,14 @@ inline float vsum(V v) {
   return (q[0] + q[2]) + (q[1] + q[3]);
 }
 inline V vsigns(uint8_t b) { return vload(kSignPM.v[b]); }
+// Rows of the one-row dense pass (dense_m1): R rows keep 2R four-float accumulators in registers, and x
+// takes 4 more. x86-64 has 16 vector registers: 8 rows spilled accumulators to the stack on every step
+// (the portable matvec ran at about half the AVX2 one's speed); aarch64 has 32.
+#if defined(__aarch64__)
+constexpr int kDenseRows = 8;
+#else
+constexpr int kDenseRows = 4;
+#endif
 #include "simd8_body.inc"
 }  // namespace
 }  // namespace portable
@@ -77,6 +87,7 @@ inline float vsum(V v) {
   return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
 }
 inline V vsigns(uint8_t b) { return _mm256_load_ps(kSignPM.v[b]); }
+constexpr int kDenseRows = 8;  // 8 accumulators + 2 of x of the 16 ymm registers
 #include "simd8_body.inc"
 
 // ---- lookup-table sign matmul, one x row (T-MAC / bitnet.cpp TL style, exact fp32) ------------------
@@ -268,6 +279,7 @@ inline V vset1(float a) { return {vdupq_n_f32(a), vdupq_n_f32(a)}; }
 inline V vfma(V a, V b, V c) { return {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)}; }
 inline float vsum(V v) { return vaddvq_f32(vaddq_f32(v.lo, v.hi)); }
 inline V vsigns(uint8_t b) { return vload(kSignPM.v[b]); }
+constexpr int kDenseRows = 8;  // 16 accumulators + 4 of x of the 32 vector registers
 #include "simd8_body.inc"
 }  // namespace
 }  // namespace neon
