@@ -23,6 +23,7 @@
 #include "lowrank_kernels.h"
 #include "serve_kernels.h"
 #include "sign_kernels.h"
+#include "simd8.h"
 #include "tl4_pack.h"
 
 using namespace deltacomp::cpu;
@@ -75,6 +76,33 @@ void expect(const char* what, const std::string& where, const std::vector<float>
       return;
     }
   }
+}
+
+// the one-row matvec of a layer plan's mode "own" (simd8::dense_m1): fp32 and bf16 weights, rows of any
+// count (tiles of 4 or 8 and the rest), short rows (the next rows prefetched) and long ones
+void check_dense(int64_t n, int64_t k) {
+  auto x = randn(k);
+  auto w = randn(n * k);
+  std::vector<uint16_t> wb(n * k);
+  for (int64_t i = 0; i < n * k; ++i) {
+    uint32_t u;
+    std::memcpy(&u, &w[i], 4);
+    wb[i] = static_cast<uint16_t>(u >> 16);  // truncated to bf16: the reference widens the same bits
+  }
+  std::vector<float> yf(n), yb(n);
+  simd8::dense_m1(active_isa(), x.data(), k, w.data(), n, yf.data());
+  simd8::dense_m1(active_isa(), x.data(), k, wb.data(), n, yb.data());
+  std::vector<double> wf(n), mf(n), wbv(n), mb(n);
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t t = 0; t < k; ++t) {
+      wf[i] += static_cast<double>(x[t]) * w[i * k + t];
+      mf[i] += std::fabs(static_cast<double>(x[t]) * w[i * k + t]);
+      wbv[i] += x[t] * bf16(wb[i * k + t]);
+      mb[i] += std::fabs(x[t] * bf16(wb[i * k + t]));
+    }
+  const std::string where = "n=" + std::to_string(n) + " k=" + std::to_string(k);
+  expect("dense_m1(f32)", where, yf, wf, mf, k);
+  expect("dense_m1(bf16)", where, yb, wbv, mb, k);
 }
 
 void check_sign(int64_t m, int64_t n, int64_t k, bool per_row, bool zero_scale) {
@@ -336,6 +364,8 @@ int main(int argc, char** argv) {
         for (int64_t n : {1, 5, 8, 13})
           for (bool per_row : {false, true}) check_sign(m, n, k, per_row, false);
     check_sign(4, 9, 40, true, true);  // all-zero delta (scale 0): y = the base alone
+    for (int64_t n : {1, 3, 4, 5, 8, 13, 37})
+      for (int64_t k : {1, 7, 16, 17, 100, 576, 1024, 1025, 2100}) check_dense(n, k);
     for (int64_t m : {1, 4, 9}) check_multi(m, 11, 45, 3);
     for (int64_t m : {1, 3}) check_ternary(m, 7, 37);
     for (int bits = 1; bits <= 8; ++bits)
